@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test setup-dev setup-demo bench lint docs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup-demo: $(BIN)/python
+	$(BIN)/pip install -q -e '.[node]'
+
+setup-dev: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+
+demo: setup-demo
+	$(BIN)/charter demo
+
+test: setup-dev
+	bash scripts/services-up
+	$(BIN)/pytest -q
+
+bench: setup-dev
+	bash scripts/services-up
+	$(BIN)/python bench/audit_append.py
+
+lint: setup-dev
+	$(BIN)/ruff check platform tests bench
+
+docs: setup-dev
+	$(BIN)/charter config docs > docs/configuration.md

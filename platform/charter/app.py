@@ -1,0 +1,191 @@
+"""create_app(): the one Flask application factory."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+from werkzeug.exceptions import HTTPException
+
+from charter import __version__, db
+from charter.apikit import openapi_document
+from charter.context import request_id_var
+from charter.errors import CharterError, SchemaOutdatedError, UnauthenticatedError
+from charter.logs import configure_logging
+from charter.migrate import schema_status
+from charter.settings import Settings
+
+log = structlog.get_logger("charter.http")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+    429: "rate_limited",
+}
+REQUESTS = Counter(
+    "charter_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"]
+)
+LATENCY = Histogram(
+    "charter_http_request_seconds", "HTTP request latency", ["method", "endpoint"]
+)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"})
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    settings.require_secret()
+    configure_logging(settings)
+    database = db.configure(settings)
+    if settings.schema_check:
+        status = schema_status(database.engine)
+        if not status.current:
+            raise SchemaOutdatedError(status.message, details=status.as_dict())
+
+    app = Flask("charter")
+    app.config.update(
+        SECRET_KEY=settings.effective_secret_key,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        JSON_SORT_KEYS=False,
+        SESSION_COOKIE_SECURE=True,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+    app.extensions["charter.settings"] = settings
+
+    _install_request_hooks(app)
+    _install_error_handlers(app)
+    _install_probes(app, settings)
+
+    from charter.audit.api import bp as audit_bp
+    from charter.identity.api import bp as identity_bp
+    from charter.registry.api import bp as registry_bp
+
+    for bp in (registry_bp, identity_bp, audit_bp):
+        app.register_blueprint(bp)
+
+    @app.get("/api/v1/openapi.json")
+    def openapi() -> Response:
+        return jsonify(openapi_document("Charter API", __version__))
+
+    return app
+
+
+def _install_request_hooks(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        incoming = request.headers.get("X-Request-Id", "")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = rid
+        g.token = request_id_var.set(rid)
+        g.started = time.perf_counter()
+        g.actor = None
+        if request.path.startswith("/api/") and request.path not in PUBLIC_PATHS:
+            _authenticate()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        endpoint = request.endpoint or "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        REQUESTS.labels(request.method, endpoint, response.status_code).inc()
+        LATENCY.labels(request.method, endpoint).observe(elapsed)
+        if request.path not in ("/metrics", "/healthz"):
+            actor = g.get("actor")
+            log.info(
+                "request", method=request.method, path=request.path,
+                status=response.status_code, ms=round(elapsed * 1000, 2),
+                actor=actor.ref if actor else None, request_id=g.get("request_id"),
+            )
+        return response
+
+    @app.teardown_request
+    def _reset(_exc: BaseException | None) -> None:
+        token = g.pop("token", None)
+        if token is not None:
+            request_id_var.reset(token)
+
+
+def _authenticate() -> None:
+    from charter.identity.service import authenticate_api_key
+
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        return  # the operation decides: public ones pass, others answer 401
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthenticatedError(
+            "use `Authorization: Bearer <API key>`", code="invalid_credentials"
+        )
+    g.actor = authenticate_api_key(token.strip())
+
+
+def _error_body(code: str, message: str, details: dict[str, Any] | None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {},
+                      "request_id": g.get("request_id")}}
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CharterError)
+    def _charter(exc: CharterError) -> tuple[Response, int]:
+        if exc.status >= 500:
+            log.warning("request failed", code=exc.code, error=exc.message)
+        response = jsonify(_error_body(exc.code, exc.message, exc.details))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="charter"'
+        return response, exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = exc.description or exc.name
+        details: dict[str, Any] = {}
+        if status == 413:
+            message = f"the body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+            details = {"max_body_bytes": app.config["MAX_CONTENT_LENGTH"]}
+        if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            details = {"allowed_methods": sorted(exc.valid_methods)}  # type: ignore[attr-defined]
+        return jsonify(_error_body(code, message, details)), status
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error", error=repr(exc))
+        body = _error_body("internal_error", "an unexpected error occurred", {})
+        return jsonify(body), 500
+
+
+def _install_probes(app: Flask, settings: Settings) -> None:
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok", "version": __version__})
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        checks: dict[str, Any] = {}
+        ready = True
+        try:
+            engine = db.get_database().engine
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+            status = schema_status(engine)
+            checks["schema"] = status.as_dict()
+            ready = status.current
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+            ready = False
+        return jsonify({"status": "ready" if ready else "not_ready", "checks": checks}), (
+            200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)

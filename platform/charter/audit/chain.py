@@ -1,0 +1,176 @@
+"""Hash chaining of audit events: RFC 8785 canonical JSON, SHA-256, and chain verification.
+
+Pure functions over plain values, so the database walk and offline tools share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import rfc8785
+
+GENESIS_HASH = "0" * 64
+_MAX_SAFE_INT = 2**53 - 1
+_FIELDS = (
+    "seq",
+    "ts",
+    "actor",
+    "action",
+    "target_type",
+    "target_id",
+    "outcome",
+    "details",
+    "request_id",
+    "prev_hash",
+)
+
+
+def _plain(value: Any, *, key: bool = False) -> bool:
+    """True when json.dumps(sort_keys) and RFC 8785 are bound to give the same bytes.
+
+    They agree on str/int/bool/None and on containers of those, as long as no integer
+    leaves the IEEE-754 safe range and no object key reaches the surrogate range (RFC
+    8785 sorts keys by UTF-16 code units, Python by code points). Floats go to rfc8785.
+    """
+    if isinstance(value, str):
+        return not key or all(c < "\ud800" for c in value)
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(k, key=True) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 (JCS) canonical bytes of a JSON value."""
+    if _plain(value):
+        # Same bytes as rfc8785.dumps (tests prove it on generated values), ~4x faster.
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    return rfc8785.dumps(value)
+
+
+def format_ts(ts: datetime) -> str:
+    """The one textual form of an event time that goes into its hash."""
+    if ts.tzinfo is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_body(
+    *,
+    seq: int,
+    ts: datetime,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    outcome: str,
+    details: dict[str, Any],
+    request_id: str | None,
+    prev_hash: str,
+) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "ts": format_ts(ts),
+        "actor": actor,
+        "action": action,
+        "target_type": target_type,
+        "target_id": target_id,
+        "outcome": outcome,
+        "details": details,
+        "request_id": request_id,
+        "prev_hash": prev_hash,
+    }
+
+
+def event_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    seq: int
+    ts: datetime
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    outcome: str
+    details: dict[str, Any]
+    request_id: str | None
+    prev_hash: str
+    hash: str
+
+    def body(self) -> dict[str, Any]:
+        return event_body(**{name: getattr(self, name) for name in _FIELDS})
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    count: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    reason: str | None = None  # missing | edited | reordered
+    message: str | None = None
+
+
+def verify_rows(
+    rows: Iterable[ChainRow], *, seq_of_hash: Callable[[str], int | None] | None = None
+) -> Verdict:
+    """Walk rows in seq order; name the first bad sequence number and why.
+
+    - missing: a sequence number is absent (a row was deleted);
+    - edited: a row's content no longer matches its hash, or a row was re-hashed so
+      its successor's link no longer matches;
+    - reordered: a row is genuine but sits after the wrong predecessor.
+    `seq_of_hash` looks up which row holds a hash, to tell reordering from editing.
+    """
+    expected_seq = 1
+    prev_hash = GENESIS_HASH
+    count = 0
+    for row in rows:
+        if row.seq != expected_seq:
+            return Verdict(
+                False, count, prev_hash, expected_seq, "missing",
+                f"event {expected_seq} is missing (next event found is {row.seq})",
+            )
+        self_consistent = event_hash(row.body()) == row.hash
+        if row.prev_hash != prev_hash:
+            holder = seq_of_hash(row.prev_hash) if seq_of_hash else None
+            if holder is not None and holder != row.seq - 1:
+                return Verdict(
+                    False, count, prev_hash, row.seq, "reordered",
+                    f"event {row.seq} was written after event {holder}, "
+                    f"not after event {row.seq - 1}",
+                )
+            if self_consistent and row.seq > 1:
+                return Verdict(
+                    False, count, prev_hash, row.seq - 1, "edited",
+                    f"event {row.seq - 1} was altered and re-hashed: event {row.seq} "
+                    "no longer links to it",
+                )
+            return Verdict(
+                False, count, prev_hash, row.seq, "edited",
+                f"event {row.seq} does not link to its predecessor",
+            )
+        if not self_consistent:
+            return Verdict(
+                False, count, prev_hash, row.seq, "edited",
+                f"event {row.seq} does not match its hash: its content was changed",
+            )
+        prev_hash = row.hash
+        expected_seq += 1
+        count += 1
+    return Verdict(True, count, prev_hash)

@@ -1,0 +1,167 @@
+"""Audit service: append an event inside the caller's transaction, query, verify the chain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from charter.audit.chain import (
+    GENESIS_HASH,
+    ChainRow,
+    Verdict,
+    canonical_json,
+    event_body,
+    event_hash,
+    verify_rows,
+)
+from charter.audit.models import AuditEvent
+from charter.context import current_request_id
+from charter.db import get_database, unit_of_work, utcnow
+from charter.errors import ValidationFailedError
+
+OUTCOMES = ("success", "denied", "failure")
+# Any fixed 64-bit number; every audit writer serializes on it until its commit.
+_CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER"
+
+
+def append_event(
+    *,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    outcome: str = "success",
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event to the chain in the current unit of work (same transaction)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown audit outcome {outcome!r}")
+    details = details or {}
+    canonical_json(details)  # refuses values that are not plain JSON before any write
+    with unit_of_work() as session:
+        seq, prev_hash = _lock_head(session)
+        ts = utcnow()
+        request_id = current_request_id()
+        body = event_body(
+            seq=seq,
+            ts=ts,
+            actor=actor,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            outcome=outcome,
+            details=details,
+            request_id=request_id,
+            prev_hash=prev_hash,
+        )
+        event = AuditEvent(
+            seq=seq,
+            ts=ts,
+            actor=actor,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            outcome=outcome,
+            details=details,
+            request_id=request_id,
+            prev_hash=prev_hash,
+            hash=event_hash(body),
+        )
+        session.add(event)
+        session.flush()
+        return event
+
+
+def _lock_head(session: Session) -> tuple[int, str]:
+    """Serialize chain writers and return (next seq, previous hash).
+
+    PostgreSQL: a transaction-scoped advisory lock, held until commit, so no two
+    transactions can read the same head. SQLite: BEGIN IMMEDIATE already holds the
+    database's single write lock (see charter.db).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK_KEY})
+    head = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    if head is None:
+        return 1, GENESIS_HASH
+    return head.seq + 1, head.hash
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    actor: str | None = None
+    action: str | None = None
+    target_type: str | None = None
+    target_id: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_seq: int = 0
+    limit: int = 100
+
+
+def list_events(flt: EventFilter) -> list[AuditEvent]:
+    """Events matching the filter in sequence order, after `after_seq` (keyset paging)."""
+    if flt.since and flt.until and flt.since > flt.until:
+        raise ValidationFailedError(
+            "`since` is after `until`",
+            details={"errors": [{"field": "since", "code": "range", "message": "after until"}]},
+        )
+    stmt = select(AuditEvent).where(AuditEvent.seq > flt.after_seq)
+    for column, value in (
+        (AuditEvent.actor, flt.actor),
+        (AuditEvent.action, flt.action),
+        (AuditEvent.target_type, flt.target_type),
+        (AuditEvent.target_id, flt.target_id),
+        (AuditEvent.outcome, flt.outcome),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if flt.since is not None:
+        stmt = stmt.where(AuditEvent.ts >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(AuditEvent.ts < flt.until)
+    stmt = stmt.order_by(AuditEvent.seq).limit(flt.limit)
+    with unit_of_work() as session:
+        return list(session.scalars(stmt))
+
+
+def head() -> tuple[int, str]:
+    """(number of events, head hash) as stored, without verifying."""
+    with unit_of_work() as session:
+        seq, prev = _peek_head(session)
+        return seq, prev
+
+
+def _peek_head(session: Session) -> tuple[int, str]:
+    row = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    return (0, GENESIS_HASH) if row is None else (row.seq, row.hash)
+
+
+def verify_chain(batch: int = 5000) -> Verdict:
+    """Walk the whole chain in the database, streaming rows in seq order."""
+    database = get_database()
+    with database.engine.connect() as conn:
+        table = AuditEvent.__table__
+        cols = [table.c[name] for name in ChainRow.__slots__]
+
+        def rows() -> Iterator[ChainRow]:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(
+                select(*cols).order_by(table.c.seq)
+            )
+            for r in result:
+                yield ChainRow(*r)
+
+        def seq_of_hash(h: str) -> int | None:
+            return conn.execute(select(table.c.seq).where(table.c.hash == h)).scalar()
+
+        return verify_rows(rows(), seq_of_hash=seq_of_hash)

@@ -1,0 +1,227 @@
+"""`charter ...` commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from charter.errors import CharterError
+from charter.settings import Settings, settings_markdown
+
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings.from_env(**overrides)
+
+
+def _fail(exc: CharterError) -> None:
+    console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
+    for key, value in exc.details.items():
+        console.print(f"  {key}: {value}")
+    sys.exit(2)
+
+
+class CharterGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CharterError as exc:
+            _fail(exc)
+        return None
+
+
+@click.group(cls=CharterGroup)
+def main() -> None:
+    """Charter: govern which open models serve requests, and prove it."""
+
+
+# --- database -----------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the database up to REVISION."""
+    from charter import migrate
+
+    settings = _settings()
+    migrate.upgrade(settings.database_url, revision)
+    console.print(f"database at {revision}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (`base` removes everything)."""
+    from charter import migrate
+
+    settings = _settings()
+    migrate.downgrade(settings.database_url, revision)
+    console.print(f"database at {revision}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and the one this code expects."""
+    from charter import db as database
+    from charter.migrate import schema_status
+
+    settings = _settings()
+    status = schema_status(database.configure(settings).engine)
+    click.echo(f"database: {status.database_revision or '(empty)'}")
+    click.echo(f"code:     {status.code_revision}")
+    if not status.current:
+        click.echo(status.message)
+        sys.exit(1)
+
+
+def _ready(settings: Settings) -> None:
+    """Connect and refuse to go on with an out-of-date schema."""
+    from charter import db as database
+    from charter.errors import SchemaOutdatedError
+    from charter.migrate import schema_status
+    from charter.logs import configure_logging
+
+    configure_logging(settings)
+    status = schema_status(database.configure(settings).engine)
+    if not status.current:
+        raise SchemaOutdatedError(status.message, details=status.as_dict())
+
+
+def _actor(username: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from charter.db import unit_of_work
+    from charter.identity.models import User
+    from charter.identity.service import actor_of
+
+    with unit_of_work() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if user is None or not user.active:
+            raise CharterError(f"no active user {username!r}", code="user_not_found")
+        return actor_of(user)
+
+
+# --- users ----------------------------------------------------------------------------
+@main.group()
+def users() -> None:
+    """Users and API keys."""
+
+
+@users.command("bootstrap")
+@click.argument("username")
+def users_bootstrap(username: str) -> None:
+    """Create the first admin and print its API key (shown once)."""
+    from charter.identity.service import bootstrap_admin
+
+    settings = _settings()
+    _ready(settings)
+    issued = bootstrap_admin(username)
+    click.echo(issued.token)
+    console.print(f"admin {username!r} created; the key above is shown once")
+
+
+# --- models ---------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--as", "as_user", required=True, help="Username of the steward importing it.")
+@click.option("--model", "model_name", required=True, help="Model family name.")
+@click.option("--label", required=True, help="Version label, e.g. 1.0.")
+@click.option("--publisher", help="Publisher (needed when the model is new).")
+@click.option("--source-repo", help="Source repository id (needed when the model is new).")
+@click.option("--revision", "source_revision", help="Pinned source revision (commit hash).")
+@click.option("--license", "license_declared", help="License as the submitter declares it.")
+@click.option("--intended-use", default="", help="What the model will be used for.")
+@click.option("--risk-tier", type=click.Choice(["minimal", "limited", "high"]),
+              default="limited", show_default=True)
+@click.option("--storage-region", help="Region where the weights are stored.")
+@click.option("--hosting-region", "hosting_regions", multiple=True,
+              help="Region allowed to host the model (repeatable).")
+def models_import(directory: Path, as_user: str, **options: object) -> None:
+    """Describe DIRECTORY offline (config, card, digests) and create a draft version."""
+    from charter.registry.importer import ImportOptions, import_directory
+
+    settings = _settings()
+    _ready(settings)
+    actor = _actor(as_user)
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    with Progress(TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("hash", total=total)
+        version, info = import_directory(
+            actor, directory, ImportOptions(**options),  # type: ignore[arg-type]
+            progress=lambda _path, n: bar.advance(task, n),
+        )
+    for warning in info.warnings:
+        console.print(f"[yellow]warning[/]: {warning}")
+    click.echo(version.id)
+    console.print(
+        f"draft {version.model_name} {version.label}: {len(version.files)} files, "
+        f"{version.total_bytes} bytes, format {version.weight_format}"
+        + (" [bold red](UNSAFE: pickle)[/]" if version.unsafe_weights else "")
+    )
+
+
+# --- audit ----------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit log."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Walk the hash chain; print the count and head hash, or the first bad event and why."""
+    from charter.audit.service import verify_chain
+
+    settings = _settings()
+    _ready(settings)
+    verdict = verify_chain()
+    if verdict.ok:
+        click.echo(f"ok: {verdict.count} events, head {verdict.head_hash}")
+        return
+    click.echo(f"BROKEN at event {verdict.first_bad_seq} ({verdict.reason}): {verdict.message}")
+    click.echo(f"{verdict.count} events verified before it")
+    sys.exit(1)
+
+
+# --- config ---------------------------------------------------------------------------
+@main.group()
+def config() -> None:
+    """Configuration."""
+
+
+@config.command("docs")
+def config_docs() -> None:
+    """Print docs/configuration.md, generated from the Settings class."""
+    click.echo(settings_markdown(), nl=False)
+
+
+# --- demo -----------------------------------------------------------------------------
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--data-dir", default=".charter-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--no-serve", is_flag=True, help="Set up and seed, then exit.")
+def demo(host: str, port: int, data_dir: Path, no_serve: bool) -> None:
+    """Embedded demo: SQLite, seeded registry, a tiny local model, API on HOST:PORT."""
+    from charter.demo import run_demo
+
+    run_demo(host=host, port=port, data_dir=data_dir, serve=not no_serve, console=console)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`charter demo`: embedded SQLite, seeded users and models, a tiny real model, local API."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from charter import db, migrate
+from charter.db import unit_of_work, utcnow
+from charter.identity.actor import SYSTEM, Actor
+from charter.identity.models import User
+from charter.identity.service import actor_of, create_api_key, create_user
+from charter.registry import service as registry
+from charter.registry.importer import ImportOptions, import_directory
+from charter.registry.schemas import ApprovalConditions, ModelCreate, Transition, VersionSpec
+from charter.settings import Settings
+
+DEMO_USERS = [
+    ("admin", "Demo Admin", "user", ["admin"]),
+    ("sam.steward", "Sam Steward", "user", ["steward"]),
+    ("ava.approver", "Ava Approver", "user", ["approver"]),
+    ("oli.operator", "Oli Operator", "user", ["operator"]),
+    ("aud.auditor", "Aud Auditor", "user", ["auditor"]),
+    ("svc-helpdesk", "Help-desk assistant", "service", ["user"]),
+]
+
+# Public model-card metadata of the models Charter's users start with (metadata only:
+# no weights here, so no file digests and no pinned revision until a steward adds them).
+SEED_MODELS: list[dict[str, Any]] = [
+    {
+        "model": {"name": "TinyLlama-1.1B-Chat-v1.0", "publisher": "TinyLlama",
+                  "source_repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"},
+        "version": {"label": "v1.0", "architecture": "LlamaForCausalLM",
+                    "parameter_count": 1_100_048_384, "context_length": 2048,
+                    "license_declared": "apache-2.0", "license_card": "apache-2.0",
+                    "datasets": ["cerebras/SlimPajama-627B", "bigcode/starcoderdata",
+                                 "HuggingFaceH4/ultrachat_200k",
+                                 "HuggingFaceH4/ultrafeedback_binarized"],
+                    "weight_format": "safetensors"},
+        "state": "approved",
+    },
+    {
+        "model": {"name": "Phi-3-mini-4k-instruct", "publisher": "microsoft",
+                  "source_repo": "microsoft/Phi-3-mini-4k-instruct"},
+        "version": {"label": "2024-07", "architecture": "Phi3ForCausalLM",
+                    "parameter_count": 3_821_079_552, "context_length": 4096,
+                    "license_declared": "mit", "license_card": "mit",
+                    "weight_format": "safetensors"},
+        "state": "submitted",
+    },
+    {
+        "model": {"name": "gemma-2b-it", "publisher": "google",
+                  "source_repo": "google/gemma-2b-it"},
+        "version": {"label": "1.0", "architecture": "GemmaForCausalLM",
+                    "parameter_count": 2_506_172_416, "context_length": 8192,
+                    "license_declared": "gemma", "license_card": "gemma",
+                    "weight_format": "safetensors"},
+        "state": "draft",
+    },
+    {
+        "model": {"name": "Mistral-7B-Instruct-v0.3", "publisher": "mistralai",
+                  "source_repo": "mistralai/Mistral-7B-Instruct-v0.3"},
+        "version": {"label": "v0.3", "architecture": "MistralForCausalLM",
+                    "parameter_count": 7_248_023_552, "context_length": 32768,
+                    "license_declared": "apache-2.0", "license_card": "apache-2.0",
+                    "base_model": "mistralai/Mistral-7B-v0.3",
+                    "weight_format": "safetensors"},
+        "state": "submitted",
+    },
+    {
+        "model": {"name": "Qwen2-1.5B-Instruct", "publisher": "Qwen",
+                  "source_repo": "Qwen/Qwen2-1.5B-Instruct"},
+        "version": {"label": "1.0", "architecture": "Qwen2ForCausalLM",
+                    "parameter_count": 1_543_714_304, "context_length": 32768,
+                    "license_declared": "apache-2.0", "license_card": "apache-2.0",
+                    "weight_format": "safetensors"},
+        "state": "approved",
+    },
+]
+REGIONS = {"storage_region": "eu-central", "hosting_regions": ["eu-central", "eu-west"]}
+
+
+def _conditions() -> ApprovalConditions:
+    return ApprovalConditions(
+        allowed_regions=["eu-central", "eu-west"],
+        allowed_data_classes=["public", "internal"],
+        allowed_purposes=["assistant", "summarisation"],
+        expires_at=utcnow() + timedelta(days=180),
+        reason="demo approval: license and lineage reviewed",
+    )
+
+
+def _advance(version_id: str, state: str, steward: Actor, approver: Actor) -> None:
+    if state in ("submitted", "approved"):
+        registry.submit_version(steward, version_id, Transition())
+    if state == "approved":
+        registry.approve_version(approver, version_id, _conditions())
+
+
+def seed(data_dir: Path, console: Console) -> dict[str, str]:
+    """Create the demo users, keys and models once; returns username -> API key."""
+    keys_file = data_dir / "demo-keys.json"
+    with unit_of_work() as session:
+        seeded = session.scalar(select(User.id).where(User.username == "admin"))
+    if seeded:
+        return json.loads(keys_file.read_text()) if keys_file.exists() else {}
+
+    actors: dict[str, Actor] = {}
+    keys: dict[str, str] = {}
+    for username, display, kind, roles in DEMO_USERS:
+        user = create_user(SYSTEM, username=username, display_name=display, kind=kind,
+                           roles=roles)
+        actors[username] = actor_of(user)
+        keys[username] = create_api_key(SYSTEM, user.id, name="demo",
+                                        expires_at=utcnow() + timedelta(days=30)).token
+    steward, approver = actors["sam.steward"], actors["ava.approver"]
+
+    for entry in SEED_MODELS:
+        model = registry.create_model(steward, ModelCreate(**entry["model"]))
+        spec = VersionSpec(**entry["version"], **REGIONS,
+                           intended_use="internal assistants and document summarisation")
+        version = registry.create_version(steward, model.id, spec)
+        _advance(version.id, entry["state"], steward, approver)
+        console.print(f"  seeded {model.name} {version.label} ({entry['state']})")
+
+    tiny_dir = data_dir / "models" / "charter-tiny-llama"
+    if not (tiny_dir / "model.safetensors").exists():
+        from charter.devnode.tinymodel import build_tiny_model
+
+        build_tiny_model(tiny_dir)
+    version, _ = import_directory(steward, tiny_dir, ImportOptions(
+        model_name="charter-tiny-llama", label="0.1", publisher="charter",
+        source_repo="charter/tiny-llama", source_revision="local-build-seed-0",
+        license_declared="apache-2.0", intended_use="end-to-end demos and tests",
+        risk_tier="minimal", **REGIONS))
+    _advance(version.id, "approved", steward, approver)
+    console.print(f"  built and imported charter-tiny-llama 0.1 ({len(version.files)} files)")
+
+    keys_file.write_text(json.dumps(keys, indent=2))
+    os.chmod(keys_file, 0o600)
+    return keys
+
+
+def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Console) -> None:
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{data_dir / 'charter.db'}"
+    settings = Settings.from_env(demo=True, database_url=url, log_format="console")
+    console.print(f"[bold]Charter demo[/] - data in {data_dir}")
+    migrate.upgrade(url)
+    db.configure(settings)
+    keys = seed(data_dir, console)
+
+    table = Table(title="Demo users (API keys also in demo-keys.json)")
+    table.add_column("user")
+    table.add_column("API key", overflow="fold")
+    for username, token in keys.items():
+        table.add_row(username, token)
+    console.print(table)
+    base = f"http://{host}:{port}"
+    console.print(
+        f"Try:  curl -H 'Authorization: Bearer {keys.get('aud.auditor', '<key>')}' "
+        f"{base}/api/v1/audit/events\n"
+        f"      curl -H 'Authorization: Bearer {keys.get('admin', '<key>')}' "
+        f"{base}/api/v1/versions\n"
+        f"API reference: {base}/api/v1/openapi.json",
+        soft_wrap=True,
+    )
+    if not serve:
+        return
+    from werkzeug.serving import run_simple
+
+    from charter.app import create_app
+
+    app = create_app(settings)
+    console.print(f"serving on {base} (Ctrl-C stops)")
+    run_simple(host, port, app, threaded=True, use_reloader=False)

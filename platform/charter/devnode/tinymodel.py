@@ -1,0 +1,88 @@
+"""Build a tiny Llama model with real weights, fully offline (needs the `node` extra).
+
+A byte-level BPE tokenizer is trained on a small built-in corpus, wrapped as a
+PreTrainedTokenizerFast, and saved beside a randomly initialised LlamaForCausalLM with a
+few layers, in safetensors, with a model card whose YAML front matter names its license.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Charter governs which open models may serve requests, and proves every decision.",
+    "A model version is pinned by the SHA-256 digests of its weight files.",
+    "Approvers check license, provenance and data residency before approving a version.",
+    "The audit log is append-only and every event is chained to the one before it.",
+    "Requests go only to attested nodes in regions where the data class may be processed.",
+    "Sovereign deployments run on the organisation's own GPUs, often without internet.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+] * 8
+
+CARD = """---
+license: apache-2.0
+language:
+- en
+library_name: transformers
+pipeline_tag: text-generation
+datasets:
+- charter/tiny-corpus
+tags:
+- charter
+- tiny
+---
+
+# charter-tiny-llama
+
+A deliberately tiny Llama model (a few layers, random weights, a byte-level BPE trained on
+a few sentences) built locally by `charter demo` and the tests, so every part of Charter
+can run end to end without downloading anything. Its output is gibberish by design.
+"""
+
+
+def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> Path:
+    """Write the model into out_dir (created) and return it. Deterministic for a seed."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=fast.vocab_size if len(fast) <= fast.vocab_size else len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(CARD, encoding="utf-8")
+    return out_dir

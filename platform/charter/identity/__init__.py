@@ -1,0 +1,1 @@
+"""Identity: users, service accounts, roles and API keys."""

@@ -1,0 +1,237 @@
+"""Identity rules: users, roles, API keys (shown once, stored hashed), authentication."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from charter.audit.service import append_event
+from charter.db import unit_of_work, utcnow
+from charter.errors import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    StaleVersionError,
+    UnauthenticatedError,
+    ValidationFailedError,
+)
+from charter.identity.actor import Actor
+from charter.identity.models import ROLES, USER_KINDS, ApiKey, User, UserRole
+
+KEY_PREFIX = "chk"
+_USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,99}$")
+_LAST_USED_RESOLUTION = timedelta(minutes=5)
+
+
+def _field_error(field: str, code: str, message: str) -> ValidationFailedError:
+    return ValidationFailedError(
+        message, details={"errors": [{"field": field, "code": code, "message": message}]}
+    )
+
+
+def _check_roles(roles: list[str]) -> None:
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise _field_error("roles", "unknown_role", f"unknown roles: {', '.join(unknown)}")
+
+
+def actor_of(user: User) -> Actor:
+    return Actor(
+        user_id=user.id, username=user.username, kind=user.kind, roles=frozenset(user.roles)
+    )
+
+
+def create_user(
+    actor: Actor, *, username: str, display_name: str = "", kind: str = "user",
+    roles: list[str] | None = None,
+) -> User:
+    actor.require("admin", action="user.create", target_type="user", target_id=username)
+    if not _USERNAME.match(username):
+        raise _field_error(
+            "username", "invalid",
+            "usernames are 2-100 characters: lower-case letters, digits, . _ @ -",
+        )
+    if kind not in USER_KINDS:
+        raise _field_error("kind", "invalid", f"kind must be one of {', '.join(USER_KINDS)}")
+    roles = sorted(set(roles or []))
+    _check_roles(roles)
+    with unit_of_work() as session:
+        if session.scalar(select(User.id).where(User.username == username)):
+            raise ConflictError(
+                f"a user named {username!r} already exists", code="user_exists"
+            )
+        user = User(
+            id=str(uuid.uuid4()), username=username, display_name=display_name, kind=kind,
+            role_rows=[UserRole(role=r) for r in roles],
+        )
+        session.add(user)
+        session.flush()
+        append_event(
+            actor=actor.ref, action="user.create", target_type="user", target_id=user.id,
+            details={"username": username, "kind": kind, "roles": roles},
+        )
+        return user
+
+
+def get_user(user_id: str) -> User:
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise NotFoundError(f"no user {user_id}", code="user_not_found")
+        return user
+
+
+def list_users() -> list[User]:
+    with unit_of_work() as session:
+        return list(session.scalars(select(User).order_by(User.username)))
+
+
+def set_roles(actor: Actor, user_id: str, roles: list[str], *, row_version: int) -> User:
+    actor.require("admin", action="user.set_roles", target_type="user", target_id=user_id)
+    roles = sorted(set(roles))
+    _check_roles(roles)
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise NotFoundError(f"no user {user_id}", code="user_not_found")
+        if user.row_version != row_version:
+            raise StaleVersionError(
+                "the user was changed by someone else; reload it and try again",
+                details={"current_row_version": user.row_version},
+            )
+        before = user.roles
+        if "admin" in before and "admin" not in roles and _other_admins(session, user.id) == 0:
+            raise ForbiddenError(
+                "the last active admin cannot lose the admin role", code="last_admin"
+            ).audited(actor.ref, "user.set_roles", "user", user_id)
+        user.role_rows = [UserRole(role=r) for r in roles]
+        user.row_version += 1
+        session.flush()
+        append_event(
+            actor=actor.ref, action="user.set_roles", target_type="user", target_id=user.id,
+            details={"before": before, "after": roles},
+        )
+        return user
+
+
+def _other_admins(session, user_id: str) -> int:  # type: ignore[no-untyped-def]
+    return len(
+        session.scalars(
+            select(UserRole.user_id)
+            .join(User, User.id == UserRole.user_id)
+            .where(UserRole.role == "admin", User.active.is_(True), User.id != user_id)
+        ).all()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: ApiKey
+    token: str  # shown once, never stored
+
+
+def create_api_key(
+    actor: Actor, user_id: str, *, name: str, expires_at: datetime | None = None,
+    default_ttl_days: int = 90,
+) -> IssuedKey:
+    if actor.user_id != user_id:
+        actor.require("admin", action="api_key.create", target_type="user", target_id=user_id)
+    now = utcnow()
+    expires_at = expires_at or now + timedelta(days=default_ttl_days)
+    if expires_at <= now:
+        raise _field_error("expires_at", "in_past", "expires_at must be in the future")
+    if not name.strip() or len(name) > 100:
+        raise _field_error("name", "invalid", "name must be 1-100 characters")
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        if user is None or not user.active:
+            raise NotFoundError(f"no active user {user_id}", code="user_not_found")
+        key = ApiKey(
+            id=key_id, user_id=user_id, name=name, secret_sha256=_digest(secret),
+            created_by=actor.ref, expires_at=expires_at,
+        )
+        session.add(key)
+        session.flush()
+        append_event(
+            actor=actor.ref, action="api_key.create", target_type="api_key", target_id=key_id,
+            details={"user_id": user_id, "name": name, "expires_at": expires_at.isoformat()},
+        )
+        return IssuedKey(key=key, token=f"{KEY_PREFIX}_{key_id}_{secret}")
+
+
+def list_api_keys(actor: Actor, user_id: str) -> list[ApiKey]:
+    if actor.user_id != user_id and not actor.has("admin", "auditor"):
+        raise ForbiddenError("you may list only your own API keys")
+    with unit_of_work() as session:
+        if session.get(User, user_id) is None:
+            raise NotFoundError(f"no user {user_id}", code="user_not_found")
+        return list(
+            session.scalars(
+                select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at)
+            )
+        )
+
+
+def revoke_api_key(actor: Actor, key_id: str) -> ApiKey:
+    with unit_of_work() as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            raise NotFoundError(f"no API key {key_id}", code="api_key_not_found")
+        if key.user_id != actor.user_id:
+            actor.require("admin", action="api_key.revoke", target_type="api_key",
+                          target_id=key_id)
+        if key.revoked_at is not None:
+            raise ConflictError("the API key is already revoked", code="already_revoked")
+        key.revoked_at = utcnow()
+        session.flush()
+        append_event(
+            actor=actor.ref, action="api_key.revoke", target_type="api_key", target_id=key_id,
+            details={"user_id": key.user_id},
+        )
+        return key
+
+
+def _digest(secret: str) -> str:
+    # Secrets are 256 random bits, so one SHA-256 is enough: nothing to brute-force.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def authenticate_api_key(token: str) -> Actor:
+    """Map a presented key to its actor, or raise UnauthenticatedError (never says why)."""
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not re.fullmatch(r"[0-9a-f]{16}", parts[1]):
+        raise UnauthenticatedError("invalid API key", code="invalid_credentials")
+    with unit_of_work() as session:
+        key = session.get(ApiKey, parts[1])
+        now = utcnow()
+        if (
+            key is None
+            or not hmac.compare_digest(key.secret_sha256, _digest(parts[2]))
+            or key.revoked_at is not None
+            or key.expires_at <= now
+        ):
+            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
+        user = session.get(User, key.user_id)
+        if user is None or not user.active:
+            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
+        if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
+            key.last_used_at = now
+        return actor_of(user)
+
+
+def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
+    """Create the first admin and a key for it (CLI only: the actor is the system)."""
+    from charter.identity.actor import SYSTEM
+
+    with unit_of_work():
+        user = create_user(SYSTEM, username=username, roles=["admin"])
+        return create_api_key(SYSTEM, user.id, name=key_name)

@@ -1,0 +1,1 @@
+"""Approved-model registry: models, pinned versions, lifecycle and four-eyes approval."""

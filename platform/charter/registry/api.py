@@ -1,0 +1,104 @@
+"""Registry endpoints under /api/v1: parse -> authorize (in the service) -> call -> serialize."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from charter.apikit import ApiBlueprint
+from charter.identity.actor import Actor
+from charter.registry import service
+from charter.registry.schemas import (
+    ApprovalConditions,
+    ModelCreate,
+    ModelOut,
+    RequiredReason,
+    State,
+    Transition,
+    VersionOut,
+    VersionSpec,
+    VersionUpdate,
+)
+
+bp = ApiBlueprint("registry", __name__, url_prefix="/api/v1")
+
+
+class VersionQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: State | None = None
+
+
+@bp.operation("GET", "/models", summary="List models", response=list[ModelOut])
+def list_models(actor: Actor) -> object:
+    return service.list_models()
+
+
+@bp.operation("POST", "/models", summary="Register a model family", body=ModelCreate,
+              response=ModelOut, status=201, errors=(403, 409))
+def create_model(actor: Actor, body: ModelCreate) -> object:
+    return service.create_model(actor, body)
+
+
+@bp.operation("GET", "/models/<model_id>", summary="Get a model", response=ModelOut)
+def get_model(actor: Actor, model_id: str) -> object:
+    return service.get_model(model_id)
+
+
+@bp.operation("GET", "/models/<model_id>/versions", summary="List a model's versions",
+              query=VersionQuery, response=list[VersionOut])
+def list_model_versions(actor: Actor, model_id: str, query: VersionQuery) -> object:
+    return service.list_versions(model_id, query.state)
+
+
+@bp.operation("POST", "/models/<model_id>/versions", summary="Create a draft version",
+              body=VersionSpec, response=VersionOut, status=201, errors=(403, 409))
+def create_version(actor: Actor, model_id: str, body: VersionSpec) -> object:
+    return service.create_version(actor, model_id, body)
+
+
+@bp.operation("GET", "/versions", summary="List versions of all models", query=VersionQuery,
+              response=list[VersionOut])
+def list_versions(actor: Actor, query: VersionQuery) -> object:
+    return service.list_versions(None, query.state)
+
+
+@bp.operation("GET", "/versions/<version_id>", summary="Get a version", response=VersionOut)
+def get_version(actor: Actor, version_id: str) -> object:
+    return service.get_version(version_id)
+
+
+@bp.operation("PATCH", "/versions/<version_id>", summary="Edit a draft version",
+              body=VersionUpdate, response=VersionOut, errors=(403, 409))
+def update_version(actor: Actor, version_id: str, body: VersionUpdate) -> object:
+    return service.update_draft(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/submit", summary="Submit a draft for approval",
+              body=Transition, response=VersionOut, errors=(403, 409))
+def submit_version(actor: Actor, version_id: str, body: Transition) -> object:
+    return service.submit_version(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/approve",
+              summary="Approve a submitted version with conditions (four-eyes)",
+              body=ApprovalConditions, response=VersionOut, errors=(403, 409))
+def approve_version(actor: Actor, version_id: str, body: ApprovalConditions) -> object:
+    return service.approve_version(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/reject", summary="Reject a submitted version",
+              body=RequiredReason, response=VersionOut, errors=(403, 409))
+def reject_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
+    return service.reject_version(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/deprecate",
+              summary="Deprecate an approved version", body=RequiredReason,
+              response=VersionOut, errors=(403, 409))
+def deprecate_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
+    return service.deprecate_version(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/revoke", summary="Revoke an approved version",
+              body=RequiredReason, response=VersionOut, errors=(403, 409))
+def revoke_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
+    return service.revoke_version(actor, version_id, body)
