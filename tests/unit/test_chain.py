@@ -1,0 +1,88 @@
+"""Canonical JSON and chain verification, without a database."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from charter.audit.chain import (
+    GENESIS_HASH,
+    ChainRow,
+    canonical_json,
+    event_body,
+    event_hash,
+    verify_rows,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_canonical_json_is_rfc8785(value) -> None:  # type: ignore[no-untyped-def]
+    try:
+        expected = rfc8785.dumps(value)
+    except Exception:  # noqa: BLE001 - e.g. lone surrogates: both must refuse
+        try:
+            canonical_json(value)
+        except Exception:  # noqa: BLE001
+            return
+        raise AssertionError("canonical_json accepted what RFC 8785 refuses") from None
+    assert canonical_json(value) == expected
+
+
+def test_key_order_is_utf16_not_code_points() -> None:
+    value = {"\ue000": 1, "\U0001f600": 2}  # code points and UTF-16 units disagree here
+    assert canonical_json(value) == rfc8785.dumps(value)
+    assert canonical_json(value).index("😀".encode()) < canonical_json(value).index(
+        "\ue000".encode())
+
+
+def _chain(n: int) -> list[ChainRow]:
+    rows, prev = [], GENESIS_HASH
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for seq in range(1, n + 1):
+        body = event_body(seq=seq, ts=t0 + timedelta(seconds=seq), actor="user:a", action="x",
+                          target_type="t", target_id=str(seq), outcome="success",
+                          details={"n": seq}, request_id=None, prev_hash=prev)
+        h = event_hash(body)
+        rows.append(ChainRow(seq, t0 + timedelta(seconds=seq), "user:a", "x", "t", str(seq),
+                             "success", {"n": seq}, None, prev, h))
+        prev = h
+    return rows
+
+
+def test_verify_good_chain() -> None:
+    rows = _chain(10)
+    v = verify_rows(rows)
+    assert v.ok and v.count == 10 and v.head_hash == rows[-1].hash
+
+
+def test_verify_names_first_bad_event() -> None:
+    rows = _chain(10)
+    edited = rows[:4] + [dataclasses.replace(rows[4], details={"n": 0})] + rows[5:]
+    v = verify_rows(edited)
+    assert (v.ok, v.first_bad_seq, v.reason, v.count) == (False, 5, "edited", 4)
+    v = verify_rows(rows[:3] + rows[4:])
+    assert (v.first_bad_seq, v.reason) == (4, "missing")
+    assert verify_rows([]).ok and verify_rows([]).head_hash == GENESIS_HASH
+
+
+def test_format_ts_refuses_naive_datetimes() -> None:
+    import pytest
+
+    from charter.audit.chain import format_ts
+
+    with pytest.raises(ValueError):
+        format_ts(datetime(2026, 1, 1))
+    assert format_ts(datetime(2026, 1, 1, 1, 2, 3, 4, tzinfo=UTC)) == "2026-01-01T01:02:03.000004Z"
