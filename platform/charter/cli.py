@@ -87,8 +87,8 @@ def _ready(settings: Settings) -> None:
     """Connect and refuse to go on with an out-of-date schema."""
     from charter import db as database
     from charter.errors import SchemaOutdatedError
-    from charter.migrate import schema_status
     from charter.logs import configure_logging
+    from charter.migrate import schema_status
 
     configure_logging(settings)
     status = schema_status(database.configure(settings).engine)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +15,7 @@ FIX_COMMAND = "charter db upgrade"
 
 
 def migrations_dir() -> Path:
-    override = os.environ.get("CHARTER_MIGRATIONS_DIR")
-    if override:
-        return Path(override)
+    # The repository's migrations/ (Charter installs editable, or from the source tree).
     return Path(__file__).resolve().parents[2] / "migrations"
 
 

@@ -44,7 +44,9 @@ def _plain(value: Any, *, key: bool = False) -> bool:
     if isinstance(value, int):
         return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(k, key=True) and _plain(v) for k, v in value.items())
+        return all(
+            isinstance(k, str) and _plain(k, key=True) and _plain(v) for k, v in value.items()
+        )
     if isinstance(value, list):
         return all(_plain(v) for v in value)
     return False

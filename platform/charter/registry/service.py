@@ -90,7 +90,9 @@ def _version(session: Session, version_id: str) -> ModelVersion:
 
 def unsafe_weights(weight_format: str, paths: list[str]) -> bool:
     """Pickle-based weights run code when loaded: flag them whatever the submitter says."""
-    return weight_format in UNSAFE_FORMATS or any(p.lower().endswith(PICKLE_SUFFIXES) for p in paths)
+    return weight_format in UNSAFE_FORMATS or any(
+        p.lower().endswith(PICKLE_SUFFIXES) for p in paths
+    )
 
 
 def create_version(actor: Actor, model_id: str, spec: VersionSpec) -> ModelVersion:
