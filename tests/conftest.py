@@ -17,7 +17,7 @@ from charter.identity.service import actor_of, create_api_key, create_user
 from charter.settings import Settings
 
 ADMIN_URL = os.environ.get(
-    "CHARTER_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    "TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 SECRET = "test-secret-key-that-is-long-enough-000"
 

@@ -143,8 +143,11 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
     _advance(version.id, "approved", steward, approver)
     console.print(f"  built and imported charter-tiny-llama 0.1 ({len(version.files)} files)")
 
-    keys_file.write_text(json.dumps(keys, indent=2))
-    os.chmod(keys_file, 0o600)
+    # Private from the first byte: write_text-then-chmod left the keys world-readable between.
+    fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left from an earlier run
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(keys, indent=2))
     return keys
 
 

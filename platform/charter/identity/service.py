@@ -232,6 +232,16 @@ def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
     """Create the first admin and a key for it (CLI only: the actor is the system)."""
     from charter.identity.actor import SYSTEM
 
-    with unit_of_work():
+    with unit_of_work() as session:
+        if session.scalar(
+            select(UserRole.user_id)
+            .join(User, User.id == UserRole.user_id)
+            .where(UserRole.role == "admin", User.active.is_(True))
+            .limit(1)
+        ):
+            raise ConflictError(
+                "an admin exists already: ask them to create users and keys through the API",
+                code="already_bootstrapped",
+            )
         user = create_user(SYSTEM, username=username, roles=["admin"])
         return create_api_key(SYSTEM, user.id, name=key_name)

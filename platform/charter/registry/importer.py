@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charter.errors import ImportFailedError
+from pydantic import ValidationError
+
+from charter.db import unit_of_work
+from charter.errors import ImportFailedError, ValidationFailedError
 from charter.identity.actor import Actor
 from charter.registry import service
 from charter.registry.models import ModelVersion
@@ -101,6 +104,14 @@ def _walk(root: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # os.walk lists a linked folder but does not enter it: refuse it, never skip it.
+        for name in dirnames:
+            if (Path(dirpath) / name).is_symlink():
+                raise ImportFailedError(
+                    f"{(Path(dirpath) / name).relative_to(root)} is a symbolic link; "
+                    "copy the real folder in",
+                    code="symlink_refused",
+                )
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -215,16 +226,39 @@ def import_directory(
 ) -> tuple[ModelVersion, Inspection]:
     """Inspect `root` and create a draft version of `opts.model_name` (created if new)."""
     info = inspect_directory(root, progress)
-    model = service.find_model(opts.model_name)
-    if model is None:
-        if not opts.publisher or not opts.source_repo:
-            raise ImportFailedError(
-                f"model {opts.model_name!r} is new: give its publisher and source repository",
-                code="model_details_missing",
-            )
-        model = service.create_model(actor, ModelCreate(
-            name=opts.model_name, publisher=opts.publisher, source_repo=opts.source_repo))
-    spec = VersionSpec(
+    spec = _version_spec(opts, info)
+    # One transaction: a refused version must not leave a new, empty model behind.
+    with unit_of_work():
+        model = service.find_model(opts.model_name)
+        if model is None:
+            if not opts.publisher or not opts.source_repo:
+                raise ImportFailedError(
+                    f"model {opts.model_name!r} is new: give its publisher and source repository",
+                    code="model_details_missing",
+                )
+            model = service.create_model(actor, ModelCreate(
+                name=opts.model_name, publisher=opts.publisher, source_repo=opts.source_repo))
+        version = service.create_version(actor, model.id, spec, pickle_files=info.pickle_files)
+    return version, info
+
+
+def _version_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
+    try:
+        return _build_spec(opts, info)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "code": e["type"], "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ValidationFailedError(
+            f"the version's details are invalid ({len(errors)} problem"
+            f"{'s' * (len(errors) != 1)})",
+            details={"errors": errors},
+        ) from None
+
+
+def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
+    return VersionSpec(
         label=opts.label,
         source_revision=opts.source_revision,
         weight_format=info.weight_format,  # type: ignore[arg-type]
@@ -242,4 +276,3 @@ def import_directory(
         hosting_regions=list(opts.hosting_regions),
         card=info.card,
     )
-    return service.create_version(actor, model.id, spec), info

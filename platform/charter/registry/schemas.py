@@ -75,7 +75,8 @@ class VersionSpec(Strict):
     parameter_count: Annotated[int, Field(ge=0)] | None = None
     context_length: Annotated[int, Field(ge=1)] | None = None
     license_declared: LicenseId | None = None
-    license_card: LicenseId | None = None
+    # As the model card states it, verbatim: evidence, so not normalised or pattern-checked.
+    license_card: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -95,7 +96,10 @@ def unsafe_weights(weight_format: str, paths: list[str]) -> bool:
     )
 
 
-def create_version(actor: Actor, model_id: str, spec: VersionSpec) -> ModelVersion:
+def create_version(
+    actor: Actor, model_id: str, spec: VersionSpec, *, pickle_files: Sequence[str] = ()
+) -> ModelVersion:
+    """`pickle_files`: paths an inspection found to be pickles by content, whatever their name."""
     actor.require(*STEWARDS, action="version.create", target_type="model", target_id=model_id)
     paths = [f.path for f in spec.files]
     if len(set(paths)) != len(paths):
@@ -120,7 +124,7 @@ def create_version(actor: Actor, model_id: str, spec: VersionSpec) -> ModelVersi
             model_id=model.id,
             model=model,
             state="draft",
-            unsafe_weights=unsafe_weights(spec.weight_format, paths),
+            unsafe_weights=unsafe_weights(spec.weight_format, paths) or bool(pickle_files),
             total_bytes=sum(f.size for f in spec.files),
             files=[
                 ModelFile(path=f.path, size=f.size, sha256=f.sha256, kind=_file_kind(f.path))
