@@ -1,0 +1,141 @@
+package charter.admission_test
+
+import data.charter.admission
+import rego.v1
+
+_ok := {
+	"version": {
+		"model": "TinyLlama-1.1B-Chat-v1.0", "publisher": "TinyLlama",
+		"source_repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+		"source_revision": "fe8a4ea1ffedaf415f4da2f062534de366a451e6",
+		"weight_format": "safetensors", "unsafe_weights": false,
+		"files": [
+			{"path": "model.safetensors", "kind": "weights", "size": 10, "sha256": "abababababababababababababababababababababababababababababababab"},
+			{"path": "config.json", "kind": "config", "size": 1, "sha256": "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"},
+		],
+		"license_declared": "apache-2.0", "license_card": "apache-2.0",
+		"base_model": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+		"derivation": "fine_tune",
+		"datasets": ["cerebras/SlimPajama-627B"],
+		"storage_region": "eu-central", "hosting_regions": ["eu-central"],
+	},
+	"lineage": {"base_model_approved": false},
+}
+
+_codes(inp) := codes if {
+	codes := {v.code | some v in admission.decision.violations} with input as inp
+}
+
+_warnings(inp) := codes if {
+	codes := {w.code | some w in admission.decision.warnings} with input as inp
+}
+
+_set(path, value) := json.patch(_ok, [{"op": "replace", "path": path, "value": value}])
+
+test_allows_a_complete_version if {
+	admission.allow with input as _ok
+	_codes(_ok) == set()
+	_warnings(_ok) == set()
+}
+
+test_denies_malformed_input if {
+	not admission.allow with input as {"version": "x"}
+	_codes({"version": "x"}) == {"input_invalid"}
+}
+
+test_branch_is_not_a_pin if {
+	_codes(_set("/version/source_revision", "main")) == {"revision_not_pinned"}
+	_codes(_set("/version/source_revision", null)) == {"revision_not_pinned"}
+}
+
+test_sha256_revision_is_a_pin if {
+	rev := "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a"
+	_codes(_set("/version/source_revision", rev)) == set()
+}
+
+test_weight_file_needs_digest if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/files/0/sha256", "value": null}])
+	_codes(inp) == {"file_digest_missing"}
+}
+
+test_metadata_only_version_is_not_admissible if {
+	_codes(_set("/version/files", [])) == {"no_weight_files"}
+}
+
+test_pickle_weights if {
+	_codes(_set("/version/unsafe_weights", true)) == {"pickle_weights"}
+}
+
+test_license_missing if {
+	_codes(json.patch(_ok, [{"op": "remove", "path": "/version/license_declared"}])) == {"license_missing"}
+}
+
+test_license_unknown if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/license_declared", "value": "wtfpl-9"},
+		{"op": "replace", "path": "/version/license_card", "value": "wtfpl-9"},
+	])
+	_codes(inp) == {"license_unknown"}
+}
+
+test_license_mismatch_is_case_insensitive if {
+	_codes(_set("/version/license_card", "Apache-2.0")) == set()
+	_codes(_set("/version/license_card", "mit")) == {"license_mismatch"}
+}
+
+test_non_commercial_license if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/license_declared", "value": "cc-by-nc-4.0"},
+		{"op": "replace", "path": "/version/license_card", "value": "cc-by-nc-4.0"},
+	])
+	_codes(inp) == {"license_not_commercial"}
+}
+
+test_user_threshold if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/license_declared", "value": "llama3"},
+		{"op": "replace", "path": "/version/license_card", "value": "llama3"},
+	])
+	_codes(inp) == set()
+	_codes(inp) == {"license_user_threshold"} with data.charter.organisation.monthly_active_users as 800000000
+}
+
+test_use_restrictions_when_not_accepted if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/license_declared", "value": "gemma"},
+		{"op": "replace", "path": "/version/license_card", "value": "gemma"},
+	])
+	_codes(inp) == set()
+	_codes(inp) == {"license_use_restrictions"} with data.charter.organisation.accept_use_restrictions as false
+}
+
+test_publisher_allowlist if {
+	_codes(_set("/version/publisher", "someone")) == {"publisher_not_allowed"}
+}
+
+test_fine_tune_needs_base_model if {
+	_codes(json.patch(_ok, [{"op": "remove", "path": "/version/base_model"}])) == {"base_model_missing"}
+}
+
+test_base_model_must_be_known_or_approved if {
+	inp := _set("/version/base_model", "someone/secret-base")
+	_codes(inp) == {"base_model_unknown"}
+	approved := json.patch(inp, [{"op": "replace", "path": "/lineage/base_model_approved", "value": true}])
+	_codes(approved) == set()
+}
+
+test_storage_region if {
+	_codes(_set("/version/storage_region", "us-east")) == {"storage_region_not_sovereign"}
+	_codes(_set("/version/storage_region", "moon")) == {"storage_region_not_sovereign"}
+	_codes(_set("/version/storage_region", null)) == {"storage_region_missing"}
+}
+
+test_warnings_do_not_block if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/datasets", "value": []},
+		{"op": "replace", "path": "/version/hosting_regions", "value": ["eu-central", "us-east"]},
+		{"op": "replace", "path": "/version/derivation", "value": "unknown"},
+	])
+	admission.allow with input as inp
+	_warnings(inp) == {"datasets_missing", "hosting_region_not_sovereign", "derivation_unknown"}
+}

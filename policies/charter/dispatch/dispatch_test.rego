@@ -1,0 +1,116 @@
+package charter.dispatch_test
+
+import data.charter.dispatch
+import rego.v1
+
+_ok := {
+	"now": "2026-06-01T00:00:00Z",
+	"version": {
+		"id": "v1", "model": "TinyLlama", "state": "approved", "license": "apache-2.0",
+		"approval": {
+			"allowed_regions": ["eu-central", "eu-west"],
+			"allowed_data_classes": ["internal", "public"],
+			"allowed_purposes": ["assistant"],
+			"expires_at": "2027-01-01T00:00:00Z",
+		},
+	},
+	"request": {"purpose": "assistant", "data_class": "internal"},
+	"caller": {"team": "helpdesk", "entitlements": {
+		"models": ["TinyLlama"], "data_classes": ["*"], "regions": ["*"],
+	}},
+	"node": {"id": "n1", "region": "eu-central", "attested_version_id": "v1"},
+}
+
+_codes(inp) := codes if {
+	codes := {v.code | some v in dispatch.decision.violations} with input as inp
+}
+
+test_allows_the_happy_path if {
+	dispatch.allow with input as _ok
+	_codes(_ok) == set()
+}
+
+test_denies_malformed_input if {
+	not dispatch.allow with input as {}
+	_codes({}) == {"input_invalid"}
+}
+
+test_denies_revoked if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/state", "value": "revoked"}])
+	_codes(inp) == {"version_revoked"}
+}
+
+test_denies_submitted if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/state", "value": "submitted"}])
+	"version_not_approved" in _codes(inp)
+}
+
+test_deprecated_serves_with_warning if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/state", "value": "deprecated"}])
+	dispatch.allow with input as inp
+	ws := {w.code | some w in dispatch.decision.warnings} with input as inp
+	ws == {"version_deprecated"}
+}
+
+test_denies_expired if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/now", "value": "2027-01-01T00:00:00Z"}])
+	_codes(inp) == {"approval_expired"}
+}
+
+test_denies_garbage_expiry if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/approval/expires_at", "value": "soon"}])
+	_codes(inp) == {"approval_invalid"}
+}
+
+test_denies_purpose if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/request/purpose", "value": "marketing"}])
+	_codes(inp) == {"purpose_not_approved"}
+}
+
+test_denies_purpose_restricted_by_license if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/license", "value": "gemma"},
+		{"op": "replace", "path": "/request/purpose", "value": "law-enforcement"},
+		{"op": "replace", "path": "/version/approval/allowed_purposes", "value": ["law-enforcement"]},
+	])
+	_codes(inp) == {"purpose_restricted_by_license"}
+}
+
+test_denies_residency if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/request/data_class", "value": "restricted"},
+		{"op": "replace", "path": "/node/region", "value": "eu-west"},
+		{"op": "replace", "path": "/version/approval/allowed_data_classes", "value": ["restricted"]},
+	])
+	_codes(inp) == {"residency_violation"}
+}
+
+test_denies_unknown_data_class if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/request/data_class", "value": "secret"}])
+	_codes(inp) == {"data_class_unknown", "data_class_not_approved"}
+}
+
+test_denies_region_outside_approval if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/node/region", "value": "eu-north"}])
+	_codes(inp) == {"region_not_approved"}
+}
+
+test_denies_unentitled_team if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/caller/entitlements/models", "value": []}])
+	_codes(inp) == {"team_not_entitled"}
+}
+
+test_denies_team_data_class if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/caller/entitlements/data_classes", "value": ["public"]}])
+	_codes(inp) == {"team_data_class_not_entitled"}
+}
+
+test_denies_unattested_node if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/node/attested_version_id", "value": "v0"}])
+	_codes(inp) == {"node_not_attested"}
+}
+
+test_denies_missing_attestation if {
+	inp := json.patch(_ok, [{"op": "remove", "path": "/node/attested_version_id"}])
+	_codes(inp) == {"node_not_attested"}
+}
