@@ -19,6 +19,7 @@ from charter.context import request_id_var
 from charter.errors import CharterError, SchemaOutdatedError, UnauthenticatedError
 from charter.logs import configure_logging
 from charter.migrate import schema_status
+from charter.policy import service as policy
 from charter.settings import Settings
 
 log = structlog.get_logger("charter.http")
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings.require_secret()
     configure_logging(settings)
     database = db.configure(settings)
+    policy.configure(settings)
     if settings.schema_check:
         status = schema_status(database.engine)
         if not status.current:
@@ -64,9 +66,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     from charter.audit.api import bp as audit_bp
     from charter.identity.api import bp as identity_bp
+    from charter.policy.api import bp as policy_bp
     from charter.registry.api import bp as registry_bp
 
-    for bp in (registry_bp, identity_bp, audit_bp):
+    for bp in (registry_bp, identity_bp, audit_bp, policy_bp):
         app.register_blueprint(bp)
 
     @app.get("/api/v1/openapi.json")

@@ -17,9 +17,16 @@ from charter.db import unit_of_work, utcnow
 from charter.identity.actor import SYSTEM, Actor
 from charter.identity.models import User
 from charter.identity.service import actor_of, create_api_key, create_user
+from charter.policy import service as policy
 from charter.registry import service as registry
-from charter.registry.importer import ImportOptions, import_directory
-from charter.registry.schemas import ApprovalConditions, ModelCreate, Transition, VersionSpec
+from charter.registry.importer import ImportOptions, content_revision, import_directory
+from charter.registry.schemas import (
+    ApprovalConditions,
+    ExceptionCreate,
+    ModelCreate,
+    Transition,
+    VersionSpec,
+)
 from charter.settings import Settings
 
 DEMO_USERS = [
@@ -43,8 +50,13 @@ SEED_MODELS: list[dict[str, Any]] = [
                     "datasets": ["cerebras/SlimPajama-627B", "bigcode/starcoderdata",
                                  "HuggingFaceH4/ultrachat_200k",
                                  "HuggingFaceH4/ultrafeedback_binarized"],
+                    "derivation": "fine_tune",
+                    "base_model": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
                     "weight_format": "safetensors"},
+        # Metadata only, so admission denies it; an admin's exception lets it through.
         "state": "approved",
+        "exception": "metadata-only registration while the weights are transferred into the "
+                     "sovereign store; pinning follows the transfer",
     },
     {
         "model": {"name": "Phi-3-mini-4k-instruct", "publisher": "microsoft",
@@ -52,17 +64,19 @@ SEED_MODELS: list[dict[str, Any]] = [
         "version": {"label": "2024-07", "architecture": "Phi3ForCausalLM",
                     "parameter_count": 3_821_079_552, "context_length": 4096,
                     "license_declared": "mit", "license_card": "mit",
-                    "weight_format": "safetensors"},
-        "state": "submitted",
+                    "derivation": "original", "weight_format": "safetensors"},
+        "state": "draft",
     },
     {
         "model": {"name": "gemma-2b-it", "publisher": "google",
                   "source_repo": "google/gemma-2b-it"},
         "version": {"label": "1.0", "architecture": "GemmaForCausalLM",
                     "parameter_count": 2_506_172_416, "context_length": 8192,
-                    "license_declared": "gemma", "license_card": "gemma",
+                    # Declared carelessly: the card says `gemma`. Admission denies it.
+                    "license_declared": "apache-2.0", "license_card": "gemma",
+                    "derivation": "fine_tune", "base_model": "google/gemma-2b",
                     "weight_format": "safetensors"},
-        "state": "draft",
+        "state": "submitted",
     },
     {
         "model": {"name": "Mistral-7B-Instruct-v0.3", "publisher": "mistralai",
@@ -70,7 +84,7 @@ SEED_MODELS: list[dict[str, Any]] = [
         "version": {"label": "v0.3", "architecture": "MistralForCausalLM",
                     "parameter_count": 7_248_023_552, "context_length": 32768,
                     "license_declared": "apache-2.0", "license_card": "apache-2.0",
-                    "base_model": "mistralai/Mistral-7B-v0.3",
+                    "base_model": "mistralai/Mistral-7B-v0.3", "derivation": "fine_tune",
                     "weight_format": "safetensors"},
         "state": "submitted",
     },
@@ -80,8 +94,9 @@ SEED_MODELS: list[dict[str, Any]] = [
         "version": {"label": "1.0", "architecture": "Qwen2ForCausalLM",
                     "parameter_count": 1_543_714_304, "context_length": 32768,
                     "license_declared": "apache-2.0", "license_card": "apache-2.0",
+                    "derivation": "fine_tune", "base_model": "Qwen/Qwen2-1.5B",
                     "weight_format": "safetensors"},
-        "state": "approved",
+        "state": "submitted",
     },
 ]
 REGIONS = {"storage_region": "eu-central", "hosting_regions": ["eu-central", "eu-west"]}
@@ -97,9 +112,15 @@ def _conditions() -> ApprovalConditions:
     )
 
 
-def _advance(version_id: str, state: str, steward: Actor, approver: Actor) -> None:
+def _advance(version_id: str, state: str, steward: Actor, approver: Actor,
+             admin: Actor | None = None, exception: str | None = None) -> None:
     if state in ("submitted", "approved"):
-        registry.submit_version(steward, version_id, Transition())
+        version = registry.submit_version(steward, version_id, Transition())
+        if admin is not None and exception and version.admission:
+            codes = [v["code"] for v in version.admission["violations"]]
+            registry.grant_exception(admin, version_id, ExceptionCreate(
+                codes=codes, justification=exception,
+                expires_at=utcnow() + timedelta(days=30)))
     if state == "approved":
         registry.approve_version(approver, version_id, _conditions())
 
@@ -127,8 +148,14 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
         spec = VersionSpec(**entry["version"], **REGIONS,
                            intended_use="internal assistants and document summarisation")
         version = registry.create_version(steward, model.id, spec)
-        _advance(version.id, entry["state"], steward, approver)
-        console.print(f"  seeded {model.name} {version.label} ({entry['state']})")
+        _advance(version.id, entry["state"], steward, approver, actors["admin"],
+                 entry.get("exception"))
+        version = registry.get_version(version.id)
+        verdict = ""
+        if version.admission is not None:
+            codes = [v["code"] for v in version.admission["violations"]]
+            verdict = ", admission: " + ("allowed" if not codes else "denied " + ", ".join(codes))
+        console.print(f"  seeded {model.name} {version.label} ({entry['state']}{verdict})")
 
     tiny_dir = data_dir / "models" / "charter-tiny-llama"
     if not (tiny_dir / "model.safetensors").exists():
@@ -137,9 +164,9 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
         build_tiny_model(tiny_dir)
     version, _ = import_directory(steward, tiny_dir, ImportOptions(
         model_name="charter-tiny-llama", label="0.1", publisher="charter",
-        source_repo="charter/tiny-llama", source_revision="local-build-seed-0",
+        source_repo="charter/tiny-llama", source_revision=content_revision(tiny_dir),
         license_declared="apache-2.0", intended_use="end-to-end demos and tests",
-        risk_tier="minimal", **REGIONS))
+        risk_tier="minimal", derivation="original", **REGIONS))
     _advance(version.id, "approved", steward, approver)
     console.print(f"  built and imported charter-tiny-llama 0.1 ({len(version.files)} files)")
 
@@ -159,6 +186,7 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)
     db.configure(settings)
+    policy.configure(settings)
     keys = seed(data_dir, console)
 
     table = Table(title="Demo users (API keys also in demo-keys.json)")

@@ -88,6 +88,10 @@ class ForbiddenError(CharterError):
     code = "forbidden"
 
 
+class AdmissionDeniedError(ConflictError):
+    code = "admission_denied"
+
+
 class SelfApprovalError(ForbiddenError):
     code = "self_approval_forbidden"
 

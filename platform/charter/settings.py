@@ -53,6 +53,25 @@ class Settings:
     api_key_default_ttl_days: int = _setting(
         90, "Days an API key stays valid when its creator gives no expiry."
     )
+    policy_backend: str = _setting(
+        "inprocess",
+        "Policy engine: `inprocess` (regorus, the embedded default) or `remote` (an OPA "
+        "server over its REST Data API, e.g. the OPA sidecar).",
+    )
+    policy_dir: str = _setting(
+        "", "Directory of Rego policies and data/*.json; empty means the bundled `policies/`."
+    )
+    opa_url: str = _setting(
+        "http://127.0.0.1:8181", "Base URL of the OPA server (remote backend only)."
+    )
+    opa_timeout_s: float = _setting(
+        0.5, "Seconds to wait for an OPA answer before refusing the action (fail closed)."
+    )
+    opa_push_policies: bool = _setting(
+        True,
+        "Load the policies and data into OPA at start (off when OPA loads the same bundle "
+        "itself; Charter still checks the revision OPA holds).",
+    )
     audit_page_limit: int = _setting(
         500, "Largest page of audit events the API returns at once."
     )
@@ -90,6 +109,10 @@ class Settings:
             problems.append("CHARTER_LOG_FORMAT: must be json or console")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("CHARTER_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
+        if self.policy_backend not in ("inprocess", "remote"):
+            problems.append("CHARTER_POLICY_BACKEND: must be inprocess or remote")
+        if not 0 < self.opa_timeout_s <= 30:
+            problems.append("CHARTER_OPA_TIMEOUT_S: must be between 0 and 30 seconds")
         if self.audit_page_limit < 1:
             problems.append("CHARTER_AUDIT_PAGE_LIMIT: must be positive")
         if problems:
@@ -145,6 +168,9 @@ def settings_markdown() -> str:
     ]
     for f in dataclasses.fields(Settings):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        default = "(none)" if f.metadata.get("secret") else f"`{f.default}`"
+        if f.metadata.get("secret"):
+            default = "(none)"
+        else:
+            default = f"`{f.default}`" if f.default != "" else "(empty)"
         lines.append(f"| `{PREFIX}{f.name.upper()}` | {kind} | {default} | {f.metadata['doc']} |")
     return "\n".join(lines) + "\n"

@@ -30,10 +30,10 @@ USERS = {
 }
 STATES = {
     "TinyLlama-1.1B-Chat-v1.0": "approved",
-    "Phi-3-mini-4k-instruct": "submitted",
-    "gemma-2b-it": "draft",
+    "Phi-3-mini-4k-instruct": "draft",
+    "gemma-2b-it": "submitted",
     "Mistral-7B-Instruct-v0.3": "submitted",
-    "Qwen2-1.5B-Instruct": "approved",
+    "Qwen2-1.5B-Instruct": "submitted",
     "charter-tiny-llama": "approved",
 }
 
@@ -96,7 +96,8 @@ def test_demo_runs_and_reports(demo: Demo) -> None:
     assert demo.result.exit_code == 0, demo.result.output
     out = demo.result.output
     for name, state in list(STATES.items())[:5]:
-        assert f"seeded {name} " in out and f"({state})" in out
+        assert f"seeded {name} " in out and f"({state}" in out
+    assert "admission: denied license_mismatch" in out  # gemma's careless declaration
     assert "built and imported charter-tiny-llama 0.1 (6 files)" in out
     assert (demo.data_dir / "charter.db").is_file()
 

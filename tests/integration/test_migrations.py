@@ -14,7 +14,25 @@ from charter.settings import Settings
 from tests.conftest import SECRET
 
 TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_decisions",
-          "users", "user_roles", "api_keys", "alembic_version"}
+          "users", "user_roles", "api_keys", "policy_exceptions", "alembic_version"}
+
+
+def test_every_revision_steps_down_and_up_again(empty_pg: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    revisions = [r.revision for r in
+                 reversed(list(ScriptDirectory(str(migrate.migrations_dir())).walk_revisions()))]
+    assert revisions[0] == "0001" and len(revisions) >= 2
+    engine = create_engine(empty_pg)
+    try:
+        for rev in revisions:
+            migrate.upgrade(empty_pg, rev)
+            before = set(inspect(engine).get_table_names())
+            migrate.downgrade(empty_pg, "-1")
+            migrate.upgrade(empty_pg, rev)
+            assert set(inspect(engine).get_table_names()) == before, rev
+    finally:
+        engine.dispose()
 
 
 def test_upgrade_downgrade_upgrade(empty_pg: str) -> None:

@@ -83,7 +83,8 @@ def test_lifecycle_end_to_end(client, people) -> None:  # type: ignore[no-untype
     assert r.get_json()["state"] == "revoked"
 
     actions = [e.action for e in list_events(EventFilter(target_id=v["id"]))]
-    assert actions == ["version.create", "version.submit", "version.approve", "version.revoke"]
+    assert actions == ["version.create", "policy.decide", "version.submit", "policy.decide",
+                       "version.approve", "version.revoke"]
     approve = list_events(EventFilter(action="version.approve"))[0]
     assert approve.details["conditions"]["allowed_purposes"] == ["assistant"]
     assert approve.request_id  # ties the event to the HTTP request

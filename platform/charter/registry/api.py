@@ -9,6 +9,7 @@ from charter.identity.actor import Actor
 from charter.registry import service
 from charter.registry.schemas import (
     ApprovalConditions,
+    ExceptionCreate,
     ModelCreate,
     ModelOut,
     RequiredReason,
@@ -72,15 +73,16 @@ def update_version(actor: Actor, version_id: str, body: VersionUpdate) -> object
     return service.update_draft(actor, version_id, body)
 
 
-@bp.operation("POST", "/versions/<version_id>/submit", summary="Submit a draft for approval",
-              body=Transition, response=VersionOut, errors=(403, 409))
+@bp.operation("POST", "/versions/<version_id>/submit",
+              summary="Submit a draft for approval (runs the admission policy)",
+              body=Transition, response=VersionOut, errors=(403, 409, 503))
 def submit_version(actor: Actor, version_id: str, body: Transition) -> object:
     return service.submit_version(actor, version_id, body)
 
 
 @bp.operation("POST", "/versions/<version_id>/approve",
-              summary="Approve a submitted version with conditions (four-eyes)",
-              body=ApprovalConditions, response=VersionOut, errors=(403, 409))
+              summary="Approve a submitted version with conditions (four-eyes, admission)",
+              body=ApprovalConditions, response=VersionOut, errors=(403, 409, 503))
 def approve_version(actor: Actor, version_id: str, body: ApprovalConditions) -> object:
     return service.approve_version(actor, version_id, body)
 
@@ -102,3 +104,17 @@ def deprecate_version(actor: Actor, version_id: str, body: RequiredReason) -> ob
               body=RequiredReason, response=VersionOut, errors=(403, 409))
 def revoke_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
     return service.revoke_version(actor, version_id, body)
+
+
+@bp.operation("POST", "/versions/<version_id>/admission",
+              summary="Run the admission policy again and store its findings",
+              response=VersionOut, errors=(403, 409, 503))
+def run_admission(actor: Actor, version_id: str) -> object:
+    return service.run_admission(actor, version_id)
+
+
+@bp.operation("POST", "/versions/<version_id>/exceptions",
+              summary="Waive named admission violations until a date (admins, justified)",
+              body=ExceptionCreate, response=VersionOut, status=201, errors=(403, 409))
+def grant_exception(actor: Actor, version_id: str, body: ExceptionCreate) -> object:
+    return service.grant_exception(actor, version_id, body)

@@ -54,6 +54,16 @@ class Inspection:
         return value if isinstance(value, str) else None
 
     @property
+    def derivation(self) -> str:
+        """From the card: Hugging Face's base_model_relation, else a declared base model."""
+        relation = self.card.get("base_model_relation")
+        mapping = {"finetune": "fine_tune", "adapter": "adapter", "quantized": "quantized",
+                   "merge": "merge"}
+        if isinstance(relation, str) and relation in mapping:
+            return mapping[relation]
+        return "fine_tune" if self.base_model else "unknown"
+
+    @property
     def datasets(self) -> list[str]:
         value = self.card.get("datasets") or []
         return [value] if isinstance(value, str) else [str(v) for v in value]
@@ -67,6 +77,14 @@ def sha256_file(path: Path, progress: ProgressFn | None = None, rel: str = "") -
             if progress is not None:
                 progress(rel, len(chunk))
     return digest.hexdigest()
+
+
+def content_revision(root: Path) -> str:
+    """A pin for a model that has no source repository: SHA-256 over its files' digests."""
+    lines = sorted(
+        f"{p.relative_to(root).as_posix()}:{sha256_file(p)}\n" for p in _walk(Path(root))
+    )
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def is_pickle(path: Path) -> bool:
@@ -217,6 +235,7 @@ class ImportOptions:
     license_declared: str | None = None
     intended_use: str = ""
     risk_tier: str = "limited"
+    derivation: str | None = None  # None: from the card's base_model(_relation)
     storage_region: str | None = None
     hosting_regions: tuple[str, ...] = ()
 
@@ -269,6 +288,7 @@ def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
         license_declared=opts.license_declared,
         license_card=info.license_card,
         base_model=info.base_model,
+        derivation=opts.derivation or info.derivation,  # type: ignore[arg-type]
         datasets=info.datasets,
         intended_use=opts.intended_use,
         risk_tier=opts.risk_tier,  # type: ignore[arg-type]

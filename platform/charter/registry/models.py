@@ -24,6 +24,7 @@ WEIGHT_FORMATS = ("safetensors", "gguf", "pytorch_pickle", "none")
 # Formats whose loading runs pickle, i.e. arbitrary code from the file.
 UNSAFE_FORMATS = frozenset({"pytorch_pickle"})
 RISK_TIERS = ("minimal", "limited", "high")
+DERIVATIONS = ("unknown", "original", "fine_tune", "adapter", "quantized", "merge")
 _VERSIONED = {"version_id_generator": False}
 
 
@@ -58,6 +59,7 @@ class ModelVersion(Base):
     license_declared: Mapped[str | None] = mapped_column(String(100))
     license_card: Mapped[str | None] = mapped_column(String(100))
     base_model: Mapped[str | None] = mapped_column(String(300))
+    derivation: Mapped[str] = mapped_column(String(20), nullable=False, default="unknown")
     datasets: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     intended_use: Mapped[str] = mapped_column(Text, nullable=False, default="")
     risk_tier: Mapped[str] = mapped_column(String(20), nullable=False, default="limited")
@@ -74,6 +76,8 @@ class ModelVersion(Base):
         UTCDateTime(), nullable=False, default=utcnow
     )
     state_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # The latest admission decision: allow, violations, warnings, decision id, revision.
+    admission: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
 
     model: Mapped[Model] = relationship(lazy="joined")
@@ -82,6 +86,9 @@ class ModelVersion(Base):
     )
     decisions: Mapped[list[ApprovalDecision]] = relationship(
         lazy="selectin", order_by="ApprovalDecision.decided_at"
+    )
+    exceptions: Mapped[list[PolicyException]] = relationship(
+        lazy="selectin", order_by="PolicyException.granted_at"
     )
 
     __table_args__ = (UniqueConstraint("model_id", "label", name="uq_model_versions_label"),)
@@ -120,3 +127,24 @@ class ApprovalDecision(Base):
     allowed_data_classes: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     allowed_purposes: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class PolicyException(Base):
+    """An admin's justified, time-limited waiver of named admission violations."""
+
+    __tablename__ = "policy_exceptions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=False, index=True
+    )
+    codes: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    justification: Mapped[str] = mapped_column(Text, nullable=False)
+    granted_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    granted_by_user_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    granted_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    decision_id: Mapped[str] = mapped_column(String(36), nullable=False)
+
+    def active(self, now: datetime) -> bool:
+        return self.expires_at > now

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from charter.registry.models import RISK_TIERS, STATES, WEIGHT_FORMATS
+from charter.registry.models import DERIVATIONS, RISK_TIERS, STATES, WEIGHT_FORMATS
 
 
 class Strict(BaseModel):
@@ -38,6 +38,7 @@ Text = Annotated[str, StringConstraints(max_length=10_000)]
 WeightFormat = Literal[WEIGHT_FORMATS]  # type: ignore[valid-type]
 RiskTier = Literal[RISK_TIERS]  # type: ignore[valid-type]
 State = Literal[STATES]  # type: ignore[valid-type]
+Derivation = Literal[DERIVATIONS]  # type: ignore[valid-type]
 
 
 class ModelCreate(Strict):
@@ -78,6 +79,7 @@ class VersionSpec(Strict):
     # As the model card states it, verbatim: evidence, so not normalised or pattern-checked.
     license_card: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
+    derivation: Derivation = "unknown"
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] = []
     intended_use: Text = ""
@@ -94,6 +96,7 @@ class VersionUpdate(Strict):
     source_revision: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     license_declared: LicenseId | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
+    derivation: Derivation | None = None
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] | None = None
     intended_use: Text | None = None
@@ -119,6 +122,24 @@ class ApprovalConditions(Strict):
 class RequiredReason(Strict):
     row_version: int | None = None
     reason: Annotated[str, StringConstraints(min_length=3, max_length=10_000)]
+
+
+class ExceptionCreate(Strict):
+    """Waive named admission violations for a while, with a justification (admins only)."""
+
+    codes: Annotated[list[Token], Field(min_length=1, max_length=50)]
+    justification: Annotated[str, StringConstraints(min_length=20, max_length=10_000)]
+    expires_at: AwareDatetime
+
+
+class ExceptionOut(Out):
+    id: str
+    codes: list[str]
+    justification: str
+    granted_by: str
+    granted_at: datetime
+    expires_at: datetime
+    decision_id: str
 
 
 class FileOut(Out):
@@ -155,6 +176,7 @@ class VersionOut(Out):
     license_declared: str | None
     license_card: str | None
     base_model: str | None
+    derivation: str
     datasets: list[str]
     intended_use: str
     risk_tier: str
@@ -164,6 +186,8 @@ class VersionOut(Out):
     total_bytes: int
     files: list[FileOut]
     decisions: list[DecisionOut]
+    admission: dict[str, Any] | None
+    exceptions: list[ExceptionOut]
     created_at: datetime
     created_by: str
     submitted_at: datetime | None

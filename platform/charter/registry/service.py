@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from charter.audit.service import append_event
 from charter.db import unit_of_work, utcnow
 from charter.errors import (
+    AdmissionDeniedError,
     ConflictError,
     IllegalTransitionError,
     NotFoundError,
@@ -21,9 +22,19 @@ from charter.errors import (
     ValidationFailedError,
 )
 from charter.identity.actor import Actor
-from charter.registry.models import UNSAFE_FORMATS, ApprovalDecision, Model, ModelFile, ModelVersion
+from charter.policy import service as policy
+from charter.policy.engine import Decision
+from charter.registry.models import (
+    UNSAFE_FORMATS,
+    ApprovalDecision,
+    Model,
+    ModelFile,
+    ModelVersion,
+    PolicyException,
+)
 from charter.registry.schemas import (
     ApprovalConditions,
+    ExceptionCreate,
     ModelCreate,
     RequiredReason,
     Transition,
@@ -32,6 +43,7 @@ from charter.registry.schemas import (
 )
 
 STEWARDS = ("admin", "steward")
+MAX_EXCEPTION = timedelta(days=180)
 APPROVERS = ("admin", "approver")
 
 # The whole lifecycle: (from state, action) -> to state. Nothing else is allowed.
@@ -131,6 +143,7 @@ def create_version(
                 for f in spec.files
             ],
             decisions=[],
+            exceptions=[],
             created_by=actor.ref,
             created_by_user_id=actor.user_id,
             **fields,
@@ -238,15 +251,140 @@ def _transition(
     )
 
 
+def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
+    """What the admission policy sees: the version as registered, and its lineage."""
+    base_approved = False
+    if version.base_model:
+        base_approved = session.scalar(
+            select(ModelVersion.id)
+            .join(Model, Model.id == ModelVersion.model_id)
+            .where(
+                (Model.source_repo == version.base_model) | (Model.name == version.base_model),
+                ModelVersion.state == "approved",
+            )
+            .limit(1)
+        ) is not None
+    return {
+        "version": {
+            "id": version.id,
+            "model": version.model.name,
+            "publisher": version.model.publisher,
+            "source_repo": version.model.source_repo,
+            "label": version.label,
+            "source_revision": version.source_revision,
+            "weight_format": version.weight_format,
+            "unsafe_weights": version.unsafe_weights,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "kind": f.kind}
+                      for f in version.files],
+            "license_declared": version.license_declared,
+            "license_card": version.license_card,
+            "base_model": version.base_model,
+            "derivation": version.derivation,
+            "datasets": list(version.datasets),
+            "intended_use": version.intended_use,
+            "risk_tier": version.risk_tier,
+            "storage_region": version.storage_region,
+            "hosting_regions": list(version.hosting_regions),
+        },
+        "lineage": {"base_model_approved": base_approved},
+    }
+
+
+def _admit(actor: Actor, version_id: str, *, allowed_states: tuple[str, ...],
+           action: str) -> Decision:
+    """Run the admission policy on the version as it is now and record the decision."""
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        if version.state not in allowed_states:
+            allowed = sorted(a for (st, a) in TRANSITIONS if st == version.state)
+            raise IllegalTransitionError(
+                f"cannot {action} a version that is {version.state}",
+                details={"state": version.state, "action": action, "allowed_actions": allowed},
+            ).audited(actor.ref, f"version.{action}", "model_version", version.id)
+        doc = admission_input(session, version)
+    return policy.decide("admission", doc, actor=actor.ref, target_type="model_version",
+                         target_id=version_id)
+
+
+def _findings(decision: Decision) -> dict[str, Any]:
+    return {**decision.as_dict(), "decided_at": utcnow().isoformat()}
+
+
+def run_admission(actor: Actor, version_id: str) -> ModelVersion:
+    """Re-run admission (after a policy or data change) and store the findings."""
+    actor.require(*STEWARDS, *APPROVERS, action="version.admission",
+                  target_type="model_version", target_id=version_id)
+    decision = _admit(actor, version_id, allowed_states=("draft", "submitted"),
+                      action="admission")
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        version.admission = _findings(decision)
+        version.row_version += 1
+        return version
+
+
 def submit_version(actor: Actor, version_id: str, req: Transition) -> ModelVersion:
     actor.require(*STEWARDS, action="version.submit", target_type="model_version",
                   target_id=version_id)
+    decision = _admit(actor, version_id, allowed_states=("draft",), action="submit")
     with unit_of_work() as session:
         version = _version(session, version_id)
         _check_row_version(version, req.row_version)
         version.submitted_at = utcnow()
         version.submitted_by_user_id = actor.user_id
-        _transition(session, actor, version, "submit", req.reason)
+        version.admission = _findings(decision)
+        _transition(session, actor, version, "submit", req.reason,
+                    {"admission": {"decision_id": decision.decision_id,
+                                   "allow": decision.allow,
+                                   "violations": decision.violation_codes}})
+        return version
+
+
+def grant_exception(actor: Actor, version_id: str, req: ExceptionCreate) -> ModelVersion:
+    """An admin waives named admission violations until a date, with a justification."""
+    actor.require("admin", action="version.exception", target_type="model_version",
+                  target_id=version_id)
+    now = utcnow()
+    problems = []
+    if req.expires_at <= now:
+        problems.append({"field": "expires_at", "code": "in_past",
+                         "message": "expires_at must be in the future"})
+    elif req.expires_at > now + MAX_EXCEPTION:
+        problems.append({"field": "expires_at", "code": "too_long",
+                         "message": f"exceptions last at most {MAX_EXCEPTION.days} days"})
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        if version.state != "submitted":
+            raise IllegalTransitionError(
+                f"exceptions are granted on submitted versions; this one is {version.state}",
+                details={"state": version.state},
+            ).audited(actor.ref, "version.exception", "model_version", version.id)
+        found = {v["code"] for v in (version.admission or {}).get("violations", [])}
+        unknown = sorted(set(req.codes) - found)
+        if unknown:
+            problems.append({"field": "codes", "code": "not_a_finding",
+                             "message": f"not among the version's admission violations: "
+                                        f"{unknown}"})
+        if problems:
+            raise ValidationFailedError("the exception is invalid", details={"errors": problems})
+        row = PolicyException(
+            id=str(uuid.uuid4()), version_id=version.id, codes=sorted(set(req.codes)),
+            justification=req.justification, granted_by=actor.ref,
+            granted_by_user_id=actor.user_id, expires_at=req.expires_at,
+            decision_id=version.admission["decision_id"],  # type: ignore[index]
+        )
+        session.add(row)
+        version.exceptions.append(row)
+        version.row_version += 1
+        session.flush()
+        append_event(
+            actor=actor.ref, action="version.exception", target_type="model_version",
+            target_id=version.id,
+            details={"exception_id": row.id, "codes": row.codes,
+                     "justification": req.justification,
+                     "expires_at": req.expires_at.isoformat(),
+                     "decision_id": row.decision_id},
+        )
         return version
 
 
@@ -263,7 +401,7 @@ def approve_version(actor: Actor, version_id: str, cond: ApprovalConditions) -> 
     actor.require(*APPROVERS, action="version.approve", target_type="model_version",
                   target_id=version_id)
     now = utcnow()
-    with unit_of_work() as session:
+    with unit_of_work() as session:  # refuse what needs no policy decision first
         version = _version(session, version_id)
         _check_row_version(version, cond.row_version)
         _four_eyes(actor, version, "approve")
@@ -271,9 +409,26 @@ def approve_version(actor: Actor, version_id: str, cond: ApprovalConditions) -> 
         if problems:
             raise ValidationFailedError("the approval conditions are invalid",
                                         details={"errors": problems})
+    admission = _admit(actor, version_id, allowed_states=("submitted",), action="approve")
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        _check_row_version(version, cond.row_version)
+        version.admission = _findings(admission)
+        waived = {c for e in version.exceptions if e.active(now) for c in e.codes}
+        blocking = sorted(set(admission.violation_codes) - waived)
+        if blocking:
+            raise AdmissionDeniedError(
+                "admission policy denies this version: "
+                + "; ".join(v.msg for v in admission.violations if v.code in blocking),
+                details={"violations": blocking, "decision_id": admission.decision_id,
+                         "policy_revision": admission.policy_revision},
+            ).audited(actor.ref, "version.approve", "model_version", version.id)
         decision = _decide(session, actor, version, "approved", cond.reason, cond)
         _transition(session, actor, version, "approve", cond.reason,
-                    {"decision_id": decision.id, "conditions": _conditions(cond)})
+                    {"decision_id": decision.id, "conditions": _conditions(cond),
+                     "admission": {"decision_id": admission.decision_id,
+                                   "policy_revision": admission.policy_revision,
+                                   "waived": sorted(waived & set(admission.violation_codes))}})
         return version
 
 

@@ -1,0 +1,89 @@
+"""The policy bundle: Rego files and their data, and the revision that names them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from charter.errors import ConfigurationError
+
+_PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
+_TEST_RULE = re.compile(r"^(test_\w+)\s+if\b", re.MULTILINE)
+POLICIES = {"admission": "charter.admission", "dispatch": "charter.dispatch"}
+
+
+def default_policy_dir() -> Path:
+    return Path(__file__).resolve().parents[3] / "policies"
+
+
+@dataclass(frozen=True)
+class RegoFile:
+    path: str  # relative to the bundle root, e.g. charter/admission/admission.rego
+    package: str
+    source: str
+
+    @property
+    def is_test(self) -> bool:
+        return self.path.endswith("_test.rego")
+
+    def test_rules(self) -> list[str]:
+        return _TEST_RULE.findall(self.source) if self.is_test else []
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    root: Path
+    files: tuple[RegoFile, ...]
+    data: dict[str, Any]  # the whole data document: {"charter": {<file stem>: ...}}
+    revision: str
+
+    @property
+    def policies(self) -> tuple[RegoFile, ...]:
+        return tuple(f for f in self.files if not f.is_test)
+
+    @property
+    def tests(self) -> tuple[RegoFile, ...]:
+        return tuple(f for f in self.files if f.is_test)
+
+    @classmethod
+    def load(cls, root: Path) -> PolicyBundle:
+        """Read policies/ (Rego under charter/, data/*.json as data.charter.<stem>)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigurationError(f"policy directory {root} does not exist",
+                                     code="policy_dir_missing")
+        files = []
+        for path in sorted(root.rglob("*.rego")):
+            source = path.read_text(encoding="utf-8")
+            match = _PACKAGE.search(source)
+            if match is None:
+                raise ConfigurationError(f"{path} has no package line", code="policy_invalid")
+            files.append(RegoFile(path.relative_to(root).as_posix(), match.group(1), source))
+        data: dict[str, Any] = {}
+        for path in sorted((root / "data").glob("*.json")):
+            try:
+                data[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ConfigurationError(f"{path} is not valid JSON: {exc}",
+                                         code="policy_data_invalid") from exc
+        missing = set(POLICIES.values()) - {f.package for f in files}
+        if missing:
+            raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
+                                     code="policy_invalid")
+        document = {"charter": data}
+        return cls(root, tuple(files), document, _revision(files, document))
+
+
+def _revision(files: list[RegoFile], data: dict[str, Any]) -> str:
+    """SHA-256 over every policy file (not the tests) and the canonical data document."""
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_test:
+            continue
+        digest.update(f.path.encode() + b"\0" + f.source.encode() + b"\0")
+    digest.update(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,110 @@
+"""Policy decisions: evaluate, give each an id, record it in the audit log, fail closed."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from charter.audit.chain import canonical_json
+from charter.audit.service import append_event
+from charter.db import unit_of_work
+from charter.errors import ConfigurationError
+from charter.policy.bundle import PolicyBundle, default_policy_dir
+from charter.policy.engine import (
+    Decision,
+    InProcessEngine,
+    PolicyEngine,
+    PolicyUnavailableError,
+    RemoteEngine,
+)
+from charter.settings import Settings
+
+_engine: PolicyEngine | None = None
+
+
+def build_engine(settings: Settings) -> PolicyEngine:
+    root = Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
+    bundle = PolicyBundle.load(root)
+    if settings.policy_backend == "inprocess":
+        return InProcessEngine(bundle)
+    if settings.policy_backend == "remote":
+        return RemoteEngine(bundle, settings.opa_url, timeout_s=settings.opa_timeout_s,
+                            push=settings.opa_push_policies)
+    raise ConfigurationError(f"unknown policy backend {settings.policy_backend!r}")
+
+
+def configure(settings: Settings) -> PolicyEngine:
+    global _engine
+    _engine = build_engine(settings)
+    return _engine
+
+
+def use_engine(engine: PolicyEngine | None) -> None:
+    global _engine
+    _engine = engine
+
+
+def get_engine() -> PolicyEngine:
+    if _engine is None:
+        raise PolicyUnavailableError("no policy engine is configured",
+                                     code="policy_not_configured")
+    return _engine
+
+
+def input_digest(input_doc: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(input_doc)).hexdigest()
+
+
+def decide(
+    policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
+    context: dict[str, Any] | None = None,
+) -> Decision:
+    """Evaluate and record the decision (allow or deny) in its own transaction.
+
+    An engine failure is recorded too (outcome `failure`) and raised: no decision, no
+    action. A failure to record is raised as well: an unrecorded decision is not used.
+    """
+    engine = get_engine()
+    digest = input_digest(input_doc)
+    decision_id = str(uuid.uuid4())
+    base = {"policy": policy, "decision_id": decision_id, "input_digest": digest,
+            "engine": engine.name, "policy_revision": engine.revision, **(context or {})}
+    try:
+        verdict = engine.evaluate(policy, input_doc)
+    except PolicyUnavailableError as exc:
+        with unit_of_work():
+            append_event(actor=actor, action="policy.decide", target_type=target_type,
+                         target_id=target_id, outcome="failure",
+                         details={**base, "error": exc.code, "message": exc.message})
+        exc.details = {**exc.details, "decision_id": decision_id}
+        raise
+    decision = Decision(
+        policy=policy, allow=verdict.allow, violations=verdict.violations,
+        warnings=verdict.warnings, decision_id=decision_id, policy_revision=engine.revision,
+        engine=engine.name, duration_ms=verdict.duration_ms, input_digest=digest,
+    )
+    with unit_of_work():
+        append_event(
+            actor=actor, action="policy.decide", target_type=target_type, target_id=target_id,
+            outcome="success" if decision.allow else "denied",
+            details={**base, "allow": decision.allow,
+                     "violations": decision.violation_codes,
+                     "warnings": sorted({w.code for w in decision.warnings}),
+                     "duration_ms": decision.duration_ms},
+        )
+    return decision
+
+
+def describe() -> dict[str, Any]:
+    """The active revision, backend, packages and data, for GET /api/v1/policy."""
+    engine = get_engine()
+    bundle: PolicyBundle = engine.bundle  # type: ignore[attr-defined]
+    return {
+        "revision": engine.revision,
+        "engine": engine.name,
+        "packages": sorted({f.package for f in bundle.policies}),
+        "files": [f.path for f in bundle.policies],
+        "data": bundle.data["charter"],
+    }
