@@ -14,12 +14,14 @@ setup-demo: $(BIN)/python
 
 setup-dev: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	bash scripts/install-opa-oracle $(BIN)/python
 
 demo: setup-demo
 	$(BIN)/charter demo
 
 test: setup-dev
 	bash scripts/services-up
+	$(BIN)/ruff check platform tests bench
 	$(BIN)/pytest -q
 
 bench: setup-dev

@@ -197,6 +197,49 @@ def audit_verify() -> None:
     sys.exit(1)
 
 
+# --- policy ---------------------------------------------------------------------------
+@main.group()
+def policy() -> None:
+    """Rego policies (admission, dispatch) and their data."""
+
+
+@policy.command("test")
+@click.option("--dir", "policy_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Policy directory (default: the bundled policies/).")
+def policy_test(policy_dir: Path | None) -> None:
+    """Run the `*_test.rego` tests with the in-process engine and print line coverage."""
+    from charter.policy.bundle import PolicyBundle, default_policy_dir
+    from charter.policy.testing import run_rego_tests
+
+    bundle = PolicyBundle.load(policy_dir or default_policy_dir())
+    report = run_rego_tests(bundle)
+    for r in report.results:
+        mark = "PASS" if r.passed else "FAIL"
+        click.echo(f"{mark} {r.package}.{r.name} ({r.duration_ms} ms)"
+                   + (f": {r.error}" if r.error else ""))
+    for path, percent in sorted(report.coverage.items()):
+        click.echo(f"coverage {path}: {percent}%")
+    click.echo(f"revision {bundle.revision}")
+    click.echo(f"{report.passed} passed, {report.failed} failed")
+    if report.failed or not report.results:
+        sys.exit(1)
+
+
+@policy.command("show")
+def policy_show() -> None:
+    """Print the policy revision, files and data that Charter would load."""
+    import json
+
+    from charter.policy.bundle import PolicyBundle, default_policy_dir
+
+    settings = _settings()
+    bundle = PolicyBundle.load(Path(settings.policy_dir) if settings.policy_dir
+                               else default_policy_dir())
+    click.echo(json.dumps({"revision": bundle.revision,
+                           "files": [f.path for f in bundle.policies],
+                           "data": bundle.data["charter"]}, indent=2))
+
+
 # --- config ---------------------------------------------------------------------------
 @main.group()
 def config() -> None:

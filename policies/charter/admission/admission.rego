@@ -75,6 +75,7 @@ violations contains {
 	"code": "pickle_weights",
 	"msg": "pickle-based weight files execute code when loaded; convert them to safetensors",
 } if {
+	_valid_input
 	_v.unsafe_weights == true
 }
 
@@ -95,6 +96,7 @@ violations contains {
 	"code": "license_unknown",
 	"msg": sprintf("license %v is not in the license catalog", [_declared]),
 } if {
+	_valid_input
 	_declared
 	not _licenses[_declared]
 }
@@ -103,6 +105,7 @@ violations contains {
 	"code": "license_mismatch",
 	"msg": sprintf("declared license %v differs from the model card's %v", [_declared, _card]),
 } if {
+	_valid_input
 	_declared
 	_card
 	_declared != _card
@@ -112,6 +115,7 @@ violations contains {
 	"code": "license_not_commercial",
 	"msg": sprintf("%v does not allow commercial use, which this organisation needs", [_declared]),
 } if {
+	_valid_input
 	_org.commercial_use_required == true
 	_license.commercial_use == false
 }
@@ -123,6 +127,7 @@ violations contains {
 		[_declared, _license.user_threshold, _org.monthly_active_users],
 	),
 } if {
+	_valid_input
 	is_number(_license.user_threshold)
 	_org.monthly_active_users > _license.user_threshold
 }
@@ -131,6 +136,7 @@ violations contains {
 	"code": "license_use_restrictions",
 	"msg": sprintf("%v carries use restrictions this organisation does not accept", [_declared]),
 } if {
+	_valid_input
 	_license.use_restrictions == true
 	_org.accept_use_restrictions != true
 }
@@ -155,6 +161,7 @@ violations contains {
 	"code": "base_model_missing",
 	"msg": sprintf("a %v must declare the model it derives from", [_v.derivation]),
 } if {
+	_valid_input
 	_v.derivation in _derived
 	not _base
 }
@@ -167,6 +174,7 @@ violations contains {
 	"code": "base_model_unknown",
 	"msg": sprintf("base model %v is neither approved here nor a known foundation model", [_base]),
 } if {
+	_valid_input
 	_base
 	not _base_known
 }
@@ -187,6 +195,7 @@ violations contains {
 	"code": "storage_region_not_sovereign",
 	"msg": sprintf("storage region %v is outside the sovereign zones", [_v.storage_region]),
 } if {
+	_valid_input
 	is_string(_v.storage_region)
 	not _sovereign(_v.storage_region)
 }

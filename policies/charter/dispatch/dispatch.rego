@@ -29,6 +29,7 @@ _valid_input if {
 	_time_ok(input.now)
 	is_object(_v)
 	is_string(_v.id)
+	is_string(_v.model)
 	is_string(_v.state)
 	is_object(_req)
 	is_string(_req.purpose)
@@ -49,6 +50,7 @@ violations contains {
 	"code": "version_revoked",
 	"msg": "this model version has been revoked",
 } if {
+	_valid_input
 	_v.state == "revoked"
 }
 
@@ -66,7 +68,10 @@ violations contains {
 } if {
 	_valid_input
 	_v.state in {"approved", "deprecated"}
-	not is_object(_approval)
+
+	# Not `not is_object(_approval)`: OPA makes a rule with an undefined reference under
+	# `not` fail, regorus does not. Spelled out, both deny.
+	not is_object(object.get(_v, "approval", null))
 }
 
 _rfc3339 := `^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$`
@@ -80,6 +85,7 @@ violations contains {
 	"code": "approval_invalid",
 	"msg": "the approval's expiry is not an RFC 3339 time",
 } if {
+	_valid_input
 	is_object(_approval)
 	not _time_ok(object.get(_approval, "expires_at", null))
 }
@@ -88,6 +94,7 @@ violations contains {
 	"code": "approval_expired",
 	"msg": sprintf("the approval expired at %v", [_approval.expires_at]),
 } if {
+	_valid_input
 	_time_ok(input.now)
 	_time_ok(_approval.expires_at)
 	time.parse_rfc3339_ns(input.now) >= time.parse_rfc3339_ns(_approval.expires_at)
@@ -97,6 +104,7 @@ warnings contains {
 	"code": "version_deprecated",
 	"msg": "this model version is deprecated; move to a newer version",
 } if {
+	_valid_input
 	_v.state == "deprecated"
 }
 
@@ -106,6 +114,7 @@ violations contains {
 	"code": "purpose_not_approved",
 	"msg": sprintf("purpose %v is not among the approval's purposes", [_req.purpose]),
 } if {
+	_valid_input
 	is_object(_approval)
 	allowed := object.get(_approval, "allowed_purposes", [])
 	not _req.purpose in allowed
@@ -119,6 +128,7 @@ violations contains {
 	"code": "purpose_restricted_by_license",
 	"msg": sprintf("the %v license forbids use for %v", [_v.license, _req.purpose]),
 } if {
+	_valid_input
 	_license.use_restrictions == true
 	_req.purpose in _restricted
 }
@@ -127,6 +137,7 @@ violations contains {
 	"code": "license_not_commercial",
 	"msg": sprintf("the %v license does not allow commercial use", [_v.license]),
 } if {
+	_valid_input
 	_license.commercial_use == false
 	data.charter.organisation.commercial_use_required == true
 }
@@ -137,6 +148,7 @@ violations contains {
 	"code": "data_class_unknown",
 	"msg": sprintf("data class %v is not defined", [_req.data_class]),
 } if {
+	_valid_input
 	is_string(_req.data_class)
 	not _classes[_req.data_class]
 }
@@ -145,6 +157,7 @@ violations contains {
 	"code": "residency_violation",
 	"msg": sprintf("%v data may not be processed in region %v", [_req.data_class, _node.region]),
 } if {
+	_valid_input
 	regions := _classes[_req.data_class]
 	not _node.region in regions
 }
@@ -153,6 +166,7 @@ violations contains {
 	"code": "data_class_not_approved",
 	"msg": sprintf("the approval does not cover %v data", [_req.data_class]),
 } if {
+	_valid_input
 	is_object(_approval)
 	allowed := object.get(_approval, "allowed_data_classes", [])
 	not _req.data_class in allowed
@@ -162,6 +176,7 @@ violations contains {
 	"code": "region_not_approved",
 	"msg": sprintf("the approval does not cover region %v", [_node.region]),
 } if {
+	_valid_input
 	is_object(_approval)
 	allowed := object.get(_approval, "allowed_regions", [])
 	not _node.region in allowed
