@@ -123,7 +123,8 @@ def test_a_failing_rego_test_fails_the_run(tmp_path, bundle) -> None:  # type: i
 
     shutil.copytree(bundle.root, tmp_path / "p")
     test_file = tmp_path / "p" / "charter" / "admission" / "admission_test.rego"
-    test_file.write_text(test_file.read_text() + "\ntest_wrong if {\n\tadmission.allow with input as {}\n}\n")
+    wrong = "\ntest_wrong if {\n\tadmission.allow with input as {}\n}\n"
+    test_file.write_text(test_file.read_text() + wrong)
     report = run_rego_tests(PolicyBundle.load(tmp_path / "p"))
     assert [r.name for r in report.results if not r.passed] == ["test_wrong"]
 

@@ -62,5 +62,6 @@ def run_rego_tests(bundle: PolicyBundle) -> TestReport:
         if item["path"].endswith("_test.rego"):
             continue
         total = len(item["covered"]) + len(item["not_covered"])
-        report.coverage[item["path"]] = round(100 * len(item["covered"]) / total, 1) if total else 100.0
+        percent = round(100 * len(item["covered"]) / total, 1) if total else 100.0
+        report.coverage[item["path"]] = percent
     return report
