@@ -1,4 +1,4 @@
-"""Admission wired into the lifecycle: findings stored, approval refused, exceptions, fail closed."""
+"""Admission in the lifecycle: findings stored, approval refused, exceptions, fail closed."""
 
 from __future__ import annotations
 
