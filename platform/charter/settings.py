@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 from charter.errors import ConfigurationError
 
 PREFIX = "CHARTER_"
+_FORBIDDEN_ALGS = {"none", "HS256", "HS384", "HS512"}
 
 
 def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
@@ -72,6 +74,58 @@ class Settings:
         "Load the policies and data into OPA at start (off when OPA loads the same bundle "
         "itself; Charter still checks the revision OPA holds).",
     )
+    public_url: str = _setting(
+        "",
+        "External base URL of Charter (e.g. `https://charter.example.org`); the OIDC "
+        "redirect URI is `<public_url>/console/callback`.",
+    )
+    oidc_issuer: str = _setting(
+        "", "OIDC issuer URL; empty disables SSO and JWT access tokens (API keys only)."
+    )
+    oidc_discovery_url: str = _setting(
+        "", "Discovery document URL; empty means `<issuer>/.well-known/openid-configuration`."
+    )
+    oidc_client_id: str = _setting("", "OIDC client id of the console.")
+    oidc_client_secret: str = _setting(
+        "", "OIDC client secret of the console (confidential client).", secret=True
+    )
+    oidc_audience: str = _setting(
+        "", "Audience (`aud`) that API access tokens must carry; required with an issuer."
+    )
+    oidc_algorithms: str = _setting(
+        "RS256,PS256,ES256,EdDSA",
+        "Comma-separated JWS algorithms accepted for tokens; `none` and HMAC are refused.",
+    )
+    oidc_scopes: str = _setting("openid profile email", "Scopes the console asks for.")
+    oidc_groups_claim: str = _setting(
+        "groups", "Claim holding the user's groups (a list, or a space-separated string)."
+    )
+    oidc_role_map: str = _setting(
+        "",
+        'JSON object: group -> list of Charter roles, e.g. `{"ai-approvers": ["approver"]}`. '
+        "Users with no mapped role get `user`.",
+    )
+    oidc_team_map: str = _setting(
+        "", 'JSON object: group -> team name, e.g. `{"helpdesk-devs": "helpdesk"}`.'
+    )
+    oidc_leeway_s: int = _setting(30, "Clock skew tolerated on `exp`, `nbf` and `iat`.")
+    oidc_jwks_min_refresh_s: float = _setting(
+        30.0, "Least seconds between two JWKS fetches triggered by an unknown `kid`."
+    )
+    oidc_http_timeout_s: float = _setting(
+        3.0, "Timeout for requests to the identity provider (discovery, JWKS, tokens)."
+    )
+    max_token_bytes: int = _setting(8192, "Longest bearer token accepted, in bytes.")
+    session_idle_timeout_s: int = _setting(
+        900, "Console sessions end after this many seconds without a request."
+    )
+    session_max_age_s: int = _setting(28800, "Console sessions end this long after login.")
+    auth_failure_limit: int = _setting(
+        10, "Failed logins or API authentications allowed per client address per window."
+    )
+    auth_failure_window_s: int = _setting(
+        60, "Window of the failed-authentication limit, in seconds."
+    )
     audit_page_limit: int = _setting(
         500, "Largest page of audit events the API returns at once."
     )
@@ -113,6 +167,19 @@ class Settings:
             problems.append("CHARTER_POLICY_BACKEND: must be inprocess or remote")
         if not 0 < self.opa_timeout_s <= 30:
             problems.append("CHARTER_OPA_TIMEOUT_S: must be between 0 and 30 seconds")
+        if self.oidc_issuer and not self.oidc_audience:
+            problems.append("CHARTER_OIDC_AUDIENCE: required when CHARTER_OIDC_ISSUER is set")
+        bad_algs = {a.strip() for a in self.oidc_algorithms.split(",")} & _FORBIDDEN_ALGS
+        if bad_algs:
+            problems.append(f"CHARTER_OIDC_ALGORITHMS: refused algorithms {sorted(bad_algs)}")
+        for name in ("oidc_role_map", "oidc_team_map"):
+            raw = getattr(self, name)
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                    assert isinstance(parsed, dict)
+                except (ValueError, AssertionError):
+                    problems.append(f"CHARTER_{name.upper()}: must be a JSON object")
         if self.audit_page_limit < 1:
             problems.append("CHARTER_AUDIT_PAGE_LIMIT: must be positive")
         if problems:
@@ -125,6 +192,18 @@ class Settings:
                 "CHARTER_SECRET_KEY is required outside demo mode (at least 32 characters)",
                 details={"problems": ["CHARTER_SECRET_KEY: missing or shorter than 32"]},
             )
+
+    @property
+    def role_map(self) -> dict[str, list[str]]:
+        return json.loads(self.oidc_role_map) if self.oidc_role_map else {}
+
+    @property
+    def team_map(self) -> dict[str, str]:
+        return json.loads(self.oidc_team_map) if self.oidc_team_map else {}
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [a.strip() for a in self.oidc_algorithms.split(",") if a.strip()]
 
     @property
     def effective_secret_key(self) -> str:

@@ -14,7 +14,8 @@ from charter.settings import Settings
 from tests.conftest import SECRET
 
 TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_decisions",
-          "users", "user_roles", "api_keys", "policy_exceptions", "alembic_version"}
+          "users", "user_roles", "api_keys", "policy_exceptions", "teams", "team_members",
+          "console_sessions", "alembic_version"}
 
 
 def test_every_revision_steps_down_and_up_again(empty_pg: str) -> None:

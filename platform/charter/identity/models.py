@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Integer, String
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from charter.db import Base, UTCDateTime, utcnow
@@ -21,6 +22,13 @@ class User(Base):
     display_name: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     kind: Mapped[str] = mapped_column(String(20), nullable=False, default="user")
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    # Set for users provisioned from an identity provider: (issuer, subject) is their key.
+    external_issuer: Mapped[str | None] = mapped_column(String(300))
+    external_subject: Mapped[str | None] = mapped_column(String(300))
+    # A service account belongs to one team; people may be members of several.
+    owner_team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), index=True)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
 
@@ -30,6 +38,9 @@ class User(Base):
 
     # Bumped by the service on every change; the UPDATE checks the old value (409 if stale).
     __mapper_args__ = {"version_id_col": row_version, "version_id_generator": False}
+    __table_args__ = (
+        UniqueConstraint("external_issuer", "external_subject", name="uq_users_external"),
+    )
 
     @property
     def roles(self) -> list[str]:
@@ -55,3 +66,50 @@ class ApiKey(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+TEAM_ROLES = ("member", "manager")
+
+
+class Team(Base):
+    """A tenant: owns service accounts and keys, and carries the entitlements that the
+    dispatch policy checks (models, data classes, regions) and quotas."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    description: Mapped[str] = mapped_column(String(500), nullable=False, default="")
+    entitlements: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    requests_per_day: Mapped[int | None] = mapped_column(Integer)
+    default_data_class: Mapped[str] = mapped_column(String(50), nullable=False,
+                                                    default="internal")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    __mapper_args__ = {"version_id_col": row_version, "version_id_generator": False}
+
+
+class TeamMember(Base):
+    __tablename__ = "team_members"
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    team_role: Mapped[str] = mapped_column(String(20), nullable=False, default="member")
+    source: Mapped[str] = mapped_column(String(20), nullable=False, default="charter")
+
+
+class ConsoleSession(Base):
+    """A server-side console session; the cookie carries a random id, stored hashed."""
+
+    __tablename__ = "console_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False,
+                                                   default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    csrf_token: Mapped[str] = mapped_column(String(64), nullable=False)
+    id_token_hint: Mapped[str | None] = mapped_column(String(4096))
