@@ -21,7 +21,7 @@ demo: setup-demo
 
 test: setup-dev
 	bash scripts/services-up
-	$(BIN)/ruff check platform tests bench
+	$(BIN)/ruff check platform tests $(wildcard bench)
 	$(BIN)/pytest -q
 
 bench: setup-dev
@@ -29,7 +29,7 @@ bench: setup-dev
 	$(BIN)/python bench/audit_append.py
 
 lint: setup-dev
-	$(BIN)/ruff check platform tests bench
+	$(BIN)/ruff check platform tests $(wildcard bench)
 
 docs: setup-dev
 	$(BIN)/charter config docs > docs/configuration.md
