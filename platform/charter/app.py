@@ -8,15 +8,21 @@ import uuid
 from typing import Any
 
 import structlog
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
 from charter import __version__, db
 from charter.apikit import openapi_document
+from charter.audit.service import append_event
 from charter.context import request_id_var
+from charter.db import unit_of_work
 from charter.errors import CharterError, SchemaOutdatedError, UnauthenticatedError
+from charter.identity.jwt import AccessTokenVerifier
+from charter.identity.ratelimit import FailureLimiter
+from charter.identity.service import KEY_PREFIX, authenticate_api_key
+from charter.identity.sso import provision
 from charter.logs import configure_logging
 from charter.migrate import schema_status
 from charter.policy import service as policy
@@ -59,6 +65,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
     )
     app.extensions["charter.settings"] = settings
+    app.extensions["charter.auth_limiter"] = FailureLimiter(
+        settings.auth_failure_limit, settings.auth_failure_window_s)
+    if settings.oidc_issuer:
+        app.extensions["charter.jwt"] = AccessTokenVerifier(settings)
 
     _install_request_hooks(app)
     _install_error_handlers(app)
@@ -71,6 +81,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     for bp in (registry_bp, identity_bp, audit_bp, policy_bp):
         app.register_blueprint(bp)
+
+    from charter.console import register_console
+    register_console(app, settings)
 
     @app.get("/api/v1/openapi.json")
     def openapi() -> Response:
@@ -117,17 +130,46 @@ def _install_request_hooks(app: Flask) -> None:
 
 
 def _authenticate() -> None:
-    from charter.identity.service import authenticate_api_key
+    """API keys (`chk_...`) or, with SSO configured, the IdP's JWT access tokens.
 
+    Every failure is audited (never with the token) and counted per client address;
+    past the limit the address is refused with 429 until the window passes.
+    """
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
     if not header:
         return  # the operation decides: public ones pass, others answer 401
-    if scheme.lower() != "bearer" or not token.strip():
-        raise UnauthenticatedError(
-            "use `Authorization: Bearer <API key>`", code="invalid_credentials"
-        )
-    g.actor = authenticate_api_key(token.strip())
+    client = request.remote_addr or "unknown"
+    limiter: FailureLimiter = current_app.extensions["charter.auth_limiter"]
+    retry = limiter.retry_after(client)
+    if retry is not None:
+        raise CharterError("too many failed authentications; try again later",
+                           code="rate_limited", status=429,
+                           details={"retry_after_s": int(retry) + 1})
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    method = "api_key" if token.startswith(f"{KEY_PREFIX}_") else "jwt"
+    try:
+        if scheme.lower() != "bearer" or not token:
+            raise UnauthenticatedError("use `Authorization: Bearer <API key or token>`",
+                                       code="invalid_credentials")
+        if method == "api_key":
+            g.actor = authenticate_api_key(token)
+            return
+        verifier = current_app.extensions.get("charter.jwt")
+        if verifier is None:
+            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
+        claims = verifier.verify(token)
+        g.actor = provision(current_app.extensions["charter.settings"], claims, via="api")
+    except UnauthenticatedError as exc:
+        if exc.status == 401:
+            limiter.fail(client)
+        details = {"code": exc.code, "method": method, "client": client}
+        if method == "api_key" and token.count("_") >= 2:
+            details["key_id"] = token.split("_", 2)[1][:16]  # the public part only
+        with unit_of_work():
+            append_event(actor="anonymous", action="auth.failed", target_type="auth",
+                         target_id=method, outcome="denied", details=details)
+        raise
 
 
 def _error_body(code: str, message: str, details: dict[str, Any] | None) -> dict[str, Any]:
@@ -143,6 +185,8 @@ def _install_error_handlers(app: Flask) -> None:
         response = jsonify(_error_body(exc.code, exc.message, exc.details))
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="charter"'
+        if exc.status == 429 and "retry_after_s" in exc.details:
+            response.headers["Retry-After"] = str(exc.details["retry_after_s"])
         return response, exc.status
 
     @app.errorhandler(HTTPException)

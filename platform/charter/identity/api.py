@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from charter.apikit import ApiBlueprint
-from charter.identity import service
+from charter.identity import service, teams
 from charter.identity.actor import Actor
-from charter.identity.models import ROLES
+from charter.identity.models import ROLES, TEAM_ROLES
 
 bp = ApiBlueprint("identity", __name__, url_prefix="/api/v1")
 Role = Literal[ROLES]  # type: ignore[valid-type]
@@ -38,6 +38,10 @@ class UserOut(BaseModel):
     kind: str
     active: bool
     roles: list[str]
+    email: str | None
+    owner_team_id: str | None
+    external_issuer: str | None
+    last_login_at: datetime | None
     created_at: datetime
     row_version: int
 
@@ -66,7 +70,7 @@ class IssuedKeyOut(KeyOut):
 
 @bp.operation("GET", "/me", summary="The authenticated actor", response=UserOut)
 def me(actor: Actor) -> object:
-    return service.get_user(actor.user_id)
+    return service.get_user(actor, actor.user_id)
 
 
 @bp.operation("GET", "/users", summary="List users", response=list[UserOut], errors=(403,))
@@ -82,12 +86,9 @@ def create_user(actor: Actor, body: UserCreate) -> object:
                                kind=body.kind, roles=list(body.roles))
 
 
-@bp.operation("GET", "/users/<user_id>", summary="Get a user", response=UserOut, errors=(403,))
+@bp.operation("GET", "/users/<user_id>", summary="Get a user", response=UserOut)
 def get_user(actor: Actor, user_id: str) -> object:
-    if user_id != actor.user_id:
-        actor.require("admin", "auditor", action="user.read", target_type="user",
-                      target_id=user_id)
-    return service.get_user(user_id)
+    return service.get_user(actor, user_id)
 
 
 @bp.operation("PUT", "/users/<user_id>/roles", summary="Replace a user's roles",
@@ -119,3 +120,131 @@ def create_key(actor: Actor, user_id: str, body: KeyCreate) -> object:
               response=KeyOut, errors=(403, 409))
 def revoke_key(actor: Actor, key_id: str) -> object:
     return service.revoke_api_key(actor, key_id)
+
+
+# --- teams ------------------------------------------------------------------------------
+Pattern = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._/+-]{0,199})$")]
+TeamRole = Literal[TEAM_ROLES]  # type: ignore[valid-type]
+
+
+class Entitlements(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    models: Annotated[list[Pattern], Field(max_length=500)] = []
+    data_classes: Annotated[list[Pattern], Field(max_length=50)] = []
+    regions: Annotated[list[Pattern], Field(max_length=50)] = []
+
+
+TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,99}$")]
+DataClass = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,49}$")]
+
+
+class TeamCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: TeamName
+    description: Annotated[str, StringConstraints(max_length=500)] = ""
+    entitlements: Entitlements = Entitlements()
+    requests_per_day: Annotated[int, Field(ge=0)] | None = None
+    default_data_class: DataClass = "internal"
+
+
+class TeamUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    row_version: int
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    entitlements: Entitlements | None = None
+    requests_per_day: Annotated[int, Field(ge=0)] | None = None
+    default_data_class: DataClass | None = None
+
+
+class TeamOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    name: str
+    description: str
+    entitlements: dict[str, list[str]]
+    requests_per_day: int | None
+    default_data_class: str
+    created_at: datetime
+    row_version: int
+
+
+class MemberSet(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    team_role: TeamRole = "member"
+
+
+class MemberOut(BaseModel):
+    user_id: str
+    username: str
+    team_role: str
+    source: str
+
+
+class ServiceAccountCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    username: Annotated[str, StringConstraints(min_length=2, max_length=100)]
+    display_name: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+@bp.operation("GET", "/teams", summary="Teams the caller can see", response=list[TeamOut])
+def list_teams(actor: Actor) -> object:
+    return teams.list_teams(actor)
+
+
+@bp.operation("POST", "/teams", summary="Create a team (admins)", body=TeamCreate,
+              response=TeamOut, status=201, errors=(403, 409))
+def create_team(actor: Actor, body: TeamCreate) -> object:
+    return teams.create_team(actor, name=body.name, description=body.description,
+                             entitlements=body.entitlements.model_dump(),
+                             requests_per_day=body.requests_per_day,
+                             default_data_class=body.default_data_class)
+
+
+@bp.operation("GET", "/teams/<team_id>", summary="Get a team", response=TeamOut)
+def get_team(actor: Actor, team_id: str) -> object:
+    return teams.get_team(actor, team_id)
+
+
+@bp.operation("PATCH", "/teams/<team_id>", summary="Change a team's entitlements or quota",
+              body=TeamUpdate, response=TeamOut, errors=(403, 409))
+def update_team(actor: Actor, team_id: str, body: TeamUpdate) -> object:
+    changes = body.model_dump(exclude={"row_version"}, exclude_unset=True)
+    return teams.update_team(actor, team_id, changes, row_version=body.row_version)
+
+
+@bp.operation("GET", "/teams/<team_id>/members", summary="A team's members",
+              response=list[MemberOut])
+def list_members(actor: Actor, team_id: str) -> object:
+    return [MemberOut(user_id=u.id, username=u.username, team_role=m.team_role,
+                      source=m.source) for u, m in teams.list_members(actor, team_id)]
+
+
+@bp.operation("PUT", "/teams/<team_id>/members/<user_id>",
+              summary="Add a member or change their team role (managers, admins)",
+              body=MemberSet, response=MemberOut, errors=(403, 409))
+def set_member(actor: Actor, team_id: str, user_id: str, body: MemberSet) -> object:
+    member = teams.set_member(actor, team_id, user_id, body.team_role)
+    user = service.get_user(actor, user_id)
+    return MemberOut(user_id=user_id, username=user.username, team_role=member.team_role,
+                     source=member.source)
+
+
+@bp.operation("DELETE", "/teams/<team_id>/members/<user_id>",
+              summary="Remove a member (managers, admins)", status=204, errors=(403,))
+def remove_member(actor: Actor, team_id: str, user_id: str) -> object:
+    teams.remove_member(actor, team_id, user_id)
+    return None
+
+
+@bp.operation("GET", "/teams/<team_id>/service-accounts",
+              summary="A team's service accounts", response=list[UserOut])
+def list_service_accounts(actor: Actor, team_id: str) -> object:
+    return teams.list_service_accounts(actor, team_id)
+
+
+@bp.operation("POST", "/teams/<team_id>/service-accounts",
+              summary="Create a service account owned by the team (managers, admins)",
+              body=ServiceAccountCreate, response=UserOut, status=201, errors=(403, 409))
+def create_service_account(actor: Actor, team_id: str, body: ServiceAccountCreate) -> object:
+    return teams.create_service_account(actor, team_id, username=body.username,
+                                        display_name=body.display_name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from charter.audit.service import append_event
 from charter.db import unit_of_work, utcnow
@@ -22,6 +23,7 @@ from charter.errors import (
     UnauthenticatedError,
     ValidationFailedError,
 )
+from charter.identity.access import can_manage_keys, visible_user
 from charter.identity.actor import Actor
 from charter.identity.models import ROLES, USER_KINDS, ApiKey, User, UserRole
 
@@ -80,12 +82,17 @@ def create_user(
         return user
 
 
-def get_user(user_id: str) -> User:
+def _visible_user(session: Session, actor: Actor, user_id: str) -> User:
+    user = session.get(User, user_id)
+    if user is None or not visible_user(session, actor, user):
+        raise NotFoundError(f"no user {user_id}", code="user_not_found")
+    return user
+
+
+def get_user(actor: Actor, user_id: str) -> User:
+    """Self, admins, auditors, and members of a service account's team; else 404."""
     with unit_of_work() as session:
-        user = session.get(User, user_id)
-        if user is None:
-            raise NotFoundError(f"no user {user_id}", code="user_not_found")
-        return user
+        return _visible_user(session, actor, user_id)
 
 
 def list_users() -> list[User]:
@@ -141,8 +148,6 @@ def create_api_key(
     actor: Actor, user_id: str, *, name: str, expires_at: datetime | None = None,
     default_ttl_days: int = 90,
 ) -> IssuedKey:
-    if actor.user_id != user_id:
-        actor.require("admin", action="api_key.create", target_type="user", target_id=user_id)
     now = utcnow()
     expires_at = expires_at or now + timedelta(days=default_ttl_days)
     if expires_at <= now:
@@ -152,9 +157,14 @@ def create_api_key(
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     with unit_of_work() as session:
-        user = session.get(User, user_id)
-        if user is None or not user.active:
+        user = _visible_user(session, actor, user_id)
+        if not user.active:
             raise NotFoundError(f"no active user {user_id}", code="user_not_found")
+        if not can_manage_keys(session, actor, user):
+            raise ForbiddenError(
+                "API keys are created by their owner, an admin, or the team's managers",
+                details={"action": "api_key.create"},
+            ).audited(actor.ref, "api_key.create", "user", user_id)
         key = ApiKey(
             id=key_id, user_id=user_id, name=name, secret_sha256=_digest(secret),
             created_by=actor.ref, expires_at=expires_at,
@@ -169,11 +179,8 @@ def create_api_key(
 
 
 def list_api_keys(actor: Actor, user_id: str) -> list[ApiKey]:
-    if actor.user_id != user_id and not actor.has("admin", "auditor"):
-        raise ForbiddenError("you may list only your own API keys")
     with unit_of_work() as session:
-        if session.get(User, user_id) is None:
-            raise NotFoundError(f"no user {user_id}", code="user_not_found")
+        _visible_user(session, actor, user_id)
         return list(
             session.scalars(
                 select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at)
@@ -184,11 +191,14 @@ def list_api_keys(actor: Actor, user_id: str) -> list[ApiKey]:
 def revoke_api_key(actor: Actor, key_id: str) -> ApiKey:
     with unit_of_work() as session:
         key = session.get(ApiKey, key_id)
-        if key is None:
+        owner = session.get(User, key.user_id) if key is not None else None
+        if key is None or owner is None or not visible_user(session, actor, owner):
             raise NotFoundError(f"no API key {key_id}", code="api_key_not_found")
-        if key.user_id != actor.user_id:
-            actor.require("admin", action="api_key.revoke", target_type="api_key",
-                          target_id=key_id)
+        if not can_manage_keys(session, actor, owner):
+            raise ForbiddenError(
+                "API keys are revoked by their owner, an admin, or the team's managers",
+                details={"action": "api_key.revoke"},
+            ).audited(actor.ref, "api_key.revoke", "api_key", key_id)
         if key.revoked_at is not None:
             raise ConflictError("the API key is already revoked", code="already_revoked")
         key.revoked_at = utcnow()
