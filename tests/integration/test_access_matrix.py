@@ -1,0 +1,207 @@
+"""The endpoint x role access matrix, kept as code.
+
+Every route in the app's url_map must appear in MATRIX; each is called as anonymous, with
+an expired key, as each role, and as a member of another team. Allowed callers must not be
+refused (401/403); others must get exactly the refusal the matrix names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from charter.db import utcnow
+
+ROLES = ("admin", "steward", "approver", "operator", "auditor", "user")
+ALL = frozenset(ROLES)
+CALLERS = ("anonymous", "expired", *ROLES, "other_team")
+PUBLIC = "public"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    allow: frozenset[str] | str  # roles allowed, or PUBLIC
+    body: Callable[[dict[str, Any]], Any] | None = None
+    team_scoped: bool = False  # another team's member gets 404 instead of 403
+    other_team_allowed: bool = False  # the route is not team-scoped and open to any user
+
+
+def R(*roles: str, **kw: Any) -> Rule:  # noqa: N802 - reads like the table it builds
+    return Rule(frozenset(roles) if roles else ALL, **kw)
+
+
+def _version_body(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"label": f"m{ctx['n']}", "files": []}
+
+
+def _conditions(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"allowed_regions": ["eu-central"], "allowed_data_classes": ["internal"],
+            "allowed_purposes": ["assistant"],
+            "expires_at": (utcnow() + timedelta(days=30)).isoformat()}
+
+
+ANY = dict(other_team_allowed=True)
+MATRIX: dict[tuple[str, str], Rule] = {
+    ("GET", "/healthz"): Rule(PUBLIC),
+    ("GET", "/readyz"): Rule(PUBLIC),
+    ("GET", "/metrics"): Rule(PUBLIC),
+    ("GET", "/api/v1/openapi.json"): Rule(PUBLIC),
+    ("GET", "/api/v1/models"): R(**ANY),
+    ("POST", "/api/v1/models"): R("admin", "steward", body=lambda c: {
+        "name": f"model-{c['n']}", "publisher": "TinyLlama", "source_repo": "x/y"}),
+    ("GET", "/api/v1/models/<model_id>"): R(**ANY),
+    ("GET", "/api/v1/models/<model_id>/versions"): R(**ANY),
+    ("POST", "/api/v1/models/<model_id>/versions"): R("admin", "steward", body=_version_body),
+    ("GET", "/api/v1/versions"): R(**ANY),
+    ("GET", "/api/v1/versions/<version_id>"): R(**ANY),
+    ("PATCH", "/api/v1/versions/<version_id>"): R("admin", "steward", body=lambda c: {
+        "row_version": 1, "intended_use": "x"}),
+    ("POST", "/api/v1/versions/<version_id>/submit"): R("admin", "steward", body=lambda c: {}),
+    ("POST", "/api/v1/versions/<version_id>/approve"): R("admin", "approver", body=_conditions),
+    ("POST", "/api/v1/versions/<version_id>/reject"): R("admin", "approver",
+                                                        body=lambda c: {"reason": "no way"}),
+    ("POST", "/api/v1/versions/<version_id>/deprecate"): R("admin", "approver",
+                                                           body=lambda c: {"reason": "old"}),
+    ("POST", "/api/v1/versions/<version_id>/revoke"): R("admin", "approver",
+                                                        body=lambda c: {"reason": "bad"}),
+    ("POST", "/api/v1/versions/<version_id>/admission"): R("admin", "steward", "approver"),
+    ("POST", "/api/v1/versions/<version_id>/exceptions"): R("admin", body=lambda c: {
+        "codes": ["no_weight_files"], "justification": "a justification that is long enough",
+        "expires_at": (utcnow() + timedelta(days=3)).isoformat()}),
+    ("GET", "/api/v1/me"): R(**ANY),
+    ("GET", "/api/v1/users"): R("admin", "auditor"),
+    ("POST", "/api/v1/users"): R("admin", body=lambda c: {"username": f"new-{c['n']}"}),
+    ("GET", "/api/v1/users/<user_id>"): R(team_scoped=True),
+    ("PUT", "/api/v1/users/<user_id>/roles"): R("admin", body=lambda c: {
+        "row_version": 1, "roles": ["user"]}),
+    ("GET", "/api/v1/users/<user_id>/api-keys"): R(team_scoped=True),
+    ("POST", "/api/v1/users/<user_id>/api-keys"): R("admin", team_scoped=True,
+                                                    body=lambda c: {"name": "k"}),
+    ("POST", "/api/v1/api-keys/<key_id>/revoke"): R("admin", team_scoped=True),
+    ("GET", "/api/v1/audit/events"): R("admin", "auditor"),
+    ("POST", "/api/v1/audit/verify"): R("admin", "auditor"),
+    ("GET", "/api/v1/policy"): R(**ANY),
+    ("POST", "/api/v1/policy/evaluate"): R("admin", "steward", "approver", body=lambda c: {
+        "policy": "dispatch", "input": {}}),
+    ("GET", "/api/v1/teams"): R(**ANY),
+    ("POST", "/api/v1/teams"): R("admin", body=lambda c: {"name": f"team-{c['n']}"}),
+    ("GET", "/api/v1/teams/<team_id>"): R(team_scoped=True),
+    ("PATCH", "/api/v1/teams/<team_id>"): R("admin", team_scoped=True,
+                                            body=lambda c: {"row_version": 1}),
+    ("GET", "/api/v1/teams/<team_id>/members"): R(team_scoped=True),
+    ("PUT", "/api/v1/teams/<team_id>/members/<user_id>"): R(
+        "admin", team_scoped=True, body=lambda c: {"team_role": "member"}),
+    ("DELETE", "/api/v1/teams/<team_id>/members/<user_id>"): R("admin", team_scoped=True),
+    ("GET", "/api/v1/teams/<team_id>/service-accounts"): R(team_scoped=True),
+    ("POST", "/api/v1/teams/<team_id>/service-accounts"): R(
+        "admin", team_scoped=True, body=lambda c: {"username": f"bot-{c['n']}"}),
+}
+# The console is a browser surface: bearer credentials never open it (see tests/e2e).
+CONSOLE = re.compile(r"^/console(/|$)|^/static/")
+
+
+@pytest.fixture
+def matrix_app(configured):  # type: ignore[no-untyped-def]
+    from charter.app import create_app
+
+    # Hundreds of deliberate 401s from one address must not trip the failure limit here.
+    return create_app(dataclasses.replace(configured, auth_failure_limit=100_000))
+
+
+def _routes(app) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    out = set()
+    for rule in app.url_map.iter_rules():
+        if CONSOLE.match(rule.rule):
+            continue
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            out.add((method, rule.rule))
+    return out
+
+
+def test_every_route_is_in_the_matrix(matrix_app) -> None:  # type: ignore[no-untyped-def]
+    routes = _routes(matrix_app)
+    assert routes - set(MATRIX) == set(), "routes missing from the access matrix"
+    assert set(MATRIX) - routes == set(), "matrix entries for routes that do not exist"
+
+
+def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    from charter.identity.actor import SYSTEM
+    from charter.identity.service import create_api_key
+    from charter.identity.teams import create_service_account, create_team, set_member
+    from charter.registry import service as registry
+    from charter.registry.schemas import ModelCreate, VersionSpec
+
+    client = matrix_app.test_client()
+    people = {role: make_person(role) for role in ROLES}
+    other = make_person("user")
+    owner = make_person("steward")
+    team = create_team(SYSTEM, name="home", description="", entitlements={},
+                       requests_per_day=None, default_data_class="internal")
+    away = create_team(SYSTEM, name="away", description="", entitlements={},
+                       requests_per_day=None, default_data_class="internal")
+    for p in people.values():
+        set_member(SYSTEM, team.id, p.actor.user_id, "member")
+    set_member(SYSTEM, away.id, other.actor.user_id, "member")
+    bot = create_service_account(SYSTEM, team.id, username="home-bot")
+    target = make_person("user")  # whose membership the member routes change
+    expired = make_person("admin")
+    pg_conn.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' "
+                    "WHERE id = %s", (expired.token.split("_")[1],))
+
+    counter = iter(range(10**6))
+    failures = []
+    for (method, rule), spec in sorted(MATRIX.items()):
+        for caller in CALLERS:
+            n = next(counter)
+            model = registry.create_model(owner.actor, ModelCreate(
+                name=f"m-{n}", publisher="TinyLlama", source_repo="x/y"))
+            version = registry.create_version(owner.actor, model.id, VersionSpec(label="1"))
+            if rule.endswith(("/approve", "/reject", "/exceptions")):
+                from charter.registry.schemas import Transition
+
+                registry.submit_version(owner.actor, version.id, Transition())
+            key = create_api_key(SYSTEM, bot.id, name=f"k{n}").key
+            set_member(SYSTEM, team.id, target.actor.user_id, "member")
+            path = (rule.replace("<model_id>", model.id).replace("<version_id>", version.id)
+                    .replace("<key_id>", key.id).replace("<team_id>", team.id)
+                    .replace("<user_id>", bot.id if "/teams/" not in rule
+                             else target.actor.user_id))
+            headers = {}
+            if caller == "expired":
+                headers = expired.headers
+            elif caller == "other_team":
+                headers = other.headers
+            elif caller != "anonymous":
+                headers = people[caller].headers
+            body = spec.body({"n": n}) if spec.body else None
+            r = client.open(path, method=method, headers=headers,
+                            json=body if body is not None else None)
+            got = r.status_code
+            payload = r.get_json(silent=True)
+            code = payload.get("error", {}).get("code") if isinstance(payload, dict) else None
+            if spec.allow == PUBLIC:
+                ok = got not in (401, 403)
+                expect = "not refused"
+            elif caller in ("anonymous", "expired"):
+                ok = got == 401 and code in ("unauthenticated", "invalid_credentials")
+                expect = "401"
+            elif caller == "other_team":
+                if spec.team_scoped:
+                    ok, expect = got == 404, "404"
+                elif spec.other_team_allowed:
+                    ok, expect = got not in (401, 403), "not refused"
+                else:
+                    ok, expect = got == 403 and code == "forbidden", "403 forbidden"
+            elif caller in spec.allow:
+                ok, expect = got not in (401, 403, 404) or (got == 404 and code in (
+                    "member_not_found",)), "not refused"
+            else:
+                ok, expect = got == 403 and code == "forbidden", "403 forbidden"
+            if not ok:
+                failures.append(f"{method} {rule} as {caller}: {got} {code}, expected {expect}")
+    assert not failures, "\n".join(failures)
