@@ -167,6 +167,9 @@ class Settings:
             problems.append("CHARTER_POLICY_BACKEND: must be inprocess or remote")
         if not 0 < self.opa_timeout_s <= 30:
             problems.append("CHARTER_OPA_TIMEOUT_S: must be between 0 and 30 seconds")
+        if self.oidc_issuer and not self.public_url:
+            problems.append("CHARTER_PUBLIC_URL: required when CHARTER_OIDC_ISSUER is set "
+                            "(the console's redirect URI is built from it)")
         if self.oidc_issuer and not self.oidc_audience:
             problems.append("CHARTER_OIDC_AUDIENCE: required when CHARTER_OIDC_ISSUER is set")
         bad_algs = {a.strip() for a in self.oidc_algorithms.split(",")} & _FORBIDDEN_ALGS

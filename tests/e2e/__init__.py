@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes (identity provider), real PostgreSQL."""
