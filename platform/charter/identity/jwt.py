@@ -316,8 +316,12 @@ class AccessTokenVerifier:
             return self._cache
 
     def _fetch_keys(self) -> dict[str, tuple[Key, ...]]:
+        with httpx.Client(timeout=self.http_timeout_s, follow_redirects=False) as client:
+            return self._fetch_keys_with(client)
+
+    def _fetch_keys_with(self, client: httpx.Client) -> dict[str, tuple[Key, ...]]:
         if self._jwks_uri is None:
-            discovery = self._fetch_json(self.discovery_url)
+            discovery = _fetch_json(client, self.discovery_url, self.http_timeout_s)
             if discovery.get("issuer") != self.issuer:
                 raise _FetchError("the discovery document names another issuer")
             jwks_uri = discovery.get("jwks_uri")
@@ -328,7 +332,7 @@ class AccessTokenVerifier:
                     and urlsplit(jwks_uri).scheme != "https"):
                 raise _FetchError("the jwks_uri downgrades https to http")
             self._jwks_uri = jwks_uri
-        jwks = self._fetch_json(self._jwks_uri)
+        jwks = _fetch_json(client, self._jwks_uri, self.http_timeout_s)
         entries = jwks.get("keys")
         if not isinstance(entries, list):
             raise _FetchError("the JWKS has no key list")
@@ -341,26 +345,28 @@ class AccessTokenVerifier:
             raise _FetchError("the JWKS holds no usable signing key")
         return {kid: tuple(found) for kid, found in keys.items()}
 
-    def _fetch_json(self, url: str) -> dict[str, Any]:
-        deadline = time.monotonic() + 2 * self.http_timeout_s
-        try:
-            with httpx.Client(timeout=self.http_timeout_s, follow_redirects=False) as client, \
-                    client.stream("GET", url, headers={"Accept": "application/json"}) as resp:
-                if resp.status_code != 200:
-                    raise _FetchError(f"{url} answered {resp.status_code}")
-                body = bytearray()
-                for chunk in resp.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        raise _FetchError(f"{url} answered more than {MAX_DOCUMENT_BYTES} bytes")
-                    if time.monotonic() > deadline:
-                        raise _FetchError(f"{url} answered too slowly")
-        except httpx.HTTPError as exc:
-            raise _FetchError(f"{url}: {type(exc).__name__}") from None
-        document = _json_object(bytes(body))
-        if document is None:
-            raise _FetchError(f"{url} did not answer a JSON object")
-        return document
+
+
+def _fetch_json(client: httpx.Client, url: str, timeout_s: float) -> dict[str, Any]:
+    """GET a JSON object: no redirects, at most MAX_DOCUMENT_BYTES, within twice the timeout."""
+    deadline = time.monotonic() + 2 * timeout_s  # httpx's timeout is per read, not in total
+    try:
+        with client.stream("GET", url, headers={"Accept": "application/json"}) as resp:
+            if resp.status_code != 200:
+                raise _FetchError(f"{url} answered {resp.status_code}")
+            body = bytearray()
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise _FetchError(f"{url} answered more than {MAX_DOCUMENT_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise _FetchError(f"{url} answered too slowly")
+    except httpx.HTTPError as exc:
+        raise _FetchError(f"{url}: {type(exc).__name__}") from None
+    document = _json_object(bytes(body))
+    if document is None:
+        raise _FetchError(f"{url} did not answer a JSON object")
+    return document
 
 
 def _import_key(entry: Any) -> Key | None:
