@@ -6,7 +6,9 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import charter.audit.models  # noqa: F401 - registers tables on the metadata
+import charter.dispatch.models  # noqa: F401
 import charter.identity.models  # noqa: F401
+import charter.nodes.models  # noqa: F401
 import charter.registry.models  # noqa: F401
 from charter.db import Base
 

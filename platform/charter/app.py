@@ -75,11 +75,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     _install_probes(app, settings)
 
     from charter.audit.api import bp as audit_bp
+    from charter.dispatch.gateway import bp as gateway_bp
     from charter.identity.api import bp as identity_bp
+    from charter.nodes.api import bp as nodes_bp
     from charter.policy.api import bp as policy_bp
     from charter.registry.api import bp as registry_bp
 
-    for bp in (registry_bp, identity_bp, audit_bp, policy_bp):
+    for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp):
         app.register_blueprint(bp)
 
     from charter.console import register_console
@@ -101,8 +103,9 @@ def _install_request_hooks(app: Flask) -> None:
         g.token = request_id_var.set(rid)
         g.started = time.perf_counter()
         g.actor = None
-        if request.path.startswith("/api/") and request.path not in PUBLIC_PATHS:
-            _authenticate()
+        if request.path not in PUBLIC_PATHS and not request.path.startswith(
+                ("/console", "/static")):
+            _authenticate()  # the API and the gateway; the console has its own sessions
 
     @app.after_request
     def _finish(response: Response) -> Response:

@@ -126,6 +126,21 @@ class Settings:
     auth_failure_window_s: int = _setting(
         60, "Window of the failed-authentication limit, in seconds."
     )
+    node_allowed_networks: str = _setting(
+        "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
+        "Comma-separated networks inference nodes may live in. Link-local and metadata "
+        "addresses are refused whatever this says; loopback only if listed (the demo does).",
+    )
+    node_connect_timeout_s: float = _setting(2.0, "Seconds to connect to a node.")
+    node_read_timeout_s: float = _setting(
+        120.0, "Seconds a node may stay silent while generating before the call fails."
+    )
+    node_probe_interval_s: float = _setting(
+        30.0, "Seconds between node probes (health and attestation)."
+    )
+    dispatch_max_new_tokens: int = _setting(
+        4096, "Largest `max_tokens` / `max_new_tokens` a caller may ask for."
+    )
     audit_page_limit: int = _setting(
         500, "Largest page of audit events the API returns at once."
     )
@@ -203,6 +218,10 @@ class Settings:
     @property
     def team_map(self) -> dict[str, str]:
         return json.loads(self.oidc_team_map) if self.oidc_team_map else {}
+
+    @property
+    def node_networks(self) -> list[str]:
+        return [n.strip() for n in self.node_allowed_networks.split(",") if n.strip()]
 
     @property
     def algorithms(self) -> list[str]:

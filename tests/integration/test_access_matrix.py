@@ -8,6 +8,7 @@ refused (401/403); others must get exactly the refusal the matrix names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -97,6 +98,35 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("PUT", "/api/v1/teams/<team_id>/members/<user_id>"): R(
         "admin", team_scoped=True, body=lambda c: {"team_role": "member"}),
     ("DELETE", "/api/v1/teams/<team_id>/members/<user_id>"): R("admin", team_scoped=True),
+    ("GET", "/api/v1/nodes"): R("admin", "operator", "auditor"),
+    ("POST", "/api/v1/nodes"): R("admin", "operator", body=lambda c: {
+        "name": f"node-{c['n']}", "base_url": "http://10.0.0.5:8080", "region": "eu-central"}),
+    ("GET", "/api/v1/nodes/<node_id>"): R("admin", "operator", "auditor"),
+    ("POST", "/api/v1/nodes/<node_id>/probe"): R("admin", "operator"),
+    ("POST", "/api/v1/nodes/<node_id>/drain"): R("admin", "operator",
+                                                 body=lambda c: {"reason": "maintenance"}),
+    ("POST", "/api/v1/nodes/<node_id>/restore"): R("admin", "operator",
+                                                   body=lambda c: {"reason": "back"}),
+    ("GET", "/api/v1/deployments"): R(**ANY),
+    ("POST", "/api/v1/deployments"): R("admin", "operator", body=lambda c: {
+        "serving_name": f"dep-{c['n']}", "version_id": c["version_id"],
+        "node_ids": [c["node_id"]]}),
+    ("POST", "/api/v1/deployments/<deployment_id>/deactivate"): R("admin", "operator"),
+    ("POST", "/api/v1/deployments/<deployment_id>/activate"): R("admin", "operator"),
+    # The gateway: any authenticated caller; the dispatch policy decides per request.
+    ("POST", "/v1/chat/completions"): R(**ANY, body=lambda c: {
+        "model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+    ("POST", "/v1/completions"): R(**ANY, body=lambda c: {"model": "nope", "prompt": "hi"}),
+    ("GET", "/v1/models"): R(**ANY),
+    ("POST", "/generate"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/generate_stream"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("GET", "/info"): R(**ANY),
+    ("POST", "/tgi/<name>/generate"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tgi/<name>/generate_stream"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tgi/<name>/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tgi/<name>"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("GET", "/tgi/<name>/info"): R(**ANY),
     ("GET", "/api/v1/teams/<team_id>/service-accounts"): R(team_scoped=True),
     ("POST", "/api/v1/teams/<team_id>/service-accounts"): R(
         "admin", team_scoped=True, body=lambda c: {"username": f"bot-{c['n']}"}),
@@ -111,6 +141,31 @@ def matrix_app(configured):  # type: ignore[no-untyped-def]
 
     # Hundreds of deliberate 401s from one address must not trip the failure limit here.
     return create_app(dataclasses.replace(configured, auth_failure_limit=100_000))
+
+
+def _approved_version(owner, n: int) -> str:  # type: ignore[no-untyped-def]
+    """A version approved for real: pinned, digests, admission allows, a second approver."""
+    from charter.identity.actor import SYSTEM
+    from charter.registry import service as registry
+    from charter.registry.schemas import (
+        ApprovalConditions,
+        FileSpec,
+        ModelCreate,
+        Transition,
+        VersionSpec,
+    )
+
+    model = registry.create_model(owner.actor, ModelCreate(
+        name=f"approved-{n}", publisher="TinyLlama", source_repo=f"x/approved-{n}"))
+    version = registry.create_version(owner.actor, model.id, VersionSpec(
+        label="1", source_revision="a" * 40, weight_format="safetensors",
+        files=[FileSpec(path="model.safetensors", size=1, sha256="b" * 64)],
+        license_declared="apache-2.0", license_card="apache-2.0", derivation="original",
+        datasets=["d"], storage_region="eu-central", hosting_regions=["eu-central"]))
+    registry.submit_version(owner.actor, version.id, Transition())
+    conditions = ApprovalConditions.model_validate_json(json.dumps(_conditions({})))
+    registry.approve_version(SYSTEM, version.id, conditions)
+    return version.id
 
 
 def _routes(app) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
@@ -133,6 +188,7 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
     from charter.identity.actor import SYSTEM
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team, set_member
+    from charter.nodes.service import create_deployment, register_node
     from charter.registry import service as registry
     from charter.registry.schemas import ModelCreate, VersionSpec
 
@@ -166,8 +222,18 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
 
                 registry.submit_version(owner.actor, version.id, Transition())
             key = create_api_key(SYSTEM, bot.id, name=f"k{n}").key
+            node = register_node(SYSTEM, matrix_app.extensions["charter.settings"],
+                                 name=f"n-{n}", base_url=f"http://10.0.{n % 250}.{n % 200 + 1}",
+                                 region="eu-central", engine="tgi", labels={}, capacity=1)
+            dep = None
+            if "<deployment_id>" in rule or rule == "/api/v1/deployments":
+                approved = _approved_version(owner, n)
+                dep = create_deployment(SYSTEM, serving_name=f"d-{n}", version_id=approved,
+                                        node_ids=[node.id])
             set_member(SYSTEM, team.id, target.actor.user_id, "member")
             path = (rule.replace("<model_id>", model.id).replace("<version_id>", version.id)
+                    .replace("<node_id>", node.id).replace("<name>", "nope")
+                    .replace("<deployment_id>", dep.id if dep else "x")
                     .replace("<key_id>", key.id).replace("<team_id>", team.id)
                     .replace("<user_id>", bot.id if "/teams/" not in rule
                              else target.actor.user_id))
@@ -178,12 +244,15 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                 headers = other.headers
             elif caller != "anonymous":
                 headers = people[caller].headers
-            body = spec.body({"n": n}) if spec.body else None
+            body = spec.body({"n": n, "node_id": node.id,
+                              "version_id": dep.version_id if dep else ""}) if spec.body else None
             r = client.open(path, method=method, headers=headers,
                             json=body if body is not None else None)
             got = r.status_code
             payload = r.get_json(silent=True)
-            code = payload.get("error", {}).get("code") if isinstance(payload, dict) else None
+            error = payload.get("error") if isinstance(payload, dict) else None
+            code = (error.get("code") if isinstance(error, dict)  # ours and OpenAI's shape
+                    else payload.get("error_type") if error else None)  # TGI's shape
             if spec.allow == PUBLIC:
                 ok = got not in (401, 403)
                 expect = "not refused"
@@ -194,12 +263,13 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                 if spec.team_scoped:
                     ok, expect = got == 404, "404"
                 elif spec.other_team_allowed:
-                    ok, expect = got not in (401, 403), "not refused"
+                    ok, expect = got not in (401, 403) or code == "model_not_found", \
+                        "not refused"
                 else:
                     ok, expect = got == 403 and code == "forbidden", "403 forbidden"
             elif caller in spec.allow:
                 ok, expect = got not in (401, 403, 404) or (got == 404 and code in (
-                    "member_not_found",)), "not refused"
+                    "member_not_found", "model_not_found")), "not refused"
             else:
                 ok, expect = got == 403 and code == "forbidden", "403 forbidden"
             if not ok:

@@ -10,7 +10,7 @@ from joserfc.jwk import RSAKey
 
 from charter.audit.service import EventFilter, list_events
 from charter.identity.actor import SYSTEM
-from charter.identity.teams import create_team, entitlements_of
+from charter.identity.teams import caller_context, create_team
 from tests.integration.test_jwt import AUDIENCE, IdP, claims_for, mint
 
 
@@ -51,7 +51,7 @@ def test_jwt_provisions_the_user_and_maps_groups_each_request(sso) -> None:  # t
     claims = {**claims, "groups": ["ai-auditors"]}
     me = client.get("/api/v1/me", headers=_bearer(mint(key, claims))).get_json()
     assert me["roles"] == ["auditor"] and me["id"] == r.get_json()["id"]
-    assert entitlements_of(me["id"])["teams"] == []  # the IdP-granted membership went too
+    assert caller_context(me["id"])["teams"] == []  # the IdP-granted membership went too
     synced = list_events(EventFilter(action="user.roles_synced"))
     assert [e.details["after"] for e in synced] == [["approver"], ["auditor"]]
     assert [e.action for e in list_events(EventFilter(action="user.provision"))] == [

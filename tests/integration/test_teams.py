@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from charter.audit.service import EventFilter, list_events
-from charter.identity.teams import entitlements_of
+from charter.identity.teams import caller_context
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_entitlements_merge_over_teams_and_feed_the_caller(client, world) -> Non
     assert r.status_code == 200
     client.put(f"/api/v1/teams/{legal['id']}/members/{world.bob.actor.user_id}",
                headers=world.admin.headers, json={"team_role": "member"})
-    caller = entitlements_of(world.bob.actor.user_id)
+    caller = caller_context(world.bob.actor.user_id)
     assert caller["teams"] == ["helpdesk", "legal"]
     assert caller["entitlements"]["models"] == ["TinyLlama-1.1B-Chat-v1.0", "gemma-2b-it"]
     assert caller["entitlements"]["data_classes"] == ["confidential", "internal"]

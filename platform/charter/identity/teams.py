@@ -164,18 +164,27 @@ def list_service_accounts(actor: Actor, team_id: str) -> list[User]:
                                     .order_by(User.username)))
 
 
-def entitlements_of(user_id: str) -> dict[str, Any]:
-    """The union of the entitlements of every team the user belongs to or is owned by,
-    with the teams named (the dispatch policy's `caller`)."""
+def caller_context(user_id: str) -> dict[str, Any]:
+    """What dispatch needs about a caller: teams, merged entitlements, the team whose quota
+    and default data class apply (a service account's own team, else the first by name)."""
     with unit_of_work() as session:
         user = session.get(User, user_id)
         team_ids = set(memberships(session, user_id))
-        if user is not None and user.owner_team_id:
-            team_ids.add(user.owner_team_id)
-        teams = list(session.scalars(select(Team).where(Team.id.in_(team_ids))))
+        primary_id = user.owner_team_id if user is not None else None
+        if primary_id:
+            team_ids.add(primary_id)
+        teams = sorted(session.scalars(select(Team).where(Team.id.in_(team_ids))),
+                       key=lambda t: (t.id != primary_id, t.name))
         merged: dict[str, set[str]] = {"models": set(), "data_classes": set(), "regions": set()}
         for team in teams:
             for key in merged:
                 merged[key] |= set(team.entitlements.get(key, []))
-        return {"teams": sorted(t.name for t in teams),
-                "entitlements": {k: sorted(v) for k, v in merged.items()}}
+        primary = teams[0] if teams else None
+        return {
+            "team": primary.name if primary else None,
+            "team_id": primary.id if primary else "",
+            "teams": sorted(t.name for t in teams),
+            "entitlements": {k: sorted(v) for k, v in merged.items()},
+            "default_data_class": primary.default_data_class if primary else "internal",
+            "requests_per_day": primary.requests_per_day if primary else None,
+        }

@@ -1,0 +1,1 @@
+"""The governed gateway: OpenAI- and TGI-compatible endpoints routed to attested nodes."""

@@ -1,0 +1,21 @@
+"""Usage metered per team, serving name and UTC day; quotas are checked against it."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from sqlalchemy import BigInteger, Date, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from charter.db import Base
+
+
+class Usage(Base):
+    __tablename__ = "usage_counters"
+
+    team_id: Mapped[str] = mapped_column(String(36), primary_key=True)  # "" for no team
+    serving_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    tokens_out: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

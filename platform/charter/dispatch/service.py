@@ -1,0 +1,232 @@
+"""The governed request path: resolve, check quota, decide by policy, choose a node, record.
+
+No Flask here: the gateway (gateway.py) parses the caller's protocol and streams; this
+module decides where a request may go and writes what happened.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from charter.audit.service import append_event
+from charter.db import unit_of_work, utcnow
+from charter.dispatch.models import Usage
+from charter.errors import CharterError
+from charter.identity.actor import Actor
+from charter.identity.teams import caller_context
+from charter.nodes.models import Deployment, Node
+from charter.policy import service as policy
+from charter.policy.engine import Decision
+from charter.registry.models import ModelVersion
+
+# Violations that only rule out the node's region: another region may still be allowed.
+REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
+                      "node_not_attested"})
+
+
+class DispatchError(CharterError):
+    """A refusal on the gateway; rendered in the caller's protocol (OpenAI or TGI)."""
+
+    status = 503
+    code = "dispatch_failed"
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    id: str
+    name: str
+    base_url: str
+    region: str
+    engine: str
+    reported_model_id: str | None
+
+
+@dataclass
+class Plan:
+    actor: Actor
+    serving_name: str
+    deployment_id: str
+    version_id: str
+    model_name: str
+    team_id: str
+    team: str | None
+    data_class: str
+    purpose: str
+    decision: Decision
+    nodes: list[NodeTarget]
+    started: datetime = field(default_factory=utcnow)
+
+
+class Outstanding:
+    """Requests in flight per node in this process: routing prefers the least busy node."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def get(self, node_id: str) -> int:
+        return self._counts[node_id]
+
+    def acquire(self, node_id: str) -> None:
+        with self._lock:
+            self._counts[node_id] += 1
+
+    def release(self, node_id: str) -> None:
+        with self._lock:
+            self._counts[node_id] = max(0, self._counts[node_id] - 1)
+
+
+OUTSTANDING = Outstanding()
+
+
+def visible_models(actor: Actor) -> list[Deployment]:
+    """Active deployments of servable versions that the caller's teams are entitled to."""
+    ctx = caller_context(actor.user_id)
+    allowed = set(ctx["entitlements"]["models"])
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(Deployment, ModelVersion).join(ModelVersion,
+                                                  ModelVersion.id == Deployment.version_id)
+            .where(Deployment.active.is_(True),
+                   ModelVersion.state.in_(("approved", "deprecated")))
+            .order_by(Deployment.serving_name)
+        ).all()
+        return [d for d, v in rows
+                if "*" in allowed or d.serving_name in allowed or v.model.name in allowed]
+
+
+def _approval(version: ModelVersion) -> dict[str, Any] | None:
+    approvals = [d for d in version.decisions if d.decision == "approved"]
+    if not approvals:
+        return None
+    last = approvals[-1]
+    return {
+        "allowed_regions": last.allowed_regions,
+        "allowed_data_classes": last.allowed_data_classes,
+        "allowed_purposes": last.allowed_purposes,
+        "expires_at": last.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        if last.expires_at else None,
+    }
+
+
+def _refuse(actor: Actor, serving_name: str, exc: DispatchError) -> DispatchError:
+    with unit_of_work():
+        append_event(actor=actor.ref, action="dispatch.refused", target_type="deployment",
+                     target_id=serving_name, outcome="denied",
+                     details={"code": exc.code, "message": exc.message, **exc.details})
+    return exc
+
+
+def plan(actor: Actor, *, serving_name: str, data_class: str | None,
+         purpose: str | None) -> Plan:
+    """Everything up to the first byte sent to a node; raises DispatchError on refusal."""
+    ctx = caller_context(actor.user_id)
+    data_class = data_class or ctx["default_data_class"]
+    purpose = purpose or "assistant"
+    with unit_of_work() as session:
+        dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
+                                                      Deployment.active.is_(True)))
+        if dep is None:
+            raise _refuse(actor, serving_name, DispatchError(
+                f"the model {serving_name!r} does not exist", code="model_not_found",
+                status=404))
+        version = session.get(ModelVersion, dep.version_id)
+        assert version is not None
+        nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
+        candidates = [n for n in nodes if n.routable and n.attested_version_id == version.id]
+        version_doc = {"id": version.id, "model": version.model.name, "state": version.state,
+                       "license": version.license_declared, "approval": _approval(version)}
+        ids = (dep.id, version.id, version.model.name)
+    quota = ctx["requests_per_day"]
+    if quota is not None:
+        used = requests_today(ctx["team_id"])
+        if used >= quota:
+            now = utcnow()
+            midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+            raise _refuse(actor, serving_name, DispatchError(
+                f"team {ctx['team']} has used its {quota} requests for today",
+                code="quota_exceeded", status=429,
+                details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
+                         "team": ctx["team"], "requests_per_day": quota}))
+    if not candidates:
+        raise _refuse(actor, serving_name, DispatchError(
+            "no attested, healthy node serves this model", code="no_attested_node",
+            details={"nodes": len(nodes)}))
+    regions: dict[str, list[Node]] = defaultdict(list)
+    for n in candidates:
+        regions[n.region].append(n)
+    order = sorted(regions, key=lambda r: min(OUTSTANDING.get(n.id) for n in regions[r]))
+    last: Decision | None = None
+    for region in order:
+        node = min(regions[region], key=lambda n: OUTSTANDING.get(n.id))
+        doc = {
+            "now": utcnow().isoformat().replace("+00:00", "Z"),
+            "version": version_doc,
+            "request": {"purpose": purpose, "data_class": data_class},
+            "caller": {"team": ctx["team"], "teams": ctx["teams"],
+                       "entitlements": ctx["entitlements"]},
+            "node": {"id": node.id, "region": node.region,
+                     "attested_version_id": node.attested_version_id},
+        }
+        decision = policy.decide("dispatch", doc, actor=actor.ref, target_type="deployment",
+                                 target_id=serving_name,
+                                 context={"serving_name": serving_name, "node": node.name})
+        if decision.allow:
+            targets = sorted(regions[region], key=lambda n: OUTSTANDING.get(n.id))
+            return Plan(actor=actor, serving_name=serving_name, deployment_id=ids[0],
+                        version_id=ids[1], model_name=ids[2], team_id=ctx["team_id"],
+                        team=ctx["team"], data_class=data_class, purpose=purpose,
+                        decision=decision,
+                        nodes=[NodeTarget(n.id, n.name, n.base_url, n.region, n.engine,
+                                          n.reported_model_id) for n in targets])
+        last = decision
+        if not set(decision.violation_codes) <= REGIONAL:
+            break
+    assert last is not None
+    raise DispatchError(
+        "policy denies this request: " + "; ".join(v.msg for v in last.violations),
+        code="policy_denied", status=403,
+        details={"violations": last.violation_codes, "decision_id": last.decision_id})
+
+
+def requests_today(team_id: str) -> int:
+    with unit_of_work() as session:
+        return int(session.scalar(
+            select(func.coalesce(func.sum(Usage.requests), 0))
+            .where(Usage.team_id == team_id, Usage.day == utcnow().date())) or 0)
+
+
+def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
+                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
+                   request_digest: str, stream: bool, error: str = "") -> None:
+    """The outcome event and the usage counters, in one transaction."""
+    latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
+    audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
+                     "cancelled": "failure"}[outcome]
+    with unit_of_work() as session:
+        day = utcnow().date()
+        row = session.get(Usage, (p.team_id, p.serving_name, day))
+        if row is None:
+            row = Usage(team_id=p.team_id, serving_name=p.serving_name, day=day, requests=0,
+                        tokens_in=0, tokens_out=0)
+            session.add(row)
+        row.requests += 1
+        row.tokens_in += tokens_in
+        row.tokens_out += tokens_out
+        append_event(
+            actor=p.actor.ref, action="dispatch.outcome", target_type="deployment",
+            target_id=p.serving_name, outcome=audit_outcome,
+            details={"outcome": outcome, "status": status, "decision_id": p.decision.decision_id,
+                     "node": node.name if node else None,
+                     "region": node.region if node else None, "team": p.team,
+                     "data_class": p.data_class, "purpose": p.purpose,
+                     "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
+                     "latency_ms": latency_ms, "request_digest": request_digest,
+                     "stream": stream, "error": error[:300]},
+        )

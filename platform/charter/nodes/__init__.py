@@ -1,0 +1,1 @@
+"""Inference nodes, their attestation, and deployments of approved versions onto them."""

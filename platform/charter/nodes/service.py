@@ -1,0 +1,209 @@
+"""Nodes: registration (SSRF-checked), probing and attestation, drain and restore;
+deployments that bind a serving name to an approved version and its nodes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from charter.audit.service import append_event
+from charter.db import unit_of_work, utcnow
+from charter.errors import ConflictError, NotFoundError, ValidationFailedError
+from charter.identity.actor import SYSTEM, Actor
+from charter.nodes import adapters
+from charter.nodes.models import Deployment, DeploymentNode, Node
+from charter.nodes.ssrf import NodeUrlPolicy, make_client, pinned_request_kwargs
+from charter.registry.models import Model, ModelVersion
+from charter.settings import Settings
+
+log = structlog.get_logger("charter.nodes")
+OPERATORS = ("admin", "operator")
+SERVABLE = ("approved", "deprecated")
+
+
+def url_policy(settings: Settings) -> NodeUrlPolicy:
+    return NodeUrlPolicy(allowed_networks=settings.node_networks)
+
+
+def _node(session: Session, node_id: str) -> Node:
+    node = session.get(Node, node_id)
+    if node is None:
+        raise NotFoundError(f"no node {node_id}", code="node_not_found")
+    return node
+
+
+def register_node(actor: Actor, settings: Settings, *, name: str, base_url: str, region: str,
+                  engine: str, labels: dict[str, Any], capacity: int) -> Node:
+    actor.require(*OPERATORS, action="node.register", target_type="node", target_id=name)
+    url = url_policy(settings).validate(base_url).url.rstrip("/")
+    with unit_of_work() as session:
+        if session.scalar(select(Node.id).where(Node.name == name)):
+            raise ConflictError(f"a node named {name!r} exists", code="node_exists")
+        node = Node(id=str(uuid.uuid4()), name=name, base_url=url, region=region,
+                    engine=engine, labels=labels, capacity=capacity, created_by=actor.ref)
+        session.add(node)
+        session.flush()
+        append_event(actor=actor.ref, action="node.register", target_type="node",
+                     target_id=node.id,
+                     details={"name": name, "base_url": url, "region": region, "engine": engine,
+                              "capacity": capacity, "labels": labels})
+        return node
+
+
+def list_nodes() -> list[Node]:
+    with unit_of_work() as session:
+        return list(session.scalars(select(Node).order_by(Node.region, Node.name)))
+
+
+def get_node(node_id: str) -> Node:
+    with unit_of_work() as session:
+        return _node(session, node_id)
+
+
+def _set_admin_state(actor: Actor, node_id: str, state: str, reason: str) -> Node:
+    action = "node.drain" if state == "drained" else "node.restore"
+    actor.require(*OPERATORS, action=action, target_type="node", target_id=node_id)
+    with unit_of_work() as session:
+        node = _node(session, node_id)
+        if node.admin_state == state:
+            raise ConflictError(f"the node is already {state}", code="node_state_unchanged")
+        node.admin_state = state
+        node.row_version += 1
+        session.flush()
+        append_event(actor=actor.ref, action=action, target_type="node", target_id=node.id,
+                     details={"name": node.name, "reason": reason})
+        return node
+
+
+def drain_node(actor: Actor, node_id: str, reason: str) -> Node:
+    return _set_admin_state(actor, node_id, "drained", reason)
+
+
+def restore_node(actor: Actor, node_id: str, reason: str) -> Node:
+    return _set_admin_state(actor, node_id, "active", reason)
+
+
+def _matching_version(session: Session, model_id: str | None,
+                      revision: str | None) -> ModelVersion | None:
+    if not model_id or not revision:
+        return None
+    return session.scalar(
+        select(ModelVersion).join(Model, Model.id == ModelVersion.model_id)
+        .where(Model.source_repo == model_id, ModelVersion.source_revision == revision,
+               ModelVersion.state.in_(SERVABLE))
+        .order_by(ModelVersion.created_at.desc()).limit(1)
+    )
+
+
+def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
+    """Ask the node what it serves; attest it or quarantine it (audited on change)."""
+    with unit_of_work() as session:
+        node = _node(session, node_id)
+        base_url, engine = node.base_url, node.engine
+    try:
+        target = url_policy(settings).resolve(base_url)  # re-checked now: DNS may have moved
+        with make_client(settings.node_connect_timeout_s) as client:
+            result = adapters.probe(client, target.url, engine, pinned_request_kwargs(target))
+    except ValidationFailedError as exc:
+        result = adapters.ProbeResult(False, error=f"{exc.code}: {exc.details.get('reason')}")
+    with unit_of_work() as session:
+        node = _node(session, node_id)
+        before = (node.healthy, node.attestation, node.attested_version_id)
+        node.healthy = result.healthy
+        node.last_probe_at = utcnow()
+        node.last_error = result.error
+        if result.healthy:
+            node.reported_model_id, node.reported_revision = result.model_id, result.revision
+            version = _matching_version(session, result.model_id, result.revision)
+            if version is not None:
+                node.attestation, node.attested_version_id = "attested", version.id
+                node.quarantine_reason = ""
+            else:
+                node.attestation, node.attested_version_id = "quarantined", None
+                node.quarantine_reason = (
+                    f"the node serves {result.model_id or '(unknown model)'} at revision "
+                    f"{result.revision or '(not reported)'}, which is no approved version"
+                    + (f"; {result.error}" if result.error else ""))
+        after = (node.healthy, node.attestation, node.attested_version_id)
+        if after != before:
+            node.row_version += 1
+            session.flush()
+            action = ("node.quarantine" if node.attestation == "quarantined" and
+                      before[1] != "quarantined" else
+                      "node.attest" if node.attestation == "attested" and
+                      before[1:] != after[1:] else "node.health")
+            append_event(
+                actor=actor.ref, action=action, target_type="node", target_id=node.id,
+                outcome="success" if node.routable else "failure",
+                details={"name": node.name, "healthy": node.healthy,
+                         "attestation": node.attestation,
+                         "attested_version_id": node.attested_version_id,
+                         "reported_model_id": node.reported_model_id,
+                         "reported_revision": node.reported_revision,
+                         "reason": node.quarantine_reason or node.last_error},
+            )
+        return node
+
+
+def probe_all(settings: Settings) -> list[Node]:
+    nodes = [n.id for n in list_nodes()]
+    return [probe_node(settings, node_id) for node_id in nodes]
+
+
+# --- deployments ----------------------------------------------------------------------------
+
+def _deployment(session: Session, deployment_id: str) -> Deployment:
+    dep = session.get(Deployment, deployment_id)
+    if dep is None:
+        raise NotFoundError(f"no deployment {deployment_id}", code="deployment_not_found")
+    return dep
+
+
+def create_deployment(actor: Actor, *, serving_name: str, version_id: str,
+                      node_ids: list[str]) -> Deployment:
+    actor.require(*OPERATORS, action="deployment.create", target_type="deployment",
+                  target_id=serving_name)
+    with unit_of_work() as session:
+        version = session.get(ModelVersion, version_id)
+        if version is None:
+            raise NotFoundError(f"no model version {version_id}", code="version_not_found")
+        if version.state != "approved":
+            raise ConflictError(f"only approved versions are deployed; this one is "
+                                f"{version.state}", code="version_not_approved")
+        for node_id in node_ids:
+            _node(session, node_id)
+        if session.scalar(select(Deployment.id).where(Deployment.serving_name == serving_name)):
+            raise ConflictError(f"the serving name {serving_name!r} is taken",
+                                code="deployment_exists")
+        dep = Deployment(id=str(uuid.uuid4()), serving_name=serving_name,
+                         version_id=version_id, created_by=actor.ref,
+                         node_links=[DeploymentNode(node_id=n) for n in sorted(set(node_ids))])
+        session.add(dep)
+        session.flush()
+        append_event(actor=actor.ref, action="deployment.create", target_type="deployment",
+                     target_id=dep.id,
+                     details={"serving_name": serving_name, "version_id": version_id,
+                              "node_ids": dep.node_ids})
+        return dep
+
+
+def list_deployments() -> list[Deployment]:
+    with unit_of_work() as session:
+        return list(session.scalars(select(Deployment).order_by(Deployment.serving_name)))
+
+
+def set_deployment_active(actor: Actor, deployment_id: str, active: bool) -> Deployment:
+    action = "deployment.activate" if active else "deployment.deactivate"
+    actor.require(*OPERATORS, action=action, target_type="deployment", target_id=deployment_id)
+    with unit_of_work() as session:
+        dep = _deployment(session, deployment_id)
+        dep.active = active
+        dep.row_version += 1
+        session.flush()
+        append_event(actor=actor.ref, action=action, target_type="deployment",
+                     target_id=dep.id, details={"serving_name": dep.serving_name})
+        return dep
