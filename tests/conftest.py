@@ -75,7 +75,10 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 def configured(settings: Settings) -> Settings:
+    from charter.policy import service as policy
+
     db.configure(settings)
+    policy.configure(settings)
     return settings
 
 

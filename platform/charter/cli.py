@@ -252,6 +252,35 @@ def config_docs() -> None:
     click.echo(settings_markdown(), nl=False)
 
 
+# --- serve ----------------------------------------------------------------------------
+@main.command()
+@click.option("--bind", default="127.0.0.1:8080", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=int)
+@click.option("--threads", default=256, show_default=True, type=int,
+              help="Threads per worker: each open stream holds one.")
+def serve(bind: str, workers: int, threads: int) -> None:
+    """Run the API and gateway under gunicorn (gthread workers: long streams stay open)."""
+    from gunicorn.app.base import BaseApplication
+
+    from charter.app import create_app
+
+    settings = _settings()
+    settings.require_secret()
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in {"bind": bind, "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "timeout": 30,
+                               "graceful_timeout": 30, "keepalive": 5,
+                               "accesslog": None}.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # type: ignore[no-untyped-def]
+            return create_app(settings)  # in each worker: its own pools and engines
+
+    Server().run()
+
+
 # --- demo -----------------------------------------------------------------------------
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -264,6 +293,32 @@ def demo(host: str, port: int, data_dir: Path, no_serve: bool) -> None:
     from charter.demo import run_demo
 
     run_demo(host=host, port=port, data_dir=data_dir, serve=not no_serve, console=console)
+
+
+# --- dev inference node -----------------------------------------------------------------
+@main.group()
+def node() -> None:
+    """The local dev inference node (TGI protocol, CPU; needs the `node` extra)."""
+
+
+@node.command("serve")
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local model directory (config, tokenizer, weights).")
+@click.option("--region", required=True, help="Region this node reports in /info.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=int)
+@click.option("--model-id", help="model_id in /info (default: the directory's name).")
+@click.option("--revision", help="model_sha in /info (default: SHA-256 over the file digests).")
+def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str | None,
+               revision: str | None) -> None:
+    """Serve the model in MODEL on HOST:PORT with TGI's and OpenAI's HTTP protocols."""
+    from charter.devnode.server import create_node_app, serve_node
+
+    app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision)
+    console.print(f"dev node {app.config['NODE_MODEL_ID']} @ {app.config['NODE_MODEL_SHA'][:12]} "
+                  f"({region}) on http://{host}:{port}")
+    serve_node(app, host, port)
 
 
 if __name__ == "__main__":

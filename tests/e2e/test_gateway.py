@@ -1,0 +1,280 @@
+"""The governed path end to end: real clients -> Charter (gunicorn) -> real dev nodes.
+
+Processes on 127.0.0.1: two dev nodes in different regions serving the tiny model, one
+serving it under a wrong revision, and Charter itself under `charter serve`. The registry,
+approval, team, nodes and deployment are set up through the real services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from charter.audit.service import EventFilter, list_events, verify_chain
+from charter.db import utcnow
+from tests.conftest import SECRET
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def start_node(model_dir: Path, region: str, revision: str) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "charter"), "node", "serve", "--model", str(model_dir), "--region", region,
+         "--port", str(port), "--model-id", "charter/tiny-llama", "--revision", revision],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=120)
+    return url, proc
+
+
+@dataclass
+class World:
+    charter: str
+    key: str  # the service account's API key (team "apps")
+    admin_key: str
+    nodes: dict[str, tuple[str, subprocess.Popen]]
+    version_id: str
+    settings: object
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    from charter.devnode.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def world(model_dir, configured, make_person) -> Iterator[World]:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from charter.identity.actor import SYSTEM
+    from charter.identity.service import create_api_key
+    from charter.identity.teams import create_service_account, create_team
+    from charter.nodes import service as nodes
+    from charter.registry import service as registry
+    from charter.registry.importer import ImportOptions, content_revision, import_directory
+    from charter.registry.schemas import ApprovalConditions, Transition
+
+    settings = dataclasses.replace(configured, node_allowed_networks="127.0.0.0/8")
+    steward, approver, operator = (make_person("steward"), make_person("approver"),
+                                   make_person("operator"))
+    revision = content_revision(model_dir)
+    version, _ = import_directory(steward.actor, model_dir, ImportOptions(
+        model_name="charter-tiny-llama", label="0.1", publisher="charter",
+        source_repo="charter/tiny-llama", source_revision=revision,
+        license_declared="apache-2.0", derivation="original",
+        storage_region="eu-central", hosting_regions=("eu-central", "eu-west")))
+    registry.submit_version(steward.actor, version.id, Transition())
+    registry.approve_version(approver.actor, version.id, ApprovalConditions.model_validate_json(
+        json.dumps({"allowed_regions": ["eu-central", "eu-west"],
+                    "allowed_data_classes": ["internal", "restricted"],
+                    "allowed_purposes": ["assistant"],
+                    "expires_at": (utcnow() + timedelta(days=30)).isoformat()})))
+    team = create_team(SYSTEM, name="apps", description="", requests_per_day=50,
+                       entitlements={"models": ["*"], "data_classes": ["*"], "regions": ["*"]},
+                       default_data_class="internal")
+    bot = create_service_account(SYSTEM, team.id, username="apps-bot")
+    key = create_api_key(SYSTEM, bot.id, name="e2e").token
+
+    procs = {"central": start_node(model_dir, "eu-central", revision),
+             "west": start_node(model_dir, "eu-west", revision),
+             "rogue": start_node(model_dir, "eu-central", "0" * 64)}
+    ids = {}
+    for name, (url, _) in procs.items():
+        node = nodes.register_node(operator.actor, settings, name=name, base_url=url,
+                                   region="eu-west" if name == "west" else "eu-central",
+                                   engine="tgi", labels={}, capacity=4)
+        ids[name] = nodes.probe_node(settings, node.id).id
+    nodes.create_deployment(operator.actor, serving_name="tiny", version_id=version.id,
+                            node_ids=[ids["central"], ids["west"]])
+    nodes.create_deployment(operator.actor, serving_name="rogue", version_id=version.id,
+                            node_ids=[ids["rogue"]])
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+    env.update(CHARTER_DATABASE_URL=settings.database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING")
+    server = subprocess.Popen([str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}",
+                               "--workers", "1", "--threads", "32"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    charter = f"http://127.0.0.1:{port}"
+    wait_http(charter + "/healthz", server)
+    admin = make_person("admin")
+    try:
+        yield World(charter, key, admin.token, procs, version.id, settings)
+    finally:
+        for _, proc in [*procs.values(), ("", server)]:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_openai_client_unchanged(world) -> None:  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{world.charter}/v1", api_key=world.key)
+    assert [m.id for m in client.models.list()] == ["rogue", "tiny"]
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    assert reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+        stream=True))
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    outcomes = list_events(EventFilter(action="dispatch.outcome"))
+    assert [e.outcome for e in outcomes] == ["success", "success"]
+    assert outcomes[0].details["tokens_out"] > 0 and outcomes[0].details["node"] in (
+        "central", "west")
+    assert outcomes[1].details["stream"] is True and outcomes[1].details["ttft_ms"] > 0
+    decisions = list_events(EventFilter(action="policy.decide", target_id="tiny"))
+    assert len(decisions) == 2 and all(d.outcome == "success" for d in decisions)
+    assert outcomes[0].details["decision_id"] == decisions[0].details["decision_id"]
+    assert verify_chain().ok
+
+
+def test_tgi_clients_unchanged(world) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=f"{world.charter}/tgi/tiny", api_key=world.key)
+    text = client.text_generation("The audit log", max_new_tokens=6)
+    assert isinstance(text, str)
+    out = client.text_generation("The audit log", max_new_tokens=6, details=True)
+    assert out.details.finish_reason in ("length", "eos_token", "stop_sequence")
+    tokens = list(client.text_generation("The audit log", max_new_tokens=6, stream=True))
+    assert len(tokens) >= 1
+    info = httpx.get(f"{world.charter}/tgi/tiny/info",
+                     headers={"Authorization": f"Bearer {world.key}"}).json()
+    assert info["model_id"] == "tiny"
+    chat = InferenceClient(base_url=world.charter, api_key=world.key)
+    reply = chat.chat_completion(messages=[{"role": "user", "content": "Hi"}], model="tiny",
+                                 max_tokens=6)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_protocol_errors_use_each_protocols_shape(world) -> None:  # type: ignore[no-untyped-def]
+    h = {"Authorization": f"Bearer {world.key}"}
+    r = httpx.post(f"{world.charter}/v1/chat/completions", headers=h,
+                   json={"model": "missing", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h,
+                   json={"inputs": "x", "parameters": {"max_new_tokens": 10**9}})
+    assert r.status_code == 422 and r.json()["error_type"] == "max_tokens_too_large"
+    r = httpx.post(f"{world.charter}/v1/chat/completions",
+                   headers={**h, "Content-Type": "application/json"}, content=b"{nope")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(f"{world.charter}/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    r = httpx.post(f"{world.charter}/v1/chat/completions", headers=h, json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert list_events(EventFilter(action="dispatch.outcome")) == []  # nothing dispatched
+
+
+def test_unattested_node_gets_nothing(world) -> None:  # type: ignore[no-untyped-def]
+    from charter.nodes.service import list_nodes
+
+    rogue = next(n for n in list_nodes() if n.name == "rogue")
+    assert rogue.attestation == "quarantined" and "no approved version" in \
+        rogue.quarantine_reason
+    q = list_events(EventFilter(action="node.quarantine"))
+    assert [e.target_id for e in q] == [rogue.id]
+    r = httpx.post(f"{world.charter}/tgi/rogue/generate",
+                   headers={"Authorization": f"Bearer {world.key}"}, json={"inputs": "x"})
+    assert r.status_code == 503 and r.json()["error_type"] == "no_attested_node"
+
+
+def test_residency_routes_restricted_data_to_its_region(world) -> None:  # type: ignore[no-untyped-def]
+    h = {"Authorization": f"Bearer {world.key}", "X-Charter-Data-Class": "restricted"}
+    for _ in range(4):
+        r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h,
+                       json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 200, r.text
+    regions = {e.details["region"] for e in list_events(EventFilter(action="dispatch.outcome"))}
+    assert regions == {"eu-central"}  # restricted data may not leave eu-central
+    h["X-Charter-Data-Class"] = "confidential"  # not covered by the approval
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": "x"})
+    assert r.status_code == 403 and r.json()["error_type"] == "policy_denied"
+
+
+def test_revoking_stops_traffic_at_once(world) -> None:  # type: ignore[no-untyped-def]
+    from charter.identity.actor import SYSTEM
+    from charter.registry import service as registry
+    from charter.registry.schemas import RequiredReason
+
+    h = {"Authorization": f"Bearer {world.key}"}
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 2}}
+    assert httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=body).is_success
+    registry.revoke_version(SYSTEM, world.version_id, RequiredReason(reason="license withdrawn"))
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=body)
+    assert r.status_code == 403 and r.json()["error_type"] == "policy_denied"
+    denied = list_events(EventFilter(action="policy.decide", outcome="denied"))
+    assert denied[-1].details["violations"] == ["version_revoked"]
+
+
+def test_quota_answers_429(world, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    pg_conn.execute("UPDATE teams SET requests_per_day = 1 WHERE name = 'apps'")
+    h = {"Authorization": f"Bearer {world.key}"}
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 2}}
+    assert httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=body).is_success
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=body)
+    assert r.status_code == 429 and r.json()["error_type"] == "quota_exceeded"
+    assert int(r.headers["Retry-After"]) > 0
+
+
+def test_node_killed_mid_stream(world) -> None:  # type: ignore[no-untyped-def]
+    from charter.identity.actor import SYSTEM
+    from charter.nodes.service import drain_node, list_nodes
+
+    west = next(n for n in list_nodes() if n.name == "west")
+    drain_node(SYSTEM, west.id, "keep the test on one node")
+    h = {"Authorization": f"Bearer {world.key}"}
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 400}}
+    events = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{world.charter}/tgi/tiny/generate_stream", headers=h,
+                      json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if len(events) == 3:
+                    world.nodes["central"][1].send_signal(signal.SIGKILL)
+    assert time.monotonic() - started < 20
+    assert "error" in events[-1] and events[-1]["error_type"] == "node_failed"
+    outcome = list_events(EventFilter(action="dispatch.outcome"))[-1]
+    assert outcome.details["outcome"] == "aborted" and outcome.outcome == "failure"
