@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from charter.db import unit_of_work, utcnow
 from charter.identity.actor import SYSTEM, Actor
 from charter.identity.models import User
 from charter.identity.service import actor_of, create_api_key, create_user
+from charter.identity.teams import create_service_account, create_team
 from charter.policy import service as policy
 from charter.registry import service as registry
 from charter.registry.importer import ImportOptions, content_revision, import_directory
@@ -135,9 +140,17 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
 
     actors: dict[str, Actor] = {}
     keys: dict[str, str] = {}
+    team = create_team(SYSTEM, name="helpdesk", description="The help-desk assistant team",
+                       entitlements={"models": ["*"], "data_classes": ["public", "internal"],
+                                     "regions": ["*"]},
+                       requests_per_day=10_000, default_data_class="internal")
     for username, display, kind, roles in DEMO_USERS:
-        user = create_user(SYSTEM, username=username, display_name=display, kind=kind,
-                           roles=roles)
+        if kind == "service":  # a service account belongs to its team
+            user = create_service_account(SYSTEM, team.id, username=username,
+                                          display_name=display)
+        else:
+            user = create_user(SYSTEM, username=username, display_name=display, kind=kind,
+                               roles=roles)
         actors[username] = actor_of(user)
         keys[username] = create_api_key(SYSTEM, user.id, name="demo",
                                         expires_at=utcnow() + timedelta(days=30)).token
@@ -178,11 +191,83 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
     return keys
 
 
+TINY = "charter-tiny-llama"
+DEMO_NODES = (("node-central", "eu-central", 1), ("node-west", "eu-west", 2))
+
+
+def start_nodes(data_dir: Path, settings: Settings, port: int,
+                console: Console) -> list[subprocess.Popen[bytes]]:
+    """Two dev nodes in two regions serving the tiny model, registered, attested, deployed."""
+    from charter.nodes import service as nodes
+
+    tiny_dir = data_dir / "models" / TINY
+    revision = content_revision(tiny_dir)
+    procs = []
+    for name, region, offset in DEMO_NODES:
+        node_port = port + offset
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "charter.cli", "node", "serve", "--model", str(tiny_dir),
+             "--region", region, "--port", str(node_port), "--model-id", "charter/tiny-llama",
+             "--revision", revision],
+            stdout=subprocess.DEVNULL, stderr=(data_dir / f"{name}.log").open("ab")))
+    operator = _demo_actor("oli.operator")
+    known = {n.name: n for n in nodes.list_nodes()}
+    ids = []
+    for (name, region, offset), proc in zip(DEMO_NODES, procs, strict=True):
+        url = f"http://127.0.0.1:{port + offset}"
+        _wait_health(url, proc)
+        node = known.get(name) or nodes.register_node(
+            operator, settings, name=name, base_url=url, region=region, engine="tgi",
+            labels={"demo": "true"}, capacity=4)
+        ids.append(nodes.probe_node(settings, node.id).id)
+        console.print(f"  node {name} ({region}) on {url}: attested")
+    if TINY not in {d.serving_name for d in nodes.list_deployments()}:
+        version = registry.list_versions(registry.find_model(TINY).id)[0]  # type: ignore[union-attr]
+        nodes.create_deployment(operator, serving_name=TINY, version_id=version.id,
+                                node_ids=ids)
+    return procs
+
+
+def _demo_actor(username: str) -> Actor:
+    with unit_of_work() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        assert user is not None
+        return actor_of(user)
+
+
+def _wait_health(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dev node at {url} exited; see its log in the data dir")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the dev node at {url} did not become healthy")
+
+
+def _probe_forever(settings: Settings, stop: threading.Event) -> None:
+    """The demo's stand-in for the Celery beat probe: attestation stays current."""
+    from charter.nodes import service as nodes
+
+    while not stop.wait(settings.node_probe_interval_s):
+        try:
+            nodes.probe_all(settings)
+        except Exception as exc:  # noqa: BLE001 - keep probing; the next round may succeed
+            print(f"probe round failed: {exc!r}", file=sys.stderr)
+
+
 def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Console) -> None:
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{data_dir / 'charter.db'}"
-    settings = Settings.from_env(demo=True, database_url=url, log_format="console")
+    settings = Settings.from_env(demo=True, database_url=url, log_format="console",
+                                 node_allowed_networks="127.0.0.0/8")
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)
     db.configure(settings)
@@ -210,6 +295,26 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
 
     from charter.app import create_app
 
+    procs = start_nodes(data_dir, settings, port, console)
+    stop = threading.Event()
+    threading.Thread(target=_probe_forever, args=(settings, stop), daemon=True).start()
     app = create_app(settings)
+    key = keys.get("svc-helpdesk", "<key>")
+    console.print(
+        f"Stream a chat completion through the governed path:\n"
+        f"  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{{\"model\": \"{TINY}\", "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+        f"\"stream\": true, \"max_tokens\": 20}}'\n"
+        f"  (or the openai client with base_url={base}/v1; TGI clients: {base}/tgi/{TINY})",
+        soft_wrap=True,
+    )
     console.print(f"serving on {base} (Ctrl-C stops)")
-    run_simple(host, port, app, threaded=True, use_reloader=False)
+    try:
+        run_simple(host, port, app, threaded=True, use_reloader=False)
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
