@@ -229,6 +229,33 @@ def test_residency_routes_restricted_data_to_its_region(world) -> None:  # type:
     h["X-Charter-Data-Class"] = "confidential"  # not covered by the approval
     r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": "x"})
     assert r.status_code == 403 and r.json()["error_type"] == "policy_denied"
+    # Restricted data, but the only eu-central node is drained: no region may take it.
+    from charter.identity.actor import SYSTEM
+    from charter.nodes.service import drain_node, list_nodes
+
+    central = next(n for n in list_nodes() if n.name == "central")
+    drain_node(SYSTEM, central.id, "maintenance")
+    h["X-Charter-Data-Class"] = "restricted"
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": "x"})
+    assert r.status_code == 503 and r.json()["error_type"] == "no_node_in_allowed_region"
+
+
+def test_client_disconnect_cancels_the_upstream_request(world) -> None:  # type: ignore[no-untyped-def]
+    h = {"Authorization": f"Bearer {world.key}"}
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 500}}
+    with httpx.stream("POST", f"{world.charter}/tgi/tiny/generate_stream", headers=h,
+                      json=body, timeout=30) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i >= 4:
+                break  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    outcome = None
+    while time.monotonic() < deadline and outcome is None:
+        events = list_events(EventFilter(action="dispatch.outcome"))
+        outcome = events[-1] if events else None
+        time.sleep(0.2)
+    assert outcome is not None and outcome.details["outcome"] == "cancelled"
+    assert outcome.details["tokens_out"] < 500
 
 
 def test_revoking_stops_traffic_at_once(world) -> None:  # type: ignore[no-untyped-def]

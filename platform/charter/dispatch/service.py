@@ -189,6 +189,13 @@ def plan(actor: Actor, *, serving_name: str, data_class: str | None,
         if not set(decision.violation_codes) <= REGIONAL:
             break
     assert last is not None
+    if set(last.violation_codes) <= REGIONAL:
+        raise DispatchError(
+            "no attested node in a region this request may use: "
+            + "; ".join(v.msg for v in last.violations),
+            code="no_node_in_allowed_region", status=503,
+            details={"violations": last.violation_codes, "decision_id": last.decision_id,
+                     "regions_tried": order})
     raise DispatchError(
         "policy denies this request: " + "; ".join(v.msg for v in last.violations),
         code="policy_denied", status=403,
