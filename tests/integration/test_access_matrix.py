@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -26,7 +25,7 @@ PUBLIC = "public"
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    allow: frozenset[str] | str  # roles allowed, or PUBLIC
+    allow: frozenset[str] | str  # roles allowed, PUBLIC, or CONSOLE
     body: Callable[[dict[str, Any]], Any] | None = None
     team_scoped: bool = False  # another team's member gets 404 instead of 403
     other_team_allowed: bool = False  # the route is not team-scoped and open to any user
@@ -131,8 +130,17 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/teams/<team_id>/service-accounts"): R(
         "admin", team_scoped=True, body=lambda c: {"username": f"bot-{c['n']}"}),
 }
-# The console is a browser surface: bearer credentials never open it (see tests/e2e).
-CONSOLE = re.compile(r"^/console(/|$)|^/static/")
+# The console is a browser surface with its own sessions (tests/e2e drive it): a bearer
+# credential must change nothing there, so every caller gets what an anonymous one gets.
+CONSOLE = "console"
+MATRIX.update({
+    ("GET", "/static/<path:filename>"): Rule(PUBLIC),
+    ("GET", "/console/static/<path:filename>"): Rule(PUBLIC),
+    ("GET", "/console/login"): Rule(CONSOLE),
+    ("GET", "/console/callback"): Rule(CONSOLE),
+    ("GET", "/console/"): Rule(CONSOLE),
+    ("POST", "/console/logout"): Rule(CONSOLE),
+})
 
 
 @pytest.fixture
@@ -171,8 +179,6 @@ def _approved_version(owner, n: int) -> str:  # type: ignore[no-untyped-def]
 def _routes(app) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
     out = set()
     for rule in app.url_map.iter_rules():
-        if CONSOLE.match(rule.rule):
-            continue
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             out.add((method, rule.rule))
     return out
@@ -233,6 +239,7 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
             set_member(SYSTEM, team.id, target.actor.user_id, "member")
             path = (rule.replace("<model_id>", model.id).replace("<version_id>", version.id)
                     .replace("<node_id>", node.id).replace("<name>", "nope")
+                    .replace("<path:filename>", "console.css")
                     .replace("<deployment_id>", dep.id if dep else "x")
                     .replace("<key_id>", key.id).replace("<team_id>", team.id)
                     .replace("<user_id>", bot.id if "/teams/" not in rule
@@ -249,6 +256,14 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
             r = client.open(path, method=method, headers=headers,
                             json=body if body is not None else None)
             got = r.status_code
+            if spec.allow == CONSOLE:
+                anonymous = client.open(path, method=method)
+                if (got, r.headers.get("Location")) != (anonymous.status_code,
+                                                        anonymous.headers.get("Location")) \
+                        or 200 <= got < 300 and rule != "/console/login":
+                    failures.append(f"{method} {rule} as {caller}: {got}, expected what an "
+                                    f"anonymous caller gets ({anonymous.status_code})")
+                continue
             payload = r.get_json(silent=True)
             error = payload.get("error") if isinstance(payload, dict) else None
             code = (error.get("code") if isinstance(error, dict)  # ours and OpenAI's shape
