@@ -236,3 +236,49 @@ def test_in_process_engine_is_stable_under_threads(bundle) -> None:  # type: ign
     for t in threads:
         t.join(timeout=120)
     assert errors == []
+
+
+def test_verdict_cache_agrees_with_the_engine_at_every_time(bundle) -> None:  # type: ignore[no-untyped-def]
+    """Cached verdicts equal fresh ones for every dispatch case, at times before, at and
+    after the approval's expiry, whichever time filled the cache first."""
+    from charter.policy.cache import VerdictCache
+
+    engine = InProcessEngine(bundle)
+    times = ["2020-01-01T00:00:00Z", "2026-12-31T23:59:59Z", "2027-01-01T00:00:00Z",
+             "2027-01-01T00:00:00.000001Z", "2031-05-05T05:05:05+02:00"]
+    checked = 0
+    for policy, name, doc, _allow, _codes in CASES:
+        if policy != "dispatch":
+            continue
+        for first in times:
+            cache = VerdictCache()
+            seeded = {**doc, "now": first} if "now" in doc else doc
+            key = VerdictCache.key(engine.revision, policy, seeded)
+            if key is None:
+                continue
+            cache.put(key, seeded, engine.evaluate(policy, seeded))
+            for t in times:
+                probe = {**doc, "now": t}
+                hit = cache.get(key, probe)
+                if hit is not None:
+                    fresh = engine.evaluate(policy, probe)
+                    assert (hit.allow, hit.violations) == (fresh.allow, fresh.violations), \
+                        (name, first, t)
+                    checked += 1
+    assert checked > 100
+
+
+def test_cached_decisions_are_still_audited(configured) -> None:  # type: ignore[no-untyped-def]
+    from charter.audit.service import EventFilter, list_events
+    from charter.policy import service
+
+    import uuid
+
+    doc = next(c[2] for c in CASES if c[0] == "dispatch" and c[3])
+    doc = {**doc, "caller": {**doc["caller"], "team": uuid.uuid4().hex}}  # never seen before
+    first = service.decide("dispatch", doc, actor="user:t", target_type="t", target_id="x")
+    second = service.decide("dispatch", {**doc, "now": "2026-07-01T00:00:00Z"}, actor="user:t",
+                            target_type="t", target_id="x")
+    assert first.decision_id != second.decision_id and first.allow and second.allow
+    events = list_events(EventFilter(action="policy.decide"))
+    assert [e.details.get("cached", False) for e in events][-2:] == [False, True]

@@ -12,6 +12,7 @@ from charter.audit.service import append_event
 from charter.db import unit_of_work
 from charter.errors import ConfigurationError
 from charter.policy.bundle import PolicyBundle, default_policy_dir
+from charter.policy.cache import VerdictCache
 from charter.policy.engine import (
     Decision,
     InProcessEngine,
@@ -22,6 +23,7 @@ from charter.policy.engine import (
 from charter.settings import Settings
 
 _engine: PolicyEngine | None = None
+_cache = VerdictCache()
 
 
 def build_engine(settings: Settings) -> PolicyEngine:
@@ -71,8 +73,15 @@ def decide(
     decision_id = str(uuid.uuid4())
     base = {"policy": policy, "decision_id": decision_id, "input_digest": digest,
             "engine": engine.name, "policy_revision": engine.revision, **(context or {})}
+    cache_key = VerdictCache.key(engine.revision, policy, input_doc)
+    verdict = _cache.get(cache_key, input_doc) if cache_key else None
     try:
-        verdict = engine.evaluate(policy, input_doc)
+        if verdict is None:
+            verdict = engine.evaluate(policy, input_doc)
+            if cache_key:
+                _cache.put(cache_key, input_doc, verdict)
+        else:
+            base["cached"] = True
     except PolicyUnavailableError as exc:
         with unit_of_work():
             append_event(actor=actor, action="policy.decide", target_type=target_type,
