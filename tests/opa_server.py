@@ -31,6 +31,7 @@ class OpaTestServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as a real OPA server: no 40 ms delayed-ACK stalls
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass

@@ -187,6 +187,8 @@ class RemoteEngine:
             host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
             ssl=parts.scheme == "https", retries=0, timeout=timeout_s,
         )
+        # No proxies or netrc from the environment: the sidecar is local (and it is faster).
+        self.client._session.trust_env = False
         self._loaded = False
         self._lock = threading.Lock()
         self._push = push

@@ -26,7 +26,7 @@ _ent := input.caller.entitlements
 _classes := data.charter.residency.data_classes
 
 _valid_input if {
-	_time_ok(input.now)
+	_now_ok
 	is_object(_v)
 	is_string(_v.id)
 	is_string(_v.model)
@@ -90,13 +90,18 @@ violations contains {
 	not _time_ok(object.get(_approval, "expires_at", null))
 }
 
+# Rules, not function calls, so each regex runs once per decision.
+_now_ok if _time_ok(input.now)
+
+_expiry_ok if _time_ok(_approval.expires_at)
+
 violations contains {
 	"code": "approval_expired",
 	"msg": sprintf("the approval expired at %v", [_approval.expires_at]),
 } if {
 	_valid_input
-	_time_ok(input.now)
-	_time_ok(_approval.expires_at)
+	_now_ok
+	_expiry_ok
 	time.parse_rfc3339_ns(input.now) >= time.parse_rfc3339_ns(_approval.expires_at)
 }
 
