@@ -269,10 +269,10 @@ def test_verdict_cache_agrees_with_the_engine_at_every_time(bundle) -> None:  # 
 
 
 def test_cached_decisions_are_still_audited(configured) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
     from charter.audit.service import EventFilter, list_events
     from charter.policy import service
-
-    import uuid
 
     doc = next(c[2] for c in CASES if c[0] == "dispatch" and c[3])
     doc = {**doc, "caller": {**doc["caller"], "team": uuid.uuid4().hex}}  # never seen before
