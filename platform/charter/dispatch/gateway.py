@@ -198,7 +198,7 @@ def _tgi(route: str, name: str | None) -> Response:
         raise _bad("`stream` must be a boolean")
     data_class, purpose = _headers_context()
     plan = service.plan(actor, serving_name=_serving_name(name), data_class=data_class,
-                        purpose=purpose)
+                        purpose=purpose, protocol="tgi")
     return _forward(plan, route, body, stream=stream, protocol="tgi")
 
 

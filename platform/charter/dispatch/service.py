@@ -124,7 +124,7 @@ def _refuse(actor: Actor, serving_name: str, exc: DispatchError) -> DispatchErro
 
 
 def plan(actor: Actor, *, serving_name: str, data_class: str | None,
-         purpose: str | None) -> Plan:
+         purpose: str | None, protocol: str = "openai") -> Plan:
     """Everything up to the first byte sent to a node; raises DispatchError on refusal."""
     ctx = caller_context(actor.user_id)
     data_class = data_class or ctx["default_data_class"]
@@ -139,7 +139,9 @@ def plan(actor: Actor, *, serving_name: str, data_class: str | None,
         version = session.get(ModelVersion, dep.version_id)
         assert version is not None
         nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
-        candidates = [n for n in nodes if n.routable and n.attested_version_id == version.id]
+        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
+        candidates = [n for n in nodes if n.routable and n.attested_version_id == version.id
+                      and (protocol == "openai" or n.engine == "tgi")]
         version_doc = {"id": version.id, "model": version.model.name, "state": version.state,
                        "license": version.license_declared, "approval": _approval(version)}
         ids = (dep.id, version.id, version.model.name)
