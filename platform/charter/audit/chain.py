@@ -16,6 +16,8 @@ import rfc8785
 
 GENESIS_HASH = "0" * 64
 _MAX_SAFE_INT = 2**53 - 1
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            allow_nan=False)
 _FIELDS = (
     "seq",
     "ts",
@@ -38,7 +40,7 @@ def _plain(value: Any, *, key: bool = False) -> bool:
     8785 sorts keys by UTF-16 code units, Python by code points). Floats go to rfc8785.
     """
     if isinstance(value, str):
-        return not key or all(c < "\ud800" for c in value)
+        return not key or value.isascii() or max(value, default="") < "\ud800"
     if value is None or isinstance(value, bool):
         return True
     if isinstance(value, int):
@@ -56,9 +58,7 @@ def canonical_json(value: Any) -> bytes:
     """RFC 8785 (JCS) canonical bytes of a JSON value."""
     if _plain(value):
         # Same bytes as rfc8785.dumps (tests prove it on generated values), ~4x faster.
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        return _ENCODER.encode(value).encode("utf-8")
     return rfc8785.dumps(value)
 
 
