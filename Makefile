@@ -27,6 +27,8 @@ test: setup-dev
 bench: setup-dev
 	bash scripts/services-up
 	$(BIN)/python bench/audit_append.py
+	$(BIN)/python bench/policy.py
+	$(BIN)/python bench/gateway.py
 
 lint: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)
