@@ -190,6 +190,8 @@ def test_protocol_errors_use_each_protocols_shape(world) -> None:  # type: ignor
     r = httpx.post(f"{world.charter}/v1/chat/completions", headers=h,
                    json={"model": "missing", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    refused = list_events(EventFilter(action="dispatch.refused"))
+    assert [(e.target_id, e.details["code"]) for e in refused] == [("missing", "model_not_found")]
     r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h,
                    json={"inputs": "x", "parameters": {"max_new_tokens": 10**9}})
     assert r.status_code == 422 and r.json()["error_type"] == "max_tokens_too_large"
@@ -281,6 +283,8 @@ def test_quota_answers_429(world, pg_conn) -> None:  # type: ignore[no-untyped-d
     r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=body)
     assert r.status_code == 429 and r.json()["error_type"] == "quota_exceeded"
     assert int(r.headers["Retry-After"]) > 0
+    refused = list_events(EventFilter(action="dispatch.refused"))
+    assert refused[-1].details["code"] == "quota_exceeded" and refused[-1].outcome == "denied"
 
 
 def test_node_killed_mid_stream(world) -> None:  # type: ignore[no-untyped-def]

@@ -125,41 +125,46 @@ def _refuse(actor: Actor, serving_name: str, exc: DispatchError) -> DispatchErro
 
 def plan(actor: Actor, *, serving_name: str, data_class: str | None,
          purpose: str | None, protocol: str = "openai") -> Plan:
-    """Everything up to the first byte sent to a node; raises DispatchError on refusal."""
-    ctx = caller_context(actor.user_id)
-    data_class = data_class or ctx["default_data_class"]
-    purpose = purpose or "assistant"
+    """Everything up to the first byte sent to a node; raises DispatchError on refusal.
+
+    All reads happen in one transaction; a refusal is audited after it, in its own.
+    """
+    refusal: DispatchError | None = None
     with unit_of_work() as session:
+        ctx = caller_context(actor.user_id)  # joins this transaction
         dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
                                                       Deployment.active.is_(True)))
         if dep is None:
-            raise _refuse(actor, serving_name, DispatchError(
-                f"the model {serving_name!r} does not exist", code="model_not_found",
-                status=404))
-        version = session.get(ModelVersion, dep.version_id)
-        assert version is not None
-        nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
-        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
-        candidates = [n for n in nodes if n.routable and n.attested_version_id == version.id
-                      and (protocol == "openai" or n.engine == "tgi")]
-        version_doc = {"id": version.id, "model": version.model.name, "state": version.state,
-                       "license": version.license_declared, "approval": _approval(version)}
-        ids = (dep.id, version.id, version.model.name)
-    quota = ctx["requests_per_day"]
-    if quota is not None:
-        used = requests_today(ctx["team_id"])
-        if used >= quota:
-            now = utcnow()
-            midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
-            raise _refuse(actor, serving_name, DispatchError(
-                f"team {ctx['team']} has used its {quota} requests for today",
-                code="quota_exceeded", status=429,
-                details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
-                         "team": ctx["team"], "requests_per_day": quota}))
-    if not candidates:
-        raise _refuse(actor, serving_name, DispatchError(
-            "no attested, healthy node serves this model", code="no_attested_node",
-            details={"nodes": len(nodes)}))
+            refusal = DispatchError(f"the model {serving_name!r} does not exist",
+                                    code="model_not_found", status=404)
+        else:
+            version = session.get(ModelVersion, dep.version_id)
+            assert version is not None
+            nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
+            # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
+            candidates = [n for n in nodes
+                          if n.routable and n.attested_version_id == version.id
+                          and (protocol == "openai" or n.engine == "tgi")]
+            version_doc = {"id": version.id, "model": version.model.name,
+                           "state": version.state, "license": version.license_declared,
+                           "approval": _approval(version)}
+            ids = (dep.id, version.id, version.model.name)
+            quota = ctx["requests_per_day"]
+            if quota is not None and requests_today(ctx["team_id"]) >= quota:
+                now = utcnow()
+                midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
+                refusal = DispatchError(
+                    f"team {ctx['team']} has used its {quota} requests for today",
+                    code="quota_exceeded", status=429,
+                    details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
+                             "team": ctx["team"], "requests_per_day": quota})
+            elif not candidates:
+                refusal = DispatchError("no attested, healthy node serves this model",
+                                        code="no_attested_node", details={"nodes": len(nodes)})
+    if refusal is not None:
+        raise _refuse(actor, serving_name, refusal)
+    data_class = data_class or ctx["default_data_class"]
+    purpose = purpose or "assistant"
     regions: dict[str, list[Node]] = defaultdict(list)
     for n in candidates:
         regions[n.region].append(n)

@@ -1,0 +1,1047 @@
+"""Benchmark: the governed gateway (`charter serve`) vs a fast TGI stub upstream, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+MODEL_ID = "bench/fast-tgi"
+MODEL_SHA = "0123456789abcdef0123456789abcdef01234567"  # what the stub's /info reports
+SECRET = "bench-secret-key-that-is-long-enough-0000"  # noqa: S105 - a throwaway database
+ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve()
+BODY = b'{"inputs":"Hello, world","parameters":{"max_new_tokens":8}}'
+GOAL_P50_MS, GOAL_P99_MS, GOAL_CPU_MS, GOAL_STREAMS = 3.0, 10.0, 3.0, 200
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# --- the fast upstream: TGI's protocol on a raw asyncio server ------------------------------
+
+def _http(status: int, body: bytes, ctype: str = "application/json") -> bytes:
+    reason = {200: "OK", 404: "Not Found"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+GEN_TEXT = " the quick brown fox jumps over the lazy"
+CANNED = {
+    (b"GET", b"/health"): _http(200, b""),
+    (b"GET", b"/info"): _http(200, json.dumps({
+        "model_id": MODEL_ID, "model_sha": MODEL_SHA, "model_dtype": "bfloat16",
+        "model_pipeline_tag": "text-generation", "max_concurrent_requests": 512,
+        "max_best_of": 1, "max_stop_sequences": 4, "max_input_tokens": 4096,
+        "max_total_tokens": 8192, "validation_workers": 1, "max_client_batch_size": 4,
+        "router": "text-generation-router", "version": "2.4.1", "sha": None,
+        "docker_label": None}).encode()),
+    (b"POST", b"/generate"): _http(200, json.dumps({
+        "generated_text": GEN_TEXT, "details": {
+            "finish_reason": "length", "generated_tokens": 8, "seed": None,
+            "prefill": [], "tokens": []}}).encode()),
+    (b"POST", b"/v1/chat/completions"): _http(200, json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL_ID,
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": GEN_TEXT}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}}).encode()),
+}
+NOT_FOUND = _http(404, b'{"error":"not found","error_type":"not_found"}')
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def _token_chunk(i: int, n: int) -> bytes:
+    last = i == n - 1
+    event = {"index": i + 1, "token": {"id": 100 + i, "text": f" t{i}", "logprob": -0.5,
+                                       "special": False},
+             "generated_text": GEN_TEXT if last else None,
+             "details": {"finish_reason": "length", "generated_tokens": n, "seed": None}
+             if last else None}
+    data = b"data:" + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class TgiStub(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, Content-Length bodies, canned answers; streams with a delay."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.buf = b""
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while not self.busy:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = self.buf[:end].split(b"\r\n")
+            length = 0
+            for line in lines[1:]:
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if len(self.buf) < end + 4 + length:
+                return
+            body = self.buf[end + 4:end + 4 + length]
+            self.buf = self.buf[end + 4 + length:]
+            method, target = lines[0].split(b" ")[:2]
+            assert self.transport is not None
+            if method == b"POST" and target == b"/generate_stream":
+                params = json.loads(body or b"{}").get("parameters") or {}
+                self.busy = True
+                asyncio.ensure_future(self._stream(int(params.get("max_new_tokens") or 20)))
+            else:
+                self.transport.write(CANNED.get((method, target), NOT_FOUND))
+
+    async def _stream(self, n: int) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(STREAM_HEAD)
+        for i in range(n):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if transport.is_closing():
+                return
+            transport.write(_token_chunk(i, n))
+        transport.write(b"0\r\n\r\n")
+        self.busy = False
+        self.data_received(b"")
+
+
+async def _serve_upstream(delay_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TgiStub(delay_s), "127.0.0.1", 0, backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    print(json.dumps({"port": port}), flush=True)
+    await server.serve_forever()
+
+
+# --- load generators (child processes) ------------------------------------------------------
+
+def _latency_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """c=1 keep-alive POSTs; targets interleaved in blocks so drift hits each equally."""
+    targets = spec["targets"]
+    conns = {t["name"]: http.client.HTTPConnection("127.0.0.1", t["port"], timeout=30)
+             for t in targets}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {spec['key']}"}
+    out: dict[str, list[float]] = {t["name"]: [] for t in targets}
+    errors: dict[str, int] = {t["name"]: 0 for t in targets}
+
+    def one(t: dict[str, Any]) -> float:
+        conn = conns[t["name"]]
+        started = time.perf_counter_ns()
+        conn.request("POST", t["path"], BODY, headers)
+        resp = conn.getresponse()
+        resp.read()
+        elapsed = (time.perf_counter_ns() - started) / 1e6
+        if resp.status != 200:
+            errors[t["name"]] += 1
+        return elapsed
+
+    for t in targets:
+        for _ in range(spec["warmup"]):
+            one(t)
+    block, deadline = spec["block"], time.monotonic() + spec["budget_s"]
+    for _ in range(spec["n"] // block):
+        for t in targets:
+            out[t["name"]].extend(one(t) for _ in range(block))
+        if time.monotonic() > deadline:  # a slow path gets fewer samples, not a longer run
+            break
+    return {"ms": out, "errors": errors}
+
+
+async def _one_stream(port: int, path: str, key: str, body: bytes) -> dict[str, Any]:
+    started = time.perf_counter()
+    ttft: float | None = None
+    tokens, failed, status, kind = 0, False, 0, ""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                     + body)
+        status = int((await reader.readline()).split()[1])
+        chunked = False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+                chunked = True
+
+        def seen(data: bytes) -> None:
+            nonlocal ttft, tokens, failed, kind
+            if status != 200 or b'"error_type"' in data:
+                found = re.search(rb'"(?:error_type|code)": ?"([a-z_]+)"', data)
+                kind = kind or (found.group(1).decode() if found else "")
+            if ttft is None and b"data:" in data:
+                ttft = (time.perf_counter() - started) * 1000
+            tokens += data.count(b"data:")
+            failed = failed or b'"error_type"' in data
+
+        if chunked:
+            while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
+                seen((await reader.readexactly(size + 2))[:-2])
+        else:
+            while data := await reader.read(65536):
+                seen(data)
+    finally:
+        writer.close()
+    return {"status": status, "ttft": ttft, "tokens": tokens, "failed": failed, "kind": kind,
+            "total": (time.perf_counter() - started) * 1000}
+
+
+async def _streams(spec: dict[str, Any]) -> dict[str, Any]:
+    body = json.dumps({"inputs": "Once upon a time",
+                       "parameters": {"max_new_tokens": spec["tokens"]}}).encode()
+
+    async def guarded() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(
+                _one_stream(spec["port"], spec["path"], spec["key"], body), spec["timeout"])
+        except (TimeoutError, OSError, ValueError, IndexError,
+                asyncio.IncompleteReadError) as exc:
+            return {"status": 0, "ttft": None, "tokens": 0, "failed": True,
+                    "error": type(exc).__name__, "total": None}
+
+    results = await asyncio.gather(*(guarded() for _ in range(spec["streams"])))
+    errors = [r for r in results if r["status"] != 200 or r["failed"]
+              or r["tokens"] != spec["tokens"]]
+    ok = [r for r in results if r not in errors]
+    return {"errors": len(errors), "ttft": [r["ttft"] for r in ok],
+            "total": [r["total"] for r in ok],
+            "error_kinds": sorted({r.get("error") or f"HTTP {r['status']} {r['kind']}".strip()
+                                   for r in errors})[:5]}
+
+
+def _load_client(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fallback when wrk is missing: threads of keep-alive clients for a fixed time."""
+    stop = time.monotonic() + spec["duration"]
+    counts = [0] * spec["conc"]
+    bad = [0] * spec["conc"]
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {spec['key']}"}
+
+    def run(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", spec["port"], timeout=30)
+        while time.monotonic() < stop:
+            conn.request("POST", spec["path"], BODY, headers)
+            resp = conn.getresponse()
+            resp.read()
+            counts[i] += 1
+            bad[i] += resp.status != 200
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(spec["conc"])]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    return {"requests": sum(counts), "rps": sum(counts) / elapsed, "non2xx": sum(bad),
+            "socket_errors": 0}
+
+
+def _child(role: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(HERE), "--role", role, "--spec", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} client failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- CPU accounting from /proc ---------------------------------------------------------------
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / TICK if fields else 0.0
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def _children(pid: int) -> list[int]:
+    return [p for p in _pids() if (f := _stat(p)) is not None and int(f[1]) == pid]
+
+
+def _pg_backends(dbname: str) -> list[int]:
+    out = []
+    for pid in _pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"postgres: ") and f" {dbname} ".encode() in cmd:
+            out.append(pid)
+    return out
+
+
+def _machine_busy_s() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait
+
+
+class CpuMeter:
+    """User+sys CPU seconds of process groups over an interval, and what others used."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+
+    def __enter__(self) -> CpuMeter:
+        self.before = {g: {p: _cpu_s(p) for p in f()} for g, f in self.groups.items()}
+        self.busy0, self.kids0 = _machine_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.seconds = time.monotonic() - self.t0
+        self.used: dict[str, float] = {}
+        for g, f in self.groups.items():
+            pids = set(f()) | set(self.before[g])
+            self.used[g] = sum(max(0.0, _cpu_s(p) - self.before[g].get(p, 0.0)) for p in pids)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.used["load generator"] = (kids.ru_utime + kids.ru_stime
+                                       - self.kids0.ru_utime - self.kids0.ru_stime)
+        busy = _machine_busy_s() - self.busy0
+        self.used["others"] = max(0.0, busy - sum(self.used.values()))
+
+
+# --- setup: database, governed registry entries, processes ------------------------------------
+
+def _create_database(name: str) -> str:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from charter import migrate
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    rendered = url.render_as_string(hide_password=False)
+    migrate.upgrade(rendered)
+    return rendered
+
+
+def _drop_database(name: str) -> None:
+    import psycopg
+
+    from charter import db
+
+    db.reset()
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _seed(settings: Any, upstream_url: str) -> str:
+    """An approved version matching the stub, a team, a service-account key, an attested
+    node and the deployment `bench`, all through the real services. Returns the API key."""
+    from charter import db
+    from charter.db import utcnow
+    from charter.identity.actor import SYSTEM
+    from charter.identity.service import actor_of, create_api_key, create_user
+    from charter.identity.teams import create_service_account, create_team
+    from charter.nodes import service as nodes
+    from charter.policy import service as policy
+    from charter.registry import service as registry
+    from charter.registry.schemas import (
+        ApprovalConditions,
+        FileSpec,
+        ModelCreate,
+        Transition,
+        VersionSpec,
+    )
+
+    db.configure(settings)
+    policy.configure(settings)
+    steward, approver, operator = (
+        actor_of(create_user(SYSTEM, username=f"bench-{role}", roles=[role]))
+        for role in ("steward", "approver", "operator"))
+    model = registry.create_model(steward, ModelCreate(name="bench-model", publisher="TinyLlama",
+                                                       source_repo=MODEL_ID))
+    version = registry.create_version(steward, model.id, VersionSpec(
+        label="1", source_revision=MODEL_SHA, weight_format="safetensors",
+        files=[FileSpec(path="model.safetensors", size=1, sha256="b" * 64)],
+        license_declared="apache-2.0", license_card="apache-2.0", derivation="original",
+        datasets=["d"], storage_region="eu-central", hosting_regions=["eu-central"]))
+    registry.submit_version(steward, version.id, Transition())
+    registry.approve_version(approver, version.id, ApprovalConditions.model_validate_json(
+        json.dumps({"allowed_regions": ["eu-central"], "allowed_data_classes": ["internal"],
+                    "allowed_purposes": ["assistant"],
+                    "expires_at": (utcnow() + timedelta(days=30)).isoformat()})))
+    team = create_team(SYSTEM, name="bench", description="", requests_per_day=10**9,
+                       entitlements={"models": ["*"], "data_classes": ["*"], "regions": ["*"]},
+                       default_data_class="internal")
+    bot = create_service_account(SYSTEM, team.id, username="bench-bot")
+    key = create_api_key(SYSTEM, bot.id, name="bench").token
+    node = nodes.register_node(operator, settings, name="fast", base_url=upstream_url,
+                               region="eu-central", engine="tgi", labels={}, capacity=512)
+    probed = nodes.probe_node(settings, node.id)
+    if probed.attestation != "attested":
+        raise SystemExit(f"the stub node was not attested: {probed.quarantine_reason}")
+    nodes.create_deployment(operator, serving_name="bench", version_id=version.id,
+                            node_ids=[node.id])
+    return key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{path}: the process exited with {proc.returncode}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(path)
+
+
+def _stop(proc: subprocess.Popen[Any] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# --- throughput with wrk ----------------------------------------------------------------------
+
+WRK_LUA = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def _throughput(tool: dict[str, Any], port: int, path: str, conc: int,
+                duration: float) -> dict[str, Any]:
+    if tool["wrk"] is None:
+        return _child("load", {"port": port, "path": path, "key": tool["key"], "conc": conc,
+                               "duration": duration}, timeout=duration + 60)
+    out = subprocess.run(
+        [tool["wrk"], "-t", "1", "-c", str(conc), "-d", f"{duration:g}s", "--timeout", "10s",
+         "-s", tool["lua"], f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"requests": requests, "rps": rps, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": sum(int(x) for x in sock.groups()) if sock else 0}
+
+
+# --- profile 1: stage timing in-process (the real code path, wrapped from outside) ------------
+
+class StageTimer:
+    """Exclusive wall and CPU per wrapped function; SQL, COMMIT and pre-ping per stage."""
+
+    REST = "Flask/werkzeug, hooks, parse (the rest)"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.stack: list[tuple[str, list[float]]] = []
+        self.undo: list[tuple[Any, str, Any]] = []
+        self.missing: list[str] = []
+
+    def current(self) -> str:
+        return self.stack[-1][0] if self.stack else self.REST
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        if not hasattr(owner, attr):  # the code changed: say so rather than fail
+            self.missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+            return
+        self.stats[name]["calls"] += 0
+        orig = getattr(owner, attr)
+        self.undo.append((owner, attr, owner.__dict__.get(attr, orig)
+                          if isinstance(owner, type) else orig))
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            self.stack.append((name, [0.0, 0.0]))
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                dw, dc = time.perf_counter() - w0, time.thread_time() - c0
+                _, child = self.stack.pop()
+                self.stats[name]["wall"] += dw - child[0]
+                self.stats[name]["cpu"] += dc - child[1]
+                self.stats[name]["calls"] += 1
+                if self.stack:
+                    self.stack[-1][1][0] += dw
+                    self.stack[-1][1][1] += dc
+
+        setattr(owner, attr, wrapper)
+
+    def tally(self, owner: Any, attr: str, kind: str) -> None:
+        """Count and time `attr` inside whatever stage is running (not a stage itself)."""
+        if not hasattr(owner, attr):
+            self.missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+            return
+        orig = getattr(owner, attr)
+        self.undo.append((owner, attr, owner.__dict__.get(attr, orig)
+                          if isinstance(owner, type) else orig))
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            w0 = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                s = self.stats[self.current()]
+                s[f"{kind}_ms"] += (time.perf_counter() - w0) * 1000
+                s[f"{kind}_n"] += 1
+
+        setattr(owner, attr, wrapper)
+
+    def restore(self) -> None:
+        for owner, attr, orig in reversed(self.undo):
+            setattr(owner, attr, orig)
+
+    def reset(self) -> None:
+        for stats in self.stats.values():
+            stats.clear()
+
+
+def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
+    import httpx
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    import charter.app
+    import charter.dispatch.gateway as gateway
+    import charter.dispatch.service as dispatch
+    import charter.policy.service as policy
+    from charter import db
+    from charter.nodes.ssrf import NodeUrlPolicy
+
+    app = charter.app.create_app(settings)
+    client = app.test_client()
+    timer = StageTimer()
+    engine = db.get_database().engine
+    sql_started: dict[int, float] = {}
+
+    def before(conn: Any, *_a: Any) -> None:
+        sql_started[id(conn)] = time.perf_counter()
+
+    def after(conn: Any, *_a: Any) -> None:
+        s = timer.stats[timer.current()]
+        s["sql_ms"] += (time.perf_counter() - sql_started.pop(id(conn), time.perf_counter())) * 1e3
+        s["sql_n"] += 1
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    timer.wrap(charter.app, "authenticate_api_key", "authenticate: API key -> actor")
+    timer.wrap(dispatch, "caller_context", "caller_context: teams, entitlements")
+    timer.wrap(dispatch, "plan", "plan: deployment + version + nodes lookup")
+    timer.wrap(dispatch, "requests_today", "quota: requests_today SUM")
+    timer.wrap(policy.get_engine(), "evaluate", "policy: regorus evaluate")
+    timer.wrap(policy, "decide", "policy: decision audit append + commit")
+    timer.wrap(NodeUrlPolicy, "resolve", "proxy: SSRF re-check of the node URL")
+    timer.wrap(httpx.Client, "send", "node call: httpx send + read")
+    timer.wrap(httpx.Response, "read", "node call: httpx send + read")
+    timer.wrap(gateway, "_forward", "proxy: digest, build request, response")
+    timer.wrap(gateway, "_finish_whole", "proxy: digest, build request, response")
+    timer.wrap(dispatch, "record_outcome", "outcome: usage upsert + audit append + commit")
+    timer.tally(Session, "commit", "commit")
+    timer.tally(engine.dialect, "do_ping", "ping")
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    try:
+        for _ in range(30):
+            client.post("/tgi/bench/generate", data=BODY, headers=headers)
+        timer.reset()
+        totals, cpus = [], []
+        for _ in range(n):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            r = client.post("/tgi/bench/generate", data=BODY, headers=headers)
+            totals.append((time.perf_counter() - w0) * 1000)
+            cpus.append((time.thread_time() - c0) * 1000)
+            if r.status_code != 200:
+                raise RuntimeError(f"in-process request failed: {r.status_code} {r.text[:300]}")
+    finally:
+        timer.restore()
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+    stages = {name: {k: v / n for k, v in s.items()} for name, s in timer.stats.items()}
+    floors = _round_trip_floors(settings)
+    rest = stages.setdefault(StageTimer.REST, defaultdict(float))
+    rest["wall"] = sum(totals) / n * 1e-3 - sum(s.get("wall", 0) for s in stages.values())
+    rest["cpu"] = sum(cpus) / n * 1e-3 - sum(s.get("cpu", 0) for s in stages.values()
+                                             if s is not rest)
+    return {"stages": stages, "mean_ms": statistics.fmean(totals), "floors": floors,
+            "missing": timer.missing,
+            "p50_ms": statistics.median(totals), "cpu_ms": statistics.fmean(cpus)}
+
+
+def _round_trip_floors(settings: Any, n: int = 300) -> dict[str, tuple[float, float]]:
+    """(wall ms, CPU ms) of one raw psycopg round trip and of one empty unit of work."""
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from charter.db import unit_of_work
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        for _ in range(20):
+            fn()
+        w0, c0 = time.perf_counter(), time.thread_time()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - w0) * 1000 / n, (time.thread_time() - c0) * 1000 / n
+
+    def empty_uow() -> None:
+        with unit_of_work() as session:
+            session.execute(text("SELECT 1")).scalar()
+
+    raw_url = make_url(settings.database_url).set(drivername="postgresql")
+    with psycopg.connect(raw_url.render_as_string(hide_password=False),
+                         autocommit=True) as conn:
+        raw = timed(lambda: conn.execute("SELECT 1").fetchone())
+    return {"raw psycopg round trip (SELECT 1, autocommit)": raw,
+            "unit_of_work() with one SELECT 1 (ping+BEGIN+SELECT+COMMIT)": timed(empty_uow)}
+
+
+# --- profile 2: py-spy samples of the real gunicorn workers under load ------------------------
+
+MARKERS = [  # (function, file fragment, stage): the innermost match in a stack wins
+    ("authenticate_api_key", "charter/identity/service.py", "authenticate"),
+    ("caller_context", "charter/identity/teams.py", "caller_context"),
+    ("requests_today", "charter/dispatch/service.py", "quota query"),
+    ("evaluate", "charter/policy/engine.py", "policy evaluate (regorus)"),
+    ("decide", "charter/policy/service.py", "policy decision audit + commit"),
+    ("record_outcome", "charter/dispatch/service.py", "outcome usage + audit + commit"),
+    ("resolve", "charter/nodes/ssrf.py", "SSRF re-check"),
+    ("send", "httpx/_client.py", "node call (httpx)"),
+    ("read", "httpx/_models.py", "node call (httpx)"),
+    ("plan", "charter/dispatch/service.py", "plan: deployment lookup"),
+    ("_forward", "charter/dispatch/gateway.py", "proxy glue"),
+    ("_finish_whole", "charter/dispatch/gateway.py", "proxy glue"),
+    ("_tgi", "charter/dispatch/gateway.py", "gateway parse"),
+    ("_start", "charter/app.py", "request hooks"),
+    ("_finish", "charter/app.py", "request hooks"),
+    ("_authenticate", "charter/app.py", "request hooks"),
+    ("wsgi_app", "flask/app.py", "Flask/werkzeug"),
+    ("handle_request", "gunicorn/workers/gthread.py", "gunicorn request I/O"),
+    ("handle", "gunicorn/workers/gthread.py", "gunicorn request I/O"),
+]
+LIBS = [("sqlalchemy", "SQLAlchemy"), ("psycopg", "psycopg"), ("httpx", "httpx/httpcore/h11"),
+        ("httpcore", "httpx/httpcore/h11"), ("h11", "httpx/httpcore/h11"),
+        ("werkzeug", "werkzeug"), ("flask", "Flask"), ("gunicorn", "gunicorn"),
+        ("structlog", "logging"), ("logging", "logging"), ("prometheus_client", "prometheus"),
+        ("charter/", "charter code"), ("json", "json"), ("ssl", "socket/select"),
+        ("socket", "socket/select"), ("selectors", "socket/select"),
+        ("concurrent/futures", "thread pool"), ("threading", "thread pool")]
+
+
+def _frame(raw: str) -> tuple[str, str]:
+    func, _, where = raw.partition(" (")
+    return func, where
+
+
+def _classify(frames: list[str]) -> tuple[str, str]:
+    stage = "other (gunicorn main loop, GC, ...)"
+    for raw in reversed(frames):
+        func, where = _frame(raw)
+        hit = next((s for f, frag, s in MARKERS if f == func and frag in where), None)
+        if hit:
+            stage = hit
+            break
+    _, leaf = _frame(frames[-1]) if frames else ("", "")
+    lib = next((name for frag, name in LIBS if frag in leaf), "stdlib/other")
+    return stage, lib
+
+
+def _pyspy_profile(pyspy: str, master: int, port: int, tool: dict[str, Any],
+                   duration: float, meter_groups: dict[str, Callable[[], list[int]]],
+                   tmp: Path) -> dict[str, Any]:
+    workers = _children(master)
+    outs = [tmp / f"pyspy-{pid}.txt" for pid in workers]
+    spies = [subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration",
+                               str(int(duration)), "--rate", "200", "--nonblocking",
+                               "--format", "raw", "--output", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for pid, out in zip(workers, outs, strict=True)]
+    time.sleep(1.0)  # let py-spy attach
+    with CpuMeter(meter_groups) as meter:
+        result = _throughput(tool, port, "/tgi/bench/generate", 32, duration - 2)
+    for spy in spies:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(timeout=30)
+    by_stage: dict[str, int] = defaultdict(int)
+    by_lib: dict[str, int] = defaultdict(int)
+    cross: dict[tuple[str, str], int] = defaultdict(int)
+    total = 0
+    for out in outs:
+        if not out.exists():
+            continue
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            stage, lib = _classify(stack.split(";"))
+            by_stage[stage] += int(count)
+            by_lib[lib] += int(count)
+            cross[(stage, lib)] += int(count)
+            total += int(count)
+    errors = [s.stderr.read().decode()[-300:] for s in spies if s.returncode and s.stderr]
+    cpu_ms = meter.used["charter"] * 1000 / max(1, result["requests"])
+    return {"total": total, "by_stage": dict(by_stage), "by_lib": dict(by_lib),
+            "cross": cross, "cpu_ms": cpu_ms, "rps": result["rps"], "errors": errors}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    return f"{os.cpu_count()} CPUs (nproc), {model}, Python {sys.version.split()[0]}"
+
+
+def run(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from charter.settings import Settings
+
+    console = Console(width=max(Console().width, 140))
+    load_before = os.getloadavg()
+    name = f"charter_bench_gw_{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    upstream = charter_proc = None
+    created = False
+    try:
+        t0 = time.monotonic()
+        upstream = subprocess.Popen(
+            [sys.executable, str(HERE), "--role", "upstream", "--spec",
+             json.dumps({"delay_ms": args.token_delay_ms})], stdout=subprocess.PIPE, text=True)
+        assert upstream.stdout is not None
+        up_port = json.loads(upstream.stdout.readline())["port"]
+        database_url = _create_database(name)
+        created = True
+        settings = Settings.from_env({}, database_url=database_url, secret_key=SECRET,
+                                     node_allowed_networks="127.0.0.0/8", log_level="WARNING")
+        key = _seed(settings, f"http://127.0.0.1:{up_port}")
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+        env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
+                   CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING")
+        charter_proc = subprocess.Popen(
+            [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers",
+             str(args.workers), "--threads", str(args.threads)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_http(port, "/healthz", charter_proc)
+        master = charter_proc.pid
+        console.print(f"[dim]set up in {time.monotonic() - t0:.1f}s: stub on :{up_port}, "
+                      f"charter on :{port} (pid {master}), database {name}[/dim]")
+
+        groups: dict[str, Callable[[], list[int]]] = {
+            "charter": lambda: [master, *_children(master)],
+            "upstream": lambda: [upstream.pid],  # type: ignore[union-attr]
+            "postgres": lambda: _pg_backends(name),
+            "this process": lambda: [os.getpid()],
+        }
+        lua = tmp / "post.lua"
+        lua.write_text(WRK_LUA.format(body=BODY.decode(), key=key))
+        wrk = shutil.which("wrk")
+        tool = {"wrk": wrk, "lua": str(lua), "key": key}
+        direct = {"name": "direct", "port": up_port, "path": "/generate"}
+        gated = {"name": "charter", "port": port, "path": "/tgi/bench/generate"}
+
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            lat = _child("latency", {"targets": [direct, gated], "key": key, "n": args.requests,
+                                     "warmup": 50, "block": 50, "budget_s": 15},
+                         timeout=120)
+            one: dict[str, Any] = {"lat": lat}
+            for target in (direct, gated):
+                with CpuMeter(groups) as meter:
+                    one[target["name"]] = _throughput(tool, target["port"], target["path"],
+                                                      32, args.duration)
+                one[target["name"]]["cpu"] = dict(meter.used)
+                one[target["name"]]["seconds"] = meter.seconds
+            for target in (direct, gated):
+                spec = {"port": target["port"], "path": target["path"].replace(
+                    "generate", "generate_stream"), "key": key, "streams": args.streams,
+                    "tokens": args.tokens, "timeout": 60}
+                with CpuMeter(groups) as meter:
+                    one[f"{target['name']}_streams"] = _child("streams", spec, timeout=120)
+                one[f"{target['name']}_streams"]["cpu"] = dict(meter.used)
+            rounds.append(one)
+            d_ms, c_ms = lat["ms"]["direct"], lat["ms"]["charter"]
+            console.print(
+                f"[dim]round {r + 1}: c=1 p50 {statistics.median(d_ms):.3f} / "
+                f"{statistics.median(c_ms):.3f} ms, p99 {_pct(d_ms, .99):.3f} / "
+                f"{_pct(c_ms, .99):.3f} ms; c=32 {one['direct']['rps']:,.0f} / "
+                f"{one['charter']['rps']:,.0f} req/s; streams errors "
+                f"{one['charter_streams']['errors']}; others used "
+                f"{one['charter']['cpu']['others'] / one['charter']['seconds']:.2f} cores[/dim]")
+
+        with CpuMeter(groups) as meter:
+            profile = _stage_profile(settings, key, args.profile_requests)
+        profile["others"] = meter.used["others"] / meter.seconds
+        spy = None
+        if args.py_spy:
+            spy = _pyspy_profile(args.py_spy, master, port, tool, args.duration + 3, groups, tmp)
+        report(console, args, rounds, profile, spy, wrk, load_before)
+    finally:
+        _stop(charter_proc)
+        _stop(upstream)
+        if created:
+            _drop_database(name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
+           profile: dict[str, Any], spy: dict[str, Any] | None, wrk: str | None,
+           load_before: tuple[float, float, float]) -> None:
+    from rich.table import Table
+
+    med = statistics.median
+
+    def lat(path: str, q: float) -> float:
+        return med(med(r["lat"]["ms"][path]) if q == .5 else _pct(r["lat"]["ms"][path], q)
+                   for r in rounds)
+
+    def per_req(path: str, group: str) -> float:
+        return med(r[path]["cpu"][group] * 1000 / max(1, r[path]["requests"]) for r in rounds)
+
+    def rps(path: str) -> float:
+        return med(r[path]["rps"] for r in rounds)
+
+    added50 = med(med(r["lat"]["ms"]["charter"]) - med(r["lat"]["ms"]["direct"]) for r in rounds)
+    added99 = med(_pct(r["lat"]["ms"]["charter"], .99) - _pct(r["lat"]["ms"]["direct"], .99)
+                  for r in rounds)
+    gen = "wrk -t1 -c32" if wrk else "Python threads (wrk not found)"
+    console.print(f"[bold]Machine:[/bold] {_machine()}; load average before "
+                  f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    console.print(f"Upstream: raw asyncio HTTP/1.1 stub (one process, keep-alive, canned TGI "
+                  f"answers). Charter: `charter serve --workers {args.workers} --threads "
+                  f"{args.threads}` (gunicorn gthread). Load: c=1 latency from a Python "
+                  f"http.client process, c=32 throughput from {gen}, streams from an asyncio "
+                  f"client process. {args.rounds} rounds, medians; every process shares the "
+                  f"same {os.cpu_count()} cores.")
+
+    t = Table(title=f"POST /generate: direct vs through Charter (median of {args.rounds} rounds)")
+    for col in ("path", "p50 ms c=1", "p99 ms c=1", "req/s c=32", "server CPU ms/req",
+                "PostgreSQL CPU ms/req", "load-gen CPU ms/req", "others (cores)", "non-2xx/err"):
+        t.add_column(col, justify="left" if col == "path" else "right")
+    for path, label, group in (("direct", "direct to the stub", "upstream"),
+                               ("charter", "through Charter /tgi/bench/generate", "charter")):
+        bad = sum(r[path]["non2xx"] + r[path]["socket_errors"] for r in rounds) + sum(
+            r["lat"]["errors"][path] for r in rounds)
+        t.add_row(label, f"{lat(path, .5):.3f}", f"{lat(path, .99):.3f}", f"{rps(path):,.0f}",
+                  f"{per_req(path, group):.3f}", f"{per_req(path, 'postgres'):.3f}",
+                  f"{per_req(path, 'load generator'):.3f}",
+                  f"{med(r[path]['cpu']['others'] / r[path]['seconds'] for r in rounds):.2f}",
+                  str(bad))
+    t.add_section()
+    t.add_row("Charter vs direct", f"+{added50:.3f}", f"+{added99:.3f}",
+              f"{rps('direct') / rps('charter'):.1f}x fewer",
+              f"{per_req('charter', 'charter') / max(1e-9, per_req('direct', 'upstream')):.0f}x",
+              "", "", "", "")
+    console.print(t)
+    console.print("  'server CPU' is the stub's process for the direct row and Charter's gunicorn "
+                  "master + workers for the Charter row (user+sys from /proc, / requests "
+                  "completed); 'others' is CPU used by processes outside this benchmark during "
+                  "the c=32 runs (interference), in cores.")
+    try:
+        import importlib.util
+        litellm = importlib.util.find_spec("litellm") is not None
+    except (ImportError, ValueError):
+        litellm = False
+    if not litellm:
+        console.print("  LiteLLM is not installed in this environment: no LiteLLM row "
+                      "(DESIGN.md yardstick: LiteLLM proxy 1.108.7 +20.5 ms p50, ~20 ms "
+                      "CPU/req, ~90 req/s).")
+
+    s = Table(title=f"{args.streams} concurrent streams, {args.tokens} tokens each, "
+                    f"{args.token_delay_ms:g} ms per token upstream (median of rounds)")
+    for col in ("path", "errors (all rounds)", "TTFT p50 ms", "TTFT p99 ms", "stream p50 ms",
+                "stream p99 ms", "server CPU ms/stream"):
+        s.add_column(col, justify="left" if col == "path" else "right")
+    for path, label, group in (("direct_streams", "direct to the stub", "upstream"),
+                               ("charter_streams", "through Charter", "charter")):
+        errs = sum(r[path]["errors"] for r in rounds)
+        kinds = sorted({k for r in rounds for k in r[path]["error_kinds"]})
+
+        def q(field: str, p: float, path: str = path) -> str:
+            vals = [_pct(r[path][field], p) for r in rounds if r[path][field]]
+            return f"{med(vals):.1f}" if vals else "-"
+
+        s.add_row(label, f"{errs}" + (f" ({', '.join(kinds)})" if kinds else ""),
+                  q("ttft", .5), q("ttft", .99), q("total", .5), q("total", .99),
+                  f"{med(r[path]['cpu'][group] * 1000 / args.streams for r in rounds):.2f}")
+    console.print(s)
+    handlers = args.workers * args.threads
+    setup_cpu = med(r["charter_streams"]["cpu"]["charter"] for r in rounds)
+    console.print(f"  Charter used {setup_cpu:.1f} s of CPU per round of {args.streams} streams "
+                  f"on {os.cpu_count()} shared cores: TTFT is mostly queueing for CPU."
+                  + (f" It has {args.workers} workers x {args.threads} threads = {handlers} "
+                     f"stream handlers: {args.streams - handlers} streams also wait for a thread."
+                     if handlers < args.streams else ""))
+
+    charter_cpu = per_req("charter", "charter")
+    stream_errors = sum(r["charter_streams"]["errors"] for r in rounds)
+    g = Table(title="Goals")
+    for col in ("goal", "measured", "met"):
+        g.add_column(col, justify="left" if col == "goal" else "right")
+    for goal, value, ok in (
+        (f"added p50 at c=1 <= {GOAL_P50_MS:g} ms", f"+{added50:.3f} ms", added50 <= GOAL_P50_MS),
+        (f"added p99 at c=1 <= {GOAL_P99_MS:g} ms", f"+{added99:.3f} ms", added99 <= GOAL_P99_MS),
+        (f"Charter CPU per request <= {GOAL_CPU_MS:g} ms (c=32)", f"{charter_cpu:.3f} ms",
+         charter_cpu <= GOAL_CPU_MS),
+        (f"{GOAL_STREAMS} concurrent streams, 0 errors",
+         f"{stream_errors} errors in {args.rounds} x {args.streams}",
+         stream_errors == 0 and args.streams >= GOAL_STREAMS),
+    ):
+        g.add_row(goal, value, "[green]yes[/green]" if ok else "[red]NO[/red]")
+    console.print(g)
+
+    p = Table(title=f"Where a request's time goes: the real Flask app in-process, c=1, "
+                    f"{args.profile_requests} requests (exclusive time per stage)")
+    for col in ("stage", "calls/req", "wall ms/req", "CPU ms/req", "SQL stmts", "SQL ms",
+                "COMMITs", "COMMIT ms", "pre-pings", "ping ms"):
+        p.add_column(col, justify="left" if col == "stage" else "right")
+    stages = sorted(profile["stages"].items(), key=lambda kv: -kv[1].get("wall", 0))
+    for stage, v in stages:
+        calls = "" if stage == StageTimer.REST else f"{v.get('calls', 0):.1f}"
+        p.add_row(stage, calls, f"{v.get('wall', 0) * 1000:.3f}", f"{v.get('cpu', 0) * 1000:.3f}",
+                  f"{v.get('sql_n', 0):.1f}", f"{v.get('sql_ms', 0):.3f}",
+                  f"{v.get('commit_n', 0):.1f}", f"{v.get('commit_ms', 0):.3f}",
+                  f"{v.get('ping_n', 0):.1f}", f"{v.get('ping_ms', 0):.3f}")
+    p.add_section()
+    tot = {k: sum(v.get(k, 0) for _, v in stages) for k in
+           ("sql_n", "sql_ms", "commit_n", "commit_ms", "ping_n", "ping_ms")}
+    p.add_row("total (mean; p50 " + f"{profile['p50_ms']:.3f} ms)", "",
+              f"{profile['mean_ms']:.3f}",
+              f"{profile['cpu_ms']:.3f}", f"{tot['sql_n']:.1f}", f"{tot['sql_ms']:.3f}",
+              f"{tot['commit_n']:.1f}", f"{tot['commit_ms']:.3f}", f"{tot['ping_n']:.1f}",
+              f"{tot['ping_ms']:.3f}")
+    console.print(p)
+    if profile["missing"]:
+        console.print(f"  [yellow]Not found in this code (not timed): "
+                      f"{', '.join(profile['missing'])}[/yellow]")
+    trips = tot["sql_n"] + 2 * tot["commit_n"] + tot["ping_n"]
+    floors = "; ".join(f"{k}: {w:.3f} ms wall, {c:.3f} ms CPU"
+                       for k, (w, c) in profile["floors"].items())
+    console.print(f"  Database round trips per request ≈ {trips:.0f} (statements + BEGIN/COMMIT "
+                  f"per transaction + pool pre-pings). Floors on this machine: {floors}.")
+    console.print(f"  Same path through gunicorn at c=1: p50 {lat('charter', .5):.3f} ms "
+                  f"(stub alone {lat('direct', .5):.3f} ms) vs in-process p50 "
+                  f"{profile['p50_ms']:.3f} ms. Processes outside this benchmark used "
+                  f"{profile['others']:.2f} cores during the in-process profile.")
+    console.print("  Through the werkzeug test client (no gunicorn, no client socket); the "
+                  "stub's time is inside 'node call'. SQL/COMMIT/ping columns are part of the "
+                  "stage's wall time; CPU is this thread's only (PostgreSQL's is not in it).")
+
+    if spy is None:
+        console.print("[dim]py-spy profile skipped (pass --py-spy PATH; install with "
+                      "`pip install --target /tmp/pyspy py-spy`).[/dim]")
+        return
+    if not spy["total"]:
+        console.print(f"[red]py-spy collected no samples[/red] {spy['errors']}")
+        return
+    sp = Table(title=f"py-spy on the gunicorn workers at c=32 ({spy['rps']:,.0f} req/s, "
+                     f"{spy['cpu_ms']:.2f} ms CPU/req; on-CPU samples by stage)")
+    for col in ("stage", "share", "≈ CPU ms/req", "top libraries inside (share of stage)"):
+        sp.add_column(col, justify="left" if col in ("stage", "top libraries inside (share "
+                                                     "of stage)") else "right")
+    for stage, count in sorted(spy["by_stage"].items(), key=lambda kv: -kv[1]):
+        libs = sorted(((lib, c) for (st, lib), c in spy["cross"].items() if st == stage),
+                      key=lambda kv: -kv[1])[:3]
+        sp.add_row(stage, f"{count / spy['total']:.1%}",
+                   f"{count / spy['total'] * spy['cpu_ms']:.3f}",
+                   ", ".join(f"{lib} {c / count:.0%}" for lib, c in libs))
+    console.print(sp)
+    libs_line = ", ".join(f"{lib} {c / spy['total']:.1%}" for lib, c in
+                          sorted(spy["by_lib"].items(), key=lambda kv: -kv[1]))
+    console.print(f"  By library of the innermost frame: {libs_line}")
+    console.print("  py-spy counts threads the kernel reports running or runnable: with the "
+                  "cores oversubscribed, threads just woken by a PostgreSQL reply and waiting "
+                  "for a CPU count too, so frames next to I/O (psycopg) are over-represented.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=400, help="c=1 requests per path and round")
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per c=32 run")
+    ap.add_argument("--streams", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--token-delay-ms", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--profile-requests", type=int, default=300)
+    ap.add_argument("--py-spy", default=shutil.which("py-spy"),
+                    help="py-spy binary for the worker profile (default: on PATH)")
+    ap.add_argument("--time-limit", type=int, default=290, help="abort after this many seconds")
+    ap.add_argument("--role", choices=("upstream", "latency", "streams", "load"),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    spec = json.loads(args.spec)
+    if args.role == "upstream":
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            asyncio.run(_serve_upstream(spec["delay_ms"] / 1000))
+        return
+    if args.role:
+        result = {"latency": _latency_client, "load": _load_client,
+                  "streams": lambda s: asyncio.run(_streams(s))}[args.role](spec)
+        print(json.dumps(result))
+        return
+
+    def too_long(*_: object) -> None:
+        raise TimeoutError(f"the benchmark ran past {args.time_limit}s")
+
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(args.time_limit)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
