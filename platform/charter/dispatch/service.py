@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import noload
 
 from charter.audit.service import append_event
 from charter.db import unit_of_work, utcnow
@@ -138,7 +139,9 @@ def plan(actor: Actor, *, serving_name: str, data_class: str | None,
             refusal = DispatchError(f"the model {serving_name!r} does not exist",
                                     code="model_not_found", status=404)
         else:
-            version = session.get(ModelVersion, dep.version_id)
+            # Only the approval decisions are needed: not the files or exceptions.
+            version = session.get(ModelVersion, dep.version_id, options=[
+                noload(ModelVersion.files), noload(ModelVersion.exceptions)])
             assert version is not None
             nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
             # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
