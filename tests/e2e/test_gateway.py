@@ -60,6 +60,15 @@ def start_node(model_dir: Path, region: str, revision: str) -> tuple[str, subpro
     return url, proc
 
 
+def wait_events(action: str, count: int, timeout: float = 10) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        events = list_events(EventFilter(action=action))
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.1)
+
+
 @dataclass
 class World:
     charter: str
@@ -155,7 +164,7 @@ def test_openai_client_unchanged(world) -> None:  # type: ignore[no-untyped-def]
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
         stream=True))
     assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
-    outcomes = list_events(EventFilter(action="dispatch.outcome"))
+    outcomes = wait_events("dispatch.outcome", 2)  # a stream's outcome follows its last byte
     assert [e.outcome for e in outcomes] == ["success", "success"]
     assert outcomes[0].details["tokens_out"] > 0 and outcomes[0].details["node"] in (
         "central", "west")
@@ -226,7 +235,7 @@ def test_residency_routes_restricted_data_to_its_region(world) -> None:  # type:
         r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h,
                        json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
         assert r.status_code == 200, r.text
-    regions = {e.details["region"] for e in list_events(EventFilter(action="dispatch.outcome"))}
+    regions = {e.details["region"] for e in wait_events("dispatch.outcome", 4)}
     assert regions == {"eu-central"}  # restricted data may not leave eu-central
     h["X-Charter-Data-Class"] = "confidential"  # not covered by the approval
     r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": "x"})
@@ -307,5 +316,5 @@ def test_node_killed_mid_stream(world) -> None:  # type: ignore[no-untyped-def]
                     world.nodes["central"][1].send_signal(signal.SIGKILL)
     assert time.monotonic() - started < 20
     assert "error" in events[-1] and events[-1]["error_type"] == "node_failed"
-    outcome = list_events(EventFilter(action="dispatch.outcome"))[-1]
+    outcome = wait_events("dispatch.outcome", 1)[-1]
     assert outcome.details["outcome"] == "aborted" and outcome.outcome == "failure"
