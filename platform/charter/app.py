@@ -27,6 +27,7 @@ from charter.logs import configure_logging
 from charter.migrate import schema_status
 from charter.policy import service as policy
 from charter.settings import Settings
+from charter.snapshot import generation_var, read_generation
 
 log = structlog.get_logger("charter.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -130,6 +131,9 @@ def _install_request_hooks(app: Flask) -> None:
         token = g.pop("token", None)
         if token is not None:
             request_id_var.reset(token)
+        generation = g.pop("generation_token", None)
+        if generation is not None:
+            generation_var.reset(generation)
 
 
 def _authenticate() -> None:
@@ -148,6 +152,7 @@ def _authenticate() -> None:
         raise CharterError("too many failed authentications; try again later",
                            code="rate_limited", status=429,
                            details={"retry_after_s": int(retry) + 1})
+    g.generation_token = generation_var.set(read_generation())  # one cheap read: see snapshot
     scheme, _, token = header.partition(" ")
     token = token.strip()
     method = "api_key" if token.startswith(f"{KEY_PREFIX}_") else "jwt"

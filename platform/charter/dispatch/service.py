@@ -25,6 +25,7 @@ from charter.nodes.models import Deployment, Node
 from charter.policy import service as policy
 from charter.policy.engine import Decision
 from charter.registry.models import ModelVersion
+from charter.snapshot import SNAPSHOT
 
 # Violations that only rule out the node's region: another region may still be allowed.
 REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
@@ -124,52 +125,74 @@ def _refuse(actor: Actor, serving_name: str, exc: DispatchError) -> DispatchErro
     return exc
 
 
+@dataclass(frozen=True)
+class Route:
+    """What a serving name leads to, as plain data (cached per generation: snapshot)."""
+
+    deployment_id: str
+    version_id: str
+    model_name: str
+    version_doc: dict[str, Any]
+    candidates: tuple[NodeTarget, ...]  # routable and attested for the version
+    nodes_total: int
+
+
+def _load_route(serving_name: str, protocol: str) -> Route | None:
+    with unit_of_work() as session:
+        dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
+                                                      Deployment.active.is_(True)))
+        if dep is None:
+            return None
+        # Only the approval decisions are needed: not the files or exceptions.
+        version = session.get(ModelVersion, dep.version_id, options=[
+            noload(ModelVersion.files), noload(ModelVersion.exceptions)])
+        assert version is not None
+        nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
+        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
+        candidates = tuple(
+            NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
+            for n in nodes
+            if n.routable and n.attested_version_id == version.id
+            and (protocol == "openai" or n.engine == "tgi"))
+        return Route(dep.id, version.id, version.model.name,
+                     {"id": version.id, "model": version.model.name, "state": version.state,
+                      "license": version.license_declared, "approval": _approval(version)},
+                     candidates, len(nodes))
+
+
 def plan(actor: Actor, *, serving_name: str, data_class: str | None,
          purpose: str | None, protocol: str = "openai") -> Plan:
     """Everything up to the first byte sent to a node; raises DispatchError on refusal.
 
-    All reads happen in one transaction; a refusal is audited after it, in its own.
+    The caller's context and the route are read through the snapshot (invalidated by any
+    committed change to them); the quota is counted fresh. A refusal is audited.
     """
+    ctx = SNAPSHOT.cached(("caller", actor.user_id), lambda: caller_context(actor.user_id))
+    route = SNAPSHOT.cached(("route", serving_name, protocol),
+                            lambda: _load_route(serving_name, protocol))
     refusal: DispatchError | None = None
-    with unit_of_work() as session:
-        ctx = caller_context(actor.user_id)  # joins this transaction
-        dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
-                                                      Deployment.active.is_(True)))
-        if dep is None:
-            refusal = DispatchError(f"the model {serving_name!r} does not exist",
-                                    code="model_not_found", status=404)
-        else:
-            # Only the approval decisions are needed: not the files or exceptions.
-            version = session.get(ModelVersion, dep.version_id, options=[
-                noload(ModelVersion.files), noload(ModelVersion.exceptions)])
-            assert version is not None
-            nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
-            # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
-            candidates = [n for n in nodes
-                          if n.routable and n.attested_version_id == version.id
-                          and (protocol == "openai" or n.engine == "tgi")]
-            version_doc = {"id": version.id, "model": version.model.name,
-                           "state": version.state, "license": version.license_declared,
-                           "approval": _approval(version)}
-            ids = (dep.id, version.id, version.model.name)
-            quota = ctx["requests_per_day"]
-            if quota is not None and requests_today(ctx["team_id"]) >= quota:
-                now = utcnow()
-                midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
-                refusal = DispatchError(
-                    f"team {ctx['team']} has used its {quota} requests for today",
-                    code="quota_exceeded", status=429,
-                    details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
-                             "team": ctx["team"], "requests_per_day": quota})
-            elif not candidates:
-                refusal = DispatchError("no attested, healthy node serves this model",
-                                        code="no_attested_node", details={"nodes": len(nodes)})
+    quota = ctx["requests_per_day"]
+    if route is None:
+        refusal = DispatchError(f"the model {serving_name!r} does not exist",
+                                code="model_not_found", status=404)
+    elif quota is not None and requests_today(ctx["team_id"]) >= quota:
+        now = utcnow()
+        midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
+        refusal = DispatchError(
+            f"team {ctx['team']} has used its {quota} requests for today",
+            code="quota_exceeded", status=429,
+            details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
+                     "team": ctx["team"], "requests_per_day": quota})
+    elif not route.candidates:
+        refusal = DispatchError("no attested, healthy node serves this model",
+                                code="no_attested_node", details={"nodes": route.nodes_total})
     if refusal is not None:
         raise _refuse(actor, serving_name, refusal)
+    assert route is not None
     data_class = data_class or ctx["default_data_class"]
     purpose = purpose or "assistant"
-    regions: dict[str, list[Node]] = defaultdict(list)
-    for n in candidates:
+    regions: dict[str, list[NodeTarget]] = defaultdict(list)
+    for n in route.candidates:
         regions[n.region].append(n)
     order = sorted(regions, key=lambda r: min(OUTSTANDING.get(n.id) for n in regions[r]))
     last: Decision | None = None
@@ -177,24 +200,23 @@ def plan(actor: Actor, *, serving_name: str, data_class: str | None,
         node = min(regions[region], key=lambda n: OUTSTANDING.get(n.id))
         doc = {
             "now": utcnow().isoformat().replace("+00:00", "Z"),
-            "version": version_doc,
+            "version": route.version_doc,
             "request": {"purpose": purpose, "data_class": data_class},
             "caller": {"team": ctx["team"], "teams": ctx["teams"],
                        "entitlements": ctx["entitlements"]},
             "node": {"id": node.id, "region": node.region,
-                     "attested_version_id": node.attested_version_id},
+                     "attested_version_id": route.version_id},
         }
         decision = policy.decide("dispatch", doc, actor=actor.ref, target_type="deployment",
                                  target_id=serving_name,
                                  context={"serving_name": serving_name, "node": node.name})
         if decision.allow:
             targets = sorted(regions[region], key=lambda n: OUTSTANDING.get(n.id))
-            return Plan(actor=actor, serving_name=serving_name, deployment_id=ids[0],
-                        version_id=ids[1], model_name=ids[2], team_id=ctx["team_id"],
+            return Plan(actor=actor, serving_name=serving_name,
+                        deployment_id=route.deployment_id, version_id=route.version_id,
+                        model_name=route.model_name, team_id=ctx["team_id"],
                         team=ctx["team"], data_class=data_class, purpose=purpose,
-                        decision=decision,
-                        nodes=[NodeTarget(n.id, n.name, n.base_url, n.region, n.engine,
-                                          n.reported_model_id) for n in targets])
+                        decision=decision, nodes=targets)
         last = decision
         if not set(decision.violation_codes) <= REGIONAL:
             break

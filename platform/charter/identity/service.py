@@ -26,6 +26,7 @@ from charter.errors import (
 from charter.identity.access import can_manage_keys, visible_user
 from charter.identity.actor import Actor
 from charter.identity.models import ROLES, USER_KINDS, ApiKey, User, UserRole
+from charter.snapshot import SNAPSHOT
 
 KEY_PREFIX = "chk"
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,99}$")
@@ -215,27 +216,52 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    secret_sha256: str
+    expires_at: datetime
+    revoked: bool
+    last_used_at: datetime | None
+    actor: Actor | None  # None: the user is gone or inactive
+
+
+def _load_key(key_id: str) -> _KeyRecord | None:
+    with unit_of_work() as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            return None
+        user = session.get(User, key.user_id)
+        actor = actor_of(user) if user is not None and user.active else None
+        return _KeyRecord(key.secret_sha256, key.expires_at, key.revoked_at is not None,
+                          key.last_used_at, actor)
+
+
 def authenticate_api_key(token: str) -> Actor:
-    """Map a presented key to its actor, or raise UnauthenticatedError (never says why)."""
+    """Map a presented key to its actor, or raise UnauthenticatedError (never says why).
+
+    The key's row is read through the per-process snapshot (charter.snapshot), which any
+    committed change to keys, users or roles invalidates; the secret and the expiry are
+    checked on every call.
+    """
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not re.fullmatch(r"[0-9a-f]{16}", parts[1]):
         raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-    with unit_of_work() as session:
-        key = session.get(ApiKey, parts[1])
-        now = utcnow()
-        if (
-            key is None
-            or not hmac.compare_digest(key.secret_sha256, _digest(parts[2]))
-            or key.revoked_at is not None
-            or key.expires_at <= now
-        ):
-            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-        user = session.get(User, key.user_id)
-        if user is None or not user.active:
-            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-        if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
-            key.last_used_at = now
-        return actor_of(user)
+    record = SNAPSHOT.cached(("api_key", parts[1]), lambda: _load_key(parts[1]))
+    now = utcnow()
+    if (
+        record is None
+        or not hmac.compare_digest(record.secret_sha256, _digest(parts[2]))
+        or record.revoked
+        or record.expires_at <= now
+        or record.actor is None
+    ):
+        raise UnauthenticatedError("invalid API key", code="invalid_credentials")
+    if record.last_used_at is None or now - record.last_used_at > _LAST_USED_RESOLUTION:
+        with unit_of_work() as session:
+            key = session.get(ApiKey, parts[1])
+            if key is not None:
+                key.last_used_at = now
+    return record.actor
 
 
 def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
