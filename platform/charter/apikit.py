@@ -16,7 +16,12 @@ from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from charter.errors import InvalidJsonError, UnauthenticatedError, ValidationFailedError
+from charter.errors import (
+    InvalidJsonError,
+    UnauthenticatedError,
+    ValidationFailedError,
+    validation_failed,
+)
 from charter.identity.actor import Actor
 
 
@@ -98,17 +103,6 @@ def current_actor() -> Actor:
     return actor
 
 
-def _validation_error(exc: ValidationError, where: str) -> ValidationFailedError:
-    errors = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"]) or where
-        errors.append({"field": loc, "code": err["type"], "message": err["msg"]})
-    return ValidationFailedError(
-        f"the request {where} is invalid ({len(errors)} problem{'s' * (len(errors) != 1)})",
-        details={"errors": errors},
-    )
-
-
 def parse_body(model: type[BaseModel]) -> BaseModel:
     """Parse a JSON object body strictly: every field error is reported at once."""
     raw = request.get_data(cache=True)  # bounded by MAX_CONTENT_LENGTH (413 before this)
@@ -130,7 +124,7 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise _validation_error(exc, "body") from None
+        raise validation_failed(exc, "request body") from None
 
 
 def parse_query(model: type[BaseModel]) -> BaseModel:
@@ -151,7 +145,7 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc, "query") from None
+        raise validation_failed(exc, "request query") from None
 
 
 ERROR_SCHEMA = {

@@ -55,6 +55,18 @@ class ValidationFailedError(CharterError):
     code = "validation_failed"
 
 
+def validation_failed(exc: Any, what: str) -> ValidationFailedError:
+    """Every field error of a pydantic ValidationError, in Charter's error shape."""
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"]) or what
+        errors.append({"field": field, "code": err["type"], "message": err["msg"]})
+    return ValidationFailedError(
+        f"the {what} is invalid ({len(errors)} problem{'s' * (len(errors) != 1)})",
+        details={"errors": errors},
+    )
+
+
 class InvalidJsonError(CharterError):
     status = 400
     code = "invalid_json"

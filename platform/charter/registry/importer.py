@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from charter.db import unit_of_work
-from charter.errors import ImportFailedError, ValidationFailedError
+from charter.errors import ImportFailedError, validation_failed
 from charter.identity.actor import Actor
 from charter.registry import service
 from charter.registry.models import ModelVersion
@@ -265,15 +265,7 @@ def _version_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
     try:
         return _build_spec(opts, info)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "code": e["type"], "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ValidationFailedError(
-            f"the version's details are invalid ({len(errors)} problem"
-            f"{'s' * (len(errors) != 1)})",
-            details={"errors": errors},
-        ) from None
+        raise validation_failed(exc, "version's details") from None
 
 
 def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
