@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import http.client
 import json
 import multiprocessing as mp
@@ -40,24 +39,10 @@ NOTE = (
 )
 
 
-def apply_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
-    """The replace/remove subset of RFC 6902 that the case files use."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = op["path"].split("/")[1:]
-        target = doc
-        for p in parents:
-            target = target[int(p)] if isinstance(target, list) else target[p]
-        key: Any = int(last) if isinstance(target, list) else last
-        if op["op"] == "remove":
-            del target[key]
-        else:
-            target[key] = op["value"]
-    return doc
-
-
 def load_inputs() -> list[tuple[str, str, dict[str, Any], bool]]:
     """(policy, label, input, expected allow): each policy's base and one denying case."""
+    from tests.policy_cases import apply_patch
+
     out = []
     for policy in POLICIES:
         spec = json.loads((CASES_DIR / f"{policy}.json").read_text())

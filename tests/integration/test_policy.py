@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -14,24 +13,9 @@ import pytest
 from charter.policy.bundle import PolicyBundle, default_policy_dir
 from charter.policy.engine import InProcessEngine, PolicyUnavailableError, RemoteEngine
 from tests.opa_server import OpaTestServer
+from tests.policy_cases import apply_patch
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "policy_cases"
-
-
-def apply_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
-    """The replace/remove subset of RFC 6902 that the case files use."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = [p for p in op["path"].split("/")[1:]]
-        target = doc
-        for p in parents:
-            target = target[int(p)] if isinstance(target, list) else target[p]
-        key: Any = int(last) if isinstance(target, list) else last
-        if op["op"] == "remove":
-            del target[key]
-        else:
-            target[key] = op["value"]
-    return doc
 
 
 def load_cases() -> list[tuple[str, str, dict[str, Any], bool, list[str]]]:
