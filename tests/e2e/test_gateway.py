@@ -194,6 +194,32 @@ def test_tgi_clients_unchanged(world) -> None:  # type: ignore[no-untyped-def]
     assert reply.choices[0].message.role == "assistant"
 
 
+def test_gateway_answers_validate_against_tgis_schemas(world) -> None:  # type: ignore[no-untyped-def]
+    from tests.tgi_schema import tgi_validator
+
+    check = tgi_validator()
+    h = {"Authorization": f"Bearer {world.key}"}
+    params = {"max_new_tokens": 4, "details": True}
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h,
+                   json={"inputs": "x", "parameters": params})
+    check("GenerateResponse", r.json())
+    r = httpx.post(f"{world.charter}/tgi/tiny/", headers=h,
+                   json={"inputs": "x", "parameters": params, "stream": False})
+    assert isinstance(r.json(), list)
+    for item in r.json():
+        check("GenerateResponse", item)
+    with httpx.stream("POST", f"{world.charter}/tgi/tiny/generate_stream", headers=h,
+                      json={"inputs": "x", "parameters": params}) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert events and events[-1]["details"]["finish_reason"] in (
+        "length", "eos_token", "stop_sequence")
+    for event in events:
+        check("StreamResponse", event)
+    check("Info", httpx.get(f"{world.charter}/tgi/tiny/info", headers=h).json())
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": ""})
+    check("ErrorResponse", r.json())
+
+
 def test_protocol_errors_use_each_protocols_shape(world) -> None:  # type: ignore[no-untyped-def]
     h = {"Authorization": f"Bearer {world.key}"}
     r = httpx.post(f"{world.charter}/v1/chat/completions", headers=h,

@@ -25,9 +25,9 @@ from openai import OpenAI
 from charter.devnode.server import create_node_app
 from charter.devnode.tinymodel import build_tiny_model
 from charter.registry.importer import content_revision
+from tests.tgi_schema import tgi_validator
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = Path(os.environ.get("TGI_OPENAPI_SPEC", REPO / "tests/fixtures/tgi-openapi.json"))
 CHARTER = Path(sys.executable).parent / "charter"
 FINISH = {"length", "eos_token", "stop_sequence"}
 PROMPT = "The quick brown fox"
@@ -80,34 +80,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             proc.wait()
 
 
-def _json_schema(node: Any, *, names: bool = False) -> Any:
-    """OpenAPI 3.0 schema -> JSON Schema: `nullable: true` becomes an explicit null type."""
-    if isinstance(node, list):
-        return [_json_schema(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    if names:  # a `properties` map: its keys are field names, not keywords
-        return {k: _json_schema(v) for k, v in node.items()}
-    out = {k: _json_schema(v, names=k == "properties") for k, v in node.items()
-           if k not in ("nullable", "example", "discriminator")}
-    if node.get("nullable"):
-        if isinstance(out.get("type"), str):
-            out["type"] = [out["type"], "null"]
-        else:
-            out = {"anyOf": [{"type": "null"}, out]}
-    return out
-
-
 @pytest.fixture(scope="module")
 def validate() -> Validate:
-    assert SPEC.is_file(), f"TGI's OpenAPI spec is not at {SPEC}"
-    components = _json_schema(json.loads(SPEC.read_text())["components"])
-
-    def check(name: str, instance: Any) -> None:
-        root = {"$ref": f"#/components/schemas/{name}", "components": components}
-        jsonschema.Draft202012Validator(root).validate(instance)
-
-    return check
+    return tgi_validator()
 
 
 def _events(response: httpx.Response) -> list[Any]:
