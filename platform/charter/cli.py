@@ -276,7 +276,15 @@ def serve(bind: str, workers: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
-            return create_app(settings)  # in each worker: its own pools and engines
+            import threading
+
+            from charter.nodes.service import probe_loop
+
+            app = create_app(settings)  # in each worker: its own pools and engines
+            # Node probes and attestation in every worker; one of them runs each round.
+            threading.Thread(target=probe_loop, args=(settings, threading.Event()),
+                             daemon=True, name="charter-probe").start()
+            return app
 
     Server().run()
 

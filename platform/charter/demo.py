@@ -251,17 +251,6 @@ def _wait_health(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) 
     raise TimeoutError(f"the dev node at {url} did not become healthy")
 
 
-def _probe_forever(settings: Settings, stop: threading.Event) -> None:
-    """The demo's stand-in for the Celery beat probe: attestation stays current."""
-    from charter.nodes import service as nodes
-
-    while not stop.wait(settings.node_probe_interval_s):
-        try:
-            nodes.probe_all(settings)
-        except Exception as exc:  # noqa: BLE001 - keep probing; the next round may succeed
-            print(f"probe round failed: {exc!r}", file=sys.stderr)
-
-
 def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Console) -> None:
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +286,9 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
 
     procs = start_nodes(data_dir, settings, port, console)
     stop = threading.Event()
-    threading.Thread(target=_probe_forever, args=(settings, stop), daemon=True).start()
+    from charter.nodes.service import probe_loop
+
+    threading.Thread(target=probe_loop, args=(settings, stop), daemon=True).start()
     app = create_app(settings)
     key = keys.get("svc-helpdesk", "<key>")
     console.print(

@@ -3,6 +3,7 @@ deployments that bind a serving name to an approved version and its nodes."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter.db import get_database, unit_of_work, utcnow
 from charter.errors import ConflictError, NotFoundError, ValidationFailedError
 from charter.identity.actor import SYSTEM, Actor
 from charter.nodes import adapters
@@ -152,6 +153,41 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
 def probe_all(settings: Settings) -> list[Node]:
     nodes = [n.id for n in list_nodes()]
     return [probe_node(settings, node_id) for node_id in nodes]
+
+
+_PROBE_LOCK_KEY = 0x43484152505242  # any fixed number: one prober at a time
+
+
+def probe_round(settings: Settings) -> bool:
+    """Probe every node unless another process is doing it right now; True if this one did.
+
+    Every API worker runs the loop; a PostgreSQL advisory lock makes one of them do each
+    round (SQLite: one process anyway).
+    """
+    database = get_database()
+    if database.dialect != "postgresql":
+        probe_all(settings)
+        return True
+    with database.engine.connect() as conn:
+        got = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({_PROBE_LOCK_KEY})").scalar()
+        conn.commit()
+        if not got:
+            return False
+        try:
+            probe_all(settings)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_PROBE_LOCK_KEY})")
+            conn.commit()
+    return True
+
+
+def probe_loop(settings: Settings, stop: threading.Event) -> None:
+    """Keep attestation current every `node_probe_interval_s` until `stop` is set."""
+    while not stop.wait(settings.node_probe_interval_s):
+        try:
+            probe_round(settings)
+        except Exception as exc:  # noqa: BLE001 - keep probing: the next round may succeed
+            log.warning("probe round failed", error=repr(exc))
 
 
 # --- deployments ----------------------------------------------------------------------------
