@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import noload
 
 from charter.audit.service import append_event
@@ -249,15 +251,17 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
                      "cancelled": "failure"}[outcome]
     with unit_of_work() as session:
-        day = utcnow().date()
-        row = session.get(Usage, (p.team_id, p.serving_name, day))
-        if row is None:
-            row = Usage(team_id=p.team_id, serving_name=p.serving_name, day=day, requests=0,
-                        tokens_in=0, tokens_out=0)
-            session.add(row)
-        row.requests += 1
-        row.tokens_in += tokens_in
-        row.tokens_out += tokens_out
+        # One upsert: concurrent first requests of a day cannot collide on the new row.
+        dialect = session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        stmt = insert(Usage).values(team_id=p.team_id, serving_name=p.serving_name,
+                                    day=utcnow().date(), requests=1, tokens_in=tokens_in,
+                                    tokens_out=tokens_out)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["team_id", "serving_name", "day"],
+            set_={"requests": Usage.requests + 1,
+                  "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
+                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
         append_event(
             actor=p.actor.ref, action="dispatch.outcome", target_type="deployment",
             target_id=p.serving_name, outcome=audit_outcome,
