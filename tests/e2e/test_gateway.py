@@ -162,8 +162,9 @@ def test_openai_client_unchanged(world) -> None:  # type: ignore[no-untyped-def]
     assert isinstance(reply.choices[0].message.content, str)
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
-        stream=True))
-    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
+        temperature=0, stream=True))  # greedy: the random tiny model may stop at once
+    assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
     outcomes = wait_events("dispatch.outcome", 2)  # a stream's outcome follows its last byte
     assert [e.outcome for e in outcomes] == ["success", "success"]
     assert outcomes[0].details["tokens_out"] > 0 and outcomes[0].details["node"] in (
