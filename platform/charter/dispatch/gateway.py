@@ -288,7 +288,8 @@ def _forward(plan: Plan, path: str, body: dict[str, Any], *, stream: bool,
             last_error = f"{node.name}: {type(exc).__name__}"
             log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
             continue
-        if resp.status_code >= 500:
+        if resp.status_code >= 500 or 300 <= resp.status_code < 400:
+            # A node error, or a redirect (never followed, never passed on): next node.
             resp.close()
             OUTSTANDING.release(node.id)
             last_error = f"{node.name}: HTTP {resp.status_code}"
