@@ -15,15 +15,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import structlog
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from charter.dispatch import service
 from charter.dispatch.service import OUTSTANDING, DispatchError, NodeTarget, Plan
 from charter.errors import CharterError, UnauthenticatedError
+from charter.nodes.client import NodeCallError, NodePool, NodeResponse
 from charter.nodes.service import url_policy
-from charter.nodes.ssrf import make_client, pinned_request_kwargs
+from charter.nodes.ssrf import NodeUrlPolicy
 
 log = structlog.get_logger("charter.gateway")
 bp = Blueprint("gateway", __name__)
@@ -33,17 +33,19 @@ MODEL_HEADER = "X-Charter-Model"
 _client_lock = threading.Lock()
 
 
-def _client() -> httpx.Client:
-    client = current_app.extensions.get("charter.node_client")
-    if client is None:
+def _nodes() -> tuple[NodePool, NodeUrlPolicy]:
+    """This process's node connection pool and URL policy, made once."""
+    found = current_app.extensions.get("charter.node_pool")
+    if found is None:
         with _client_lock:
-            client = current_app.extensions.get("charter.node_client")
-            if client is None:
+            found = current_app.extensions.get("charter.node_pool")
+            if found is None:
                 settings = current_app.extensions["charter.settings"]
-                client = make_client(httpx.Timeout(settings.node_read_timeout_s,
-                                                   connect=settings.node_connect_timeout_s))
-                current_app.extensions["charter.node_client"] = client
-    return client
+                found = (NodePool(connect_timeout=settings.node_connect_timeout_s,
+                                  read_timeout=settings.node_read_timeout_s),
+                         url_policy(settings))
+                current_app.extensions["charter.node_pool"] = found
+    return found  # type: ignore[no-any-return]
 
 
 # --- error shapes ---------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def completions() -> Response:
 
 def _openai(path: str, *, required: str, list_field: bool) -> Response:
     actor = _actor()
-    body, _raw = _body()
+    body, raw = _body()
     settings = current_app.extensions["charter.settings"]
     name = body.get("model")
     if not isinstance(name, str) or not name:
@@ -158,7 +160,7 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
         raise _bad("`stream` must be a boolean")
     data_class, purpose = _headers_context()
     plan = service.plan(actor, serving_name=name, data_class=data_class, purpose=purpose)
-    return _forward(plan, path, body, stream=stream, protocol="openai")
+    return _forward(plan, path, body, raw, stream=stream, protocol="openai")
 
 
 @bp.get("/v1/models")
@@ -184,7 +186,7 @@ def _serving_name(name: str | None) -> str:
 
 def _tgi(route: str, name: str | None) -> Response:
     actor = _actor()
-    body, _raw = _body()
+    body, raw = _body()
     settings = current_app.extensions["charter.settings"]
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
@@ -199,7 +201,7 @@ def _tgi(route: str, name: str | None) -> Response:
     data_class, purpose = _headers_context()
     plan = service.plan(actor, serving_name=_serving_name(name), data_class=data_class,
                         purpose=purpose, protocol="tgi")
-    return _forward(plan, route, body, stream=stream, protocol="tgi")
+    return _forward(plan, route, body, raw, stream=stream, protocol="tgi")
 
 
 @bp.post("/generate")
@@ -262,39 +264,33 @@ def _stream_error(protocol: str, message: str) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def _forward(plan: Plan, path: str, body: dict[str, Any], *, stream: bool,
+def _forward(plan: Plan, path: str, body: dict[str, Any], raw: bytes, *, stream: bool,
              protocol: str) -> Response:
-    digest = "sha256:" + hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    settings = current_app.extensions["charter.settings"]
-    client = _client()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()  # of the bytes the caller sent
+    pool, policy = _nodes()
+    headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
     last_error = "no node answered"
     for node in plan.nodes:  # retry on another node only before the first byte
-        upstream = dict(body)
+        payload = raw
         if protocol == "openai" and node.reported_model_id:
-            upstream["model"] = node.reported_model_id
+            payload = json.dumps({**body, "model": node.reported_model_id}).encode()
+        OUTSTANDING.acquire(node.id)
+        started = time.perf_counter()
         try:
-            target = url_policy(settings).resolve(node.base_url)
-            kwargs = pinned_request_kwargs(target)
-            req = client.build_request("POST", target.url + path, json=upstream,
-                                       headers={**kwargs.get("headers", {}),
-                                                "X-Request-Id": g.get("request_id", "")},
-                                       extensions=kwargs.get("extensions", {}))
-            OUTSTANDING.acquire(node.id)
-            started = time.perf_counter()
-            resp = client.send(req, stream=True)
-        except (httpx.HTTPError, CharterError) as exc:
+            target = policy.resolve(node.base_url)  # re-checked: DNS may have moved
+            resp = pool.request(target, "POST", path, payload, headers)
+        except (NodeCallError, CharterError) as exc:
             OUTSTANDING.release(node.id)
             last_error = f"{node.name}: {type(exc).__name__}"
             log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
             continue
-        if resp.status_code >= 500 or 300 <= resp.status_code < 400:
+        if resp.status >= 500 or 300 <= resp.status < 400:
             # A node error, or a redirect (never followed, never passed on): next node.
-            resp.close()
+            resp.close(reuse=False)
             OUTSTANDING.release(node.id)
-            last_error = f"{node.name}: HTTP {resp.status_code}"
+            last_error = f"{node.name}: HTTP {resp.status}"
             continue
-        if not stream or resp.status_code != 200:
+        if not stream or resp.status != 200:
             return _finish_whole(plan, node, resp, protocol, digest, stream, started)
         return _stream(plan, node, resp, protocol, digest, started)
     service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
@@ -304,32 +300,37 @@ def _forward(plan: Plan, path: str, body: dict[str, Any], *, stream: bool,
                         details={"last_error": last_error})
 
 
-def _finish_whole(plan: Plan, node: NodeTarget, resp: httpx.Response, protocol: str,
+def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
                   digest: str, stream: bool, started: float) -> Response:
     try:
         content = resp.read()
+    except NodeCallError as exc:
+        service.record_outcome(plan, node=node, outcome="aborted", status=502, tokens_in=0,
+                               tokens_out=0, ttft_ms=None, request_digest=digest,
+                               stream=stream, error=str(exc))
+        raise DispatchError("the model node failed while answering", code="node_failed",
+                            status=502) from exc
     finally:
-        resp.close()
         OUTSTANDING.release(node.id)
     try:
         parsed = json.loads(content)
     except ValueError:
         parsed = None
     tokens_in, tokens_out = _usage(protocol, parsed)
-    ok = resp.status_code == 200
+    ok = resp.status == 200
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
-                           status=resp.status_code, tokens_in=tokens_in,
+                           status=resp.status, tokens_in=tokens_in,
                            tokens_out=tokens_out,
                            ttft_ms=round((time.perf_counter() - started) * 1000, 2),
                            request_digest=digest, stream=stream,
                            error="" if ok else content[:300].decode("utf-8", "replace"))
-    out = Response(content, status=resp.status_code,
+    out = Response(content, status=resp.status,
                    mimetype=resp.headers.get("content-type", "application/json"))
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
     return out
 
 
-def _stream(plan: Plan, node: NodeTarget, resp: httpx.Response, protocol: str, digest: str,
+def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, digest: str,
             started: float) -> Response:
     def events() -> Iterator[bytes]:
         ttft: float | None = None
@@ -341,14 +342,14 @@ def _stream(plan: Plan, node: NodeTarget, resp: httpx.Response, protocol: str, d
                     ttft = round((time.perf_counter() - started) * 1000, 2)
                 count += chunk.count(b"data:") - chunk.count(b"data: [DONE]")
                 yield chunk
-        except httpx.HTTPError as exc:
-            outcome, error = "aborted", f"{type(exc).__name__}: {exc}"
+        except NodeCallError as exc:
+            outcome, error = "aborted", str(exc)
             yield _stream_error(protocol, "the model node failed mid-stream")
         except GeneratorExit:
             outcome, error = "cancelled", "the client went away"
             raise
         finally:
-            resp.close()  # closing the upstream connection cancels the node's generation
+            resp.close()  # unless read to the end, closing the connection cancels generation
             OUTSTANDING.release(node.id)
             service.record_outcome(plan, node=node, outcome=outcome, status=200, tokens_in=0,
                                    tokens_out=count, ttft_ms=ttft, request_digest=digest,
