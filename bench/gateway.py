@@ -543,7 +543,6 @@ class StageTimer:
 
 
 def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
-    import httpx
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
@@ -552,6 +551,8 @@ def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
     import charter.dispatch.service as dispatch
     import charter.policy.service as policy
     from charter import db
+    from charter.audit.writer import GroupWriter
+    from charter.nodes.client import NodePool, NodeResponse
     from charter.nodes.ssrf import NodeUrlPolicy
 
     app = charter.app.create_app(settings)
@@ -572,16 +573,17 @@ def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
     event.listen(engine, "after_cursor_execute", after)
     timer.wrap(charter.app, "authenticate_api_key", "authenticate: API key -> actor")
     timer.wrap(dispatch, "caller_context", "caller_context: teams, entitlements")
-    timer.wrap(dispatch, "plan", "plan: deployment + version + nodes lookup")
-    timer.wrap(dispatch, "requests_today", "quota: requests_today SUM")
+    timer.wrap(dispatch, "admit", "admit: route, policy input, entry")
+    timer.wrap(dispatch, "_load_route", "route lookup (read-cache miss)")
     timer.wrap(policy.get_engine(), "evaluate", "policy: regorus evaluate")
-    timer.wrap(policy, "decide", "policy: decision audit append + commit")
+    timer.wrap(policy, "evaluate", "policy: verdict cache, decision event")
+    timer.wrap(GroupWriter, "commit", "group commit: decision (+ queued outcome)")
     timer.wrap(NodeUrlPolicy, "resolve", "proxy: SSRF re-check of the node URL")
-    timer.wrap(httpx.Client, "send", "node call: httpx send + read")
-    timer.wrap(httpx.Response, "read", "node call: httpx send + read")
+    timer.wrap(NodePool, "request", "node call: send + read")
+    timer.wrap(NodeResponse, "read", "node call: send + read")
     timer.wrap(gateway, "_forward", "proxy: digest, build request, response")
     timer.wrap(gateway, "_finish_whole", "proxy: digest, build request, response")
-    timer.wrap(dispatch, "record_outcome", "outcome: usage upsert + audit append + commit")
+    timer.wrap(dispatch, "record_outcome", "outcome: event queued")
     timer.tally(Session, "commit", "commit")
     timer.tally(engine.dialect, "do_ping", "ping")
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -645,14 +647,15 @@ def _round_trip_floors(settings: Any, n: int = 300) -> dict[str, tuple[float, fl
 MARKERS = [  # (function, file fragment, stage): the innermost match in a stack wins
     ("authenticate_api_key", "charter/identity/service.py", "authenticate"),
     ("caller_context", "charter/identity/teams.py", "caller_context"),
-    ("requests_today", "charter/dispatch/service.py", "quota query"),
     ("evaluate", "charter/policy/engine.py", "policy evaluate (regorus)"),
-    ("decide", "charter/policy/service.py", "policy decision audit + commit"),
-    ("record_outcome", "charter/dispatch/service.py", "outcome usage + audit + commit"),
+    ("evaluate", "charter/policy/service.py", "policy: verdict cache, event"),
+    ("_write", "charter/audit/writer.py", "group commit (audit + usage)"),
+    ("commit", "charter/audit/writer.py", "group commit: waiting"),
+    ("record_outcome", "charter/dispatch/service.py", "outcome queued"),
     ("resolve", "charter/nodes/ssrf.py", "SSRF re-check"),
-    ("send", "httpx/_client.py", "node call (httpx)"),
-    ("read", "httpx/_models.py", "node call (httpx)"),
-    ("plan", "charter/dispatch/service.py", "plan: deployment lookup"),
+    ("request", "charter/nodes/client.py", "node call"),
+    ("read", "charter/nodes/client.py", "node call"),
+    ("admit", "charter/dispatch/service.py", "admit: route, entry"),
     ("_forward", "charter/dispatch/gateway.py", "proxy glue"),
     ("_finish_whole", "charter/dispatch/gateway.py", "proxy glue"),
     ("_tgi", "charter/dispatch/gateway.py", "gateway parse"),

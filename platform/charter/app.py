@@ -27,7 +27,7 @@ from charter.logs import configure_logging
 from charter.migrate import schema_status
 from charter.policy import service as policy
 from charter.settings import Settings
-from charter.snapshot import generation_var, read_generation
+from charter.snapshot import SNAPSHOT, generation_var, read_generation
 
 log = structlog.get_logger("charter.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -136,6 +136,13 @@ def _install_request_hooks(app: Flask) -> None:
             generation_var.reset(generation)
 
 
+# Gateway routes that decide through dispatch.admit(): they may authenticate on the newest
+# generation this process knows, because admit() commits only if it is still current.
+OPTIMISTIC_ENDPOINTS = frozenset({"gateway.chat_completions", "gateway.completions",
+                                  "gateway.generate", "gateway.generate_stream",
+                                  "gateway.compat"})
+
+
 def _authenticate() -> None:
     """API keys (`chk_...`) or, with SSO configured, the IdP's JWT access tokens.
 
@@ -152,10 +159,29 @@ def _authenticate() -> None:
         raise CharterError("too many failed authentications; try again later",
                            code="rate_limited", status=429,
                            details={"retry_after_s": int(retry) + 1})
-    g.generation_token = generation_var.set(read_generation())  # one cheap read: see snapshot
+    known = SNAPSHOT.latest if request.endpoint in OPTIMISTIC_ENDPOINTS else None
+    if known is not None:
+        try:
+            authenticate_request(known, record_failure=False)
+            return
+        except UnauthenticatedError:
+            pass  # perhaps the cache is behind: decide, and record, on what is current
+    authenticate_request(read_generation())
+
+
+def authenticate_request(generation: int, *, record_failure: bool = True) -> None:
+    """Set `g.actor` from the Authorization header, reading through the read cache of
+    `generation` (also called again by the gateway when that generation went stale)."""
+    token_ = generation_var.set(generation)
+    if "generation_token" not in g:
+        g.generation_token = token_  # reset to the value before the first set
+    header = request.headers.get("Authorization", "")
+    client = request.remote_addr or "unknown"
+    limiter: FailureLimiter = current_app.extensions["charter.auth_limiter"]
     scheme, _, token = header.partition(" ")
     token = token.strip()
     method = "api_key" if token.startswith(f"{KEY_PREFIX}_") else "jwt"
+    g.actor = None
     try:
         if scheme.lower() != "bearer" or not token:
             raise UnauthenticatedError("use `Authorization: Bearer <API key or token>`",
@@ -169,6 +195,8 @@ def _authenticate() -> None:
         claims = verifier.verify(token)
         g.actor = provision(current_app.extensions["charter.settings"], claims, via="api")
     except UnauthenticatedError as exc:
+        if not record_failure:
+            raise
         if exc.status == 401:
             limiter.fail(client)
         details = {"code": exc.code, "method": method, "client": client}

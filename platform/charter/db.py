@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -64,8 +66,12 @@ def utcnow() -> datetime:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 5, pool_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, pool_timeout: float = 5.0,
+                 outcome_linger_s: float = 0.2) -> None:
         self.url = url
+        self.outcome_linger_s = outcome_linger_s
+        self._writer: Any = None
+        self._writer_lock = threading.Lock()
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -80,7 +86,21 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def writer(self) -> Any:
+        """The gateway's group-commit audit writer (charter.audit.writer), made on first use."""
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    from charter.audit.writer import make_writer
+
+                    self._writer = make_writer(self, linger_s=self.outcome_linger_s)
+        return self._writer
+
     def dispose(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()  # writes what is still queued
         self.engine.dispose()
 
 
@@ -118,8 +138,19 @@ def configure(settings: Settings) -> Database:
         settings.database_url,
         pool_size=settings.db_pool_size,
         pool_timeout=settings.db_pool_timeout_s,
+        outcome_linger_s=settings.audit_outcome_linger_s,
     )
     return _database
+
+
+def flush_writer() -> None:
+    """Write the audit events still queued (at exit, and from gunicorn's worker_exit)."""
+    database = _database
+    if database is not None and database._writer is not None:
+        database._writer.flush()
+
+
+atexit.register(flush_writer)
 
 
 def get_database() -> Database:

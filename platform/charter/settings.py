@@ -144,6 +144,10 @@ class Settings:
     audit_page_limit: int = _setting(
         500, "Largest page of audit events the API returns at once."
     )
+    audit_outcome_linger_s: float = _setting(
+        0.2, "Seconds a gateway outcome event may wait to share the next commit before it is "
+        "written on its own (decision events never wait: they commit before dispatch)."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

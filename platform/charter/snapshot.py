@@ -37,6 +37,11 @@ class Snapshot:
         self._entries: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
+    @property
+    def latest(self) -> int | None:
+        """The newest generation this process has cached entries for (None: none yet)."""
+        return self._generation
+
     def cached(self, key: Any, loader: Callable[[], T]) -> T:
         """`loader()` once per generation; without a request's generation, always."""
         generation = generation_var.get()

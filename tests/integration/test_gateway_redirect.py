@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from charter.audit.service import EventFilter, list_events
+from charter.db import get_database
 from charter.identity.actor import SYSTEM
 from tests.integration.test_access_matrix import _approved_version
 
@@ -66,6 +67,7 @@ def test_redirecting_node_is_refused(configured, make_person) -> None:  # type: 
         assert r.status_code == 503 and r.get_json()["error_type"] == "nodes_unavailable"
         assert "169.254" not in r.get_data(as_text=True) and "Location" not in r.headers
         assert hits == ["/generate"]  # asked once, the redirect not followed
+        assert get_database().writer.flush()  # outcomes are written after the answer
         outcome = list_events(EventFilter(action="dispatch.outcome"))[-1]
         assert outcome.details["outcome"] == "failed"
         assert outcome.details["error"] == "redirector: HTTP 302"

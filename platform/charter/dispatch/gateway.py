@@ -19,8 +19,15 @@ import structlog
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from charter.dispatch import service
-from charter.dispatch.service import OUTSTANDING, DispatchError, NodeTarget, Plan
+from charter.dispatch.service import (
+    OUTSTANDING,
+    DispatchError,
+    NodeTarget,
+    Plan,
+    StaleSnapshotError,
+)
 from charter.errors import CharterError, UnauthenticatedError
+from charter.identity.actor import Actor
 from charter.nodes.client import NodeCallError, NodePool, NodeResponse
 from charter.nodes.service import url_policy
 from charter.nodes.ssrf import NodeUrlPolicy
@@ -31,6 +38,7 @@ DATA_CLASS_HEADER = "X-Charter-Data-Class"
 PURPOSE_HEADER = "X-Charter-Purpose"
 MODEL_HEADER = "X-Charter-Model"
 _client_lock = threading.Lock()
+_MAX_STALE_RETRIES = 5
 
 
 def _nodes() -> tuple[NodePool, NodeUrlPolicy]:
@@ -131,6 +139,20 @@ def _headers_context() -> tuple[str | None, str | None]:
     return data_class, purpose
 
 
+def _admit(actor: Actor, **request: Any) -> Plan:
+    """dispatch.admit(), again on fresh data while what it decided on went stale."""
+    from charter.app import authenticate_request
+
+    for _ in range(_MAX_STALE_RETRIES):
+        try:
+            return service.admit(actor, **request)
+        except StaleSnapshotError as exc:
+            authenticate_request(exc.generation)  # the key may be revoked by now
+            actor = _actor()
+    raise DispatchError("the registry is changing too fast to decide; try again",
+                        code="registry_busy", status=503, details={"retry_after_s": 1})
+
+
 # --- OpenAI ---------------------------------------------------------------------------------
 
 @bp.post("/v1/chat/completions")
@@ -159,7 +181,8 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
     if not isinstance(stream, bool):
         raise _bad("`stream` must be a boolean")
     data_class, purpose = _headers_context()
-    plan = service.plan(actor, serving_name=name, data_class=data_class, purpose=purpose)
+    plan = _admit(actor, serving_name=name, data_class=data_class, purpose=purpose,
+                  protocol="openai")
     return _forward(plan, path, body, raw, stream=stream, protocol="openai")
 
 
@@ -199,8 +222,8 @@ def _tgi(route: str, name: str | None) -> Response:
     if route == "/" and not isinstance(body.get("stream", False), bool):
         raise _bad("`stream` must be a boolean")
     data_class, purpose = _headers_context()
-    plan = service.plan(actor, serving_name=_serving_name(name), data_class=data_class,
-                        purpose=purpose, protocol="tgi")
+    plan = _admit(actor, serving_name=_serving_name(name), data_class=data_class,
+                  purpose=purpose, protocol="tgi")
     return _forward(plan, route, body, raw, stream=stream, protocol="tgi")
 
 

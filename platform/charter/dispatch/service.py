@@ -12,22 +12,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.orm import noload
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
-from charter.dispatch.models import Usage
+from charter.audit.writer import Entry, Event, UsageDelta
+from charter.db import get_database, unit_of_work, utcnow
 from charter.errors import CharterError
 from charter.identity.actor import Actor
 from charter.identity.teams import caller_context
 from charter.nodes.models import Deployment, Node
 from charter.policy import service as policy
-from charter.policy.engine import Decision
+from charter.policy.engine import Decision, PolicyUnavailableError
 from charter.registry.models import ModelVersion
-from charter.snapshot import SNAPSHOT
+from charter.snapshot import SNAPSHOT, generation_var
 
 # Violations that only rule out the node's region: another region may still be allowed.
 REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
@@ -119,14 +116,6 @@ def _approval(version: ModelVersion) -> dict[str, Any] | None:
     }
 
 
-def _refuse(actor: Actor, serving_name: str, exc: DispatchError) -> DispatchError:
-    with unit_of_work():
-        append_event(actor=actor.ref, action="dispatch.refused", target_type="deployment",
-                     target_id=serving_name, outcome="denied",
-                     details={"code": exc.code, "message": exc.message, **exc.details})
-    return exc
-
-
 @dataclass(frozen=True)
 class Route:
     """What a serving name leads to, as plain data (cached per generation: snapshot)."""
@@ -162,37 +151,93 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
                      candidates, len(nodes))
 
 
-def plan(actor: Actor, *, serving_name: str, data_class: str | None,
-         purpose: str | None, protocol: str = "openai") -> Plan:
-    """Everything up to the first byte sent to a node; raises DispatchError on refusal.
+class StaleSnapshotError(Exception):
+    """What a request was decided on changed before its decision was committed."""
 
-    The caller's context and the route are read through the snapshot (invalidated by any
-    committed change to them); the quota is counted fresh. A refusal is audited.
+    def __init__(self, generation: int) -> None:
+        super().__init__(f"the read cache moved to generation {generation}")
+        self.generation = generation
+
+
+def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: str | None,
+          protocol: str = "openai") -> Plan:
+    """Decide a request and commit the decision before anything is sent; or refuse it.
+
+    The caller's context and the route come from the read cache (charter.snapshot) of the
+    request's generation; the decision events are committed through the group writer only
+    if that generation is still current under the chain lock (otherwise StaleSnapshotError:
+    reload and decide again), and the day's request count of a team with a quota is checked
+    and advanced in the same transaction. Every refusal is audited; nothing unrecorded is
+    ever served.
     """
+    generation = generation_var.get()
     ctx = SNAPSHOT.cached(("caller", actor.user_id), lambda: caller_context(actor.user_id))
     route = SNAPSHOT.cached(("route", serving_name, protocol),
                             lambda: _load_route(serving_name, protocol))
-    refusal: DispatchError | None = None
-    quota = ctx["requests_per_day"]
+    events: list[Event] = []
+    plan: Plan | None = None
+    refusal: CharterError | None = None
     if route is None:
         refusal = DispatchError(f"the model {serving_name!r} does not exist",
                                 code="model_not_found", status=404)
-    elif quota is not None and requests_today(ctx["team_id"]) >= quota:
-        now = utcnow()
-        midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
-        refusal = DispatchError(
-            f"team {ctx['team']} has used its {quota} requests for today",
-            code="quota_exceeded", status=429,
-            details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
-                     "team": ctx["team"], "requests_per_day": quota})
     elif not route.candidates:
         refusal = DispatchError("no attested, healthy node serves this model",
                                 code="no_attested_node", details={"nodes": route.nodes_total})
     if refusal is not None:
-        raise _refuse(actor, serving_name, refusal)
-    assert route is not None
-    data_class = data_class or ctx["default_data_class"]
-    purpose = purpose or "assistant"
+        events.append(_refused_event(actor, serving_name, refusal))
+    else:
+        assert route is not None
+        try:
+            plan, refusal = _decide(actor, ctx, route, serving_name,
+                                    data_class or ctx["default_data_class"],
+                                    purpose or "assistant", events)
+        except PolicyUnavailableError as exc:
+            events.append(exc.event)  # type: ignore[attr-defined]
+            refusal = exc
+    entry = Entry(events=events, generation=generation)
+    if plan is not None:
+        today = utcnow().date()
+        entry.usage = (UsageDelta(plan.team_id, serving_name, today, requests=1),)
+        quota = ctx["requests_per_day"]
+        if quota is not None:
+            entry.quota = (plan.team_id, quota)
+            over = _over_quota(ctx, quota)
+            entry.over_quota = (*events, _refused_event(actor, serving_name, over))
+    get_database().writer.commit(entry)
+    if entry.result == "stale":
+        assert entry.generation_seen is not None
+        raise StaleSnapshotError(entry.generation_seen)
+    if entry.result == "failed":
+        assert entry.error is not None
+        raise entry.error
+    if entry.result == "over_quota":
+        raise _over_quota(ctx, ctx["requests_per_day"])
+    if refusal is not None:
+        raise refusal
+    assert plan is not None
+    return plan
+
+
+def _refused_event(actor: Actor, serving_name: str, exc: CharterError) -> Event:
+    return Event.of(actor=actor.ref, action="dispatch.refused", target_type="deployment",
+                    target_id=serving_name, outcome="denied",
+                    details={"code": exc.code, "message": exc.message, **exc.details})
+
+
+def _over_quota(ctx: dict[str, Any], quota: int) -> DispatchError:
+    now = utcnow()
+    midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
+    return DispatchError(
+        f"team {ctx['team']} has used its {quota} requests for today",
+        code="quota_exceeded", status=429,
+        details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
+                 "team": ctx["team"], "requests_per_day": quota})
+
+
+def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
+            data_class: str, purpose: str,
+            events: list[Event]) -> tuple[Plan | None, DispatchError | None]:
+    """Ask the dispatch policy region by region, least busy first; one event per decision."""
     regions: dict[str, list[NodeTarget]] = defaultdict(list)
     for n in route.candidates:
         regions[n.region].append(n)
@@ -209,67 +254,53 @@ def plan(actor: Actor, *, serving_name: str, data_class: str | None,
             "node": {"id": node.id, "region": node.region,
                      "attested_version_id": route.version_id},
         }
-        decision = policy.decide("dispatch", doc, actor=actor.ref, target_type="deployment",
-                                 target_id=serving_name,
-                                 context={"serving_name": serving_name, "node": node.name})
+        decision, event = policy.evaluate(
+            "dispatch", doc, actor=actor.ref, target_type="deployment",
+            target_id=serving_name, context={"serving_name": serving_name, "node": node.name})
+        events.append(event)
         if decision.allow:
             targets = sorted(regions[region], key=lambda n: OUTSTANDING.get(n.id))
             return Plan(actor=actor, serving_name=serving_name,
                         deployment_id=route.deployment_id, version_id=route.version_id,
                         model_name=route.model_name, team_id=ctx["team_id"],
                         team=ctx["team"], data_class=data_class, purpose=purpose,
-                        decision=decision, nodes=targets)
+                        decision=decision, nodes=targets), None
         last = decision
         if not set(decision.violation_codes) <= REGIONAL:
             break
     assert last is not None
     if set(last.violation_codes) <= REGIONAL:
-        raise DispatchError(
+        return None, DispatchError(
             "no attested node in a region this request may use: "
             + "; ".join(v.msg for v in last.violations),
             code="no_node_in_allowed_region", status=503,
             details={"violations": last.violation_codes, "decision_id": last.decision_id,
                      "regions_tried": order})
-    raise DispatchError(
+    return None, DispatchError(
         "policy denies this request: " + "; ".join(v.msg for v in last.violations),
         code="policy_denied", status=403,
         details={"violations": last.violation_codes, "decision_id": last.decision_id})
 
 
-def requests_today(team_id: str) -> int:
-    with unit_of_work() as session:
-        return int(session.scalar(
-            select(func.coalesce(func.sum(Usage.requests), 0))
-            .where(Usage.team_id == team_id, Usage.day == utcnow().date())) or 0)
-
-
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
                    request_digest: str, stream: bool, error: str = "") -> None:
-    """The outcome event and the usage counters, in one transaction."""
+    """Queue the outcome event and the token counters (the request was counted when it
+    was admitted); written with the next commit, within `audit_outcome_linger_s`."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
                      "cancelled": "failure"}[outcome]
-    with unit_of_work() as session:
-        # One upsert: concurrent first requests of a day cannot collide on the new row.
-        dialect = session.get_bind().dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = insert(Usage).values(team_id=p.team_id, serving_name=p.serving_name,
-                                    day=utcnow().date(), requests=1, tokens_in=tokens_in,
-                                    tokens_out=tokens_out)
-        session.execute(stmt.on_conflict_do_update(
-            index_elements=["team_id", "serving_name", "day"],
-            set_={"requests": Usage.requests + 1,
-                  "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
-                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
-        append_event(
-            actor=p.actor.ref, action="dispatch.outcome", target_type="deployment",
-            target_id=p.serving_name, outcome=audit_outcome,
-            details={"outcome": outcome, "status": status, "decision_id": p.decision.decision_id,
-                     "node": node.name if node else None,
-                     "region": node.region if node else None, "team": p.team,
-                     "data_class": p.data_class, "purpose": p.purpose,
-                     "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
-                     "latency_ms": latency_ms, "request_digest": request_digest,
-                     "stream": stream, "error": error[:300]},
-        )
+    event = Event.of(
+        actor=p.actor.ref, action="dispatch.outcome", target_type="deployment",
+        target_id=p.serving_name, outcome=audit_outcome,
+        details={"outcome": outcome, "status": status, "decision_id": p.decision.decision_id,
+                 "node": node.name if node else None,
+                 "region": node.region if node else None, "team": p.team,
+                 "data_class": p.data_class, "purpose": p.purpose,
+                 "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
+                 "latency_ms": latency_ms, "request_digest": request_digest,
+                 "stream": stream, "error": error[:300]},
+    )
+    usage = (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
+                        tokens_out=tokens_out),) if tokens_in or tokens_out else ()
+    get_database().writer.defer(Entry(events=(event,), usage=usage))

@@ -9,6 +9,7 @@ from typing import Any
 
 from charter.audit.chain import canonical_json
 from charter.audit.service import append_event
+from charter.audit.writer import Event
 from charter.db import unit_of_work
 from charter.errors import ConfigurationError
 from charter.policy.bundle import PolicyBundle, default_policy_dir
@@ -59,14 +60,14 @@ def input_digest(input_doc: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(input_doc)).hexdigest()
 
 
-def decide(
+def evaluate(
     policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
     context: dict[str, Any] | None = None,
-) -> Decision:
-    """Evaluate and record the decision (allow or deny) in its own transaction.
+) -> tuple[Decision, Event]:
+    """Evaluate without writing: the decision and the audit event that must record it.
 
-    An engine failure is recorded too (outcome `failure`) and raised: no decision, no
-    action. A failure to record is raised as well: an unrecorded decision is not used.
+    An engine failure raises PolicyUnavailableError carrying, as `.event`, the event that
+    records the failure. The caller writes the event before acting on the decision.
     """
     engine = get_engine()
     digest = input_digest(input_doc)
@@ -83,27 +84,50 @@ def decide(
         else:
             base["cached"] = True
     except PolicyUnavailableError as exc:
-        with unit_of_work():
-            append_event(actor=actor, action="policy.decide", target_type=target_type,
-                         target_id=target_id, outcome="failure",
-                         details={**base, "error": exc.code, "message": exc.message})
         exc.details = {**exc.details, "decision_id": decision_id}
+        exc.event = Event.of(  # type: ignore[attr-defined]
+            actor=actor, action="policy.decide", target_type=target_type,
+            target_id=target_id, outcome="failure",
+            details={**base, "error": exc.code, "message": exc.message})
         raise
     decision = Decision(
         policy=policy, allow=verdict.allow, violations=verdict.violations,
         warnings=verdict.warnings, decision_id=decision_id, policy_revision=engine.revision,
         engine=engine.name, duration_ms=verdict.duration_ms, input_digest=digest,
     )
-    with unit_of_work():
-        append_event(
-            actor=actor, action="policy.decide", target_type=target_type, target_id=target_id,
-            outcome="success" if decision.allow else "denied",
-            details={**base, "allow": decision.allow,
-                     "violations": decision.violation_codes,
-                     "warnings": sorted({w.code for w in decision.warnings}),
-                     "duration_ms": decision.duration_ms},
-        )
+    event = Event.of(
+        actor=actor, action="policy.decide", target_type=target_type, target_id=target_id,
+        outcome="success" if decision.allow else "denied",
+        details={**base, "allow": decision.allow, "violations": decision.violation_codes,
+                 "warnings": sorted({w.code for w in decision.warnings}),
+                 "duration_ms": decision.duration_ms},
+    )
+    return decision, event
+
+
+def decide(
+    policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
+    context: dict[str, Any] | None = None,
+) -> Decision:
+    """Evaluate and record the decision (allow or deny) in its own transaction.
+
+    An engine failure is recorded too (outcome `failure`) and raised: no decision, no
+    action. A failure to record is raised as well: an unrecorded decision is not used.
+    """
+    try:
+        decision, event = evaluate(policy, input_doc, actor=actor, target_type=target_type,
+                                   target_id=target_id, context=context)
+    except PolicyUnavailableError as exc:
+        _append(exc.event)  # type: ignore[attr-defined]
+        raise
+    _append(event)
     return decision
+
+
+def _append(event: Event) -> None:
+    with unit_of_work():
+        append_event(actor=event.actor, action=event.action, target_type=event.target_type,
+                     target_id=event.target_id, outcome=event.outcome, details=event.details)
 
 
 def describe() -> dict[str, Any]:

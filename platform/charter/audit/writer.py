@@ -1,0 +1,419 @@
+"""Group commit for the gateway: the audit events of concurrent requests in one transaction.
+
+Every gateway request must have its decision committed to the hash chain before anything
+is sent to a node (fail closed). Writing each request's events in a transaction of its own
+costs a lock wait, a head read and a durable commit per request; here the requests of one
+process that arrive while a commit is in flight wait for the next one together: the first
+to find the writer idle writes everything queued (leader/follower, no hand-off at c=1).
+
+One transaction does, under the chain lock:
+- read the change generation (charter.snapshot) and refuse, as `stale`, any entry whose
+  content was decided on an older one: the caller reloads and decides again, so a decision
+  is always valid as of its place in the chain;
+- count the day's requests of the teams with a quota and refuse, as `over_quota`, an entry
+  that would pass it (its refusal events are written instead): quotas are exact across
+  processes, because every count changes under the same lock;
+- append the events and add the usage counters.
+
+Outcome events are `defer`red: they ride with the next commit, or a background flusher
+writes them after `linger_s`; a process killed in that window loses them (its decisions
+are committed), which `dispose()` and a clean shutdown avoid by flushing.
+
+PostgreSQL goes through one plain psycopg connection in pipeline mode (two round trips a
+transaction); SQLite through the ordinary session (the demo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+import structlog
+
+from charter.audit.chain import GENESIS_HASH, canonical_json, event_body, event_hash
+from charter.context import current_request_id
+from charter.db import utcnow
+from charter.errors import CharterError, DatabaseUnavailableError
+
+log = structlog.get_logger("charter.audit.writer")
+CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER": the same lock as audit.service.append_event
+MAX_DEFERRED = 100_000  # outcomes kept for retry while the database is away
+MAX_ATTEMPTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    outcome: str
+    details: dict[str, Any]
+    request_id: str | None
+
+    @classmethod
+    def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
+           outcome: str = "success", details: dict[str, Any] | None = None) -> Event:
+        details = details or {}
+        canonical_json(details)  # refuses what is not plain JSON before anything is queued
+        return cls(actor, action, target_type, target_id, outcome, details,
+                   current_request_id())
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDelta:
+    team_id: str
+    serving_name: str
+    day: date
+    requests: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@dataclass(eq=False)
+class Entry:
+    """What one request writes, and the conditions under which it may."""
+
+    events: Sequence[Event]
+    usage: Sequence[UsageDelta] = ()
+    generation: int | None = None  # content decided on this generation; None: no check
+    quota: tuple[str, int] | None = None  # (team_id, requests_per_day)
+    over_quota: Sequence[Event] = ()  # written instead of `events` past the quota
+    # Filled in by the writer:
+    result: str = ""  # written | stale | over_quota | failed
+    generation_seen: int | None = None
+    seqs: list[int] = field(default_factory=list)
+    error: CharterError | None = None
+    attempts: int = 0
+    queued_at: float = field(default_factory=time.monotonic)
+    _done: bool = False
+
+
+@dataclass
+class _Head:
+    generation: int
+    seq: int  # the last written
+    hash: str
+    used: dict[str, int]  # today's requests of the quota teams in this batch
+
+
+class _Backend:
+    def begin(self, teams: list[str], day: date) -> _Head:
+        raise NotImplementedError
+
+    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+_USAGE_UPSERT = (
+    "INSERT INTO usage_counters (team_id, serving_name, day, requests, tokens_in, tokens_out)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (team_id, serving_name, day) DO UPDATE SET"
+    " requests = usage_counters.requests + EXCLUDED.requests,"
+    " tokens_in = usage_counters.tokens_in + EXCLUDED.tokens_in,"
+    " tokens_out = usage_counters.tokens_out + EXCLUDED.tokens_out")
+_EVENT_INSERT = (
+    "INSERT INTO audit_events (seq, ts, actor, action, target_type, target_id, outcome,"
+    " details, request_id, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::json,"
+    " %s, %s, %s)")
+_HEAD = ("SELECT g.value, h.seq, h.hash FROM change_generation g LEFT JOIN LATERAL"
+         " (SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1) h ON true"
+         " WHERE g.id = 1")
+_USED = ("SELECT team_id, COALESCE(SUM(requests), 0) FROM usage_counters"
+         " WHERE day = %s AND team_id = ANY(%s) GROUP BY team_id")
+
+
+class _PostgresBackend(_Backend):
+    """One psycopg connection; each transaction is two pipelined round trips."""
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._conn: Any = None
+
+    def begin(self, teams: list[str], day: date) -> _Head:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        conn = self._conn
+        with conn.pipeline():
+            # Separate statements: the head is read after the lock is granted.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+            head = conn.execute(_HEAD)
+            used = conn.execute(_USED, (day, teams)) if teams else None
+        generation, seq, digest = head.fetchone()
+        return _Head(int(generation), seq or 0, digest or GENESIS_HASH,
+                     {t: int(n) for t, n in used.fetchall()} if used is not None else {})
+
+    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
+        conn = self._conn
+        with conn.pipeline():
+            with conn.cursor() as cur:
+                cur.executemany(_EVENT_INSERT, [
+                    (r["seq"], r["ts"], r["actor"], r["action"], r["target_type"],
+                     r["target_id"], r["outcome"], json.dumps(r["details"]), r["request_id"],
+                     r["prev_hash"], r["hash"]) for r in rows])
+                if usage:
+                    cur.executemany(_USAGE_UPSERT, [
+                        (u.team_id, u.serving_name, u.day, u.requests, u.tokens_in,
+                         u.tokens_out) for u in usage])
+            conn.commit()
+
+    def abort(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # broken or half done: start over, anew
+                conn.close()
+
+    def close(self) -> None:
+        self.abort()
+
+
+class _SessionBackend(_Backend):
+    """The ordinary session (SQLite: BEGIN IMMEDIATE holds the write lock throughout)."""
+
+    def __init__(self, sessions: Callable[[], Any]) -> None:
+        self._sessions = sessions
+        self._session: Any = None
+
+    def begin(self, teams: list[str], day: date) -> _Head:
+        from sqlalchemy import func, select, text
+
+        from charter.dispatch.models import Usage
+
+        self._session = session = self._sessions()
+        conn = session.connection()
+        generation = conn.execute(
+            text("SELECT value FROM change_generation WHERE id = 1")).scalar_one()
+        head = conn.execute(text(
+            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).first()
+        used: dict[str, int] = {}
+        if teams:
+            used = {t: int(n) for t, n in conn.execute(
+                select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
+                .where(Usage.day == day, Usage.team_id.in_(teams)).group_by(Usage.team_id))}
+        return _Head(int(generation), head[0] if head else 0,
+                     head[1] if head else GENESIS_HASH, used)
+
+    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
+        from sqlalchemy import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from charter.audit.models import AuditEvent
+        from charter.dispatch.models import Usage
+
+        session = self._session
+        session.execute(insert(AuditEvent.__table__), rows)
+        for u in usage:
+            stmt = sqlite_insert(Usage).values(
+                team_id=u.team_id, serving_name=u.serving_name, day=u.day,
+                requests=u.requests, tokens_in=u.tokens_in, tokens_out=u.tokens_out)
+            session.execute(stmt.on_conflict_do_update(
+                index_elements=["team_id", "serving_name", "day"],
+                set_={"requests": Usage.requests + stmt.excluded.requests,
+                      "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
+                      "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
+        session.commit()
+        session.close()
+        self._session = None
+
+    def abort(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(Exception):  # it is being thrown away
+                session.rollback()
+                session.close()
+
+
+class GroupWriter:
+    def __init__(self, backend: _Backend, *, linger_s: float = 0.2) -> None:
+        self._backend = backend
+        self.linger_s = linger_s
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  # followers wait for their entry
+        self._kick = threading.Condition(self._lock)  # the flusher waits for deferred work
+        self._pending: list[Entry] = []
+        self._writing = False
+        self._closed = False
+        self._flusher: threading.Thread | None = None
+        self.batches = 0  # transactions written (for tests and the benchmark)
+
+    # --- what callers use ------------------------------------------------------------------
+
+    def commit(self, entry: Entry) -> Entry:
+        """Write `entry` (or decide it stale / over quota) and return it; waits for the
+        commit. A database failure sets `result = "failed"` and `error`."""
+        with self._lock:
+            if self._closed:
+                raise DatabaseUnavailableError("the audit writer is closed")
+            self._pending.append(entry)
+            while not entry._done:
+                if self._writing:
+                    self._done.wait()
+                else:
+                    self._lead()
+        return entry
+
+    def defer(self, entry: Entry) -> None:
+        """Write `entry` with the next commit, or within `linger_s`; returns at once."""
+        with self._lock:
+            if len(self._pending) >= MAX_DEFERRED:
+                log.error("audit writer backlog full: an outcome event is dropped",
+                          action=entry.events[0].action if entry.events else None)
+                return
+            self._pending.append(entry)
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                                 name="charter-audit-flush")
+                self._flusher.start()
+            self._kick.notify()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Write everything queued now; True when nothing is left."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._pending or self._writing:
+                if time.monotonic() > deadline:
+                    return False
+                if self._writing:
+                    self._done.wait(0.05)
+                else:
+                    before = len(self._pending)
+                    self._lead()
+                    if len(self._pending) >= before:  # nothing could be written
+                        return False
+            return True
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._closed = True
+            self._kick.notify_all()
+        self._backend.close()
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _lead(self) -> None:
+        """Called with the lock held: write all that is queued, with the lock released."""
+        batch, self._pending = self._pending, []
+        self._writing = True
+        self._lock.release()
+        try:
+            retry = self._write(batch)
+        finally:
+            self._lock.acquire()
+            self._writing = False
+            self._pending[:0] = retry  # deferred entries that could not be written yet
+            self._done.notify_all()
+
+    def _flush_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if not self._pending:
+                    self._kick.wait()
+                    continue
+                wait = self._pending[0].queued_at + self.linger_s - time.monotonic()
+                if wait > 0 or self._writing:
+                    self._kick.wait(max(wait, 0.01))
+                    continue
+                before = len(self._pending)
+                self._lead()
+                if len(self._pending) >= before:  # the database is away: back off
+                    self._kick.wait(min(5.0, self.linger_s * 10 + 0.5))
+
+    def _write(self, batch: list[Entry]) -> list[Entry]:
+        """One transaction for the batch; returns deferred entries to try again later."""
+        day = utcnow().date()
+        teams = sorted({e.quota[0] for e in batch if e.quota is not None})
+        try:
+            head = self._backend.begin(teams, day)
+            rows, usage = self._plan(batch, head, day)
+            if rows or usage:
+                self._backend.write(rows, usage)
+        except Exception as exc:  # noqa: BLE001 - every entry learns of it; nothing is written
+            self._backend.abort()
+            log.warning("audit group commit failed", error=f"{type(exc).__name__}: {exc}",
+                        entries=len(batch))
+            retry = []
+            for e in batch:
+                e.seqs = []
+                if e.generation is None and not e.quota and e.attempts + 1 < MAX_ATTEMPTS:
+                    e.attempts += 1  # a deferred outcome: kept for the next try
+                    retry.append(e)
+                    continue
+                e.result = "failed"
+                e.error = DatabaseUnavailableError(
+                    "the audit log could not be written; nothing was dispatched",
+                    code="audit_unavailable")
+                e._done = True
+            return retry
+        self.batches += 1
+        for e in batch:
+            e._done = True
+        return []
+
+    def _plan(self, batch: list[Entry], head: _Head,
+              day: date) -> tuple[list[dict[str, Any]], list[UsageDelta]]:
+        rows: list[dict[str, Any]] = []
+        usage: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0])
+        seq, prev = head.seq, head.hash
+        for e in batch:
+            e.generation_seen = head.generation
+            if e.generation is not None and e.generation != head.generation:
+                e.result = "stale"
+                continue
+            events, deltas = e.events, e.usage
+            e.result = "written"
+            if e.quota is not None:
+                team, limit = e.quota
+                asked = sum(u.requests for u in deltas)
+                if head.used.get(team, 0) + asked > limit:
+                    e.result, events, deltas = "over_quota", e.over_quota, ()
+                else:
+                    head.used[team] = head.used.get(team, 0) + asked
+            for ev in events:
+                seq += 1
+                ts = utcnow()
+                body = event_body(seq=seq, ts=ts, actor=ev.actor, action=ev.action,
+                                  target_type=ev.target_type, target_id=ev.target_id,
+                                  outcome=ev.outcome, details=ev.details,
+                                  request_id=ev.request_id, prev_hash=prev)
+                digest = event_hash(body)
+                rows.append({"seq": seq, "ts": ts, "actor": ev.actor, "action": ev.action,
+                             "target_type": ev.target_type, "target_id": ev.target_id,
+                             "outcome": ev.outcome, "details": ev.details,
+                             "request_id": ev.request_id, "prev_hash": prev, "hash": digest})
+                e.seqs.append(seq)
+                prev = digest
+            for u in deltas:
+                acc = usage[(u.team_id, u.serving_name, u.day)]
+                acc[0] += u.requests
+                acc[1] += u.tokens_in
+                acc[2] += u.tokens_out
+        return rows, [UsageDelta(t, s, d, *acc) for (t, s, d), acc in sorted(usage.items())]
+
+
+def make_writer(database: Any, *, linger_s: float = 0.2) -> GroupWriter:
+    """The writer for a charter.db.Database (PostgreSQL: its own psycopg connection)."""
+    engine = database.engine
+    if engine.dialect.name == "postgresql":
+        import psycopg
+
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams.setdefault("connect_timeout", 5)
+
+        def connect() -> Any:
+            return psycopg.connect(*cargs, **cparams, autocommit=False)
+
+        return GroupWriter(_PostgresBackend(connect), linger_s=linger_s)
+    return GroupWriter(_SessionBackend(database.sessions), linger_s=linger_s)
