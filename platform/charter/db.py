@@ -134,6 +134,7 @@ def configure(settings: Settings) -> Database:
         return _database
     if _database is not None:
         _database.dispose()
+    _forget_cached_reads()
     _database = Database(
         settings.database_url,
         pool_size=settings.db_pool_size,
@@ -164,6 +165,13 @@ def reset() -> None:
     if _database is not None:
         _database.dispose()
     _database = None
+    _forget_cached_reads()
+
+
+def _forget_cached_reads() -> None:
+    from charter.snapshot import SNAPSHOT  # it reads through this module
+
+    SNAPSHOT.clear()
 
 
 @contextmanager

@@ -37,6 +37,12 @@ class Snapshot:
         self._entries: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Forget everything (another database was configured: its generations differ)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation = None
+
     @property
     def latest(self) -> int | None:
         """The newest generation this process has cached entries for (None: none yet)."""

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import noload
+from sqlalchemy.orm import lazyload
 
 from charter.audit.writer import Entry, Event, UsageDelta
 from charter.db import get_database, unit_of_work, utcnow
@@ -134,9 +134,9 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
                                                       Deployment.active.is_(True)))
         if dep is None:
             return None
-        # Only the approval decisions are needed: not the files or exceptions.
+        # Only the approval decisions are needed: the files and exceptions are never loaded.
         version = session.get(ModelVersion, dep.version_id, options=[
-            noload(ModelVersion.files), noload(ModelVersion.exceptions)])
+            lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)])
         assert version is not None
         nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
         # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
