@@ -41,6 +41,15 @@ def test_canonical_json_is_rfc8785(value) -> None:  # type: ignore[no-untyped-de
     assert canonical_json(value) == expected
 
 
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False)
+       | st.floats(min_value=1e-5, max_value=1e17).map(lambda f: round(f, 3))
+       | st.integers(-(10**18), 10**18).map(lambda i: i / 1000))
+def test_floats_canonicalise_like_rfc8785(value: float) -> None:
+    doc = {"duration_ms": value, "nested": [value, -value]}
+    assert canonical_json(doc) == rfc8785.dumps(doc)
+
+
 def test_key_order_is_utf16_not_code_points() -> None:
     value = {"\ue000": 1, "\U0001f600": 2}  # code points and UTF-16 units disagree here
     assert canonical_json(value) == rfc8785.dumps(value)

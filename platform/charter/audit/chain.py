@@ -37,7 +37,9 @@ def _plain(value: Any, *, key: bool = False) -> bool:
 
     They agree on str/int/bool/None and on containers of those, as long as no integer
     leaves the IEEE-754 safe range and no object key reaches the surrogate range (RFC
-    8785 sorts keys by UTF-16 code units, Python by code points). Floats go to rfc8785.
+    8785 sorts keys by UTF-16 code units, Python by code points). They also agree on a
+    non-integral float from 1e-4 to 1e16 (durations, ratios): both print the shortest
+    round-trip digits in fixed notation there. Other floats go to rfc8785.
     """
     if isinstance(value, str):
         return not key or value.isascii() or max(value, default="") < "\ud800"
@@ -45,6 +47,8 @@ def _plain(value: Any, *, key: bool = False) -> bool:
         return True
     if isinstance(value, int):
         return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if isinstance(value, float):
+        return 1e-4 <= abs(value) < 1e16 and not value.is_integer()
     if isinstance(value, dict):
         return all(
             isinstance(k, str) and _plain(k, key=True) and _plain(v) for k, v in value.items()

@@ -118,16 +118,17 @@ class _Backend:
         pass
 
 
-_USAGE_UPSERT = (
-    "INSERT INTO usage_counters (team_id, serving_name, day, requests, tokens_in, tokens_out)"
-    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (team_id, serving_name, day) DO UPDATE SET"
+_EVENT_COLUMNS = ("INSERT INTO audit_events (seq, ts, actor, action, target_type, target_id,"
+                  " outcome, details, request_id, prev_hash, hash) VALUES ")
+_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::json, %s, %s, %s)"
+_USAGE_COLUMNS = ("INSERT INTO usage_counters (team_id, serving_name, day, requests, tokens_in,"
+                  " tokens_out) VALUES ")
+_USAGE_ROW = "(%s, %s, %s, %s, %s, %s)"
+_USAGE_CONFLICT = (
+    " ON CONFLICT (team_id, serving_name, day) DO UPDATE SET"
     " requests = usage_counters.requests + EXCLUDED.requests,"
     " tokens_in = usage_counters.tokens_in + EXCLUDED.tokens_in,"
     " tokens_out = usage_counters.tokens_out + EXCLUDED.tokens_out")
-_EVENT_INSERT = (
-    "INSERT INTO audit_events (seq, ts, actor, action, target_type, target_id, outcome,"
-    " details, request_id, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::json,"
-    " %s, %s, %s)")
 _HEAD = ("SELECT g.value, h.seq, h.hash FROM change_generation g LEFT JOIN LATERAL"
          " (SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1) h ON true"
          " WHERE g.id = 1")
@@ -156,17 +157,24 @@ class _PostgresBackend(_Backend):
                      {t: int(n) for t, n in used.fetchall()} if used is not None else {})
 
     def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
+        """One statement (events, then counters in a data-modifying CTE) and the commit."""
+        params: list[Any] = []
+        sql = ""
+        if rows:
+            sql = _EVENT_COLUMNS + ", ".join([_EVENT_ROW] * len(rows))
+            for r in rows:
+                params += (r["seq"], r["ts"], r["actor"], r["action"], r["target_type"],
+                           r["target_id"], r["outcome"], json.dumps(r["details"]),
+                           r["request_id"], r["prev_hash"], r["hash"])
+        if usage:
+            counters = _USAGE_COLUMNS + ", ".join([_USAGE_ROW] * len(usage)) + _USAGE_CONFLICT
+            for u in usage:  # one row per key: ON CONFLICT may not touch a row twice
+                params += (u.team_id, u.serving_name, u.day, u.requests, u.tokens_in,
+                           u.tokens_out)
+            sql = f"WITH events AS ({sql}) {counters}" if sql else counters
         conn = self._conn
         with conn.pipeline():
-            with conn.cursor() as cur:
-                cur.executemany(_EVENT_INSERT, [
-                    (r["seq"], r["ts"], r["actor"], r["action"], r["target_type"],
-                     r["target_id"], r["outcome"], json.dumps(r["details"]), r["request_id"],
-                     r["prev_hash"], r["hash"]) for r in rows])
-                if usage:
-                    cur.executemany(_USAGE_UPSERT, [
-                        (u.team_id, u.serving_name, u.day, u.requests, u.tokens_in,
-                         u.tokens_out) for u in usage])
+            conn.execute(sql, params)
             conn.commit()
 
     def abort(self) -> None:
