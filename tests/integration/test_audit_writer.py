@@ -37,6 +37,8 @@ def _threads(n: int, work: Callable[[int], None]) -> list[BaseException]:
         t.start()
     for t in threads:
         t.join(timeout=60)
+        if t.is_alive():
+            errors.append(TimeoutError(f"{t.name} never returned"))
     return errors
 
 
@@ -67,6 +69,23 @@ def test_concurrent_commits_share_transactions_and_keep_the_chain(configured) ->
     with unit_of_work() as session:
         row = session.scalar(select(Usage).where(Usage.team_id == "t1"))
         assert (row.requests, row.tokens_in, row.tokens_out) == (80, 160, 240)
+
+
+def test_many_waiters_each_get_their_own_answer(configured) -> None:  # type: ignore[no-untyped-def]
+    writer = get_database().writer
+    seqs: list[int] = []
+
+    def work(i: int) -> None:
+        for j in range(20):
+            writer.defer(Entry(events=(_event(i * 1000 + j, "dispatch.outcome"),)))
+            entry = writer.commit(Entry(events=(_event(i * 1000 + j),)))
+            assert entry.result == "written", entry.result
+            seqs.extend(entry.seqs)
+
+    assert _threads(32, work) == []
+    assert writer.flush()
+    assert len(seqs) == len(set(seqs)) == 640
+    assert verify_chain().count == 1280
 
 
 def test_quota_is_exact_under_concurrency(configured) -> None:  # type: ignore[no-untyped-def]
@@ -114,9 +133,8 @@ def test_database_away_fails_commits_and_keeps_deferred_outcomes(configured) -> 
     writer.defer(Entry(events=(_event(1, "dispatch.outcome"),)))
     # The writer's connection was cut: this transaction fails, the next one reconnects.
     first = writer.commit(Entry(events=(_event(2),)))
-    if first.result == "failed":
-        assert first.error is not None and first.error.code == "audit_unavailable"
-        assert first.seqs == []
+    assert first.result == "failed" and first.seqs == []
+    assert first.error is not None and first.error.code == "audit_unavailable"
     again = writer.commit(Entry(events=(_event(3),)))
     assert again.result == "written"
     assert writer.flush()

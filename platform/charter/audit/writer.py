@@ -94,6 +94,7 @@ class Entry:
     attempts: int = 0
     queued_at: float = field(default_factory=time.monotonic)
     _done: bool = False
+    _wake: threading.Lock | None = None  # held while a committing thread sleeps
 
 
 @dataclass
@@ -244,11 +245,15 @@ class _SessionBackend(_Backend):
 
 
 class GroupWriter:
+    """Leader/follower group commit. A follower sleeps on its own entry's lock until its
+    entry is written, or until the leader hands the writer over to it; nothing is woken
+    that has nothing to do (one shared condition woke every waiter on every commit)."""
+
     def __init__(self, backend: _Backend, *, linger_s: float = 0.2) -> None:
         self._backend = backend
         self.linger_s = linger_s
         self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)  # followers wait for their entry
+        self._idle = threading.Condition(self._lock)  # flush() waits for the writer
         self._kick = threading.Condition(self._lock)  # the flusher waits for deferred work
         self._pending: list[Entry] = []
         self._writing = False
@@ -261,15 +266,19 @@ class GroupWriter:
     def commit(self, entry: Entry) -> Entry:
         """Write `entry` (or decide it stale / over quota) and return it; waits for the
         commit. A database failure sets `result = "failed"` and `error`."""
+        wake = entry._wake = threading.Lock()
+        wake.acquire()
         with self._lock:
             if self._closed:
                 raise DatabaseUnavailableError("the audit writer is closed")
             self._pending.append(entry)
-            while not entry._done:
-                if self._writing:
-                    self._done.wait()
-                else:
-                    self._lead()
+            lead = not self._writing
+            self._writing = True
+        if not lead:
+            wake.acquire()  # released when written, or when the writer is handed to us
+            if entry._done:
+                return entry
+        self._lead()
         return entry
 
     def defer(self, entry: Entry) -> None:
@@ -289,18 +298,21 @@ class GroupWriter:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Write everything queued now; True when nothing is left."""
         deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while self._pending or self._writing:
+        while True:
+            with self._lock:
+                while self._writing:
+                    if not self._idle.wait(max(0.0, deadline - time.monotonic())):
+                        return False
+                if not self._pending:
+                    return True
                 if time.monotonic() > deadline:
                     return False
-                if self._writing:
-                    self._done.wait(0.05)
-                else:
-                    before = len(self._pending)
-                    self._lead()
-                    if len(self._pending) >= before:  # nothing could be written
-                        return False
-            return True
+                before = len(self._pending)
+                self._writing = True
+            self._lead()
+            with self._lock:
+                if len(self._pending) >= before and not self._writing:
+                    return not self._pending  # nothing could be written: the database is away
 
     def close(self) -> None:
         self.flush()
@@ -312,31 +324,49 @@ class GroupWriter:
     # --- inside ------------------------------------------------------------------------------
 
     def _lead(self) -> None:
-        """Called with the lock held: write all that is queued, with the lock released."""
-        batch, self._pending = self._pending, []
-        self._writing = True
-        self._lock.release()
+        """Holding the writer (`_writing` set by the caller): write what is queued, then hand
+        the writer to a waiting entry's thread, or set it idle."""
+        with self._lock:
+            batch, self._pending = self._pending, []
         try:
             retry = self._write(batch)
+        except BaseException:
+            retry = []
+            raise
         finally:
-            self._lock.acquire()
-            self._writing = False
-            self._pending[:0] = retry  # deferred entries that could not be written yet
-            self._done.notify_all()
+            with self._lock:
+                self._pending[:0] = retry  # deferred entries that could not be written yet
+                for e in batch:
+                    if e._done and e._wake is not None:
+                        e._wake.release()
+                nxt = next((e for e in self._pending if e._wake is not None), None)
+                if nxt is not None:
+                    nxt._wake.release()  # its thread leads the next transaction
+                else:
+                    self._writing = False
+                    self._idle.notify_all()
+                    if self._pending:
+                        self._kick.notify()
 
     def _flush_loop(self) -> None:
-        with self._lock:
-            while not self._closed:
-                if not self._pending:
-                    self._kick.wait()
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._pending or self._writing:
+                    self._kick.wait(None if not self._pending else 0.05)
                     continue
                 wait = self._pending[0].queued_at + self.linger_s - time.monotonic()
-                if wait > 0 or self._writing:
-                    self._kick.wait(max(wait, 0.01))
+                if wait > 0:
+                    self._kick.wait(wait)
                     continue
                 before = len(self._pending)
-                self._lead()
-                if len(self._pending) >= before:  # the database is away: back off
+                self._writing = True
+            self._lead()
+            with self._lock:
+                stuck = len(self._pending) >= before
+            if stuck:  # the database is away: back off before trying again
+                with self._lock:
                     self._kick.wait(min(5.0, self.linger_s * 10 + 0.5))
 
     def _write(self, batch: list[Entry]) -> list[Entry]:
@@ -355,7 +385,7 @@ class GroupWriter:
             retry = []
             for e in batch:
                 e.seqs = []
-                if e.generation is None and not e.quota and e.attempts + 1 < MAX_ATTEMPTS:
+                if e._wake is None and e.attempts + 1 < MAX_ATTEMPTS:
                     e.attempts += 1  # a deferred outcome: kept for the next try
                     retry.append(e)
                     continue
