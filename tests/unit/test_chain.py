@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from charter.audit.chain import (
     canonical_json,
     event_body,
     event_hash,
+    event_hash_with,
     verify_rows,
 )
 
@@ -48,6 +50,29 @@ def test_canonical_json_is_rfc8785(value) -> None:  # type: ignore[no-untyped-de
 def test_floats_canonicalise_like_rfc8785(value: float) -> None:
     doc = {"duration_ms": value, "nested": [value, -value]}
     assert canonical_json(doc) == rfc8785.dumps(doc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(), st.text(), st.text(), st.text(), st.text() | st.none(),
+       st.integers(1, 2**53 - 1), json_values.filter(lambda v: isinstance(v, dict))
+       | st.dictionaries(st.text(max_size=8), json_values, max_size=5))
+def test_event_hash_with_canonical_details_is_event_hash(actor, action, target_id, outcome,
+                                                         request_id, seq, details) -> None:  # type: ignore[no-untyped-def]
+    try:
+        details_json = canonical_json(details)
+    except Exception:  # noqa: BLE001 - not JSON that RFC 8785 accepts: nothing to compare
+        return
+    ts = datetime(2026, 12, 1, 12, 30, 5, 123456, tzinfo=UTC)
+    fields = {"seq": seq, "ts": ts, "actor": actor, "action": action, "target_type": "t\n",
+              "target_id": target_id, "outcome": outcome, "request_id": request_id,
+              "prev_hash": GENESIS_HASH}
+    try:
+        expected = event_hash(event_body(**fields, details=details))
+    except Exception:  # noqa: BLE001 - e.g. lone surrogates in a field: both must refuse
+        with pytest.raises(Exception):  # noqa: B017, PT011
+            event_hash_with(**fields, details_json=details_json)
+        return
+    assert event_hash_with(**fields, details_json=details_json) == expected
 
 
 def test_key_order_is_utf16_not_code_points() -> None:

@@ -26,7 +26,6 @@ transaction); SQLite through the ordinary session (the demo).
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from charter.audit.chain import GENESIS_HASH, canonical_json, event_body, event_hash
+from charter.audit.chain import GENESIS_HASH, canonical_json, event_hash_with
 from charter.context import current_request_id
 from charter.db import utcnow
 from charter.errors import CharterError, DatabaseUnavailableError
@@ -57,14 +56,16 @@ class Event:
     outcome: str
     details: dict[str, Any]
     request_id: str | None
+    details_json: bytes  # RFC 8785 bytes of `details`: hashed and stored as they are
 
     @classmethod
     def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
            outcome: str = "success", details: dict[str, Any] | None = None) -> Event:
         details = details or {}
-        canonical_json(details)  # refuses what is not plain JSON before anything is queued
+        # Refuses what is not plain JSON before anything is queued; made once, reused.
+        details_json = canonical_json(details)
         return cls(actor, action, target_type, target_id, outcome, details,
-                   current_request_id())
+                   current_request_id(), details_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +166,7 @@ class _PostgresBackend(_Backend):
             sql = _EVENT_COLUMNS + ", ".join([_EVENT_ROW] * len(rows))
             for r in rows:
                 params += (r["seq"], r["ts"], r["actor"], r["action"], r["target_type"],
-                           r["target_id"], r["outcome"], json.dumps(r["details"]),
+                           r["target_id"], r["outcome"], r["details_json"].decode(),
                            r["request_id"], r["prev_hash"], r["hash"])
         if usage:
             counters = _USAGE_COLUMNS + ", ".join([_USAGE_ROW] * len(usage)) + _USAGE_CONFLICT
@@ -222,7 +223,8 @@ class _SessionBackend(_Backend):
         from charter.dispatch.models import Usage
 
         session = self._session
-        session.execute(insert(AuditEvent.__table__), rows)
+        session.execute(insert(AuditEvent.__table__),
+                        [{k: v for k, v in r.items() if k != "details_json"} for r in rows])
         for u in usage:
             stmt = sqlite_insert(Usage).values(
                 team_id=u.team_id, serving_name=u.serving_name, day=u.day,
@@ -422,15 +424,15 @@ class GroupWriter:
             for ev in events:
                 seq += 1
                 ts = utcnow()
-                body = event_body(seq=seq, ts=ts, actor=ev.actor, action=ev.action,
-                                  target_type=ev.target_type, target_id=ev.target_id,
-                                  outcome=ev.outcome, details=ev.details,
-                                  request_id=ev.request_id, prev_hash=prev)
-                digest = event_hash(body)
+                digest = event_hash_with(
+                    seq=seq, ts=ts, actor=ev.actor, action=ev.action,
+                    target_type=ev.target_type, target_id=ev.target_id, outcome=ev.outcome,
+                    details_json=ev.details_json, request_id=ev.request_id, prev_hash=prev)
                 rows.append({"seq": seq, "ts": ts, "actor": ev.actor, "action": ev.action,
                              "target_type": ev.target_type, "target_id": ev.target_id,
                              "outcome": ev.outcome, "details": ev.details,
-                             "request_id": ev.request_id, "prev_hash": prev, "hash": digest})
+                             "details_json": ev.details_json, "request_id": ev.request_id,
+                             "prev_hash": prev, "hash": digest})
                 e.seqs.append(seq)
                 prev = digest
             for u in deltas:

@@ -195,9 +195,15 @@ class NodeUrlPolicy:
             raise ConfigurationError("invalid node networks", details={"problems": problems})
         self.allowed_networks: tuple[IPNetwork, ...] = tuple(networks)
         self.allow_hostnames = allow_hostnames
+        # URLs with an IP literal that passed: their verdict cannot change for this policy
+        # (no DNS involved). Names are never cached: they are resolved again every call.
+        self._passed_literals: dict[str, ValidatedUrl] = {}
 
     def validate(self, url: str) -> ValidatedUrl:
         """Check a URL at registration; returns its canonical form or raises the refusal."""
+        known = self._passed_literals.get(url) if isinstance(url, str) else None
+        if known is not None:
+            return known
         scheme, host, port, path = _parse(url)
         addr = _ip_literal(host)
         if addr is not None:
@@ -212,7 +218,7 @@ class NodeUrlPolicy:
         shown = f"[{canonical_host}]" if ":" in canonical_host else canonical_host
         if port != DEFAULT_PORTS[scheme]:
             shown = f"{shown}:{port}"
-        return ValidatedUrl(
+        validated = ValidatedUrl(
             url=f"{scheme}://{shown}{path}",
             scheme=scheme,
             host=canonical_host,
@@ -221,6 +227,9 @@ class NodeUrlPolicy:
             is_ip=is_ip,
             addresses=addresses,
         )
+        if is_ip and len(self._passed_literals) < 4096:
+            self._passed_literals[url] = validated
+        return validated
 
     def resolve(self, url: str | ValidatedUrl) -> ResolvedTarget:
         """At call time: re-validate, resolve again, and pin the first checked address."""
