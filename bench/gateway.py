@@ -1136,7 +1136,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=50)
     ap.add_argument("--token-delay-ms", type=float, default=10.0)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=(os.cpu_count() or 1) + 1,
+                    help="worker processes of Charter and of LiteLLM (`charter serve`'s default)")
     ap.add_argument("--threads", type=int, default=256, help="as `charter serve` defaults")
     ap.add_argument("--profile-requests", type=int, default=300)
     ap.add_argument("--litellm", default=os.environ.get("CHARTER_BENCH_LITELLM")

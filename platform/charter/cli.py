@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -255,7 +256,9 @@ def config_docs() -> None:
 # --- serve ----------------------------------------------------------------------------
 @main.command()
 @click.option("--bind", default="127.0.0.1:8080", show_default=True)
-@click.option("--workers", default=2, show_default=True, type=int)
+@click.option("--workers", default=(os.cpu_count() or 1) + 1, show_default="cores + 1",
+              type=int, help="Worker processes. One more than the cores: a worker waiting on "
+              "the database or a node leaves its core to another.")
 @click.option("--threads", default=256, show_default=True, type=int,
               help="Threads per worker: each open stream holds one.")
 def serve(bind: str, workers: int, threads: int) -> None:
@@ -272,7 +275,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
             for key, value in {"bind": bind, "workers": workers, "threads": threads,
                                "worker_class": "gthread", "timeout": 30,
                                "graceful_timeout": 30, "keepalive": 5,
-                               "accesslog": None}.items():
+                               "accesslog": None, "worker_exit": _flush_on_exit}.items():
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
@@ -287,6 +290,13 @@ def serve(bind: str, workers: int, threads: int) -> None:
             return app
 
     Server().run()
+
+
+def _flush_on_exit(_server: object, _worker: object) -> None:
+    """A stopping worker writes the outcome events it still holds (gunicorn's worker_exit)."""
+    from charter.db import flush_writer
+
+    flush_writer()
 
 
 # --- demo -----------------------------------------------------------------------------

@@ -345,3 +345,33 @@ def test_node_killed_mid_stream(world) -> None:  # type: ignore[no-untyped-def]
     assert "error" in events[-1] and events[-1]["error_type"] == "node_failed"
     outcome = wait_events("dispatch.outcome", 1)[-1]
     assert outcome.details["outcome"] == "aborted" and outcome.outcome == "failure"
+
+
+def test_queued_outcomes_are_written_at_a_clean_shutdown(world) -> None:  # type: ignore[no-untyped-def]
+    """Outcome events wait to share a commit; a stopping worker writes them (SIGTERM)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+    env.update(CHARTER_DATABASE_URL=world.settings.database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING",
+               CHARTER_AUDIT_OUTCOME_LINGER_S="600")  # nothing is flushed by the timer
+    server = subprocess.Popen([str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}",
+                               "--workers", "1", "--threads", "4"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", server)
+        h = {"Authorization": f"Bearer {world.key}"}
+        body = {"inputs": "x", "parameters": {"max_new_tokens": 2}}
+        for _ in range(3):
+            r = httpx.post(f"http://127.0.0.1:{port}/tgi/tiny/generate", headers=h, json=body)
+            assert r.status_code == 200
+        time.sleep(0.5)
+        # The last outcome is still queued (each earlier one rode with the next decision).
+        assert len(list_events(EventFilter(action="dispatch.outcome"))) == 2
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=40) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    outcomes = list_events(EventFilter(action="dispatch.outcome"))
+    assert [e.details["status"] for e in outcomes] == [200, 200, 200]
+    assert verify_chain().ok
