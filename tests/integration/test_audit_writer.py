@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from charter.audit.service import EventFilter, append_event, list_events, verify_chain
-from charter.audit.writer import Entry, Event, UsageDelta
+from charter.audit.writer import CHAIN_LOCK_KEY, Entry, Event, UsageDelta
 from charter.db import get_database, unit_of_work, utcnow
 from charter.dispatch.models import Usage
 from charter.snapshot import read_generation
@@ -118,6 +118,9 @@ def test_an_entry_decided_on_an_old_generation_is_not_written(configured, pg_con
     entry = writer.commit(Entry(events=(_event(1),), generation=generation))
     assert entry.result == "stale" and entry.generation_seen == generation + 1
     assert entry.seqs == [] and list_events(EventFilter(action="dispatch.test")) == []
+    # Nothing was written, and the transaction did not stay open holding the chain lock.
+    pg_conn.execute("SET lock_timeout = '2s'")
+    pg_conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
     fresh = writer.commit(Entry(events=(_event(2),), generation=entry.generation_seen))
     assert fresh.result == "written"
 
