@@ -1091,8 +1091,10 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
     trips = tot["sql_n"] + 2 * tot["commit_n"] + tot["ping_n"]
     floors = "; ".join(f"{k}: {w:.3f} ms wall, {c:.3f} ms CPU"
                        for k, (w, c) in profile["floors"].items())
-    console.print(f"  Database round trips per request ≈ {trips:.0f} (statements + BEGIN/COMMIT "
-                  f"per transaction + pool pre-pings). Floors on this machine: {floors}.")
+    console.print(f"  SQLAlchemy round trips per request ≈ {trips:.0f} (statements + BEGIN/COMMIT "
+                  f"per transaction + pool pre-pings); the group commit's own psycopg "
+                  f"connection adds 3 round trips per transaction, shared by the requests of a "
+                  f"batch (not in the SQL columns). Floors on this machine: {floors}.")
     console.print(f"  Same path through gunicorn at c=1: p50 {lat('charter', .5):.3f} ms "
                   f"(stub alone {lat('direct', .5):.3f} ms) vs in-process p50 "
                   f"{profile['p50_ms']:.3f} ms. Processes outside this benchmark used "
