@@ -150,3 +150,47 @@ def test_refuses_what_is_not_plain_json(configured) -> None:  # type: ignore[no-
     with pytest.raises(ValueError):
         Event.of(actor="a", action="b", target_type="c", target_id="d",
                  details={"f": float("nan")})
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):  # type: ignore[no-untyped-def]
+    from charter import db, migrate
+    from charter.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    migrate.upgrade(url)
+    db.configure(Settings.from_env({}, database_url=url, secret_key="s" * 40))
+    yield url
+    db.reset()
+
+
+def test_the_embedded_database_gets_the_same_guarantees(sqlite_db) -> None:  # type: ignore[no-untyped-def]
+    """SQLite (the demo): same chain, same quota, stale entries written nowhere."""
+    from sqlalchemy import text
+
+    writer = get_database().writer
+    day = utcnow().date()
+    generation = read_generation()
+    refused = Event.of(actor="user:x", action="dispatch.refused", target_type="deployment",
+                       target_id="m", outcome="denied", details={"code": "quota_exceeded"})
+    results = [writer.commit(Entry(events=(_event(i),), generation=generation,
+                                   usage=(UsageDelta("t3", "m", day, requests=1),),
+                                   quota=("t3", 2), over_quota=(refused,))).result
+               for i in range(3)]
+    assert results == ["written", "written", "over_quota"]
+    with unit_of_work() as session:
+        session.execute(text("UPDATE change_generation SET value = value + 1"))
+    stale = writer.commit(Entry(events=(_event(4),), generation=generation))
+    assert stale.result == "stale" and stale.generation_seen == generation + 1
+    with unit_of_work():  # the writer's empty transaction is over: others can write
+        append_event(actor="system", action="registry.test", target_type="x", target_id="1")
+    writer.defer(Entry(events=(_event(9, "dispatch.outcome"),),
+                       usage=(UsageDelta("t3", "m", day, tokens_out=4),)))
+    assert writer.flush()
+    with unit_of_work() as session:
+        row = session.scalar(select(Usage).where(Usage.team_id == "t3"))
+        assert (row.requests, row.tokens_out) == (2, 4)
+    assert [e.action for e in list_events(EventFilter(limit=10))] == [
+        "dispatch.test", "dispatch.test", "dispatch.refused", "registry.test",
+        "dispatch.outcome"]
+    assert verify_chain().ok
