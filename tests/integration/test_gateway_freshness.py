@@ -154,3 +154,27 @@ def test_no_audit_write_means_no_dispatch(world, pg_conn) -> None:  # type: igno
     outcomes = list_events(EventFilter(action="dispatch.outcome"))
     assert [e.details["status"] for e in outcomes] == [200, 200]  # none lost, none extra
     assert verify_chain().ok
+
+
+def test_a_failing_policy_engine_refuses_and_is_audited(world) -> None:  # type: ignore[no-untyped-def]
+    from charter.policy import service as policy
+    from charter.policy.engine import PolicyUnavailableError
+
+    class Down:
+        name, revision = "broken", "sha256:" + "0" * 64  # a revision no verdict is cached for
+
+        def evaluate(self, _policy: str, _doc: dict) -> Any:  # type: ignore[type-arg]
+            raise PolicyUnavailableError("the policy engine did not answer",
+                                         code="policy_timeout")
+
+    working = policy.get_engine()
+    policy.use_engine(Down())
+    try:
+        r = world.generate()
+    finally:
+        policy.use_engine(working)
+    assert r.status_code == 503 and r.get_json()["error_type"] == "policy_timeout"
+    assert world.hits == []  # fail closed: nothing reached the node
+    failure = _decisions()[-1]
+    assert failure.outcome == "failure" and failure.details["error"] == "policy_timeout"
+    assert world.generate().status_code == 200  # and back once the engine answers
