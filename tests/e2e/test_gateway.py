@@ -173,6 +173,9 @@ def test_openai_client_unchanged(world) -> None:  # type: ignore[no-untyped-def]
     decisions = list_events(EventFilter(action="policy.decide", target_id="tiny"))
     assert len(decisions) == 2 and all(d.outcome == "success" for d in decisions)
     assert outcomes[0].details["decision_id"] == decisions[0].details["decision_id"]
+    # Each outcome carries its request's id, the stream's too (written after its last byte).
+    assert [o.request_id for o in outcomes] == [d.request_id for d in decisions]
+    assert all(o.request_id for o in outcomes)
     assert verify_chain().ok
 
 

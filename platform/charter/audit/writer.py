@@ -60,12 +60,15 @@ class Event:
 
     @classmethod
     def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
-           outcome: str = "success", details: dict[str, Any] | None = None) -> Event:
+           outcome: str = "success", details: dict[str, Any] | None = None,
+           request_id: str | None = None) -> Event:
+        """`request_id` defaults to the current request's (give it where the event is made
+        outside the request, e.g. after a stream's last byte)."""
         details = details or {}
         # Refuses what is not plain JSON before anything is queued; made once, reused.
         details_json = canonical_json(details)
         return cls(actor, action, target_type, target_id, outcome, details,
-                   current_request_id(), details_json)
+                   request_id or current_request_id(), details_json)
 
 
 @dataclass(frozen=True, slots=True)

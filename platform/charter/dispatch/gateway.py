@@ -355,6 +355,7 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
 
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, digest: str,
             started: float) -> Response:
+    request_id = g.get("request_id")  # the outcome is recorded after the request's context
     def events() -> Iterator[bytes]:
         ttft: float | None = None
         count = 0
@@ -376,7 +377,7 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
             OUTSTANDING.release(node.id)
             service.record_outcome(plan, node=node, outcome=outcome, status=200, tokens_in=0,
                                    tokens_out=count, ttft_ms=ttft, request_digest=digest,
-                                   stream=True, error=error)
+                                   stream=True, error=error, request_id=request_id)
 
     out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"

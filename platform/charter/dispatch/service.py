@@ -284,7 +284,8 @@ def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
 
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
-                   request_digest: str, stream: bool, error: str = "") -> None:
+                   request_digest: str, stream: bool, error: str = "",
+                   request_id: str | None = None) -> None:
     """Queue the outcome event and the token counters (the request was counted when it
     was admitted); written with the next commit, within `audit_outcome_linger_s`."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
@@ -300,6 +301,7 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
                  "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
                  "latency_ms": latency_ms, "request_digest": request_digest,
                  "stream": stream, "error": error[:300]},
+        request_id=request_id,
     )
     usage = (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
                         tokens_out=tokens_out),) if tokens_in or tokens_out else ()
