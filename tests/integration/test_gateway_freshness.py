@@ -178,3 +178,15 @@ def test_a_failing_policy_engine_refuses_and_is_audited(world) -> None:  # type:
     failure = _decisions()[-1]
     assert failure.outcome == "failure" and failure.details["error"] == "policy_timeout"
     assert world.generate().status_code == 200  # and back once the engine answers
+
+
+def test_a_key_use_is_recorded_without_clearing_the_read_cache(world, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    from charter.snapshot import read_generation
+
+    pg_conn.execute("UPDATE api_keys SET last_used_at = NULL")
+    generation = read_generation()
+    for _ in range(3):
+        assert world.generate().status_code == 200
+    used = pg_conn.execute("SELECT count(*) FROM api_keys WHERE last_used_at IS NOT NULL")
+    assert used.fetchone()[0] == 1
+    assert read_generation() == generation  # bookkeeping only (migration 0006)

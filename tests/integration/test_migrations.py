@@ -97,3 +97,55 @@ def test_sqlite_upgrade_and_triggers(tmp_path) -> None:  # type: ignore[no-untyp
             conn.execute(stmt)
     conn.close()
     migrate.downgrade(url, "base")
+
+
+# Columns whose updates feed no cached read (migration 0006): they do not clear the cache.
+BOOKKEEPING = {"api_keys": {"last_used_at"}, "nodes": {"last_probe_at", "last_error"}}
+
+
+def test_every_other_column_of_keys_and_nodes_advances_the_generation(pg_conn) -> None:  # type: ignore[no-untyped-def]
+    """A column added later must join the trigger's list, or the cache would miss it."""
+    for table, skipped in BOOKKEEPING.items():
+        watched = {r[0] for r in pg_conn.execute(
+            "SELECT event_object_column FROM information_schema.triggered_update_columns "
+            "WHERE event_object_table = %s AND trigger_name = %s",
+            (table, f"{table}_bump_generation_update"))}
+        columns = {c.name for c in Base.metadata.tables[table].columns}
+        assert watched == columns - skipped, table
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_bookkeeping_updates_keep_the_generation(backend, database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = database_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'g.db'}"
+    if backend == "sqlite":
+        migrate.upgrade(url)
+    engine = create_engine(url)
+
+    def generation(conn) -> int:  # type: ignore[no-untyped-def]
+        return conn.exec_driver_sql("SELECT value FROM change_generation").scalar_one()
+
+    try:
+        with engine.begin() as conn:
+            start = generation(conn)
+            conn.exec_driver_sql("UPDATE api_keys SET last_used_at = CURRENT_TIMESTAMP")
+            conn.exec_driver_sql("UPDATE nodes SET last_probe_at = CURRENT_TIMESTAMP, "
+                                 "last_error = 'x'")
+        with engine.begin() as conn:
+            assert generation(conn) == start
+            conn.exec_driver_sql("UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP")
+            after_keys = generation(conn)
+            conn.exec_driver_sql("UPDATE nodes SET healthy = healthy")
+            after_nodes = generation(conn)
+        if backend == "postgresql":  # statement triggers: they fire on empty tables too
+            assert after_nodes == after_keys + 1 == start + 2
+        else:  # row triggers fire on no row here: check what they watch instead
+            with engine.connect() as conn:
+                sql = dict(conn.exec_driver_sql(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").all())
+            for table, skipped in BOOKKEEPING.items():
+                body = sql[f"{table}_bump_update"]
+                watched = set(body.split(" UPDATE OF ")[1].split(" ON ")[0].split(", "))
+                columns = {c.name for c in Base.metadata.tables[table].columns}
+                assert watched == columns - skipped, table
+    finally:
+        engine.dispose()

@@ -31,6 +31,7 @@ from charter.snapshot import SNAPSHOT
 KEY_PREFIX = "chk"
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,99}$")
 _LAST_USED_RESOLUTION = timedelta(minutes=5)
+_touched: dict[str, datetime] = {}  # key id -> when this process last wrote last_used_at
 
 
 def _field_error(field: str, code: str, message: str) -> ValidationFailedError:
@@ -256,7 +257,11 @@ def authenticate_api_key(token: str) -> Actor:
         or record.actor is None
     ):
         raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-    if record.last_used_at is None or now - record.last_used_at > _LAST_USED_RESOLUTION:
+    # The cached row keeps the old last_used_at (that column does not advance the change
+    # generation, migration 0006), so this process remembers its own writes.
+    last = max(filter(None, (record.last_used_at, _touched.get(parts[1]))), default=None)
+    if last is None or now - last > _LAST_USED_RESOLUTION:
+        _touched[parts[1]] = now
         with unit_of_work() as session:
             key = session.get(ApiKey, parts[1])
             if key is not None:
