@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from charter.nodes.client import NodeCallError, NodePool
 from charter.nodes.ssrf import NodeUrlPolicy
 from tests.unit import test_ssrf
-from tests.unit.test_ssrf import _ok, _redirect_to_metadata, _Server, _tls_material
+from tests.unit.test_ssrf import _redirect_to_metadata, _Server
 
 Handler = Callable[[socket.socket, bytes], bool]  # answers one request; False: close after
 
@@ -106,6 +104,7 @@ def pool() -> Iterator[NodePool]:
 
 POLICY = NodeUrlPolicy(["127.0.0.0/8"])
 dns = test_ssrf.dns  # the fake resolver for made-up names
+tls_node = test_ssrf.tls_node  # a TLS server whose certificate names node.test only
 JSON = {"Content-Type": "application/json"}
 
 
@@ -184,22 +183,8 @@ def test_a_redirect_is_answered_not_followed(pool) -> None:  # type: ignore[no-u
         server.close()
 
 
-@pytest.fixture
-def tls_server(tmp_path: Any) -> Iterator[tuple[_Server, ssl.SSLContext, list[str | None]]]:
-    ca_pem, cert_pem, key_pem = _tls_material()
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(key_pem)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    seen_sni: list[str | None] = []
-    server_ctx.sni_callback = lambda sock, name, ctx: seen_sni.append(name)  # type: ignore[assignment]
-    server = _Server(_ok, tls=server_ctx)
-    yield server, ssl.create_default_context(cadata=ca_pem.decode()), seen_sni
-    server.close()
-
-
-def test_tls_goes_to_the_checked_ip_and_verifies_the_node_name(dns, tls_server) -> None:  # type: ignore[no-untyped-def]
-    server, client_ctx, seen_sni = tls_server
+def test_tls_goes_to_the_checked_ip_and_verifies_the_node_name(dns, tls_node) -> None:  # type: ignore[no-untyped-def]
+    server, client_ctx, seen_sni = tls_node
     dns["node.test"] = ["127.0.0.1"]
     target = POLICY.resolve(f"https://node.test:{server.port}")
     pool = NodePool(connect_timeout=2.0, read_timeout=5.0, context=client_ctx)
@@ -210,8 +195,8 @@ def test_tls_goes_to_the_checked_ip_and_verifies_the_node_name(dns, tls_server) 
     pool.close()
 
 
-def test_tls_refuses_a_certificate_for_another_name(dns, tls_server) -> None:  # type: ignore[no-untyped-def]
-    server, client_ctx, _ = tls_server
+def test_tls_refuses_a_certificate_for_another_name(dns, tls_node) -> None:  # type: ignore[no-untyped-def]
+    server, client_ctx, _ = tls_node
     dns["other.test"] = ["127.0.0.1"]  # same address, but the certificate names node.test
     pool = NodePool(connect_timeout=2.0, read_timeout=5.0, context=client_ctx)
     with pytest.raises(NodeCallError) as info:
