@@ -139,13 +139,13 @@ def _headers_context() -> tuple[str | None, str | None]:
     return data_class, purpose
 
 
-def _admit(actor: Actor, **request: Any) -> Plan:
+def _admit(actor: Actor, **asked: Any) -> Plan:
     """dispatch.admit(), again on fresh data while what it decided on went stale."""
     from charter.app import authenticate_request
 
     for _ in range(_MAX_STALE_RETRIES):
         try:
-            return service.admit(actor, **request)
+            return service.admit(actor, **asked)
         except StaleSnapshotError as exc:
             authenticate_request(exc.generation)  # the key may be revoked by now
             actor = _actor()
