@@ -190,3 +190,22 @@ def test_a_key_use_is_recorded_without_clearing_the_read_cache(world, pg_conn) -
     used = pg_conn.execute("SELECT count(*) FROM api_keys WHERE last_used_at IS NOT NULL")
     assert used.fetchone()[0] == 1
     assert read_generation() == generation  # bookkeeping only (migration 0006)
+
+
+def test_a_registry_that_never_settles_answers_503_registry_busy(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from charter.dispatch import service
+    from charter.snapshot import read_generation
+
+    calls: list[int] = []
+
+    def always_stale(*_args: Any, **_kwargs: Any) -> Any:
+        calls.append(1)
+        raise service.StaleSnapshotError(read_generation())  # as if it moved every time
+
+    monkeypatch.setattr(service, "admit", always_stale)
+    r = world.client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "x"}]},
+        headers={"Authorization": f"Bearer {world.key}"})
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "registry_busy"
+    assert r.headers["Retry-After"] == "1"
+    assert len(calls) == 5 and world.hits == []
