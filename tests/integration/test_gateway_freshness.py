@@ -209,3 +209,29 @@ def test_a_registry_that_never_settles_answers_503_registry_busy(world, monkeypa
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "registry_busy"
     assert r.headers["Retry-After"] == "1"
     assert len(calls) == 5 and world.hits == []
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 201, "tab\there", "line\nbreak"])
+def test_a_serving_name_no_deployment_could_have_is_refused_before_anything(world, name) -> None:  # type: ignore[no-untyped-def]
+    h = {"Authorization": f"Bearer {world.key}"}
+    r = world.client.post("/v1/chat/completions", headers=h, json={
+        "model": name, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_model_name"
+    assert world.hits == []
+    assert world.generate().status_code == 200  # and nothing was left in the writer
+
+
+def test_tgi_path_names_are_checked_too(world) -> None:  # type: ignore[no-untyped-def]
+    r = world.client.post("/tgi/a%00b/generate", json={"inputs": "x"},
+                          headers={"Authorization": f"Bearer {world.key}"})
+    assert r.status_code == 422 and r.get_json()["error_type"] == "invalid_model_name"
+    assert world.hits == []
+
+
+def test_events_the_columns_cannot_hold_are_refused_before_queueing() -> None:
+    from charter.audit.writer import Event
+
+    with pytest.raises(ValueError, match="target_id"):
+        Event.of(actor="a", action="b", target_type="c", target_id="x" * 201)
+    with pytest.raises(ValueError, match="actor"):
+        Event.of(actor="a\x00", action="b", target_type="c", target_id="d")

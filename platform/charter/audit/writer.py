@@ -47,6 +47,10 @@ MAX_DEFERRED = 100_000  # outcomes kept for retry while the database is away
 MAX_ATTEMPTS = 20
 
 
+_COLUMN_LIMITS = {"actor": 200, "action": 100, "target_type": 50, "target_id": 200,
+                  "outcome": 20, "request_id": 64}  # audit_events' column sizes
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     actor: str
@@ -65,10 +69,17 @@ class Event:
         """`request_id` defaults to the current request's (give it where the event is made
         outside the request, e.g. after a stream's last byte)."""
         details = details or {}
+        request_id = request_id or current_request_id()
+        for name, value in (("actor", actor), ("action", action), ("target_type", target_type),
+                            ("target_id", target_id), ("outcome", outcome),
+                            ("request_id", request_id)):
+            # What the columns cannot hold would fail the whole batch it shares.
+            if value is not None and (len(value) > _COLUMN_LIMITS[name] or "\x00" in value):
+                raise ValueError(f"audit {name} too long or with a NUL character")
         # Refuses what is not plain JSON before anything is queued; made once, reused.
         details_json = canonical_json(details)
-        return cls(actor, action, target_type, target_id, outcome, details,
-                   request_id or current_request_id(), details_json)
+        return cls(actor, action, target_type, target_id, outcome, details, request_id,
+                   details_json)
 
 
 @dataclass(frozen=True, slots=True)

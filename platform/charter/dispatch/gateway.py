@@ -169,9 +169,7 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
     actor = _actor()
     body, raw = _body()
     settings = current_app.extensions["charter.settings"]
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise _bad("`model` is required")
+    name = _checked_name(body.get("model"))
     value = body.get(required)
     if value is None or (list_field and (not isinstance(value, list) or not value)):
         raise _bad(f"`{required}` is required")
@@ -196,10 +194,19 @@ def list_models() -> Response:
 
 # --- TGI ------------------------------------------------------------------------------------
 
+def _checked_name(name: object) -> str:
+    """A serving name as callers may give it: what a deployment could be called."""
+    if not isinstance(name, str) or not name:
+        raise _bad("`model` is required")
+    if len(name) > 200 or not name.isprintable():
+        raise _bad("`model` must be at most 200 printable characters", "invalid_model_name")
+    return name
+
+
 def _serving_name(name: str | None) -> str:
     name = name or request.headers.get(MODEL_HEADER)
     if name:
-        return name
+        return _checked_name(name)
     visible = service.visible_models(_actor())
     if len(visible) == 1:
         return visible[0].serving_name
