@@ -412,12 +412,22 @@ class GroupWriter:
                 self._backend.release()
         except Exception as exc:  # noqa: BLE001 - every entry learns of it; nothing is written
             self._backend.abort()
+            kind = _failure_kind(exc)
             log.warning("audit group commit failed", error=f"{type(exc).__name__}: {exc}",
                         entries=len(batch))
-            retry = []
             for e in batch:
                 e.seqs = []
-                if e._wake is None and e.attempts + 1 < MAX_ATTEMPTS:
+            if kind != "connection" and len(batch) > 1:
+                # One entry may be what the database refused: do not let it sink the others.
+                # Each goes again in a transaction of its own.
+                return [r for e in batch for r in self._write([e])]
+            retry = []
+            for e in batch:
+                if kind == "values" and e._wake is None:
+                    log.error("audit event refused by the database: dropped",
+                              action=e.events[0].action if e.events else None,
+                              error=f"{type(exc).__name__}: {exc}")
+                elif e._wake is None and e.attempts + 1 < MAX_ATTEMPTS:
                     e.attempts += 1  # a deferred outcome: kept for the next try
                     retry.append(e)
                     continue
@@ -471,6 +481,22 @@ class GroupWriter:
                 acc[1] += u.tokens_in
                 acc[2] += u.tokens_out
         return rows, [UsageDelta(t, s, d, *acc) for (t, s, d), acc in sorted(usage.items())]
+
+
+def _failure_kind(exc: Exception) -> str:
+    """`connection`: the database is unreachable or busy (try again later, all together);
+    `values`: a value the columns cannot hold (it fails however often it is sent);
+    `statement`: refused otherwise (a constraint, a permission), perhaps until an operator
+    acts: kept like a connection failure, but not allowed to sink other entries."""
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | sa_exc.OperationalError
+                  | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return "connection"
+    if isinstance(exc, psycopg.DataError | sa_exc.DataError):
+        return "values"
+    return "statement" if isinstance(exc, psycopg.Error | sa_exc.DBAPIError) else "connection"
 
 
 def make_writer(database: Any, *, linger_s: float = 0.2) -> GroupWriter:
