@@ -3,9 +3,11 @@
 Triggers (migration 0005) add one to `change_generation.value` in the same transaction as
 any change to users, roles, keys, teams, members, models, versions, approvals, nodes or
 deployments. A request reads that number once; cached entries belong to one generation,
-so after any committed change every process reloads on its next request. Nothing is ever
-served from a generation older than the one the request read, which makes the cache as
-fresh as reading the tables themselves at that moment, without a TTL.
+so after any committed change every process reloads on its next request. The gateway's
+dispatch routes skip the read: they decide on `SNAPSHOT.latest`, and the audit writer
+commits the decision only if that generation is still current (charter.audit.writer).
+Nothing is ever served from a generation older than the one the request read, which
+makes the cache as fresh as reading the tables themselves at that moment, without a TTL.
 """
 
 from __future__ import annotations

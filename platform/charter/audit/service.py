@@ -26,7 +26,7 @@ from charter.errors import ValidationFailedError
 
 OUTCOMES = ("success", "denied", "failure")
 # Any fixed 64-bit number; every audit writer serializes on it until its commit.
-_CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER"
+CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER"
 
 
 def append_event(
@@ -48,7 +48,7 @@ def append_event(
     details = details or {}
     canonical_json(details)  # refuses values that are not plain JSON before any write
     with unit_of_work() as session:
-        seq, prev_hash = _lock_head(session)
+        seq, prev_hash = lock_head(session)
         ts = utcnow()
         request_id = current_request_id()
         body = event_body(
@@ -73,7 +73,7 @@ def append_event(
         return seq, digest
 
 
-def _lock_head(session: Session) -> tuple[int, str]:
+def lock_head(session: Session) -> tuple[int, str]:
     """Serialize chain writers and return (next seq, previous hash).
 
     PostgreSQL: a transaction-scoped advisory lock, held until commit, so no two
@@ -84,7 +84,7 @@ def _lock_head(session: Session) -> tuple[int, str]:
     if conn.dialect.name == "postgresql":
         # Two statements on purpose: a single one would take its snapshot before the lock
         # is granted and could read a stale head.
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CHAIN_LOCK_KEY})")
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK_KEY})")
     head = conn.exec_driver_sql(
         "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").first()
     if head is None:

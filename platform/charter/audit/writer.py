@@ -19,8 +19,8 @@ Outcome events are `defer`red: they ride with the next commit, or a background f
 writes them after `linger_s`; a process killed in that window loses them (its decisions
 are committed), which `dispose()` and a clean shutdown avoid by flushing.
 
-PostgreSQL goes through one plain psycopg connection in pipeline mode (two round trips a
-transaction); SQLite through the ordinary session (the demo).
+PostgreSQL goes through one plain psycopg connection (three round trips a transaction);
+SQLite through an ordinary session and audit.service's own head read (the demo).
 """
 
 from __future__ import annotations
@@ -37,18 +37,20 @@ from typing import Any
 import structlog
 
 from charter.audit.chain import GENESIS_HASH, canonical_json, event_hash_with
+from charter.audit.models import AuditEvent
+from charter.audit.service import CHAIN_LOCK_KEY, lock_head
 from charter.context import current_request_id
 from charter.db import utcnow
 from charter.errors import CharterError, DatabaseUnavailableError
 
 log = structlog.get_logger("charter.audit.writer")
-CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER": the same lock as audit.service.append_event
 MAX_DEFERRED = 100_000  # outcomes kept for retry while the database is away
 MAX_ATTEMPTS = 20
 
 
-_COLUMN_LIMITS = {"actor": 200, "action": 100, "target_type": 50, "target_id": 200,
-                  "outcome": 20, "request_id": 64}  # audit_events' column sizes
+_COLUMN_LIMITS = {name: AuditEvent.__table__.c[name].type.length  # type: ignore[attr-defined]
+                  for name in ("actor", "action", "target_type", "target_id", "outcome",
+                               "request_id")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,24 +227,21 @@ class _SessionBackend(_Backend):
         from charter.dispatch.models import Usage
 
         self._session = session = self._sessions()
+        next_seq, prev_hash = lock_head(session)  # takes the chain's lock where one is needed
         conn = session.connection()
         generation = conn.execute(
             text("SELECT value FROM change_generation WHERE id = 1")).scalar_one()
-        head = conn.execute(text(
-            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).first()
         used: dict[str, int] = {}
         if teams:
             used = {t: int(n) for t, n in conn.execute(
                 select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
                 .where(Usage.day == day, Usage.team_id.in_(teams)).group_by(Usage.team_id))}
-        return _Head(int(generation), head[0] if head else 0,
-                     head[1] if head else GENESIS_HASH, used)
+        return _Head(int(generation), next_seq - 1, prev_hash, used)
 
     def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
         from sqlalchemy import insert
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        from charter.audit.models import AuditEvent
         from charter.dispatch.models import Usage
 
         session = self._session
