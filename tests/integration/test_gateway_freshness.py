@@ -209,6 +209,8 @@ def test_a_registry_that_never_settles_answers_503_registry_busy(world, monkeypa
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "registry_busy"
     assert r.headers["Retry-After"] == "1"
     assert len(calls) == 5 and world.hits == []
+    refused = list_events(EventFilter(action="dispatch.refused"))[-1]
+    assert refused.details["code"] == "registry_busy" and refused.outcome == "denied"
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "x" * 201, "tab\there", "line\nbreak"])

@@ -149,8 +149,9 @@ def _admit(actor: Actor, **asked: Any) -> Plan:
         except StaleSnapshotError as exc:
             authenticate_request(exc.generation)  # the key may be revoked by now
             actor = _actor()
-    raise DispatchError("the registry is changing too fast to decide; try again",
-                        code="registry_busy", status=503, details={"retry_after_s": 1})
+    raise service.record_refusal(actor, asked["serving_name"], DispatchError(
+        "the registry is changing too fast to decide; try again", code="registry_busy",
+        status=503, details={"retry_after_s": 1}))
 
 
 # --- OpenAI ---------------------------------------------------------------------------------

@@ -218,6 +218,16 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
     return plan
 
 
+def record_refusal(actor: Actor, serving_name: str, exc: CharterError) -> CharterError:
+    """Commit a refusal that no decision recorded (e.g. the registry kept changing)."""
+    entry = get_database().writer.commit(
+        Entry(events=(_refused_event(actor, serving_name, exc),)))
+    if entry.result == "failed":
+        assert entry.error is not None
+        return entry.error
+    return exc
+
+
 def _refused_event(actor: Actor, serving_name: str, exc: CharterError) -> Event:
     return Event.of(actor=actor.ref, action="dispatch.refused", target_type="deployment",
                     target_id=serving_name, outcome="denied",
