@@ -19,7 +19,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from charter.db import Base, UTCDateTime, utcnow
 
-STATES = ("draft", "submitted", "approved", "rejected", "deprecated", "revoked")
+STATES = ("draft", "submitted", "approved", "rejected", "deprecated", "revoked", "expired")
 WEIGHT_FORMATS = ("safetensors", "gguf", "pytorch_pickle", "none")
 # Formats whose loading runs pickle, i.e. arbitrary code from the file.
 UNSAFE_FORMATS = frozenset({"pytorch_pickle"})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,6 +15,7 @@ from charter.audit.service import append_event
 from charter.db import unit_of_work, utcnow
 from charter.errors import (
     AdmissionDeniedError,
+    CharterError,
     ConflictError,
     IllegalTransitionError,
     NotFoundError,
@@ -21,7 +23,7 @@ from charter.errors import (
     StaleVersionError,
     ValidationFailedError,
 )
-from charter.identity.actor import Actor
+from charter.identity.actor import SYSTEM, Actor
 from charter.policy import service as policy
 from charter.policy.engine import Decision
 from charter.registry.models import (
@@ -53,8 +55,15 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("submitted", "reject"): "rejected",
     ("approved", "deprecate"): "deprecated",
     ("approved", "revoke"): "revoked",
+    # Only the system takes these, when the approval's expires_at has passed.
+    ("approved", "expire"): "expired",
+    ("deprecated", "expire"): "expired",
 }
+SYSTEM_ACTIONS = frozenset({"expire"})  # no endpoint: not offered to callers as allowed
+EXPIRABLE = tuple(sorted({s for (s, a) in TRANSITIONS if a == "expire"}))
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+log = structlog.get_logger("charter.registry")
 
 
 def create_model(actor: Actor, spec: ModelCreate) -> Model:
@@ -226,13 +235,17 @@ def update_draft(actor: Actor, version_id: str, change: VersionUpdate) -> ModelV
         return version
 
 
+def _allowed_actions(state: str) -> list[str]:
+    return sorted(a for (s, a) in TRANSITIONS if s == state and a not in SYSTEM_ACTIONS)
+
+
 def _transition(
     session: Session, actor: Actor, version: ModelVersion, action: str, reason: str,
     extra: dict[str, Any] | None = None,
 ) -> None:
     target = TRANSITIONS.get((version.state, action))
     if target is None:
-        allowed = sorted(a for (s, a) in TRANSITIONS if s == version.state)
+        allowed = _allowed_actions(version.state)
         raise IllegalTransitionError(
             f"cannot {action} a version that is {version.state}",
             details={"state": version.state, "action": action, "allowed_actions": allowed},
@@ -296,7 +309,7 @@ def _admit(actor: Actor, version_id: str, *, allowed_states: tuple[str, ...],
     with unit_of_work() as session:
         version = _version(session, version_id)
         if version.state not in allowed_states:
-            allowed = sorted(a for (st, a) in TRANSITIONS if st == version.state)
+            allowed = _allowed_actions(version.state)
             raise IllegalTransitionError(
                 f"cannot {action} a version that is {version.state}",
                 details={"state": version.state, "action": action, "allowed_actions": allowed},
@@ -507,3 +520,59 @@ def _retire(actor: Actor, version_id: str, req: RequiredReason, action: str) -> 
         _check_row_version(version, req.row_version)
         _transition(session, actor, version, action, req.reason)
         return version
+
+
+def expire_approvals(now: datetime | None = None) -> list[str]:
+    """Move every approved or deprecated version whose latest approval has run out (its
+    expires_at <= now) to expired, as the system; returns the ids it expired.
+
+    One transaction a version, so one failure does not hold up the rest. A person who
+    changes a version meanwhile wins: the stale write is logged and the version skipped.
+    """
+    now = utcnow() if now is None else now
+    if now.tzinfo is None:
+        raise ValueError("expire_approvals needs a timezone-aware now")
+    with unit_of_work() as session:
+        candidates = list(session.scalars(
+            select(ModelVersion.id)
+            .where(
+                ModelVersion.state.in_(EXPIRABLE),
+                ModelVersion.id.in_(
+                    select(ApprovalDecision.version_id).where(
+                        ApprovalDecision.decision == "approved",
+                        ApprovalDecision.expires_at <= now,
+                    )
+                ),
+            )
+            .order_by(ModelVersion.created_at, ModelVersion.id)
+        ))
+    expired = []
+    for version_id in candidates:
+        try:
+            if _expire_version(version_id, now):
+                expired.append(version_id)
+        except StaleVersionError:
+            log.warning("approval expiry skipped: the version changed meanwhile",
+                        version_id=version_id)
+        except CharterError as exc:
+            log.exception("approval expiry failed", version_id=version_id, code=exc.code)
+    return expired
+
+
+def _latest_approval(version: ModelVersion) -> ApprovalDecision | None:
+    approvals = [d for d in version.decisions if d.decision == "approved"]
+    return approvals[-1] if approvals else None  # decisions are ordered by decided_at
+
+
+def _expire_version(version_id: str, now: datetime) -> bool:
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        approval = _latest_approval(version)
+        # Read again in this transaction: the candidate list may be out of date.
+        if (version.state not in EXPIRABLE or approval is None
+                or approval.expires_at is None or approval.expires_at > now):
+            return False
+        expires_at = approval.expires_at.isoformat()
+        _transition(session, SYSTEM, version, "expire", f"the approval expired at {expires_at}",
+                    {"decision_id": approval.id, "expires_at": expires_at})
+        return True

@@ -52,6 +52,22 @@ test_deprecated_serves_with_warning if {
 	ws == {"version_deprecated"}
 }
 
+# The periodic expiry job moves a version whose approval ran out to "expired": not servable,
+# even if the clocks disagree and the approval still looks current.
+test_denies_expired_state if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/state", "value": "expired"}])
+	not dispatch.allow with input as inp
+	_codes(inp) == {"version_not_approved"}
+}
+
+test_denies_expired_state_past_its_expiry if {
+	inp := json.patch(_ok, [
+		{"op": "replace", "path": "/version/state", "value": "expired"},
+		{"op": "replace", "path": "/now", "value": "2027-01-01T00:00:00Z"},
+	])
+	_codes(inp) == {"version_not_approved", "approval_expired"}
+}
+
 test_denies_expired if {
 	inp := json.patch(_ok, [{"op": "replace", "path": "/now", "value": "2027-01-01T00:00:00Z"}])
 	_codes(inp) == {"approval_expired"}
