@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
-from charter import __version__, db
+from charter import __version__, db, tasks
 from charter.apikit import openapi_document
 from charter.audit.service import append_event
 from charter.context import request_id_var
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     database = db.configure(settings)
     policy.configure(settings)
+    tasks.configure(settings)
     if settings.schema_check:
         status = schema_status(database.engine)
         if not status.current:
@@ -76,13 +77,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     _install_probes(app, settings)
 
     from charter.audit.api import bp as audit_bp
+    from charter.batches.api import bp as batches_bp
     from charter.dispatch.gateway import bp as gateway_bp
     from charter.identity.api import bp as identity_bp
     from charter.nodes.api import bp as nodes_bp
     from charter.policy.api import bp as policy_bp
     from charter.registry.api import bp as registry_bp
 
-    for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp):
+    for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp,
+               batches_bp):
         app.register_blueprint(bp)
 
     from charter.console import register_console

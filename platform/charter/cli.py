@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from charter.errors import CharterError
+from charter.errors import CharterError, ConfigurationError
 from charter.settings import Settings, settings_markdown
 
 console = Console(stderr=True)
@@ -279,17 +280,72 @@ def serve(bind: str, workers: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
-            import threading
-
-            from charter.nodes.service import probe_loop
-
             app = create_app(settings)  # in each worker: its own pools and engines
-            # Node probes and attestation in every worker; one of them runs each round.
-            threading.Thread(target=probe_loop, args=(settings, threading.Event()),
-                             daemon=True, name="charter-probe").start()
+            start_inprocess_scheduler(settings)
             return app
 
     Server().run()
+
+
+def start_inprocess_scheduler(settings: Settings) -> threading.Event | None:
+    """With task_backend `inprocess`, this process sends the periodic tasks (node probes,
+    batch sweeps, maintenance) itself; with `celery`, `charter beat` does."""
+    if settings.task_backend != "inprocess":
+        return None
+    from charter import tasks
+
+    stop = threading.Event()
+    threading.Thread(target=tasks.run_scheduler, args=(settings, stop), daemon=True,
+                     name="charter-scheduler").start()
+    return stop
+
+
+# --- worker and beat (Celery) ---------------------------------------------------------
+def _celery_settings() -> Settings:
+    from charter import tasks
+    from charter.db import configure as configure_db
+    from charter.policy import service as policy_service
+
+    settings = _settings()
+    if settings.task_backend != "celery":
+        raise ConfigurationError(
+            "set CHARTER_TASK_BACKEND=celery and CHARTER_BROKER_URL to run Celery processes",
+            details={"problems": ["CHARTER_TASK_BACKEND: not celery"]})
+    _ready(settings)
+    configure_db(settings)
+    policy_service.configure(settings)
+    tasks.configure(settings)
+    return settings
+
+
+@main.command()
+@click.option("--concurrency", default=16, show_default=True, type=int,
+              help="Threads running tasks; a batch line holds one while its node answers.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker for Charter's tasks (batch lines, probes, sweeps, maintenance)."""
+    from charter import tasks
+
+    settings = _celery_settings()
+    tasks.celery_app.worker_main(["worker", "--pool", "threads", "--concurrency",
+                                  str(concurrency), "--queues", settings.task_queue,
+                                  "--loglevel", loglevel, "--without-gossip",
+                                  "--without-mingle", "--hostname", f"charter@{os.uname()[1]}"])
+
+
+@main.command()
+@click.option("--schedule-file", default="", help="Where beat keeps its state "
+              "(default: a file in the temporary directory).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(schedule_file: str, loglevel: str) -> None:
+    """Run Celery beat: sends the periodic tasks (run exactly one per installation)."""
+    import tempfile
+
+    from charter import tasks
+
+    _celery_settings()
+    path = schedule_file or os.path.join(tempfile.gettempdir(), "charter-beat-schedule")
+    tasks.celery_app.start(["beat", "--schedule", path, "--loglevel", loglevel])
 
 
 def _flush_on_exit(_server: object, _worker: object) -> None:

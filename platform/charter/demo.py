@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -285,11 +284,11 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
     from charter.app import create_app
 
     procs = start_nodes(data_dir, settings, port, console)
-    stop = threading.Event()
-    from charter.nodes.service import probe_loop
-
-    threading.Thread(target=probe_loop, args=(settings, stop), daemon=True).start()
     app = create_app(settings)
+    from charter.cli import start_inprocess_scheduler
+
+    stop = start_inprocess_scheduler(settings)
+    assert stop is not None
     key = keys.get("svc-helpdesk", "<key>")
     console.print(
         f"Stream a chat completion through the governed path:\n"

@@ -149,6 +149,71 @@ class Settings:
         "written on its own (decision events never wait: they commit before dispatch)."
     )
 
+    task_backend: str = _setting(
+        "inprocess",
+        "Where background tasks (batch lines, node probes, sweeps, expiry, retention) run: "
+        "`inprocess` (threads in the serving process, the embedded default) or `celery` "
+        "(Celery workers and beat through `broker_url`).",
+    )
+    broker_url: str = _setting(
+        "",
+        "Celery broker (task_backend `celery`): `redis://host:6379/0` or "
+        "`amqp://user:password@host:5672//` (RabbitMQ).",
+        secret=True,
+    )
+    task_queue: str = _setting("charter", "Celery queue Charter's tasks are sent to.")
+    task_visibility_timeout_s: int = _setting(
+        600,
+        "Redis broker: seconds before a task taken by a worker that vanished is delivered "
+        "again (RabbitMQ redelivers when the worker's connection drops). Lines are safe "
+        "either way: their state is in the database and the sweep sends them again.",
+    )
+    task_inprocess_threads: int = _setting(
+        8, "Threads that run tasks in-process (task_backend `inprocess`)."
+    )
+    files_max_bytes: int = _setting(
+        67_108_864, "Largest file accepted by `POST /v1/files`, in bytes (413 above)."
+    )
+    batch_max_lines: int = _setting(50_000, "Most lines (requests) one batch input file may hold.")
+    batch_window: int = _setting(
+        128,
+        "Lines of one batch queued or running at once; each finished line queues the next, "
+        "so batches share the workers and the queue stays short.",
+    )
+    batch_node_share: float = _setting(
+        0.5,
+        "Share of a node's `capacity` that batch lines may use at once, across all workers "
+        "(at least one slot), so batches never starve online traffic.",
+    )
+    batch_line_max_attempts: int = _setting(
+        3, "Times a batch line is sent to nodes before it is reported failed."
+    )
+    batch_line_lease_s: int = _setting(
+        300,
+        "Seconds a worker holds a line it runs; a line whose worker vanished is taken again "
+        "after this. Must exceed node_read_timeout_s.",
+    )
+    batch_requeue_after_s: int = _setting(
+        30, "A pending line nobody took for this many seconds is sent to the queue again."
+    )
+    batch_sweep_interval_s: float = _setting(
+        5.0,
+        "Seconds between sweeps of running batches (resend lost lines, honour cancellation "
+        "and expiry, finalize).",
+    )
+    batch_slot_wait_s: float = _setting(
+        60.0, "Seconds an admitted line waits for a free batch slot on its nodes before the "
+        "attempt is given up (recorded as failed; the line is tried again)."
+    )
+    file_retention_days: int = _setting(
+        30,
+        "Days the content of batch files (inputs, outputs, errors) is kept; then it is "
+        "purged (audited; the file's digest stays).",
+    )
+    maintenance_interval_s: float = _setting(
+        300.0, "Seconds between maintenance rounds: approval expiry and file retention."
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Parse CHARTER_* variables; unknown CHARTER_* names and bad values are errors."""
@@ -204,6 +269,22 @@ class Settings:
                     problems.append(f"CHARTER_{name.upper()}: must be a JSON object")
         if self.audit_page_limit < 1:
             problems.append("CHARTER_AUDIT_PAGE_LIMIT: must be positive")
+        if self.task_backend not in ("inprocess", "celery"):
+            problems.append("CHARTER_TASK_BACKEND: must be inprocess or celery")
+        if self.task_backend == "celery" and not self.broker_url.startswith(
+                ("redis://", "rediss://", "amqp://", "amqps://")):
+            problems.append("CHARTER_BROKER_URL: a redis:// or amqp:// URL is required with "
+                            "CHARTER_TASK_BACKEND=celery")
+        if not 0 < self.batch_node_share <= 1:
+            problems.append("CHARTER_BATCH_NODE_SHARE: must be above 0 and at most 1")
+        if self.batch_line_lease_s <= self.node_read_timeout_s + self.batch_slot_wait_s:
+            problems.append("CHARTER_BATCH_LINE_LEASE_S: must exceed CHARTER_NODE_READ_TIMEOUT_S "
+                            "+ CHARTER_BATCH_SLOT_WAIT_S (a line still running would be taken "
+                            "again)")
+        for name in ("task_inprocess_threads", "files_max_bytes", "batch_max_lines",
+                     "batch_line_max_attempts", "file_retention_days", "batch_window"):
+            if getattr(self, name) < 1:
+                problems.append(f"CHARTER_{name.upper()}: must be positive")
         if problems:
             raise ConfigurationError("invalid configuration", details={"problems": problems})
 

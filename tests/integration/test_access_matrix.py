@@ -127,6 +127,18 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/tgi/<name>/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("POST", "/tgi/<name>"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("GET", "/tgi/<name>/info"): R(**ANY),
+    # Files and batches: any authenticated caller; each sees its own (404 for others').
+    ("POST", "/v1/files"): R(**ANY),
+    ("GET", "/v1/files"): R(**ANY),
+    ("GET", "/v1/files/<file_id>"): R(**ANY),
+    ("GET", "/v1/files/<file_id>/content"): R(**ANY),
+    ("DELETE", "/v1/files/<file_id>"): R(**ANY),
+    ("POST", "/v1/batches"): R(**ANY, body=lambda c: {
+        "input_file_id": "file-nope", "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"}),
+    ("GET", "/v1/batches"): R(**ANY),
+    ("GET", "/v1/batches/<batch_id>"): R(**ANY),
+    ("POST", "/v1/batches/<batch_id>/cancel"): R(**ANY),
     ("GET", "/api/v1/teams/<team_id>/service-accounts"): R(team_scoped=True),
     ("POST", "/api/v1/teams/<team_id>/service-accounts"): R(
         "admin", team_scoped=True, body=lambda c: {"username": f"bot-{c['n']}"}),
@@ -245,6 +257,7 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                     .replace("<path:filename>", "console.css")
                     .replace("<deployment_id>", dep.id if dep else "x")
                     .replace("<key_id>", key.id).replace("<team_id>", team.id)
+                    .replace("<file_id>", "file-nope").replace("<batch_id>", "batch_nope")
                     .replace("<user_id>", bot.id if "/teams/" not in rule
                              else target.actor.user_id))
             headers = {}
@@ -286,8 +299,11 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                 else:
                     ok, expect = got == 403 and code == "forbidden", "403 forbidden"
             elif caller in spec.allow:
+                # Files and batches are their owner's (tests/integration/test_batches.py):
+                # an id of nobody's answers 404 to every caller the route is open to.
                 ok, expect = got not in (401, 403, 404) or (got == 404 and code in (
-                    "member_not_found", "model_not_found")), "not refused"
+                    "member_not_found", "model_not_found", "file_not_found",
+                    "batch_not_found")), "not refused"
             else:
                 ok, expect = got == 403 and code == "forbidden", "403 forbidden"
             if not ok:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import structlog
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
-from charter.dispatch import service
+from charter.dispatch import service, upstream
 from charter.dispatch.service import (
     OUTSTANDING,
     DispatchError,
@@ -29,7 +28,6 @@ from charter.dispatch.service import (
 from charter.errors import CharterError, UnauthenticatedError
 from charter.identity.actor import Actor
 from charter.nodes.client import NodeCallError, NodePool, NodeResponse
-from charter.nodes.service import url_policy
 from charter.nodes.ssrf import NodeUrlPolicy
 
 log = structlog.get_logger("charter.gateway")
@@ -37,23 +35,12 @@ bp = Blueprint("gateway", __name__)
 DATA_CLASS_HEADER = "X-Charter-Data-Class"
 PURPOSE_HEADER = "X-Charter-Purpose"
 MODEL_HEADER = "X-Charter-Model"
-_client_lock = threading.Lock()
 _MAX_STALE_RETRIES = 5
 
 
 def _nodes() -> tuple[NodePool, NodeUrlPolicy]:
-    """This process's node connection pool and URL policy, made once."""
-    found = current_app.extensions.get("charter.node_pool")
-    if found is None:
-        with _client_lock:
-            found = current_app.extensions.get("charter.node_pool")
-            if found is None:
-                settings = current_app.extensions["charter.settings"]
-                found = (NodePool(connect_timeout=settings.node_connect_timeout_s,
-                                  read_timeout=settings.node_read_timeout_s),
-                         url_policy(settings))
-                current_app.extensions["charter.node_pool"] = found
-    return found  # type: ignore[no-any-return]
+    """This process's node connection pool and URL policy (charter.dispatch.upstream)."""
+    return upstream.nodes_for(current_app.extensions["charter.settings"])
 
 
 # --- error shapes ---------------------------------------------------------------------------
@@ -274,18 +261,6 @@ def info(name: str | None = None) -> Response:
 
 # --- proxy ----------------------------------------------------------------------------------
 
-def _usage(protocol: str, body: Any) -> tuple[int, int]:
-    if isinstance(body, list) and body:
-        body = body[0]
-    if not isinstance(body, dict):
-        return 0, 0
-    if protocol == "openai":
-        usage = body.get("usage") or {}
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    details = body.get("details") or {}
-    return len(details.get("prefill") or []), int(details.get("generated_tokens") or 0)
-
-
 def _stream_error(protocol: str, message: str) -> bytes:
     if protocol == "openai":
         payload = {"error": {"message": message, "type": "api_error", "param": None,
@@ -302,24 +277,16 @@ def _forward(plan: Plan, path: str, body: dict[str, Any], raw: bytes, *, stream:
     headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
     last_error = "no node answered"
     for node in plan.nodes:  # retry on another node only before the first byte
-        payload = raw
-        if protocol == "openai" and node.reported_model_id:
-            payload = json.dumps({**body, "model": node.reported_model_id}).encode()
+        payload = upstream.payload_for(node, protocol, body, raw)
         OUTSTANDING.acquire(node.id)
         started = time.perf_counter()
         try:
-            target = policy.resolve(node.base_url)  # re-checked: DNS may have moved
-            resp = pool.request(target, "POST", path, payload, headers)
-        except (NodeCallError, CharterError) as exc:
+            resp = upstream.send(pool, policy, node, path, payload, headers)
+        except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
             OUTSTANDING.release(node.id)
-            last_error = f"{node.name}: {type(exc).__name__}"
+            last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (
+                f"{node.name}: {type(exc).__name__}")
             log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
-            continue
-        if resp.status >= 500 or 300 <= resp.status < 400:
-            # A node error, or a redirect (never followed, never passed on): next node.
-            resp.close(reuse=False)
-            OUTSTANDING.release(node.id)
-            last_error = f"{node.name}: HTTP {resp.status}"
             continue
         if not stream or resp.status != 200:
             return _finish_whole(plan, node, resp, protocol, digest, stream, started)
@@ -347,7 +314,7 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
         parsed = json.loads(content)
     except ValueError:
         parsed = None
-    tokens_in, tokens_out = _usage(protocol, parsed)
+    tokens_in, tokens_out = upstream.usage(protocol, parsed)
     ok = resp.status == 200
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
                            status=resp.status, tokens_in=tokens_in,

@@ -160,7 +160,7 @@ class StaleSnapshotError(Exception):
 
 
 def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: str | None,
-          protocol: str = "openai") -> Plan:
+          protocol: str = "openai", origin: dict[str, Any] | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.snapshot) of the
@@ -168,7 +168,7 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
     if that generation is still current under the chain lock (otherwise StaleSnapshotError:
     reload and decide again), and the day's request count of a team with a quota is checked
     and advanced in the same transaction. Every refusal is audited; nothing unrecorded is
-    ever served.
+    ever served. `origin` (e.g. a batch line's ids) goes into every event it writes.
     """
     generation = generation_var.get()
     ctx = SNAPSHOT.cached(("caller", actor.user_id), lambda: caller_context(actor.user_id))
@@ -184,13 +184,13 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
         refusal = DispatchError("no attested, healthy node serves this model",
                                 code="no_attested_node", details={"nodes": route.nodes_total})
     if refusal is not None:
-        events.append(_refused_event(actor, serving_name, refusal))
+        events.append(_refused_event(actor, serving_name, refusal, origin))
     else:
         assert route is not None
         try:
             plan, refusal = _decide(actor, ctx, route, serving_name,
                                     data_class or ctx["default_data_class"],
-                                    purpose or "assistant", events)
+                                    purpose or "assistant", events, origin)
         except PolicyUnavailableError as exc:
             events.append(exc.event)  # type: ignore[attr-defined]
             refusal = exc
@@ -202,7 +202,7 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
         if quota is not None:
             entry.quota = (plan.team_id, quota)
             over = _over_quota(ctx, quota)
-            entry.over_quota = (*events, _refused_event(actor, serving_name, over))
+            entry.over_quota = (*events, _refused_event(actor, serving_name, over, origin))
     get_database().writer.commit(entry)
     if entry.result == "stale":
         assert entry.generation_seen is not None
@@ -228,10 +228,12 @@ def record_refusal(actor: Actor, serving_name: str, exc: CharterError) -> Charte
     return exc
 
 
-def _refused_event(actor: Actor, serving_name: str, exc: CharterError) -> Event:
+def _refused_event(actor: Actor, serving_name: str, exc: CharterError,
+                   origin: dict[str, Any] | None = None) -> Event:
     return Event.of(actor=actor.ref, action="dispatch.refused", target_type="deployment",
                     target_id=serving_name, outcome="denied",
-                    details={"code": exc.code, "message": exc.message, **exc.details})
+                    details={"code": exc.code, "message": exc.message, **exc.details,
+                             **(origin or {})})
 
 
 def _over_quota(ctx: dict[str, Any], quota: int) -> DispatchError:
@@ -245,8 +247,8 @@ def _over_quota(ctx: dict[str, Any], quota: int) -> DispatchError:
 
 
 def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
-            data_class: str, purpose: str,
-            events: list[Event]) -> tuple[Plan | None, DispatchError | None]:
+            data_class: str, purpose: str, events: list[Event],
+            origin: dict[str, Any] | None) -> tuple[Plan | None, DispatchError | None]:
     """Ask the dispatch policy region by region, least busy first; one event per decision."""
     regions: dict[str, list[NodeTarget]] = defaultdict(list)
     for n in route.candidates:
@@ -266,7 +268,8 @@ def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
         }
         decision, event = policy.evaluate(
             "dispatch", doc, actor=actor.ref, target_type="deployment",
-            target_id=serving_name, context={"serving_name": serving_name, "node": node.name})
+            target_id=serving_name,
+            context={"serving_name": serving_name, "node": node.name, **(origin or {})})
         events.append(event)
         if decision.allow:
             targets = sorted(regions[region], key=lambda n: OUTSTANDING.get(n.id))
@@ -292,16 +295,16 @@ def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
         details={"violations": last.violation_codes, "decision_id": last.decision_id})
 
 
-def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
-                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
-                   request_digest: str, stream: bool, error: str = "",
-                   request_id: str | None = None) -> None:
-    """Queue the outcome event and the token counters (the request was counted when it
-    was admitted); written with the next commit, within `audit_outcome_linger_s`."""
+def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
+                  tokens_in: int, tokens_out: int, ttft_ms: float | None,
+                  request_digest: str, stream: bool, error: str = "",
+                  request_id: str | None = None,
+                  origin: dict[str, Any] | None = None) -> Event:
+    """The `dispatch.outcome` event of an admitted request."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
-                     "cancelled": "failure"}[outcome]
-    event = Event.of(
+                     "cancelled": "failure", "interrupted": "failure"}[outcome]
+    return Event.of(
         actor=p.actor.ref, action="dispatch.outcome", target_type="deployment",
         target_id=p.serving_name, outcome=audit_outcome,
         details={"outcome": outcome, "status": status, "decision_id": p.decision.decision_id,
@@ -310,9 +313,28 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
                  "data_class": p.data_class, "purpose": p.purpose,
                  "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
                  "latency_ms": latency_ms, "request_digest": request_digest,
-                 "stream": stream, "error": error[:300]},
+                 "stream": stream, "error": error[:300], **(origin or {})},
         request_id=request_id,
     )
-    usage = (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
-                        tokens_out=tokens_out),) if tokens_in or tokens_out else ()
-    get_database().writer.defer(Entry(events=(event,), usage=usage))
+
+
+def usage_of(p: Plan, tokens_in: int, tokens_out: int) -> tuple[UsageDelta, ...]:
+    """The token counters of an outcome (the request was counted when it was admitted)."""
+    if not tokens_in and not tokens_out:
+        return ()
+    return (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
+                       tokens_out=tokens_out),)
+
+
+def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
+                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
+                   request_digest: str, stream: bool, error: str = "",
+                   request_id: str | None = None) -> None:
+    """Queue the outcome event and the token counters (the request was counted when it
+    was admitted); written with the next commit, within `audit_outcome_linger_s`."""
+    event = outcome_event(p, node=node, outcome=outcome, status=status, tokens_in=tokens_in,
+                          tokens_out=tokens_out, ttft_ms=ttft_ms,
+                          request_digest=request_digest, stream=stream, error=error,
+                          request_id=request_id)
+    get_database().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
+                                                                        tokens_out)))

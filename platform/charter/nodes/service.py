@@ -3,7 +3,6 @@ deployments that bind a serving name to an approved version and its nodes."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
@@ -179,15 +178,6 @@ def probe_round(settings: Settings) -> bool:
             conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_PROBE_LOCK_KEY})")
             conn.commit()
     return True
-
-
-def probe_loop(settings: Settings, stop: threading.Event) -> None:
-    """Keep attestation current every `node_probe_interval_s` until `stop` is set."""
-    while not stop.wait(settings.node_probe_interval_s):
-        try:
-            probe_round(settings)
-        except Exception as exc:  # noqa: BLE001 - keep probing: the next round may succeed
-            log.warning("probe round failed", error=repr(exc))
 
 
 # --- deployments ----------------------------------------------------------------------------

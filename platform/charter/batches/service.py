@@ -1,0 +1,880 @@
+"""OpenAI-style batches: files in, every line through the governed path, files out.
+
+A batch's lines are rows (charter.batches.models). A line is run by `run_line(id)`:
+
+1. **claim** (one transaction): pending -> running with a fresh claim token and a lease.
+   A line still `running` after its lease has passed lost its worker: the attempt is
+   recorded as interrupted (audited) and the line is taken again.
+2. **admit** through `charter.dispatch.service.admit`, as the batch's owner, with the
+   batch's data class and purpose: the decision event is committed before anything is sent.
+3. **dispatch** holding a batch slot on the node (charter.batches.slots).
+4. **finish** (one transaction): the answer, the `dispatch.outcome` event and the token
+   counters, written only if the claim token is still the line's. A worker that lost its
+   line (it ran past its lease and another took over) writes nothing.
+
+Nothing depends on the broker delivering exactly once: a duplicate task finds the line
+claimed or done, and the sweep sends again what was lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from charter import tasks
+from charter.audit.service import append_event
+from charter.audit.writer import Event, UsageDelta
+from charter.batches import jsonl, slots
+from charter.batches.models import (
+    ACTIVE_BATCH_STATES,
+    OPEN_LINE_STATES,
+    Batch,
+    BatchLine,
+    StoredFile,
+)
+from charter.context import request_id_var
+from charter.db import get_database, refuse, unit_of_work, utcnow
+from charter.dispatch import upstream
+from charter.dispatch.service import (
+    NodeTarget,
+    Plan,
+    StaleSnapshotError,
+    admit,
+    outcome_event,
+    usage_of,
+)
+from charter.errors import CharterError, ConflictError, NotFoundError, ValidationFailedError
+from charter.identity.actor import SYSTEM, Actor
+from charter.identity.models import User
+from charter.identity.service import actor_of
+from charter.nodes.client import NodeCallError
+from charter.nodes.models import Node
+from charter.settings import Settings
+from charter.snapshot import SNAPSHOT, generation_var
+
+log = structlog.get_logger("charter.batches")
+
+COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
+READERS = ("admin", "auditor")  # may read every batch and file; others their own
+# Refusals that end the whole batch: the model itself may no longer be used.
+STOPPING_VIOLATIONS = frozenset({"version_revoked", "version_not_approved", "approval_missing",
+                                 "approval_expired", "approval_invalid"})
+STOPPING_CODES = frozenset({"model_not_found"})
+# Refusals that pass: the line waits (not counted as an attempt) and is tried again.
+WAITING_CODES = frozenset({"no_attested_node", "no_node_in_allowed_region", "registry_busy",
+                           "audit_unavailable", "database_unavailable", "policy_unavailable",
+                           "policy_not_configured"})
+_STALE_RETRIES = 5
+
+
+class BatchRequestError(CharterError):
+    status = 400
+    code = "invalid_request"
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def upload_file(actor: Actor, settings: Settings, *, filename: str, purpose: str,
+                content: bytes) -> StoredFile:
+    """Keep a batch input file; every line is checked now and counted (invalid lines are
+    reported in the error file of each batch that uses the file)."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    try:
+        if purpose != "batch":
+            raise BatchRequestError("`purpose` must be batch (the only kind Charter keeps)",
+                                    code="invalid_purpose", details={"purpose": purpose[:50]})
+        if not name or len(name) > 255 or not name.isprintable():
+            raise BatchRequestError("the file needs a name of at most 255 printable characters",
+                                    code="invalid_filename")
+        lines = jsonl.parse(content, max_lines=settings.batch_max_lines,
+                            max_tokens=settings.dispatch_max_new_tokens)
+    except CharterError as exc:
+        refuse(exc.audited(actor.ref, "file.upload", "file", name[:200] or "-"))
+    invalid = sum(1 for line in lines if not line.valid)
+    digest = hashlib.sha256(content).hexdigest()
+    with unit_of_work() as session:
+        stored = StoredFile(id=_new_id("file-"), owner_user_id=actor.user_id, purpose=purpose,
+                            filename=name, bytes=len(content), sha256=digest, lines=len(lines),
+                            invalid_lines=invalid, content=content, created_at=utcnow())
+        session.add(stored)
+        session.flush()
+        append_event(actor=actor.ref, action="file.uploaded", target_type="file",
+                     target_id=stored.id,
+                     details={"filename": name, "purpose": purpose, "bytes": len(content),
+                              "sha256": digest, "lines": len(lines), "invalid_lines": invalid})
+    return stored
+
+
+def _visible_file(session: Session, actor: Actor, file_id: str) -> StoredFile:
+    stored = session.get(StoredFile, file_id)
+    if (stored is None or stored.purged_at is not None
+            or (stored.owner_user_id != actor.user_id and not actor.has(*READERS))):
+        raise NotFoundError(f"no file {file_id}", code="file_not_found")
+    return stored
+
+
+def get_file(actor: Actor, file_id: str) -> StoredFile:
+    with unit_of_work() as session:
+        return _visible_file(session, actor, file_id)
+
+
+def list_files(actor: Actor, *, purpose: str | None = None, limit: int = 100,
+               after: str | None = None) -> list[StoredFile]:
+    with unit_of_work() as session:
+        stmt = select(StoredFile).where(StoredFile.purged_at.is_(None))
+        if not actor.has(*READERS):
+            stmt = stmt.where(StoredFile.owner_user_id == actor.user_id)
+        if purpose:
+            stmt = stmt.where(StoredFile.purpose == purpose)
+        if after:
+            cursor = session.get(StoredFile, after)
+            if cursor is not None:
+                stmt = stmt.where((StoredFile.created_at < cursor.created_at) | (
+                    (StoredFile.created_at == cursor.created_at) & (StoredFile.id < after)))
+        stmt = stmt.order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit)
+        return list(session.scalars(stmt))
+
+
+def file_content(actor: Actor, file_id: str) -> tuple[StoredFile, bytes]:
+    with unit_of_work() as session:
+        stored = _visible_file(session, actor, file_id)
+        content = session.scalar(select(StoredFile.content).where(StoredFile.id == file_id))
+        return stored, content or b""
+
+
+def delete_file(actor: Actor, file_id: str) -> StoredFile:
+    """Remove a file's content (its row, digest and audit trail stay). A file that a
+    running batch reads cannot be deleted."""
+    with unit_of_work() as session:
+        stored = _visible_file(session, actor, file_id)
+        busy = session.scalar(select(Batch.id).where(
+            Batch.input_file_id == file_id, Batch.status.in_(ACTIVE_BATCH_STATES)).limit(1))
+        if busy:
+            refuse(ConflictError(f"batch {busy} is still reading this file", code="file_in_use",
+                                 details={"batch_id": busy}).audited(
+                actor.ref, "file.delete", "file", file_id))
+        _purge(session, stored, actor.ref, "file.deleted")
+        return stored
+
+
+def _purge(session: Session, stored: StoredFile, actor_ref: str, action: str) -> None:
+    stored.content = None
+    stored.purged_at = utcnow()
+    append_event(actor=actor_ref, action=action, target_type="file", target_id=stored.id,
+                 details={"filename": stored.filename, "purpose": stored.purpose,
+                          "sha256": stored.sha256, "bytes": stored.bytes})
+
+
+def purge_expired_files(settings: Settings, now: datetime | None = None) -> list[str]:
+    """Retention: remove the content of batch files older than `file_retention_days`
+    whose batches are over (audited per file as `file.purged`)."""
+    cutoff = (now or utcnow()) - timedelta(days=settings.file_retention_days)
+    purged: list[str] = []
+    with unit_of_work() as session:
+        active = select(Batch.input_file_id).where(Batch.status.in_(ACTIVE_BATCH_STATES))
+        for stored in session.scalars(select(StoredFile).where(
+                StoredFile.purged_at.is_(None), StoredFile.created_at < cutoff,
+                StoredFile.id.not_in(active)).limit(1000)):
+            _purge(session, stored, SYSTEM.ref, "file.purged")
+            purged.append(stored.id)
+    return purged
+
+
+def file_view(stored: StoredFile) -> dict[str, Any]:
+    details = None
+    if stored.invalid_lines:
+        details = (f"{stored.invalid_lines} of {stored.lines} lines are invalid; each batch "
+                   "reports them in its error file")
+    return {"id": stored.id, "object": "file", "bytes": stored.bytes,
+            "created_at": _ts(stored.created_at), "filename": stored.filename,
+            "purpose": stored.purpose, "status": "processed", "status_details": details,
+            "expires_at": None, "sha256": stored.sha256, "lines": stored.lines,
+            "invalid_lines": stored.invalid_lines}
+
+
+# --- batches --------------------------------------------------------------------------------
+
+def create_batch(actor: Actor, *, input_file_id: Any, endpoint: Any, completion_window: Any,
+                 metadata: Any = None, data_class: str | None = None,
+                 purpose: str | None = None) -> Batch:
+    """Accept a batch over an uploaded file; it starts on a worker (`start_batch`)."""
+    try:
+        if endpoint not in jsonl.ENDPOINTS:
+            raise BatchRequestError(f"`endpoint` must be one of {', '.join(jsonl.ENDPOINTS)}",
+                                    code="invalid_endpoint")
+        if completion_window not in COMPLETION_WINDOWS:
+            raise BatchRequestError("`completion_window` must be 24h",
+                                    code="invalid_completion_window")
+        _check_metadata(metadata)
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise BatchRequestError("`input_file_id` is required", code="invalid_input_file")
+    except CharterError as exc:
+        refuse(exc.audited(actor.ref, "batch.create", "batch", "-"))
+    now = utcnow()
+    with unit_of_work() as session:
+        try:
+            stored = _visible_file(session, actor, input_file_id)
+            if stored.purpose != "batch":
+                raise BatchRequestError("the input file must have purpose batch",
+                                        code="invalid_input_file")
+        except CharterError as exc:
+            refuse(exc.audited(actor.ref, "batch.create", "batch", input_file_id[:200]))
+        batch = Batch(id=_new_id("batch_"), owner_user_id=actor.user_id, actor_ref=actor.ref,
+                      endpoint=endpoint, input_file_id=stored.id,
+                      completion_window=completion_window, status="validating",
+                      data_class=data_class, purpose=purpose, meta=metadata, errors=[],
+                      created_at=now, expires_at=now + COMPLETION_WINDOWS[completion_window])
+        session.add(batch)
+        session.flush()
+        append_event(actor=actor.ref, action="batch.created", target_type="batch",
+                     target_id=batch.id,
+                     details={"input_file_id": stored.id, "sha256": stored.sha256,
+                              "endpoint": endpoint, "lines": stored.lines,
+                              "invalid_lines": stored.invalid_lines, "data_class": data_class,
+                              "purpose": purpose})
+    tasks.send("charter.batches.start", batch.id)
+    return batch
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items()):
+        raise BatchRequestError("`metadata` holds at most 16 string pairs (keys up to 64, "
+                                "values up to 512 characters)", code="invalid_metadata")
+
+
+def _visible_batch(session: Session, actor: Actor, batch_id: str, *,
+                   for_update: bool = False) -> Batch:
+    batch = session.get(Batch, batch_id, with_for_update=for_update)
+    if batch is None or (batch.owner_user_id != actor.user_id and not actor.has(*READERS)):
+        raise NotFoundError(f"no batch {batch_id}", code="batch_not_found")
+    return batch
+
+
+def get_batch(actor: Actor, batch_id: str) -> dict[str, Any]:
+    with unit_of_work() as session:
+        batch = _visible_batch(session, actor, batch_id)
+        return batch_view(batch, _counts(session, [batch.id]).get(batch.id, {}))
+
+
+def list_batches(actor: Actor, *, limit: int = 20, after: str | None = None
+                 ) -> tuple[list[dict[str, Any]], bool]:
+    with unit_of_work() as session:
+        stmt = select(Batch)
+        if not actor.has(*READERS):
+            stmt = stmt.where(Batch.owner_user_id == actor.user_id)
+        if after:
+            cursor = session.get(Batch, after)
+            if cursor is not None:
+                stmt = stmt.where((Batch.created_at < cursor.created_at) | (
+                    (Batch.created_at == cursor.created_at) & (Batch.id < after)))
+        rows = list(session.scalars(stmt.order_by(Batch.created_at.desc(), Batch.id.desc())
+                                    .limit(limit + 1)))
+        page = rows[:limit]
+        counts = _counts(session, [b.id for b in page])
+        return [batch_view(b, counts.get(b.id, {})) for b in page], len(rows) > limit
+
+
+def _counts(session: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    if not batch_ids:
+        return found
+    for batch_id, status, n in session.execute(
+            select(BatchLine.batch_id, BatchLine.status, func.count())
+            .where(BatchLine.batch_id.in_(batch_ids))
+            .group_by(BatchLine.batch_id, BatchLine.status)):
+        found.setdefault(batch_id, {})[status] = int(n)
+    return found
+
+
+def batch_view(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
+    """The batch in OpenAI's shape; `request_counts` are read from the lines themselves."""
+    total = sum(counts.values())
+    completed = counts.get("succeeded", 0)
+    open_lines = sum(counts.get(s, 0) for s in OPEN_LINE_STATES)
+    errors = None
+    if batch.errors:
+        errors = {"object": "list", "data": [
+            {"code": e.get("code"), "message": e.get("message"), "param": e.get("param"),
+             "line": e.get("line")} for e in batch.errors]}
+    return {
+        "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": errors,
+        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+        "status": batch.status, "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id, "created_at": _ts(batch.created_at),
+        "in_progress_at": _ts(batch.in_progress_at), "expires_at": _ts(batch.expires_at),
+        "finalizing_at": _ts(batch.finalizing_at), "completed_at": _ts(batch.completed_at),
+        "failed_at": _ts(batch.failed_at), "expired_at": _ts(batch.expired_at),
+        "cancelling_at": _ts(batch.cancelling_at), "cancelled_at": _ts(batch.cancelled_at),
+        "request_counts": {"total": total, "completed": completed,
+                           "failed": total - completed - open_lines},
+        "metadata": batch.meta,
+        "charter": {"data_class": batch.data_class, "purpose": batch.purpose,
+                    "pending": counts.get("pending", 0), "running": counts.get("running", 0)},
+    }
+
+
+def cancel_batch(actor: Actor, batch_id: str) -> dict[str, Any]:
+    """Stop a batch: no line starts after this; lines on a node finish and are kept."""
+    now = utcnow()
+    with unit_of_work() as session:
+        batch = _visible_batch(session, actor, batch_id, for_update=True)
+        if batch.status not in ("validating", "in_progress"):
+            refuse(ConflictError(f"a batch that is {batch.status} cannot be cancelled",
+                                 code="batch_not_cancellable",
+                                 details={"status": batch.status}).audited(
+                actor.ref, "batch.cancel", "batch", batch_id))
+        batch.status, batch.cancelling_at = "cancelling", now
+        ended = _end_pending(session, batch.id, "cancelled", "batch_cancelled",
+                             "the batch was cancelled before this line ran")
+        append_event(actor=actor.ref, action="batch.cancel", target_type="batch",
+                     target_id=batch.id, details={"lines_cancelled": ended})
+    finalize(batch_id)
+    return get_batch(actor, batch_id)
+
+
+def _end_pending(session: Session, batch_id: str, status: str, code: str, message: str) -> int:
+    result = session.execute(
+        update(BatchLine).where(BatchLine.batch_id == batch_id, BatchLine.status == "pending")
+        .values(status=status, error_code=code, error_message=message, finished_at=utcnow(),
+                claim=None, lease_until=None))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def start_batch(batch_id: str) -> None:
+    """validating -> in_progress: the input file's lines become rows; the first window of
+    them is queued. Idempotent: a batch that has started is left alone."""
+    settings = tasks.settings()
+    now = utcnow()
+    with unit_of_work() as session:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None or batch.status != "validating":
+            return
+        content = session.scalar(select(StoredFile.content)
+                                 .where(StoredFile.id == batch.input_file_id))
+        try:
+            if content is None:
+                raise BatchRequestError("the input file's content is gone",
+                                        code="input_file_missing")
+            lines = jsonl.parse(content, max_lines=settings.batch_max_lines,
+                                max_tokens=settings.dispatch_max_new_tokens)
+        except CharterError as exc:
+            lines = []
+            batch.errors = [{"code": exc.code, "message": exc.message}]
+        rows = [_line_row(batch, line, now) for line in lines]
+        if rows:
+            session.execute(insert(BatchLine), rows)
+        valid = sum(1 for r in rows if r["status"] == "pending")
+        if valid == 0 and not batch.errors:
+            batch.errors = [{"code": "no_valid_lines",
+                             "message": "no line of the input file is a valid request"}]
+        batch.status, batch.in_progress_at = "in_progress", now
+        append_event(actor=SYSTEM.ref, action="batch.started", target_type="batch",
+                     target_id=batch.id,
+                     details={"owner": batch.actor_ref, "lines": len(rows), "valid": valid,
+                              "invalid": len(rows) - valid})
+    if valid:
+        _refill(batch_id, settings)
+    else:
+        finalize(batch_id)
+
+
+def _line_row(batch: Batch, line: jsonl.Line, now: datetime) -> dict[str, Any]:
+    row: dict[str, Any] = {"batch_id": batch.id, "line_no": line.line_no,
+                           "custom_id": line.custom_id, "request": line.body, "attempts": 0,
+                           "status": "pending", "error_code": None, "error_message": None,
+                           "finished_at": None}
+    code, message = line.error_code, line.error_message
+    if line.valid and line.url != batch.endpoint:
+        code, message = "url_mismatch", f"`url` must be the batch's endpoint {batch.endpoint}"
+    if code is not None:
+        row.update(status="invalid", request=None, error_code=code, error_message=message,
+                   finished_at=now)
+    return row
+
+
+# --- running lines --------------------------------------------------------------------------
+
+@dataclass
+class _Claim:
+    line_id: int
+    batch_id: str
+    line_no: int
+    custom_id: str
+    body: dict[str, Any]
+    attempt: int
+    token: str
+    generation: int
+    owner_user_id: str
+    endpoint: str
+    data_class: str | None
+    purpose: str | None
+
+
+def run_line(line_id: int, settings: Settings) -> str:
+    """Run one line once (a task body); returns what happened, for logs and tests."""
+    request_id = uuid.uuid4().hex
+    rid_token = request_id_var.set(request_id)
+    try:
+        claim = _claim(line_id, settings)
+        if isinstance(claim, str):
+            return claim
+        gen_token = generation_var.set(claim.generation)
+        try:
+            result = _run_claimed(claim, settings, request_id)
+        finally:
+            generation_var.reset(gen_token)
+        _after_line(claim.batch_id, settings)
+        return result
+    finally:
+        request_id_var.reset(rid_token)
+
+
+def _claim(line_id: int, settings: Settings) -> _Claim | str:
+    now = utcnow()
+    batch_id: str | None = None
+    with unit_of_work() as session:
+        generation = int(session.execute(
+            text("SELECT value FROM change_generation WHERE id = 1")).scalar_one())
+        line = session.get(BatchLine, line_id, with_for_update=True)
+        if line is None:
+            return "missing"
+        if line.status not in OPEN_LINE_STATES:
+            return "done"
+        batch = session.get(Batch, line.batch_id)
+        assert batch is not None
+        if batch.status != "in_progress" or batch.errors:
+            return "stopped"  # the sweep or the cancel has ended (or will end) its lines
+        if now >= batch.expires_at:
+            return "late"  # the sweep expires the batch
+        if line.status == "running" and line.lease_until and line.lease_until > now:
+            return "busy"  # another worker holds it
+        if line.status == "pending" and line.not_before and line.not_before > now:
+            return "later"
+        if line.status == "running":
+            # Its worker vanished mid-attempt (killed, or lost its connection).
+            append_event(actor=batch.actor_ref, action="batch.line_interrupted",
+                         target_type="batch", target_id=batch.id,
+                         details={"line": line.line_no, "custom_id": line.custom_id,
+                                  "attempt": line.attempts, "decision_id": line.decision_id,
+                                  "node": line.node})
+        if line.attempts >= settings.batch_line_max_attempts:
+            line.status, line.finished_at = "failed", now
+            line.error_code = "attempts_exhausted"
+            last = f": {line.error_message}" if line.error_message else ""
+            line.error_message = f"the line was tried {line.attempts} times without an answer{last}"
+            line.claim = line.lease_until = None
+            batch_id = batch.id
+        else:
+            token = secrets.token_hex(16)
+            line.status, line.claim = "running", token
+            line.attempts += 1
+            line.lease_until = now + timedelta(seconds=settings.batch_line_lease_s)
+            assert line.custom_id is not None and line.request is not None
+            return _Claim(line.id, batch.id, line.line_no, line.custom_id, line.request,
+                          line.attempts, token, generation, batch.owner_user_id,
+                          batch.endpoint, batch.data_class, batch.purpose)
+    assert batch_id is not None
+    _after_line(batch_id, settings)
+    return "failed"
+
+
+def _owner(user_id: str) -> Actor | None:
+    def load() -> Actor | None:
+        with unit_of_work() as session:
+            user = session.get(User, user_id)
+            return actor_of(user) if user is not None and user.active else None
+    return SNAPSHOT.cached(("batch_owner", user_id), load)
+
+
+def _capacities(nodes: list[NodeTarget]) -> dict[str, int]:
+    ids = tuple(sorted(n.id for n in nodes))
+
+    def load() -> dict[str, int]:
+        with unit_of_work() as session:
+            return {i: int(c) for i, c in session.execute(
+                select(Node.id, Node.capacity).where(Node.id.in_(ids)))}
+    return SNAPSHOT.cached(("node_capacity", ids), load)
+
+
+def _run_claimed(c: _Claim, settings: Settings, request_id: str) -> str:
+    origin = {"batch_id": c.batch_id, "custom_id": c.custom_id, "line": c.line_no,
+              "attempt": c.attempt}
+    actor = _owner(c.owner_user_id)
+    if actor is None:
+        return _stop(c, "owner_inactive", "the batch's owner is no longer active", 403)
+    plan: Plan | None = None
+    try:
+        for _ in range(_STALE_RETRIES):
+            try:
+                plan = admit(actor, serving_name=c.body["model"], data_class=c.data_class,
+                             purpose=c.purpose, protocol="openai", origin=origin)
+                break
+            except StaleSnapshotError as exc:
+                generation_var.set(exc.generation)
+                actor = _owner(c.owner_user_id)
+                if actor is None:
+                    return _stop(c, "owner_inactive", "the batch's owner is no longer active",
+                                 403)
+    except CharterError as exc:
+        return _refused(c, exc, settings)
+    if plan is None:
+        return _put_back(c, wait_s=1.0, refund=True, error="the registry kept changing")
+    return _dispatch(c, plan, settings, request_id, origin)
+
+
+def _refused(c: _Claim, exc: CharterError, settings: Settings) -> str:
+    violations = set(exc.details.get("violations") or ())
+    if exc.code in STOPPING_CODES or (exc.code == "policy_denied"
+                                      and violations & STOPPING_VIOLATIONS):
+        code = sorted(violations & STOPPING_VIOLATIONS)[0] if violations else exc.code
+        return _stop(c, code, exc.message, exc.status, exc)
+    if exc.code == "quota_exceeded":
+        return _put_back(c, wait_s=float(exc.details.get("retry_after_s", 60)), refund=True,
+                         error=exc.message, result="quota")
+    if exc.code in WAITING_CODES or exc.status >= 500:
+        return _put_back(c, wait_s=min(30.0, 2.0 ** c.attempt), refund=True,
+                         error=exc.message, result="waiting")
+    # Refused for this line only (a data class, a purpose, a team's entitlement): reported.
+    _finish(c, status="failed", response_status=exc.status,
+            response_body=json.dumps(_openai_error(exc)), error_code=exc.code,
+            error_message=exc.message)
+    return "refused"
+
+
+def _openai_error(exc: CharterError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": "invalid_request_error"
+                      if exc.status < 500 else "api_error", "param": None, "code": exc.code}}
+
+
+def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
+              origin: dict[str, Any]) -> str:
+    pool, url_policy = upstream.nodes_for(settings)
+    raw = json.dumps(c.body).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    remaining = list(plan.nodes)
+    capacities = _capacities(remaining)
+    last_error = "no node answered"
+    started = time.perf_counter()
+    while remaining:
+        with slots.node_slot(remaining, capacities, settings.batch_node_share,
+                             settings.batch_slot_wait_s) as node:
+            if node is None:
+                last_error = "no batch slot freed up on the model's nodes"
+                break
+            payload = upstream.payload_for(node, "openai", c.body, raw)
+            try:
+                resp = upstream.send(pool, url_policy, node, c.endpoint, payload, headers)
+            except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
+                remaining.remove(node)
+                last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (
+                    f"{node.name}: {type(exc).__name__}")
+                log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
+                continue
+            try:
+                content = resp.read()
+            except NodeCallError as exc:
+                event = outcome_event(plan, node=node, outcome="aborted", status=502,
+                                      tokens_in=0, tokens_out=0, ttft_ms=None,
+                                      request_digest=digest, stream=False, error=str(exc),
+                                      request_id=request_id, origin=origin)
+                return _retry_or_fail(c, settings, f"{node.name}: {exc}", event)
+        try:
+            parsed = json.loads(content)
+        except ValueError:
+            parsed = None
+        tokens_in, tokens_out = upstream.usage("openai", parsed)
+        ok = resp.status == 200
+        text_body = content.decode("utf-8", "replace")
+        event = outcome_event(plan, node=node, outcome="completed" if ok else "failed",
+                              status=resp.status, tokens_in=tokens_in, tokens_out=tokens_out,
+                              ttft_ms=round((time.perf_counter() - started) * 1000, 2),
+                              request_digest=digest, stream=False,
+                              error="" if ok else text_body[:300], request_id=request_id,
+                              origin=origin)
+        written = _finish(c, status="succeeded" if ok else "failed",
+                          response_status=resp.status, response_body=text_body,
+                          error_code=None if ok else "node_error",
+                          error_message=None if ok else f"the node answered {resp.status}",
+                          node=node.name, decision_id=plan.decision.decision_id, event=event,
+                          usage=usage_of(plan, tokens_in, tokens_out))
+        return ("succeeded" if ok else "failed") if written else "lost"
+    event = outcome_event(plan, node=None, outcome="failed", status=503, tokens_in=0,
+                          tokens_out=0, ttft_ms=None, request_digest=digest, stream=False,
+                          error=last_error, request_id=request_id, origin=origin)
+    return _retry_or_fail(c, settings, last_error, event)
+
+
+def _retry_or_fail(c: _Claim, settings: Settings, error: str, event: Event) -> str:
+    """An attempt that reached no answer: the line is tried again, up to the limit."""
+    if c.attempt < settings.batch_line_max_attempts:
+        return _put_back(c, wait_s=min(30.0, 2.0 ** c.attempt), refund=False, error=error,
+                         event=event, result="retrying")
+    _finish(c, status="failed", response_status=None, response_body=None,
+            error_code="nodes_unavailable",
+            error_message=f"no answer after {c.attempt} attempts: {error}", event=event)
+    return "failed"
+
+
+def _finish(c: _Claim, *, status: str, response_status: int | None,
+            response_body: str | None, error_code: str | None, error_message: str | None,
+            node: str | None = None, decision_id: str | None = None,
+            event: Event | None = None, usage: tuple[UsageDelta, ...] = ()) -> bool:
+    """Write the line's answer and its outcome event together, if the line is still ours."""
+    with unit_of_work() as session:
+        result = session.execute(
+            update(BatchLine).where(BatchLine.id == c.line_id, BatchLine.claim == c.token,
+                                    BatchLine.status == "running")
+            .values(status=status, response_status=response_status,
+                    response_body=response_body, error_code=error_code,
+                    error_message=error_message, node=node, decision_id=decision_id,
+                    finished_at=utcnow(), claim=None, lease_until=None))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            log.warning("line taken over while it ran; its answer is dropped",
+                        line_id=c.line_id, batch_id=c.batch_id)
+            return False
+        if event is not None:
+            _append(event)
+        _add_usage(session, usage)
+    return True
+
+
+def _put_back(c: _Claim, *, wait_s: float, refund: bool, error: str,
+              event: Event | None = None, result: str = "busy") -> str:
+    """The line goes back to pending, to be taken again after `wait_s`."""
+    with unit_of_work() as session:
+        done = session.execute(
+            update(BatchLine).where(BatchLine.id == c.line_id, BatchLine.claim == c.token,
+                                    BatchLine.status == "running")
+            .values(status="pending", claim=None, lease_until=None, enqueued_at=None,
+                    not_before=utcnow() + timedelta(seconds=wait_s), error_message=error[:500],
+                    attempts=BatchLine.attempts - (1 if refund else 0)))
+        if done.rowcount == 1 and event is not None:  # type: ignore[attr-defined]
+            _append(event)
+    return result
+
+
+def _stop(c: _Claim, code: str, message: str, status: int,
+          exc: CharterError | None = None) -> str:
+    """End the whole batch: its model may no longer be used (or its owner is gone)."""
+    body = json.dumps(_openai_error(exc or CharterError(message, code=code, status=status)))
+    _finish(c, status="failed", response_status=status, response_body=body, error_code=code,
+            error_message=message)
+    with unit_of_work() as session:
+        batch = session.get(Batch, c.batch_id, with_for_update=True)
+        assert batch is not None
+        if batch.status == "in_progress" and not batch.errors:
+            batch.errors = [{"code": code, "message": message, "line": c.line_no}]
+            ended = _end_pending(session, batch.id, "failed", code,
+                                 f"the batch stopped: {message}")
+            append_event(actor=SYSTEM.ref, action="batch.stopped", target_type="batch",
+                         target_id=batch.id,
+                         details={"code": code, "message": message, "line": c.line_no,
+                                  "custom_id": c.custom_id, "lines_ended": ended})
+    return "stopped"
+
+
+def _append(event: Event) -> None:
+    append_event(actor=event.actor, action=event.action, target_type=event.target_type,
+                 target_id=event.target_id, outcome=event.outcome, details=event.details)
+
+
+def _add_usage(session: Session, usage: tuple[UsageDelta, ...]) -> None:
+    from charter.dispatch.models import Usage
+
+    if not usage:
+        return
+    if get_database().dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    for u in usage:
+        stmt = dialect_insert(Usage).values(team_id=u.team_id, serving_name=u.serving_name,
+                                            day=u.day, requests=u.requests,
+                                            tokens_in=u.tokens_in, tokens_out=u.tokens_out)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["team_id", "serving_name", "day"],
+            set_={"requests": Usage.requests + stmt.excluded.requests,
+                  "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
+                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
+
+
+# --- queueing, sweeping, finalizing ---------------------------------------------------------
+
+def _after_line(batch_id: str, settings: Settings) -> None:
+    if not _refill(batch_id, settings):
+        finalize(batch_id)
+
+
+def _refill(batch_id: str, settings: Settings) -> int:
+    """Queue lines until `batch_window` of the batch are queued or running; returns the
+    number of lines still open (pending or running)."""
+    now = utcnow()
+    with unit_of_work() as session:
+        counts = dict(session.execute(
+            select(BatchLine.status, func.count()).where(
+                BatchLine.batch_id == batch_id, BatchLine.status.in_(OPEN_LINE_STATES))
+            .group_by(BatchLine.status)).all())
+        open_lines = sum(int(n) for n in counts.values())
+        queued = int(session.scalar(select(func.count()).where(
+            BatchLine.batch_id == batch_id, BatchLine.status == "pending",
+            BatchLine.enqueued_at.is_not(None))) or 0) + int(counts.get("running", 0))
+        want = settings.batch_window - queued
+        ids: list[int] = []
+        if want > 0 and counts.get("pending"):
+            pick = (select(BatchLine.id).where(
+                BatchLine.batch_id == batch_id, BatchLine.status == "pending",
+                BatchLine.enqueued_at.is_(None),
+                (BatchLine.not_before.is_(None)) | (BatchLine.not_before <= now))
+                .order_by(BatchLine.line_no).limit(want))
+            if get_database().dialect == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)
+            ids = list(session.scalars(pick))
+            if ids:
+                session.execute(update(BatchLine).where(BatchLine.id.in_(ids))
+                                .values(enqueued_at=now))
+    for line_id in ids:
+        tasks.send("charter.batches.line", line_id)
+    return open_lines
+
+
+def sweep(settings: Settings, now: datetime | None = None) -> dict[str, int]:
+    """Periodic: start batches whose start was lost, resend lines whose message or worker
+    was lost, honour expiry and cancellation, finalize what is done."""
+    now = now or utcnow()
+    stats = {"started": 0, "resent": 0, "expired": 0, "finalized": 0}
+    with unit_of_work() as session:
+        active = [(b.id, b.status, b.created_at, b.expires_at) for b in session.scalars(
+            select(Batch).where(Batch.status.in_(ACTIVE_BATCH_STATES)))]
+    for batch_id, status, created_at, expires_at in active:
+        if status == "validating":
+            if now - created_at > timedelta(seconds=5):
+                tasks.send("charter.batches.start", batch_id)
+                stats["started"] += 1
+            continue
+        if status == "in_progress" and now >= expires_at:
+            with unit_of_work() as session:
+                stats["expired"] += _end_pending(
+                    session, batch_id, "expired", "batch_expired",
+                    "the batch's completion window ended before this line ran")
+        elif status == "cancelling":
+            with unit_of_work() as session:
+                _end_pending(session, batch_id, "cancelled", "batch_cancelled",
+                             "the batch was cancelled before this line ran")
+        else:
+            stats["resent"] += _resend_lost(batch_id, settings, now)
+        if not _refill(batch_id, settings) and finalize(batch_id):
+            stats["finalized"] += 1
+    return stats
+
+
+def _resend_lost(batch_id: str, settings: Settings, now: datetime) -> int:
+    stale = now - timedelta(seconds=settings.batch_requeue_after_s)
+    with unit_of_work() as session:
+        ids = list(session.scalars(select(BatchLine.id).where(
+            BatchLine.batch_id == batch_id,
+            ((BatchLine.status == "pending") & (BatchLine.enqueued_at < stale))
+            | ((BatchLine.status == "running") & (BatchLine.lease_until < now)))
+            .order_by(BatchLine.line_no).limit(settings.batch_window)))
+        if ids:
+            session.execute(update(BatchLine).where(BatchLine.id.in_(ids))
+                            .values(enqueued_at=now))
+    for line_id in ids:
+        tasks.send("charter.batches.line", line_id)
+    return len(ids)
+
+
+def finalize(batch_id: str) -> bool:
+    """Once no line is open: write the output and error files and end the batch
+    (completed, failed, expired or cancelled). True if this call ended it."""
+    now = utcnow()
+    with unit_of_work() as session:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None or batch.status not in ("in_progress", "cancelling"):
+            return False
+        open_lines = session.scalar(select(func.count()).where(
+            BatchLine.batch_id == batch_id, BatchLine.status.in_(OPEN_LINE_STATES)))
+        if open_lines:
+            return False
+        lines = list(session.scalars(select(BatchLine).where(BatchLine.batch_id == batch_id)
+                                     .order_by(BatchLine.line_no)))
+        out = [_output_line(batch, line) for line in lines if line.status == "succeeded"]
+        err = [_output_line(batch, line) for line in lines if line.status != "succeeded"]
+        batch.finalizing_at = now
+        if out:
+            batch.output_file_id = _result_file(session, batch, "batch_output", out).id
+        if err:
+            batch.error_file_id = _result_file(session, batch, "batch_error", err).id
+        if batch.status == "cancelling":
+            batch.status, batch.cancelled_at = "cancelled", now
+        elif any(line.status == "expired" for line in lines):
+            batch.status, batch.expired_at = "expired", now
+        elif batch.errors:
+            batch.status, batch.failed_at = "failed", now
+        else:
+            batch.status, batch.completed_at = "completed", now
+        append_event(actor=SYSTEM.ref, action=f"batch.{batch.status}", target_type="batch",
+                     target_id=batch.id,
+                     details={"owner": batch.actor_ref, "lines": len(lines),
+                              "succeeded": len(out), "not_succeeded": len(err),
+                              "output_file_id": batch.output_file_id,
+                              "error_file_id": batch.error_file_id,
+                              "errors": batch.errors})
+    return True
+
+
+def _output_line(batch: Batch, line: BatchLine) -> bytes:
+    response = None
+    if line.response_status is not None:
+        try:
+            body: Any = json.loads(line.response_body or "null")
+        except ValueError:
+            body = line.response_body
+        response = {"status_code": line.response_status,
+                    "request_id": f"batch_req_{line.id:012d}", "body": body}
+    error = None
+    if line.status != "succeeded":
+        error = {"code": line.error_code or line.status, "message": line.error_message or "",
+                 "line": line.line_no}
+    return json.dumps({"id": f"batch_req_{line.id:012d}", "custom_id": line.custom_id,
+                       "response": response, "error": error}, separators=(",", ":")).encode()
+
+
+def _result_file(session: Session, batch: Batch, purpose: str, rows: list[bytes]
+                 ) -> StoredFile:
+    content = b"\n".join(rows) + b"\n"
+    stored = StoredFile(id=_new_id("file-"), owner_user_id=batch.owner_user_id,
+                        purpose=purpose, filename=f"{batch.id}_{purpose.split('_')[1]}.jsonl",
+                        bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                        lines=len(rows), invalid_lines=0, content=content, created_at=utcnow())
+    session.add(stored)
+    session.flush()
+    return stored
+
+
+__all__ = ["BatchRequestError", "ValidationFailedError", "cancel_batch", "create_batch",
+           "delete_file", "file_content", "file_view", "finalize", "get_batch", "get_file",
+           "list_batches", "list_files", "purge_expired_files", "run_line", "start_batch",
+           "sweep", "upload_file"]

@@ -1,0 +1,127 @@
+"""Batch slots per node: how many batch lines may be on one node at once, across workers.
+
+A node's slots are `max(1, floor(capacity * batch_node_share))`; online requests never take
+one, so batches cannot fill a node that callers are waiting on. On PostgreSQL a slot is a
+session advisory lock on a connection of the holding thread's own: it is freed by
+PostgreSQL itself when the worker dies (the connection drops), so a SIGKILL never leaks
+one. On SQLite (the embedded demo: one process) a slot is a semaphore count.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import structlog
+from sqlalchemy.engine import make_url
+
+from charter.db import get_database
+from charter.dispatch.service import NodeTarget
+
+log = structlog.get_logger("charter.batches")
+_NAMESPACE = 0x42415443  # "BATC": the first key of every slot lock
+_POLL_S = 0.05
+
+
+def slot_count(capacity: int, share: float) -> int:
+    return max(1, int(capacity * share))
+
+
+def _slot_key(node_id: str, slot: int) -> int:
+    return (zlib.crc32(node_id.encode()) & 0x00FFFFFF) * 64 + slot
+
+
+class _PostgresSlots:
+    def __init__(self, url: str) -> None:
+        self._dsn = make_url(url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        self._local = threading.local()
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            self._local.conn = conn
+        return conn
+
+    def try_take(self, node_id: str, slots: int) -> int | None:
+        conn = self._conn()
+        for slot in random.sample(range(slots), slots):
+            got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                               (_NAMESPACE, _slot_key(node_id, slot))).fetchone()
+            if got and got[0]:
+                return slot
+        return None
+
+    def give_back(self, node_id: str, slot: int) -> None:
+        try:
+            self._conn().execute("SELECT pg_advisory_unlock(%s, %s)",
+                                 (_NAMESPACE, _slot_key(node_id, slot)))
+        except psycopg.Error as exc:  # the connection is gone, and its locks with it
+            log.warning("slot connection lost", error=repr(exc))
+
+
+class _LocalSlots:
+    def __init__(self) -> None:
+        self._held: dict[str, set[int]] = defaultdict(set)
+        self._lock = threading.Lock()
+
+    def try_take(self, node_id: str, slots: int) -> int | None:
+        with self._lock:
+            held = self._held[node_id]
+            for slot in range(slots):
+                if slot not in held:
+                    held.add(slot)
+                    return slot
+        return None
+
+    def give_back(self, node_id: str, slot: int) -> None:
+        with self._lock:
+            self._held[node_id].discard(slot)
+
+
+_impls: dict[str, Any] = {}
+_impls_lock = threading.Lock()
+
+
+def _impl() -> Any:
+    database = get_database()
+    with _impls_lock:
+        found = _impls.get(database.url)
+        if found is None:
+            found = (_PostgresSlots(database.url) if database.dialect == "postgresql"
+                     else _LocalSlots())
+            _impls[database.url] = found
+        return found
+
+
+@contextmanager
+def node_slot(nodes: Sequence[NodeTarget], capacities: dict[str, int], share: float,
+              wait_s: float) -> Iterator[NodeTarget | None]:
+    """Hold a batch slot on the first of `nodes` (in order) with one free; None if none
+    freed up within `wait_s`. Released when the block ends."""
+    impl = _impl()
+    deadline = time.monotonic() + wait_s
+    taken: tuple[NodeTarget, int] | None = None
+    while taken is None:
+        for node in nodes:
+            slot = impl.try_take(node.id, slot_count(capacities.get(node.id, 1), share))
+            if slot is not None:
+                taken = (node, slot)
+                break
+        if taken is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+    try:
+        yield taken[0] if taken else None
+    finally:
+        if taken is not None:
+            impl.give_back(taken[0].id, taken[1])

@@ -1,0 +1,76 @@
+"""Sending an admitted request to a node: shared by the gateway and the batch runner.
+
+No Flask here. The caller picks the node (a Plan's nodes, in order) and owns the response;
+`send` re-checks the node's address against the SSRF policy on every call and turns a
+node's 5xx or redirect into NodeRefused, so the caller may try the next node (only before
+the first byte of an answer has been passed on).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from charter.dispatch.service import NodeTarget
+from charter.nodes.client import NodePool, NodeResponse
+from charter.nodes.service import url_policy
+from charter.nodes.ssrf import NodeUrlPolicy
+from charter.settings import Settings
+
+_pools: dict[Settings, tuple[NodePool, NodeUrlPolicy]] = {}
+_pools_lock = threading.Lock()
+
+
+class NodeRefused(Exception):
+    """The node answered with a server error or a redirect: another node may be tried."""
+
+    def __init__(self, node: NodeTarget, status: int) -> None:
+        super().__init__(f"{node.name}: HTTP {status}")
+        self.status = status
+
+
+def nodes_for(settings: Settings) -> tuple[NodePool, NodeUrlPolicy]:
+    """This process's node connection pool and URL policy for these settings, made once."""
+    found = _pools.get(settings)
+    if found is None:
+        with _pools_lock:
+            found = _pools.get(settings)
+            if found is None:
+                found = (NodePool(connect_timeout=settings.node_connect_timeout_s,
+                                  read_timeout=settings.node_read_timeout_s),
+                         url_policy(settings))
+                _pools[settings] = found
+    return found
+
+
+def payload_for(node: NodeTarget, protocol: str, body: dict[str, Any], raw: bytes) -> bytes:
+    """The bytes to send: the caller's, but OpenAI's `model` names what the node serves."""
+    if protocol == "openai" and node.reported_model_id:
+        return json.dumps({**body, "model": node.reported_model_id}).encode()
+    return raw
+
+
+def send(pool: NodePool, policy: NodeUrlPolicy, node: NodeTarget, path: str, payload: bytes,
+         headers: dict[str, str]) -> NodeResponse:
+    """POST to the node; raises NodeCallError, CharterError (SSRF) or NodeRefused."""
+    target = policy.resolve(node.base_url)  # re-checked: DNS may have moved
+    resp = pool.request(target, "POST", path, payload, headers)
+    if resp.status >= 500 or 300 <= resp.status < 400:
+        # A node error, or a redirect (never followed, never passed on).
+        resp.close(reuse=False)
+        raise NodeRefused(node, resp.status)
+    return resp
+
+
+def usage(protocol: str, body: Any) -> tuple[int, int]:
+    """(tokens in, tokens out) from a whole answer in the protocol's shape."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if not isinstance(body, dict):
+        return 0, 0
+    if protocol == "openai":
+        found = body.get("usage") or {}
+        return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
+    details = body.get("details") or {}
+    return len(details.get("prefill") or []), int(details.get("generated_tokens") or 0)
