@@ -78,7 +78,6 @@ def upgrade() -> None:
     sa.Column('claim', sa.String(length=32), nullable=True),
     sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('not_before', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('response_status', sa.Integer(), nullable=True),
     sa.Column('response_body', sa.Text(), nullable=True),
     sa.Column('error_code', sa.String(length=64), nullable=True),

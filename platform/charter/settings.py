@@ -175,10 +175,15 @@ class Settings:
         67_108_864, "Largest file accepted by `POST /v1/files`, in bytes (413 above)."
     )
     batch_max_lines: int = _setting(50_000, "Most lines (requests) one batch input file may hold.")
-    batch_window: int = _setting(
-        128,
-        "Lines of one batch queued or running at once; each finished line queues the next, "
-        "so batches share the workers and the queue stays short.",
+    batch_lanes: int = _setting(
+        8,
+        "Lanes per batch: lines of one batch running at once (each lane runs its lines one "
+        "after another on a worker thread); the node's batch slots bound them further.",
+    )
+    batch_lane_s: float = _setting(
+        60.0,
+        "Seconds a lane runs before it queues itself again (keeps every task shorter than "
+        "the broker's redelivery timeout).",
     )
     batch_node_share: float = _setting(
         0.5,
@@ -192,9 +197,6 @@ class Settings:
         300,
         "Seconds a worker holds a line it runs; a line whose worker vanished is taken again "
         "after this. Must exceed node_read_timeout_s.",
-    )
-    batch_requeue_after_s: int = _setting(
-        30, "A pending line nobody took for this many seconds is sent to the queue again."
     )
     batch_sweep_interval_s: float = _setting(
         5.0,
@@ -275,6 +277,9 @@ class Settings:
                 ("redis://", "rediss://", "amqp://", "amqps://")):
             problems.append("CHARTER_BROKER_URL: a redis:// or amqp:// URL is required with "
                             "CHARTER_TASK_BACKEND=celery")
+        if not 0 < self.batch_lane_s < self.task_visibility_timeout_s:
+            problems.append("CHARTER_BATCH_LANE_S: must be above 0 and below "
+                            "CHARTER_TASK_VISIBILITY_TIMEOUT_S")
         if not 0 < self.batch_node_share <= 1:
             problems.append("CHARTER_BATCH_NODE_SHARE: must be above 0 and at most 1")
         if self.batch_line_lease_s <= self.node_read_timeout_s + self.batch_slot_wait_s:
@@ -282,7 +287,7 @@ class Settings:
                             "+ CHARTER_BATCH_SLOT_WAIT_S (a line still running would be taken "
                             "again)")
         for name in ("task_inprocess_threads", "files_max_bytes", "batch_max_lines",
-                     "batch_line_max_attempts", "file_retention_days", "batch_window"):
+                     "batch_line_max_attempts", "file_retention_days", "batch_lanes"):
             if getattr(self, name) < 1:
                 problems.append(f"CHARTER_{name.upper()}: must be positive")
         if problems:

@@ -84,10 +84,10 @@ def _start_batch(batch_id: str) -> None:
     service.start_batch(batch_id)
 
 
-def _run_line(line_id: int) -> None:
+def _run_lane(batch_id: str, lane: int) -> None:
     from charter.batches import service
 
-    service.run_line(line_id, settings())
+    service.run_lane(batch_id, lane, settings())
 
 
 def _sweep() -> None:
@@ -112,7 +112,7 @@ def _maintenance() -> None:
 
 TASKS: dict[str, Callable[..., None]] = {
     "charter.batches.start": _start_batch,
-    "charter.batches.line": _run_line,
+    "charter.batches.lane": _run_lane,
     "charter.batches.sweep": _sweep,
     "charter.nodes.probe": _probe,
     "charter.maintenance": _maintenance,

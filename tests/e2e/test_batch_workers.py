@@ -117,7 +117,7 @@ def _cluster(configured: Any, make_person: Any, tmp_path: Path, broker: str,
                CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING",
                CHARTER_TASK_BACKEND="celery", CHARTER_BROKER_URL=broker,
                CHARTER_TASK_QUEUE=f"charter-e2e-{uuid.uuid4().hex[:8]}",
-               CHARTER_BATCH_SWEEP_INTERVAL_S="1", CHARTER_BATCH_REQUEUE_AFTER_S="3",
+               CHARTER_BATCH_SWEEP_INTERVAL_S="1", CHARTER_BATCH_LANE_S="5",
                CHARTER_NODE_READ_TIMEOUT_S="5", CHARTER_BATCH_SLOT_WAIT_S="2",
                CHARTER_BATCH_LINE_LEASE_S="10", CHARTER_TASK_VISIBILITY_TIMEOUT_S="15",
                CHARTER_NODE_PROBE_INTERVAL_S="3600")

@@ -249,32 +249,48 @@ def test_batch_lines_never_take_more_than_their_share_of_a_node(configured, make
 
 def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None:  # type: ignore[no-untyped-def]
     from charter.batches import service
-    from charter.batches.models import BatchLine
+    from charter.batches.models import Batch, BatchLine
     from charter.db import unit_of_work, utcnow
 
     f = upload(client, world, to_jsonl(jsonl_lines(3))).get_json()
     b = create(client, world, f["id"]).get_json()
     done = wait_batch(client, world, b["id"])
     assert done["status"] == "completed"
-    # As if a worker had claimed line 2 and died: running, attempt 1, lease run out.
+    # As if a worker had claimed line 2 and died, the batch still running: attempt 1 made,
+    # the lease run out.
     with unit_of_work() as session:
+        session.get(Batch, b["id"]).status = "in_progress"
         line = session.query(BatchLine).filter_by(batch_id=b["id"], line_no=2).one()
         line.status, line.claim, line.attempts = "running", "dead", 1
         line.lease_until = utcnow() - timedelta(seconds=1)
         line_id = line.id
-    assert service.run_line(line_id, world.settings) == "stopped"  # the batch is over
-    with unit_of_work() as session:
-        from charter.batches.models import Batch
-
-        session.get(Batch, b["id"]).status = "in_progress"  # reopen, for the recovery
-    assert service.run_line(line_id, world.settings) == "succeeded"
-    assert service.run_line(line_id, world.settings) == "done"  # a duplicate message
+    info = service._batch_info(b["id"])
+    assert service.run_next(info, world.settings) == "succeeded"
+    assert service.run_next(info, world.settings) == "empty"  # nothing else to take
     interrupted = list_events(EventFilter(action="batch.line_interrupted"))
     assert [(e.details["line"], e.details["attempt"]) for e in interrupted] == [(2, 1)]
     with unit_of_work() as session:
         line = session.get(BatchLine, line_id)
         assert (line.status, line.attempts, line.claim) == ("succeeded", 2, None)
     assert world.node.hits["line-1"] == 2  # the vanished attempt may have reached it too
+
+
+def test_a_duplicate_lane_ends_at_once(world, client) -> None:  # type: ignore[no-untyped-def]
+    from charter.batches import service, slots
+
+    f = upload(client, world, to_jsonl(jsonl_lines(2))).get_json()
+    b = create(client, world, f["id"]).get_json()
+    wait_batch(client, world, b["id"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = ThreadPoolExecutor(1)  # another worker thread (a lock is its holder's session's)
+    name = service.lane_name(b["id"], 0)
+    with slots.named_lock(name) as held:
+        assert held
+        assert other.submit(slots.lock_is_free, name).result() is False
+        assert other.submit(service.run_lane, b["id"], 0, world.settings).result() == (
+            "duplicate")
+    assert other.submit(slots.lock_is_free, name).result() is True
 
 
 def test_an_answer_from_a_worker_that_lost_its_line_is_dropped(world, client) -> None:  # type: ignore[no-untyped-def]
@@ -336,7 +352,7 @@ def test_sweep_starts_lost_batches_and_expires_late_ones(world, client, monkeypa
     monkeypatch.setattr(service.tasks, "send", lambda name, *args: sent.append(name) or True)
     start_batch("batch_late")
     monkeypatch.undo()
-    assert sent == ["charter.batches.line"] * 2
+    assert sent == ["charter.batches.lane"] * world.settings.batch_lanes
     time.sleep(1.1)
     stats = service.sweep(world.settings)
     assert stats["expired"] == 2 and stats["finalized"] >= 1

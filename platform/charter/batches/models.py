@@ -93,7 +93,6 @@ class BatchLine(Base):
     claim: Mapped[str | None] = mapped_column(String(32))  # the running attempt's token
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))

@@ -1,23 +1,25 @@
 """OpenAI-style batches: files in, every line through the governed path, files out.
 
-A batch's lines are rows (charter.batches.models). A line is run by `run_line(id)`:
+A batch's lines are rows (charter.batches.models), run by its lanes (`run_lane`, one task
+each, `batch_lanes` of them): a lane takes lines one after another, and for each
 
-1. **claim** (one transaction): pending -> running with a fresh claim token and a lease.
-   A line still `running` after its lease has passed lost its worker: the attempt is
-   recorded as interrupted (audited) and the line is taken again.
+1. **claim** (one statement): the next pending line -> running, with a fresh claim token
+   and a lease. A line still `running` after its lease passed lost its worker: the attempt
+   is recorded as interrupted (audited) and the line is taken again.
 2. **admit** through `charter.dispatch.service.admit`, as the batch's owner, with the
    batch's data class and purpose: the decision event is committed before anything is sent.
 3. **dispatch** holding a batch slot on the node (charter.batches.slots).
-4. **finish** (one transaction): the answer, the `dispatch.outcome` event and the token
-   counters, written only if the claim token is still the line's. A worker that lost its
-   line (it ran past its lease and another took over) writes nothing.
+4. **finish**: the outcome event (with the token counters), then the answer, written only
+   if the claim token is still the line's. A worker that lost its line (it ran past its
+   lease and another took over) leaves the answer to the attempt that holds it.
 
-Nothing depends on the broker delivering exactly once: a duplicate task finds the line
-claimed or done, and the sweep sends again what was lost.
+Nothing depends on the broker delivering exactly once: a duplicate lane finds its lock
+held, a lost one is sent again by the sweep, and a line is taken by one claim at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -28,12 +30,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, exists, func, insert, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from charter import tasks
 from charter.audit.service import append_event
-from charter.audit.writer import Event, UsageDelta
+from charter.audit.writer import Entry, Event, UsageDelta
 from charter.batches import jsonl, slots
 from charter.batches.models import (
     ACTIVE_BATCH_STATES,
@@ -53,7 +56,13 @@ from charter.dispatch.service import (
     outcome_event,
     usage_of,
 )
-from charter.errors import CharterError, ConflictError, NotFoundError, ValidationFailedError
+from charter.errors import (
+    CharterError,
+    ConflictError,
+    DatabaseUnavailableError,
+    NotFoundError,
+    ValidationFailedError,
+)
 from charter.identity.actor import SYSTEM, Actor
 from charter.identity.models import User
 from charter.identity.service import actor_of
@@ -395,7 +404,7 @@ def start_batch(batch_id: str) -> None:
                      details={"owner": batch.actor_ref, "lines": len(rows), "valid": valid,
                               "invalid": len(rows) - valid})
     if valid:
-        _refill(batch_id, settings)
+        send_lanes(batch_id, settings)
     else:
         finalize(batch_id)
 
@@ -432,72 +441,112 @@ class _Claim:
     purpose: str | None
 
 
-def run_line(line_id: int, settings: Settings) -> str:
-    """Run one line once (a task body); returns what happened, for logs and tests."""
+@dataclass(frozen=True)
+class _BatchInfo:
+    id: str
+    owner_user_id: str
+    actor_ref: str
+    endpoint: str
+    data_class: str | None
+    purpose: str | None
+
+
+def lane_name(batch_id: str, lane: int) -> str:
+    return f"lane:{batch_id}:{lane}"
+
+
+def send_lanes(batch_id: str, settings: Settings, lanes: range | list[int] | None = None
+               ) -> int:
+    sent = 0
+    for lane in (range(settings.batch_lanes) if lanes is None else lanes):
+        sent += tasks.send("charter.batches.lane", batch_id, lane)
+    return sent
+
+
+def run_lane(batch_id: str, lane: int, settings: Settings) -> str:
+    """One of a batch's `batch_lanes` lanes (a task body): take and run its lines one after
+    another until none can be taken now, for at most `batch_lane_s` (then the lane queues
+    itself again, so no task outlives the broker's redelivery timeout).
+
+    A lane is a named lock (charter.batches.slots): a duplicate task finds it held and ends;
+    the lock of a lane whose worker died is free again, and the sweep sends that lane anew.
+    """
+    again = False
+    ran = 0
+    with slots.named_lock(lane_name(batch_id, lane)) as held:
+        if not held:
+            return "duplicate"
+        info = _batch_info(batch_id)
+        if info is None:
+            return "gone"
+        deadline = time.monotonic() + settings.batch_lane_s
+        while True:
+            if time.monotonic() >= deadline:
+                again = True
+                break
+            if run_next(info, settings) == "empty":
+                break
+            ran += 1
+    if again:
+        tasks.send("charter.batches.lane", batch_id, lane)
+    else:
+        finalize(batch_id)  # nothing happens while lines are still open
+    return f"ran {ran}"
+
+
+def _batch_info(batch_id: str) -> _BatchInfo | None:
+    with unit_of_work() as session:
+        b = session.get(Batch, batch_id)
+        if b is None:
+            return None
+        return _BatchInfo(b.id, b.owner_user_id, b.actor_ref, b.endpoint, b.data_class,
+                          b.purpose)
+
+
+def run_next(info: _BatchInfo, settings: Settings) -> str:
+    """Take the batch's next line that may run now and run it; "empty" if there is none
+    (or the batch no longer runs). Returns what happened, for logs and tests."""
     request_id = uuid.uuid4().hex
     rid_token = request_id_var.set(request_id)
     try:
-        claim = _claim(line_id, settings)
+        claim = _claim_next(info, settings)
         if isinstance(claim, str):
             return claim
         gen_token = generation_var.set(claim.generation)
         try:
-            result = _run_claimed(claim, settings, request_id)
+            return _run_claimed(claim, settings, request_id)
         finally:
             generation_var.reset(gen_token)
-        _after_line(claim.batch_id, settings)
-        return result
     finally:
         request_id_var.reset(rid_token)
 
 
-def _claim(line_id: int, settings: Settings) -> _Claim | str:
+def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
+    """One statement: the first pending line (or one whose worker vanished: its lease ran
+    out) becomes this attempt's, with a new claim token; the change generation is read in
+    the same statement. Concurrent lanes skip each other's rows (SKIP LOCKED)."""
     now = utcnow()
-    batch_id: str | None = None
-    with unit_of_work() as session:
-        generation = int(session.execute(
-            text("SELECT value FROM change_generation WHERE id = 1")).scalar_one())
-        line = session.get(BatchLine, line_id, with_for_update=True)
-        if line is None:
-            return "missing"
-        if line.status not in OPEN_LINE_STATES:
-            return "done"
-        batch = session.get(Batch, line.batch_id)
-        assert batch is not None
-        if batch.status != "in_progress" or batch.errors:
-            return "stopped"  # the sweep or the cancel has ended (or will end) its lines
-        if now >= batch.expires_at:
-            return "late"  # the sweep expires the batch
-        if line.status == "running" and line.lease_until and line.lease_until > now:
-            return "busy"  # another worker holds it
-        if line.status == "pending" and line.not_before and line.not_before > now:
-            return "later"
-        if line.status == "running":
-            # Its worker vanished mid-attempt (killed, or lost its connection).
-            append_event(actor=batch.actor_ref, action="batch.line_interrupted",
-                         target_type="batch", target_id=batch.id,
-                         details={"line": line.line_no, "custom_id": line.custom_id,
-                                  "attempt": line.attempts, "decision_id": line.decision_id,
-                                  "node": line.node})
-        if line.attempts >= settings.batch_line_max_attempts:
-            line.status, line.finished_at = "failed", now
-            line.error_code = "attempts_exhausted"
-            last = f": {line.error_message}" if line.error_message else ""
-            line.error_message = f"the line was tried {line.attempts} times without an answer{last}"
-            line.claim = line.lease_until = None
-            batch_id = batch.id
-        else:
-            token = secrets.token_hex(16)
-            line.status, line.claim = "running", token
-            line.attempts += 1
-            line.lease_until = now + timedelta(seconds=settings.batch_line_lease_s)
-            assert line.custom_id is not None and line.request is not None
-            return _Claim(line.id, batch.id, line.line_no, line.custom_id, line.request,
-                          line.attempts, token, generation, batch.owner_user_id,
-                          batch.endpoint, batch.data_class, batch.purpose)
-    assert batch_id is not None
-    _after_line(batch_id, settings)
-    return "failed"
+    token = secrets.token_hex(16)
+    row = _core(_claim_statement(), {
+        "batch": info.id, "now": now, "token": token,
+        "lease": now + timedelta(seconds=settings.batch_line_lease_s)}).first()
+    if row is None:
+        return "empty"
+    line_id, line_no, custom_id, body, attempts, last_error, was, gen = row
+    c = _Claim(line_id, info.id, line_no, custom_id, body, attempts, token, int(gen),
+               info.owner_user_id, info.endpoint, info.data_class, info.purpose)
+    if was == "running":  # its worker vanished mid-attempt (killed, or cut off)
+        get_database().writer.commit(Entry(events=(Event.of(
+            actor=info.actor_ref, action="batch.line_interrupted", target_type="batch",
+            target_id=info.id, details={"line": line_no, "custom_id": custom_id,
+                                        "attempt": attempts - 1}),)))
+    if attempts > settings.batch_line_max_attempts:
+        last = f": {last_error}" if last_error else ""
+        _finish(c, status="failed", response_status=None, response_body=None,
+                error_code="attempts_exhausted",
+                error_message=f"no answer after {attempts - 1} attempts{last}")
+        return "exhausted"
+    return c
 
 
 def _owner(user_id: str) -> Actor | None:
@@ -642,37 +691,106 @@ def _finish(c: _Claim, *, status: str, response_status: int | None,
             response_body: str | None, error_code: str | None, error_message: str | None,
             node: str | None = None, decision_id: str | None = None,
             event: Event | None = None, usage: tuple[UsageDelta, ...] = ()) -> bool:
-    """Write the line's answer and its outcome event together, if the line is still ours."""
-    with unit_of_work() as session:
-        result = session.execute(
-            update(BatchLine).where(BatchLine.id == c.line_id, BatchLine.claim == c.token,
-                                    BatchLine.status == "running")
-            .values(status=status, response_status=response_status,
-                    response_body=response_body, error_code=error_code,
-                    error_message=error_message, node=node, decision_id=decision_id,
-                    finished_at=utcnow(), claim=None, lease_until=None))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            log.warning("line taken over while it ran; its answer is dropped",
-                        line_id=c.line_id, batch_id=c.batch_id)
-            return False
-        if event is not None:
-            _append(event)
-        _add_usage(session, usage)
+    """Record the attempt's outcome, then the line's answer if the line is still ours.
+
+    The outcome goes through the process's group writer, shared with other lines' decisions
+    and outcomes (one chain-locked transaction per line would serialise every worker on
+    the chain lock), and is committed first: a worker that dies in between leaves an
+    outcome of an attempt that did happen, and the line is run again; never an answer
+    without its outcome.
+    """
+    if event is not None:
+        entry = get_database().writer.commit(Entry(events=(event,), usage=usage))
+        if entry.result == "failed":
+            assert entry.error is not None
+            raise entry.error  # the line stays claimed; its lease runs out, it runs again
+    result = _core(_finish_statement(), {
+        "line": c.line_id, "token": c.token, "status": status,
+        "response_status": response_status, "response_body": response_body,
+        "error_code": error_code, "error_message": error_message, "node": node,
+        "decision_id": decision_id, "finished_at": utcnow()})
+    if result.rowcount != 1:
+        log.warning("line taken over while it ran; its answer is dropped",
+                    line_id=c.line_id, batch_id=c.batch_id)
+        return False
     return True
+
+
+# The statements a lane runs for every line: built once (building SQLAlchemy expressions
+# costs more CPU than running them), executed on a plain connection.
+@functools.cache
+def _claim_statement() -> Any:
+    from charter.db import ChangeGeneration
+
+    lines, batches = BatchLine.__table__.c, Batch.__table__.c
+    now = bindparam("now")
+    pick = (select(lines.id, lines.status.label("was"))
+            .where(lines.batch_id == bindparam("batch"),
+                   ((lines.status == "pending")
+                    & (lines.not_before.is_(None) | (lines.not_before <= now)))
+                   | ((lines.status == "running") & (lines.lease_until < now)),
+                   exists().where(batches.id == bindparam("batch"),
+                                  batches.status == "in_progress", batches.expires_at > now))
+            .order_by(lines.line_no).limit(1)
+            .with_for_update(skip_locked=True, of=BatchLine.__table__).cte("pick"))
+    generation = (select(ChangeGeneration.__table__.c.value)
+                  .where(ChangeGeneration.__table__.c.id == 1).scalar_subquery())
+    return (update(BatchLine.__table__).where(lines.id == pick.c.id)
+            .values(status="running", claim=bindparam("token"), attempts=lines.attempts + 1,
+                    lease_until=bindparam("lease"))
+            .returning(lines.id, lines.line_no, lines.custom_id, lines.request,
+                       lines.attempts, lines.error_message, pick.c.was, generation))
+
+
+@functools.cache
+def _finish_statement() -> Any:
+    lines = BatchLine.__table__.c
+    return (update(BatchLine.__table__)
+            .where(lines.id == bindparam("line"), lines.claim == bindparam("token"),
+                   lines.status == "running")
+            .values(status=bindparam("status"), response_status=bindparam("response_status"),
+                    response_body=bindparam("response_body"),
+                    error_code=bindparam("error_code"),
+                    error_message=bindparam("error_message"), node=bindparam("node"),
+                    decision_id=bindparam("decision_id"),
+                    finished_at=bindparam("finished_at"), claim=None, lease_until=None))
+
+
+def _core(stmt: Any, params: dict[str, Any]) -> Any:
+    """Run one Core statement in its own transaction (the result stays readable)."""
+    try:
+        with get_database().engine.begin() as conn:
+            result = conn.execute(stmt, params)
+            if result.returns_rows:
+                return _Rows(result.all(), result.rowcount)
+            return _Rows([], result.rowcount)
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
+
+
+@dataclass
+class _Rows:
+    rows: list[Any]
+    rowcount: int
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
 
 
 def _put_back(c: _Claim, *, wait_s: float, refund: bool, error: str,
               event: Event | None = None, result: str = "busy") -> str:
     """The line goes back to pending, to be taken again after `wait_s`."""
+    if event is not None:
+        get_database().writer.commit(Entry(events=(event,)))
     with unit_of_work() as session:
         done = session.execute(
             update(BatchLine).where(BatchLine.id == c.line_id, BatchLine.claim == c.token,
                                     BatchLine.status == "running")
-            .values(status="pending", claim=None, lease_until=None, enqueued_at=None,
+            .values(status="pending", claim=None, lease_until=None,
                     not_before=utcnow() + timedelta(seconds=wait_s), error_message=error[:500],
                     attempts=BatchLine.attempts - (1 if refund else 0)))
-        if done.rowcount == 1 and event is not None:  # type: ignore[attr-defined]
-            _append(event)
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            log.warning("line taken over while it waited", line_id=c.line_id)
     return result
 
 
@@ -685,7 +803,8 @@ def _stop(c: _Claim, code: str, message: str, status: int,
     with unit_of_work() as session:
         batch = session.get(Batch, c.batch_id, with_for_update=True)
         assert batch is not None
-        if batch.status == "in_progress" and not batch.errors:
+        if batch.status == "in_progress":
+            batch.status, batch.finalizing_at = "finalizing", utcnow()
             batch.errors = [{"code": code, "message": message, "line": c.line_no}]
             ended = _end_pending(session, batch.id, "failed", code,
                                  f"the batch stopped: {message}")
@@ -696,114 +815,65 @@ def _stop(c: _Claim, code: str, message: str, status: int,
     return "stopped"
 
 
-def _append(event: Event) -> None:
-    append_event(actor=event.actor, action=event.action, target_type=event.target_type,
-                 target_id=event.target_id, outcome=event.outcome, details=event.details)
-
-
-def _add_usage(session: Session, usage: tuple[UsageDelta, ...]) -> None:
-    from charter.dispatch.models import Usage
-
-    if not usage:
-        return
-    if get_database().dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    for u in usage:
-        stmt = dialect_insert(Usage).values(team_id=u.team_id, serving_name=u.serving_name,
-                                            day=u.day, requests=u.requests,
-                                            tokens_in=u.tokens_in, tokens_out=u.tokens_out)
-        session.execute(stmt.on_conflict_do_update(
-            index_elements=["team_id", "serving_name", "day"],
-            set_={"requests": Usage.requests + stmt.excluded.requests,
-                  "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
-                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
-
-
-# --- queueing, sweeping, finalizing ---------------------------------------------------------
-
-def _after_line(batch_id: str, settings: Settings) -> None:
-    if not _refill(batch_id, settings):
-        finalize(batch_id)
-
-
-def _refill(batch_id: str, settings: Settings) -> int:
-    """Queue lines until `batch_window` of the batch are queued or running; returns the
-    number of lines still open (pending or running)."""
-    now = utcnow()
-    with unit_of_work() as session:
-        counts = dict(session.execute(
-            select(BatchLine.status, func.count()).where(
-                BatchLine.batch_id == batch_id, BatchLine.status.in_(OPEN_LINE_STATES))
-            .group_by(BatchLine.status)).all())
-        open_lines = sum(int(n) for n in counts.values())
-        queued = int(session.scalar(select(func.count()).where(
-            BatchLine.batch_id == batch_id, BatchLine.status == "pending",
-            BatchLine.enqueued_at.is_not(None))) or 0) + int(counts.get("running", 0))
-        want = settings.batch_window - queued
-        ids: list[int] = []
-        if want > 0 and counts.get("pending"):
-            pick = (select(BatchLine.id).where(
-                BatchLine.batch_id == batch_id, BatchLine.status == "pending",
-                BatchLine.enqueued_at.is_(None),
-                (BatchLine.not_before.is_(None)) | (BatchLine.not_before <= now))
-                .order_by(BatchLine.line_no).limit(want))
-            if get_database().dialect == "postgresql":
-                pick = pick.with_for_update(skip_locked=True)
-            ids = list(session.scalars(pick))
-            if ids:
-                session.execute(update(BatchLine).where(BatchLine.id.in_(ids))
-                                .values(enqueued_at=now))
-    for line_id in ids:
-        tasks.send("charter.batches.line", line_id)
-    return open_lines
-
+# --- sweeping, finalizing ------------------------------------------------------------------
 
 def sweep(settings: Settings, now: datetime | None = None) -> dict[str, int]:
-    """Periodic: start batches whose start was lost, resend lines whose message or worker
-    was lost, honour expiry and cancellation, finalize what is done."""
+    """Periodic: start batches whose start was lost, send again lanes whose worker or
+    message was lost, honour expiry, end lines whose worker vanished in a batch that no
+    longer runs, finalize what is done."""
     now = now or utcnow()
-    stats = {"started": 0, "resent": 0, "expired": 0, "finalized": 0}
+    stats = {"started": 0, "lanes": 0, "expired": 0, "finalized": 0}
     with unit_of_work() as session:
         active = [(b.id, b.status, b.created_at, b.expires_at) for b in session.scalars(
             select(Batch).where(Batch.status.in_(ACTIVE_BATCH_STATES)))]
     for batch_id, status, created_at, expires_at in active:
         if status == "validating":
             if now - created_at > timedelta(seconds=5):
-                tasks.send("charter.batches.start", batch_id)
-                stats["started"] += 1
+                stats["started"] += tasks.send("charter.batches.start", batch_id)
             continue
         if status == "in_progress" and now >= expires_at:
-            with unit_of_work() as session:
-                stats["expired"] += _end_pending(
-                    session, batch_id, "expired", "batch_expired",
-                    "the batch's completion window ended before this line ran")
-        elif status == "cancelling":
-            with unit_of_work() as session:
-                _end_pending(session, batch_id, "cancelled", "batch_cancelled",
-                             "the batch was cancelled before this line ran")
+            status = "expired"
+        if status == "in_progress":
+            if _claimable(batch_id, now):
+                stats["lanes"] += send_lanes(batch_id, settings, [
+                    k for k in range(settings.batch_lanes)
+                    if slots.lock_is_free(lane_name(batch_id, k))])
         else:
-            stats["resent"] += _resend_lost(batch_id, settings, now)
-        if not _refill(batch_id, settings) and finalize(batch_id):
+            ending = {"expired": ("expired", "batch_expired", "the batch's completion "
+                                  "window ended before this line ran"),
+                      "cancelling": ("cancelled", "batch_cancelled",
+                                     "the batch was cancelled before this line ran"),
+                      "finalizing": ("failed", "batch_stopped", "the batch stopped before "
+                                     "this line ran")}[status]
+            with unit_of_work() as session:
+                ended = _end_pending(session, batch_id, *ending)
+                ended += _end_abandoned(session, batch_id, now, *ending)
+            if status == "expired":
+                stats["expired"] += ended
+        if finalize(batch_id):
             stats["finalized"] += 1
     return stats
 
 
-def _resend_lost(batch_id: str, settings: Settings, now: datetime) -> int:
-    stale = now - timedelta(seconds=settings.batch_requeue_after_s)
+def _claimable(batch_id: str, now: datetime) -> bool:
     with unit_of_work() as session:
-        ids = list(session.scalars(select(BatchLine.id).where(
+        return session.scalar(select(BatchLine.id).where(
             BatchLine.batch_id == batch_id,
-            ((BatchLine.status == "pending") & (BatchLine.enqueued_at < stale))
-            | ((BatchLine.status == "running") & (BatchLine.lease_until < now)))
-            .order_by(BatchLine.line_no).limit(settings.batch_window)))
-        if ids:
-            session.execute(update(BatchLine).where(BatchLine.id.in_(ids))
-                            .values(enqueued_at=now))
-    for line_id in ids:
-        tasks.send("charter.batches.line", line_id)
-    return len(ids)
+            ((BatchLine.status == "pending")
+             & (BatchLine.not_before.is_(None) | (BatchLine.not_before <= now)))
+            | ((BatchLine.status == "running") & (BatchLine.lease_until < now))
+        ).limit(1)) is not None
+
+
+def _end_abandoned(session: Session, batch_id: str, now: datetime, status: str, code: str,
+                   message: str) -> int:
+    """Lines left running by a vanished worker in a batch that takes no new lines."""
+    result = session.execute(
+        update(BatchLine).where(BatchLine.batch_id == batch_id,
+                                BatchLine.status == "running", BatchLine.lease_until < now)
+        .values(status=status, error_code=code, finished_at=now, claim=None,
+                lease_until=None, error_message=f"{message} (its worker vanished)"))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def finalize(batch_id: str) -> bool:
@@ -812,7 +882,7 @@ def finalize(batch_id: str) -> bool:
     now = utcnow()
     with unit_of_work() as session:
         batch = session.get(Batch, batch_id, with_for_update=True)
-        if batch is None or batch.status not in ("in_progress", "cancelling"):
+        if batch is None or batch.status not in ("in_progress", "cancelling", "finalizing"):
             return False
         open_lines = session.scalar(select(func.count()).where(
             BatchLine.batch_id == batch_id, BatchLine.status.in_(OPEN_LINE_STATES)))
@@ -876,5 +946,5 @@ def _result_file(session: Session, batch: Batch, purpose: str, rows: list[bytes]
 
 __all__ = ["BatchRequestError", "ValidationFailedError", "cancel_batch", "create_batch",
            "delete_file", "file_content", "file_view", "finalize", "get_batch", "get_file",
-           "list_batches", "list_files", "purge_expired_files", "run_line", "start_batch",
-           "sweep", "upload_file"]
+           "list_batches", "list_files", "purge_expired_files", "run_lane", "run_next",
+           "start_batch", "sweep", "upload_file"]

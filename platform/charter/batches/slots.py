@@ -1,10 +1,13 @@
-"""Batch slots per node: how many batch lines may be on one node at once, across workers.
+"""Batch slots per node, and named locks (a batch's lanes), held across workers.
+
+Slots: how many batch lines may be on one node at once.
 
 A node's slots are `max(1, floor(capacity * batch_node_share))`; online requests never take
 one, so batches cannot fill a node that callers are waiting on. On PostgreSQL a slot is a
 session advisory lock on a connection of the holding thread's own: it is freed by
 PostgreSQL itself when the worker dies (the connection drops), so a SIGKILL never leaks
-one. On SQLite (the embedded demo: one process) a slot is a semaphore count.
+one. A named lock works the same way. On SQLite (the embedded demo: one process) both
+are counts in this process.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from charter.dispatch.service import NodeTarget
 
 log = structlog.get_logger("charter.batches")
 _NAMESPACE = 0x42415443  # "BATC": the first key of every slot lock
+_NAMED = 0x4C414E45  # "LANE": the first key of named locks (a batch's lanes)
 _POLL_S = 0.05
 
 
@@ -36,6 +40,10 @@ def slot_count(capacity: int, share: float) -> int:
 
 def _slot_key(node_id: str, slot: int) -> int:
     return (zlib.crc32(node_id.encode()) & 0x00FFFFFF) * 64 + slot
+
+
+def _name_key(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 class _PostgresSlots:
@@ -61,16 +69,27 @@ class _PostgresSlots:
         return None
 
     def give_back(self, node_id: str, slot: int) -> None:
+        self._unlock(_NAMESPACE, _slot_key(node_id, slot))
+
+    def try_lock(self, name: str) -> bool:
+        got = self._conn().execute("SELECT pg_try_advisory_lock(%s, %s)",
+                                   (_NAMED, _name_key(name))).fetchone()
+        return bool(got and got[0])
+
+    def unlock(self, name: str) -> None:
+        self._unlock(_NAMED, _name_key(name))
+
+    def _unlock(self, k1: int, k2: int) -> None:
         try:
-            self._conn().execute("SELECT pg_advisory_unlock(%s, %s)",
-                                 (_NAMESPACE, _slot_key(node_id, slot)))
+            self._conn().execute("SELECT pg_advisory_unlock(%s, %s)", (k1, k2))
         except psycopg.Error as exc:  # the connection is gone, and its locks with it
-            log.warning("slot connection lost", error=repr(exc))
+            log.warning("lock connection lost", error=repr(exc))
 
 
 class _LocalSlots:
     def __init__(self) -> None:
         self._held: dict[str, set[int]] = defaultdict(set)
+        self._names: set[str] = set()
         self._lock = threading.Lock()
 
     def try_take(self, node_id: str, slots: int) -> int | None:
@@ -85,6 +104,17 @@ class _LocalSlots:
     def give_back(self, node_id: str, slot: int) -> None:
         with self._lock:
             self._held[node_id].discard(slot)
+
+    def try_lock(self, name: str) -> bool:
+        with self._lock:
+            if name in self._names:
+                return False
+            self._names.add(name)
+            return True
+
+    def unlock(self, name: str) -> None:
+        with self._lock:
+            self._names.discard(name)
 
 
 _impls: dict[str, Any] = {}
@@ -125,3 +155,24 @@ def node_slot(nodes: Sequence[NodeTarget], capacities: dict[str, int], share: fl
     finally:
         if taken is not None:
             impl.give_back(taken[0].id, taken[1])
+
+
+@contextmanager
+def named_lock(name: str) -> Iterator[bool]:
+    """Hold the lock `name` for the block if nobody holds it (yields whether it is held)."""
+    impl = _impl()
+    held = impl.try_lock(name)
+    try:
+        yield held
+    finally:
+        if held:
+            impl.unlock(name)
+
+
+def lock_is_free(name: str) -> bool:
+    """Whether nobody holds `name` right now (a lane whose worker died holds nothing)."""
+    impl = _impl()
+    if not impl.try_lock(name):
+        return False
+    impl.unlock(name)
+    return True
