@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -146,7 +147,7 @@ def through_charter(port: int, key: str, n: int) -> tuple[float, dict[str, Any]]
         "input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions",
         "completion_window": "24h"}).encode())
     while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.02)
+        time.sleep(0.05)
         batch = _call(port, key, "GET", f"/v1/batches/{batch['id']}")
     elapsed = time.perf_counter() - started
     if batch["status"] != "completed" or batch["request_counts"]["completed"] != n:
@@ -188,17 +189,27 @@ def run(args: argparse.Namespace) -> None:
                                   f"127.0.0.1:{api_port}", "--workers", "1"], env=env)
         procs.append(serve)
         gw._wait_http(api_port, "/healthz", serve)
-        worker = subprocess.Popen([str(gw.BIN / "charter"), "worker", "--concurrency",
-                                   str(args.concurrency), "--loglevel", "WARNING"], env=env)
-        procs.append(worker)
+        workers = [subprocess.Popen([str(gw.BIN / "charter"), "worker", "--concurrency",
+                                     str(args.concurrency // args.workers), "--loglevel",
+                                     "WARNING"], env=env) for _ in range(args.workers)]
+        procs.extend(workers)
+        worker = workers[0]
         through_charter(api_port, key, 20)  # warm-up: the worker is up and connected
         rounds = []
         for r in range(args.rounds):
             d = direct(node_port, args.lines, args.concurrency)
-            worker_cpu = gw._cpu_s(worker.pid)
+            worker_cpu = sum(gw._cpu_s(w.pid) for w in workers)
             pg_cpu = sum(gw._cpu_s(p) for p in gw._pg_backends(dbname))
+            spy = None
+            if args.py_spy and r == args.rounds - 1:
+                spy = subprocess.Popen([args.py_spy, "record", "--idle", "-r", "100", "-d",
+                                        "6", "-f", "raw", "-o", str(SPY_OUT), "-p",
+                                        str(worker.pid)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
             c, _ = through_charter(api_port, key, args.lines)
-            worker_cpu = gw._cpu_s(worker.pid) - worker_cpu
+            if spy is not None:
+                spy.wait(timeout=30)
+            worker_cpu = sum(gw._cpu_s(w.pid) for w in workers) - worker_cpu
             pg_cpu = sum(gw._cpu_s(p) for p in gw._pg_backends(dbname)) - pg_cpu
             rounds.append({"direct": args.lines / d, "charter": args.lines / c,
                            "ratio": d / c, "worker_ms": worker_cpu * 1000 / args.lines,
@@ -223,10 +234,33 @@ def run(args: argparse.Namespace) -> None:
     table.add_row("Charter batch (Celery on Redis)", f"{med('charter'):,.0f}", f"{ratio:.2f}",
                   f"{med('worker_ms'):.2f}", f"{med('pg_ms'):.2f}")
     console.print(table)
+    if args.py_spy:
+        _lane_profile(console)
     met = ratio >= GOAL_RATIO
     by_round = ", ".join(f"{x['ratio']:.2f}" for x in rounds)
     console.print(f"goal >= {GOAL_RATIO} x direct: {'met' if met else 'NOT met'} "
                   f"(ratios by round: {by_round})")
+
+
+SPY_OUT = Path(tempfile.gettempdir()) / "charter-bench-batch-worker.txt"
+
+
+def _lane_profile(console: Any) -> None:
+    """Where a lane's wall time goes (py-spy samples of the lane threads, idle included)."""
+    from collections import Counter
+
+    stages: Counter[str] = Counter()
+    total = 0
+    for line in SPY_OUT.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        if "run_lane" not in stack:
+            continue
+        total += int(n)
+        frames = [f for f in stack.split(";") if "charter/" in f]
+        stages[" <- ".join(f.split(" (")[0] for f in frames[-2:])] += int(n)
+    console.print(f"lane wall time by stage ({total} samples):")
+    for name, n in stages.most_common(15):
+        console.print(f"  {n * 100 / max(total, 1):5.1f}%  {name}")
 
 
 def main() -> None:
@@ -236,7 +270,10 @@ def main() -> None:
     parser.add_argument("--node-ms", type=float, default=50.0,
                         help="the node's time per request (generation on its GPU)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="`charter worker` processes; the concurrency is split among them")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--py-spy", help="py-spy binary: profile the worker's lanes")
     parser.add_argument("--node", type=float, help=argparse.SUPPRESS)  # the node process
     args = parser.parse_args()
     if args.node is not None:

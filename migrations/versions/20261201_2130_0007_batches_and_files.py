@@ -90,9 +90,13 @@ def upgrade() -> None:
     sa.UniqueConstraint('batch_id', 'line_no', name='uq_batch_lines_batch_line')
     )
     op.create_index('ix_batch_lines_batch_status', 'batch_lines', ['batch_id', 'status'], unique=False)
+    op.create_index('ix_batch_lines_open', 'batch_lines', ['batch_id', 'line_no'], unique=False,
+                    postgresql_where=sa.text("status IN ('pending', 'running')"),
+                    sqlite_where=sa.text("status IN ('pending', 'running')"))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_batch_lines_open', table_name='batch_lines')
     op.drop_index('ix_batch_lines_batch_status', table_name='batch_lines')
     op.drop_table('batch_lines')
     op.drop_index(op.f('ix_batches_status'), table_name='batches')

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
@@ -104,4 +105,9 @@ class BatchLine(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "line_no", name="uq_batch_lines_batch_line"),
         Index("ix_batch_lines_batch_status", "batch_id", "status"),
+        # What a lane's claim reads: the open lines of a batch in file order, without
+        # walking past the finished ones.
+        Index("ix_batch_lines_open", "batch_id", "line_no",
+              postgresql_where=text("status IN ('pending', 'running')"),
+              sqlite_where=text("status IN ('pending', 'running')")),
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 import structlog
 from sqlalchemy import bindparam, exists, func, insert, select, update
 from sqlalchemy import exc as sa_exc
@@ -527,7 +528,7 @@ def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
     the same statement. Concurrent lanes skip each other's rows (SKIP LOCKED)."""
     now = utcnow()
     token = secrets.token_hex(16)
-    row = _core(_claim_statement(), {
+    row = _run("claim", {
         "batch": info.id, "now": now, "token": token,
         "lease": now + timedelta(seconds=settings.batch_line_lease_s)}).first()
     if row is None:
@@ -704,7 +705,7 @@ def _finish(c: _Claim, *, status: str, response_status: int | None,
         if entry.result == "failed":
             assert entry.error is not None
             raise entry.error  # the line stays claimed; its lease runs out, it runs again
-    result = _core(_finish_statement(), {
+    result = _run("finish", {
         "line": c.line_id, "token": c.token, "status": status,
         "response_status": response_status, "response_body": response_body,
         "error_code": error_code, "error_message": error_message, "node": node,
@@ -756,7 +757,45 @@ def _finish_statement() -> Any:
                     finished_at=bindparam("finished_at"), claim=None, lease_until=None))
 
 
-def _core(stmt: Any, params: dict[str, Any]) -> Any:
+# On PostgreSQL the same two statements as plain SQL, each one round trip on the thread's
+# own autocommit connection (charter.batches.slots): no pool checkout, ping or BEGIN.
+_PG_SQL = {
+    "claim": """
+WITH pick AS (
+  SELECT l.id, l.status AS was FROM batch_lines l
+  WHERE l.batch_id = %(batch)s
+    AND ((l.status = 'pending' AND (l.not_before IS NULL OR l.not_before <= %(now)s))
+         OR (l.status = 'running' AND l.lease_until < %(now)s))
+    AND EXISTS (SELECT 1 FROM batches b WHERE b.id = %(batch)s AND b.status = 'in_progress'
+                AND b.expires_at > %(now)s)
+  ORDER BY l.line_no LIMIT 1 FOR UPDATE OF l SKIP LOCKED)
+UPDATE batch_lines SET status = 'running', claim = %(token)s,
+  attempts = batch_lines.attempts + 1, lease_until = %(lease)s
+FROM pick WHERE batch_lines.id = pick.id
+RETURNING batch_lines.id, batch_lines.line_no, batch_lines.custom_id, batch_lines.request,
+  batch_lines.attempts, batch_lines.error_message, pick.was,
+  (SELECT value FROM change_generation WHERE id = 1)""",
+    "finish": """
+UPDATE batch_lines SET status = %(status)s, response_status = %(response_status)s,
+  response_body = %(response_body)s, error_code = %(error_code)s,
+  error_message = %(error_message)s, node = %(node)s, decision_id = %(decision_id)s,
+  finished_at = %(finished_at)s, claim = NULL, lease_until = NULL
+WHERE id = %(line)s AND claim = %(token)s AND status = 'running'""",
+}
+
+
+def _run(name: str, params: dict[str, Any]) -> _Rows:
+    conn = slots.pg_connection()
+    if conn is None:
+        return _core({"claim": _claim_statement, "finish": _finish_statement}[name](), params)
+    try:
+        cur = conn.execute(_PG_SQL[name], params)
+        return _Rows(cur.fetchall() if cur.description else [], cur.rowcount)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
+
+
+def _core(stmt: Any, params: dict[str, Any]) -> _Rows:
     """Run one Core statement in its own transaction (the result stays readable)."""
     try:
         with get_database().engine.begin() as conn:

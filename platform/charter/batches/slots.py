@@ -132,6 +132,13 @@ def _impl() -> Any:
         return found
 
 
+def pg_connection() -> psycopg.Connection[Any] | None:
+    """This thread's own autocommit connection on PostgreSQL (None on SQLite): the one
+    its slots and locks live on, also used for the lanes' one-statement claims."""
+    impl = _impl()
+    return impl._conn() if isinstance(impl, _PostgresSlots) else None
+
+
 @contextmanager
 def node_slot(nodes: Sequence[NodeTarget], capacities: dict[str, int], share: float,
               wait_s: float) -> Iterator[NodeTarget | None]:
