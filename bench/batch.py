@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
                    CHARTER_TASK_BACKEND="celery", CHARTER_BROKER_URL=args.broker,
                    CHARTER_TASK_QUEUE=f"charter-bench-{uuid.uuid4().hex[:8]}",
                    CHARTER_BATCH_NODE_SHARE=str(args.concurrency / 512),
-                   CHARTER_BATCH_LANES=str(args.concurrency),
+                   CHARTER_BATCH_LANES=str(args.concurrency * args.lanes_per_slot),
                    CHARTER_NODE_PROBE_INTERVAL_S="3600")
         api_port = gw._free_port()
         serve = subprocess.Popen([str(gw.BIN / "charter"), "serve", "--bind",
@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
         procs.append(serve)
         gw._wait_http(api_port, "/healthz", serve)
         workers = [subprocess.Popen([str(gw.BIN / "charter"), "worker", "--concurrency",
-                                     str(args.concurrency // args.workers), "--loglevel",
+                                     str(args.concurrency * args.lanes_per_slot // args.workers),
+                                     "--loglevel",
                                      "WARNING"], env=env) for _ in range(args.workers)]
         procs.extend(workers)
         worker = workers[0]
@@ -224,7 +225,9 @@ def run(args: argparse.Namespace) -> None:
     def med(name: str) -> float:
         return statistics.median(x[name] for x in rounds)
 
-    table = Table(title=f"{args.lines} lines, concurrency {args.concurrency}, node "
+    table = Table(title=f"{args.lines} lines, {args.concurrency} at the node at once "
+                        f"({args.concurrency * args.lanes_per_slot} lanes in {args.workers} "
+                        f"workers), node "
                         f"{args.node_ms} ms a request, {args.rounds} rounds (medians); "
                         f"{gw._machine()}")
     for col in ("path", "lines/s", "ratio", "worker CPU ms/line", "PostgreSQL CPU ms/line"):
@@ -270,6 +273,9 @@ def main() -> None:
     parser.add_argument("--node-ms", type=float, default=50.0,
                         help="the node's time per request (generation on its GPU)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lanes-per-slot", type=int, default=2,
+                        help="lanes per node slot: the node still gets `--concurrency` at once; "
+                        "the other lanes claim, decide and record meanwhile")
     parser.add_argument("--workers", type=int, default=2,
                         help="`charter worker` processes; the concurrency is split among them")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/0")

@@ -93,9 +93,23 @@ def upgrade() -> None:
     op.create_index('ix_batch_lines_open', 'batch_lines', ['batch_id', 'line_no'], unique=False,
                     postgresql_where=sa.text("status IN ('pending', 'running')"),
                     sqlite_where=sa.text("status IN ('pending', 'running')"))
+    if op.get_bind().dialect.name == "postgresql":
+        # A node's batch slots tried in one round trip: the first free one is taken.
+        op.execute("""
+CREATE FUNCTION charter_take_slot(ns integer, keys integer[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE k integer;
+BEGIN
+  FOREACH k IN ARRAY keys LOOP
+    IF pg_try_advisory_lock(ns, k) THEN RETURN k; END IF;
+  END LOOP;
+  RETURN NULL;
+END $$""")
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION charter_take_slot(integer, integer[])")
     op.drop_index('ix_batch_lines_open', table_name='batch_lines')
     op.drop_index('ix_batch_lines_batch_status', table_name='batch_lines')
     op.drop_table('batch_lines')

@@ -485,7 +485,7 @@ def run_lane(batch_id: str, lane: int, settings: Settings) -> str:
             if time.monotonic() >= deadline:
                 again = True
                 break
-            if run_next(info, settings) == "empty":
+            if run_next(info, settings, lane) == "empty":
                 break
             ran += 1
     if again:
@@ -504,7 +504,7 @@ def _batch_info(batch_id: str) -> _BatchInfo | None:
                           b.purpose)
 
 
-def run_next(info: _BatchInfo, settings: Settings) -> str:
+def run_next(info: _BatchInfo, settings: Settings, lane: int = 0) -> str:
     """Take the batch's next line that may run now and run it; "empty" if there is none
     (or the batch no longer runs). Returns what happened, for logs and tests."""
     request_id = uuid.uuid4().hex
@@ -515,7 +515,7 @@ def run_next(info: _BatchInfo, settings: Settings) -> str:
             return claim
         gen_token = generation_var.set(claim.generation)
         try:
-            return _run_claimed(claim, settings, request_id)
+            return _run_claimed(claim, settings, request_id, lane)
         finally:
             generation_var.reset(gen_token)
     finally:
@@ -568,7 +568,7 @@ def _capacities(nodes: list[NodeTarget]) -> dict[str, int]:
     return SNAPSHOT.cached(("node_capacity", ids), load)
 
 
-def _run_claimed(c: _Claim, settings: Settings, request_id: str) -> str:
+def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) -> str:
     origin = {"batch_id": c.batch_id, "custom_id": c.custom_id, "line": c.line_no,
               "attempt": c.attempt}
     actor = _owner(c.owner_user_id)
@@ -591,7 +591,7 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str) -> str:
         return _refused(c, exc, settings)
     if plan is None:
         return _put_back(c, wait_s=1.0, refund=True, error="the registry kept changing")
-    return _dispatch(c, plan, settings, request_id, origin)
+    return _dispatch(c, plan, settings, request_id, origin, lane)
 
 
 def _refused(c: _Claim, exc: CharterError, settings: Settings) -> str:
@@ -619,7 +619,7 @@ def _openai_error(exc: CharterError) -> dict[str, Any]:
 
 
 def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
-              origin: dict[str, Any]) -> str:
+              origin: dict[str, Any], lane: int = 0) -> str:
     pool, url_policy = upstream.nodes_for(settings)
     raw = json.dumps(c.body).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -630,7 +630,7 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
     started = time.perf_counter()
     while remaining:
         with slots.node_slot(remaining, capacities, settings.batch_node_share,
-                             settings.batch_slot_wait_s) as node:
+                             settings.batch_slot_wait_s, prefer=lane) as node:
             if node is None:
                 last_error = "no batch slot freed up on the model's nodes"
                 break

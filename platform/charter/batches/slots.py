@@ -12,7 +12,6 @@ are counts in this process.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import zlib
@@ -31,7 +30,6 @@ from charter.dispatch.service import NodeTarget
 log = structlog.get_logger("charter.batches")
 _NAMESPACE = 0x42415443  # "BATC": the first key of every slot lock
 _NAMED = 0x4C414E45  # "LANE": the first key of named locks (a batch's lanes)
-_POLL_S = 0.05
 
 
 def slot_count(capacity: int, share: float) -> int:
@@ -57,16 +55,30 @@ class _PostgresSlots:
         if conn is None or conn.closed or conn.broken:
             conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
             self._local.conn = conn
+            self._local.lock_timeout = None
         return conn
 
-    def try_take(self, node_id: str, slots: int) -> int | None:
+    def try_take(self, node_id: str, slots: int, first: int = 0) -> int | None:
+        order = [(first + i) % slots for i in range(slots)]  # its own slot first
+        got = self._conn().execute(
+            "SELECT charter_take_slot(%s, %s)",
+            (_NAMESPACE, [_slot_key(node_id, slot) for slot in order])).fetchone()
+        if not got or got[0] is None:
+            return None
+        return order[[_slot_key(node_id, slot) for slot in order].index(got[0])]
+
+    def take_waiting(self, node_id: str, slot: int, wait_s: float) -> bool:
         conn = self._conn()
-        for slot in random.sample(range(slots), slots):
-            got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
-                               (_NAMESPACE, _slot_key(node_id, slot))).fetchone()
-            if got and got[0]:
-                return slot
-        return None
+        timeout = f"{max(1, int(wait_s * 1000))}ms"
+        if getattr(self._local, "lock_timeout", None) != timeout:
+            conn.execute(f"SET lock_timeout = '{timeout}'")  # only advisory locks wait
+            self._local.lock_timeout = timeout
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s, %s)",
+                         (_NAMESPACE, _slot_key(node_id, slot)))
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True
 
     def give_back(self, node_id: str, slot: int) -> None:
         self._unlock(_NAMESPACE, _slot_key(node_id, slot))
@@ -90,20 +102,33 @@ class _LocalSlots:
     def __init__(self) -> None:
         self._held: dict[str, set[int]] = defaultdict(set)
         self._names: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._freed = threading.Condition(self._lock)
 
-    def try_take(self, node_id: str, slots: int) -> int | None:
+    def try_take(self, node_id: str, slots: int, first: int = 0) -> int | None:
         with self._lock:
             held = self._held[node_id]
-            for slot in range(slots):
+            for slot in ((first + i) % slots for i in range(slots)):
                 if slot not in held:
                     held.add(slot)
                     return slot
         return None
 
+    def take_waiting(self, node_id: str, slot: int, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        with self._freed:
+            while slot in self._held[node_id]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._freed.wait(left)
+            self._held[node_id].add(slot)
+            return True
+
     def give_back(self, node_id: str, slot: int) -> None:
-        with self._lock:
+        with self._freed:
             self._held[node_id].discard(slot)
+            self._freed.notify_all()
 
     def try_lock(self, name: str) -> bool:
         with self._lock:
@@ -141,22 +166,23 @@ def pg_connection() -> psycopg.Connection[Any] | None:
 
 @contextmanager
 def node_slot(nodes: Sequence[NodeTarget], capacities: dict[str, int], share: float,
-              wait_s: float) -> Iterator[NodeTarget | None]:
-    """Hold a batch slot on the first of `nodes` (in order) with one free; None if none
-    freed up within `wait_s`. Released when the block ends."""
+              wait_s: float, prefer: int = 0) -> Iterator[NodeTarget | None]:
+    """Hold a batch slot on the first of `nodes` (in order) with one free; if none is,
+    wait (in the database's lock queue: handed over the moment it is released) for slot
+    `prefer` of the first node. None if it did not free up within `wait_s`. Released when
+    the block ends. A batch's lanes prefer slots in turn, so they spread evenly."""
     impl = _impl()
-    deadline = time.monotonic() + wait_s
     taken: tuple[NodeTarget, int] | None = None
-    while taken is None:
-        for node in nodes:
-            slot = impl.try_take(node.id, slot_count(capacities.get(node.id, 1), share))
-            if slot is not None:
-                taken = (node, slot)
-                break
-        if taken is None:
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(_POLL_S)
+    for node in nodes:
+        count = slot_count(capacities.get(node.id, 1), share)
+        slot = impl.try_take(node.id, count, prefer % count)
+        if slot is not None:
+            taken = (node, slot)
+            break
+    if taken is None and nodes:
+        slot = prefer % slot_count(capacities.get(nodes[0].id, 1), share)
+        if impl.take_waiting(nodes[0].id, slot, wait_s):
+            taken = (nodes[0], slot)
     try:
         yield taken[0] if taken else None
     finally:
