@@ -113,6 +113,17 @@ class Entry:
     _done: bool = False
     _wake: threading.Lock | None = None  # held while a committing thread sleeps
 
+    @property
+    def committed(self) -> bool:
+        """Its events are in the log (a deferred entry: once its transaction committed;
+        `result` is set while the transaction is still being written)."""
+        return self._done and self.result == "written"
+
+    @property
+    def refused(self) -> bool:
+        """The writer gave up on it (`error` says why)."""
+        return self._done and self.result == "failed"
+
 
 @dataclass
 class _Head:

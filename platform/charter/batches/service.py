@@ -19,6 +19,7 @@ held, a lost one is sent again by the sweep, and a line is taken by one claim at
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -481,13 +482,18 @@ def run_lane(batch_id: str, lane: int, settings: Settings) -> str:
         if info is None:
             return "gone"
         deadline = time.monotonic() + settings.batch_lane_s
-        while True:
-            if time.monotonic() >= deadline:
-                again = True
-                break
-            if run_next(info, settings, lane) == "empty":
-                break
-            ran += 1
+        carry_token = _carry_var.set([])
+        try:
+            while True:
+                if time.monotonic() >= deadline:
+                    again = True
+                    break
+                if run_next(info, settings, lane) == "empty":
+                    break
+                ran += 1
+            _settle()
+        finally:
+            _carry_var.reset(carry_token)
     if again:
         tasks.send("charter.batches.lane", batch_id, lane)
     else:
@@ -588,7 +594,9 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) 
                     return _stop(c, "owner_inactive", "the batch's owner is no longer active",
                                  403)
     except CharterError as exc:
+        _settle()  # admit's commit carried the lane's previous outcome
         return _refused(c, exc, settings)
+    _settle()
     if plan is None:
         return _put_back(c, wait_s=1.0, refund=True, error="the registry kept changing")
     return _dispatch(c, plan, settings, request_id, origin, lane)
@@ -698,23 +706,59 @@ def _finish(c: _Claim, *, status: str, response_status: int | None,
     and outcomes (one chain-locked transaction per line would serialise every worker on
     the chain lock), and is committed first: a worker that dies in between leaves an
     outcome of an attempt that did happen, and the line is run again; never an answer
-    without its outcome.
+    without its outcome. Inside a lane the outcome rides with the lane's next decision
+    (one commit a line instead of two): the answer is stored once that commit is done.
     """
+    answer = {"line": c.line_id, "token": c.token, "status": status,
+              "response_status": response_status, "response_body": response_body,
+              "error_code": error_code, "error_message": error_message, "node": node,
+              "decision_id": decision_id}
     if event is not None:
-        entry = get_database().writer.commit(Entry(events=(event,), usage=usage))
+        entry = Entry(events=(event,), usage=usage)
+        carry = _carry_var.get()
+        if carry is not None:
+            get_database().writer.defer(entry)
+            carry.append((entry, c, answer))
+            return True
+        get_database().writer.commit(entry)
         if entry.result == "failed":
             assert entry.error is not None
             raise entry.error  # the line stays claimed; its lease runs out, it runs again
-    result = _run("finish", {
-        "line": c.line_id, "token": c.token, "status": status,
-        "response_status": response_status, "response_body": response_body,
-        "error_code": error_code, "error_message": error_message, "node": node,
-        "decision_id": decision_id, "finished_at": utcnow()})
+    return _store(c, answer)
+
+
+def _store(c: _Claim, answer: dict[str, Any]) -> bool:
+    result = _run("finish", {**answer, "finished_at": utcnow()})
     if result.rowcount != 1:
         log.warning("line taken over while it ran; its answer is dropped",
                     line_id=c.line_id, batch_id=c.batch_id)
         return False
     return True
+
+
+# A lane's answers whose outcome events wait to ride with its next decision's commit.
+_carry_var: contextvars.ContextVar[list[tuple[Entry, _Claim, dict[str, Any]]] | None] = (
+    contextvars.ContextVar("charter_batch_carry", default=None))
+
+
+def _settle() -> None:
+    """Store the carried answers whose outcomes are committed (after any writer commit,
+    which writes what was queued before it; the rest are written now)."""
+    carry = _carry_var.get()
+    if not carry:
+        return
+    writer = get_database().writer
+    while carry:
+        entry, c, answer = carry[0]
+        if not entry.committed:
+            writer.flush()
+        if entry.refused:
+            assert entry.error is not None
+            raise entry.error
+        if not entry.committed:  # the database is away: the lease runs out, it runs again
+            raise DatabaseUnavailableError("an outcome could not be written; try again later")
+        carry.pop(0)
+        _store(c, answer)
 
 
 # The statements a lane runs for every line: built once (building SQLAlchemy expressions
