@@ -327,8 +327,6 @@ def worker(concurrency: int, loglevel: str) -> None:
     from charter import tasks
 
     settings = _celery_settings()
-    if os.environ.get("CHARTER_EXPERIMENT_SWITCH"):
-        sys.setswitchinterval(float(os.environ["CHARTER_EXPERIMENT_SWITCH"]))
     tasks.celery_app.worker_main(["worker", "--pool", "threads", "--concurrency",
                                   str(concurrency), "--queues", settings.task_queue,
                                   "--loglevel", loglevel, "--without-gossip",
