@@ -256,3 +256,22 @@ def test_rabbitmq_works_as_the_broker(configured, make_person, tmp_path) -> None
     finally:
         cluster.stop_all()
         cluster.world.node.stop()
+
+
+def test_a_cancelled_batch_stops_on_the_workers(cluster) -> None:  # type: ignore[no-untyped-def]
+    batch_id = cluster.submit(300)
+    cluster.wait(batch_id, lambda b: b["request_counts"]["completed"] >= 30)
+    started = time.monotonic()
+    r = cluster.api("POST", f"/v1/batches/{batch_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
+    body = cluster.wait(batch_id, lambda b: b["status"] != "cancelling", timeout=30)
+    assert body["status"] == "cancelled" and time.monotonic() - started < 5
+    sent = sum(cluster.world.node.hits.values())
+    time.sleep(1.5)
+    assert sum(cluster.world.node.hits.values()) == sent  # nothing started afterwards
+    counts = body["request_counts"]
+    assert counts["total"] == 300 and 30 <= counts["completed"] < 300
+    assert counts["completed"] + counts["failed"] == 300
+    r = cluster.api("GET", f"/v1/files/{body['error_file_id']}/content")
+    codes = {json.loads(x)["error"]["code"] for x in r.text.splitlines()}
+    assert codes == {"batch_cancelled"}

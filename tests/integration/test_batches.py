@@ -387,3 +387,49 @@ def test_retention_purges_old_files_of_finished_batches(client, world) -> None: 
     assert client.get(f"/v1/files/{f['id']}/content", headers=world.headers).status_code == 404
     assert len(list_events(EventFilter(action="file.purged"))) == 2
     assert verify_chain().ok
+
+
+@pytest.fixture
+def sqlite_world(tmp_path) -> Iterator[BatchWorld]:  # type: ignore[no-untyped-def]
+    """The embedded default (the demo): SQLite, in-process tasks."""
+    import uuid
+
+    from charter import db, migrate
+    from charter.identity.actor import SYSTEM
+    from charter.identity.service import actor_of, create_api_key, create_user
+    from charter.policy import service as policy
+    from charter.settings import Settings
+    from tests.conftest import SECRET, Person
+
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    migrate.upgrade(url)
+    settings = Settings.from_env({}, database_url=url, secret_key=SECRET)
+    db.configure(settings)
+    policy.configure(settings)
+
+    def make_person(*roles: str) -> Person:
+        user = create_user(SYSTEM, username=f"p-{uuid.uuid4().hex[:6]}", roles=list(roles))
+        return Person(actor_of(user), create_api_key(SYSTEM, user.id, name="t").token)
+
+    w = make_world(settings, make_person, capacity=4, delay_s=0.01)
+    yield w
+    w.node.stop()
+    db.reset()
+
+
+def test_the_embedded_database_runs_batches_too(sqlite_world) -> None:  # type: ignore[no-untyped-def]
+    from charter.app import create_app
+
+    w = sqlite_world
+    client = create_app(w.settings).test_client()
+    f = upload(client, w, to_jsonl(jsonl_lines(30))).get_json()
+    done = wait_batch(client, w, create(client, w, f["id"]).get_json()["id"])
+    assert done["status"] == "completed", done
+    out = content_lines(client, w, done["output_file_id"])
+    assert sorted(o["custom_id"] for o in out) == sorted(f"req-{i}" for i in range(30))
+    assert w.node.hits == {f"line-{i}": 1 for i in range(30)}
+    assert w.node.max_in_flight <= 2  # capacity 4 x share 0.5
+    outcomes = list_events(EventFilter(action="dispatch.outcome", limit=1000))
+    assert sorted(o.details["custom_id"] for o in outcomes) == sorted(
+        f"req-{i}" for i in range(30))
+    assert verify_chain().ok

@@ -761,30 +761,39 @@ def _settle() -> None:
         _store(c, answer)
 
 
-# The statements a lane runs for every line: built once (building SQLAlchemy expressions
-# costs more CPU than running them), executed on a plain connection.
-@functools.cache
-def _claim_statement() -> Any:
+# What a lane runs for every line. On SQLite: Core statements (the finish built once:
+# building SQLAlchemy expressions costs more CPU than running them) on a plain connection.
+def _claim_sqlite(params: dict[str, Any]) -> _Rows:
+    """The claim on SQLite (the embedded demo: one process, and BEGIN IMMEDIATE holds the
+    write lock, so nothing can take the line between the two statements)."""
     from charter.db import ChangeGeneration
 
     lines, batches = BatchLine.__table__.c, Batch.__table__.c
-    now = bindparam("now")
-    pick = (select(lines.id, lines.status.label("was"))
-            .where(lines.batch_id == bindparam("batch"),
-                   ((lines.status == "pending")
-                    & (lines.not_before.is_(None) | (lines.not_before <= now)))
-                   | ((lines.status == "running") & (lines.lease_until < now)),
-                   exists().where(batches.id == bindparam("batch"),
-                                  batches.status == "in_progress", batches.expires_at > now))
-            .order_by(lines.line_no).limit(1)
-            .with_for_update(skip_locked=True, of=BatchLine.__table__).cte("pick"))
-    generation = (select(ChangeGeneration.__table__.c.value)
-                  .where(ChangeGeneration.__table__.c.id == 1).scalar_subquery())
-    return (update(BatchLine.__table__).where(lines.id == pick.c.id)
-            .values(status="running", claim=bindparam("token"), attempts=lines.attempts + 1,
-                    lease_until=bindparam("lease"))
-            .returning(lines.id, lines.line_no, lines.custom_id, lines.request,
-                       lines.attempts, lines.error_message, pick.c.was, generation))
+    now = params["now"]
+    try:
+        with get_database().engine.begin() as conn:
+            picked = conn.execute(
+                select(lines.id, lines.status)
+                .where(lines.batch_id == params["batch"],
+                       ((lines.status == "pending")
+                        & (lines.not_before.is_(None) | (lines.not_before <= now)))
+                       | ((lines.status == "running") & (lines.lease_until < now)),
+                       exists().where(batches.id == params["batch"],
+                                      batches.status == "in_progress",
+                                      batches.expires_at > now))
+                .order_by(lines.line_no).limit(1)).first()
+            if picked is None:
+                return _Rows([], 0)
+            conn.execute(update(BatchLine.__table__).where(lines.id == picked.id).values(
+                status="running", claim=params["token"], attempts=lines.attempts + 1,
+                lease_until=params["lease"]))
+            row = conn.execute(select(lines.id, lines.line_no, lines.custom_id, lines.request,
+                                      lines.attempts, lines.error_message)
+                               .where(lines.id == picked.id)).one()
+            generation = conn.execute(select(ChangeGeneration.__table__.c.value)).scalar_one()
+            return _Rows([(*row, picked.status, generation)], 1)
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
 
 
 @functools.cache
@@ -831,7 +840,9 @@ WHERE id = %(line)s AND claim = %(token)s AND status = 'running'""",
 def _run(name: str, params: dict[str, Any]) -> _Rows:
     conn = slots.pg_connection()
     if conn is None:
-        return _core({"claim": _claim_statement, "finish": _finish_statement}[name](), params)
+        if name == "claim":
+            return _claim_sqlite(params)
+        return _core(_finish_statement(), params)
     try:
         cur = conn.execute(_PG_SQL[name], params)
         return _Rows(cur.fetchall() if cur.description else [], cur.rowcount)
