@@ -85,9 +85,9 @@ def _start_batch(batch_id: str) -> None:
 
 
 def _run_lane(batch_id: str, lane: int) -> None:
-    from charter.batches import service
+    from charter.batches import lanes
 
-    service.run_lane(batch_id, lane, settings())
+    lanes.run_lane(batch_id, lane, settings())
 
 
 def _sweep() -> None:
@@ -103,11 +103,11 @@ def _probe() -> None:
 
 
 def _maintenance() -> None:
-    from charter.batches import service
+    from charter.batches import files
     from charter.registry.service import expire_approvals
 
     expire_approvals()
-    service.purge_expired_files(settings())
+    files.purge_expired_files(settings())
 
 
 TASKS: dict[str, Callable[..., None]] = {

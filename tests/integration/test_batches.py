@@ -248,7 +248,7 @@ def test_batch_lines_never_take_more_than_their_share_of_a_node(configured, make
 
 
 def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None:  # type: ignore[no-untyped-def]
-    from charter.batches import service
+    from charter.batches import lanes
     from charter.batches.models import Batch, BatchLine
     from charter.db import unit_of_work, utcnow
 
@@ -264,9 +264,9 @@ def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None
         line.status, line.claim, line.attempts = "running", "dead", 1
         line.lease_until = utcnow() - timedelta(seconds=1)
         line_id = line.id
-    info = service._batch_info(b["id"])
-    assert service.run_next(info, world.settings) == "succeeded"
-    assert service.run_next(info, world.settings) == "empty"  # nothing else to take
+    info = lanes._batch_info(b["id"])
+    assert lanes.run_next(info, world.settings) == "succeeded"
+    assert lanes.run_next(info, world.settings) == "empty"  # nothing else to take
     interrupted = list_events(EventFilter(action="batch.line_interrupted"))
     assert [(e.details["line"], e.details["attempt"]) for e in interrupted] == [(2, 1)]
     with unit_of_work() as session:
@@ -276,7 +276,7 @@ def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None
 
 
 def test_a_duplicate_lane_ends_at_once(world, client) -> None:  # type: ignore[no-untyped-def]
-    from charter.batches import service, slots
+    from charter.batches import lanes, slots
 
     f = upload(client, world, to_jsonl(jsonl_lines(2))).get_json()
     b = create(client, world, f["id"]).get_json()
@@ -284,17 +284,17 @@ def test_a_duplicate_lane_ends_at_once(world, client) -> None:  # type: ignore[n
     from concurrent.futures import ThreadPoolExecutor
 
     other = ThreadPoolExecutor(1)  # another worker thread (a lock is its holder's session's)
-    name = service.lane_name(b["id"], 0)
+    name = lanes.lane_name(b["id"], 0)
     with slots.named_lock(name) as held:
         assert held
         assert other.submit(slots.lock_is_free, name).result() is False
-        assert other.submit(service.run_lane, b["id"], 0, world.settings).result() == (
+        assert other.submit(lanes.run_lane, b["id"], 0, world.settings).result() == (
             "duplicate")
     assert other.submit(slots.lock_is_free, name).result() is True
 
 
 def test_an_answer_from_a_worker_that_lost_its_line_is_dropped(world, client) -> None:  # type: ignore[no-untyped-def]
-    from charter.batches import service
+    from charter.batches import lanes
     from charter.batches.models import BatchLine
     from charter.db import unit_of_work
 
@@ -305,9 +305,9 @@ def test_an_answer_from_a_worker_that_lost_its_line_is_dropped(world, client) ->
         line = session.query(BatchLine).filter_by(batch_id=b["id"]).one()
         line.status, line.claim = "running", "someone-else"
         before = len(list_events(EventFilter()))
-        claim = service._Claim(line.id, b["id"], 1, "req-0", line.request, 1, "mine", 0, "",
+        claim = lanes._Claim(line.id, b["id"], 1, "req-0", line.request, 1, "mine", 0, "",
                                "/v1/chat/completions", None, None)
-    assert service._finish(claim, status="succeeded", response_status=200,
+    assert lanes._finish(claim, status="succeeded", response_status=200,
                            response_body="{}", error_code=None, error_message=None) is False
     assert len(list_events(EventFilter())) == before
     with unit_of_work() as session:
@@ -375,14 +375,14 @@ def test_deleting_a_file_keeps_its_trail(client, world) -> None:  # type: ignore
 
 
 def test_retention_purges_old_files_of_finished_batches(client, world) -> None:  # type: ignore[no-untyped-def]
-    from charter.batches import service
+    from charter.batches import files
     from charter.db import utcnow
 
     f = upload(client, world, to_jsonl(jsonl_lines(1))).get_json()
     done = wait_batch(client, world, create(client, world, f["id"]).get_json()["id"])
-    assert service.purge_expired_files(world.settings) == []
+    assert files.purge_expired_files(world.settings) == []
     later = utcnow() + timedelta(days=world.settings.file_retention_days + 1)
-    purged = service.purge_expired_files(world.settings, now=later)
+    purged = files.purge_expired_files(world.settings, now=later)
     assert set(purged) == {f["id"], done["output_file_id"]}
     assert client.get(f"/v1/files/{f['id']}/content", headers=world.headers).status_code == 404
     assert len(list_events(EventFilter(action="file.purged"))) == 2

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from charter.batches import service
+from charter.batches import files, service
 from charter.dispatch.gateway import (
     DATA_CLASS_HEADER,
     PURPOSE_HEADER,
@@ -38,7 +38,7 @@ def _too_large(_exc: Exception) -> Response:
 def _limit(default: int, top: int) -> int:
     raw = request.args.get("limit", str(default))
     if not raw.isdigit() or not 1 <= int(raw) <= top:
-        raise service.BatchRequestError(f"`limit` must be an integer from 1 to {top}",
+        raise files.BatchRequestError(f"`limit` must be an integer from 1 to {top}",
                                         code="invalid_limit")
     return int(raw)
 
@@ -52,22 +52,22 @@ def upload_file() -> Response:
     request.max_content_length = settings.files_max_bytes + 65_536  # the form around it
     upload = request.files.get("file")
     if upload is None:
-        raise service.BatchRequestError("send the file as multipart form field `file`",
+        raise files.BatchRequestError("send the file as multipart form field `file`",
                                         code="missing_file")
     content = upload.read(settings.files_max_bytes + 1)
     if len(content) > settings.files_max_bytes:
         return error_response(413, "payload_too_large",
                               f"the file is larger than {settings.files_max_bytes} bytes")
-    stored = service.upload_file(actor, settings, filename=upload.filename or "",
+    stored = files.upload_file(actor, settings, filename=upload.filename or "",
                                  purpose=request.form.get("purpose", ""), content=content)
-    return _json(service.file_view(stored))
+    return _json(files.file_view(stored))
 
 
 @bp.get("/v1/files")
 def list_files() -> Response:
-    files = service.list_files(_actor(), purpose=request.args.get("purpose") or None,
-                               limit=_limit(100, 10_000), after=request.args.get("after"))
-    data = [service.file_view(f) for f in files]
+    found = files.list_files(_actor(), purpose=request.args.get("purpose") or None,
+                             limit=_limit(100, 10_000), after=request.args.get("after"))
+    data = [files.file_view(f) for f in found]
     return _json({"object": "list", "data": data, "has_more": False,
                   "first_id": data[0]["id"] if data else None,
                   "last_id": data[-1]["id"] if data else None})
@@ -75,12 +75,12 @@ def list_files() -> Response:
 
 @bp.get("/v1/files/<file_id>")
 def get_file(file_id: str) -> Response:
-    return _json(service.file_view(service.get_file(_actor(), file_id)))
+    return _json(files.file_view(files.get_file(_actor(), file_id)))
 
 
 @bp.get("/v1/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
-    stored, content = service.file_content(_actor(), file_id)
+    stored, content = files.file_content(_actor(), file_id)
     out = Response(content, mimetype="application/octet-stream")
     out.headers["Content-Disposition"] = f'attachment; filename="{stored.filename}"'
     return out
@@ -88,7 +88,7 @@ def file_content(file_id: str) -> Response:
 
 @bp.delete("/v1/files/<file_id>")
 def delete_file(file_id: str) -> Response:
-    stored = service.delete_file(_actor(), file_id)
+    stored = files.delete_file(_actor(), file_id)
     return _json({"id": stored.id, "object": "file", "deleted": True})
 
 
@@ -99,7 +99,7 @@ def create_batch() -> Response:
     actor = _actor()
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise service.BatchRequestError("the body must be a JSON object", code="invalid_json")
+        raise files.BatchRequestError("the body must be a JSON object", code="invalid_json")
     data_class, purpose = _headers_context()
     batch = service.create_batch(
         actor, input_file_id=body.get("input_file_id"), endpoint=body.get("endpoint"),
