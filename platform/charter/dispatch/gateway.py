@@ -39,8 +39,13 @@ _MAX_STALE_RETRIES = 5
 
 
 def _nodes() -> tuple[NodePool, NodeUrlPolicy]:
-    """This process's node connection pool and URL policy (charter.dispatch.upstream)."""
-    return upstream.nodes_for(current_app.extensions["charter.settings"])
+    """This process's node connection pool and URL policy (charter.dispatch.upstream),
+    kept on the app: looking them up by the settings would hash every setting per request."""
+    found = current_app.extensions.get("charter.node_pool")
+    if found is None:
+        found = upstream.nodes_for(current_app.extensions["charter.settings"])
+        current_app.extensions["charter.node_pool"] = found
+    return found  # type: ignore[no-any-return]
 
 
 # --- error shapes ---------------------------------------------------------------------------
