@@ -151,7 +151,7 @@ class Settings:
 
     task_backend: str = _setting(
         "inprocess",
-        "Where background tasks (batch lines, node probes, sweeps, expiry, retention) run: "
+        "Where background tasks (batch lanes, node probes, sweeps, expiry, retention) run: "
         "`inprocess` (threads in the serving process, the embedded default) or `celery` "
         "(Celery workers and beat through `broker_url`).",
     )
@@ -165,8 +165,8 @@ class Settings:
     task_visibility_timeout_s: int = _setting(
         600,
         "Redis broker: seconds before a task taken by a worker that vanished is delivered "
-        "again (RabbitMQ redelivers when the worker's connection drops). Lines are safe "
-        "either way: their state is in the database and the sweep sends them again.",
+        "again (RabbitMQ redelivers when the worker's connection drops). Batches are safe "
+        "either way: their state is in the database and the sweep queues lost lanes again.",
     )
     task_inprocess_threads: int = _setting(
         8, "Threads that run tasks in-process (task_backend `inprocess`)."
@@ -196,12 +196,12 @@ class Settings:
     batch_line_lease_s: int = _setting(
         300,
         "Seconds a worker holds a line it runs; a line whose worker vanished is taken again "
-        "after this. Must exceed node_read_timeout_s.",
+        "after this. Must exceed node_read_timeout_s + batch_slot_wait_s.",
     )
     batch_sweep_interval_s: float = _setting(
         5.0,
-        "Seconds between sweeps of running batches (resend lost lines, honour cancellation "
-        "and expiry, finalize).",
+        "Seconds between sweeps of running batches (start lost batches, queue lanes whose "
+        "worker vanished, honour cancellation and expiry, finalize).",
     )
     batch_slot_wait_s: float = _setting(
         60.0, "Seconds an admitted line waits for a free batch slot on its nodes before the "
