@@ -225,8 +225,9 @@ def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(cluster) -> None:  
     cluster.start("worker", "worker", "--concurrency", "8", "--loglevel", "WARNING")
     body = cluster.wait(batch_id, lambda b: b["status"] != "in_progress")
     interrupted = _assert_each_line_once(cluster, body, 300)
-    # The killed worker held lines (so recovery was exercised), at most one per thread.
-    assert 1 <= len(interrupted) <= 8
+    # The killed worker held lines (so recovery was exercised): at most two per lane (8),
+    # the one it ran and the one whose answer waited for its outcome's commit.
+    assert 1 <= len(interrupted) <= 2 * 8
 
 
 def test_the_broker_stopped_and_started_mid_batch_resumes(cluster, redis) -> None:  # type: ignore[no-untyped-def]
