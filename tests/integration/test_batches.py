@@ -167,6 +167,13 @@ def test_an_oversized_file_is_refused(configured, make_person) -> None:  # type:
         client = create_app(w.settings).test_client()
         r = upload(client, w, to_jsonl(jsonl_lines(40)))
         assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
+        big = client.post("/v1/files", headers=w.headers, data={
+            "purpose": "batch", "file": (io.BytesIO(b"x" * 200_000), "big.jsonl")},
+            content_type="multipart/form-data")
+        assert big.status_code == 413 and big.get_json()["error"]["code"] == "payload_too_large"
+        refusals = list_events(EventFilter(action="file.upload"))
+        assert [(e.outcome, e.details["code"], e.target_id) for e in refusals] == [
+            ("denied", "payload_too_large", "in.jsonl"), ("denied", "payload_too_large", "-")]
         assert upload(client, w, to_jsonl(jsonl_lines(2))).status_code == 200
     finally:
         w.node.stop()

@@ -9,8 +9,10 @@ import json
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from charter.batches import files, service
+from charter.db import refuse
 from charter.dispatch.gateway import (
     DATA_CLASS_HEADER,
     PURPOSE_HEADER,
@@ -50,14 +52,20 @@ def upload_file() -> Response:
     actor = _actor()
     settings = current_app.extensions["charter.settings"]
     request.max_content_length = settings.files_max_bytes + 65_536  # the form around it
-    upload = request.files.get("file")
+    too_large = files.BatchRequestError(
+        f"the file is larger than {settings.files_max_bytes} bytes", code="payload_too_large",
+        status=413, details={"limit_bytes": settings.files_max_bytes})
+    try:
+        upload = request.files.get("file")
+    except RequestEntityTooLarge:
+        refuse(too_large.audited(actor.ref, "file.upload", "file", "-"))
     if upload is None:
         raise files.BatchRequestError("send the file as multipart form field `file`",
                                         code="missing_file")
     content = upload.read(settings.files_max_bytes + 1)
     if len(content) > settings.files_max_bytes:
-        return error_response(413, "payload_too_large",
-                              f"the file is larger than {settings.files_max_bytes} bytes")
+        name = (upload.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+        refuse(too_large.audited(actor.ref, "file.upload", "file", name[:200] or "-"))
     stored = files.upload_file(actor, settings, filename=upload.filename or "",
                                  purpose=request.form.get("purpose", ""), content=content)
     return _json(files.file_view(stored))
