@@ -164,3 +164,54 @@ def test_requests_no_proof_can_answer() -> None:
     with pytest.raises(ProofError):
         verify_consistency(3, 3, root(d[:3]), flip(root(d[:3])), [])
     verify_consistency(5, 5, root(d), root(d), [])
+
+
+# --- level-by-level roots and batch inclusion proofs ---------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=300))
+def test_the_level_by_level_root_is_the_rfcs_root(n: int) -> None:
+    from charter.audit.verify import range_root
+
+    leaves = [leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    assert range_root(leaves) == mth(leaves)
+
+
+def _batch_proof(leaves: list[bytes], indices: list[int]) -> list[tuple[int, int, bytes]]:
+    from charter.audit.merkle import walk_multiproof
+
+    nodes: list[tuple[int, int, bytes]] = []
+
+    def gap(lo: int, hi: int) -> bytes:
+        nodes.append((lo, hi, mth(leaves[lo:hi])))
+        return nodes[-1][2]
+
+    walk_multiproof(len(leaves), indices, lambda a, b: mth([leaves[i] for i in indices[a:b]]),
+                    gap)
+    return nodes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=1, max_value=200).flatmap(
+    lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1), min_size=1))))
+def test_a_batch_proof_recomputes_the_root_and_nothing_else(case: tuple[int, set[int]]) -> None:
+    from charter.audit.verify import multiproof_root
+
+    n, chosen = case
+    leaves = [leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    indices = sorted(chosen)
+    nodes = _batch_proof(leaves, indices)
+    known = [leaves[i] for i in indices]
+    assert multiproof_root(n, indices, known, nodes) == mth(leaves)
+    # No proof node covers a known leaf; each per-leaf audit path is within nodes + leaves.
+    assert all(not any(lo <= i < hi for i in indices) for lo, hi, _ in nodes)
+    if nodes:
+        lo, hi, h = nodes[0]
+        forged = [(lo, hi, hashlib.sha256(h).digest()), *nodes[1:]]
+        assert multiproof_root(n, indices, known, forged) != mth(leaves)
+        with pytest.raises(ProofError):
+            multiproof_root(n, indices, known, nodes[1:])
+        with pytest.raises(ProofError):
+            multiproof_root(n, indices, known, [*nodes, nodes[0]])
+    changed = [hashlib.sha256(known[0]).digest(), *known[1:]]
+    assert multiproof_root(n, indices, changed, nodes) != mth(leaves)

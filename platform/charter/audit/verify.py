@@ -1,0 +1,689 @@
+"""charter-verify: check an exported audit bundle offline, without trusting Charter.
+
+    charter-verify BUNDLE.zip [--key KEY]... [--keys FILE] [--checkpoints DIR] [--json]
+
+This one module is the whole verifier. It depends on the standard library and on
+`cryptography` only, so an auditor can copy this file to an air-gapped laptop and run
+`python verify.py BUNDLE.zip` with the network off. Charter's server code imports its
+primitives (Merkle hashing, signed notes) from here, so both sides share one definition.
+
+What a bundle is (format `charter-audit-export/1`, a zip archive):
+
+    manifest.json       what was selected (filter), the sequence numbers and the event hash
+                        of every exported event, the covering checkpoints, file digests
+    manifest.sig        a signed note over the SHA-256 of manifest.json
+    events.jsonl        one event a line: the exact RFC 8785 bytes that were hashed
+    checkpoints/*.note  signed checkpoints (C2SP tlog-checkpoint notes, Ed25519)
+    proofs.json         per checkpoint, the Merkle nodes that prove its events are in the
+                        tree it signed (a batch inclusion proof); consistency proofs
+                        between consecutive checkpoints
+    keys.txt            the log's verifier keys (`name+keyid+base64key`), one a line
+
+The log's Merkle tree (RFC 9162) has one leaf an event: leaf i is HASH(0x00 || the 32-byte
+event hash of sequence number i + 1), and an event hash is SHA-256 of its canonical bytes.
+
+What is checked: the manifest's signature and every file digest; every checkpoint's
+signature by a trusted key, its origin, and its consistency with the checkpoint before it
+(a fork is a failure); every event line against the signed list of event hashes; and every
+event's inclusion in the tree of its covering checkpoint (the first checkpoint whose size
+reaches it). The verdict names the first bad sequence number and why.
+
+Keys: pass the log's keys with --key/--keys (from /api/v1/audit/keys or your own copy);
+without them the keys inside the bundle are used and the report says so, since a bundle
+that carries its own keys proves only that it is self-consistent. --checkpoints DIR
+compares the bundle's checkpoints with copies kept elsewhere (the external copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import io
+import json
+import sys
+import zipfile
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+FORMAT = "charter-audit-export/1"
+MANIFEST_NOTE = "charter-audit-export/1 manifest"
+
+# --- Merkle trees (RFC 9162, section 2.1) ---------------------------------------------------
+
+_sha256 = hashlib.sha256
+EMPTY_ROOT = _sha256(b"").digest()
+
+
+class ProofError(ValueError):
+    """A proof that does not verify, or a request no proof can answer."""
+
+
+def leaf_hash(entry: bytes) -> bytes:
+    return _sha256(b"\x00" + entry).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return _sha256(b"\x01" + left + right).digest()
+
+
+def split(n: int) -> int:
+    """The largest power of two smaller than n (n >= 2): where RFC 9162 splits a tree."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def range_root(leaves: Sequence[bytes]) -> bytes:
+    """MTH over consecutive leaf hashes, level by level: pair neighbours, carry an odd last
+    node up unchanged. The same value as RFC 9162's recursive split (tests prove it), with
+    one hashing call a node and no recursion."""
+    if not leaves:
+        return EMPTY_ROOT
+    level = list(leaves)
+    while len(level) > 1:
+        odd = level[-1] if len(level) & 1 else None
+        level = [_sha256(b"\x01" + a + b).digest()
+                 for a, b in zip(level[0::2], level[1::2], strict=False)]
+        if odd is not None:
+            level.append(odd)
+    return level[0]
+
+
+def verify_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes],
+                     expected_root: bytes) -> None:
+    """RFC 9162 2.1.3.2; raises ProofError unless `leaf` is at `index` of the tree."""
+    if not 0 <= index < size:
+        raise ProofError(f"leaf {index} is not in a tree of size {size}")
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            raise ProofError("the inclusion proof is too long")
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            r = node_hash(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise ProofError("the inclusion proof is too short")
+    if r != expected_root:
+        raise ProofError("the inclusion proof does not lead to the tree's root")
+
+
+def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes,
+                       path: Sequence[bytes]) -> None:
+    """RFC 9162 2.1.4.2; raises ProofError unless the first tree is a prefix of the
+    second."""
+    if not 0 < first <= second:
+        raise ProofError(f"no consistency from size {first} to size {second}")
+    if first == second:
+        if path:
+            raise ProofError("a proof between equal sizes must be empty")
+        if first_root != second_root:
+            raise ProofError("two trees of the same size with different roots")
+        return
+    if not path:
+        raise ProofError("the consistency proof is empty")
+    proof = list(path)
+    if first & (first - 1) == 0:  # an exact power of two: its root is a node of the second
+        proof.insert(0, first_root)
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = proof[0]
+    for c in proof[1:]:
+        if sn == 0:
+            raise ProofError("the consistency proof is too long")
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise ProofError("the consistency proof is too short")
+    if fr != first_root:
+        raise ProofError("the consistency proof does not lead to the first tree's root")
+    if sr != second_root:
+        raise ProofError("the consistency proof does not lead to the second tree's root")
+
+
+def walk_multiproof(size: int, indices: Sequence[int],
+                    on_leaves: Callable[[int, int], bytes],
+                    on_gap: Callable[[int, int], bytes]) -> bytes:
+    """The root of a tree of `size` leaves of which `indices` (sorted, distinct) are known.
+
+    The tree is walked by RFC 9162's split: a subtree holding only known leaves is
+    `on_leaves(a, b)` (the known leaves indices[a:b]), one holding none is `on_gap(lo, hi)`
+    (a node hash from a proof, or, on the server, from the stored tree); the others are
+    split. The gaps, left to right, are the batch inclusion proof of those leaves."""
+    if size <= 0:
+        raise ProofError("an empty tree proves nothing")
+    if indices and not (0 <= indices[0] and indices[-1] < size):
+        raise ProofError(f"a leaf is outside the tree of size {size}")
+
+    def walk(lo: int, hi: int) -> bytes:
+        a, b = bisect_left(indices, lo), bisect_left(indices, hi)
+        if a == b:
+            return on_gap(lo, hi)
+        if b - a == hi - lo:
+            return on_leaves(a, b)
+        k = split(hi - lo)
+        return node_hash(walk(lo, lo + k), walk(lo + k, hi))
+
+    return walk(0, size)
+
+
+def multiproof_root(size: int, indices: Sequence[int], leaves: Sequence[bytes],
+                    nodes: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """Recompute a tree's root from some of its leaves and a batch inclusion proof (the
+    node hashes of the subtrees without known leaves, as (lo, hi, hash), left to right).
+    Raises ProofError when a node is missing, unexpected or out of order."""
+    given = iter(nodes)
+
+    def gap(lo: int, hi: int) -> bytes:
+        node = next(given, None)
+        if node is None:
+            raise ProofError(f"the proof lacks the node over leaves {lo}..{hi - 1}")
+        if (node[0], node[1]) != (lo, hi):
+            raise ProofError(f"the proof has a node over leaves {node[0]}..{node[1] - 1} "
+                             f"where the tree has one over {lo}..{hi - 1}")
+        return node[2]
+
+    root = walk_multiproof(size, indices, lambda a, b: range_root(leaves[a:b]), gap)
+    if next(given, None) is not None:
+        raise ProofError("the proof has more nodes than the tree needs")
+    return root
+
+
+# --- Signed notes and checkpoints (C2SP signed-note, tlog-checkpoint) -----------------------
+
+ED25519 = 0x01  # the signed-note algorithm byte
+DASH = "\u2014"  # signature lines start with an em dash and a space
+
+
+class CheckpointError(ValueError):
+    """A note that is malformed, or whose signatures do not verify."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    origin: str
+    size: int
+    root_hash: bytes
+    extensions: tuple[str, ...] = ()
+
+    def body(self) -> bytes:
+        """The signed text: every line ends with a newline."""
+        lines = [self.origin, str(self.size), base64.b64encode(self.root_hash).decode(),
+                 *self.extensions]
+        return ("\n".join(lines) + "\n").encode()
+
+
+def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return _sha256(name.encode() + b"\n" + bytes([ED25519]) + raw).digest()[:4]
+
+
+@dataclass(frozen=True)
+class Verifier:
+    name: str
+    key_id: bytes
+    public_key: Ed25519PublicKey
+
+    def __str__(self) -> str:
+        raw = self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return (f"{self.name}+{self.key_id.hex()}+"
+                f"{base64.b64encode(bytes([ED25519]) + raw).decode()}")
+
+    @classmethod
+    def parse(cls, text: str) -> Verifier:
+        """`<name>+<key id hex>+<base64(0x01 || public key)>`; the id must match the key."""
+        try:
+            name, hex_id, b64 = text.strip().split("+", 2)  # names hold no "+"; keys may
+            raw = base64.b64decode(b64, validate=True)
+            claimed = bytes.fromhex(hex_id)
+        except (ValueError, binascii.Error) as exc:
+            raise CheckpointError(f"malformed verifier key: {exc}") from None
+        if not name or len(raw) != 33 or raw[0] != ED25519 or len(claimed) != 4:
+            raise CheckpointError("malformed verifier key: not an Ed25519 signed-note key")
+        public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
+        if key_id(name, public_key) != claimed:
+            raise CheckpointError(f"verifier key {name}: the key id does not match the key")
+        return cls(name, claimed, public_key)
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    key_id: bytes
+    signature: bytes
+
+
+def parse_note(note: str) -> tuple[str, list[Signature]]:
+    """A signed note's text (up to and with its last newline) and its signature lines."""
+    body_text, sep, sig_text = note.partition("\n\n")
+    if not sep or not sig_text.endswith("\n") or not body_text:
+        raise CheckpointError("not a signed note: no blank line, or no final newline")
+    signatures = []
+    for line in sig_text[:-1].split("\n"):
+        prefix = f"{DASH} "
+        if not line.startswith(prefix) or line.count(" ") != 2:
+            raise CheckpointError(f"malformed signature line: {line[:80]!r}")
+        name, b64 = line[len(prefix):].split(" ")
+        try:
+            blob = base64.b64decode(b64, validate=True)
+        except binascii.Error:
+            raise CheckpointError(f"signature by {name} is not base64") from None
+        if len(blob) != 4 + 64:
+            raise CheckpointError(f"signature by {name} is not an Ed25519 signature")
+        signatures.append(Signature(name, blob[:4], blob[4:]))
+    return body_text + "\n", signatures
+
+
+def open_note(note: str, trusted: Sequence[Verifier]) -> str:
+    """The note's text, if a trusted key signed it; raises CheckpointError otherwise (a bad
+    signature by a trusted key is an error, not something to skip; signatures by keys the
+    verifier does not know are ignored)."""
+    text, signatures = parse_note(note)
+    body = text.encode()
+    keys = {(v.name, v.key_id): v for v in trusted}
+    good = False
+    for sig in signatures:
+        key = keys.get((sig.name, sig.key_id))
+        if key is None:
+            continue
+        try:
+            key.public_key.verify(sig.signature, body)
+        except InvalidSignature:
+            raise CheckpointError(
+                f"the signature by {sig.name} ({sig.key_id.hex()}) does not verify") from None
+        good = True
+    if not good:
+        raise CheckpointError("no signature by a trusted key")
+    return text
+
+
+def parse(note: str) -> tuple[Checkpoint, list[Signature]]:
+    """Split and check the form of a checkpoint note (no signature is checked here)."""
+    text, signatures = parse_note(note)
+    return _checkpoint(text), signatures
+
+
+def _checkpoint(text: str) -> Checkpoint:
+    lines = text[:-1].split("\n")
+    if len(lines) < 3:
+        raise CheckpointError("a checkpoint has an origin, a size and a root hash")
+    origin, size_text, root_text, *extensions = lines
+    if not origin or not size_text.isdigit() or (size_text != "0"
+                                                  and size_text.startswith("0")):
+        raise CheckpointError("the checkpoint's origin or tree size is malformed")
+    try:
+        root_hash = base64.b64decode(root_text, validate=True)
+    except binascii.Error:
+        raise CheckpointError("the checkpoint's root hash is not base64") from None
+    if len(root_hash) != 32 or any(not e for e in extensions):
+        raise CheckpointError("the checkpoint's root hash or an extension line is malformed")
+    checkpoint = Checkpoint(origin, int(size_text), root_hash, tuple(extensions))
+    if checkpoint.body() != text.encode():  # e.g. a non-canonical base64
+        raise CheckpointError("the checkpoint is not in its canonical form")
+    return checkpoint
+
+
+def verify(note: str, trusted: Sequence[Verifier]) -> Checkpoint:
+    """The checkpoint, if a trusted key signed it; raises CheckpointError otherwise."""
+    parse(note)  # the form first: a malformed checkpoint says so, whoever signed it
+    return _checkpoint(open_note(note, trusted))
+
+
+# --- Bundles --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Finding:
+    seq: int | None  # the first sequence number it concerns; None: the bundle as a whole
+    reason: str
+    message: str
+
+
+@dataclass
+class Report:
+    ok: bool = False
+    events: int = 0
+    checkpoints: int = 0
+    first_bad_seq: int | None = None
+    reason: str | None = None
+    message: str | None = None
+    keys: list[str] = field(default_factory=list)
+    keys_from_bundle: bool = False
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, seq: int | None, reason: str, message: str) -> None:
+        self.findings.append(Finding(seq, reason, message))
+
+    def close(self) -> Report:
+        self.ok = not self.findings
+        if self.findings:
+            first = min(self.findings, key=lambda f: (f.seq is None, f.seq or 0))
+            self.first_bad_seq, self.reason, self.message = first.seq, first.reason, first.message
+        return self
+
+
+class BundleError(ValueError):
+    """Not a bundle this verifier can read at all."""
+
+
+def _seqs(runs: Any) -> list[int]:
+    out: list[int] = []
+    for run in runs:
+        first, last = int(run[0]), int(run[1])
+        if first < 1 or last < first or (out and first <= out[-1]):
+            raise BundleError("manifest.json: the sequence runs are not ascending")
+        out.extend(range(first, last + 1))
+    return out
+
+
+def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None = None,
+                  external: dict[int, list[str]] | None = None) -> Report:
+    """Check a bundle (path or bytes). `trusted`: the log's verifier keys, None to use the
+    bundle's own; `external`: checkpoint notes kept elsewhere, by tree size."""
+    report = Report()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = set(archive.namelist())
+        manifest_bytes = archive.read("manifest.json")
+        manifest = json.loads(manifest_bytes)
+        if manifest.get("format") != FORMAT:
+            raise BundleError(f"not a {FORMAT} bundle")
+        seqs = _seqs(manifest["events"]["seqs"])
+        hashes = manifest["events"]["hashes"]
+        if len(hashes) != len(seqs):
+            raise BundleError("manifest.json lists a different number of hashes and events")
+        expected = [bytes.fromhex(h) for h in hashes]
+        if any(len(h) != 32 for h in expected):
+            raise BundleError("manifest.json: an event hash is not 32 bytes")
+        listed = manifest["checkpoints"]
+        origin = manifest["origin"]
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as exc:
+        report.add(None, "unreadable", f"not a readable bundle: {exc}")
+        return report.close()
+    report.events = len(seqs)
+
+    # Keys: given by the auditor, or (said so) the bundle's own.
+    if trusted is None:
+        report.keys_from_bundle = True
+        trusted = []
+        for line in _text(archive, "keys.txt", report).splitlines():
+            if line.strip() and not line.startswith("#"):
+                try:
+                    trusted.append(Verifier.parse(line))
+                except CheckpointError as exc:
+                    report.add(None, "bad_key", f"keys.txt: {exc}")
+    trusted = list(trusted)
+    report.keys = [str(v) for v in trusted]
+
+    # The manifest's signature, then every file it lists.
+    try:
+        text = open_note(_text(archive, "manifest.sig", report), trusted)
+        digest = _sha256(manifest_bytes).hexdigest()
+        if text != f"{MANIFEST_NOTE}\n{digest}\n":
+            report.add(None, "manifest_signature", "manifest.sig is not over this manifest")
+    except CheckpointError as exc:
+        report.add(None, "manifest_signature", f"manifest.sig: {exc}")
+    for name, meta in manifest.get("files", {}).items():
+        if name == "events.jsonl":
+            continue  # checked line by line against the signed event hashes, below
+        if name not in names:
+            report.add(None, "missing_file", f"{name} is listed but not in the bundle")
+        elif _sha256(archive.read(name)).hexdigest() != meta.get("sha256"):
+            report.add(None, "file_digest", f"{name} does not match its digest")
+
+    # Events: each line against the signed list of event hashes.
+    raw = archive.read("events.jsonl") if "events.jsonl" in names else b""
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    digests = [_sha256(line).digest() for line in lines]
+    if digests != expected:
+        _locate(report, seqs, expected, lines, digests)
+    leaves = [_sha256(b"\x00" + d).digest() for d in expected]
+
+    # Checkpoints: signatures, origin, external copies, consistency, then inclusion.
+    proofs = _json(archive, "proofs.json", report) or {}
+    checkpoints = _checkpoints(archive, listed, origin, trusted, seqs, external, report)
+    report.checkpoints = len(checkpoints)
+    _consistency(checkpoints, proofs.get("consistency", []), seqs, report)
+    _inclusion(checkpoints, proofs.get("inclusion", []), seqs, leaves, report)
+    return report.close()
+
+
+def _text(archive: zipfile.ZipFile, name: str, report: Report) -> str:
+    try:
+        return archive.read(name).decode()
+    except (KeyError, UnicodeDecodeError) as exc:
+        report.add(None, "missing_file", f"{name}: {exc}")
+        return ""
+
+
+def _json(archive: zipfile.ZipFile, name: str, report: Report) -> Any:
+    try:
+        return json.loads(archive.read(name))
+    except (KeyError, ValueError) as exc:
+        report.add(None, "missing_file", f"{name}: {exc}")
+        return None
+
+
+def _locate(report: Report, seqs: list[int], expected: list[bytes], lines: list[bytes],
+            digests: list[bytes]) -> None:
+    """Name the first place where the events depart from the signed list, and how."""
+    position = {h: i for i, h in enumerate(expected)}
+    seen: set[int] = set()
+    for i, seq in enumerate(seqs):
+        if i >= len(lines):
+            report.add(seq, "missing", f"event {seq} is missing (the bundle ends early)")
+            return
+        got = digests[i]
+        if got == expected[i]:
+            seen.add(i)
+            continue
+        j = position.get(got)
+        claimed = _claimed_seq(lines[i])
+        if j is None:
+            inserted = claimed != seq or (i + 1 < len(digests)
+                                          and digests[i + 1] == expected[i])
+            reason = "inserted" if inserted else "edited"
+            report.add(seq, reason, f"event {seq}: the line in its place is not the signed "
+                       + ("event (its content was changed)" if reason == "edited"
+                          else f"event (it claims to be event {claimed})"))
+        elif j in seen:
+            report.add(seq, "duplicated", f"event {seq}: its place holds a second copy of "
+                       f"event {seqs[j]}")
+        elif j > i and expected[i] in digests[i + 1:]:
+            report.add(seq, "reordered", f"event {seq} is out of order: event {seqs[j]} "
+                       "stands in its place")
+        else:
+            report.add(seq, "missing", f"event {seq} is missing (event {seqs[j]} follows "
+                       f"event {seqs[i - 1] if i else 'none'})")
+        return
+    if len(lines) > len(seqs):
+        extra = _claimed_seq(lines[len(seqs)])
+        report.add(seqs[-1] if seqs else None, "inserted",
+                   f"the bundle has {len(lines) - len(seqs)} more lines than events; the "
+                   f"first claims to be event {extra}")
+
+
+def _claimed_seq(line: bytes) -> int | None:
+    try:
+        value = json.loads(line).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return value if type(value) is int else None
+
+
+@dataclass(frozen=True)
+class _Listed:
+    size: int
+    checkpoint: Checkpoint | None
+    first: int  # index into seqs of the first event it covers
+    last: int  # one past the last
+
+
+def _checkpoints(archive: zipfile.ZipFile, listed: list[dict[str, Any]], origin: str,
+                 trusted: list[Verifier], seqs: list[int],
+                 external: dict[int, list[str]] | None, report: Report) -> list[_Listed]:
+    out: list[_Listed] = []
+    previous = 0
+    names = set(archive.namelist())
+    for entry in listed:
+        size = int(entry["size"])
+        lo, hi = bisect_left(seqs, previous + 1), bisect_left(seqs, size + 1)
+        first_seq = seqs[lo] if lo < len(seqs) else None
+        previous = max(previous, size)
+        name = entry.get("file", "")
+        checkpoint = None
+        if name not in names:
+            report.add(first_seq, "checkpoint_missing",
+                       f"the checkpoint of size {size} is not in the bundle")
+        else:
+            note = archive.read(name).decode(errors="replace")
+            try:
+                checkpoint = verify(note, trusted)
+                if checkpoint.origin != origin or checkpoint.size != size:
+                    report.add(first_seq, "checkpoint_mismatch",
+                               f"{name} is for {checkpoint.origin} at size {checkpoint.size}")
+                    checkpoint = None
+            except CheckpointError as exc:
+                report.add(first_seq, "checkpoint_signature", f"{name}: {exc}")
+            if checkpoint is not None and external is not None:
+                kept = external.get(size)
+                if kept is not None and all(_root_of(k) != checkpoint.root_hash
+                                            for k in kept):
+                    report.add(first_seq, "checkpoint_fork", f"{name} differs from the "
+                               f"copy of the checkpoint of size {size} kept elsewhere")
+                    checkpoint = None
+        out.append(_Listed(size, checkpoint, lo, hi))
+    if seqs and (not out or out[-1].size < seqs[-1]):
+        uncovered = bisect_left(seqs, previous + 1)
+        report.add(seqs[uncovered], "uncovered",
+                   f"event {seqs[uncovered]} and later are covered by no checkpoint")
+    return out
+
+
+def _root_of(note: str) -> bytes | None:
+    try:
+        return parse(note)[0].root_hash
+    except CheckpointError:
+        return None
+
+
+def _consistency(checkpoints: list[_Listed], proofs: list[dict[str, Any]], seqs: list[int],
+                 report: Report) -> None:
+    by_pair = {(int(p["from"]), int(p["to"])): p.get("path", []) for p in proofs}
+    good = [c for c in checkpoints if c.checkpoint is not None]
+    for older, newer in zip(good, good[1:], strict=False):
+        assert older.checkpoint is not None and newer.checkpoint is not None
+        first_seq = seqs[newer.first] if newer.first < len(seqs) else None
+        try:
+            path = [bytes.fromhex(h) for h in by_pair[(older.size, newer.size)]]
+            verify_consistency(older.size, newer.size, older.checkpoint.root_hash,
+                               newer.checkpoint.root_hash, path)
+        except KeyError:
+            report.add(first_seq, "checkpoint_fork", f"no consistency proof from size "
+                       f"{older.size} to size {newer.size}")
+        except (ProofError, ValueError) as exc:
+            report.add(first_seq, "checkpoint_fork", f"the checkpoint of size {newer.size} "
+                       f"does not extend the one of size {older.size}: {exc}")
+
+
+def _inclusion(checkpoints: list[_Listed], proofs: list[dict[str, Any]], seqs: list[int],
+               leaves: list[bytes], report: Report) -> None:
+    by_size = {int(p["size"]): p.get("nodes", []) for p in proofs}
+    for c in checkpoints:
+        if c.first == c.last or c.checkpoint is None:
+            continue
+        first_seq = seqs[c.first]
+        try:
+            nodes = [(int(lo), int(hi), bytes.fromhex(h)) for lo, hi, h in by_size[c.size]]
+            indices = [s - 1 for s in seqs[c.first:c.last]]
+            root = multiproof_root(c.size, indices, leaves[c.first:c.last], nodes)
+        except KeyError:
+            report.add(first_seq, "inclusion", f"no inclusion proof for the checkpoint of "
+                       f"size {c.size}")
+            continue
+        except (ProofError, ValueError, TypeError) as exc:
+            report.add(first_seq, "inclusion", f"events {first_seq}..{seqs[c.last - 1]}: "
+                       f"{exc}")
+            continue
+        if root != c.checkpoint.root_hash:
+            report.add(first_seq, "inclusion", f"events {first_seq}..{seqs[c.last - 1]} "
+                       f"and their proof do not lead to the root of checkpoint {c.size}")
+
+
+def _load_keys(values: list[str], files: list[str]) -> list[Verifier]:
+    texts = list(values)
+    for name in files:
+        texts += [ln for ln in Path(name).read_text().splitlines()
+                  if ln.strip() and not ln.startswith("#")]
+    return [Verifier.parse(t) for t in texts]
+
+
+def _load_external(directory: str) -> dict[int, list[str]]:
+    kept: dict[int, list[str]] = {}
+    for path in sorted(Path(directory).glob("*.note")):
+        note = path.read_text()
+        try:
+            kept.setdefault(parse(note)[0].size, []).append(note)
+        except CheckpointError:
+            continue
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="charter-verify", description=__doc__.split("\n")[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--key", action="append", default=[],
+                        help="a trusted verifier key (name+keyid+base64key); repeatable")
+    parser.add_argument("--keys", action="append", default=[],
+                        help="a file of trusted verifier keys, one a line")
+    parser.add_argument("--checkpoints", help="a folder of checkpoint notes kept elsewhere")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        trusted = _load_keys(args.key, args.keys) if (args.key or args.keys) else None
+        external = _load_external(args.checkpoints) if args.checkpoints else None
+        report = verify_bundle(args.bundle, trusted, external)
+    except (OSError, CheckpointError) as exc:
+        print(f"charter-verify: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        verdict = "OK" if report.ok else "FAILED"
+        print(f"{verdict}: {report.events} events, {report.checkpoints} checkpoints")
+        if report.keys_from_bundle:
+            print("warning: keys taken from the bundle itself; compare them with the log's "
+                  "published keys or pass --key/--keys")
+        for key in report.keys:
+            print(f"key: {key}")
+        if not report.ok:
+            where = report.first_bad_seq if report.first_bad_seq is not None else "-"
+            print(f"first bad sequence number: {where} ({report.reason}): {report.message}")
+            for f in report.findings[1:20]:
+                print(f"  also: {f.seq if f.seq is not None else '-'} ({f.reason}): "
+                      f"{f.message}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
