@@ -79,13 +79,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from charter.audit.api import bp as audit_bp
     from charter.batches.api import bp as batches_bp
     from charter.dispatch.gateway import bp as gateway_bp
+    from charter.exports.api import bp as exports_bp
     from charter.identity.api import bp as identity_bp
     from charter.nodes.api import bp as nodes_bp
     from charter.policy.api import bp as policy_bp
     from charter.registry.api import bp as registry_bp
 
     for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp,
-               batches_bp):
+               batches_bp, exports_bp):
         app.register_blueprint(bp)
 
     from charter.console import register_console

@@ -1,0 +1,1 @@
+"""Compliance exports: the model inventory as an ML-BOM, evidence packs, dispatch records."""
