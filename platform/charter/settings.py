@@ -148,6 +148,37 @@ class Settings:
         0.2, "Seconds a gateway outcome event may wait to share the next commit before it is "
         "written on its own (decision events never wait: they commit before dispatch)."
     )
+    audit_log_origin: str = _setting(
+        "charter/audit",
+        "The log's name in its signed checkpoints (C2SP origin line); also the signing keys' "
+        "name. Make it unique to this installation, e.g. `charter.example.org/audit`.",
+    )
+    audit_signing_keys: str = _setting(
+        "",
+        "Comma-separated paths of Ed25519 private keys (PKCS#8 PEM, made by `charter audit "
+        "keygen`) that sign checkpoints and exports. All of them sign, so a rotation lists "
+        "the old and the new key for a while. Empty: no checkpoints (the demo makes a key).",
+    )
+    audit_checkpoint_every: int = _setting(
+        1000, "Issue a checkpoint once this many events have been written since the last."
+    )
+    audit_checkpoint_interval_s: float = _setting(
+        60.0, "Issue a checkpoint when events were written and this long has passed since "
+        "the last."
+    )
+    audit_checkpoint_idle_s: float = _setting(
+        3600.0, "Issue a checkpoint this often even when no event was written (a fresh "
+        "signature on the same tree: the log was not rolled back or forked meanwhile)."
+    )
+    audit_checkpoint_poll_s: float = _setting(
+        5.0, "Seconds between checks whether a checkpoint is due."
+    )
+    audit_checkpoint_dir: str = _setting(
+        "",
+        "Folder that receives a copy of every checkpoint (`<size>-<time>.note`, and "
+        "`latest.note`): mount storage the database's administrators cannot write, e.g. an "
+        "object store bucket with object lock, so history cannot be rewritten unnoticed.",
+    )
 
     task_backend: str = _setting(
         "inprocess",
@@ -271,6 +302,15 @@ class Settings:
                     problems.append(f"CHARTER_{name.upper()}: must be a JSON object")
         if self.audit_page_limit < 1:
             problems.append("CHARTER_AUDIT_PAGE_LIMIT: must be positive")
+        origin = self.audit_log_origin
+        if not origin or len(origin) > 100 or not origin.isprintable() or any(
+                c.isspace() or c == "+" for c in origin):
+            problems.append("CHARTER_AUDIT_LOG_ORIGIN: 1-100 printable characters, no spaces "
+                            "or '+'")
+        if self.audit_checkpoint_every < 1 or min(
+                self.audit_checkpoint_interval_s, self.audit_checkpoint_idle_s,
+                self.audit_checkpoint_poll_s) <= 0:
+            problems.append("CHARTER_AUDIT_CHECKPOINT_*: must be positive")
         if self.task_backend not in ("inprocess", "celery"):
             problems.append("CHARTER_TASK_BACKEND: must be inprocess or celery")
         if self.task_backend == "celery" and not self.broker_url.startswith(
@@ -308,6 +348,10 @@ class Settings:
     @property
     def team_map(self) -> dict[str, str]:
         return json.loads(self.oidc_team_map) if self.oidc_team_map else {}
+
+    @property
+    def signing_key_paths(self) -> list[str]:
+        return [p.strip() for p in self.audit_signing_keys.split(",") if p.strip()]
 
     @property
     def node_networks(self) -> list[str]:

@@ -157,7 +157,8 @@ class Verdict:
 
 
 def verify_rows(
-    rows: Iterable[ChainRow], *, seq_of_hash: Callable[[str], int | None] | None = None
+    rows: Iterable[ChainRow], *, seq_of_hash: Callable[[str], int | None] | None = None,
+    after: int = 0, after_hash: str = GENESIS_HASH,
 ) -> Verdict:
     """Walk rows in seq order; name the first bad sequence number and why.
 
@@ -166,9 +167,10 @@ def verify_rows(
       its successor's link no longer matches;
     - reordered: a row is genuine but sits after the wrong predecessor.
     `seq_of_hash` looks up which row holds a hash, to tell reordering from editing.
+    `after` / `after_hash`: where the walk starts (the event before the first row).
     """
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
+    expected_seq = after + 1
+    prev_hash = after_hash
     count = 0
     for row in rows:
         if row.seq != expected_seq:
@@ -185,7 +187,7 @@ def verify_rows(
                     f"event {row.seq} was written after event {holder}, "
                     f"not after event {row.seq - 1}",
                 )
-            if self_consistent and row.seq > 1:
+            if self_consistent and row.seq > after + 1:
                 return Verdict(
                     False, count, prev_hash, row.seq - 1, "edited",
                     f"event {row.seq - 1} was altered and re-hashed: event {row.seq} "

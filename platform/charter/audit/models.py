@@ -1,11 +1,21 @@
-"""The audit_events table: one row an event, chained by prev_hash -> hash."""
+"""The audit log's tables: events (chained by prev_hash -> hash), signed checkpoints of its
+Merkle tree, the tree's stored nodes, and the keys that signed."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from charter.db import Base, UTCDateTime
@@ -32,3 +42,44 @@ class AuditEvent(Base):
         Index("ix_audit_events_target_seq", "target_type", "target_id", "seq"),
         Index("ix_audit_events_ts", "ts"),
     )
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the log's Merkle tree: its size and root, as a signed note.
+    Append-only (triggers); a checkpoint is never an audit event itself, so an idle log
+    stays idle while its checkpoints keep coming."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    root_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+    note: Mapped[str] = mapped_column(Text, nullable=False)
+    keys: Mapped[str] = mapped_column(Text, nullable=False)  # verifier keys that signed, "\n"
+
+
+class AuditTreeNode(Base):
+    """A perfect subtree of 2**level leaves (level >= charter.audit.tree.TILE_LEVEL) at
+    position idx: what proofs are built from, and what verification keeps when old events
+    are purged."""
+
+    __tablename__ = "audit_tree_nodes"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+
+
+class AuditKey(Base):
+    """Every key that has signed a checkpoint, kept for as long as the log: retired keys
+    still verify the checkpoints they signed."""
+
+    __tablename__ = "audit_keys"
+
+    verifier: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    key_id: Mapped[str] = mapped_column(String(8), nullable=False)
+    first_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

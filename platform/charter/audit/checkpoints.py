@@ -1,0 +1,234 @@
+"""Signed checkpoints of the audit log: when one is due, what is checked before signing,
+where copies go, and which keys are published.
+
+A checkpoint is issued every `audit_checkpoint_every` events, or `audit_checkpoint_interval_s`
+after the last one when events were written, and every `audit_checkpoint_idle_s` even when
+none were. Before it signs, the issuer walks the hash chain of the events since the last
+checkpoint and checks that the stored tree still leads to the last signed root: it never
+signs a log that was altered underneath it. Issuing is serialized (an advisory lock), so
+several workers and beats can try at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Connection, select
+
+from charter.audit.chain import GENESIS_HASH, ChainRow, verify_rows
+from charter.audit.checkpoint import Checkpoint, Signer, sign
+from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey
+from charter.audit.tree import Tree
+from charter.audit.verify import ProofError, verify_consistency
+from charter.db import unit_of_work, utcnow
+from charter.errors import CharterError, ConfigurationError
+from charter.settings import Settings
+
+log = structlog.get_logger(__name__)
+CHECKPOINT_LOCK_KEY = 0x43484B50_54  # "CHKPT"
+
+
+class AuditIntegrityError(CharterError):
+    status = 500
+    code = "audit_integrity"
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+def load_signers(settings: Settings) -> list[Signer]:
+    paths = tuple(settings.signing_key_paths)
+    stamps = tuple(_mtime(p) for p in paths)
+    return list(_signers(settings.audit_log_origin, paths, stamps))
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0
+
+
+@lru_cache(maxsize=8)
+def _signers(origin: str, paths: tuple[str, ...], _stamps: tuple[float, ...]
+             ) -> tuple[Signer, ...]:
+    out = []
+    for path in paths:
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"CHARTER_AUDIT_SIGNING_KEYS: {path}: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigurationError(f"CHARTER_AUDIT_SIGNING_KEYS: {path} is not an Ed25519 "
+                                     "private key")
+        out.append(Signer(origin, key))
+    return tuple(out)
+
+
+def generate_key(path: Path) -> None:
+    """A new Ed25519 private key as PKCS#8 PEM, readable by its owner only."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    verifier: str
+    name: str
+    key_id: str
+    first_used_at: datetime | None
+    last_used_at: datetime | None
+    signing: bool  # configured now
+
+
+def published_keys(settings: Settings) -> list[PublishedKey]:
+    """Every key that ever signed a checkpoint, and the ones configured now."""
+    current = {str(s.verifier): s for s in load_signers(settings)}
+    with unit_of_work() as session:
+        rows = list(session.scalars(select(AuditKey).order_by(AuditKey.first_used_at)))
+    out = [PublishedKey(r.verifier, r.name, r.key_id, r.first_used_at, r.last_used_at,
+                        r.verifier in current) for r in rows]
+    known = {r.verifier for r in rows}
+    out += [PublishedKey(v, s.name, s.verifier.key_id.hex(), None, None, True)
+            for v, s in current.items() if v not in known]
+    return out
+
+
+# --- issuing --------------------------------------------------------------------------------
+
+def _head(conn: Connection) -> int:
+    t = AuditEvent.__table__
+    return conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
+
+
+def _due(settings: Settings, last: AuditCheckpoint | None, size: int, now: datetime) -> bool:
+    if last is None:
+        return True
+    age = (now - last.issued_at).total_seconds()
+    new = size - last.size
+    return (new >= settings.audit_checkpoint_every
+            or (new > 0 and age >= settings.audit_checkpoint_interval_s)
+            or age >= settings.audit_checkpoint_idle_s)
+
+
+def _chain_rows(conn: Connection, after: int, upto: int) -> Iterator[ChainRow]:
+    t = AuditEvent.__table__
+    cols = [t.c[name] for name in ChainRow.__slots__]
+    for row in conn.execute(select(*cols).where(t.c.seq > after, t.c.seq <= upto)
+                            .order_by(t.c.seq)):
+        yield ChainRow(*row)
+
+
+def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
+    """Sign a checkpoint of the log as it is now, if one is due (or `force`); None when
+    none was due or no signing key is configured."""
+    signers = load_signers(settings)
+    if not signers:
+        return None
+    with unit_of_work() as session:
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CHECKPOINT_LOCK_KEY})")
+        last = session.scalars(select(AuditCheckpoint).order_by(
+            AuditCheckpoint.id.desc()).limit(1)).first()
+        size = _head(conn)
+        now = utcnow()
+        if not (force or _due(settings, last, size, now)):
+            return None
+        before = last.size if last else 0
+        if size < before:
+            raise AuditIntegrityError(f"the log holds {size} events, fewer than the "
+                                      f"{before} its last checkpoint signed")
+        anchor = GENESIS_HASH
+        if before:
+            t = AuditEvent.__table__
+            anchor = conn.execute(select(t.c.hash).where(t.c.seq == before)).scalar() or ""
+        verdict = verify_rows(_chain_rows(conn, before, size), after=before,
+                              after_hash=anchor)
+        if not verdict.ok or verdict.count != size - before:
+            raise AuditIntegrityError(
+                "refusing to sign: the events since the last checkpoint do not verify: "
+                f"{verdict.message or 'events are missing'}",
+                details={"first_bad_seq": verdict.first_bad_seq, "reason": verdict.reason})
+        tree = Tree(conn)
+        tree.extend(size)
+        root = tree.root(size)
+        if last is not None and before:
+            try:
+                verify_consistency(before, size, bytes.fromhex(last.root_hash), root,
+                                   tree.consistency(before, size))
+            except ProofError as exc:
+                raise AuditIntegrityError(
+                    f"refusing to sign: the log no longer extends checkpoint {before}: {exc}"
+                ) from None
+        elif last is not None and size == 0 and bytes.fromhex(last.root_hash) != root:
+            raise AuditIntegrityError("refusing to sign: the empty log's root changed")
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        note = sign(Checkpoint(settings.audit_log_origin, size, root, (f"time {stamp}",)),
+                    *signers)
+        row = AuditCheckpoint(size=size, root_hash=root.hex(), issued_at=now, note=note,
+                              keys="\n".join(str(s.verifier) for s in signers))
+        session.add(row)
+        for signer in signers:
+            text = str(signer.verifier)
+            key = session.get(AuditKey, text)
+            if key is None:
+                session.add(AuditKey(verifier=text, name=signer.name,
+                                     key_id=signer.verifier.key_id.hex(), first_used_at=now,
+                                     last_used_at=now))
+            else:
+                key.last_used_at = now
+        session.flush()
+        session.expunge(row)
+    log.info("audit checkpoint", size=size, root=root.hex()[:16], forced=force)
+    copy_out(settings, row)
+    return row
+
+
+def copy_out(settings: Settings, row: AuditCheckpoint) -> None:
+    """Write the checkpoint to the external folder (atomically); a failure is logged, the
+    checkpoint stays valid and the next one is copied again."""
+    if not settings.audit_checkpoint_dir:
+        return
+    folder = Path(settings.audit_checkpoint_dir)
+    name = f"{row.size:012d}-{row.issued_at:%Y%m%dT%H%M%S%f}Z.note"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for target in (folder / name, folder / "latest.note"):
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(row.note)
+            os.replace(tmp, target)
+    except OSError as exc:
+        log.error("audit checkpoint not copied", folder=str(folder), error=repr(exc))
+
+
+def list_checkpoints(*, after_id: int = 0, limit: int = 100) -> list[AuditCheckpoint]:
+    with unit_of_work() as session:
+        return list(session.scalars(select(AuditCheckpoint).where(
+            AuditCheckpoint.id > after_id).order_by(AuditCheckpoint.id).limit(limit)))
+
+
+def checkpoint_at(size: int) -> AuditCheckpoint | None:
+    """The first checkpoint signed at this tree size."""
+    with unit_of_work() as session:
+        return session.scalars(select(AuditCheckpoint).where(
+            AuditCheckpoint.size == size).order_by(AuditCheckpoint.id).limit(1)).first()
+
+
+def covering(seq: int) -> AuditCheckpoint | None:
+    """The first checkpoint whose tree holds event `seq`."""
+    with unit_of_work() as session:
+        return session.scalars(select(AuditCheckpoint).where(
+            AuditCheckpoint.size >= seq).order_by(AuditCheckpoint.size, AuditCheckpoint.id)
+            .limit(1)).first()
