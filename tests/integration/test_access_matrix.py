@@ -86,6 +86,10 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/api-keys/<key_id>/revoke"): R("admin", team_scoped=True),
     ("GET", "/api/v1/audit/events"): R("admin", "auditor"),
     ("POST", "/api/v1/audit/verify"): R("admin", "auditor"),
+    ("GET", "/api/v1/exports/ml-bom"): R("admin", "auditor"),
+    ("GET", "/api/v1/exports/versions/<version_id>/evidence"): R("admin", "auditor"),
+    # Without a period an allowed caller gets 422; everyone else 403 before that.
+    ("GET", "/api/v1/exports/records"): R("admin", "auditor"),
     ("GET", "/api/v1/policy"): R(**ANY),
     ("POST", "/api/v1/policy/evaluate"): R("admin", "steward", "approver", body=lambda c: {
         "policy": "dispatch", "input": {}}),
