@@ -203,3 +203,48 @@ def test_only_auditors_and_admins_may_export(client, people, role) -> None:  # t
     denied = list_events(EventFilter(action="export.mlbom"))
     assert [(e.actor, e.outcome) for e in denied] == [(people[role].actor.ref, "denied")]
     assert client.get("/api/v1/exports/ml-bom").status_code == 401
+
+
+def test_the_exports_commands(database_url, people, inventory, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    import structlog
+    from click.testing import CliRunner
+
+    from charter import db
+    from charter.exports.cli import exports
+
+    for key in list(os.environ):
+        if key.startswith("CHARTER_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CHARTER_DATABASE_URL", database_url)
+    runner = CliRunner()
+    auditor = people["auditor"].actor.username
+    try:
+        r = runner.invoke(exports, ["ml-bom", "--as", auditor, "--include-retired"],
+                          catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        bom = json.loads(r.stdout)
+        assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(r.stdout) is None
+        assert f"model-version/{inventory['revoked'].id}" in _by_ref(bom)
+        page = tmp_path / "evidence.html"
+        r = runner.invoke(exports, ["evidence", inventory["chat"].id, "--as", auditor,
+                                    "--html", "-o", str(page)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert page.read_text().startswith("<!doctype html>")
+        r = runner.invoke(exports, ["records", "--as", auditor, "--since",
+                                    "2026-01-01T00:00:00Z", "--until", "2026-01-02T00:00:00Z",
+                                    "--format", "jsonl"], catch_exceptions=False)
+        assert r.exit_code == 0 and r.stdout == ""
+        r = runner.invoke(exports, ["ml-bom", "--as", people["user"].actor.username])
+        assert r.exit_code == 2 and "forbidden" in r.stderr
+        r = runner.invoke(exports, ["records", "--as", auditor, "--since", "x",
+                                    "--until", "2026-01-02T00:00:00Z"])
+        assert r.exit_code == 2 and "validation_failed" in r.stderr
+        actions = [(e.action, e.outcome) for e in list_events(EventFilter(
+            target_type="export"))]
+        assert actions == [("export.mlbom", "success"), ("export.evidence", "success"),
+                           ("export.records", "success"), ("export.mlbom", "denied")]
+    finally:
+        db.reset()
+        structlog.reset_defaults()
