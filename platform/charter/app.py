@@ -42,7 +42,8 @@ REQUESTS = Counter(
 LATENCY = Histogram(
     "charter_http_request_seconds", "HTTP request latency", ["method", "endpoint"]
 )
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json",
+                          "/api/v1/audit/keys"})
 
 
 def create_app(settings: Settings | None = None) -> Flask:

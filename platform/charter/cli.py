@@ -199,6 +199,72 @@ def audit_verify() -> None:
     sys.exit(1)
 
 
+@audit.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def audit_keygen(path: Path) -> None:
+    """Make an Ed25519 signing key for checkpoints and exports (PKCS#8 PEM, mode 0600)."""
+    from charter.audit.checkpoint import Signer
+    from charter.audit.checkpoints import generate_key, load_signers
+
+    try:
+        generate_key(path)
+    except FileExistsError:
+        raise ConfigurationError(f"{path} exists: a signing key is never overwritten",
+                                 code="key_exists") from None
+    settings = _settings(audit_signing_keys=str(path))
+    signer: Signer = load_signers(settings)[0]
+    click.echo(f"wrote {path}; its verifier key (publish it): {signer.verifier}")
+
+
+@audit.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign a checkpoint of the log now."""
+    from charter.audit.checkpoints import issue
+
+    settings = _settings()
+    _ready(settings)
+    row = issue(settings, force=True)
+    if row is None:
+        raise ConfigurationError("no signing key: set CHARTER_AUDIT_SIGNING_KEYS",
+                                 code="no_signing_key")
+    click.echo(row.note, nl=False)
+
+
+@audit.command("export")
+@click.option("--out", "-o", "out", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="the bundle to write")
+@click.option("--since", type=click.DateTime(), help="events at or after (UTC)")
+@click.option("--until", type=click.DateTime(), help="events before (UTC)")
+@click.option("--actor", help="one actor, e.g. user:alice or key:svc-helpdesk")
+@click.option("--action", help="one action, e.g. dispatch.outcome")
+@click.option("--target-type", help="e.g. deployment, version, model, node, team")
+@click.option("--target-id", help="one target (a model's serving name, a version id...)")
+@click.option("--team", help="events recorded for one team")
+@click.option("--store", is_flag=True, help="do not compress (faster to verify)")
+def audit_export(out: Path, since: object, until: object, actor: str | None,
+                 action: str | None, target_type: str | None, target_id: str | None,
+                 team: str | None, store: bool) -> None:
+    """Export selected events with their proofs as a bundle charter-verify checks offline."""
+    from datetime import UTC
+
+    from charter.audit.bundle import Selection
+    from charter.audit.service import export_bundle
+
+    settings = _settings()
+    _ready(settings)
+    selection = Selection(
+        since=since.replace(tzinfo=UTC) if since else None,  # type: ignore[attr-defined]
+        until=until.replace(tzinfo=UTC) if until else None,  # type: ignore[attr-defined]
+        actor=actor, action=action, target_type=target_type, target_id=target_id, team=team)
+    tmp = out.with_name(out.name + ".part")
+    with tmp.open("wb") as fh:
+        result = export_bundle(settings, selection, fh, actor_ref="system:cli",
+                               compress=not store)
+    tmp.replace(out)
+    click.echo(f"wrote {out}: {result.events} events, {result.checkpoints} checkpoints, "
+               f"tree size {result.tree_size}, manifest sha256 {result.manifest_sha256}")
+
+
 # --- policy ---------------------------------------------------------------------------
 @main.group()
 def policy() -> None:

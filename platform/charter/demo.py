@@ -16,6 +16,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from charter import db, migrate
+from charter.audit.checkpoints import generate_key
 from charter.db import unit_of_work, utcnow
 from charter.identity.actor import SYSTEM, Actor
 from charter.identity.models import User
@@ -254,8 +255,13 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{data_dir / 'charter.db'}"
+    key = data_dir / "audit-signing-key.pem"
+    if not key.exists():
+        generate_key(key)  # the demo's own; production keys come from a Secret
     settings = Settings.from_env(demo=True, database_url=url, log_format="console",
-                                 node_allowed_networks="127.0.0.0/8")
+                                 node_allowed_networks="127.0.0.0/8",
+                                 audit_signing_keys=str(key),
+                                 audit_checkpoint_dir=str(data_dir / "checkpoints"))
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)
     db.configure(settings)

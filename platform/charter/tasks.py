@@ -71,9 +71,12 @@ def _configure_celery(s: Settings) -> None:
 
 def schedule(s: Settings) -> dict[str, float]:
     """The periodic tasks and their intervals in seconds."""
-    return {"charter.nodes.probe": s.node_probe_interval_s,
-            "charter.batches.sweep": s.batch_sweep_interval_s,
-            "charter.maintenance": s.maintenance_interval_s}
+    periodic = {"charter.nodes.probe": s.node_probe_interval_s,
+                "charter.batches.sweep": s.batch_sweep_interval_s,
+                "charter.maintenance": s.maintenance_interval_s}
+    if s.signing_key_paths:
+        periodic["charter.audit.checkpoint"] = s.audit_checkpoint_poll_s
+    return periodic
 
 
 # --- the tasks ------------------------------------------------------------------------------
@@ -110,7 +113,14 @@ def _maintenance() -> None:
     files.purge_expired_files(settings())
 
 
+def _checkpoint() -> None:
+    from charter.audit.checkpoints import issue
+
+    issue(settings())
+
+
 TASKS: dict[str, Callable[..., None]] = {
+    "charter.audit.checkpoint": _checkpoint,
     "charter.batches.start": _start_batch,
     "charter.batches.lane": _run_lane,
     "charter.batches.sweep": _sweep,

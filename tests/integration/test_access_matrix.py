@@ -86,6 +86,13 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/api-keys/<key_id>/revoke"): R("admin", team_scoped=True),
     ("GET", "/api/v1/audit/events"): R("admin", "auditor"),
     ("POST", "/api/v1/audit/verify"): R("admin", "auditor"),
+    ("GET", "/api/v1/audit/keys"): Rule(PUBLIC),
+    ("GET", "/api/v1/audit/checkpoints"): R("admin", "auditor"),
+    ("GET", "/api/v1/audit/checkpoints/latest"): R("admin", "auditor"),
+    # Without `seq` (or sizes) an allowed caller gets 422; without a key an export 409.
+    ("GET", "/api/v1/audit/proofs/inclusion"): R("admin", "auditor"),
+    ("GET", "/api/v1/audit/proofs/consistency"): R("admin", "auditor"),
+    ("POST", "/api/v1/audit/exports"): R("admin", "auditor", body=lambda c: {}),
     ("GET", "/api/v1/exports/ml-bom"): R("admin", "auditor"),
     ("GET", "/api/v1/exports/versions/<version_id>/evidence"): R("admin", "auditor"),
     # Without a period an allowed caller gets 422; everyone else 403 before that.
@@ -307,7 +314,7 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                 # an id of nobody's answers 404 to every caller the route is open to.
                 ok, expect = got not in (401, 403, 404) or (got == 404 and code in (
                     "member_not_found", "model_not_found", "file_not_found",
-                    "batch_not_found")), "not refused"
+                    "batch_not_found", "no_checkpoint")), "not refused"
             else:
                 ok, expect = got == 403 and code == "forbidden", "403 forbidden"
             if not ok:

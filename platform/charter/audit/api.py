@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from flask import send_file
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from charter.apikit import ApiBlueprint
-from charter.audit import service
+from charter.audit import checkpoints, service
+from charter.audit.bundle import Selection
+from charter.errors import NotFoundError, ValidationFailedError
 from charter.identity.actor import Actor
+from charter.settings import Settings
 
 bp = ApiBlueprint("audit", __name__, url_prefix="/api/v1")
 READERS = ("admin", "auditor")
@@ -82,3 +87,168 @@ def list_events(actor: Actor, query: EventQuery) -> object:
 def verify(actor: Actor) -> object:
     actor.require(*READERS, action="audit.verify", target_type="audit", target_id="chain")
     return service.verify_chain()
+
+
+# --- checkpoints, keys, proofs, exports -----------------------------------------------------
+
+class KeyOut(BaseModel):
+    verifier: str = Field(description="The signed-note verifier key: name+keyid+base64key.")
+    name: str
+    key_id: str
+    first_used_at: datetime | None
+    last_used_at: datetime | None
+    signing: bool = Field(description="Configured to sign now (false: retired).")
+
+
+class KeysOut(BaseModel):
+    origin: str
+    keys: list[KeyOut]
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    size: int
+    root_hash: str
+    issued_at: datetime
+    note: str = Field(description="The signed checkpoint (C2SP tlog-checkpoint note).")
+
+
+class CheckpointPage(BaseModel):
+    checkpoints: list[CheckpointOut]
+    next_after_id: int | None
+
+
+class CheckpointQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    after_id: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class InclusionQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seq: Annotated[int, Field(ge=1)] | None = None  # required: checked after authorization
+    size: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="A checkpointed tree size; default: the event's covering checkpoint.")
+
+
+class InclusionOut(BaseModel):
+    seq: int
+    leaf_index: int
+    event_hash: str
+    tree_size: int
+    path: list[str] = Field(description="RFC 9162 audit path, leaf to root, hex.")
+    checkpoint: CheckpointOut
+
+
+class ConsistencyQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    first: Annotated[int, Field(ge=1)] | None = None  # required: checked after authorization
+    second: Annotated[int, Field(ge=1)] | None = None
+
+
+class ConsistencyOut(BaseModel):
+    first: CheckpointOut
+    second: CheckpointOut
+    path: list[str] = Field(description="RFC 9162 consistency proof, hex.")
+
+
+class ExportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    actor: Annotated[str, Field(max_length=200)] | None = None
+    action: Annotated[str, Field(max_length=100)] | None = None
+    target_type: Annotated[str, Field(max_length=50)] | None = None
+    target_id: Annotated[str, Field(max_length=200)] | None = None
+    team: Annotated[str, Field(max_length=100)] | None = None
+    first_seq: Annotated[int, Field(ge=1)] | None = None
+    last_seq: Annotated[int, Field(ge=1)] | None = None
+
+
+def _required(**values: int | None) -> None:
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise ValidationFailedError("missing query parameters", details={"errors": [
+            {"field": name, "code": "missing", "message": "required"} for name in missing]})
+
+
+def _settings() -> Settings:
+    from flask import current_app
+
+    return current_app.extensions["charter.settings"]
+
+
+@bp.operation("GET", "/audit/keys", summary="The log's verifier keys (public)",
+              response=KeysOut, public=True)
+def keys() -> object:
+    settings = _settings()
+    return KeysOut(origin=settings.audit_log_origin,
+                   keys=[KeyOut(**vars(k)) for k in checkpoints.published_keys(settings)])
+
+
+@bp.operation("GET", "/audit/checkpoints", summary="Signed checkpoints, oldest first",
+              query=CheckpointQuery, response=CheckpointPage, errors=(403,))
+def list_checkpoints(actor: Actor, query: CheckpointQuery) -> object:
+    actor.require(*READERS, action="audit.read", target_type="audit", target_id="checkpoints")
+    found = checkpoints.list_checkpoints(after_id=query.after_id, limit=query.limit)
+    return CheckpointPage(checkpoints=[CheckpointOut.model_validate(c) for c in found],
+                          next_after_id=found[-1].id if len(found) == query.limit else None)
+
+
+@bp.operation("GET", "/audit/checkpoints/latest", summary="The newest signed checkpoint",
+              response=CheckpointOut, errors=(403, 404))
+def latest_checkpoint(actor: Actor) -> object:
+    actor.require(*READERS, action="audit.read", target_type="audit", target_id="checkpoints")
+    found = checkpoints.newest()
+    if found is None:
+        raise NotFoundError("no checkpoint has been signed yet", code="no_checkpoint")
+    return CheckpointOut.model_validate(found)
+
+
+@bp.operation("GET", "/audit/proofs/inclusion", summary="Prove an event is in a signed tree",
+              query=InclusionQuery, response=InclusionOut, errors=(403, 404))
+def inclusion_proof(actor: Actor, query: InclusionQuery) -> object:
+    actor.require(*READERS, action="audit.read", target_type="audit", target_id="proofs")
+    _required(seq=query.seq)
+    assert query.seq is not None
+    cp, event_hash, path = checkpoints.inclusion(query.seq, query.size)
+    return InclusionOut(seq=query.seq, leaf_index=query.seq - 1, event_hash=event_hash,
+                        tree_size=cp.size, path=[h.hex() for h in path],
+                        checkpoint=CheckpointOut.model_validate(cp))
+
+
+@bp.operation("GET", "/audit/proofs/consistency",
+              summary="Prove one signed tree extends another", query=ConsistencyQuery,
+              response=ConsistencyOut, errors=(403, 404))
+def consistency_proof(actor: Actor, query: ConsistencyQuery) -> object:
+    actor.require(*READERS, action="audit.read", target_type="audit", target_id="proofs")
+    _required(first=query.first, second=query.second)
+    assert query.first is not None and query.second is not None
+    first, second, path = checkpoints.consistency(query.first, query.second)
+    return ConsistencyOut(first=CheckpointOut.model_validate(first),
+                          second=CheckpointOut.model_validate(second),
+                          path=[h.hex() for h in path])
+
+
+@bp.operation("POST", "/audit/exports",
+              summary="Export selected events with their proofs (a zip charter-verify checks)",
+              body=ExportIn, errors=(403, 409))
+def export(actor: Actor, body: ExportIn) -> object:
+    actor.require(*READERS, action="audit.export", target_type="audit", target_id="bundle")
+    if body.since and body.until and body.since >= body.until:
+        raise ValidationFailedError("`since` must be before `until`", details={"errors": [
+            {"field": "since", "code": "range", "message": "not before until"}]})
+    selection = Selection(**body.model_dump())
+    out = tempfile.TemporaryFile()
+    try:
+        result = service.export_bundle(_settings(), selection, out, actor_ref=actor.ref)
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    name = f"charter-audit-{result.tree_size}.zip"
+    response = send_file(out, mimetype="application/zip", as_attachment=True,
+                         download_name=name)
+    response.headers["X-Charter-Manifest-Sha256"] = result.manifest_sha256
+    return response

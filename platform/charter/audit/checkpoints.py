@@ -29,7 +29,12 @@ from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey
 from charter.audit.tree import Tree
 from charter.audit.verify import ProofError, verify_consistency
 from charter.db import unit_of_work, utcnow
-from charter.errors import CharterError, ConfigurationError
+from charter.errors import (
+    CharterError,
+    ConfigurationError,
+    NotFoundError,
+    ValidationFailedError,
+)
 from charter.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -232,3 +237,44 @@ def covering(seq: int) -> AuditCheckpoint | None:
         return session.scalars(select(AuditCheckpoint).where(
             AuditCheckpoint.size >= seq).order_by(AuditCheckpoint.size, AuditCheckpoint.id)
             .limit(1)).first()
+
+
+def newest() -> AuditCheckpoint | None:
+    with unit_of_work() as session:
+        return session.scalars(select(AuditCheckpoint).order_by(
+            AuditCheckpoint.id.desc()).limit(1)).first()
+
+
+def inclusion(seq: int, size: int | None = None) -> tuple[AuditCheckpoint, str, list[bytes]]:
+    """(checkpoint, event hash, audit path) proving event `seq` is in the tree that
+    checkpoint signed: the one of `size`, or the event's covering checkpoint."""
+    cp = covering(seq) if size is None else checkpoint_at(size)
+    if cp is None:
+        raise NotFoundError(
+            f"no checkpoint of size {size} has been signed" if size is not None
+            else f"event {seq} is not under a signed checkpoint yet",
+            code="no_checkpoint")
+    if seq > cp.size:
+        raise NotFoundError(f"event {seq} is not in the tree of size {cp.size}",
+                            code="not_in_tree")
+    with unit_of_work() as session:
+        conn = session.connection()
+        t = AuditEvent.__table__
+        event_hash = conn.execute(select(t.c.hash).where(t.c.seq == seq)).scalar()
+        if event_hash is None:
+            raise NotFoundError(f"event {seq} has been purged; its tile's node still "
+                                "proves its neighbours", code="purged")
+        return cp, event_hash, Tree(conn).inclusion(seq - 1, cp.size)
+
+
+def consistency(first: int, second: int
+                ) -> tuple[AuditCheckpoint, AuditCheckpoint, list[bytes]]:
+    if not 0 < first <= second:
+        raise ValidationFailedError("`first` must be at most `second`", details={
+            "errors": [{"field": "first", "code": "range", "message": "above second"}]})
+    a, b = checkpoint_at(first), checkpoint_at(second)
+    if a is None or b is None:
+        raise NotFoundError(f"no checkpoint of size {first if a is None else second} has "
+                            "been signed", code="no_checkpoint")
+    with unit_of_work() as session:
+        return a, b, Tree(session.connection()).consistency(first, second)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
@@ -21,8 +21,12 @@ from charter.audit.chain import (
 )
 from charter.audit.models import AuditEvent
 from charter.context import current_request_id
-from charter.db import get_database, unit_of_work, utcnow
-from charter.errors import ValidationFailedError
+from charter.db import get_database, refuse, unit_of_work, utcnow
+from charter.errors import CharterError, ValidationFailedError
+
+if TYPE_CHECKING:
+    from charter.audit.bundle import ExportResult, Selection
+    from charter.settings import Settings
 
 OUTCOMES = ("success", "denied", "failure")
 # Any fixed 64-bit number; every audit writer serializes on it until its commit.
@@ -163,3 +167,24 @@ def verify_chain(batch: int = 5000) -> Verdict:
             return conn.execute(select(table.c.seq).where(table.c.hash == h)).scalar()
 
         return verify_rows(rows(), seq_of_hash=seq_of_hash)
+
+
+def export_bundle(settings: Settings, selection: Selection, out: IO[bytes], *,
+                  actor_ref: str, compress: bool = True) -> ExportResult:
+    """Write an export bundle and record who exported what (`audit.export`); a refused
+    export is recorded too."""
+    from charter.audit import bundle
+
+    try:
+        result = bundle.export(settings, selection, out, compress=compress)
+    except CharterError as exc:
+        exc.details.setdefault("selection", selection.describe())
+        refuse(exc.audited(actor_ref, "audit.export", "audit", "bundle"))
+    with unit_of_work():
+        append_event(actor=actor_ref, action="audit.export", target_type="audit",
+                     target_id="bundle",
+                     details={"selection": selection.describe(), "events": result.events,
+                              "checkpoints": result.checkpoints,
+                              "tree_size": result.tree_size,
+                              "manifest_sha256": result.manifest_sha256})
+    return result

@@ -1,0 +1,231 @@
+"""Export bundles: a selection of audit events with what proves them, in one zip archive that
+`charter-verify` (charter.audit.verify, which documents the format) checks offline.
+
+A filtered export proves its events belong to the signed log without revealing the others:
+the batch inclusion proofs hold only node hashes of the subtrees it leaves out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import zipfile
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+
+from sqlalchemy import Connection, func, select
+
+from charter.audit import checkpoints
+from charter.audit.chain import canonical_json, event_body
+from charter.audit.checkpoint import sign_note
+from charter.audit.models import AuditCheckpoint, AuditEvent
+from charter.audit.tree import Tree
+from charter.audit.verify import FORMAT, MANIFEST_NOTE
+from charter.db import get_database, utcnow
+from charter.errors import CharterError
+from charter.settings import Settings
+
+README = """\
+Charter audit export ({format}).
+
+Verify it offline with the standalone verifier (Python 3.11+ and `cryptography` only):
+
+    charter-verify {name} --keys KEYS.txt
+    python verify.py {name} --keys KEYS.txt        (the same module, copied on its own)
+
+KEYS.txt: the log's verifier keys from GET /api/v1/audit/keys, or a copy you keep; without
+--keys the verifier uses keys.txt from this archive and says so. Add --checkpoints DIR to
+compare the checkpoints with the copies kept outside Charter.
+
+events.jsonl holds each event exactly as it was hashed (RFC 8785 canonical JSON).
+"""
+
+
+class ExportError(CharterError):
+    status = 409
+    code = "export_unavailable"
+
+
+@dataclass(frozen=True)
+class Selection:
+    since: datetime | None = None
+    until: datetime | None = None
+    actor: str | None = None
+    action: str | None = None
+    target_type: str | None = None
+    target_id: str | None = None
+    team: str | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    events: int
+    checkpoints: int
+    first_seq: int | None
+    last_seq: int | None
+    tree_size: int
+    manifest_sha256: str
+
+
+def _where(sel: Selection, size: int) -> list[Any]:
+    t = AuditEvent.__table__
+    clauses: list[Any] = [t.c.seq <= size]
+    if sel.first_seq is not None:
+        clauses.append(t.c.seq >= sel.first_seq)
+    if sel.last_seq is not None:
+        clauses.append(t.c.seq <= sel.last_seq)
+    if sel.since is not None:
+        clauses.append(t.c.ts >= sel.since)
+    if sel.until is not None:
+        clauses.append(t.c.ts < sel.until)
+    for column, value in (("actor", sel.actor), ("action", sel.action),
+                          ("target_type", sel.target_type), ("target_id", sel.target_id)):
+        if value is not None:
+            clauses.append(t.c[column] == value)
+    if sel.team is not None:
+        clauses.append(AuditEvent.details["team"].as_string() == sel.team)
+    return clauses
+
+
+def _lines(conn: Connection, sel: Selection, size: int
+           ) -> Iterator[tuple[int, bytes, bytes]]:
+    """(seq, canonical bytes, event hash) of the selected events, each checked against the
+    hash stored with it: an export of an altered log is refused, not signed."""
+    t = AuditEvent.__table__
+    cols = [t.c.seq, t.c.ts, t.c.actor, t.c.action, t.c.target_type, t.c.target_id,
+            t.c.outcome, t.c.details, t.c.request_id, t.c.prev_hash, t.c.hash]
+    result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+        select(*cols).where(*_where(sel, size)).order_by(t.c.seq))
+    for (seq, ts, actor, action, target_type, target_id, outcome, details, request_id,
+         prev_hash, stored) in result:
+        line = canonical_json(event_body(
+            seq=seq, ts=ts, actor=actor, action=action, target_type=target_type,
+            target_id=target_id, outcome=outcome, details=details, request_id=request_id,
+            prev_hash=prev_hash))
+        digest = hashlib.sha256(line).digest()
+        if digest.hex() != stored:
+            raise checkpoints.AuditIntegrityError(
+                f"refusing to export: event {seq} does not match its stored hash",
+                details={"first_bad_seq": seq, "reason": "edited"})
+        yield seq, line, digest
+
+
+def _runs(seqs: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for s in seqs:
+        if runs and runs[-1][1] == s - 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return runs
+
+
+def _covering(conn: Connection, first: int, last: int) -> list[AuditCheckpoint]:
+    """The first checkpoint of each size from the one covering `first` to the one covering
+    `last`."""
+    t = AuditCheckpoint.__table__
+    top = conn.execute(select(func.min(t.c.size)).where(t.c.size >= last)).scalar()
+    ids = select(func.min(t.c.id)).where(t.c.size >= first, t.c.size <= top).group_by(t.c.size)
+    rows = conn.execute(select(t).where(t.c.id.in_(ids)).order_by(t.c.size)).all()
+    return [AuditCheckpoint(**row._mapping) for row in rows]
+
+
+def export(settings: Settings, sel: Selection, out: IO[bytes], *,
+           compress: bool = True) -> ExportResult:
+    """Write the bundle of the selected events to `out`."""
+    signers = checkpoints.load_signers(settings)
+    if not signers:
+        raise ExportError("exports are signed: configure CHARTER_AUDIT_SIGNING_KEYS",
+                          code="no_signing_key")
+    checkpoints.issue(settings, force=False)
+    database = get_database()
+    with database.engine.connect() as conn:
+        newest = conn.execute(select(func.max(AuditEvent.seq))).scalar() or 0
+        signed = conn.execute(select(func.max(AuditCheckpoint.size))).scalar()
+    if signed is None or newest > signed:
+        checkpoints.issue(settings, force=True)  # every exported event under a checkpoint
+    keys = "".join(f"{k.verifier}\n" for k in checkpoints.published_keys(settings))
+    with database.engine.connect() as conn, tempfile.TemporaryFile() as events_file:
+        size = conn.execute(select(func.max(AuditCheckpoint.size))).scalar() or 0
+        seqs: list[int] = []
+        hashes: list[str] = []
+        events_digest = hashlib.sha256()
+        for seq, line, digest in _lines(conn, sel, size):
+            seqs.append(seq)
+            hashes.append(digest.hex())
+            events_file.write(line + b"\n")
+            events_digest.update(line + b"\n")
+        # Each event's covering checkpoint: the first that signed a tree holding it. Only
+        # those go in, chained by consistency proofs.
+        used, ranges, done = [], [], 0
+        for cp in _covering(conn, seqs[0], seqs[-1]) if seqs else []:
+            lo, hi = done, bisect_left(seqs, cp.size + 1)
+            if hi > lo:
+                used.append(cp)
+                ranges.append((lo, hi))
+                done = hi
+        tree = Tree(conn)
+        inclusion, consistency = [], []
+        previous: AuditCheckpoint | None = None
+        for cp, (lo, hi) in zip(used, ranges, strict=True):
+            nodes = tree.batch_proof(cp.size, [s - 1 for s in seqs[lo:hi]],
+                                     bytes.fromhex(cp.root_hash))
+            inclusion.append({"size": cp.size, "first_seq": seqs[lo],
+                              "nodes": [[a, b, h.hex()] for a, b, h in nodes]})
+            if previous is not None:
+                path = tree.consistency(previous.size, cp.size)
+                consistency.append({"from": previous.size, "to": cp.size,
+                                    "path": [h.hex() for h in path]})
+            previous = cp
+        proofs = json.dumps({"inclusion": inclusion, "consistency": consistency},
+                            indent=1).encode()
+        files: dict[str, bytes] = {"proofs.json": proofs, "keys.txt": keys.encode()}
+        listed = []
+        for cp in used:
+            name = f"checkpoints/{cp.size:012d}.note"
+            files[name] = cp.note.encode()
+            listed.append({"size": cp.size, "file": name, "issued_at": cp.issued_at.isoformat(),
+                           "root_hash": cp.root_hash})
+        manifest = {
+            "format": FORMAT,
+            "origin": settings.audit_log_origin,
+            "created_at": utcnow().isoformat(),
+            "selection": sel.describe(),
+            "tree_size": size,
+            "events": {"file": "events.jsonl", "count": len(seqs), "seqs": _runs(seqs),
+                       "hashes": hashes},
+            "checkpoints": listed,
+            "files": {"events.jsonl": {"sha256": events_digest.hexdigest()},
+                      **{n: {"sha256": hashlib.sha256(b).hexdigest()}
+                         for n, b in files.items()}},
+        }
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+        signature = sign_note(f"{MANIFEST_NOTE}\n{manifest_sha}\n", *signers)
+        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        with zipfile.ZipFile(out, "w", compression=method) as archive:
+            archive.writestr("README.txt", README.format(format=FORMAT, name="BUNDLE.zip"))
+            archive.writestr("manifest.json", manifest_bytes)
+            archive.writestr("manifest.sig", signature)
+            events_file.seek(0)
+            with archive.open("events.jsonl", "w", force_zip64=True) as dest:
+                while chunk := events_file.read(1 << 20):
+                    dest.write(chunk)
+            for name, data in files.items():
+                archive.writestr(name, data)
+    return ExportResult(len(seqs), len(used), seqs[0] if seqs else None,
+                        seqs[-1] if seqs else None, size, manifest_sha)
