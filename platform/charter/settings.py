@@ -173,6 +173,13 @@ class Settings:
     audit_checkpoint_poll_s: float = _setting(
         5.0, "Seconds between checks whether a checkpoint is due."
     )
+    audit_retention_days: int = _setting(
+        183,
+        "Days dispatch events (`dispatch.*` and their policy decisions) are kept; older ones "
+        "that a signed checkpoint covers are purged, leaving tombstones so the log still "
+        "verifies. 0 keeps them for good. Other events are always kept. The EU AI Act "
+        "(Art. 19, 26(6)) asks for at least six months.",
+    )
     audit_checkpoint_dir: str = _setting(
         "",
         "Folder that receives a copy of every checkpoint (`<size>-<time>.note`, and "
@@ -307,6 +314,8 @@ class Settings:
                 c.isspace() or c == "+" for c in origin):
             problems.append("CHARTER_AUDIT_LOG_ORIGIN: 1-100 printable characters, no spaces "
                             "or '+'")
+        if self.audit_retention_days < 0:
+            problems.append("CHARTER_AUDIT_RETENTION_DAYS: 0 (keep) or a number of days")
         if self.audit_checkpoint_every < 1 or min(
                 self.audit_checkpoint_interval_s, self.audit_checkpoint_idle_s,
                 self.audit_checkpoint_poll_s) <= 0:

@@ -111,6 +111,9 @@ def _maintenance() -> None:
 
     expire_approvals()
     files.purge_expired_files(settings())
+    from charter.audit.retention import purge
+
+    purge(settings())
 
 
 def _checkpoint() -> None:

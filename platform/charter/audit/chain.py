@@ -147,6 +147,15 @@ class ChainRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A purged event: its place in the chain without its content (retention)."""
+
+    seq: int
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     ok: bool
     count: int
@@ -157,7 +166,7 @@ class Verdict:
 
 
 def verify_rows(
-    rows: Iterable[ChainRow], *, seq_of_hash: Callable[[str], int | None] | None = None,
+    rows: Iterable[ChainRow | Tombstone], *, seq_of_hash: Callable[[str], int | None] | None = None,
     after: int = 0, after_hash: str = GENESIS_HASH,
 ) -> Verdict:
     """Walk rows in seq order; name the first bad sequence number and why.
@@ -168,6 +177,7 @@ def verify_rows(
     - reordered: a row is genuine but sits after the wrong predecessor.
     `seq_of_hash` looks up which row holds a hash, to tell reordering from editing.
     `after` / `after_hash`: where the walk starts (the event before the first row).
+    A Tombstone (a purged event) is checked for its links only: its content is gone.
     """
     expected_seq = after + 1
     prev_hash = after_hash
@@ -178,7 +188,7 @@ def verify_rows(
                 False, count, prev_hash, expected_seq, "missing",
                 f"event {expected_seq} is missing (next event found is {row.seq})",
             )
-        self_consistent = event_hash(row.body()) == row.hash
+        self_consistent = type(row) is Tombstone or event_hash(row.body()) == row.hash
         if row.prev_hash != prev_hash:
             holder = seq_of_hash(row.prev_hash) if seq_of_hash else None
             if holder is not None and holder != row.seq - 1:

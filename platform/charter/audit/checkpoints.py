@@ -25,7 +25,7 @@ from sqlalchemy import Connection, select
 
 from charter.audit.chain import GENESIS_HASH, ChainRow, verify_rows
 from charter.audit.checkpoint import Checkpoint, Signer, sign
-from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey
+from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey, AuditPurged
 from charter.audit.tree import Tree
 from charter.audit.verify import ProofError, verify_consistency
 from charter.db import unit_of_work, utcnow
@@ -112,6 +112,13 @@ def published_keys(settings: Settings) -> list[PublishedKey]:
 
 # --- issuing --------------------------------------------------------------------------------
 
+def hash_at(conn: Connection, seq: int) -> str | None:
+    """The hash of event `seq`, from the event or from its tombstone."""
+    t, p = AuditEvent.__table__, AuditPurged.__table__
+    return (conn.execute(select(t.c.hash).where(t.c.seq == seq)).scalar()
+            or conn.execute(select(p.c.hash).where(p.c.seq == seq)).scalar())
+
+
 def _head(conn: Connection) -> int:
     t = AuditEvent.__table__
     return conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
@@ -157,8 +164,7 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
                                       f"{before} its last checkpoint signed")
         anchor = GENESIS_HASH
         if before:
-            t = AuditEvent.__table__
-            anchor = conn.execute(select(t.c.hash).where(t.c.seq == before)).scalar() or ""
+            anchor = hash_at(conn, before) or ""
         verdict = verify_rows(_chain_rows(conn, before, size), after=before,
                               after_hash=anchor)
         if not verdict.ok or verdict.count != size - before:
@@ -259,11 +265,9 @@ def inclusion(seq: int, size: int | None = None) -> tuple[AuditCheckpoint, str, 
                             code="not_in_tree")
     with unit_of_work() as session:
         conn = session.connection()
-        t = AuditEvent.__table__
-        event_hash = conn.execute(select(t.c.hash).where(t.c.seq == seq)).scalar()
+        event_hash = hash_at(conn, seq)
         if event_hash is None:
-            raise NotFoundError(f"event {seq} has been purged; its tile's node still "
-                                "proves its neighbours", code="purged")
+            raise NotFoundError(f"event {seq} is not in the log", code="not_in_tree")
         return cp, event_hash, Tree(conn).inclusion(seq - 1, cp.size)
 
 

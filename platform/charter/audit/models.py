@@ -83,3 +83,19 @@ class AuditKey(Base):
     key_id: Mapped[str] = mapped_column(String(8), nullable=False)
     first_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class AuditPurged(Base):
+    """What stays of an event that retention purged: its place in the chain and the tree.
+    An event row can be deleted only once its tombstone, with the same hash, is here
+    (trigger), and tombstones are append-only."""
+
+    __tablename__ = "audit_purged"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    action: Mapped[str] = mapped_column(String(100), nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    purged_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    checkpoint_size: Mapped[int] = mapped_column(BigInteger, nullable=False)

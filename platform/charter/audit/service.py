@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,13 +14,14 @@ from sqlalchemy.orm import Session
 from charter.audit.chain import (
     GENESIS_HASH,
     ChainRow,
+    Tombstone,
     Verdict,
     canonical_json,
     event_body,
     event_hash,
     verify_rows,
 )
-from charter.audit.models import AuditEvent
+from charter.audit.models import AuditEvent, AuditPurged
 from charter.context import current_request_id
 from charter.db import get_database, refuse, unit_of_work, utcnow
 from charter.errors import CharterError, ValidationFailedError
@@ -150,10 +152,12 @@ def _peek_head(session: Session) -> tuple[int, str]:
 
 
 def verify_chain(batch: int = 5000) -> Verdict:
-    """Walk the whole chain in the database, streaming rows in seq order."""
+    """Walk the whole chain in the database, streaming rows in seq order (purged events by
+    their tombstones)."""
     database = get_database()
     with database.engine.connect() as conn:
         table = AuditEvent.__table__
+        purged = AuditPurged.__table__
         cols = [table.c[name] for name in ChainRow.__slots__]
 
         def rows() -> Iterator[ChainRow]:
@@ -163,10 +167,22 @@ def verify_chain(batch: int = 5000) -> Verdict:
             for r in result:
                 yield ChainRow(*r)
 
+        def tombstones() -> Iterator[Tombstone]:
+            after = 0
+            while True:  # pages on the same connection, beside the events' stream
+                page = conn.execute(select(purged.c.seq, purged.c.prev_hash, purged.c.hash)
+                                    .where(purged.c.seq > after).order_by(purged.c.seq)
+                                    .limit(batch)).all()
+                yield from (Tombstone(*r) for r in page)
+                if len(page) < batch:
+                    return
+                after = page[-1][0]
+
         def seq_of_hash(h: str) -> int | None:
             return conn.execute(select(table.c.seq).where(table.c.hash == h)).scalar()
 
-        return verify_rows(rows(), seq_of_hash=seq_of_hash)
+        merged = heapq.merge(rows(), tombstones(), key=lambda r: r.seq)
+        return verify_rows(merged, seq_of_hash=seq_of_hash)
 
 
 def export_bundle(settings: Settings, selection: Selection, out: IO[bytes], *,

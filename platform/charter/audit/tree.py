@@ -3,9 +3,10 @@ inclusion proofs in O(log n) reads.
 
 Leaf i of the tree is HASH(0x00 || the 32-byte hash of event i + 1) (RFC 9162 hashing; the
 event hash is SHA-256 of the event's canonical bytes), so the tree needs nothing but the
-`hash` column. Perfect subtrees of 2**TILE_LEVEL leaves and above are stored in
-`audit_tree_nodes` as the log grows (`extend`); anything smaller is hashed from the events
-of one tile (256 leaves, read once a tile and kept for the life of the Tree).
+`hash` column, which a purged event's tombstone keeps. Perfect subtrees of 2**TILE_LEVEL
+leaves and above are stored in `audit_tree_nodes` as the log grows (`extend`); anything
+smaller is hashed from the events of one tile (256 leaves, read once a tile and kept for
+the life of the Tree).
 
 Every node of an RFC 9162 tree is either a perfect aligned subtree or lies on the tree's
 right edge, which splits into perfect ones: so a root costs O(log n) stored reads and a
@@ -17,10 +18,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, tuple_, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
-from charter.audit.models import AuditEvent, AuditTreeNode
+from charter.audit.models import AuditEvent, AuditPurged, AuditTreeNode
 from charter.audit.verify import (
     EMPTY_ROOT,
     ProofError,
@@ -52,9 +53,11 @@ class Tree:
 
     def _read_leaves(self, lo: int, hi: int) -> list[bytes]:
         """Leaf hashes of leaves [lo, hi) (events lo + 1 .. hi)."""
-        t = AuditEvent.__table__
-        rows = self.conn.execute(select(t.c.seq, t.c.hash).where(
-            t.c.seq > lo, t.c.seq <= hi).order_by(t.c.seq)).all()
+        t, p = AuditEvent.__table__, AuditPurged.__table__
+        rows = self.conn.execute(union_all(
+            select(t.c.seq, t.c.hash).where(t.c.seq > lo, t.c.seq <= hi),
+            select(p.c.seq, p.c.hash).where(p.c.seq > lo, p.c.seq <= hi),
+        ).order_by("seq")).all()
         if len(rows) != hi - lo or (rows and (rows[0][0] != lo + 1 or rows[-1][0] != hi)):
             raise TreeError(f"events {lo + 1}..{hi} are not all in the log")
         try:
@@ -155,24 +158,52 @@ class Tree:
         k = split(n)
         return node_hash(self.node(lo, lo + k), self.node(lo + k, hi))
 
+    def _coords(self, lo: int, hi: int, out: list[tuple[int, int]]) -> None:
+        """The stored nodes node(lo, hi) would look up (its recursion, without hashing)."""
+        n = hi - lo
+        if n <= TILE:
+            return
+        if n & (n - 1) == 0 and lo % n == 0:
+            out.append((n.bit_length() - 1, lo // n))
+            return
+        k = split(n)
+        self._coords(lo, lo + k, out)
+        self._coords(lo + k, hi, out)
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Read the stored nodes that these node() calls need in one query."""
+        wanted: list[tuple[int, int]] = []
+        for lo, hi in ranges:
+            self._coords(lo, hi, wanted)
+        wanted = [c for c in dict.fromkeys(wanted) if c not in self._stored]
+        if not wanted:
+            return
+        t = AuditTreeNode.__table__
+        rows = self.conn.execute(select(t.c.level, t.c.idx, t.c.hash).where(
+            tuple_(t.c.level, t.c.idx).in_(wanted))).all()
+        for level, idx, h in rows:
+            self._stored[(level, idx)] = bytes(h)
+
     def root(self, size: int) -> bytes:
+        self.prefetch([(0, size)])
         return self.node(0, size)
 
     def inclusion(self, index: int, size: int) -> list[bytes]:
         """PATH(index, D[size]), leaf to root."""
         if not 0 <= index < size:
             raise ProofError(f"leaf {index} is not in a tree of size {size}")
-        path: list[bytes] = []
+        siblings: list[tuple[int, int]] = []
         lo, hi = 0, size
         while hi - lo > 1:
             k = split(hi - lo)
             if index < lo + k:
-                path.append(self.node(lo + k, hi))
+                siblings.append((lo + k, hi))
                 hi = lo + k
             else:
-                path.append(self.node(lo, lo + k))
+                siblings.append((lo, lo + k))
                 lo = lo + k
-        return path[::-1]
+        self.prefetch(siblings)
+        return [self.node(a, b) for a, b in reversed(siblings)]
 
     def consistency(self, first: int, second: int) -> list[bytes]:
         """PROOF(first, D[second])."""

@@ -1,0 +1,177 @@
+"""Benchmark: verifying an exported audit bundle offline, beside the floor any verifier pays.
+
+Builds a log of --events dispatch-like events on PostgreSQL (a checkpoint every 1,000),
+exports it whole (compressed and stored), then, in this one process, times:
+- charter-verify's verify_bundle on each bundle (every signature, digest, line and proof);
+- the floor: one SHA-256 call per event over its canonical bytes (the bundle's lines);
+- proof generation: an inclusion proof for a random event from the stored tree (what
+  GET /api/v1/audit/proofs/inclusion computes, without HTTP), and export time per event.
+Medians of --rounds runs. Goal: verification >= 100,000 events/s and within 5x the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import random
+import statistics
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+
+from charter import db, migrate
+from charter.audit import checkpoints
+from charter.audit.bundle import Selection, export
+from charter.audit.checkpoints import generate_key
+from charter.audit.service import append_event
+from charter.audit.tree import Tree
+from charter.audit.verify import verify_bundle
+from charter.db import unit_of_work
+from charter.settings import Settings
+
+RATE_GOAL = 100_000
+FLOOR_GOAL = 5.0
+
+
+def fill(n: int, every: int, settings: Settings) -> None:
+    """n events like the gateway's outcome events, committed 1,000 at a time."""
+    rnd = random.Random(7)
+    for start in range(0, n, every):
+        with unit_of_work():
+            for i in range(start, min(n, start + every)):
+                append_event(
+                    actor=f"key:svc-{i % 17}", action="dispatch.outcome",
+                    target_type="deployment", target_id=f"chat-{i % 5}",
+                    details={"outcome": "completed", "status": 200,
+                             "decision_id": f"{rnd.getrandbits(128):032x}",
+                             "node": f"node-eu-{i % 3}", "region": "eu-central",
+                             "team": f"team-{i % 7}", "data_class": "internal",
+                             "purpose": "assistant", "tokens_in": 40 + i % 90,
+                             "tokens_out": i % 400, "ttft_ms": 12.5 + i % 30,
+                             "latency_ms": 250.25 + i % 900,
+                             "request_digest": hashlib.sha256(str(i).encode()).hexdigest(),
+                             "stream": bool(i % 2), "error": ""})
+        checkpoints.issue(settings, force=True)
+
+
+def median_time(fn, rounds: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = ap.parse_args()
+    console = Console()
+    name = f"charter_bench_verify_{os.getpid()}"
+    url = make_url(args.admin_url).set(drivername="postgresql+psycopg", database=name)
+    url_s = url.render_as_string(hide_password=False)
+    with psycopg.connect(args.admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    folder = Path(tempfile.mkdtemp())
+    try:
+        key = folder / "key.pem"
+        generate_key(key)
+        settings = Settings.from_env({}, database_url=url_s, secret_key="x" * 32,
+                                     audit_signing_keys=str(key))
+        migrate.upgrade(url_s)
+        db.configure(settings)
+        t0 = time.perf_counter()
+        fill(args.events, 1000, settings)
+        console.print(f"{args.events:,} events and {args.events // 1000} checkpoints written "
+                      f"in {time.perf_counter() - t0:.1f}s; {os.cpu_count()} CPUs, load "
+                      f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        trusted = [checkpoints.load_signers(settings)[0].verifier]
+
+        bundles = {}
+        export_s = {}
+        for label, compress in (("deflated", True), ("stored", False)):
+            out = io.BytesIO()
+            export_s[label] = median_time(
+                lambda out=out, compress=compress: (out.seek(0), out.truncate(),
+                                                    export(settings, Selection(), out,
+                                                           compress=compress)), 1)
+            bundles[label] = out.getvalue()
+        with zipfile.ZipFile(io.BytesIO(bundles["stored"])) as z:
+            lines = z.read("events.jsonl").split(b"\n")[:-1]
+        assert len(lines) == args.events
+        mean_bytes = sum(map(len, lines)) / len(lines)
+
+        sha = hashlib.sha256
+        floor = median_time(lambda: [sha(line).digest() for line in lines], args.rounds)
+        def inflate() -> None:
+            with zipfile.ZipFile(io.BytesIO(bundles["deflated"])) as z:
+                z.read("events.jsonl")
+
+        inflate_s = median_time(inflate, args.rounds)
+        verify = {}
+        for label, data in bundles.items():
+            report = verify_bundle(data, trusted)
+            assert report.ok and report.events == args.events, report.findings
+            verify[label] = median_time(lambda data=data: verify_bundle(data, trusted),
+                                        args.rounds)
+
+        seqs = random.Random(1).sample(range(1, args.events + 1), 1000)
+
+        def proofs() -> None:
+            for s in seqs:
+                with unit_of_work() as session:
+                    Tree(session.connection()).inclusion(s - 1, args.events)
+
+        proof_s = median_time(proofs, 3) / len(seqs)
+
+        n = args.events
+        table = Table(title=f"bundle verification, {n:,} events ({mean_bytes:.0f} bytes each), "
+                      f"medians of {args.rounds}")
+        for col in ("what", "seconds", "events/s", "x floor", "bundle MB"):
+            table.add_column(col, justify="right")
+        table.add_row("floor: SHA-256 of each event's bytes", f"{floor:.3f}",
+                      f"{n / floor:,.0f}", "1.00", "")
+        table.add_row("floor + inflating events.jsonl", f"{floor + inflate_s:.3f}",
+                      f"{n / (floor + inflate_s):,.0f}", f"{(floor + inflate_s) / floor:.2f}",
+                      "")
+        for label in ("stored", "deflated"):
+            table.add_row(f"verify_bundle ({label})", f"{verify[label]:.3f}",
+                          f"{n / verify[label]:,.0f}", f"{verify[label] / floor:.2f}",
+                          f"{len(bundles[label]) / 1e6:.1f}")
+        table.add_row("deflated, beside floor + inflating", "", "",
+                      f"{verify['deflated'] / (floor + inflate_s):.2f}", "")
+        console.print(table)
+        gen = Table(title="proof generation")
+        for col in ("what", "per event"):
+            gen.add_column(col, justify="right")
+        gen.add_row("inclusion proof, stored tree, own transaction", f"{proof_s * 1e6:.0f} µs")
+        for label in ("deflated", "stored"):
+            gen.add_row(f"export ({label}), whole log", f"{export_s[label] / n * 1e6:.1f} µs")
+        console.print(gen)
+        best = min(verify.values())
+        ok_rate = n / best >= RATE_GOAL
+        ok_floor = best / floor <= FLOOR_GOAL
+        console.print(
+            f"goal >= {RATE_GOAL:,} events/s: {'[green]ok[/]' if ok_rate else '[red]MISSED[/]'}"
+            f"; within {FLOOR_GOAL:.0f}x the floor: "
+            f"{'[green]ok[/]' if ok_floor else '[red]MISSED[/]'} (stored bundle; the "
+            f"deflated one adds decompression)")
+    finally:
+        db.reset()
+        with psycopg.connect(args.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
