@@ -231,12 +231,6 @@ def _login_failed(state: ConsoleState, client: str, exc: LoginFailed) -> Respons
     return response
 
 
-@bp.get("/")
-def home() -> str:
-    loaded: sessions.LoadedSession = g.console
-    return render_template("console/home.html", me=loaded, roles=sorted(loaded.actor.roles))
-
-
 @bp.post("/logout")
 def logout() -> Response:
     loaded: sessions.LoadedSession = g.console
@@ -259,5 +253,7 @@ def install(app: Flask, settings: Settings) -> None:
         limiter=app.extensions.get("charter.auth_limiter") or FailureLimiter(
             settings.auth_failure_limit, settings.auth_failure_window_s),
     )
+    import charter.console.pages  # noqa: F401 - the pages' routes, on `bp`
+
     app.register_blueprint(bp)
     app.after_request(_security_headers)

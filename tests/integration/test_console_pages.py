@@ -1,0 +1,120 @@
+"""The console's pages without a browser (tests/e2e drives a real one): every page renders
+for the roles that may see it and refuses the others, the lifecycle from the version page
+with the four-eyes rule shown and enforced, CSRF on every form, exports downloaded."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from charter.audit import checkpoints
+from charter.audit.verify import verify_bundle
+from charter.db import utcnow
+from charter.registry import service as registry
+from charter.registry.schemas import FileSpec, ModelCreate, VersionSpec
+from tests.audit_support import signing
+from tests.console_support import Console, notices
+
+
+@pytest.fixture
+def signed_app(configured, tmp_path):  # type: ignore[no-untyped-def]
+    from charter.app import create_app
+
+    return create_app(signing(configured, tmp_path))
+
+
+def _draft(owner, name: str = "tiny"):  # type: ignore[no-untyped-def]
+    model = registry.create_model(owner.actor, ModelCreate(
+        name=name, publisher="TinyLlama", source_repo=f"TinyLlama/{name}"))
+    return registry.create_version(owner.actor, model.id, VersionSpec(
+        label="1.0", source_revision="a" * 40, weight_format="safetensors",
+        files=[FileSpec(path="model.safetensors", size=10, sha256="b" * 64)],
+        license_declared="apache-2.0", license_card="apache-2.0", derivation="original",
+        datasets=["slimpajama"], storage_region="eu-central", hosting_regions=["eu-central"],
+        intended_use="<script>alert(1)</script> helpdesk answers"))
+
+
+def test_every_page_renders_for_who_may_see_it(signed_app, make_person) -> None:  # type: ignore[no-untyped-def]
+    steward = make_person("steward")
+    version = _draft(steward)
+    pages = {"/console/": None, "/console/models": None,
+             f"/console/versions/{version.id}": None, "/console/nodes": ("admin", "operator",
+                                                                       "auditor"),
+             "/console/audit": ("admin", "auditor")}
+    for role in ("admin", "steward", "approver", "operator", "auditor", "user"):
+        tab = Console(signed_app, make_person(role).actor.user_id)
+        for path, allowed in pages.items():
+            r = tab.get(path)
+            if allowed is None or role in allowed:
+                assert r.status_code == 200, (role, path, r.status_code)
+                assert 'aria-current="page"' in r.text
+            else:
+                assert r.status_code == 403 and 'data-code="forbidden"' in r.text, (role, path)
+        nav = tab.get("/console/").text
+        assert ('href="/console/audit"' in nav) == (role in ("admin", "auditor"))
+        assert ('href="/console/nodes"' in nav) == (role in ("admin", "operator", "auditor"))
+    page = Console(signed_app, steward.actor.user_id).get(f"/console/versions/{version.id}").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+    assert "Commercial use: <strong>allowed</strong>" in page
+
+
+def test_the_lifecycle_from_the_version_page(signed_app, make_person) -> None:  # type: ignore[no-untyped-def]
+    steward, approver = make_person("steward", "approver"), make_person("approver")
+    version = _draft(steward)
+    mine = Console(signed_app, steward.actor.user_id)
+    path = f"/console/versions/{version.id}"
+    r = mine.post(f"{path}/submit", {"row_version": "1"})
+    assert notices(r.text, "ok") == ["Submitted tiny 1.0 for approval."]
+    assert 'id="four-eyes"' in r.text and 'id="approve-form"' not in r.text
+    # The form is not offered; posting it anyway is refused by the service and audited.
+    until = (utcnow() + timedelta(days=30)).date().isoformat()
+    form = {"row_version": "2", "allowed_regions": "eu-central",
+            "allowed_data_classes": "internal", "allowed_purposes": "assistant",
+            "expires_at": until, "reason": "fine"}
+    r = mine.post(f"{path}/approve", form)
+    refused = notices(r.text, "error")
+    assert any("four-eyes" in n and "(self_approval_forbidden)" in n for n in refused), refused
+    other = Console(signed_app, approver.actor.user_id)
+    page = other.get(path).text
+    assert 'id="approve-form"' in page and 'id="four-eyes"' not in page
+    r = other.post(f"{path}/approve", {**form, "allowed_data_classes": ""})
+    assert any("allowed_data_classes" in n for n in notices(r.text, "error"))
+    r = other.post(f"{path}/approve", form, csrf=False, follow=False)
+    assert r.status_code == 403 and 'data-code="csrf_failed"' in r.text
+    r = other.post(f"{path}/approve", form)
+    assert notices(r.text, "ok") == [f"Approved tiny 1.0 until {until}."]
+    assert registry.get_version(version.id).state == "approved"
+    r = other.post(f"{path}/revoke", {"row_version": "3", "reason": "leaked weights"})
+    assert any("confirmation_required" in n for n in notices(r.text, "error"))
+    r = other.post(f"{path}/revoke", {"row_version": "3", "reason": "leaked weights",
+                                      "confirm": "revoke"})
+    assert notices(r.text, "ok") == ["Revoked tiny 1.0: its traffic stopped."]
+    trail = r.text[r.text.index('id="trail"'):]
+    for action in ("version.submit", "version.approve", "version.revoke"):
+        assert action in trail
+
+
+def test_the_auditor_downloads_what_verifies(signed_app, make_person, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    steward, auditor = make_person("steward"), make_person("auditor")
+    version = _draft(steward)
+    tab = Console(signed_app, auditor.actor.user_id)
+    r = tab.post("/console/audit/export", {"target_type": "model_version",
+                                           "target_id": version.id}, follow=False)
+    assert r.status_code == 200 and r.mimetype == "application/zip"
+    key = checkpoints.load_signers(signed_app.extensions["charter.settings"])[0].verifier
+    report = verify_bundle(r.data, [key])
+    assert report.ok and report.events >= 1
+    r = tab.post("/console/audit/export", {"since": "yesterday"}, follow=False)
+    assert r.status_code == 422 and "(validation_failed)" in r.text
+    r = tab.post("/console/audit/verify")
+    assert r.status_code == 200 and "chain verified" in r.text
+    r = tab.get("/console/audit/ml-bom")
+    assert r.status_code == 200 and r.get_json()["bomFormat"] == "CycloneDX"
+    r = tab.get(f"/console/versions/{version.id}/evidence?format=html")
+    assert r.status_code == 200 and "tiny" in r.text
+    r = tab.get(f"/console/audit?target_type=model_version&target_id={version.id}")
+    assert "version.create" in r.text or "model_version" in r.text
+    assert 'id="checkpoints"' in r.text
+    r = Console(signed_app, steward.actor.user_id).get("/console/audit/ml-bom")
+    assert r.status_code == 403
