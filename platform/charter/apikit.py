@@ -121,10 +121,39 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
             details={"errors": [{"field": "body", "code": "object_type",
                                  "message": "expected an object"}]},
         )
+    _refuse_unstorable([("body", parsed)])
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_failed(exc, "request body") from None
+
+
+def _unstorable(value: str) -> bool:
+    """NUL or a lone surrogate: no text column (and no UTF-8 encoder) takes them."""
+    return "\x00" in value or not value.isascii() and any(
+        "\ud800" <= c <= "\udfff" for c in value)
+
+
+def _refuse_unstorable(items: list[tuple[str, Any]]) -> None:
+    bad: list[str] = []
+    stack = list(items)
+    while stack and len(bad) < 20:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if _unstorable(value):
+                bad.append(where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((f"{where}.{k}" if _unstorable(k) is False else f"{where}.?", v))
+                if _unstorable(k):
+                    bad.append(f"{where} (a key)")
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    if bad:
+        raise ValidationFailedError(
+            "text may not hold NUL characters or unpaired surrogates",
+            details={"errors": [{"field": f, "code": "unstorable_text",
+                                 "message": "NUL or an unpaired surrogate"} for f in sorted(bad)]})
 
 
 def parse_query(model: type[BaseModel]) -> BaseModel:
@@ -136,6 +165,7 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
             unknown.append(key)
         elif values:
             data[key] = values[0]
+    _refuse_unstorable(list(data.items()))
     if unknown:
         raise ValidationFailedError(
             "unknown or repeated query parameters",

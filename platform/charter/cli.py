@@ -461,5 +461,9 @@ def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str
     serve_node(app, host, port)
 
 
+from charter.exports.cli import exports  # noqa: E402 - its commands need main's group only
+
+main.add_command(exports)
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from charter.identity.actor import Actor
 from charter.settings import Settings
 
 bp = ApiBlueprint("audit", __name__, url_prefix="/api/v1")
+MAX_SEQ = 2**53 - 1  # sequence numbers and sizes stay exact in JSON
 READERS = ("admin", "auditor")
 
 
@@ -29,7 +30,7 @@ class EventQuery(BaseModel):
     outcome: Literal["success", "denied", "failure"] | None = None
     since: AwareDatetime | None = None
     until: AwareDatetime | None = None
-    after_seq: Annotated[int, Field(ge=0)] = 0
+    after_seq: Annotated[int, Field(ge=0, le=MAX_SEQ)] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
@@ -121,14 +122,15 @@ class CheckpointPage(BaseModel):
 
 class CheckpointQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    after_id: Annotated[int, Field(ge=0)] = 0
+    after_id: Annotated[int, Field(ge=0, le=MAX_SEQ)] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class InclusionQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seq: Annotated[int, Field(ge=1)] | None = None  # required: checked after authorization
-    size: Annotated[int, Field(ge=1)] | None = Field(
+    # required: checked after authorization (a caller without the role gets 403 first)
+    seq: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = None
+    size: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = Field(
         None, description="A checkpointed tree size; default: the event's covering checkpoint.")
 
 
@@ -143,8 +145,9 @@ class InclusionOut(BaseModel):
 
 class ConsistencyQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    first: Annotated[int, Field(ge=1)] | None = None  # required: checked after authorization
-    second: Annotated[int, Field(ge=1)] | None = None
+    # required: checked after authorization
+    first: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = None
+    second: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = None
 
 
 class ConsistencyOut(BaseModel):
@@ -162,8 +165,8 @@ class ExportIn(BaseModel):
     target_type: Annotated[str, Field(max_length=50)] | None = None
     target_id: Annotated[str, Field(max_length=200)] | None = None
     team: Annotated[str, Field(max_length=100)] | None = None
-    first_seq: Annotated[int, Field(ge=1)] | None = None
-    last_seq: Annotated[int, Field(ge=1)] | None = None
+    first_seq: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = None
+    last_seq: Annotated[int, Field(ge=1, le=MAX_SEQ)] | None = None
 
 
 def _required(**values: int | None) -> None:

@@ -128,7 +128,7 @@ def list_deployments(actor: Actor) -> object:
 
 @bp.operation("POST", "/deployments",
               summary="Bind a serving name to an approved version and its nodes",
-              body=DeploymentCreate, response=DeploymentOut, status=201, errors=(403, 409))
+              body=DeploymentCreate, response=DeploymentOut, status=201, errors=(403, 404, 409))
 def create_deployment(actor: Actor, body: DeploymentCreate) -> object:
     return service.create_deployment(actor, serving_name=body.serving_name,
                                      version_id=body.version_id, node_ids=body.node_ids)

@@ -7,11 +7,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import rfc8785
+
 from charter.audit.chain import canonical_json
 from charter.audit.service import append_event
 from charter.audit.writer import Event
 from charter.db import unit_of_work
-from charter.errors import ConfigurationError
+from charter.errors import ConfigurationError, ValidationFailedError
 from charter.policy.bundle import PolicyBundle, default_policy_dir
 from charter.policy.cache import VerdictCache
 from charter.policy.engine import (
@@ -57,7 +59,14 @@ def get_engine() -> PolicyEngine:
 
 
 def input_digest(input_doc: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(canonical_json(input_doc)).hexdigest()
+    try:
+        return "sha256:" + hashlib.sha256(canonical_json(input_doc)).hexdigest()
+    except rfc8785.CanonicalizationError as exc:  # e.g. an integer beyond 2**53
+        raise ValidationFailedError(
+            "the input cannot be recorded exactly: it holds a number JSON cannot carry "
+            "exactly (integers are limited to +-2**53 - 1) or a non-finite number",
+            details={"errors": [{"field": "input", "code": "not_canonical",
+                                 "message": str(exc)[:200]}]}) from None
 
 
 def evaluate(
