@@ -1,4 +1,4 @@
 """The console's pages, one module a section; importing them adds their routes to the
 console blueprint."""
 
-from charter.console.pages import audit, models, nodes, overview  # noqa: F401
+from charter.console.pages import access, audit, batches, models, nodes, overview, policies  # noqa: F401

@@ -1,0 +1,297 @@
+"""Access: teams with their members, entitlements, quota and usage; service accounts; API
+keys (shown once, in the answer to the form that made them; revoked here); users and roles
+for admins.
+
+The services decide who may do what (the actor is passed along). Admin-only forms are
+refused before the service is reached, with the action names the services audit, so a
+forged post answers the 403 page; refusals that depend on the data (not a manager of this
+team, the last admin) come back as notices.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+from flask import Response, current_app, flash, g, redirect, request, url_for
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from charter.console.ui import action, form_list, problems, render
+from charter.console.views import bp
+from charter.db import unit_of_work, utcnow
+from charter.dispatch.models import Usage
+from charter.errors import CharterError, NotFoundError, ValidationFailedError
+from charter.identity import service as identity
+from charter.identity import teams
+from charter.identity.access import can_manage_keys, can_manage_team, memberships
+from charter.identity.api import TeamCreate, TeamUpdate
+from charter.identity.models import ROLES, TEAM_ROLES, Team, User
+
+USAGE_DAYS = 14
+USER_READERS = ("admin", "auditor")  # as GET /api/v1/users
+
+
+# --- reads the services do not offer (pure reads) ----------------------------------------
+
+def _usage(team_ids: list[str], since: date) -> list[Usage]:
+    """Metered requests and tokens per team, serving name and UTC day."""
+    if not team_ids:
+        return []
+    with unit_of_work() as session:
+        return list(session.scalars(
+            select(Usage).where(Usage.team_id.in_(team_ids), Usage.day >= since)
+            .order_by(Usage.day.desc(), Usage.serving_name)))
+
+
+def _used_today(team_ids: list[str]) -> dict[str, int]:
+    if not team_ids:
+        return {}
+    today = utcnow().date()
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
+            .where(Usage.team_id.in_(team_ids), Usage.day == today)
+            .group_by(Usage.team_id)).all()
+    return {team_id: int(n) for team_id, n in rows}
+
+
+def _user_id_by_name(username: str) -> str:
+    with unit_of_work() as session:
+        found = session.scalar(select(User.id).where(User.username == username.strip()))
+    if found is None:  # the same answer as for a user the actor may not see
+        raise NotFoundError(f"no user {username.strip()[:100]}", code="user_not_found")
+    return found
+
+
+def _may_manage_team(team_id: str) -> bool:
+    with unit_of_work() as session:
+        return can_manage_team(session, g.actor, team_id)
+
+
+def _may_manage_keys(user: User) -> bool:
+    with unit_of_work() as session:
+        return can_manage_keys(session, g.actor, user)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+def _admin_only(action_name: str, target_type: str, target_id: str) -> None:
+    g.actor.require("admin", action=action_name, target_type=target_type, target_id=target_id)
+
+
+def _refused(exc: Exception) -> None:
+    code = exc.code if isinstance(exc, CharterError) else "validation_failed"
+    for i, line in enumerate(problems(exc)):
+        flash(f"{line} ({code})" if i == 0 else line, "error")
+
+
+def _day(name: str) -> datetime | None:
+    raw = request.form.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        day = datetime.strptime(raw, "%Y-%m-%d").date()
+    except ValueError:
+        raise ValidationFailedError(f"`{name}` is not a date", details={"errors": [
+            {"field": name, "code": "format", "message": "a date (YYYY-MM-DD)"}]}) from None
+    return datetime.combine(day, time(23, 59, 59), tzinfo=UTC)
+
+
+def _quota(raw: str) -> int | None:
+    raw = raw.strip()
+    if not raw:
+        return None  # no limit
+    if not raw.isdigit():
+        raise ValidationFailedError("the quota is a whole number of requests a day",
+                                    details={"errors": [{"field": "requests_per_day",
+                                                         "code": "invalid",
+                                                         "message": "digits, or empty for none"}]})
+    return int(raw)
+
+
+def _entitlements() -> dict[str, list[str]]:
+    return {k: form_list(k) for k in ("models", "data_classes", "regions")}
+
+
+def _row_version() -> int:
+    raw = request.form.get("row_version", "")
+    return int(raw) if raw.isdigit() else -1
+
+
+# --- the overview: own keys, teams, quotas -----------------------------------------------
+
+@bp.get("/access")
+def access() -> Response:
+    me = identity.get_user(g.actor, g.actor.user_id)
+    keys = identity.list_api_keys(g.actor, g.actor.user_id)
+    found = teams.list_teams(g.actor)
+    with unit_of_work() as session:
+        mine = memberships(session, g.actor.user_id)
+    return render("console/pages/access.html", section="access", title="Access", user=me,
+                  keys=keys, teams=found, mine=mine,
+                  used=_used_today([t.id for t in found]), now=utcnow(),
+                  default_ttl=current_app.extensions["charter.settings"]
+                  .api_key_default_ttl_days, team_roles=TEAM_ROLES)
+
+
+@bp.post("/access/teams")
+@action(lambda: url_for("console.access"))
+def team_create() -> str:
+    name = request.form.get("name", "").strip()
+    _admin_only("team.create", "team", name or "-")
+    body = TeamCreate.model_validate({
+        "name": name, "description": request.form.get("description", ""),
+        "entitlements": _entitlements(),
+        "requests_per_day": _quota(request.form.get("requests_per_day", "")),
+        "default_data_class": request.form.get("default_data_class", "").strip() or "internal"})
+    team = teams.create_team(g.actor, name=body.name, description=body.description,
+                             entitlements=body.entitlements.model_dump(),
+                             requests_per_day=body.requests_per_day,
+                             default_data_class=body.default_data_class)
+    return f"Created team {team.name}."
+
+
+# --- a team ------------------------------------------------------------------------------
+
+@bp.get("/access/teams/<team_id>")
+def team(team_id: str) -> Response:
+    found = teams.get_team(g.actor, team_id)
+    members = teams.list_members(g.actor, team_id)
+    accounts = teams.list_service_accounts(g.actor, team_id)
+    since = utcnow().date() - timedelta(days=USAGE_DAYS - 1)
+    usage = _usage([team_id], since)
+    return render("console/pages/access_team.html", section="access", title=found.name,
+                  team=found, members=members, accounts=accounts, usage=usage, since=since,
+                  used_today=_used_today([team_id]).get(team_id, 0),
+                  manager=_may_manage_team(team_id), team_roles=TEAM_ROLES)
+
+
+def _team_back(team_id: str, **_: str) -> str:
+    return url_for("console.team", team_id=team_id)
+
+
+@bp.post("/access/teams/<team_id>")
+@action(_team_back)
+def team_update(team_id: str) -> str:
+    _admin_only("team.update", "team", team_id)
+    body = TeamUpdate.model_validate({
+        "row_version": _row_version(), "description": request.form.get("description", ""),
+        "entitlements": _entitlements(),
+        "requests_per_day": _quota(request.form.get("requests_per_day", "")),
+        "default_data_class": request.form.get("default_data_class", "").strip() or "internal"})
+    changes = body.model_dump(exclude={"row_version"})
+    updated = teams.update_team(g.actor, team_id, changes, row_version=body.row_version)
+    return f"Saved team {updated.name}."
+
+
+@bp.post("/access/teams/<team_id>/members")
+@action(_team_back)
+def member_set(team_id: str) -> str:
+    role = request.form.get("team_role", "member")
+    if role not in TEAM_ROLES:
+        raise ValidationFailedError("the team role is member or manager", details={"errors": [
+            {"field": "team_role", "code": "invalid", "message": "member or manager"}]})
+    username = request.form.get("username", "")
+    teams.get_team(g.actor, team_id)  # an unseen team stays unseen, whatever the name
+    member = teams.set_member(g.actor, team_id, _user_id_by_name(username), role)
+    return f"{username.strip()} is a {member.team_role} of the team."
+
+
+@bp.post("/access/teams/<team_id>/members/<user_id>/remove")
+@action(_team_back)
+def member_remove(team_id: str, user_id: str) -> str:
+    teams.remove_member(g.actor, team_id, user_id)
+    return "Removed the member."
+
+
+@bp.post("/access/teams/<team_id>/service-accounts")
+@action(_team_back)
+def service_account_create(team_id: str) -> str:
+    user = teams.create_service_account(
+        g.actor, team_id, username=request.form.get("username", "").strip(),
+        display_name=request.form.get("display_name", "").strip())
+    return f"Created service account {user.username}; give it an API key on its page."
+
+
+# --- a user's keys -----------------------------------------------------------------------
+
+@bp.get("/access/users/<user_id>")
+def user_keys(user_id: str) -> Response:
+    user = identity.get_user(g.actor, user_id)
+    keys = identity.list_api_keys(g.actor, user_id)
+    owner = teams.get_team(g.actor, user.owner_team_id) if user.owner_team_id else None
+    return render("console/pages/access_user.html", section="access", title=user.username,
+                  user=user, keys=keys, owner_team=owner, manage=_may_manage_keys(user),
+                  now=utcnow(), default_ttl=current_app.extensions["charter.settings"]
+                  .api_key_default_ttl_days)
+
+
+def _keys_back(user_id: str) -> str:
+    if user_id == g.actor.user_id:
+        return url_for("console.access")
+    return url_for("console.user_keys", user_id=user_id)
+
+
+@bp.post("/access/users/<user_id>/api-keys")
+def key_create(user_id: str) -> Response:
+    """The token is in this answer and nowhere else: not stored, not in a redirect."""
+    try:
+        issued = identity.create_api_key(
+            g.actor, user_id, name=request.form.get("name", "").strip(),
+            expires_at=_day("expires_at"),
+            default_ttl_days=current_app.extensions["charter.settings"]
+            .api_key_default_ttl_days)
+        user = identity.get_user(g.actor, user_id)
+    except (CharterError, ValidationError) as exc:
+        if isinstance(exc, CharterError) and exc.status == 404:
+            raise
+        _refused(exc)
+        return redirect(_keys_back(user_id), code=303)
+    return render("console/pages/access_key.html", section="access", title="New API key",
+                  key=issued.key, token=issued.token, user=user,
+                  back=_keys_back(user_id), status=201)
+
+
+@bp.post("/access/api-keys/<key_id>/revoke")
+def key_revoke(key_id: str) -> Response:
+    back_user = request.form.get("user_id", g.actor.user_id)
+    try:
+        key = identity.revoke_api_key(g.actor, key_id)
+        flash(f"Revoked the API key {key.name} ({key.id}).", "ok")
+    except CharterError as exc:
+        _refused(exc)
+    return redirect(_keys_back(back_user if isinstance(back_user, str) else ""), code=303)
+
+
+# --- users and roles (admins; auditors read) ---------------------------------------------
+
+@bp.get("/access/users")
+def users() -> Response:
+    g.actor.require(*USER_READERS, action="user.list", target_type="user", target_id="*")
+    everyone = identity.list_users()
+    with unit_of_work() as session:
+        names = dict(session.execute(select(Team.id, Team.name)).tuples().all())
+    return render("console/pages/access_users.html", section="access", title="Users",
+                  users=everyone, roles=ROLES, team_names=names)
+
+
+@bp.post("/access/users")
+@action(lambda: url_for("console.users"))
+def user_create() -> str:
+    username = request.form.get("username", "").strip()
+    _admin_only("user.create", "user", username or "-")
+    roles = [r for r in request.form.getlist("roles") if r]
+    user = identity.create_user(g.actor, username=username,
+                                display_name=request.form.get("display_name", "").strip(),
+                                kind="user", roles=roles)
+    return f"Created {user.username} ({', '.join(user.roles) or 'no roles'})."
+
+
+@bp.post("/access/users/<user_id>/roles")
+@action(lambda user_id: url_for("console.users"))
+def user_roles(user_id: str) -> str:
+    _admin_only("user.set_roles", "user", user_id)
+    user = identity.set_roles(g.actor, user_id, request.form.getlist("roles"),
+                              row_version=_row_version())
+    return f"{user.username} now has: {', '.join(user.roles) or 'no roles'}."
+
