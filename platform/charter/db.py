@@ -212,6 +212,14 @@ def unit_of_work() -> Iterator[Session]:
         ) from exc
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
         raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
+    except sa_exc.ProgrammingError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        # The app's role may not write a table it must (the audit log, say): nothing was
+        # changed, and nothing may go on unrecorded. An operator's problem, not the caller's.
+        raise DatabaseUnavailableError(
+            "the database refused a write this action needs (permission denied); nothing "
+            "was changed", details={"reason": "permission_denied"}) from exc
 
 
 def refuse(exc: CharterError) -> NoReturn:
