@@ -72,6 +72,14 @@ def error_response(status: int, code: str, message: str,
 
 @bp.errorhandler(CharterError)
 def _charter_error(exc: CharterError) -> Response:
+    actor = g.get("actor")
+    if getattr(exc, "unrecorded", False) and actor is not None:
+        # A malformed request of a known caller is a refused dispatch like any other; if
+        # even that cannot be recorded, the caller hears so (audit_unavailable).
+        name = str((request.view_args or {}).get("name") or g.get("asked_model") or "-")
+        if not name.isprintable() or len(name) > 200:
+            name = "-"  # a name no deployment could have (invalid_model_name says so)
+        exc = service.record_refusal(actor, name, exc)
     headers = {}
     if "retry_after_s" in exc.details:
         headers["Retry-After"] = str(exc.details["retry_after_s"])
@@ -89,7 +97,9 @@ def _too_large(_exc: Exception) -> Response:
 # --- parsing --------------------------------------------------------------------------------
 
 def _bad(message: str, code: str = "invalid_request") -> DispatchError:
-    return DispatchError(message, code=code, status=422 if _protocol() == "tgi" else 400)
+    exc = DispatchError(message, code=code, status=422 if _protocol() == "tgi" else 400)
+    exc.unrecorded = True  # type: ignore[attr-defined] - the handler audits it
+    return exc
 
 
 def _body() -> tuple[dict[str, Any], bytes]:
@@ -100,6 +110,8 @@ def _body() -> tuple[dict[str, Any], bytes]:
         raise _bad("the body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
+    if isinstance(body.get("model"), str):
+        g.asked_model = body["model"][:200]
     return body, raw
 
 
