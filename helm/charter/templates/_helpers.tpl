@@ -342,10 +342,10 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 {{- end -}}
 
 {{- define "charter.appVolumes" -}}
+# On disk, not in memory: uploads and audit exports spool through temporary files.
 - name: tmp
   emptyDir:
-    medium: Memory
-    sizeLimit: 256Mi
+    sizeLimit: 2Gi
 {{ include "charter.policyVolume" . }}
 - name: signing-keys
   secret:

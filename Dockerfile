@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# Charter's image: the control plane only (no torch, no dev extras), run as a non-root user
+# on a read-only root filesystem. The Helm chart's default image is built from this file:
+#
+#   docker build -t charter:0.1.0 .
+#
+# The base image is pinned by tag, and by digest once you set PYTHON_DIGEST to the digest of
+# the image you mirrored (`crane digest` / `skopeo inspect`, see docs/operations/helm.md).
+# No digest is committed here because none could be checked from where this file was
+# written; a build with the default empty digest uses the tag alone.
+ARG PYTHON_IMAGE=docker.io/library/python
+ARG PYTHON_TAG=3.11.13-slim-bookworm
+ARG PYTHON_DIGEST=
+
+FROM ${PYTHON_IMAGE}:${PYTHON_TAG}${PYTHON_DIGEST:+@}${PYTHON_DIGEST} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/charter/venv
+# Charter finds its migrations/ and policies/ beside its package (charter/migrate.py and
+# charter/policy/bundle.py look two and three folders above their own file), so it is
+# installed in place from the source tree in /opt/charter/app rather than into
+# site-packages, where those folders would be missing.
+WORKDIR /opt/charter/app
+COPY pyproject.toml README.md ./
+COPY platform ./platform
+COPY migrations ./migrations
+COPY policies ./policies
+RUN /opt/charter/venv/bin/pip install --upgrade pip \
+ && /opt/charter/venv/bin/pip install -e .
+# The control plane installs light: torch belongs to the `node` extra only.
+RUN ! /opt/charter/venv/bin/python -c "import torch" 2>/dev/null
+# The root filesystem is read-only at run time: compile the bytecode now.
+RUN /opt/charter/venv/bin/python -m compileall -q /opt/charter/app/platform
+
+FROM ${PYTHON_IMAGE}:${PYTHON_TAG}${PYTHON_DIGEST:+@}${PYTHON_DIGEST}
+LABEL org.opencontainers.image.title="Charter" \
+      org.opencontainers.image.description="Sovereign-AI governance: approved-model registry, policy-enforced dispatch, tamper-evident audit." \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 charter \
+ && useradd --system --uid 10001 --gid charter --home-dir /tmp --no-create-home \
+      --shell /usr/sbin/nologin charter
+COPY --from=build /opt/charter /opt/charter
+ENV PATH=/opt/charter/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["charter"]
+CMD ["serve", "--bind", "0.0.0.0:8080", "--workers", "2"]
