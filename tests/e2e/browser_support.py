@@ -26,6 +26,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
+# Playwright drives the system browser; it must never fetch one of its own.
+os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 BIN = Path(sys.executable).parent
 CHROMIUM = Path(os.environ.get("CHARTER_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -169,6 +171,19 @@ def shoot(page: Any, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, button')]
+  .filter(el => el.type !== 'hidden')
+  .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
+
+def unlabelled(page: Any) -> list[str]:
+    """Form controls a screen reader could not name (no label, no aria-label, no text)."""
+    found: list[str] = page.evaluate(UNLABELLED)
+    return found
 
 
 def role_map() -> str:

@@ -260,14 +260,28 @@ def test_the_console_journey_in_a_browser(world: World, make_person) -> None:  #
     # htmx (vendored, under the CSP) swapped the result in: the address did not change.
     assert admin.url.endswith("/console/policies?policy=dispatch")
     assert admin.locator("#decision [data-allow]").get_attribute("data-allow") == "true"
+    assert bs.unlabelled(admin) == []
     bs.shoot(admin, "policies")
     admin.goto(f"{world.base}/console/audit")
     bs.shoot(admin, "audit")
     admin.goto(f"{world.base}/console/access")
     bs.shoot(admin, "access")
+    assert bs.unlabelled(admin) == []
+    admin.click("#teams a:text-is('apps')")
+    assert "4 of 100 requests today" in admin.locator("#entitlements").inner_text()
+    assert bs.unlabelled(admin) == []
+    bs.shoot(admin, "access-team")
+    admin.goto(f"{world.base}/console/access/users")
+    sso_row = admin.locator("tr[id='user-ada-approver']")
+    assert "from the identity provider" in sso_row.inner_text()  # the role map decides
+    assert sso_row.locator("button").count() == 0
+    assert admin.locator(f"tr[id='user-{operator.actor.username}'] button").count() == 1
+    assert bs.unlabelled(admin) == []
+    bs.shoot(admin, "access-users")
     admin.goto(f"{world.base}/console/batches")
     row = admin.locator(f"tr[id='{batch_id}']").inner_text()
     assert "3 of 3 done (100%)" in row and "completed" in row.lower()
+    assert bs.unlabelled(admin) == []
     bs.shoot(admin, "batches")
     tablet = world.tab(admin_sub, viewport=(820, 1180))
     bs.shoot(tablet, "tablet-overview")
@@ -292,6 +306,8 @@ def test_the_console_journey_in_a_browser(world: World, make_person) -> None:  #
 
     # --- someone without the auditor role: no Audit in the nav, and the page refuses -----
     plain = world.tab(plain_sub)
+    plain.keyboard.press("Tab")  # the first stop skips the navigation
+    assert plain.evaluate("document.activeElement.className") == "skip"
     nav = plain.locator("nav[aria-label=Sections]")
     assert nav.locator("a[href='/console/audit']").count() == 0
     assert nav.locator("a[href='/console/access']").count() == 1

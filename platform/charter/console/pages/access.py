@@ -287,8 +287,11 @@ def users() -> Response:
     everyone = identity.list_users()
     with unit_of_work() as session:
         names = {t_id: name for t_id, name in session.execute(select(Team.id, Team.name))}
+    # With a role map the provider is the source of truth for SSO users' roles: a change
+    # here would be undone at their next sign-in, so it is not offered.
+    idp_roles = bool(current_app.extensions["charter.settings"].oidc_role_map)
     return render("console/pages/access_users.html", section="access", title="Users",
-                  users=everyone, roles=ROLES, team_names=names)
+                  users=everyone, roles=ROLES, team_names=names, idp_roles=idp_roles)
 
 
 @bp.post("/access/users")
