@@ -270,6 +270,13 @@ def _install_probes(app: Flask, settings: Settings) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks["database"] = f"unavailable: {type(exc).__name__}"
             ready = False
+        check = getattr(policy.get_engine(), "check", None)  # the remote engine's (OPA)
+        if check is not None:
+            try:
+                checks["policy"] = check()
+            except CharterError as exc:
+                checks["policy"] = f"unavailable: {exc.code}"
+                ready = False
         return jsonify({"status": "ready" if ready else "not_ready", "checks": checks}), (
             200 if ready else 503
         )

@@ -266,3 +266,29 @@ def test_cached_decisions_are_still_audited(configured) -> None:  # type: ignore
     assert first.decision_id != second.decision_id and first.allow and second.allow
     events = list_events(EventFilter(action="policy.decide"))
     assert [e.details.get("cached", False) for e in events][-2:] == [False, True]
+
+
+def test_readiness_follows_the_remote_engine(configured) -> None:  # type: ignore[no-untyped-def]
+    """/readyz says not ready while the OPA sidecar is away or holds other policies, and
+    ready again once it answers: Kubernetes then routes nothing to a pod that would refuse
+    every decision."""
+    import dataclasses
+
+    from charter.app import create_app
+
+    server = OpaTestServer()
+    app = create_app(dataclasses.replace(configured, policy_backend="remote",
+                                         opa_url=server.url, opa_timeout_s=0.5))
+    client = app.test_client()
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    assert r.get_json()["checks"]["policy"] == "unavailable: policy_engine_error"
+    with server:
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.get_json()["checks"]["policy"] == "ok"
+        server.data["charter"] = {**server.data["charter"], "revision": "sha256:other"}
+        server.rebuild()  # as if the sidecar restarted with other policies
+        r = client.get("/readyz")
+        assert r.status_code == 503  # pushed again on the next check, then ready
+        assert r.get_json()["checks"]["policy"] == "unavailable: policy_revision_mismatch"
+        assert client.get("/readyz").status_code == 200

@@ -218,6 +218,24 @@ class RemoteEngine:
                 )
             self._loaded = True
 
+    def check(self) -> str:
+        """For /readyz: the OPA server answers and holds this revision (raises otherwise)."""
+        try:
+            self._ensure_loaded()  # pushes the bundle first when Charter owns it
+            held = self.client.get_data("charter/revision").get("result")
+        except PolicyUnavailableError:
+            self._loaded = False
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: not ready
+            self._loaded = False
+            raise PolicyUnavailableError("the OPA server is unreachable",
+                                         code="policy_engine_error") from exc
+        if held != self.revision:  # e.g. the sidecar restarted with other data
+            self._loaded = False
+            raise PolicyUnavailableError("the OPA server holds another policy revision",
+                                         code="policy_revision_mismatch")
+        return "ok"
+
     def evaluate(self, policy: str, input_doc: dict[str, Any]) -> Verdict:
         import requests
 
