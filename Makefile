@@ -26,9 +26,7 @@ test: setup-dev
 
 bench: setup-dev
 	bash scripts/services-up
-	$(BIN)/python bench/audit_append.py
-	$(BIN)/python bench/policy.py
-	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/report.py --out docs/performance-report.md
 
 lint: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from results import emit, figure
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import JSON, BigInteger, Identity, Index, MetaData, String, select, text
@@ -205,6 +206,12 @@ def main() -> None:
             f"verify_chain: {verdict.count} events in {took:.3f}s = "
             f"{rate:,.0f} events/s (goal {VERIFY_GOAL:,}): {mark}"
         )
+        emit("audit_append", [
+            figure("chained audit append (append_event), events/s", chained, "/s",
+                   baseline="plain INSERT", baseline_value=plain, goal=">= 0.5x plain",
+                   met=chained / plain >= 0.5),
+            figure("verify_chain, events/s", rate, "/s", goal=f">= {VERIFY_GOAL:,}/s",
+                   met=rate >= VERIFY_GOAL)], writers=args.writers, events=args.events)
         if rate < VERIFY_GOAL:
             prof = profile_verify()
             rows = prof.pop("rows")

@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway as gw  # noqa: E402 - the gateway benchmark's database, seed and helpers
+from results import emit, figure  # noqa: E402
 
 GOAL_RATIO = 0.8
 
@@ -240,6 +241,10 @@ def run(args: argparse.Namespace) -> None:
     if args.py_spy:
         _lane_profile(console)
     met = ratio >= GOAL_RATIO
+    emit("batch", [figure("batch lines/s through Charter", med("charter"), "/s",
+                          baseline="direct to the node", baseline_value=med("direct"),
+                          goal=f">= {GOAL_RATIO}x direct", met=met)],
+         lines=args.lines, concurrency=args.concurrency, node_ms=args.node_ms)
     by_round = ", ".join(f"{x['ratio']:.2f}" for x in rounds)
     console.print(f"goal >= {GOAL_RATIO} x direct: {'met' if met else 'NOT met'} "
                   f"(ratios by round: {by_round})")

@@ -25,6 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from results import emit, figure
+
 MODEL_ID = "bench/fast-tgi"
 MODEL_SHA = "0123456789abcdef0123456789abcdef01234567"  # what the stub's /info reports
 SECRET = "bench-secret-key-that-is-long-enough-0000"  # noqa: S105 - a throwaway database
@@ -281,6 +283,13 @@ def _stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     return raw[raw.rfind(")") + 2:].split()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _cpu_s(pid: int) -> float:
@@ -837,6 +846,8 @@ def run(args: argparse.Namespace) -> None:
             spy = _pyspy_profile(args.py_spy, master, port, tool, args.duration + 3, groups, tmp)
         peer = (_peer_rounds(args, tool, groups, key, up_port, port, tmp)
                 if args.litellm else None)
+        rss = [_rss_mb(pid) for pid in _children(master)]
+        profile["worker_rss_mb"] = statistics.median(rss) if rss else 0.0
         report(console, args, rounds, profile, spy, wrk, load_before, peer)
     finally:
         _stop(charter_proc)
@@ -924,8 +935,10 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def report_peer(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]]) -> bool:
-    """The OpenAI chat route: direct, Charter and LiteLLM side by side; True if the goal holds."""
+def report_peer(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]]
+                ) -> tuple[float, float]:
+    """The OpenAI chat route: direct, Charter and LiteLLM side by side; (Charter's throughput,
+    LiteLLM's)."""
     from rich.table import Table
 
     med = statistics.median
@@ -953,7 +966,7 @@ def report_peer(console: Any, args: argparse.Namespace, rounds: list[dict[str, A
     console.print("  Charter's row has everything on (API key, dispatch policy, decision event "
                   "committed before dispatch, outcome event, usage); LiteLLM's proxy runs with a "
                   "master key and no database, i.e. less work.")
-    return ratio >= GOAL_PEER_RATIO
+    return rps["charter"], rps["litellm"]
 
 
 def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
@@ -1010,7 +1023,8 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   "master + workers for the Charter row (user+sys from /proc, / requests "
                   "completed); 'others' is CPU used by processes outside this benchmark during "
                   "the c=32 runs (interference), in cores.")
-    peer_ok = report_peer(console, args, peer) if peer else None
+    peer_rps = report_peer(console, args, peer) if peer else None
+    peer_ok = (peer_rps[0] >= GOAL_PEER_RATIO * peer_rps[1]) if peer_rps else None
     if peer is None:
         console.print("  LiteLLM's proxy was not run (install it in a separate environment, "
                       "`python -m venv /tmp/ll && /tmp/ll/bin/pip install 'litellm[proxy]'`, and "
@@ -1045,6 +1059,33 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
 
     charter_cpu = per_req("charter", "charter")
     stream_errors = sum(r["charter_streams"]["errors"] for r in rounds)
+    def ttft(path: str) -> float:
+        vals = [_pct(r[path]["ttft"], .5) for r in rounds if r[path]["ttft"]]
+        return med(vals) if vals else float("nan")
+
+    figures = [
+        figure("added latency p50 at c=1", added50, "ms", baseline="direct",
+               baseline_value=lat("direct", .5), goal=f"<= {GOAL_P50_MS:g} ms",
+               met=added50 <= GOAL_P50_MS),
+        figure("added latency p99 at c=1", added99, "ms", baseline="direct",
+               baseline_value=lat("direct", .99), goal=f"<= {GOAL_P99_MS:g} ms",
+               met=added99 <= GOAL_P99_MS),
+        figure("requests/s at c=32 through Charter", rps("charter"), "/s",
+               baseline="direct", baseline_value=rps("direct")),
+        figure("Charter CPU per request (c=32)", charter_cpu, "ms",
+               goal=f"<= {GOAL_CPU_MS:g} ms", met=charter_cpu <= GOAL_CPU_MS),
+        figure(f"{args.streams} concurrent streams: errors", stream_errors, "",
+               goal="0", met=stream_errors == 0),
+        figure(f"{args.streams} concurrent streams: TTFT p50", ttft("charter_streams"), "ms",
+               baseline="direct", baseline_value=ttft("direct_streams")),
+        figure("RSS per API worker after the run", profile.get("worker_rss_mb", 0.0), "MB"),
+    ]
+    if peer_rps:
+        figures.append(figure("requests/s at c=32, Charter vs LiteLLM", peer_rps[0], "/s",
+                              baseline="LiteLLM proxy", baseline_value=peer_rps[1],
+                              goal=f">= {GOAL_PEER_RATIO:g}x", met=peer_ok))
+    emit(f"gateway_{args.streams}_streams", figures, workers=args.workers,
+         threads=args.threads, rounds=args.rounds)
     g = Table(title="Goals")
     for col in ("goal", "measured", "met"):
         g.add_column(col, justify="left" if col == "goal" else "right")

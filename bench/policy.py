@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from results import emit, figure
 from rich.console import Console
 from rich.table import Table
 
@@ -247,6 +248,11 @@ def main() -> None:
             rows.append((policy, label, one, many, rem))
             console.print(f"[dim]measured {policy} {label}[/dim]")
 
+        emit("policy", [
+            f for policy, label, one, _, rem in rows for f in (
+                figure(f"{policy} ({label}) in-process decisions/s", one["rate"], "/s"),
+                figure(f"{policy} ({label}) remote OPA decisions/s", rem["rate"], "/s",
+                       baseline="in-process", baseline_value=one["rate"]))])
         table = Table(title=f"Policy decisions, engine level (revision {bundle.revision[:19]})")
         for col in (
             "policy",
