@@ -265,4 +265,10 @@ class RemoteEngine:
         if not isinstance(answer, dict):
             raise PolicyUnavailableError("the OPA server answered garbage",
                                          code="policy_result_malformed")
-        return parse_result(answer.get("result"), started)
+        try:
+            return parse_result(answer.get("result"), started)
+        except PolicyUnavailableError:
+            # An undefined rule or a malformed answer: e.g. a sidecar that came back without
+            # the policies. Check (and push) them again before the next decision.
+            self._loaded = False
+            raise
