@@ -440,3 +440,19 @@ def test_the_embedded_database_runs_batches_too(sqlite_world) -> None:  # type: 
     assert sorted(o.details["custom_id"] for o in outcomes) == sorted(
         f"req-{i}" for i in range(30))
     assert verify_chain().ok
+
+
+def test_an_auditor_reads_every_batch_but_changes_none(client, world, make_person) -> None:  # type: ignore[no-untyped-def]
+    f = upload(client, world, to_jsonl(jsonl_lines(3))).get_json()
+    b = create(client, world, f["id"]).get_json()
+    auditor, admin = make_person("auditor"), make_person("admin")
+    assert client.get(f"/v1/batches/{b['id']}", headers=auditor.headers).status_code == 200
+    r = client.post(f"/v1/batches/{b['id']}/cancel", headers=auditor.headers)
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "forbidden"
+    r = client.delete(f"/v1/files/{f['id']}", headers=auditor.headers)
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "forbidden"
+    refused = [(e.action, e.outcome) for e in list_events(EventFilter(outcome="denied"))
+               if e.actor == auditor.actor.ref]
+    assert refused == [("batch.cancel", "denied"), ("file.delete", "denied")]
+    r = client.post(f"/v1/batches/{b['id']}/cancel", headers=admin.headers)
+    assert r.status_code in (200, 409)  # an admin may (409: it had finished already)

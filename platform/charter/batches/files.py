@@ -22,6 +22,7 @@ from charter.db import refuse, unit_of_work, utcnow
 from charter.errors import (
     CharterError,
     ConflictError,
+    ForbiddenError,
     NotFoundError,
 )
 from charter.identity.actor import SYSTEM, Actor
@@ -86,6 +87,16 @@ def visible_file(session: Session, actor: Actor, file_id: str) -> StoredFile:
     return stored
 
 
+def require_owner(actor: Actor, owner_user_id: str, action: str, target_type: str,
+                  target_id: str) -> None:
+    """Readers (auditors) see everyone's files and batches; only the owner or an admin
+    changes them."""
+    if owner_user_id != actor.user_id and not actor.has("admin"):
+        refuse(ForbiddenError(f"only its owner or an admin may change this {target_type}",
+                              code="forbidden").audited(actor.ref, action, target_type,
+                                                        target_id))
+
+
 def get_file(actor: Actor, file_id: str) -> StoredFile:
     with unit_of_work() as session:
         return visible_file(session, actor, file_id)
@@ -120,6 +131,7 @@ def delete_file(actor: Actor, file_id: str) -> StoredFile:
     running batch reads cannot be deleted."""
     with unit_of_work() as session:
         stored = visible_file(session, actor, file_id)
+        require_owner(actor, stored.owner_user_id, "file.delete", "file", file_id)
         busy = session.scalar(select(Batch.id).where(
             Batch.input_file_id == file_id, Batch.status.in_(ACTIVE_BATCH_STATES)).limit(1))
         if busy:

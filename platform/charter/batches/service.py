@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session
 from charter import tasks
 from charter.audit.service import append_event
 from charter.batches import jsonl, slots
-from charter.batches.files import READERS, BatchRequestError, new_id, ts, visible_file
+from charter.batches.files import (
+    READERS,
+    BatchRequestError,
+    new_id,
+    require_owner,
+    ts,
+    visible_file,
+)
 from charter.batches.lanes import lane_name, send_lanes
 from charter.batches.models import (
     ACTIVE_BATCH_STATES,
@@ -169,6 +176,7 @@ def cancel_batch(actor: Actor, batch_id: str) -> dict[str, Any]:
     now = utcnow()
     with unit_of_work() as session:
         batch = _visible_batch(session, actor, batch_id, for_update=True)
+        require_owner(actor, batch.owner_user_id, "batch.cancel", "batch", batch_id)
         if batch.status not in ("validating", "in_progress"):
             refuse(ConflictError(f"a batch that is {batch.status} cannot be cancelled",
                                  code="batch_not_cancellable",
