@@ -17,7 +17,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.types import TypeDecorator
 
-from charter.errors import CharterError, ConflictError, DatabaseUnavailableError, StaleVersionError
+from charter.errors import (
+    CharterError,
+    ConflictError,
+    DatabaseUnavailableError,
+    StaleVersionError,
+    ValidationFailedError,
+)
 from charter.settings import Settings
 
 NAMING = {
@@ -212,6 +218,14 @@ def unit_of_work() -> Iterator[Session]:
         ) from exc
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
         raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
+    except sa_exc.DataError as exc:
+        # A value the column cannot hold (a number out of range, say): the caller's input,
+        # which the API's schemas bound; this is the net beneath them.
+        raise ValidationFailedError(
+            "a value is out of range for what Charter stores",
+            details={"errors": [{"field": "body", "code": "out_of_range",
+                                 "message": str(exc.orig).splitlines()[0][:200]
+                                 if exc.orig else "out of range"}]}) from exc
     except sa_exc.ProgrammingError as exc:
         if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
             raise

@@ -143,7 +143,7 @@ class TeamCreate(BaseModel):
     name: TeamName
     description: Annotated[str, StringConstraints(max_length=500)] = ""
     entitlements: Entitlements = Entitlements()
-    requests_per_day: Annotated[int, Field(ge=0)] | None = None
+    requests_per_day: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
     default_data_class: DataClass = "internal"
 
 
@@ -152,7 +152,7 @@ class TeamUpdate(BaseModel):
     row_version: int
     description: Annotated[str, StringConstraints(max_length=500)] | None = None
     entitlements: Entitlements | None = None
-    requests_per_day: Annotated[int, Field(ge=0)] | None = None
+    requests_per_day: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
     default_data_class: DataClass | None = None
 
 

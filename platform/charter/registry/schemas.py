@@ -61,7 +61,7 @@ class ModelOut(Out):
 
 class FileSpec(Strict):
     path: RelPath
-    size: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(ge=0, le=2**53 - 1)]
     sha256: Sha256 | None = None
 
 
@@ -73,8 +73,8 @@ class VersionSpec(Strict):
     weight_format: WeightFormat = "none"
     files: Annotated[list[FileSpec], Field(max_length=10_000)] = []
     architecture: Annotated[str, StringConstraints(max_length=200)] | None = None
-    parameter_count: Annotated[int, Field(ge=0)] | None = None
-    context_length: Annotated[int, Field(ge=1)] | None = None
+    parameter_count: Annotated[int, Field(ge=0, le=2**53 - 1)] | None = None
+    context_length: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     license_declared: LicenseId | None = None
     # As the model card states it, verbatim: evidence, so not normalised or pattern-checked.
     license_card: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
