@@ -83,7 +83,8 @@ def table(results: dict[str, Any]) -> list[str]:
                     if f.get("baseline") else "")
             ratio = f"{f['ratio']:.2f}x" if f.get("ratio") else ""
             met = {True: "yes", False: "**no**", None: ""}[f.get("met")]
-            lines.append(f"| {bench} | {f['figure']} | {fmt(f['value'], f['unit'])} | {base} "
+            name = f"{f['figure']} ({f['note']})" if f.get("note") else f["figure"]
+            lines.append(f"| {bench} | {name} | {fmt(f['value'], f['unit'])} | {base} "
                          f"| {ratio} | {f.get('goal', '')} | {met} |")
     return lines
 
