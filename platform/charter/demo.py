@@ -305,6 +305,8 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
         f"  (or the openai client with base_url={base}/v1; TGI clients: {base}/tgi/{TINY})",
         soft_wrap=True,
     )
+    console.print(f"Console: {base}/console/ (the demo signs you in as any seeded person; "
+                  f"audit bundles verify offline with `charter-verify`)", soft_wrap=True)
     console.print(f"serving on {base} (Ctrl-C stops)")
     try:
         run_simple(host, port, app, threaded=True, use_reloader=False)

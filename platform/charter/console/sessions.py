@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from charter.audit.service import append_event
 from charter.db import unit_of_work, utcnow
+from charter.errors import ForbiddenError, NotFoundError
 from charter.identity.actor import Actor
 from charter.identity.models import ConsoleSession, Team, TeamMember, User
 from charter.identity.service import actor_of
@@ -137,3 +138,26 @@ def record_login_failure(*, reason: str, client: str, issuer: str,
     with unit_of_work():
         append_event(actor="anonymous", action="auth.login_failed", target_type="auth",
                      target_id="console", outcome="denied", details=details)
+
+
+def start_demo_session(settings: Settings, user_id: str) -> StartedSession:
+    """The embedded demo's sign-in (no identity provider): a session for a seeded user.
+    Refused unless Charter runs in demo mode; audited like an SSO login."""
+    if not settings.demo:
+        raise ForbiddenError("only the embedded demo signs in without SSO", code="forbidden")
+    now = utcnow()
+    session_id = secrets.token_urlsafe(32)
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        if user is None or not user.active or user.kind != "user":
+            raise NotFoundError("no such demo user", code="user_not_found")
+        session.add(ConsoleSession(
+            id_sha256=digest(session_id), user_id=user.id, created_at=now, last_seen_at=now,
+            expires_at=now + timedelta(seconds=settings.session_max_age_s),
+            csrf_token=secrets.token_urlsafe(32), id_token_hint=None))
+        session.flush()
+        actor = actor_of(user)
+        append_event(actor=actor.ref, action="auth.login", target_type="user",
+                     target_id=user.id, details={"via": "console-demo",
+                                                 "session": digest(session_id)[:16]})
+    return StartedSession(session_id, actor, False)

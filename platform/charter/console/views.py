@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import secrets
 from dataclasses import dataclass
 
 import structlog
@@ -39,7 +40,9 @@ SESSION_COOKIE = "__Host-charter_session"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PUBLIC_ENDPOINTS = frozenset({"console.login", "console.callback", "console.static"})
+_PUBLIC_ENDPOINTS = frozenset({"console.login", "console.callback", "console.static",
+                               "console.demo_login"})
+DEMO_COOKIE = "charter_demo_login"
 
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates",
                static_folder="static")
@@ -174,6 +177,9 @@ def _security_headers(response: Response) -> Response:
 
 @bp.get("/login")
 def login() -> Response:
+    state = _state()
+    if state.oidc is None and state.settings.demo:
+        return _demo_login_page()
     oidc = _oidc()
     try:
         url, login_state = oidc.begin()
@@ -228,6 +234,35 @@ def _login_failed(state: ConsoleState, client: str, exc: LoginFailed) -> Respons
                                   idp_error=exc.idp_error)
     response = _error(exc.status, exc.reason, exc.message)
     _clear_cookie(response, LOGIN_COOKIE)  # one callback per login: a replay finds nothing
+    return response
+
+
+def _demo_login_page() -> Response:
+    """The embedded demo has no identity provider: pick a seeded person. Never offered
+    outside demo mode (CHARTER_DEMO), where /console/login is SSO only."""
+    from charter.identity.service import list_users
+
+    nonce = secrets.token_urlsafe(24)
+    people = [u for u in list_users() if u.kind == "user" and u.active]
+    response = make_response(render_template("console/demo_login.html", people=people,
+                                             nonce=nonce, me=None, nav=[]))
+    _set_cookie(response, DEMO_COOKIE, nonce, LOGIN_MAX_AGE_S)
+    return response
+
+
+@bp.post("/demo-login")
+def demo_login() -> Response:
+    state = _state()
+    if state.oidc is not None or not state.settings.demo:
+        raise ForbiddenError("sign in through single sign-on", code="forbidden")
+    sent = request.form.get("nonce", "")
+    kept = request.cookies.get(DEMO_COOKIE, "")
+    if not kept or not hmac.compare_digest(sent.encode(), kept.encode()):
+        raise ForbiddenError("the sign-in form is stale; reload it", code="csrf_failed")
+    started = sessions.start_demo_session(state.settings, request.form.get("user_id", ""))
+    response = redirect("/console/", code=303)
+    _clear_cookie(response, DEMO_COOKIE)
+    _set_cookie(response, SESSION_COOKIE, started.session_id, state.settings.session_max_age_s)
     return response
 
 
