@@ -144,9 +144,10 @@ def _refuse_unstorable(items: list[tuple[str, Any]]) -> None:
                 bad.append(where)
         elif isinstance(value, dict):
             for k, v in value.items():
-                stack.append((f"{where}.{k}" if _unstorable(k) is False else f"{where}.?", v))
                 if _unstorable(k):
                     bad.append(f"{where} (a key)")
+                else:
+                    stack.append((f"{where}.{k}", v))
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
     if bad:

@@ -116,5 +116,14 @@ def test_the_auditor_downloads_what_verifies(signed_app, make_person, tmp_path) 
     r = tab.get(f"/console/audit?target_type=model_version&target_id={version.id}")
     assert "version.create" in r.text or "model_version" in r.text
     assert 'id="checkpoints"' in r.text
+    from charter.audit.service import EventFilter, list_events
+
+    export = list_events(EventFilter(action="audit.export"))[0]
+    assert export.request_id
+    r = tab.get(f"/console/audit?request_id={export.request_id}")
+    assert r.text.count('<tr id="event-') == 1 and f'id="event-{export.seq}"' in r.text
+    api = signed_app.test_client().get(
+        f"/api/v1/audit/events?request_id={export.request_id}", headers=auditor.headers)
+    assert [e["seq"] for e in api.get_json()["events"]] == [export.seq]
     r = Console(signed_app, steward.actor.user_id).get("/console/audit/ml-bom")
     assert r.status_code == 403

@@ -28,6 +28,7 @@ class EventQuery(BaseModel):
     target_type: Annotated[str, Field(max_length=50)] | None = None
     target_id: Annotated[str, Field(max_length=200)] | None = None
     outcome: Literal["success", "denied", "failure"] | None = None
+    request_id: Annotated[str, Field(max_length=64)] | None = None
     since: AwareDatetime | None = None
     until: AwareDatetime | None = None
     after_seq: Annotated[int, Field(ge=0, le=MAX_SEQ)] = 0
@@ -75,7 +76,8 @@ def list_events(actor: Actor, query: EventQuery) -> object:
     limit = min(query.limit, cap)
     events = service.list_events(service.EventFilter(
         actor=query.actor, action=query.action, target_type=query.target_type,
-        target_id=query.target_id, outcome=query.outcome, since=query.since,
+        target_id=query.target_id, outcome=query.outcome, request_id=query.request_id,
+        since=query.since,
         until=query.until, after_seq=query.after_seq, limit=limit,
     ))
     next_after = events[-1].seq if len(events) == limit else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class EventFilter:
     target_type: str | None = None
     target_id: str | None = None
     outcome: str | None = None
+    request_id: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     after_seq: int = 0
@@ -125,6 +127,7 @@ def list_events(flt: EventFilter) -> list[AuditEvent]:
         (AuditEvent.target_type, flt.target_type),
         (AuditEvent.target_id, flt.target_id),
         (AuditEvent.outcome, flt.outcome),
+        (AuditEvent.request_id, flt.request_id),
     ):
         if value is not None:
             stmt = stmt.where(column == value)
@@ -135,6 +138,21 @@ def list_events(flt: EventFilter) -> list[AuditEvent]:
     stmt = stmt.order_by(AuditEvent.seq).limit(flt.limit)
     with unit_of_work() as session:
         return list(session.scalars(stmt))
+
+
+def iter_events(flt: EventFilter, *, through_seq: int | None = None) -> Iterator[AuditEvent]:
+    """Every event matching the filter from `flt.after_seq` on, in seq order, read in
+    keyset pages of `flt.limit`, stopping after `through_seq`."""
+    after = flt.after_seq
+    while True:
+        page = list_events(dataclasses.replace(flt, after_seq=after))
+        for event in page:
+            if through_seq is not None and event.seq > through_seq:
+                return
+            yield event
+        if len(page) < flt.limit:
+            return
+        after = page[-1].seq
 
 
 def head() -> tuple[int, str]:

@@ -14,7 +14,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from charter.audit.models import AuditEvent
-from charter.audit.service import EventFilter, list_events
+from charter.audit.service import EventFilter, iter_events
 from charter.exports.mlbom import latest_approval, purl_of
 from charter.registry.models import ModelVersion
 
@@ -33,17 +33,8 @@ def _iso(value: datetime | None) -> str | None:
 
 def events_about(target_type: str, target_id: str, through_seq: int) -> Iterator[AuditEvent]:
     """Every event whose target is this one, in seq order, up to `through_seq` (keyset)."""
-    after = 0
-    while True:
-        page = list_events(EventFilter(target_type=target_type, target_id=target_id,
-                                       after_seq=after, limit=PAGE))
-        for event in page:
-            if event.seq > through_seq:
-                return
-            yield event
-        if len(page) < PAGE:
-            return
-        after = page[-1].seq
+    return iter_events(EventFilter(target_type=target_type, target_id=target_id, limit=PAGE),
+                       through_seq=through_seq)
 
 
 def _event(e: AuditEvent) -> dict[str, Any]:

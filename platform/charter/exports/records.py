@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from charter.audit.models import AuditEvent
-from charter.audit.service import EventFilter, list_events
+from charter.audit.service import EventFilter, iter_events, list_events
 
 PAGE = 1000
 ACTIONS = {"policy.decide": "decision", "dispatch.outcome": "outcome",
@@ -58,17 +58,9 @@ def _iso(value: datetime | None) -> str | None:
 
 def _stream(action: str, since: datetime, until: datetime, after_seq: int,
             through_seq: int) -> Iterator[AuditEvent]:
-    after = after_seq
-    while True:
-        page = list_events(EventFilter(action=action, target_type="deployment", since=since,
-                                       until=until, after_seq=after, limit=PAGE))
-        for event in page:
-            if event.seq > through_seq:
-                return
-            yield event
-        if len(page) < PAGE:
-            return
-        after = page[-1].seq
+    return iter_events(EventFilter(action=action, target_type="deployment", since=since,
+                                   until=until, after_seq=after_seq, limit=PAGE),
+                       through_seq=through_seq)
 
 
 def dispatch_events(since: datetime, until: datetime, through_seq: int) -> Iterator[AuditEvent]:

@@ -31,11 +31,6 @@ def models() -> Response:
                   model_count=len(registry.list_models()))
 
 
-def _license(card: str | None) -> dict[str, object] | None:
-    data = policy.describe()["data"]
-    return data.get("licenses", {}).get(card or "") if isinstance(data, dict) else None
-
-
 @bp.get("/versions/<version_id>")
 def version(version_id: str) -> Response:
     v = registry.get_version(version_id)
@@ -47,7 +42,8 @@ def version(version_id: str) -> Response:
     purposes = sorted(data.get("organisation", {}).get("license_purposes", {}) or [])
     return render("console/pages/version.html", section="models",
                   title=f"{v.model.name} {v.label}", v=v, trail=trail, authored=authored,
-                  license=_license(v.license_card), zones=zones, data_classes=data_classes,
+                  license=data.get("licenses", {}).get(v.license_card or ""), zones=zones,
+                  data_classes=data_classes,
                   purposes=purposes,
                   decisions=sorted(v.decisions, key=lambda d: d.decided_at))
 
