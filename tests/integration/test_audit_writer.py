@@ -9,8 +9,15 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from charter.audit.service import EventFilter, append_event, list_events, verify_chain
-from charter.audit.writer import CHAIN_LOCK_KEY, Entry, Event, UsageDelta
+from charter.audit.chain import hash_parts
+from charter.audit.service import (
+    CHAIN_LOCK_KEY,
+    EventFilter,
+    append_event,
+    list_events,
+    verify_chain,
+)
+from charter.audit.writer import Entry, Event, UsageDelta
 from charter.db import get_database, unit_of_work, utcnow
 from charter.dispatch.models import Usage
 from charter.snapshot import read_generation
@@ -199,8 +206,11 @@ def test_the_embedded_database_gets_the_same_guarantees(sqlite_db) -> None:  # t
 def test_an_entry_the_table_refuses_does_not_sink_its_batch(configured) -> None:  # type: ignore[no-untyped-def]
     writer = get_database().writer
     # Past Event.of's checks (as a future bug might be): a target id longer than its column.
-    bad = Event("user:x", "dispatch.outcome", "deployment", "x" * 300, "success", {}, None,
-                b"{}")
+    long_id = "x" * 300
+    bad = Event("user:x", "dispatch.outcome", "deployment", long_id, "success", {}, None,
+                b"{}", hash_parts(actor="user:x", action="dispatch.outcome",
+                                  target_type="deployment", target_id=long_id,
+                                  outcome="success", request_id=None))
     writer.defer(Entry(events=(bad,)))
     writer.defer(Entry(events=(_event(1, "dispatch.outcome"),)))
     entry = writer.commit(Entry(events=(_event(2),)))

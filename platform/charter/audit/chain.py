@@ -110,22 +110,41 @@ def event_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+def hash_parts(*, actor: str, action: str, target_type: str, target_id: str, outcome: str,
+               request_id: str | None) -> tuple[str, str, str, str]:
+    """The RFC 8785 text of an event body around what only its place in the chain gives.
+
+    An event's canonical bytes are, in key order,
+    `pre + details + post + prev_hash + mid + str(seq) + tail + format_ts(ts) + '"}'`.
+    The gateway's writer sends these parts to the database, which joins them under the
+    chain lock (migration 0010, charter_audit_append); event_hash_with joins them here.
+    """
+    enc = _ENCODER.encode
+    return (f'{{"action":{enc(action)},"actor":{enc(actor)},"details":',
+            f',"outcome":{enc(outcome)},"prev_hash":"',
+            f'","request_id":{enc(request_id)},"seq":',
+            f',"target_id":{enc(target_id)},"target_type":{enc(target_type)},"ts":"')
+
+
+def joined_hash(parts: tuple[str, str, str, str], details_json: bytes, *, seq: int,
+                ts: datetime, prev_hash: str) -> str:
+    """SHA-256 of the canonical bytes made of hash_parts() and the event's place."""
+    if not -_MAX_SAFE_INT <= seq <= _MAX_SAFE_INT:
+        raise ValueError("sequence number out of range")
+    pre, post, mid, tail = parts
+    return hashlib.sha256(b"".join((
+        pre.encode(), details_json, post.encode(), prev_hash.encode(), mid.encode(),
+        str(seq).encode(), tail.encode(), format_ts(ts).encode(), b'"}'))).hexdigest()
+
+
 def event_hash_with(*, seq: int, ts: datetime, actor: str, action: str, target_type: str,
                     target_id: str, outcome: str, details_json: bytes, request_id: str | None,
                     prev_hash: str) -> str:
     """event_hash(event_body(...)) with the details already canonical: the same bytes,
-    joined in RFC 8785 key order, without walking the details again (the gateway's path)."""
-    if not -_MAX_SAFE_INT <= seq <= _MAX_SAFE_INT:
-        raise ValueError("sequence number out of range")
-    enc = _ENCODER.encode
-    data = b"".join((
-        b'{"action":', enc(action).encode(), b',"actor":', enc(actor).encode(),
-        b',"details":', details_json, b',"outcome":', enc(outcome).encode(),
-        b',"prev_hash":', enc(prev_hash).encode(), b',"request_id":',
-        enc(request_id).encode(), b',"seq":', str(seq).encode(), b',"target_id":',
-        enc(target_id).encode(), b',"target_type":', enc(target_type).encode(),
-        b',"ts":', enc(format_ts(ts)).encode(), b"}"))
-    return hashlib.sha256(data).hexdigest()
+    joined in RFC 8785 key order, without walking the details again."""
+    parts = hash_parts(actor=actor, action=action, target_type=target_type,
+                       target_id=target_id, outcome=outcome, request_id=request_id)
+    return joined_hash(parts, details_json, seq=seq, ts=ts, prev_hash=prev_hash)
 
 
 @dataclass(frozen=True, slots=True)

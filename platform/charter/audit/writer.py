@@ -13,19 +13,23 @@ One transaction does, under the chain lock:
 - count the day's requests of the teams with a quota and refuse, as `over_quota`, an entry
   that would pass it (its refusal events are written instead): quotas are exact across
   processes, because every count changes under the same lock;
-- append the events and add the usage counters.
+- stamp, chain and append the events and add the usage counters.
 
 Outcome events are `defer`red: they ride with the next commit, or a background flusher
 writes them after `linger_s`; a process killed in that window loses them (its decisions
 are committed), which `dispose()` and a clean shutdown avoid by flushing.
 
-PostgreSQL goes through one plain psycopg connection (three round trips a transaction);
-SQLite through an ordinary session and audit.service's own head read (the demo).
+PostgreSQL: the transaction is one call of the database function charter_audit_append
+(migration 0010) on a plain psycopg connection in autocommit mode: one round trip, the
+commit included, and the chain lock is never held across the network. The events' times
+come from the database's clock, under the lock. SQLite (the demo): the same decisions in
+Python (plan_batch) on an ordinary session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections import defaultdict
@@ -36,9 +40,9 @@ from typing import Any
 
 import structlog
 
-from charter.audit.chain import GENESIS_HASH, canonical_json, event_hash_with
+from charter.audit.chain import canonical_json, hash_parts, joined_hash
 from charter.audit.models import AuditEvent
-from charter.audit.service import CHAIN_LOCK_KEY, lock_head
+from charter.audit.service import lock_head
 from charter.context import current_request_id
 from charter.db import utcnow
 from charter.errors import CharterError, DatabaseUnavailableError
@@ -63,6 +67,7 @@ class Event:
     details: dict[str, Any]
     request_id: str | None
     details_json: bytes  # RFC 8785 bytes of `details`: hashed and stored as they are
+    parts: tuple[str, str, str, str]  # the rest of its canonical bytes (chain.hash_parts)
 
     @classmethod
     def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
@@ -80,8 +85,10 @@ class Event:
                 raise ValueError(f"audit {name} too long or with a NUL character")
         # Refuses what is not plain JSON before anything is queued; made once, reused.
         details_json = canonical_json(details)
+        parts = hash_parts(actor=actor, action=action, target_type=target_type,
+                           target_id=target_id, outcome=outcome, request_id=request_id)
         return cls(actor, action, target_type, target_id, outcome, details, request_id,
-                   details_json)
+                   details_json, parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,86 +141,70 @@ class _Head:
 
 
 class _Backend:
-    def begin(self, teams: list[str], day: date) -> _Head:
-        raise NotImplementedError
-
-    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """End a transaction that wrote nothing (every entry was stale): free the lock."""
+    def append(self, batch: list[Entry], day: date) -> None:
+        """One transaction for the batch: set every entry's `result`, `generation_seen`
+        and `seqs`, and write what it decided; raise (nothing written) on failure."""
         raise NotImplementedError
 
     def abort(self) -> None:
-        raise NotImplementedError
+        """After a failure: drop the connection or session, half done or broken."""
 
     def close(self) -> None:
-        pass
+        self.abort()
 
 
-_EVENT_COLUMNS = ("INSERT INTO audit_events (seq, ts, actor, action, target_type, target_id,"
-                  " outcome, details, request_id, prev_hash, hash) VALUES ")
-_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::json, %s, %s, %s)"
-_USAGE_COLUMNS = ("INSERT INTO usage_counters (team_id, serving_name, day, requests, tokens_in,"
-                  " tokens_out) VALUES ")
-_USAGE_ROW = "(%s, %s, %s, %s, %s, %s)"
-_USAGE_CONFLICT = (
-    " ON CONFLICT (team_id, serving_name, day) DO UPDATE SET"
-    " requests = usage_counters.requests + EXCLUDED.requests,"
-    " tokens_in = usage_counters.tokens_in + EXCLUDED.tokens_in,"
-    " tokens_out = usage_counters.tokens_out + EXCLUDED.tokens_out")
-_HEAD = ("SELECT g.value, h.seq, h.hash FROM change_generation g LEFT JOIN LATERAL"
-         " (SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1) h ON true"
-         " WHERE g.id = 1")
-_USED = ("SELECT team_id, COALESCE(SUM(requests), 0) FROM usage_counters"
-         " WHERE day = %s AND team_id = ANY(%s) GROUP BY team_id")
+_APPEND = ("SELECT generation, results, seqs FROM "
+           "charter_audit_append(%s::json, %s::json, %s::json, %s)")
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 
 class _PostgresBackend(_Backend):
-    """One psycopg connection in autocommit mode with explicit transactions: the lock and
-    the head in one simple-protocol query, the rows in one statement, then COMMIT (three
-    round trips; pipeline mode saved one but cost more CPU in psycopg than it saved)."""
+    """One psycopg connection in autocommit mode; a batch is one call of the database
+    function charter_audit_append (migration 0010): one round trip, the commit included,
+    the chain lock held only while the database does the work, never across the network.
+    The batch travels as three JSON texts (encoded in C), and the statement is the same
+    whatever the batch's size, so psycopg prepares it once."""
 
     def __init__(self, connect: Callable[[], Any]) -> None:
         self._connect = connect
         self._conn: Any = None
 
-    def begin(self, teams: list[str], day: date) -> _Head:
+    def append(self, batch: list[Entry], day: date) -> None:
+        entries: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        counters: list[dict[str, Any]] = []
+        for i, e in enumerate(batch, 1):
+            quota = e.quota or (None, None)
+            entries.append({"g": e.generation, "q": quota[0], "l": quota[1],
+                            "n": sum(u.requests for u in e.usage)})
+            for alt, evs in ((False, e.events), (True, e.over_quota)):
+                for ev in evs:
+                    pre, post, mid, tail = ev.parts
+                    events.append({
+                        "e": i, "x": alt, "actor": ev.actor, "action": ev.action,
+                        "target_type": ev.target_type, "target_id": ev.target_id,
+                        "outcome": ev.outcome, "details": ev.details_json.decode(),
+                        "request_id": ev.request_id, "pre": pre, "post": post, "mid": mid,
+                        "tail": tail})
+            for u in e.usage:
+                counters.append({"e": i, "team": u.team_id, "serving": u.serving_name,
+                                 "day": u.day.isoformat(), "requests": u.requests,
+                                 "tokens_in": u.tokens_in, "tokens_out": u.tokens_out})
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
-        conn = self._conn
-        # One simple-protocol query: each statement takes its own snapshot, so the head
-        # and the generation are read after the lock is granted.
-        cur = conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({CHAIN_LOCK_KEY}); {_HEAD}")
-        while cur.nextset():
-            pass
-        generation, seq, digest = cur.fetchone()
-        used = conn.execute(_USED, (day, teams)).fetchall() if teams else []
-        return _Head(int(generation), seq or 0, digest or GENESIS_HASH,
-                     {t: int(n) for t, n in used})
-
-    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
-        """One statement (events, then counters in a data-modifying CTE) and the commit."""
-        params: list[Any] = []
-        sql = ""
-        if rows:
-            sql = _EVENT_COLUMNS + ", ".join([_EVENT_ROW] * len(rows))
-            for r in rows:
-                params += (r["seq"], r["ts"], r["actor"], r["action"], r["target_type"],
-                           r["target_id"], r["outcome"], r["details_json"].decode(),
-                           r["request_id"], r["prev_hash"], r["hash"])
-        if usage:
-            counters = _USAGE_COLUMNS + ", ".join([_USAGE_ROW] * len(usage)) + _USAGE_CONFLICT
-            for u in usage:  # one row per key: ON CONFLICT may not touch a row twice
-                params += (u.team_id, u.serving_name, u.day, u.requests, u.tokens_in,
-                           u.tokens_out)
-            sql = f"WITH events AS ({sql}) {counters}" if sql else counters
-        conn = self._conn
-        conn.execute(sql, params)
-        conn.execute("COMMIT")
-
-    def release(self) -> None:
-        self._conn.execute("ROLLBACK")
+        generation, results, seqs = self._conn.execute(_APPEND, (
+            _JSON.encode(entries), _JSON.encode(events), _JSON.encode(counters),
+            day)).fetchone()
+        j = 0
+        for i, e in enumerate(batch):
+            e.generation_seen = generation
+            e.result = results[i]
+            e.seqs = []
+            for evs in (e.events, e.over_quota):
+                for _ in evs:
+                    if seqs[j] is not None:
+                        e.seqs.append(seqs[j])
+                    j += 1
 
     def abort(self) -> None:
         conn, self._conn = self._conn, None
@@ -221,19 +212,18 @@ class _PostgresBackend(_Backend):
             with contextlib.suppress(Exception):  # broken or half done: start over, anew
                 conn.close()
 
-    def close(self) -> None:
-        self.abort()
-
 
 class _SessionBackend(_Backend):
-    """The ordinary session (SQLite: BEGIN IMMEDIATE holds the write lock throughout)."""
+    """The ordinary session (SQLite: BEGIN IMMEDIATE holds the write lock throughout);
+    the same decisions as charter_audit_append, made in Python (plan_batch)."""
 
     def __init__(self, sessions: Callable[[], Any]) -> None:
         self._sessions = sessions
         self._session: Any = None
 
-    def begin(self, teams: list[str], day: date) -> _Head:
-        from sqlalchemy import func, select, text
+    def append(self, batch: list[Entry], day: date) -> None:
+        from sqlalchemy import func, insert, select, text
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         from charter.dispatch.models import Usage
 
@@ -242,22 +232,15 @@ class _SessionBackend(_Backend):
         conn = session.connection()
         generation = conn.execute(
             text("SELECT value FROM change_generation WHERE id = 1")).scalar_one()
+        teams = sorted({e.quota[0] for e in batch if e.quota is not None})
         used: dict[str, int] = {}
         if teams:
             used = {t: int(n) for t, n in conn.execute(
                 select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
                 .where(Usage.day == day, Usage.team_id.in_(teams)).group_by(Usage.team_id))}
-        return _Head(int(generation), next_seq - 1, prev_hash, used)
-
-    def write(self, rows: list[dict[str, Any]], usage: list[UsageDelta]) -> None:
-        from sqlalchemy import insert
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        from charter.dispatch.models import Usage
-
-        session = self._session
-        session.execute(insert(AuditEvent.__table__),
-                        [{k: v for k, v in r.items() if k != "details_json"} for r in rows])
+        rows, usage = plan_batch(batch, _Head(int(generation), next_seq - 1, prev_hash, used))
+        if rows:
+            session.execute(insert(AuditEvent.__table__), rows)
         for u in usage:
             stmt = sqlite_insert(Usage).values(
                 team_id=u.team_id, serving_name=u.serving_name, day=u.day,
@@ -271,17 +254,51 @@ class _SessionBackend(_Backend):
         session.close()
         self._session = None
 
-    def release(self) -> None:
-        session, self._session = self._session, None
-        session.rollback()
-        session.close()
-
     def abort(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             with contextlib.suppress(Exception):  # it is being thrown away
                 session.rollback()
                 session.close()
+
+
+def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], list[UsageDelta]]:
+    """Decide each entry (written, stale, over_quota) and chain the events it writes:
+    what charter_audit_append does in the database, for SQLite."""
+    rows: list[dict[str, Any]] = []
+    usage: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0])
+    seq, prev = head.seq, head.hash
+    for e in batch:
+        e.generation_seen = head.generation
+        e.seqs = []
+        if e.generation is not None and e.generation != head.generation:
+            e.result = "stale"
+            continue
+        events, deltas = e.events, e.usage
+        e.result = "written"
+        if e.quota is not None:
+            team, limit = e.quota
+            asked = sum(u.requests for u in deltas)
+            if head.used.get(team, 0) + asked > limit:
+                e.result, events, deltas = "over_quota", e.over_quota, ()
+            else:
+                head.used[team] = head.used.get(team, 0) + asked
+        for ev in events:
+            seq += 1
+            ts = utcnow()
+            digest = joined_hash(ev.parts, ev.details_json, seq=seq, ts=ts, prev_hash=prev)
+            rows.append({"seq": seq, "ts": ts, "actor": ev.actor, "action": ev.action,
+                         "target_type": ev.target_type, "target_id": ev.target_id,
+                         "outcome": ev.outcome, "details": ev.details,
+                         "request_id": ev.request_id, "prev_hash": prev, "hash": digest})
+            e.seqs.append(seq)
+            prev = digest
+        for u in deltas:
+            acc = usage[(u.team_id, u.serving_name, u.day)]
+            acc[0] += u.requests
+            acc[1] += u.tokens_in
+            acc[2] += u.tokens_out
+    return rows, [UsageDelta(t, s, d, *acc) for (t, s, d), acc in sorted(usage.items())]
 
 
 class GroupWriter:
@@ -411,15 +428,8 @@ class GroupWriter:
 
     def _write(self, batch: list[Entry]) -> list[Entry]:
         """One transaction for the batch; returns deferred entries to try again later."""
-        day = utcnow().date()
-        teams = sorted({e.quota[0] for e in batch if e.quota is not None})
         try:
-            head = self._backend.begin(teams, day)
-            rows, usage = self._plan(batch, head, day)
-            if rows or usage:
-                self._backend.write(rows, usage)
-            else:
-                self._backend.release()
+            self._backend.append(batch, utcnow().date())
         except Exception as exc:  # noqa: BLE001 - every entry learns of it; nothing is written
             self._backend.abort()
             kind = _failure_kind(exc)
@@ -451,46 +461,6 @@ class GroupWriter:
         for e in batch:
             e._done = True
         return []
-
-    def _plan(self, batch: list[Entry], head: _Head,
-              day: date) -> tuple[list[dict[str, Any]], list[UsageDelta]]:
-        rows: list[dict[str, Any]] = []
-        usage: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0])
-        seq, prev = head.seq, head.hash
-        for e in batch:
-            e.generation_seen = head.generation
-            if e.generation is not None and e.generation != head.generation:
-                e.result = "stale"
-                continue
-            events, deltas = e.events, e.usage
-            e.result = "written"
-            if e.quota is not None:
-                team, limit = e.quota
-                asked = sum(u.requests for u in deltas)
-                if head.used.get(team, 0) + asked > limit:
-                    e.result, events, deltas = "over_quota", e.over_quota, ()
-                else:
-                    head.used[team] = head.used.get(team, 0) + asked
-            for ev in events:
-                seq += 1
-                ts = utcnow()
-                digest = event_hash_with(
-                    seq=seq, ts=ts, actor=ev.actor, action=ev.action,
-                    target_type=ev.target_type, target_id=ev.target_id, outcome=ev.outcome,
-                    details_json=ev.details_json, request_id=ev.request_id, prev_hash=prev)
-                rows.append({"seq": seq, "ts": ts, "actor": ev.actor, "action": ev.action,
-                             "target_type": ev.target_type, "target_id": ev.target_id,
-                             "outcome": ev.outcome, "details": ev.details,
-                             "details_json": ev.details_json, "request_id": ev.request_id,
-                             "prev_hash": prev, "hash": digest})
-                e.seqs.append(seq)
-                prev = digest
-            for u in deltas:
-                acc = usage[(u.team_id, u.serving_name, u.day)]
-                acc[0] += u.requests
-                acc[1] += u.tokens_in
-                acc[2] += u.tokens_out
-        return rows, [UsageDelta(t, s, d, *acc) for (t, s, d), acc in sorted(usage.items())]
 
 
 def _failure_kind(exc: Exception) -> str:
