@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 import structlog
 from flask import Flask, Response, current_app, g, jsonify, request
+from flask.sessions import SessionInterface
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
@@ -46,6 +47,18 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.js
                           "/api/v1/audit/keys"})
 
 
+class _NoCookieSessions(SessionInterface):
+    """Charter keeps nothing in Flask's signed-cookie session: the console has server-side
+    sessions of its own (console.sessions) and the API is stateless. So no request opens,
+    verifies or saves one (that cost every gateway request a signer and a cookie parse)."""
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        return None
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     settings.require_secret()
@@ -59,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise SchemaOutdatedError(status.message, details=status.as_dict())
 
     app = Flask("charter")
+    app.session_interface = _NoCookieSessions()
     app.config.update(
         SECRET_KEY=settings.effective_secret_key,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -104,7 +118,7 @@ def _install_request_hooks(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         incoming = request.headers.get("X-Request-Id", "")
-        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
         g.request_id = rid
         g.token = request_id_var.set(rid)
         g.started = time.perf_counter()

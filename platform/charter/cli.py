@@ -340,7 +340,8 @@ def serve(bind: str, workers: int, threads: int) -> None:
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             for key, value in {"bind": bind, "workers": workers, "threads": threads,
-                               "worker_class": "gthread", "timeout": 30,
+                               "worker_class": "charter.serving.KeepAliveThreadWorker",
+                               "timeout": 30,
                                "graceful_timeout": 30, "keepalive": 5,
                                "accesslog": None, "worker_exit": _flush_on_exit}.items():
                 self.cfg.set(key, value)

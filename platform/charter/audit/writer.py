@@ -350,7 +350,10 @@ class GroupWriter:
                 self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                                  name="charter-audit-flush")
                 self._flusher.start()
-            self._kick.notify()
+            if len(self._pending) == 1 and not self._writing:
+                # Only the first entry wakes the flusher (to time its linger); a writer
+                # at work takes everything queued, and kicks the flusher when it is done.
+                self._kick.notify()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Write everything queued now; True when nothing is left."""

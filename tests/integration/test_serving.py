@@ -1,0 +1,134 @@
+"""charter serve's gunicorn worker (charter.serving.KeepAliveThreadWorker) on a real socket:
+kept-alive connections are served by the thread that answered them, without starving
+other connections, and every gthread rule still holds."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from charter.serving import LINGER_S
+
+APP = '''
+import threading, time
+
+def app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(0.3)
+    out = f"{threading.get_ident()} {len(body)}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(out)))])
+    return [out]
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[int]:
+    (tmp_path / "wsgiapp.py").write_text(APP)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--chdir", str(tmp_path), "-b", f"127.0.0.1:{port}",
+         "-w", "1", "--threads", "4", "-k", "charter.serving.KeepAliveThreadWorker",
+         "--keep-alive", "5", "wsgiapp:app"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _get(conn: http.client.HTTPConnection, path: str = "/", body: bytes = b"x") -> str:
+    conn.request("POST", path, body)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return resp.read().decode()
+
+
+def test_a_kept_alive_connection_stays_with_its_thread(server: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    answers = [_get(conn, body=b"a" * i) for i in range(1, 30)]
+    # One thread answered every request of the connection, and read each body whole.
+    assert len({a.split()[0] for a in answers}) == 1
+    assert [int(a.split()[1]) for a in answers] == list(range(1, 30))
+
+
+def test_a_quiet_connection_goes_back_to_the_selector_and_still_works(server: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    first = _get(conn)
+    time.sleep(LINGER_S + 0.3)  # past the linger: gthread's selector holds it now
+    assert _get(conn).split()[1] == first.split()[1]
+
+
+def test_pipelined_requests_are_all_answered(server: int) -> None:
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as sock:
+        one = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        sock.sendall(one * 3)
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b"HTTP/1.1 200") < 3 and time.monotonic() < deadline:
+            data += sock.recv(65536)
+    assert data.count(b"HTTP/1.1 200") == 3
+
+
+def test_more_kept_alive_connections_than_threads_are_all_served(server: int) -> None:
+    """4 threads, at most 3 may linger: 12 busy kept-alive connections all get answers."""
+    errors: list[BaseException] = []
+    done = [0] * 12
+
+    def client(i: int) -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+            for _ in range(10):
+                _get(conn)
+                done[i] += 1
+                time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and done == [10] * 12
+    # Lingering threads never hold a connection's request back for long: without a free
+    # thread a request would wait out every linger in turn (12 x 10 x 0.25 s).
+    assert time.monotonic() - started < 20
+
+
+def test_a_slow_request_does_not_block_another_connection(server: int) -> None:
+    slow = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    fast = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    _get(slow)
+    _get(fast)
+    thread = threading.Thread(target=_get, args=(slow, "/slow"))
+    thread.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    _get(fast)
+    assert time.monotonic() - started < 0.25
+    thread.join()
