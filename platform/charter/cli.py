@@ -342,7 +342,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
             for key, value in {"bind": bind, "workers": workers, "threads": threads,
                                "worker_class": "charter.serving.KeepAliveThreadWorker",
                                "timeout": 30,
-                               "graceful_timeout": 30, "keepalive": 5,
+                               "graceful_timeout": 30, "keepalive": 5, "reuse_port": True,
                                "accesslog": None, "worker_exit": _flush_on_exit}.items():
                 self.cfg.set(key, value)
 
