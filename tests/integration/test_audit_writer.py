@@ -218,3 +218,33 @@ def test_an_entry_the_table_refuses_does_not_sink_its_batch(configured) -> None:
     assert writer.flush()  # the refused one is dropped (logged), not retried forever
     assert [e.details["i"] for e in list_events(EventFilter(limit=10))] == [1, 2]
     assert verify_chain().ok
+
+
+HOSTILE = ["plain", "ünïcödé ✓ 日本語", "emoji 🧪🔒", 'quote " and \\ backslash',
+           "line\nbreak\r\nand\ttab", "\x1b[31mANSI\x1b[0m", "bidi \u202e\u2066 marks",
+           "\u2028\u2029 separators", "control \x01\x1f\x7f", "</script><!--", "x" * 199]
+
+
+def test_the_database_chains_hostile_text_as_python_would(configured) -> None:  # type: ignore[no-untyped-def]
+    """charter_audit_append joins the RFC 8785 parts in SQL: every field, with text of
+    every awkward kind, must hash there exactly as audit.chain hashes it here."""
+    writer = get_database().writer
+    for i, text in enumerate(HOSTILE):
+        deferred = Event.of(actor=f"user:{text}"[:200], action="dispatch.outcome",
+                            target_type="deployment", target_id=text, outcome="success",
+                            details={"text": text, "nested": {text: [text, 1, 2.5, None]},
+                                     "n": -(2**53 - 1)}, request_id=f"r-{i}")
+        writer.defer(Entry(events=(deferred,)))
+        entry = writer.commit(Entry(events=(Event.of(
+            actor="user:x", action="dispatch.test", target_type=text[:50], target_id="m",
+            details={"i": i, "text": text}, request_id=None),)))
+        assert entry.result == "written"
+    assert writer.flush()
+    verdict = verify_chain()
+    assert verdict.ok and verdict.count == 2 * len(HOSTILE), verdict
+    events = list_events(EventFilter(limit=100))
+    assert [e.target_id for e in events if e.action == "dispatch.outcome"] == HOSTILE
+    assert [e.details["text"] for e in events if e.action == "dispatch.test"] == HOSTILE
+    # Stamped by the database under the chain lock: times never go back along the chain.
+    stamps = [e.ts for e in events]
+    assert stamps == sorted(stamps)
