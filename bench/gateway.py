@@ -1134,8 +1134,9 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                        for k, (w, c) in profile["floors"].items())
     console.print(f"  SQLAlchemy round trips per request ≈ {trips:.0f} (statements + BEGIN/COMMIT "
                   f"per transaction + pool pre-pings); the group commit's own psycopg "
-                  f"connection adds 3 round trips per transaction, shared by the requests of a "
-                  f"batch (not in the SQL columns). Floors on this machine: {floors}.")
+                  f"connection adds 1 round trip per transaction (charter_audit_append, the "
+                  f"commit included), shared by the requests of a batch (not in the SQL "
+                  f"columns). Floors on this machine: {floors}.")
     console.print(f"  Same path through gunicorn at c=1: p50 {lat('charter', .5):.3f} ms "
                   f"(stub alone {lat('direct', .5):.3f} ms) vs in-process p50 "
                   f"{profile['p50_ms']:.3f} ms. Processes outside this benchmark used "
