@@ -995,9 +995,9 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     console.print(f"Upstream: raw asyncio HTTP/1.1 stub (one process, keep-alive, canned TGI "
                   f"answers). Charter: `charter serve --workers {args.workers} --threads "
-                  f"{args.threads}` (gunicorn gthread). Load: c=1 latency from a Python "
-                  f"http.client process, c=32 throughput from {gen}, streams from an asyncio "
-                  f"client process. {args.rounds} rounds, medians; every process shares the "
+                  f"{args.threads}` (gunicorn, charter.serving.KeepAliveThreadWorker). "
+                  f"Load: c=1 latency from a Python http.client process, c=32 throughput "
+                  f"from {gen}, streams from an asyncio client process. {args.rounds} rounds, medians; every process shares the "
                   f"same {os.cpu_count()} cores.")
 
     t = Table(title=f"POST /generate: direct vs through Charter (median of {args.rounds} rounds)")
