@@ -997,8 +997,8 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   f"answers). Charter: `charter serve --workers {args.workers} --threads "
                   f"{args.threads}` (gunicorn, charter.serving.KeepAliveThreadWorker). "
                   f"Load: c=1 latency from a Python http.client process, c=32 throughput "
-                  f"from {gen}, streams from an asyncio client process. {args.rounds} rounds, medians; every process shares the "
-                  f"same {os.cpu_count()} cores.")
+                  f"from {gen}, streams from an asyncio client process. {args.rounds} "
+                  f"rounds, medians; every process shares the same {os.cpu_count()} cores.")
 
     t = Table(title=f"POST /generate: direct vs through Charter (median of {args.rounds} rounds)")
     for col in ("path", "p50 ms c=1", "p99 ms c=1", "req/s c=32", "server CPU ms/req",
