@@ -333,9 +333,14 @@ def serve(bind: str, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
 
     from charter.app import create_app
+    from charter.serving import check_address_free
 
     settings = _settings()
     settings.require_secret()
+    busy = check_address_free(bind)
+    if busy is not None:
+        raise ConfigurationError(f"cannot listen on {busy}", code="address_in_use",
+                                 details={"bind": bind})
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

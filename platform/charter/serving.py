@@ -19,6 +19,7 @@ ThreadWorker.handle.
 from __future__ import annotations
 
 import select
+import socket
 import threading
 from typing import Any
 
@@ -60,3 +61,34 @@ class KeepAliveThreadWorker(ThreadWorker):
         finally:
             with self._linger_lock:
                 self._lingering -= 1
+
+
+def check_address_free(bind: str) -> str | None:
+    """Why `bind` (host:port) cannot be served, or None.
+
+    Each worker of `charter serve` listens on its own SO_REUSEPORT socket (the kernel then
+    spreads connections over the workers). Such sockets would also share the port with a
+    second `charter serve` started by mistake, which would take half the traffic instead
+    of failing: a plain bind, without SO_REUSEPORT, fails while anything listens there.
+    """
+    if bind.startswith(("unix:", "fd://")):
+        return None
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # gunicorn reports a malformed address itself
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - what gunicorn binds for ":port"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"{bind}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR, as gunicorn sets it: connections of a previous run in TIME_WAIT
+        # do not count, a listening socket does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"{bind}: {exc.strerror or exc}"
+    return None

@@ -132,3 +132,24 @@ def test_a_slow_request_does_not_block_another_connection(server: int) -> None:
     _get(fast)
     assert time.monotonic() - started < 0.25
     thread.join()
+
+
+def test_serve_refuses_an_address_something_listens_on(tmp_path: Path) -> None:
+    """Each worker's SO_REUSEPORT socket would share the port with another server; a
+    second `charter serve` on a busy address fails instead, and says why."""
+    from charter.serving import check_address_free
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert "in use" in (check_address_free(f"127.0.0.1:{port}") or "")
+        proc = subprocess.run(
+            [sys.executable, "-m", "charter.cli", "serve", "--bind", f"127.0.0.1:{port}"],
+            env={"PATH": "/usr/bin:/bin", "CHARTER_SECRET_KEY": "k" * 40,
+                 "CHARTER_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"},
+            capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "address_in_use" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert check_address_free(f"127.0.0.1:{port}") is None  # free again once closed
+    assert check_address_free("unix:/tmp/x.sock") is None
