@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from flask import Flask, Response, current_app, g, jsonify, request
-from flask.sessions import SessionInterface
+from flask.sessions import SecureCookieSessionInterface
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
@@ -47,16 +47,15 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.js
                           "/api/v1/audit/keys"})
 
 
-class _NoCookieSessions(SessionInterface):
-    """Charter keeps nothing in Flask's signed-cookie session: the console has server-side
-    sessions of its own (console.sessions) and the API is stateless. So no request opens,
-    verifies or saves one (that cost every gateway request a signer and a cookie parse)."""
+class _ConsoleSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, for the console's pages only (their flashed notices;
+    sign-in lives in console.sessions, server-side). The API and the gateway are stateless:
+    their requests open no session (a signer and a cookie parse on every gateway request)."""
 
     def open_session(self, app: Flask, request: Any) -> Any:
-        return self.make_null_session(app)
-
-    def save_session(self, app: Flask, session: Any, response: Response) -> None:
-        return None
+        if not request.path.startswith("/console"):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -72,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             raise SchemaOutdatedError(status.message, details=status.as_dict())
 
     app = Flask("charter")
-    app.session_interface = _NoCookieSessions()
+    app.session_interface = _ConsoleSessions()
     app.config.update(
         SECRET_KEY=settings.effective_secret_key,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
