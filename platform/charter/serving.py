@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import threading
 from typing import Any
 
@@ -48,6 +49,8 @@ class KeepAliveThreadWorker(ThreadWorker):
             return False
         if conn.parser.unreader.buf.getvalue():
             return True  # read ahead already: gthread would resubmit it at once
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            return True  # decrypted, not yet read: the socket itself would not show it
         with self._linger_lock:
             if self._lingering >= self._linger_max:
                 return False
