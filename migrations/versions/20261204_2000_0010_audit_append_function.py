@@ -27,7 +27,8 @@ down_revision = '0009'
 branch_labels = None
 depends_on = None
 
-CHAIN_LOCK_KEY = 0x43484152544552  # charter.audit.service.CHAIN_LOCK_KEY ("CHARTER")
+CHAIN_LOCK_KEY = 0x43484152544552  # charter.audit.service.CHAIN_LOCK_KEY, a frozen copy (a test
+#                                  checks that the function waits on the service's lock)
 
 PG_UP = f"""
 CREATE FUNCTION charter_audit_append(entries json, events json, counters json,

@@ -7,9 +7,9 @@ registers the socket with its selector, wakes again when the next request arrive
 the socket out and submits it to the pool again. That is two thread hand-offs and about
 ten system calls per request, and at c=1 a few hundred microseconds of latency.
 
-Here the thread that wrote a response waits on the same socket, up to `linger_s`, for the
+Here the thread that wrote a response waits on the same socket, up to LINGER_S, for the
 connection's next request and serves it at once, while enough of the pool stays free for
-new connections (at most `share` of the threads linger). A connection that stays quiet
+new connections (at most LINGER_SHARE of the threads linger). A connection that stays quiet
 goes back to gunicorn's selector as before, so idle keep-alive connections still cost no
 thread, and every limit of gthread (keepalive timeout, worker_connections, graceful
 stop, max_requests) applies unchanged: each request is still served by

@@ -248,3 +248,20 @@ def test_the_database_chains_hostile_text_as_python_would(configured) -> None:  
     # Stamped by the database under the chain lock: times never go back along the chain.
     stamps = [e.ts for e in events]
     assert stamps == sorted(stamps)
+
+
+def test_the_database_function_waits_on_the_services_chain_lock(configured, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    """Migration 0010 keeps its own copy of the chain lock's key (a migration must not
+    follow later code): while another transaction holds audit.service's lock, the
+    gateway's commit waits, so the two writers can never fork the chain."""
+    writer = get_database().writer
+    results: list[str] = []
+    with pg_conn.transaction():
+        pg_conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))
+        thread = threading.Thread(
+            target=lambda: results.append(writer.commit(Entry(events=(_event(1),))).result))
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive() and results == []  # blocked on the same lock
+    thread.join(timeout=10)
+    assert results == ["written"] and verify_chain().ok
