@@ -20,12 +20,14 @@ from sqlalchemy import JSON, BigInteger, Identity, Index, MetaData, String, sele
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from charter import db, migrate
+from charter import migrate, scope
 from charter.audit import service
 from charter.audit.chain import ChainRow, canonical_json, event_hash
 from charter.audit.models import AuditEvent
-from charter.db import UTCDateTime, unit_of_work, utcnow
+from charter.boot import build_runtime
+from charter.db import UTCDateTime, utcnow
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 VERIFY_GOAL = 100_000  # events/s
 ACTIONS = ("model.register", "version.submit", "version.approve", "deployment.create", "dispatch")
@@ -77,7 +79,7 @@ def _event(writer: int, i: int) -> dict[str, Any]:
 
 
 def _writer(url: str, kind: str, writer: int, n: int, barrier: Any, out: Any) -> None:
-    db.configure(Settings.from_env({}, database_url=url, secret_key="x" * 32))
+    scope.bind(build_runtime(Settings.from_env({}, database_url=url, secret_key="x" * 32)))
     with unit_of_work() as session:  # connect before the clock starts
         session.execute(text("SELECT 1"))
     barrier.wait()
@@ -86,7 +88,7 @@ def _writer(url: str, kind: str, writer: int, n: int, barrier: Any, out: Any) ->
         ev = _event(writer, i)
         with unit_of_work() as session:
             if kind == "chained":
-                service.append_event(**ev)
+                record(session, **ev)
             else:
                 fill = {"ts": utcnow(), "outcome": "success", "prev_hash": "0" * 64}
                 session.add(PlainEvent(**ev, **fill, hash=secrets.token_hex(32)))
@@ -122,7 +124,7 @@ def profile_verify() -> dict[str, float]:
     """Seconds spent fetching rows vs hashing them, measured apart."""
     table = AuditEvent.__table__
     cols = [table.c[name] for name in ChainRow.__slots__]
-    with db.get_database().engine.connect() as conn:
+    with scope.current().database.engine.connect() as conn:
         t0 = time.perf_counter()
         result = conn.execution_options(stream_results=True, yield_per=5000).execute(
             select(*cols).order_by(table.c.seq)
@@ -168,8 +170,9 @@ def main() -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         migrate.upgrade(url_s)
-        db.configure(Settings.from_env({}, database_url=url_s, secret_key="x" * 32))
-        _PlainBase.metadata.create_all(db.get_database().engine)
+        runtime = build_runtime(Settings.from_env({}, database_url=url_s, secret_key="x" * 32))
+        scope.bind(runtime)
+        _PlainBase.metadata.create_all(runtime.database.engine)
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         console.print(
             f"{args.events} events, {args.writers} writer processes, {args.rounds} rounds, "
@@ -189,7 +192,7 @@ def main() -> None:
         for col in ("path", "events/s", "ratio", "writer CPU ms/event"):
             table.add_column(col, justify="right")
         ratio = f"{chained / plain:.3f}"
-        table.add_row("chained (append_event)", f"{chained:,.0f}", ratio, f"{chained_cpu:.2f}")
+        table.add_row("chained (uow.record)", f"{chained:,.0f}", ratio, f"{chained_cpu:.2f}")
         table.add_row("plain INSERT", f"{plain:,.0f}", "1.000", f"{plain_cpu:.2f}")
         console.print(table)
         verdict_ok = "[green]ok[/]" if chained / plain >= 0.5 else "[red]MISSED[/]"
@@ -207,7 +210,7 @@ def main() -> None:
             f"{rate:,.0f} events/s (goal {VERIFY_GOAL:,}): {mark}"
         )
         emit("audit_append", [
-            figure("chained audit append (append_event), events/s", chained, "/s",
+            figure("chained audit append (uow.record), events/s", chained, "/s",
                    baseline="plain INSERT", baseline_value=plain, goal=">= 0.5x plain",
                    met=chained / plain >= 0.5),
             figure("verify_chain, events/s", rate, "/s", goal=f">= {VERIFY_GOAL:,}/s",
@@ -222,7 +225,9 @@ def main() -> None:
                 breakdown.add_row(stage, f"{secs:.3f}", f"{rows / secs:,.0f}")
             console.print(breakdown)
     finally:
-        db.reset()
+        current = scope.maybe_current()
+        if current is not None:
+            current.close()
         with psycopg.connect(args.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

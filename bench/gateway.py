@@ -366,12 +366,26 @@ def _create_database(name: str) -> str:
     return rendered
 
 
+_RUNTIMES: list[Any] = []  # the benchmark process's own Runtime, bound while it seeds
+
+
+def _bind_runtime(settings: Any) -> Any:
+    """This process's Runtime (for seeding and the in-process profile), bound here."""
+    from charter import scope
+    from charter.boot import build_runtime
+
+    if not _RUNTIMES:
+        runtime = build_runtime(settings)
+        scope.bind(runtime)
+        _RUNTIMES.append(runtime)
+    return _RUNTIMES[0]
+
+
 def _drop_database(name: str) -> None:
     import psycopg
 
-    from charter import db
-
-    db.reset()
+    while _RUNTIMES:
+        _RUNTIMES.pop().close()
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -379,13 +393,11 @@ def _drop_database(name: str) -> None:
 def _seed(settings: Any, upstream_url: str) -> str:
     """An approved version matching the stub, a team, a service-account key, an attested
     node and the deployment `bench`, all through the real services. Returns the API key."""
-    from charter import db
+    from charter.actor import SYSTEM
     from charter.db import utcnow
-    from charter.identity.actor import SYSTEM
     from charter.identity.service import actor_of, create_api_key, create_user
     from charter.identity.teams import create_service_account, create_team
     from charter.nodes import service as nodes
-    from charter.policy import service as policy
     from charter.registry import service as registry
     from charter.registry.schemas import (
         ApprovalConditions,
@@ -395,8 +407,7 @@ def _seed(settings: Any, upstream_url: str) -> str:
         VersionSpec,
     )
 
-    db.configure(settings)
-    policy.configure(settings)
+    _bind_runtime(settings)
     steward, approver, operator = (
         actor_of(create_user(SYSTEM, username=f"bench-{role}", roles=[role]))
         for role in ("steward", "approver", "operator"))
@@ -564,16 +575,17 @@ def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
     import charter.app
     import charter.dispatch.gateway as gateway
     import charter.dispatch.service as dispatch
+    import charter.identity.authn as authn
     import charter.policy.service as policy
-    from charter import db
     from charter.audit.writer import GroupWriter
     from charter.nodes.client import NodePool, NodeResponse
     from charter.nodes.ssrf import NodeUrlPolicy
 
-    app = charter.app.create_app(settings)
+    runtime = _bind_runtime(settings)
+    app = charter.app.create_app(runtime)
     client = app.test_client()
     timer = StageTimer()
-    engine = db.get_database().engine
+    engine = runtime.database.engine
     sql_started: dict[int, float] = {}
 
     def before(conn: Any, *_a: Any) -> None:
@@ -586,11 +598,11 @@ def _stage_profile(settings: Any, key: str, n: int) -> dict[str, Any]:
 
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "after_cursor_execute", after)
-    timer.wrap(charter.app, "authenticate_api_key", "authenticate: API key -> actor")
+    timer.wrap(authn, "authenticate_api_key", "authenticate: API key -> actor")
     timer.wrap(dispatch, "caller_context", "caller_context: teams, entitlements")
     timer.wrap(dispatch, "admit", "admit: route, policy input, entry")
     timer.wrap(dispatch, "_load_route", "route lookup (read-cache miss)")
-    timer.wrap(policy.get_engine(), "evaluate", "policy: regorus evaluate")
+    timer.wrap(runtime.policies.engine, "evaluate", "policy: regorus evaluate")
     timer.wrap(policy, "evaluate", "policy: verdict cache, decision event")
     timer.wrap(GroupWriter, "commit", "group commit: decision (+ queued outcome)")
     timer.wrap(NodeUrlPolicy, "resolve", "proxy: SSRF re-check of the node URL")
@@ -635,7 +647,7 @@ def _round_trip_floors(settings: Any, n: int = 300) -> dict[str, tuple[float, fl
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    from charter.db import unit_of_work
+    from charter.uow import unit_of_work
 
     def timed(fn: Callable[[], object]) -> tuple[float, float]:
         for _ in range(20):
@@ -676,7 +688,7 @@ MARKERS = [  # (function, file fragment, stage): the innermost match in a stack 
     ("_tgi", "charter/dispatch/gateway.py", "gateway parse"),
     ("_start", "charter/app.py", "request hooks"),
     ("_finish", "charter/app.py", "request hooks"),
-    ("_authenticate", "charter/app.py", "request hooks"),
+    ("authenticate_request", "charter/identity/authn.py", "request hooks"),
     ("wsgi_app", "flask/app.py", "Flask/werkzeug"),
     ("handle_request", "gunicorn/workers/gthread.py", "gunicorn request I/O"),
     ("handle", "gunicorn/workers/gthread.py", "gunicorn request I/O"),

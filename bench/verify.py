@@ -28,15 +28,15 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from charter import db, migrate
+from charter import migrate, scope
 from charter.audit import checkpoints
 from charter.audit.bundle import Selection, export
 from charter.audit.checkpoints import generate_key
-from charter.audit.service import append_event
 from charter.audit.tree import Tree
 from charter.audit.verify import verify_bundle
-from charter.db import unit_of_work
+from charter.boot import build_runtime
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 RATE_GOAL = 100_000
 FLOOR_GOAL = 5.0
@@ -46,10 +46,10 @@ def fill(n: int, every: int, settings: Settings) -> None:
     """n events like the gateway's outcome events, committed 1,000 at a time."""
     rnd = random.Random(7)
     for start in range(0, n, every):
-        with unit_of_work():
+        with unit_of_work() as session:
             for i in range(start, min(n, start + every)):
-                append_event(
-                    actor=f"key:svc-{i % 17}", action="dispatch.outcome",
+                record(
+                    session, actor=f"key:svc-{i % 17}", action="dispatch.outcome",
                     target_type="deployment", target_id=f"chat-{i % 5}",
                     details={"outcome": "completed", "status": 200,
                              "decision_id": f"{rnd.getrandbits(128):032x}",
@@ -91,7 +91,7 @@ def main() -> None:
         settings = Settings.from_env({}, database_url=url_s, secret_key="x" * 32,
                                      audit_signing_keys=str(key))
         migrate.upgrade(url_s)
-        db.configure(settings)
+        scope.bind(build_runtime(settings))
         t0 = time.perf_counter()
         fill(args.events, 1000, settings)
         console.print(f"{args.events:,} events and {args.events // 1000} checkpoints written "
@@ -180,7 +180,9 @@ def main() -> None:
             f"{'[green]ok[/]' if ok_floor else '[red]MISSED[/]'} (stored bundle; the "
             f"deflated one adds decompression)")
     finally:
-        db.reset()
+        current = scope.maybe_current()
+        if current is not None:
+            current.close()
         with psycopg.connect(args.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

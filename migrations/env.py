@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, pool
 
 import charter.audit.models  # noqa: F401 - registers tables on the metadata
 import charter.batches.models  # noqa: F401
-import charter.dispatch.models  # noqa: F401
+import charter.metering.models  # noqa: F401
 import charter.identity.models  # noqa: F401
 import charter.nodes.models  # noqa: F401
 import charter.registry.models  # noqa: F401

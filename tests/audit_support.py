@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from charter.audit.checkpoints import generate_key
-from charter.audit.service import append_event
-from charter.db import unit_of_work
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 ORIGIN = "charter.test/audit"
 
@@ -29,9 +28,9 @@ def signing(settings: Settings, folder: Path, *names: str, **extra: Any) -> Sett
 def append_many(n: int, *, start: int = 0, actor: str = "user:alice",
                 team: str = "analytics", action: str = "dispatch.outcome") -> None:
     """`n` events in one transaction (one commit), with a little variety."""
-    with unit_of_work():
+    with unit_of_work() as session:
         for i in range(start, start + n):
-            append_event(actor=actor if i % 3 else "user:bob", action=action,
-                         target_type="deployment", target_id=f"chat-{i % 4}",
-                         details={"i": i, "team": team if i % 2 else "support",
+            record(session, actor=actor if i % 3 else "user:bob", action=action,
+                   target_type="deployment", target_id=f"chat-{i % 4}",
+                   details={"i": i, "team": team if i % 2 else "support",
                                   "tokens_out": i % 50, "note": "é \u2028 <x>"})

@@ -113,7 +113,7 @@ def make_world(configured: Any, make_person: Any, *, capacity: int = 8,
                delay_s: float = 0.0, requests_per_day: int | None = None,
                **overrides: Any) -> BatchWorld:
     """An approved version served by one real node as `m`, and a team's service account."""
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team
     from charter.nodes import service as nodes

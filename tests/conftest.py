@@ -11,10 +11,13 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from charter import db, migrate
-from charter.identity.actor import SYSTEM, Actor
+from charter import migrate, scope
+from charter.actor import SYSTEM, Actor
+from charter.boot import build_runtime
 from charter.identity.service import actor_of, create_api_key, create_user
+from charter.runtime import Runtime
 from charter.settings import Settings
+from tests.runtimes import close_runtimes, mark
 
 ADMIN_URL = os.environ.get(
     "TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -39,7 +42,6 @@ def pg_template() -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     migrate.upgrade(pg_url(name))
     yield name
-    db.reset()
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -51,7 +53,6 @@ def empty_pg() -> Iterator[str]:
     with _admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield pg_url(name)
-    db.reset()
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -63,7 +64,6 @@ def database_url(pg_template: str) -> Iterator[str]:
     with _admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     yield pg_url(name)
-    db.reset()
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -74,19 +74,34 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
-def configured(settings: Settings) -> Settings:
-    from charter.policy import service as policy
-
-    db.configure(settings)
-    policy.configure(settings)
-    return settings
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The test's Runtime, bound (charter.scope) for the test's own service calls."""
+    made = build_runtime(settings)
+    try:
+        with scope.bound(made):
+            yield made
+    finally:
+        made.close()
 
 
 @pytest.fixture
-def app(configured: Settings):  # type: ignore[no-untyped-def]
+def configured(runtime: Runtime) -> Settings:
+    return runtime.settings
+
+
+@pytest.fixture
+def app(runtime: Runtime):  # type: ignore[no-untyped-def]
     from charter.app import create_app
 
-    return create_app(configured)
+    return create_app(runtime)
+
+
+@pytest.fixture(autouse=True)
+def _close_runtimes() -> Iterator[None]:
+    """Close the runtimes a test made with tests.runtimes (not its module fixtures')."""
+    since = mark()
+    yield
+    close_runtimes(since)
 
 
 @pytest.fixture

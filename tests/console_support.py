@@ -13,8 +13,9 @@ from flask.testing import FlaskClient
 
 from charter.console.sessions import digest
 from charter.console.views import SESSION_COOKIE
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
 from charter.identity.models import ConsoleSession
+from charter.uow import unit_of_work
 
 BASE = "https://localhost"
 

@@ -24,6 +24,7 @@ class OpaTestServer:
         self.lock = threading.Lock()
         self.mode = "ok"
         self.hang_s = 5.0
+        self.put_hang_s = 0.0  # PUTs (loading policies and data) answer this much later
         self.requests: list[tuple[str, str]] = []
         self.data: dict[str, Any] = {}
         self.policies: dict[str, str] = {}
@@ -62,6 +63,7 @@ class OpaTestServer:
             def do_PUT(self) -> None:  # noqa: N802
                 server.requests.append(("PUT", self.path))
                 body = self._body()
+                time.sleep(server.put_hang_s)
                 if self.path.startswith("/v1/policies/"):
                     server.policies[self.path[len("/v1/policies/"):]] = body.decode()
                     try:

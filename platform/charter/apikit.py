@@ -7,7 +7,7 @@ Flask route, parses and bounds its input, and describes it in /api/v1/openapi.js
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
@@ -16,13 +16,13 @@ from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
 
+from charter.actor import Actor
 from charter.errors import (
     InvalidJsonError,
     UnauthenticatedError,
     ValidationFailedError,
     validation_failed,
 )
-from charter.identity.actor import Actor
 
 
 @dataclass
@@ -41,11 +41,12 @@ class Operation:
     extra_responses: dict[str, Any] = field(default_factory=dict)
 
 
-OPERATIONS: list[tuple[str, Operation]] = []  # (url prefix, operation)
-
-
 class ApiBlueprint(Blueprint):
-    """A blueprint whose routes are declared operations."""
+    """A blueprint whose routes are declared operations (`operations`, for OpenAPI)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.operations: list[Operation] = []
 
     def operation(
         self,
@@ -66,7 +67,7 @@ class ApiBlueprint(Blueprint):
                 operation_id=fn.__name__, body=body, query=query, response=response,
                 status=status, public=public, errors=errors,
             )
-            OPERATIONS.append((self.url_prefix or "", op))
+            self.operations.append(op)
             adapter = TypeAdapter(response) if response is not None else None
 
             @wraps(fn)
@@ -202,27 +203,35 @@ _STATUS_TEXT = {
 }
 
 
-def openapi_document(title: str, version: str) -> dict[str, Any]:
-    """OpenAPI 3.1 for every declared operation, schemas from the pydantic models."""
+def openapi_document(blueprints: Iterable[ApiBlueprint], title: str,
+                     version: str) -> dict[str, Any]:
+    """OpenAPI 3.1 for every operation the blueprints declare, schemas from the pydantic
+    models."""
+    operations = [(bp.url_prefix or "", op) for bp in blueprints for op in bp.operations]
+    inputs = {id(m) for _, op in operations for m in (op.body, op.query) if m is not None}
+
+    def is_input(model: type[BaseModel]) -> bool:
+        return id(model) in inputs
+
     models: set[type[BaseModel]] = set()
-    for _, op in OPERATIONS:
+    for _, op in operations:
         for m in (op.body, op.query, _inner(op.response)):
             if m is not None:
                 models.add(m)
     ordered = sorted(models, key=lambda m: m.__name__)
     key_map, defs = models_json_schema(
-        [(m, "validation" if _is_input(m) else "serialization") for m in ordered],
+        [(m, "validation" if is_input(m) else "serialization") for m in ordered],
         ref_template="#/components/schemas/{model}",
     )
     schemas = dict(defs.get("$defs", {}))
     schemas["Error"] = ERROR_SCHEMA
 
     def ref(m: type[BaseModel]) -> dict[str, Any]:
-        mode = "validation" if _is_input(m) else "serialization"
+        mode = "validation" if is_input(m) else "serialization"
         return key_map[(m, mode)]
 
     paths: dict[str, dict[str, Any]] = {}
-    for prefix, op in OPERATIONS:
+    for prefix, op in operations:
         path, params = _openapi_path(prefix + op.rule)
         entry: dict[str, Any] = {
             "operationId": op.operation_id,
@@ -286,10 +295,6 @@ def _inner(response: Any) -> type[BaseModel] | None:
         return None
     args = getattr(response, "__args__", None)
     return args[0] if args else response
-
-
-def _is_input(model: type[BaseModel]) -> bool:
-    return any(model is op.body or model is op.query for _, op in OPERATIONS)
 
 
 def _openapi_path(rule: str) -> tuple[str, list[dict[str, Any]]]:

@@ -1,4 +1,4 @@
-"""create_app(): the one Flask application factory."""
+"""create_app(runtime): the one Flask application factory."""
 
 from __future__ import annotations
 
@@ -8,27 +8,29 @@ import time
 from typing import Any
 
 import structlog
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
-from charter import __version__, db, tasks
-from charter.apikit import openapi_document
-from charter.audit.service import append_event
-from charter.context import request_id_var
-from charter.db import unit_of_work
-from charter.errors import CharterError, SchemaOutdatedError, UnauthenticatedError
-from charter.identity.jwt import AccessTokenVerifier
-from charter.identity.ratelimit import FailureLimiter
-from charter.identity.service import KEY_PREFIX, authenticate_api_key
-from charter.identity.sso import provision
+from charter import __version__, scope
+from charter.apikit import ApiBlueprint, openapi_document
+from charter.audit.api import bp as audit_bp
+from charter.batches.api import bp as batches_bp
+from charter.console import register_console
+from charter.context import RequestContext
+from charter.dispatch.gateway import bp as gateway_bp
+from charter.errors import CharterError, SchemaOutdatedError
+from charter.exports.api import bp as exports_bp
+from charter.identity import authn
+from charter.identity.api import bp as identity_bp
 from charter.logs import configure_logging
 from charter.migrate import schema_status
-from charter.policy import service as policy
-from charter.settings import Settings
-from charter.snapshot import SNAPSHOT, generation_var, read_generation
+from charter.nodes.api import bp as nodes_bp
+from charter.policy.api import bp as policy_bp
+from charter.registry.api import bp as registry_bp
+from charter.runtime import Runtime
 
 log = structlog.get_logger("charter.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -37,12 +39,6 @@ _HTTP_CODES = {
     405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
     429: "rate_limited",
 }
-REQUESTS = Counter(
-    "charter_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"]
-)
-LATENCY = Histogram(
-    "charter_http_request_seconds", "HTTP request latency", ["method", "endpoint"]
-)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json",
                           "/api/v1/audit/keys"})
 
@@ -58,15 +54,14 @@ class _ConsoleSessions(SecureCookieSessionInterface):
         return super().open_session(app, request)
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    settings = settings or Settings.from_env()
+def create_app(runtime: Runtime) -> Flask:
+    """The API, the gateway and the console over `runtime`, which each request binds
+    (charter.scope). The app keeps no state of its own beyond Flask's configuration."""
+    settings = runtime.settings
     settings.require_secret()
     configure_logging(settings)
-    database = db.configure(settings)
-    policy.configure(settings)
-    tasks.configure(settings)
     if settings.schema_check:
-        status = schema_status(database.engine)
+        status = schema_status(runtime.database.engine)
         if not status.current:
             raise SchemaOutdatedError(status.message, details=status.as_dict())
 
@@ -80,51 +75,57 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
+    app.extensions["charter.runtime"] = runtime
     app.extensions["charter.settings"] = settings
-    app.extensions["charter.auth_limiter"] = FailureLimiter(
-        settings.auth_failure_limit, settings.auth_failure_window_s)
-    if settings.oidc_issuer:
-        app.extensions["charter.jwt"] = AccessTokenVerifier(settings)
+    app.extensions["charter.auth_limiter"] = runtime.authenticator.limiter
+    metrics = _Metrics(runtime)
 
-    _install_request_hooks(app)
+    _install_request_hooks(app, runtime, metrics)
     _install_error_handlers(app)
-    _install_probes(app, settings)
-
-    from charter.audit.api import bp as audit_bp
-    from charter.batches.api import bp as batches_bp
-    from charter.dispatch.gateway import bp as gateway_bp
-    from charter.exports.api import bp as exports_bp
-    from charter.identity.api import bp as identity_bp
-    from charter.nodes.api import bp as nodes_bp
-    from charter.policy.api import bp as policy_bp
-    from charter.registry.api import bp as registry_bp
+    _install_probes(app, runtime)
 
     for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp,
                batches_bp, exports_bp):
         app.register_blueprint(bp)
-
-    from charter.console import register_console
     register_console(app, settings)
+    api = [bp for bp in app.blueprints.values() if isinstance(bp, ApiBlueprint)]
 
     @app.get("/api/v1/openapi.json")
     def openapi() -> Response:
-        return jsonify(openapi_document("Charter API", __version__))
+        return jsonify(openapi_document(api, "Charter API", __version__))
 
     return app
 
 
-def _install_request_hooks(app: Flask) -> None:
+class _Metrics:
+    """The HTTP metrics, in the Runtime's own registry."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = runtime.metrics
+        self.requests = Counter("charter_http_requests_total", "HTTP requests answered",
+                                ["method", "endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("charter_http_request_seconds", "HTTP request latency",
+                                 ["method", "endpoint"], registry=self.registry)
+
+
+def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> None:
     @app.before_request
     def _start() -> None:
         incoming = request.headers.get("X-Request-Id", "")
         rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
         g.request_id = rid
-        g.token = request_id_var.set(rid)
+        g.scope_token = scope.bind(runtime, request_id=rid)
         g.started = time.perf_counter()
         g.actor = None
+        g.ctx = RequestContext(request_id=rid, client=request.remote_addr or "unknown")
         if request.path not in PUBLIC_PATHS and not request.path.startswith(
                 ("/console", "/static")):
-            _authenticate()  # the API and the gateway; the console has its own sessions
+            # The API and the gateway; the console has its own sessions.
+            actor, generation = authn.authenticate_request(
+                g.ctx, request.headers.get("Authorization", ""),
+                optimistic=request.endpoint in OPTIMISTIC_ENDPOINTS)
+            g.actor = actor
+            g.ctx = g.ctx.with_actor(actor, generation)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -133,8 +134,8 @@ def _install_request_hooks(app: Flask) -> None:
         response.headers.setdefault("Cache-Control", "no-store")
         endpoint = request.endpoint or "unmatched"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        REQUESTS.labels(request.method, endpoint, response.status_code).inc()
-        LATENCY.labels(request.method, endpoint).observe(elapsed)
+        metrics.requests.labels(request.method, endpoint, response.status_code).inc()
+        metrics.latency.labels(request.method, endpoint).observe(elapsed)
         if request.path not in ("/metrics", "/healthz"):
             actor = g.get("actor")
             log.info(
@@ -146,84 +147,17 @@ def _install_request_hooks(app: Flask) -> None:
 
     @app.teardown_request
     def _reset(_exc: BaseException | None) -> None:
-        token = g.pop("token", None)
+        token = g.pop("scope_token", None)
         if token is not None:
-            request_id_var.reset(token)
-        generation = g.pop("generation_token", None)
-        if generation is not None:
-            generation_var.reset(generation)
+            scope.unbind(token)
 
 
 # Gateway routes that decide through dispatch.admit(): they may authenticate on the newest
-# generation this process knows, because admit() commits only if it is still current.
+# generation this process knows, because admit() commits only if it is still current
+# (charter.readcache).
 OPTIMISTIC_ENDPOINTS = frozenset({"gateway.chat_completions", "gateway.completions",
                                   "gateway.generate", "gateway.generate_stream",
                                   "gateway.compat"})
-
-
-def _authenticate() -> None:
-    """API keys (`chk_...`) or, with SSO configured, the IdP's JWT access tokens.
-
-    Every failure is audited (never with the token) and counted per client address;
-    past the limit the address is refused with 429 until the window passes.
-    """
-    header = request.headers.get("Authorization", "")
-    if not header:
-        return  # the operation decides: public ones pass, others answer 401
-    client = request.remote_addr or "unknown"
-    limiter: FailureLimiter = current_app.extensions["charter.auth_limiter"]
-    retry = limiter.retry_after(client)
-    if retry is not None:
-        raise CharterError("too many failed authentications; try again later",
-                           code="rate_limited", status=429,
-                           details={"retry_after_s": int(retry) + 1})
-    known = SNAPSHOT.latest if request.endpoint in OPTIMISTIC_ENDPOINTS else None
-    if known is not None:
-        try:
-            authenticate_request(known, record_failure=False)
-            return
-        except UnauthenticatedError:
-            pass  # perhaps the cache is behind: decide, and record, on what is current
-    authenticate_request(read_generation())
-
-
-def authenticate_request(generation: int, *, record_failure: bool = True) -> None:
-    """Set `g.actor` from the Authorization header, reading through the read cache of
-    `generation` (also called again by the gateway when that generation went stale)."""
-    token_ = generation_var.set(generation)
-    if "generation_token" not in g:
-        g.generation_token = token_  # reset to the value before the first set
-    header = request.headers.get("Authorization", "")
-    client = request.remote_addr or "unknown"
-    limiter: FailureLimiter = current_app.extensions["charter.auth_limiter"]
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    method = "api_key" if token.startswith(f"{KEY_PREFIX}_") else "jwt"
-    g.actor = None
-    try:
-        if scheme.lower() != "bearer" or not token:
-            raise UnauthenticatedError("use `Authorization: Bearer <API key or token>`",
-                                       code="invalid_credentials")
-        if method == "api_key":
-            g.actor = authenticate_api_key(token)
-            return
-        verifier = current_app.extensions.get("charter.jwt")
-        if verifier is None:
-            raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-        claims = verifier.verify(token)
-        g.actor = provision(current_app.extensions["charter.settings"], claims, via="api")
-    except UnauthenticatedError as exc:
-        if not record_failure:
-            raise
-        if exc.status == 401:
-            limiter.fail(client)
-        details = {"code": exc.code, "method": method, "client": client}
-        if method == "api_key" and token.count("_") >= 2:
-            details["key_id"] = token.split("_", 2)[1][:16]  # the public part only
-        with unit_of_work():
-            append_event(actor="anonymous", action="auth.failed", target_type="auth",
-                         target_id=method, outcome="denied", details=details)
-        raise
 
 
 def _error_body(code: str, message: str, details: dict[str, Any] | None) -> dict[str, Any]:
@@ -263,7 +197,7 @@ def _install_error_handlers(app: Flask) -> None:
         return jsonify(body), 500
 
 
-def _install_probes(app: Flask, settings: Settings) -> None:
+def _install_probes(app: Flask, runtime: Runtime) -> None:
     @app.get("/healthz")
     def healthz() -> Response:
         return jsonify({"status": "ok", "version": __version__})
@@ -273,7 +207,7 @@ def _install_probes(app: Flask, settings: Settings) -> None:
         checks: dict[str, Any] = {}
         ready = True
         try:
-            engine = db.get_database().engine
+            engine = runtime.database.engine
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             checks["database"] = "ok"
@@ -283,7 +217,7 @@ def _install_probes(app: Flask, settings: Settings) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks["database"] = f"unavailable: {type(exc).__name__}"
             ready = False
-        check = getattr(policy.get_engine(), "check", None)  # the remote engine's (OPA)
+        check = getattr(runtime.policies.engine, "check", None)  # the remote engine's (OPA)
         if check is not None:
             try:
                 checks["policy"] = check()
@@ -296,4 +230,4 @@ def _install_probes(app: Flask, settings: Settings) -> None:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(runtime.metrics), mimetype=CONTENT_TYPE_LATEST)

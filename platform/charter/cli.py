@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from charter.errors import CharterError, ConfigurationError
-from charter.settings import Settings, settings_markdown
-
-console = Console(stderr=True)
-
-
-def _settings(**overrides: object) -> Settings:
-    return Settings.from_env(**overrides)
-
-
-def _fail(exc: CharterError) -> None:
-    console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
-    for key, value in exc.details.items():
-        console.print(f"  {key}: {value}")
-    sys.exit(2)
-
-
-class CharterGroup(click.Group):
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except CharterError as exc:
-            _fail(exc)
-        return None
+from charter.clikit import (
+    CharterGroup,
+    actor_named,
+    command_runtime,
+    console,
+    settings_from_env,
+)
+from charter.errors import ConfigurationError
+from charter.runtime import Runtime
+from charter.settings import settings_markdown
 
 
 @click.group(cls=CharterGroup)
@@ -54,7 +38,7 @@ def db_upgrade(revision: str) -> None:
     """Migrate the database up to REVISION."""
     from charter import migrate
 
-    settings = _settings()
+    settings = settings_from_env()
     migrate.upgrade(settings.database_url, revision)
     console.print(f"database at {revision}")
 
@@ -65,7 +49,7 @@ def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (`base` removes everything)."""
     from charter import migrate
 
-    settings = _settings()
+    settings = settings_from_env()
     migrate.downgrade(settings.database_url, revision)
     console.print(f"database at {revision}")
 
@@ -73,43 +57,19 @@ def db_downgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of the database and the one this code expects."""
-    from charter import db as database
+    from charter.db import Database
     from charter.migrate import schema_status
 
-    settings = _settings()
-    status = schema_status(database.configure(settings).engine)
+    database = Database.from_settings(settings_from_env())
+    try:
+        status = schema_status(database.engine)
+    finally:
+        database.dispose()
     click.echo(f"database: {status.database_revision or '(empty)'}")
     click.echo(f"code:     {status.code_revision}")
     if not status.current:
         click.echo(status.message)
         sys.exit(1)
-
-
-def _ready(settings: Settings) -> None:
-    """Connect and refuse to go on with an out-of-date schema."""
-    from charter import db as database
-    from charter.errors import SchemaOutdatedError
-    from charter.logs import configure_logging
-    from charter.migrate import schema_status
-
-    configure_logging(settings)
-    status = schema_status(database.configure(settings).engine)
-    if not status.current:
-        raise SchemaOutdatedError(status.message, details=status.as_dict())
-
-
-def _actor(username: str):  # type: ignore[no-untyped-def]
-    from sqlalchemy import select
-
-    from charter.db import unit_of_work
-    from charter.identity.models import User
-    from charter.identity.service import actor_of
-
-    with unit_of_work() as session:
-        user = session.scalar(select(User).where(User.username == username))
-        if user is None or not user.active:
-            raise CharterError(f"no active user {username!r}", code="user_not_found")
-        return actor_of(user)
 
 
 # --- users ----------------------------------------------------------------------------
@@ -124,8 +84,7 @@ def users_bootstrap(username: str) -> None:
     """Create the first admin and print its API key (shown once)."""
     from charter.identity.service import bootstrap_admin
 
-    settings = _settings()
-    _ready(settings)
+    command_runtime()
     issued = bootstrap_admin(username)
     click.echo(issued.token)
     console.print(f"admin {username!r} created; the key above is shown once")
@@ -156,9 +115,8 @@ def models_import(directory: Path, as_user: str, **options: object) -> None:
     """Describe DIRECTORY offline (config, card, digests) and create a draft version."""
     from charter.registry.importer import ImportOptions, import_directory
 
-    settings = _settings()
-    _ready(settings)
-    actor = _actor(as_user)
+    command_runtime()
+    actor = actor_named(as_user)
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     with Progress(TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console) as bar:
@@ -188,8 +146,7 @@ def audit_verify() -> None:
     """Walk the hash chain; print the count and head hash, or the first bad event and why."""
     from charter.audit.service import verify_chain
 
-    settings = _settings()
-    _ready(settings)
+    command_runtime()
     verdict = verify_chain()
     if verdict.ok:
         click.echo(f"ok: {verdict.count} events, head {verdict.head_hash}")
@@ -211,7 +168,7 @@ def audit_keygen(path: Path) -> None:
     except FileExistsError:
         raise ConfigurationError(f"{path} exists: a signing key is never overwritten",
                                  code="key_exists") from None
-    settings = _settings(audit_signing_keys=str(path))
+    settings = settings_from_env(audit_signing_keys=str(path))
     signer: Signer = load_signers(settings)[0]
     click.echo(f"wrote {path}; its verifier key (publish it): {signer.verifier}")
 
@@ -221,8 +178,7 @@ def audit_checkpoint() -> None:
     """Sign a checkpoint of the log now."""
     from charter.audit.checkpoints import issue
 
-    settings = _settings()
-    _ready(settings)
+    settings = command_runtime().settings
     row = issue(settings, force=True)
     if row is None:
         raise ConfigurationError("no signing key: set CHARTER_AUDIT_SIGNING_KEYS",
@@ -250,8 +206,7 @@ def audit_export(out: Path, since: object, until: object, actor: str | None,
     from charter.audit.bundle import Selection
     from charter.audit.service import export_bundle
 
-    settings = _settings()
-    _ready(settings)
+    settings = command_runtime().settings
     selection = Selection(
         since=since.replace(tzinfo=UTC) if since else None,  # type: ignore[attr-defined]
         until=until.replace(tzinfo=UTC) if until else None,  # type: ignore[attr-defined]
@@ -300,7 +255,7 @@ def policy_show() -> None:
 
     from charter.policy.bundle import PolicyBundle, default_policy_dir
 
-    settings = _settings()
+    settings = settings_from_env()
     bundle = PolicyBundle.load(Path(settings.policy_dir) if settings.policy_dir
                                else default_policy_dir())
     click.echo(json.dumps({"revision": bundle.revision,
@@ -333,9 +288,10 @@ def serve(bind: str, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
 
     from charter.app import create_app
+    from charter.boot import build_runtime
     from charter.serving import check_address_free
 
-    settings = _settings()
+    settings = settings_from_env()
     settings.require_secret()
     busy = check_address_free(bind)
     if busy is not None:
@@ -352,42 +308,23 @@ def serve(bind: str, workers: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
-            app = create_app(settings)  # in each worker: its own pools and engines
-            start_inprocess_scheduler(settings)
+            # In each worker: its own runtime (pools, engines, writer), kept for its life
+            # and flushed by worker_exit.
+            runtime = build_runtime(settings)
+            app = create_app(runtime)
+            runtime.tasks.start_scheduler()
             return app
 
     Server().run()
 
 
-def start_inprocess_scheduler(settings: Settings) -> threading.Event | None:
-    """With task_backend `inprocess`, this process sends the periodic tasks (node probes,
-    batch sweeps, maintenance) itself; with `celery`, `charter beat` does."""
-    if settings.task_backend != "inprocess":
-        return None
-    from charter import tasks
-
-    stop = threading.Event()
-    threading.Thread(target=tasks.run_scheduler, args=(settings, stop), daemon=True,
-                     name="charter-scheduler").start()
-    return stop
-
-
-# --- worker and beat (Celery) ---------------------------------------------------------
-def _celery_settings() -> Settings:
-    from charter import tasks
-    from charter.db import configure as configure_db
-    from charter.policy import service as policy_service
-
-    settings = _settings()
+def _celery_runtime() -> Runtime:
+    settings = settings_from_env()
     if settings.task_backend != "celery":
         raise ConfigurationError(
             "set CHARTER_TASK_BACKEND=celery and CHARTER_BROKER_URL to run Celery processes",
             details={"problems": ["CHARTER_TASK_BACKEND: not celery"]})
-    _ready(settings)
-    configure_db(settings)
-    policy_service.configure(settings)
-    tasks.configure(settings)
-    return settings
+    return command_runtime(settings)
 
 
 @main.command()
@@ -396,10 +333,9 @@ def _celery_settings() -> Settings:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int, loglevel: str) -> None:
     """Run a Celery worker for Charter's tasks (batch lines, probes, sweeps, maintenance)."""
-    from charter import tasks
-
-    settings = _celery_settings()
-    tasks.celery_app.worker_main(["worker", "--pool", "threads", "--concurrency",
+    runtime = _celery_runtime()
+    settings = runtime.settings
+    runtime.tasks.celery.worker_main(["worker", "--pool", "threads", "--concurrency",
                                   str(concurrency), "--queues", settings.task_queue,
                                   "--loglevel", loglevel, "--without-gossip",
                                   "--without-mingle", "--hostname", f"charter@{os.uname()[1]}"])
@@ -413,18 +349,17 @@ def beat(schedule_file: str, loglevel: str) -> None:
     """Run Celery beat: sends the periodic tasks (run exactly one per installation)."""
     import tempfile
 
-    from charter import tasks
-
-    _celery_settings()
+    runtime = _celery_runtime()
     path = schedule_file or os.path.join(tempfile.gettempdir(), "charter-beat-schedule")
-    tasks.celery_app.start(["beat", "--schedule", path, "--loglevel", loglevel])
+    runtime.tasks.celery.start(["beat", "--schedule", path, "--loglevel", loglevel])
 
 
-def _flush_on_exit(_server: object, _worker: object) -> None:
+def _flush_on_exit(_server: object, worker: object) -> None:
     """A stopping worker writes the outcome events it still holds (gunicorn's worker_exit)."""
-    from charter.db import flush_writer
-
-    flush_writer()
+    app = getattr(worker, "wsgi", None)
+    runtime = getattr(app, "extensions", {}).get("charter.runtime")
+    if runtime is not None:
+        runtime.close()
 
 
 # --- demo -----------------------------------------------------------------------------

@@ -1,13 +1,23 @@
-"""Per-request context (request id) that services and logs read without importing Flask."""
+"""The request context: who asks, under which request id, on which read-cache generation.
+
+An explicit frozen value that the web layer makes per request (and the batch runner per
+line) and hands to the services on the request path; never read from ambient state.
+"""
 
 from __future__ import annotations
 
-import contextvars
+import dataclasses
+from dataclasses import dataclass
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "charter_request_id", default=None
-)
+from charter.actor import Actor
 
 
-def current_request_id() -> str | None:
-    return request_id_var.get()
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    request_id: str | None
+    generation: int | None = None  # the read cache's (charter.readcache); None: read fresh
+    actor: Actor | None = None
+    client: str = "unknown"  # the caller's address, for failed-authentication limits
+
+    def with_actor(self, actor: Actor | None, generation: int | None) -> RequestContext:
+        return dataclasses.replace(self, actor=actor, generation=generation)

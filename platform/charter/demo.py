@@ -14,15 +14,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
+from werkzeug.serving import run_simple
 
-from charter import db, migrate
+from charter import migrate, scope
+from charter.actor import SYSTEM, Actor
+from charter.app import create_app
 from charter.audit.checkpoints import generate_key
-from charter.db import unit_of_work, utcnow
-from charter.identity.actor import SYSTEM, Actor
+from charter.boot import build_runtime
+from charter.db import utcnow
 from charter.identity.models import User
 from charter.identity.service import actor_of, create_api_key, create_user
 from charter.identity.teams import create_service_account, create_team
-from charter.policy import service as policy
 from charter.registry import service as registry
 from charter.registry.importer import ImportOptions, content_revision, import_directory
 from charter.registry.schemas import (
@@ -32,7 +34,9 @@ from charter.registry.schemas import (
     Transition,
     VersionSpec,
 )
+from charter.runtime import Runtime
 from charter.settings import Settings
+from charter.uow import unit_of_work
 
 DEMO_USERS = [
     ("admin", "Demo Admin", "user", ["admin"]),
@@ -264,8 +268,18 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
                                  audit_checkpoint_dir=str(data_dir / "checkpoints"))
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)
-    db.configure(settings)
-    policy.configure(settings)
+    runtime = build_runtime(settings)
+    with scope.bound(runtime):
+        try:
+            _run(runtime, host=host, port=port, data_dir=data_dir, serve=serve,
+                 console=console)
+        finally:
+            runtime.close()
+
+
+def _run(runtime: Runtime, *, host: str, port: int, data_dir: Path, serve: bool,
+         console: Console) -> None:
+    settings = runtime.settings
     keys = seed(data_dir, console)
 
     table = Table(title="Demo users (API keys also in demo-keys.json)")
@@ -285,15 +299,9 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
     )
     if not serve:
         return
-    from werkzeug.serving import run_simple
-
-    from charter.app import create_app
-
     procs = start_nodes(data_dir, settings, port, console)
-    app = create_app(settings)
-    from charter.cli import start_inprocess_scheduler
-
-    stop = start_inprocess_scheduler(settings)
+    app = create_app(runtime)
+    stop = runtime.tasks.start_scheduler()
     assert stop is not None
     key = keys.get("svc-helpdesk", "<key>")
     console.print(

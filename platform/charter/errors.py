@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from charter.audit.journal import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +38,19 @@ class CharterError(Exception):
         if status is not None:
             self.status = status
         self.details: dict[str, Any] = details or {}
+        # Written to the audit log after the rollback of the unit of work it leaves
+        # (charter.uow): the refusal itself, and events that record how it came about.
         self.audit: AuditedRefusal | None = None
+        self.events: tuple[Event, ...] = ()
 
     def audited(self, actor: str, action: str, target_type: str, target_id: str) -> CharterError:
         """Mark the attempt as auditable: the refusal is written to the audit log."""
         self.audit = AuditedRefusal(actor, action, target_type, target_id)
+        return self
+
+    def recording(self, *events: Event) -> CharterError:
+        """Have these events written with the refusal (e.g. a policy engine's failure)."""
+        self.events = (*self.events, *events)
         return self
 
     def __repr__(self) -> str:

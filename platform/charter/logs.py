@@ -7,7 +7,7 @@ import sys
 
 import structlog
 
-from charter.context import current_request_id
+from charter.scope import request_id as current_request_id
 from charter.settings import Settings
 
 

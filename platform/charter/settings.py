@@ -69,6 +69,10 @@ class Settings:
     opa_timeout_s: float = _setting(
         0.5, "Seconds to wait for an OPA answer before refusing the action (fail closed)."
     )
+    opa_load_timeout_s: float = _setting(
+        5.0, "Seconds to wait for OPA while Charter loads the policies and data into it, or "
+        "checks the revision it holds (OPA compiles every policy on a load)."
+    )
     opa_push_policies: bool = _setting(
         True,
         "Load the policies and data into OPA at start (off when OPA loads the same bundle "
@@ -291,6 +295,8 @@ class Settings:
             problems.append("CHARTER_POLICY_BACKEND: must be inprocess or remote")
         if not 0 < self.opa_timeout_s <= 30:
             problems.append("CHARTER_OPA_TIMEOUT_S: must be between 0 and 30 seconds")
+        if not 0 < self.opa_load_timeout_s <= 300:
+            problems.append("CHARTER_OPA_LOAD_TIMEOUT_S: must be between 0 and 300 seconds")
         if self.oidc_issuer and not self.public_url:
             problems.append("CHARTER_PUBLIC_URL: required when CHARTER_OIDC_ISSUER is set "
                             "(the console's redirect URI is built from it)")

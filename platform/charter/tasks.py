@@ -5,7 +5,8 @@ so a task may run twice, late, or never (a lost message) without harm: the batch
 sends again what nobody took. With `task_backend=celery` the tasks go through the broker
 (Redis, or RabbitMQ) to `charter worker` processes, and `charter beat` sends the periodic
 ones; with `inprocess` (the embedded default) a thread pool runs them and a scheduler
-thread in the serving process sends the periodic ones.
+thread in the serving process sends the periodic ones. Each Runtime has its own TaskQueue
+(and its own Celery app); a task runs with its Runtime bound (charter.scope).
 """
 
 from __future__ import annotations
@@ -14,43 +15,27 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery
 
+from charter import scope
+from charter.audit import checkpoints, retention
+from charter.batches import files, lanes
+from charter.batches import service as batches
+from charter.nodes.service import probe_round
+from charter.registry.service import expire_approvals
 from charter.settings import Settings
+
+if TYPE_CHECKING:
+    from charter.runtime import Runtime
 
 log = structlog.get_logger("charter.tasks")
 
-celery_app = Celery("charter", set_as_current=False)
-_settings: Settings | None = None
-_inprocess: ThreadPoolExecutor | None = None
-_lock = threading.Lock()
 
-
-def configure(settings: Settings) -> None:
-    """Use these settings for tasks sent and run by this process."""
-    global _settings, _inprocess
-    with _lock:
-        if _settings is not None and _settings == settings:
-            return
-        _settings = settings
-        if settings.task_backend == "celery":
-            _configure_celery(settings)
-        elif _inprocess is None:
-            _inprocess = ThreadPoolExecutor(settings.task_inprocess_threads,
-                                            thread_name_prefix="charter-task")
-
-
-def settings() -> Settings:
-    if _settings is None:
-        raise RuntimeError("charter.tasks.configure(settings) has not been called")
-    return _settings
-
-
-def _configure_celery(s: Settings) -> None:
-    celery_app.conf.update(
+def _configure_celery(celery: Celery, s: Settings) -> None:
+    celery.conf.update(
         broker_url=s.broker_url,
         task_default_queue=s.task_queue,
         task_acks_late=True,  # a task is acknowledged when done, not when taken
@@ -79,47 +64,32 @@ def schedule(s: Settings) -> dict[str, float]:
     return periodic
 
 
-# --- the tasks ------------------------------------------------------------------------------
+# --- the tasks: each takes ids and makes one service call ----------------------------------
 
-def _start_batch(batch_id: str) -> None:
-    from charter.batches import service
-
-    service.start_batch(batch_id)
+def _start_batch(rt: Runtime, batch_id: str) -> None:
+    batches.start_batch(batch_id)
 
 
-def _run_lane(batch_id: str, lane: int) -> None:
-    from charter.batches import lanes
-
-    lanes.run_lane(batch_id, lane, settings())
+def _run_lane(rt: Runtime, batch_id: str, lane: int) -> None:
+    lanes.run_lane(batch_id, lane, rt.settings)
 
 
-def _sweep() -> None:
-    from charter.batches import service
-
-    service.sweep(settings())
+def _sweep(rt: Runtime) -> None:
+    batches.sweep(rt.settings)
 
 
-def _probe() -> None:
-    from charter.nodes.service import probe_round
-
-    probe_round(settings())
+def _probe(rt: Runtime) -> None:
+    probe_round(rt.settings)
 
 
-def _maintenance() -> None:
-    from charter.batches import files
-    from charter.registry.service import expire_approvals
-
+def _maintenance(rt: Runtime) -> None:
     expire_approvals()
-    files.purge_expired_files(settings())
-    from charter.audit.retention import purge
-
-    purge(settings())
+    files.purge_expired_files(rt.settings)
+    retention.purge(rt.settings)
 
 
-def _checkpoint() -> None:
-    from charter.audit.checkpoints import issue
-
-    issue(settings())
+def _checkpoint(rt: Runtime) -> None:
+    checkpoints.issue(rt.settings)
 
 
 TASKS: dict[str, Callable[..., None]] = {
@@ -130,39 +100,90 @@ TASKS: dict[str, Callable[..., None]] = {
     "charter.nodes.probe": _probe,
     "charter.maintenance": _maintenance,
 }
-for _name, _fn in TASKS.items():
-    celery_app.task(name=_name, acks_late=True, ignore_result=True)(_fn)
 
 
-def send(name: str, *args: Any) -> bool:
-    """Queue a task; False (logged) if it could not be queued: the sweep will resend."""
-    s = settings()
-    if s.task_backend == "celery":
+class TaskQueue:
+    """Where a Runtime's tasks go: its Celery app (task_backend `celery`) or its thread
+    pool (`inprocess`). Tasks run with the Runtime they were attached to bound."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.celery = Celery("charter", set_as_current=False)
+        self._runtime: Runtime | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if settings.task_backend == "celery":
+            _configure_celery(self.celery, settings)
+        else:
+            self._pool = ThreadPoolExecutor(settings.task_inprocess_threads,
+                                            thread_name_prefix="charter-task")
+        for name in TASKS:
+            self.celery.task(name=name, acks_late=True, ignore_result=True)(
+                self._celery_task(name))
+
+    def attach(self, runtime: Runtime) -> None:
+        """The Runtime that tasks run with (set once, by charter.boot)."""
+        self._runtime = runtime
+
+    def _celery_task(self, name: str) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            self.run(name, *args)
+
+        run.__name__ = name.replace(".", "_")
+        return run
+
+    def run(self, name: str, *args: Any) -> None:
+        """Run a task here and now, with this queue's Runtime bound."""
+        runtime = self._runtime
+        if runtime is None:
+            raise RuntimeError("this task queue has no runtime attached")
+        with scope.bound(runtime):
+            TASKS[name](runtime, *args)
+
+    def send(self, name: str, *args: Any) -> bool:
+        """Queue a task; False (logged) if it could not be queued: the sweep will resend."""
+        if self._pool is None:
+            try:
+                self.celery.send_task(name, args=args, queue=self.settings.task_queue)
+            except Exception as exc:  # noqa: BLE001 - the broker is away; the state is safe
+                log.warning("task not queued", task=name, error=repr(exc))
+                return False
+            return True
         try:
-            celery_app.send_task(name, args=args, queue=s.task_queue)
-        except Exception as exc:  # noqa: BLE001 - the broker is away; the state is safe
-            log.warning("task not queued", task=name, error=repr(exc))
+            self._pool.submit(self._run_inprocess, name, args)
+        except RuntimeError:  # the pool is shut down: this runtime is closing
+            log.warning("task not queued: the runtime is closing", task=name)
             return False
         return True
-    assert _inprocess is not None
-    _inprocess.submit(_run_inprocess, name, args)
-    return True
 
+    def _run_inprocess(self, name: str, args: tuple[Any, ...]) -> None:
+        try:
+            self.run(name, *args)
+        except Exception as exc:  # noqa: BLE001 - a task's failure must not end the pool
+            log.warning("task failed", task=name, error=repr(exc))
 
-def _run_inprocess(name: str, args: tuple[Any, ...]) -> None:
-    try:
-        TASKS[name](*args)
-    except Exception as exc:  # noqa: BLE001 - a task's failure must not end the pool
-        log.warning("task failed", task=name, error=repr(exc))
+    def run_scheduler(self, stop: threading.Event) -> None:
+        """In-process beat: send each periodic task when due until `stop` is set."""
+        periodic = schedule(self.settings)
+        due = {name: time.monotonic() + every for name, every in periodic.items()}
+        while not stop.is_set():
+            now = time.monotonic()
+            for name, every in periodic.items():
+                if now >= due[name]:
+                    due[name] = now + every
+                    self.send(name)
+            stop.wait(max(0.05, min(due.values()) - time.monotonic()))
 
+    def start_scheduler(self) -> threading.Event | None:
+        """With task_backend `inprocess`, this process sends the periodic tasks (node
+        probes, batch sweeps, maintenance) itself; with `celery`, `charter beat` does.
+        Returns the event that stops it."""
+        if self._pool is None:
+            return None
+        stop = threading.Event()
+        threading.Thread(target=self.run_scheduler, args=(stop,), daemon=True,
+                         name="charter-scheduler").start()
+        return stop
 
-def run_scheduler(s: Settings, stop: threading.Event) -> None:
-    """In-process beat: send each periodic task when due until `stop` is set."""
-    due = {name: time.monotonic() + every for name, every in schedule(s).items()}
-    while not stop.is_set():
-        now = time.monotonic()
-        for name, every in schedule(s).items():
-            if now >= due[name]:
-                due[name] = now + every
-                send(name)
-        stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -32,15 +32,16 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from charter.actor import SYSTEM
 from charter.audit.checkpoints import generate_key
 from charter.audit.verify import Verifier, verify_bundle
-from charter.db import unit_of_work, utcnow
-from charter.identity.actor import SYSTEM
+from charter.db import utcnow
 from charter.identity.models import User
 from charter.identity.service import actor_of
 from charter.identity.teams import create_team
 from charter.registry import service as registry
 from charter.registry.schemas import FileSpec, ModelCreate, VersionSpec
+from charter.uow import unit_of_work
 from tests.batch_support import FakeNode, jsonl_lines, to_jsonl
 from tests.conftest import SECRET
 from tests.e2e import browser_support as bs

@@ -34,10 +34,11 @@ from werkzeug.test import TestResponse
 from charter.audit.service import EventFilter, list_events
 from charter.console.oidc import LOGIN_COOKIE, LoginState, LoginStateCodec
 from charter.console.sessions import digest
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
 from charter.identity.models import ConsoleSession, Team, TeamMember, User
 from charter.identity.service import set_roles
 from charter.settings import Settings
+from charter.uow import unit_of_work
 
 BASE = "https://localhost"
 PUBLIC_URL = "http://localhost"
@@ -137,9 +138,9 @@ def sso(configured: Settings, provider: Provider) -> Settings:
 
 @pytest.fixture
 def make_app() -> Callable[[Settings], Flask]:
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    return create_app
+    return app_for
 
 
 @pytest.fixture

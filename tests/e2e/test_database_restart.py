@@ -87,7 +87,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def _person_maker() -> Any:
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import actor_of, create_api_key, create_user
     from tests.conftest import Person
 
@@ -100,19 +100,18 @@ def _person_maker() -> Any:
 
 
 def test_postgres_restarted_under_load(cluster: Cluster) -> None:
-    from charter import db, migrate
+    from charter import migrate
     from charter.audit.service import EventFilter, list_events, verify_chain
-    from charter.policy import service as policy
     from charter.settings import Settings
     from tests.batch_support import make_world
+    from tests.runtimes import bind_runtime, release_runtime
 
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE charter")
     url = cluster.url("charter", "postgresql+psycopg")
     migrate.upgrade(url)
     settings = Settings.from_env({}, database_url=url, secret_key=SECRET)
-    db.configure(settings)
-    policy.configure(settings)
+    bind_runtime(settings)
     world = make_world(settings, _person_maker())
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
@@ -183,4 +182,4 @@ def test_postgres_restarted_under_load(cluster: Cluster) -> None:
     assert {rid for _, rid, s, _ in results if s == 200} <= served
     verdict = verify_chain()
     assert verdict.ok, verdict
-    db.reset()
+    release_runtime()

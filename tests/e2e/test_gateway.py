@@ -90,7 +90,7 @@ def model_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
 def world(model_dir, configured, make_person) -> Iterator[World]:  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team
     from charter.nodes import service as nodes
@@ -271,7 +271,7 @@ def test_residency_routes_restricted_data_to_its_region(world) -> None:  # type:
     r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json={"inputs": "x"})
     assert r.status_code == 403 and r.json()["error_type"] == "policy_denied"
     # Restricted data, but the only eu-central node is drained: no region may take it.
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.nodes.service import drain_node, list_nodes
 
     central = next(n for n in list_nodes() if n.name == "central")
@@ -300,7 +300,7 @@ def test_client_disconnect_cancels_the_upstream_request(world) -> None:  # type:
 
 
 def test_revoking_stops_traffic_at_once(world) -> None:  # type: ignore[no-untyped-def]
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.registry import service as registry
     from charter.registry.schemas import RequiredReason
 
@@ -327,7 +327,7 @@ def test_quota_answers_429(world, pg_conn) -> None:  # type: ignore[no-untyped-d
 
 
 def test_node_killed_mid_stream(world) -> None:  # type: ignore[no-untyped-def]
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.nodes.service import drain_node, list_nodes
 
     west = next(n for n in list_nodes() if n.name == "west")

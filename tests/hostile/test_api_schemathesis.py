@@ -20,10 +20,10 @@ CONFIG = schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {
 
 
 def test_every_operation_keeps_its_contract(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     admin = make_person("admin")
-    app = create_app(dataclasses.replace(configured, auth_failure_limit=1_000_000))
+    app = app_for(dataclasses.replace(configured, auth_failure_limit=1_000_000))
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app, config=CONFIG)
     failures: dict[str, str] = {}
     count = 0

@@ -46,10 +46,10 @@ CASES: list[tuple[str, str, Any, int, str]] = [
 
 @pytest.fixture
 def gateway(configured, make_person):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     world = make_world(configured, make_person)
-    yield world, create_app(world.settings).test_client()
+    yield world, app_for(world.settings).test_client()
     world.node.stop()
 
 

@@ -28,10 +28,10 @@ HOSTILE = [
 
 def test_hostile_text_is_kept_exactly_and_breaks_nothing(configured, make_person,
                                                           tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     settings = signing(configured, tmp_path)
-    client = create_app(settings).test_client()
+    client = app_for(settings).test_client()
     admin = make_person("admin")
     for i, text in enumerate(HOSTILE):
         r = client.post("/api/v1/teams", headers=admin.headers,

@@ -169,17 +169,17 @@ MATRIX.update({
 
 @pytest.fixture
 def matrix_app(configured):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     # Hundreds of deliberate 401s from one address must not trip the failure limit here;
     # nodes live on loopback (the probe route really connects: never a private network).
-    return create_app(dataclasses.replace(configured, auth_failure_limit=100_000,
+    return app_for(dataclasses.replace(configured, auth_failure_limit=100_000,
                                           node_allowed_networks="127.0.0.0/8"))
 
 
 def _approved_version(owner, n: int) -> str:  # type: ignore[no-untyped-def]
     """A version approved for real: pinned, digests, admission allows, a second approver."""
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.registry import service as registry
     from charter.registry.schemas import (
         ApprovalConditions,
@@ -225,7 +225,7 @@ def test_every_route_is_in_the_matrix(matrix_app) -> None:  # type: ignore[no-un
 
 
 def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team, set_member
     from charter.nodes.service import create_deployment, register_node

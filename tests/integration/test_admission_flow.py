@@ -133,13 +133,13 @@ def test_policy_endpoints(client, people) -> None:  # type: ignore[no-untyped-de
                                        ("undefined", "policy_undefined")])
 def test_submit_fails_closed_when_the_remote_engine_misbehaves(configured, make_person, mode,  # type: ignore[no-untyped-def]
                                                                code) -> None:
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     with OpaTestServer() as server:
         server.hang_s = 2.0
         settings = dataclasses.replace(configured, policy_backend="remote",
                                        opa_url=server.url, opa_timeout_s=0.3)
-        client = create_app(settings).test_client()
+        client = app_for(settings).test_client()
         steward = make_person("steward")
         model = client.post("/api/v1/models", headers=steward.headers, json={
             "name": "m", "publisher": "TinyLlama", "source_repo": "p/m"}).get_json()

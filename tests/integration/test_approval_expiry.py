@@ -8,12 +8,13 @@ from datetime import timedelta
 import pytest
 from structlog.testing import capture_logs
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, head, list_events, verify_chain
 from charter.db import utcnow
-from charter.identity.actor import SYSTEM
 from charter.registry import service
 from charter.registry.schemas import RequiredReason
 from tests.integration.test_registry_api import CONDITIONS, VERSION
+from tests.runtimes import with_current_runtime
 
 
 @pytest.fixture
@@ -144,7 +145,8 @@ def test_a_concurrent_human_change_wins(  # type: ignore[no-untyped-def]
         if action == "expire" and version.id == raced["id"]:
             # A person revokes and commits (in a thread: its own unit of work) after the
             # expiry read the version and before it writes.
-            human = threading.Thread(target=revoke, args=(version.id,))
+            human = threading.Thread(target=with_current_runtime(revoke),
+                                     args=(version.id,))
             human.start()
             human.join(timeout=30)
             assert revoked == ["revoked"]

@@ -53,10 +53,9 @@ def world(pg_template, tmp_path_factory):  # type: ignore[no-untyped-def]
     """One log of 10,400 events with a checkpoint every 1,000, and its full export."""
     import uuid
 
-    from charter import db
-    from charter.policy import service as policy
     from charter.settings import Settings
     from tests.conftest import SECRET, _admin, pg_url
+    from tests.runtimes import bind_runtime, release_runtime
 
     name = f"charter_t_{uuid.uuid4().hex[:10]}"
     with _admin() as conn:
@@ -64,8 +63,7 @@ def world(pg_template, tmp_path_factory):  # type: ignore[no-untyped-def]
     folder = tmp_path_factory.mktemp("keys")
     base = Settings.from_env({}, database_url=pg_url(name), secret_key=SECRET)
     settings = signing(base, folder)
-    db.configure(settings)
-    policy.configure(settings)
+    bind_runtime(settings)
     for start in range(0, EVENTS, EVERY):
         append_many(min(EVERY, EVENTS - start), start=start)
         checkpoints.issue(settings, force=True)
@@ -73,7 +71,7 @@ def world(pg_template, tmp_path_factory):  # type: ignore[no-untyped-def]
     bundle = _export(settings)
     key = checkpoints.load_signers(settings)[0]
     yield {"settings": settings, "bundle": bundle, "key": key, "folder": folder}
-    db.reset()
+    release_runtime()
     with _admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -349,10 +347,10 @@ def test_exports_over_the_api(world, make_person_for) -> None:  # type: ignore[n
 
 @pytest.fixture
 def make_person_for():  # type: ignore[no-untyped-def]
-    from charter.app import create_app
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import actor_of, create_api_key, create_user
     from tests.conftest import Person
+    from tests.runtimes import app_for
 
     def make(settings):  # type: ignore[no-untyped-def]
         import uuid
@@ -363,7 +361,7 @@ def make_person_for():  # type: ignore[no-untyped-def]
                                roles=[role])
             people.append(Person(actor_of(user), create_api_key(SYSTEM, user.id,
                                                                 name="t").token))
-        return create_app(settings).test_client(), *people
+        return app_for(settings).test_client(), *people
 
     return make
 

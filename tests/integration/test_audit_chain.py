@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import psycopg
 import pytest
 
 from charter.audit.chain import GENESIS_HASH
-from charter.audit.service import EventFilter, append_event, head, list_events, verify_chain
-from charter.db import unit_of_work
+from charter.audit.service import EventFilter, head, list_events, verify_chain
+from charter.uow import record, unit_of_work
 
 
 def _append(n: int, actor: str = "user:t") -> None:
     for i in range(n):
-        with unit_of_work():
-            append_event(actor=actor, action="test.event", target_type="thing",
-                         target_id=str(i), details={"i": i, "tags": ["a", "b"]})
+        with unit_of_work() as session:
+            record(session, actor=actor, action="test.event", target_type="thing",
+                   target_id=str(i), details={"i": i, "tags": ["a", "b"]})
 
 
 def test_chain_links_and_head(configured) -> None:  # type: ignore[no-untyped-def]
@@ -102,7 +103,8 @@ def test_concurrent_writers_neither_fork_nor_leave_gaps(configured) -> None:  # 
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(writers)]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, w))
+               for w in range(writers)]
     for t in threads:
         t.start()
     for t in threads:
@@ -115,8 +117,8 @@ def test_concurrent_writers_neither_fork_nor_leave_gaps(configured) -> None:  # 
 
 
 def test_event_rolls_back_with_its_change(configured) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(RuntimeError), unit_of_work():
-        append_event(actor="user:t", action="x", target_type="t", target_id="1")
+    with pytest.raises(RuntimeError), unit_of_work() as session:
+        record(session, actor="user:t", action="x", target_type="t", target_id="1")
         raise RuntimeError("the change failed")
     assert head() == (0, GENESIS_HASH)
 
@@ -124,9 +126,9 @@ def test_event_rolls_back_with_its_change(configured) -> None:  # type: ignore[n
 def test_details_must_be_plain_json(configured) -> None:  # type: ignore[no-untyped-def]
     import datetime
 
-    with pytest.raises(Exception), unit_of_work():  # noqa: B017 - rfc8785 raises its own type
-        append_event(actor="user:t", action="x", target_type="t", target_id="1",
-                     details={"when": datetime.datetime.now()})
+    with pytest.raises(Exception), unit_of_work() as session:  # noqa: B017 - rfc8785 raises its own type
+        record(session, actor="user:t", action="x", target_type="t", target_id="1",
+               details={"when": datetime.datetime.now()})
     assert head()[0] == 0
 
 

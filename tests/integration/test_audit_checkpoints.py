@@ -17,7 +17,7 @@ from charter.audit.merkle import consistency_proof, inclusion_proof, leaf_hash, 
 from charter.audit.models import AuditEvent
 from charter.audit.tree import TILE, Tree
 from charter.audit.verify import multiproof_root, verify_consistency, verify_inclusion
-from charter.db import unit_of_work
+from charter.uow import unit_of_work
 from tests.audit_support import ORIGIN, append_many, signing
 
 

@@ -15,13 +15,13 @@ from charter.audit.bundle import Selection
 from charter.audit.retention import purge
 from charter.audit.service import (
     EventFilter,
-    append_event,
     export_bundle,
     list_events,
     verify_chain,
 )
 from charter.audit.verify import leaf_hash, verify, verify_bundle, verify_inclusion
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
+from charter.uow import record, unit_of_work
 from tests.audit_support import append_many, signing
 
 
@@ -29,9 +29,9 @@ def test_purge_keeps_what_verification_needs(configured, pg_conn, tmp_path: Path
     s = signing(configured, tmp_path)
     later = utcnow() + timedelta(days=s.audit_retention_days + 1)
     append_many(300)  # dispatch.outcome events
-    with unit_of_work():
-        append_event(actor="user:ann", action="version.approve", target_type="version",
-                     target_id="v1", details={"conditions": {}})
+    with unit_of_work() as session:
+        record(session, actor="user:ann", action="version.approve", target_type="version",
+               target_id="v1", details={"conditions": {}})
     append_many(20, start=300)
     assert purge(s, now=later).events == 0  # nothing is behind a checkpoint yet
     cp = checkpoints.issue(s, force=True)
@@ -88,13 +88,14 @@ def test_the_embedded_database_checkpoints_purges_and_exports_alike(tmp_path: Pa
     """SQLite (the demo): the same tree, tombstones, triggers and bundles."""
     import sqlite3
 
-    from charter import db, migrate
+    from charter import migrate
     from charter.settings import Settings
+    from tests.runtimes import bind_runtime, release_runtime
 
     url = f"sqlite:///{tmp_path / 'e.db'}"
     migrate.upgrade(url)
     s = signing(Settings.from_env({}, database_url=url, secret_key="s" * 40), tmp_path)
-    db.configure(s)
+    bind_runtime(s)
     try:
         append_many(600)
         checkpoints.issue(s, force=True)
@@ -113,4 +114,4 @@ def test_the_embedded_database_checkpoints_purges_and_exports_alike(tmp_path: Pa
             with pytest.raises(sqlite3.IntegrityError, match="append-only"):
                 raw.execute("DELETE FROM audit_purged WHERE seq = 1")
     finally:
-        db.reset()
+        release_runtime()

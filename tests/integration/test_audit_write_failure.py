@@ -14,8 +14,8 @@ from tests.batch_support import make_world
 
 
 def test_no_audit_write_no_service_and_no_change(configured, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    from charter import db
-    from charter.app import create_app
+    from charter.uow import unit_of_work
+    from tests.runtimes import app_for
 
     world = make_world(configured, make_person)
     admin = make_person("admin")
@@ -27,7 +27,7 @@ def test_no_audit_write_no_service_and_no_change(configured, make_person, pg_con
     pg_conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
     pg_conn.execute(f"REVOKE INSERT ON audit_events FROM {role}")
     url = make_url(world.settings.database_url).set(username=role)
-    app = create_app(dataclasses.replace(
+    app = app_for(dataclasses.replace(
         world.settings, database_url=url.render_as_string(hide_password=False)))
     client = app.test_client()
     try:
@@ -43,7 +43,7 @@ def test_no_audit_write_no_service_and_no_change(configured, make_person, pg_con
         r = client.post("/api/v1/teams", headers=admin.headers, json={"name": "ghost-team"})
         assert r.status_code == 503
         assert r.get_json()["error"]["code"] == "database_unavailable"
-        with db.unit_of_work() as session:
+        with unit_of_work() as session:
             assert session.query(Team).filter_by(name="ghost-team").count() == 0
 
         pg_conn.execute(f"GRANT INSERT ON audit_events TO {role}")
@@ -52,6 +52,6 @@ def test_no_audit_write_no_service_and_no_change(configured, make_person, pg_con
         assert world.node.hits["unrecorded?"] == 1
     finally:
         world.node.stop()
-        db.reset()
+        app.extensions["charter.runtime"].close()  # its connections, as the role, end
         pg_conn.execute(f"DROP OWNED BY {role}")
         pg_conn.execute(f"DROP ROLE {role}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 
@@ -9,18 +10,20 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from charter import scope
 from charter.audit.chain import hash_parts
+from charter.audit.journal import CHAIN_LOCK_KEY, Event
 from charter.audit.service import (
-    CHAIN_LOCK_KEY,
     EventFilter,
-    append_event,
     list_events,
     verify_chain,
 )
-from charter.audit.writer import Entry, Event, UsageDelta
-from charter.db import get_database, unit_of_work, utcnow
-from charter.dispatch.models import Usage
-from charter.snapshot import read_generation
+from charter.audit.writer import Entry
+from charter.db import utcnow
+from charter.metering.models import Usage
+from charter.metering.service import UsageDelta
+from charter.readcache import current_generation as read_generation
+from charter.uow import record, unit_of_work
 
 
 def _event(i: int, action: str = "dispatch.test") -> Event:
@@ -39,7 +42,9 @@ def _threads(n: int, work: Callable[[int], None]) -> list[BaseException]:
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    # Each thread runs in a copy of this context: the test's Runtime is bound there too.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, i))
+               for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -50,7 +55,7 @@ def _threads(n: int, work: Callable[[int], None]) -> list[BaseException]:
 
 
 def test_concurrent_commits_share_transactions_and_keep_the_chain(configured) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     day = utcnow().date()
     before = writer.batches
 
@@ -62,9 +67,9 @@ def test_concurrent_commits_share_transactions_and_keep_the_chain(configured) ->
             assert entry.result == "written" and len(entry.seqs) == 1
             writer.defer(Entry(events=(_event(i * 100 + j, "dispatch.outcome"),),
                                usage=(UsageDelta("t1", "m", day, tokens_in=2, tokens_out=3),)))
-            with unit_of_work():  # an ordinary change's event, under the same chain lock
-                append_event(actor="system", action="registry.test", target_type="x",
-                             target_id=str(i))
+            with unit_of_work() as session:  # an ordinary change's event, same chain lock
+                record(session, actor="system", action="registry.test", target_type="x",
+                       target_id=str(i))
 
     assert _threads(8, work) == []
     assert writer.flush()
@@ -79,7 +84,7 @@ def test_concurrent_commits_share_transactions_and_keep_the_chain(configured) ->
 
 
 def test_many_waiters_each_get_their_own_answer(configured) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     seqs: list[int] = []
 
     def work(i: int) -> None:
@@ -96,7 +101,7 @@ def test_many_waiters_each_get_their_own_answer(configured) -> None:  # type: ig
 
 
 def test_quota_is_exact_under_concurrency(configured) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     day = utcnow().date()
     results: list[str] = []
 
@@ -119,7 +124,7 @@ def test_quota_is_exact_under_concurrency(configured) -> None:  # type: ignore[n
 
 
 def test_an_entry_decided_on_an_old_generation_is_not_written(configured, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     generation = read_generation()
     pg_conn.execute("UPDATE teams SET description = 'changed'")  # bumps the generation
     entry = writer.commit(Entry(events=(_event(1),), generation=generation))
@@ -133,9 +138,9 @@ def test_an_entry_decided_on_an_old_generation_is_not_written(configured, pg_con
 
 
 def test_database_away_fails_commits_and_keeps_deferred_outcomes(configured) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     assert writer.commit(Entry(events=(_event(0),))).result == "written"
-    dbname = get_database().engine.url.database
+    dbname = scope.current().database.engine.url.database
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
                          autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -161,21 +166,22 @@ def test_refuses_what_is_not_plain_json(configured) -> None:  # type: ignore[no-
 
 @pytest.fixture
 def sqlite_db(tmp_path):  # type: ignore[no-untyped-def]
-    from charter import db, migrate
+    from charter import migrate
     from charter.settings import Settings
+    from tests.runtimes import bind_runtime, release_runtime
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     migrate.upgrade(url)
-    db.configure(Settings.from_env({}, database_url=url, secret_key="s" * 40))
+    bind_runtime(Settings.from_env({}, database_url=url, secret_key="s" * 40))
     yield url
-    db.reset()
+    release_runtime()
 
 
 def test_the_embedded_database_gets_the_same_guarantees(sqlite_db) -> None:  # type: ignore[no-untyped-def]
     """SQLite (the demo): same chain, same quota, stale entries written nowhere."""
     from sqlalchemy import text
 
-    writer = get_database().writer
+    writer = scope.current().writer
     day = utcnow().date()
     generation = read_generation()
     refused = Event.of(actor="user:x", action="dispatch.refused", target_type="deployment",
@@ -189,8 +195,8 @@ def test_the_embedded_database_gets_the_same_guarantees(sqlite_db) -> None:  # t
         session.execute(text("UPDATE change_generation SET value = value + 1"))
     stale = writer.commit(Entry(events=(_event(4),), generation=generation))
     assert stale.result == "stale" and stale.generation_seen == generation + 1
-    with unit_of_work():  # the writer's empty transaction is over: others can write
-        append_event(actor="system", action="registry.test", target_type="x", target_id="1")
+    with unit_of_work() as session:  # the writer's empty transaction is over: others write
+        record(session, actor="system", action="registry.test", target_type="x", target_id="1")
     writer.defer(Entry(events=(_event(9, "dispatch.outcome"),),
                        usage=(UsageDelta("t3", "m", day, tokens_out=4),)))
     assert writer.flush()
@@ -204,7 +210,7 @@ def test_the_embedded_database_gets_the_same_guarantees(sqlite_db) -> None:  # t
 
 
 def test_an_entry_the_table_refuses_does_not_sink_its_batch(configured) -> None:  # type: ignore[no-untyped-def]
-    writer = get_database().writer
+    writer = scope.current().writer
     # Past Event.of's checks (as a future bug might be): a target id longer than its column.
     long_id = "x" * 300
     bad = Event("user:x", "dispatch.outcome", "deployment", long_id, "success", {}, None,
@@ -228,7 +234,7 @@ HOSTILE = ["plain", "ünïcödé ✓ 日本語", "emoji 🧪🔒", 'quote " and 
 def test_the_database_chains_hostile_text_as_python_would(configured) -> None:  # type: ignore[no-untyped-def]
     """charter_audit_append joins the RFC 8785 parts in SQL: every field, with text of
     every awkward kind, must hash there exactly as audit.chain hashes it here."""
-    writer = get_database().writer
+    writer = scope.current().writer
     for i, text in enumerate(HOSTILE):
         deferred = Event.of(actor=f"user:{text}"[:200], action="dispatch.outcome",
                             target_type="deployment", target_id=text, outcome="success",
@@ -254,7 +260,7 @@ def test_the_database_function_waits_on_the_services_chain_lock(configured, pg_c
     """Migration 0010 keeps its own copy of the chain lock's key (a migration must not
     follow later code): while another transaction holds audit.service's lock, the
     gateway's commit waits, so the two writers can never fork the chain."""
-    writer = get_database().writer
+    writer = scope.current().writer
     results: list[str] = []
     with pg_conn.transaction():
         pg_conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK_KEY,))

@@ -29,9 +29,13 @@ def world(configured, make_person) -> Iterator[BatchWorld]:  # type: ignore[no-u
 
 @pytest.fixture
 def client(world):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    """The app over the world's own runtime, bound for the test's direct calls too."""
+    from charter import scope
+    from tests.runtimes import app_for
 
-    return create_app(world.settings).test_client()
+    app = app_for(world.settings)
+    with scope.bound(app.extensions["charter.runtime"]):
+        yield app.test_client()
 
 
 def upload(client: Any, world: BatchWorld, content: bytes, name: str = "in.jsonl") -> Any:
@@ -160,11 +164,11 @@ def test_bad_batch_requests_get_openai_errors(client, world, make_person) -> Non
 
 
 def test_an_oversized_file_is_refused(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     w = make_world(configured, make_person, files_max_bytes=2048)
     try:
-        client = create_app(w.settings).test_client()
+        client = app_for(w.settings).test_client()
         r = upload(client, w, to_jsonl(jsonl_lines(40)))
         assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
         big = client.post("/v1/files", headers=w.headers, data={
@@ -180,11 +184,11 @@ def test_an_oversized_file_is_refused(configured, make_person) -> None:  # type:
 
 
 def test_a_cancelled_batch_stops_within_seconds(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     w = make_world(configured, make_person, capacity=2, delay_s=0.2)
     try:
-        client = create_app(w.settings).test_client()
+        client = app_for(w.settings).test_client()
         f = upload(client, w, to_jsonl(jsonl_lines(60))).get_json()
         b = create(client, w, f["id"]).get_json()
         wait_batch(client, w, b["id"], statuses=("in_progress",))
@@ -211,14 +215,14 @@ def test_a_cancelled_batch_stops_within_seconds(configured, make_person) -> None
 
 
 def test_a_batch_whose_model_is_revoked_stops_and_says_why(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.registry import service as registry
     from charter.registry.schemas import RequiredReason
+    from tests.runtimes import app_for
 
     w = make_world(configured, make_person, capacity=2, delay_s=0.05)
     try:
-        client = create_app(w.settings).test_client()
+        client = app_for(w.settings).test_client()
         f = upload(client, w, to_jsonl(jsonl_lines(80))).get_json()
         b = create(client, w, f["id"]).get_json()
         deadline = time.monotonic() + 30
@@ -240,12 +244,12 @@ def test_a_batch_whose_model_is_revoked_stops_and_says_why(configured, make_pers
 
 
 def test_batch_lines_never_take_more_than_their_share_of_a_node(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     # capacity 4 x share 0.5: two slots, with 8 task threads wanting the node.
     w = make_world(configured, make_person, capacity=4, delay_s=0.05)
     try:
-        client = create_app(w.settings).test_client()
+        client = app_for(w.settings).test_client()
         f = upload(client, w, to_jsonl(jsonl_lines(40))).get_json()
         done = wait_batch(client, w, create(client, w, f["id"]).get_json()["id"])
         assert done["status"] == "completed"
@@ -257,7 +261,8 @@ def test_batch_lines_never_take_more_than_their_share_of_a_node(configured, make
 def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None:  # type: ignore[no-untyped-def]
     from charter.batches import lanes
     from charter.batches.models import Batch, BatchLine
-    from charter.db import unit_of_work, utcnow
+    from charter.db import utcnow
+    from charter.uow import unit_of_work
 
     f = upload(client, world, to_jsonl(jsonl_lines(3))).get_json()
     b = create(client, world, f["id"]).get_json()
@@ -284,6 +289,7 @@ def test_a_line_whose_worker_vanished_is_taken_again_once(world, client) -> None
 
 def test_a_duplicate_lane_ends_at_once(world, client) -> None:  # type: ignore[no-untyped-def]
     from charter.batches import lanes, slots
+    from tests.runtimes import with_current_runtime
 
     f = upload(client, world, to_jsonl(jsonl_lines(2))).get_json()
     b = create(client, world, f["id"]).get_json()
@@ -294,16 +300,16 @@ def test_a_duplicate_lane_ends_at_once(world, client) -> None:  # type: ignore[n
     name = lanes.lane_name(b["id"], 0)
     with slots.named_lock(name) as held:
         assert held
-        assert other.submit(slots.lock_is_free, name).result() is False
-        assert other.submit(lanes.run_lane, b["id"], 0, world.settings).result() == (
-            "duplicate")
-    assert other.submit(slots.lock_is_free, name).result() is True
+        assert other.submit(with_current_runtime(slots.lock_is_free), name).result() is False
+        run_lane = with_current_runtime(lanes.run_lane)
+        assert other.submit(run_lane, b["id"], 0, world.settings).result() == "duplicate"
+    assert other.submit(with_current_runtime(slots.lock_is_free), name).result() is True
 
 
 def test_an_answer_from_a_worker_that_lost_its_line_is_dropped(world, client) -> None:  # type: ignore[no-untyped-def]
     from charter.batches import lanes
     from charter.batches.models import BatchLine
-    from charter.db import unit_of_work
+    from charter.uow import unit_of_work
 
     f = upload(client, world, to_jsonl(jsonl_lines(1))).get_json()
     b = create(client, world, f["id"]).get_json()
@@ -324,7 +330,8 @@ def test_an_answer_from_a_worker_that_lost_its_line_is_dropped(world, client) ->
 def test_sweep_starts_lost_batches_and_expires_late_ones(world, client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from charter.batches import service
     from charter.batches.models import Batch
-    from charter.db import unit_of_work, utcnow
+    from charter.db import utcnow
+    from charter.uow import unit_of_work
 
     f = upload(client, world, to_jsonl(jsonl_lines(3))).get_json()
     b = create(client, world, f["id"]).get_json()
@@ -351,12 +358,14 @@ def test_sweep_starts_lost_batches_and_expires_late_ones(world, client, monkeypa
                           input_file_id=f3["id"], completion_window="24h",
                           status="validating", errors=[], created_at=utcnow(),
                           expires_at=utcnow() + timedelta(seconds=1)))
+    from charter import scope
     from charter.batches.models import BatchLine
     from charter.batches.service import start_batch
 
     # Start it with its line messages lost (the broker was away).
     sent: list[Any] = []
-    monkeypatch.setattr(service.tasks, "send", lambda name, *args: sent.append(name) or True)
+    monkeypatch.setattr(scope.current().tasks, "send",
+                        lambda name, *args: sent.append(name) or True)
     start_batch("batch_late")
     monkeypatch.undo()
     assert sent == ["charter.batches.lane"] * world.settings.batch_lanes
@@ -401,18 +410,17 @@ def sqlite_world(tmp_path) -> Iterator[BatchWorld]:  # type: ignore[no-untyped-d
     """The embedded default (the demo): SQLite, in-process tasks."""
     import uuid
 
-    from charter import db, migrate
-    from charter.identity.actor import SYSTEM
+    from charter import migrate
+    from charter.actor import SYSTEM
     from charter.identity.service import actor_of, create_api_key, create_user
-    from charter.policy import service as policy
     from charter.settings import Settings
     from tests.conftest import SECRET, Person
+    from tests.runtimes import bind_runtime, release_runtime
 
     url = f"sqlite:///{tmp_path / 'b.db'}"
     migrate.upgrade(url)
     settings = Settings.from_env({}, database_url=url, secret_key=SECRET)
-    db.configure(settings)
-    policy.configure(settings)
+    bind_runtime(settings)
 
     def make_person(*roles: str) -> Person:
         user = create_user(SYSTEM, username=f"p-{uuid.uuid4().hex[:6]}", roles=list(roles))
@@ -421,14 +429,14 @@ def sqlite_world(tmp_path) -> Iterator[BatchWorld]:  # type: ignore[no-untyped-d
     w = make_world(settings, make_person, capacity=4, delay_s=0.01)
     yield w
     w.node.stop()
-    db.reset()
+    release_runtime()
 
 
 def test_the_embedded_database_runs_batches_too(sqlite_world) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     w = sqlite_world
-    client = create_app(w.settings).test_client()
+    client = app_for(w.settings).test_client()
     f = upload(client, w, to_jsonl(jsonl_lines(30))).get_json()
     done = wait_batch(client, w, create(client, w, f["id"]).get_json()["id"])
     assert done["status"] == "completed", done

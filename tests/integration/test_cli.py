@@ -14,12 +14,13 @@ import structlog
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
 
-from charter import db, migrate
+from charter import migrate
 from charter.audit.service import head
 from charter.cli import main
 from charter.devnode.tinymodel import build_tiny_model
 from charter.identity.service import authenticate_api_key
 from charter.registry import service
+from charter.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 REVISION = "fe8a4ea1ffedaf415f4da2f062534de366a451e6"
@@ -46,16 +47,16 @@ def _runner(monkeypatch: pytest.MonkeyPatch, url: str) -> Invoke:
 
 
 @pytest.fixture
-def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Invoke]:
+def cli(runtime: Runtime, database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Invoke]:
+    """The CLI on the test's database; the test's own checks run on `runtime`."""
     yield _runner(monkeypatch, database_url)
-    db.reset()
     structlog.reset_defaults()  # the CLI bound logging to CliRunner's (now closed) stderr
 
 
 @pytest.fixture
 def empty_cli(empty_pg: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Invoke]:
     yield _runner(monkeypatch, empty_pg)
-    db.reset()
     structlog.reset_defaults()
 
 

@@ -9,13 +9,14 @@ import uuid
 
 import pytest
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, list_events
-from charter.db import unit_of_work, utcnow
-from charter.dispatch.models import Usage
+from charter.db import utcnow
 from charter.errors import UnauthenticatedError
 from charter.identity import service as identity
-from charter.identity.actor import SYSTEM
 from charter.identity.teams import create_service_account, create_team, set_member
+from charter.metering.models import Usage
+from charter.uow import unit_of_work
 from tests.console_support import Console, notices
 
 TOKEN = re.compile(r"chk_[0-9a-f]{16}_[A-Za-z0-9_-]{20,}")

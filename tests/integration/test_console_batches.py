@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, list_events
-from charter.identity.actor import SYSTEM
 from charter.identity.teams import set_member
 from tests.batch_support import BatchWorld, jsonl_lines, make_world, to_jsonl
 from tests.console_support import Console, notices
@@ -31,9 +31,9 @@ def world(configured, make_person) -> Iterator[BatchWorld]:  # type: ignore[no-u
 
 @pytest.fixture
 def app(world):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    return create_app(world.settings)
+    return app_for(world.settings)
 
 
 def _submit(app: Any, headers: dict[str, str], lines: list[Any]) -> str:

@@ -11,10 +11,10 @@ from tests.console_support import BASE
 
 
 def test_the_demo_signs_in_a_seeded_person(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     approver = make_person("approver", username="ada-approver")
-    client = create_app(dataclasses.replace(configured, demo=True)).test_client()
+    client = app_for(dataclasses.replace(configured, demo=True)).test_client()
     page = client.get(f"{BASE}/console/login")
     assert page.status_code == 200 and "Sign in as ada-approver" in page.text
     nonce = re.search(r'name="nonce" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
@@ -31,10 +31,10 @@ def test_the_demo_signs_in_a_seeded_person(configured, make_person) -> None:  # 
 
 
 def test_outside_the_demo_there_is_no_such_door(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     approver = make_person("approver")
-    client = create_app(configured).test_client()
+    client = app_for(configured).test_client()
     page = client.get(f"{BASE}/console/login")
     assert page.status_code == 503 and "sso_not_configured" in page.text
     client.set_cookie("charter_demo_login", "n", domain="localhost")

@@ -19,9 +19,9 @@ from tests.console_support import Console, notices
 
 @pytest.fixture
 def signed_app(configured, tmp_path):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    return create_app(signing(configured, tmp_path))
+    return app_for(signing(configured, tmp_path))
 
 
 def _draft(owner, name: str = "tiny"):  # type: ignore[no-untyped-def]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from charter import db
 from charter.audit.service import head, verify_chain
 from charter.cli import main
 from charter.identity.service import authenticate_api_key, list_users
 from charter.registry import service
 from charter.settings import Settings
+from tests.runtimes import bound_runtime
 
 USERS = {
     "admin": ["admin"],
@@ -67,13 +67,10 @@ def _run_demo(data_dir: Path, modes: list[int] | None = None) -> Result:
             if key.startswith("CHARTER_"):
                 mp.delenv(key)
         mp.setattr(os, "chmod", chmod)
-        try:
-            return CliRunner().invoke(
-                main, ["demo", "--no-serve", "--data-dir", str(data_dir)],
-                catch_exceptions=False,
-            )
-        finally:
-            db.reset()
+        return CliRunner().invoke(
+            main, ["demo", "--no-serve", "--data-dir", str(data_dir)],
+            catch_exceptions=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +84,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 @pytest.fixture
 def demo_db(demo: Demo) -> Iterator[Demo]:
     url = f"sqlite:///{demo.data_dir / 'charter.db'}"
-    db.configure(Settings.from_env({}, database_url=url, demo=True))
-    yield demo
-    db.reset()
+    with bound_runtime(Settings.from_env({}, database_url=url, demo=True)):
+        yield demo
 
 
 def test_demo_runs_and_reports(demo: Demo) -> None:
@@ -165,24 +161,18 @@ def test_second_run_is_idempotent(demo: Demo) -> None:
     url = f"sqlite:///{demo.data_dir / 'charter.db'}"
     keys_before = demo.keys_file.read_bytes()
     tiny_before = {p.name: p.read_bytes() for p in demo.tiny_dir.iterdir()}
-    db.configure(Settings.from_env({}, database_url=url, demo=True))
-    try:
+    with bound_runtime(Settings.from_env({}, database_url=url, demo=True)):
         events_before = head()
-    finally:
-        db.reset()
 
     result = _run_demo(demo.data_dir)
     assert result.exit_code == 0, result.output
     assert "seeded" not in result.output and "built and imported" not in result.output
 
-    db.configure(Settings.from_env({}, database_url=url, demo=True))
-    try:
+    with bound_runtime(Settings.from_env({}, database_url=url, demo=True)):
         assert head() == events_before
         assert verify_chain().ok
         assert len(list_users()) == len(USERS)
         assert len(service.list_models()) == len(STATES)
         assert len(service.list_versions()) == len(STATES)
-    finally:
-        db.reset()
     assert demo.keys_file.read_bytes() == keys_before
     assert {p.name: p.read_bytes() for p in demo.tiny_dir.iterdir()} == tiny_before

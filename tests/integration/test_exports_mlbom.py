@@ -211,7 +211,6 @@ def test_the_exports_commands(database_url, people, inventory, monkeypatch, tmp_
     import structlog
     from click.testing import CliRunner
 
-    from charter import db
     from charter.exports.cli import exports
 
     for key in list(os.environ):
@@ -246,5 +245,4 @@ def test_the_exports_commands(database_url, people, inventory, monkeypatch, tmp_
         assert actions == [("export.mlbom", "success"), ("export.evidence", "success"),
                            ("export.records", "success"), ("export.mlbom", "denied")]
     finally:
-        db.reset()
         structlog.reset_defaults()

@@ -12,25 +12,26 @@ from typing import Any
 
 import pytest
 
+from charter import scope
 from charter.audit.service import EventFilter, list_events, verify_chain
-from charter.db import get_database, utcnow
+from charter.db import utcnow
 from charter.dispatch.service import DispatchError, record_refusal
 from charter.exports import records
 from charter.exports import service as exports
 from charter.exports.records import COLUMNS, csv_cell
-from charter.policy import service as policy
 from charter.registry.service import get_version
 from tests.batch_support import BatchWorld, make_world
+from tests.runtimes import flush_outcomes
 
 DISPATCH = ("policy.decide", "dispatch.outcome", "dispatch.refused")
 
 
 @pytest.fixture
 def world(configured, make_person) -> Iterator[tuple[BatchWorld, Any]]:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     w = make_world(configured, make_person)
-    yield w, create_app(w.settings).test_client()
+    yield w, app_for(w.settings).test_client()
     w.node.stop()
 
 
@@ -51,7 +52,7 @@ def _traffic(client, w: BatchWorld) -> None:  # type: ignore[no-untyped-def]
     r = client.post("/v1/chat/completions", headers=w.headers, json={
         "model": "=HYPERLINK(\"http://evil\")", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
-    assert get_database().writer.flush()  # outcomes are written after the answer
+    assert flush_outcomes()  # outcomes are written after the answer
 
 
 def _export(client, who, since, until, fmt: str = "csv") -> Any:  # type: ignore[no-untyped-def]
@@ -85,8 +86,8 @@ def test_records_match_the_gateways_events(world, auditor) -> None:  # type: ign
     allowed = [x for x in by_kind["decision"] if x["decision"] == "allow"]
     denied = [x for x in by_kind["decision"] if x["decision"] == "deny"]
     assert len(allowed) == 2 and len(denied) == 1
-    assert denied[0]["violations"] and denied[0]["policy_revision"] == policy.get_engine(
-        ).revision
+    assert denied[0]["violations"] and denied[0]["policy_revision"] == scope.current(
+        ).policies.engine.revision
     outcomes = by_kind["outcome"]
     assert len(outcomes) == 2
     version = get_version(w.version_id)  # what the deployment `m` binds
@@ -131,9 +132,9 @@ def test_records_match_the_gateways_events(world, auditor) -> None:  # type: ign
 
 
 def test_hostile_text_stays_inside_quoted_cells(configured, make_person, auditor) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    client = create_app(configured).test_client()
+    client = app_for(configured).test_client()
     caller = make_person("user")
     start = utcnow()
     names = ["+cmd|' /C calc'!A0", "@SUM(1)", "-2+3", "\tTAB", "\rCR",
@@ -141,7 +142,7 @@ def test_hostile_text_stays_inside_quoted_cells(configured, make_person, auditor
     for name in names:
         record_refusal(caller.actor, name, DispatchError("refused for the test",
                                                          code="model_not_found", status=404))
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     r = _export(client, auditor, start, utcnow() + timedelta(seconds=1))
     text = r.get_data(as_text=True)
     table = _csv(text)
@@ -166,23 +167,23 @@ def test_csv_cells_are_defused(value, cell) -> None:  # type: ignore[no-untyped-
 
 def test_the_period_bounds_the_export_and_pages_are_keyset(
         configured, make_person, auditor, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    client = create_app(configured).test_client()
+    client = app_for(configured).test_client()
     caller = make_person("user")
 
     def refuse(name: str) -> None:
         record_refusal(caller.actor, name, DispatchError("no", code="model_not_found"))
 
     refuse("before")
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     since = utcnow()
     for i in range(7):
         refuse(f"in-{i}")
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     until = utcnow()
     refuse("after")
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     monkeypatch.setattr(records, "PAGE", 2)  # several keyset pages for 7 rows
     r = _export(client, auditor, since, until, "jsonl")
     names = [json.loads(x)["serving_name"] for x in r.get_data(as_text=True).splitlines()]
@@ -193,7 +194,7 @@ def test_the_period_bounds_the_export_and_pages_are_keyset(
     export = exports.export_records(auditor.actor, since=since,
                                     until=until + timedelta(hours=1), fmt="jsonl")
     refuse("during")
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     through = export.through_seq
     rows = [json.loads(x) for x in "".join(export.chunks).splitlines()]
     assert [x["serving_name"] for x in rows] == [*(f"in-{i}" for i in range(7)), "after"]
@@ -201,9 +202,9 @@ def test_the_period_bounds_the_export_and_pages_are_keyset(
 
 
 def test_bad_periods_are_422_and_other_roles_403(configured, make_person, auditor) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
-    client = create_app(configured).test_client()
+    client = app_for(configured).test_client()
     now = utcnow()
 
     def errors(query: dict[str, str], who: Any = auditor) -> Any:

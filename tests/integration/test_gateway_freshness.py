@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, list_events, verify_chain
-from charter.db import get_database
-from charter.identity.actor import SYSTEM
 from tests.integration.test_access_matrix import _approved_version
+from tests.runtimes import flush_outcomes
 
 GENERATED = {"generated_text": " ok", "details": {"finish_reason": "length",
                                                    "generated_tokens": 1, "prefill": []}}
@@ -41,11 +41,11 @@ class World:
 
 @pytest.fixture
 def world(configured, make_person) -> Iterator[World]:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team
     from charter.nodes import service as nodes
     from charter.registry.service import get_version
+    from tests.runtimes import app_for
 
     version = get_version(_approved_version(make_person("steward"), 1))
     hits: list[str] = []
@@ -88,7 +88,7 @@ def world(configured, make_person) -> Iterator[World]:  # type: ignore[no-untype
     bot = create_service_account(SYSTEM, team.id, username="bot")
     key = create_api_key(SYSTEM, bot.id, name="k").token
     try:
-        yield World(create_app(settings).test_client(), key, bot.id, team.id, version.id, hits)
+        yield World(app_for(settings).test_client(), key, bot.id, team.id, version.id, hits)
     finally:
         server.shutdown()
         server.server_close()
@@ -150,14 +150,13 @@ def test_no_audit_write_means_no_dispatch(world, pg_conn) -> None:  # type: igno
     assert world.hits == ["/generate"]  # the node was never called
     pg_conn.execute("ALTER TABLE audit_events DROP CONSTRAINT no_more")
     assert world.generate().status_code == 200  # recovers by itself
-    assert get_database().writer.flush()
+    assert flush_outcomes()
     outcomes = list_events(EventFilter(action="dispatch.outcome"))
     assert [e.details["status"] for e in outcomes] == [200, 200]  # none lost, none extra
     assert verify_chain().ok
 
 
 def test_a_failing_policy_engine_refuses_and_is_audited(world) -> None:  # type: ignore[no-untyped-def]
-    from charter.policy import service as policy
     from charter.policy.engine import PolicyUnavailableError
 
     class Down:
@@ -167,12 +166,12 @@ def test_a_failing_policy_engine_refuses_and_is_audited(world) -> None:  # type:
             raise PolicyUnavailableError("the policy engine did not answer",
                                          code="policy_timeout")
 
-    working = policy.get_engine()
-    policy.use_engine(Down())
+    policies = world.client.application.extensions["charter.runtime"].policies
+    working, policies.engine = policies.engine, Down()
     try:
         r = world.generate()
     finally:
-        policy.use_engine(working)
+        policies.engine = working
     assert r.status_code == 503 and r.get_json()["error_type"] == "policy_timeout"
     assert world.hits == []  # fail closed: nothing reached the node
     failure = _decisions()[-1]
@@ -181,7 +180,7 @@ def test_a_failing_policy_engine_refuses_and_is_audited(world) -> None:  # type:
 
 
 def test_a_key_use_is_recorded_without_clearing_the_read_cache(world, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    from charter.snapshot import read_generation
+    from charter.readcache import current_generation as read_generation
 
     pg_conn.execute("UPDATE api_keys SET last_used_at = NULL")
     generation = read_generation()
@@ -194,13 +193,14 @@ def test_a_key_use_is_recorded_without_clearing_the_read_cache(world, pg_conn) -
 
 def test_a_registry_that_never_settles_answers_503_registry_busy(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from charter.dispatch import service
-    from charter.snapshot import read_generation
+    from charter.readcache import StaleReadError
+    from charter.readcache import current_generation as read_generation
 
     calls: list[int] = []
 
     def always_stale(*_args: Any, **_kwargs: Any) -> Any:
         calls.append(1)
-        raise service.StaleSnapshotError(read_generation())  # as if it moved every time
+        raise StaleReadError(read_generation())  # as if it moved every time
 
     monkeypatch.setattr(service, "admit", always_stale)
     r = world.client.post("/v1/chat/completions", json={
@@ -231,7 +231,7 @@ def test_tgi_path_names_are_checked_too(world) -> None:  # type: ignore[no-untyp
 
 
 def test_events_the_columns_cannot_hold_are_refused_before_queueing() -> None:
-    from charter.audit.writer import Event
+    from charter.audit.journal import Event
 
     with pytest.raises(ValueError, match="target_id"):
         Event.of(actor="a", action="b", target_type="c", target_id="x" * 201)

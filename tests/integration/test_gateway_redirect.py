@@ -8,18 +8,18 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, list_events
-from charter.db import get_database
-from charter.identity.actor import SYSTEM
 from tests.integration.test_access_matrix import _approved_version
+from tests.runtimes import flush_outcomes
 
 
 def test_redirecting_node_is_refused(configured, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.app import create_app
     from charter.identity.service import create_api_key
     from charter.identity.teams import create_service_account, create_team
     from charter.nodes import service as nodes
     from charter.registry.service import get_version
+    from tests.runtimes import app_for
 
     owner = make_person("steward")
     version = get_version(_approved_version(owner, 1))
@@ -61,13 +61,13 @@ def test_redirecting_node_is_refused(configured, make_person) -> None:  # type: 
                                          "regions": ["*"]}, default_data_class="internal")
         bot = create_service_account(SYSTEM, team.id, username="bot")
         key = create_api_key(SYSTEM, bot.id, name="k").token
-        client = create_app(settings).test_client()
+        client = app_for(settings).test_client()
         r = client.post("/tgi/r/generate", headers={"Authorization": f"Bearer {key}"},
                         json={"inputs": "x"})
         assert r.status_code == 503 and r.get_json()["error_type"] == "nodes_unavailable"
         assert "169.254" not in r.get_data(as_text=True) and "Location" not in r.headers
         assert hits == ["/generate"]  # asked once, the redirect not followed
-        assert get_database().writer.flush()  # outcomes are written after the answer
+        assert flush_outcomes()  # outcomes are written after the answer
         outcome = list_events(EventFilter(action="dispatch.outcome"))[-1]
         assert outcome.details["outcome"] == "failed"
         assert outcome.details["error"] == "redirector: HTTP 302"

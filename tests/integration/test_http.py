@@ -34,7 +34,7 @@ def test_request_id_is_echoed_or_generated(client) -> None:  # type: ignore[no-u
 
 
 def test_authentication_failures(client, make_person) -> None:  # type: ignore[no-untyped-def]
-    from charter.identity.actor import SYSTEM
+    from charter.actor import SYSTEM
     from charter.identity.service import revoke_api_key
 
     for headers, code in [

@@ -67,11 +67,11 @@ def test_models_match_migrations(database_url: str) -> None:
 
 
 def test_app_refuses_an_old_schema(empty_pg: str) -> None:
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     settings = Settings.from_env({}, database_url=empty_pg, secret_key=SECRET)
     with pytest.raises(SchemaOutdatedError) as info:
-        create_app(settings)
+        app_for(settings)
     assert "charter db upgrade" in info.value.message
     assert info.value.details["fix"] == "charter db upgrade"
 

@@ -156,12 +156,50 @@ def test_remote_misbehaviour_is_a_refusal(flaky, mode, code) -> None:  # type: i
     assert engine.evaluate("dispatch", ALLOWED).allow
 
 
+def test_a_load_that_times_out_is_a_timeout(bundle) -> None:  # type: ignore[no-untyped-def]
+    """A PUT of the policies that times out is `policy_timeout` (requests reports it as a
+    ConnectionError wrapping urllib3's MaxRetryError, not as a Timeout)."""
+    with OpaTestServer() as server:
+        server.put_hang_s = 2.0
+        engine = RemoteEngine(bundle, server.url, timeout_s=0.3, load_timeout_s=0.3)
+        with pytest.raises(PolicyUnavailableError) as info:
+            engine.evaluate("dispatch", ALLOWED)
+        assert info.value.code == "policy_timeout"
+        assert ("PUT", "/v1/policies/" + bundle.policies[0].path.removesuffix(".rego")) \
+            in server.requests
+
+
+def test_timeouts_are_recognised_however_they_are_wrapped() -> None:
+    import requests
+    import urllib3.exceptions as u3
+
+    from charter.policy.engine import is_timeout
+
+    read = u3.ReadTimeoutError(None, "/v1/policies/x", "read timed out")  # type: ignore[arg-type]
+    wrapped = requests.ConnectionError(u3.MaxRetryError(None, "/v1/policies/x", read))  # type: ignore[arg-type]
+    assert is_timeout(wrapped)
+    assert is_timeout(requests.ReadTimeout())
+    refused = requests.ConnectionError(u3.MaxRetryError(
+        None, "/", u3.NewConnectionError(None, "refused")))  # type: ignore[arg-type]
+    assert not is_timeout(refused)
+    assert not is_timeout(ValueError("not json"))
+
+
 def test_remote_down_is_a_refusal_and_recovery_reloads(bundle) -> None:  # type: ignore[no-untyped-def]
-    server = OpaTestServer()
-    engine = RemoteEngine(bundle, server.url, timeout_s=0.3)
-    with pytest.raises(PolicyUnavailableError) as info:  # never started: connection refused
-        engine.evaluate("dispatch", ALLOWED)
+    import socket
+
+    with socket.socket() as free:  # a port nobody listens on: the connection is refused
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    refused = RemoteEngine(bundle, f"http://127.0.0.1:{port}", timeout_s=0.3)
+    with pytest.raises(PolicyUnavailableError) as info:
+        refused.evaluate("dispatch", ALLOWED)
     assert info.value.code == "policy_engine_error"
+    server = OpaTestServer()
+    engine = RemoteEngine(bundle, server.url, timeout_s=0.3, load_timeout_s=0.5)
+    with pytest.raises(PolicyUnavailableError) as info:  # it listens, but nobody answers
+        engine.evaluate("dispatch", ALLOWED)
+    assert info.value.code == "policy_timeout"
     with server:
         assert engine.evaluate("dispatch", ALLOWED).allow  # loads policies, then decides
         assert ("PUT", "/v1/data/charter") in server.requests
@@ -257,12 +295,19 @@ def test_cached_decisions_are_still_audited(configured) -> None:  # type: ignore
 
     from charter.audit.service import EventFilter, list_events
     from charter.policy import service
+    from charter.uow import record_decision, unit_of_work
+
+    def decide(doc: dict) -> Any:  # type: ignore[type-arg]
+        with unit_of_work() as session:  # as a service records the decision it acts on
+            decision, event = service.evaluate("dispatch", doc, actor="user:t",
+                                               target_type="t", target_id="x")
+            record_decision(session, event)
+            return decision
 
     doc = next(c[2] for c in CASES if c[0] == "dispatch" and c[3])
     doc = {**doc, "caller": {**doc["caller"], "team": uuid.uuid4().hex}}  # never seen before
-    first = service.decide("dispatch", doc, actor="user:t", target_type="t", target_id="x")
-    second = service.decide("dispatch", {**doc, "now": "2026-07-01T00:00:00Z"}, actor="user:t",
-                            target_type="t", target_id="x")
+    first = decide(doc)
+    second = decide({**doc, "now": "2026-07-01T00:00:00Z"})
     assert first.decision_id != second.decision_id and first.allow and second.allow
     events = list_events(EventFilter(action="policy.decide"))
     assert [e.details.get("cached", False) for e in events][-2:] == [False, True]
@@ -274,10 +319,10 @@ def test_readiness_follows_the_remote_engine(configured) -> None:  # type: ignor
     every decision."""
     import dataclasses
 
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     server = OpaTestServer()
-    app = create_app(dataclasses.replace(configured, policy_backend="remote",
+    app = app_for(dataclasses.replace(configured, policy_backend="remote",
                                          opa_url=server.url, opa_timeout_s=0.5))
     client = app.test_client()
     r = client.get("/readyz")

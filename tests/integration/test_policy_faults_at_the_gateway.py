@@ -13,7 +13,6 @@ import time
 import pytest
 
 from charter.audit.service import EventFilter, list_events
-from charter.policy import service as policy
 from tests.batch_support import make_world
 from tests.opa_server import OpaTestServer
 
@@ -23,18 +22,21 @@ CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": 
 
 @pytest.fixture
 def gateway(configured, make_person):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     with OpaTestServer() as server:
         server.hang_s = 3.0
         settings = dataclasses.replace(configured, policy_backend="remote",
                                        opa_url=server.url, opa_timeout_s=TIMEOUT_S)
-        policy.configure(settings)
         world = make_world(settings, make_person)
-        app = create_app(world.settings)
+        app = app_for(world.settings)
         yield server, world, app.test_client()
         world.node.stop()
-    policy.configure(configured)
+
+
+def _forget_verdicts(client) -> None:  # type: ignore[no-untyped-def]
+    """Empty the app's verdict cache: the next request is decided by the engine."""
+    client.application.extensions["charter.runtime"].policies.verdicts._entries.clear()
 
 
 @pytest.mark.parametrize(("mode", "code"), [
@@ -54,7 +56,7 @@ def test_every_request_is_refused_and_audited_then_served_again(gateway, mode, c
     server.mode = mode
     for path, body in (("/v1/chat/completions", CHAT),
                        ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4}})):
-        policy._cache._entries.clear()  # a request whose input it has not decided before
+        _forget_verdicts(client)  # a request whose input it has not decided before
         started = time.monotonic()
         r = client.post(path, headers=world.headers, json=body)
         took = time.monotonic() - started
@@ -68,7 +70,7 @@ def test_every_request_is_refused_and_audited_then_served_again(gateway, mode, c
                                        limit=1000))[before:]
     assert len(failures) == 2 and {f.details["error"] for f in failures} == {code}
     server.mode = "ok"
-    policy._cache._entries.clear()
+    _forget_verdicts(client)
     r = client.post("/v1/chat/completions", headers=world.headers, json=CHAT)
     assert r.status_code == 200  # recovered without a restart
 
@@ -80,10 +82,10 @@ def test_a_restarted_sidecar_gets_the_policies_again(gateway) -> None:  # type: 
     server.policies.clear()  # the sidecar came back empty
     server.data.clear()
     server.rebuild()
-    policy._cache._entries.clear()
+    _forget_verdicts(client)
     r = client.post("/v1/chat/completions", headers=world.headers, json=CHAT)
     assert r.status_code == 503  # the first finds the rule undefined...
     assert r.get_json()["error"]["code"] == "policy_undefined"
-    policy._cache._entries.clear()
+    _forget_verdicts(client)
     r = client.post("/v1/chat/completions", headers=world.headers, json=CHAT)
     assert r.status_code == 200  # ...and Charter pushes the bundle again for the next

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from charter.identity.actor import SYSTEM
+from charter.actor import SYSTEM
 from charter.nodes.service import _PROBE_LOCK_KEY, get_node, probe_round, register_node
 
 

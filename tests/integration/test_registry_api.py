@@ -148,7 +148,7 @@ def test_stale_row_version_is_a_409_and_changes_nothing(client, people) -> None:
 
 def test_concurrent_edit_loses_at_the_database(configured, people) -> None:  # type: ignore[no-untyped-def]
     """Two sessions load the same row; the second flush is refused (version column)."""
-    from charter.db import get_database
+    from charter import scope
     from charter.registry import service
     from charter.registry.models import ModelVersion
     from charter.registry.schemas import ModelCreate, VersionSpec
@@ -156,7 +156,7 @@ def test_concurrent_edit_loses_at_the_database(configured, people) -> None:  # t
     steward = people["steward"].actor
     model = service.create_model(steward, ModelCreate(name="m", publisher="p", source_repo="p/m"))
     v = service.create_version(steward, model.id, VersionSpec(label="1"))
-    sessions = get_database().sessions
+    sessions = scope.current().database.sessions
     with sessions() as a, sessions() as b:
         ra, rb = a.get(ModelVersion, v.id), b.get(ModelVersion, v.id)
         ra.intended_use, ra.row_version = "a", ra.row_version + 1

@@ -8,15 +8,15 @@ import json
 import pytest
 from joserfc.jwk import RSAKey
 
+from charter.actor import SYSTEM
 from charter.audit.service import EventFilter, list_events
-from charter.identity.actor import SYSTEM
 from charter.identity.teams import caller_context, create_team
 from tests.integration.test_jwt import AUDIENCE, IdP, claims_for, mint
 
 
 @pytest.fixture
 def sso(configured):  # type: ignore[no-untyped-def]
-    from charter.app import create_app
+    from tests.runtimes import app_for
 
     key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
     idp = IdP()
@@ -28,7 +28,7 @@ def sso(configured):  # type: ignore[no-untyped-def]
         oidc_team_map=json.dumps({"helpdesk-devs": "helpdesk"}))
     create_team(SYSTEM, name="helpdesk", description="", entitlements={"models": ["*"]},
                 requests_per_day=None, default_data_class="internal")
-    yield create_app(settings).test_client(), idp, key
+    yield app_for(settings).test_client(), idp, key
     idp.close()
 
 
@@ -51,7 +51,7 @@ def test_jwt_provisions_the_user_and_maps_groups_each_request(sso) -> None:  # t
     claims = {**claims, "groups": ["ai-auditors"]}
     me = client.get("/api/v1/me", headers=_bearer(mint(key, claims))).get_json()
     assert me["roles"] == ["auditor"] and me["id"] == r.get_json()["id"]
-    assert caller_context(me["id"])["teams"] == []  # the IdP-granted membership went too
+    assert list(caller_context(me["id"]).teams) == []  # the IdP-granted membership went too
     synced = list_events(EventFilter(action="user.roles_synced"))
     assert [e.details["after"] for e in synced] == [["approver"], ["auditor"]]
     assert [e.action for e in list_events(EventFilter(action="user.provision"))] == [

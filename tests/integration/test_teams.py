@@ -100,9 +100,9 @@ def test_entitlements_merge_over_teams_and_feed_the_caller(client, world) -> Non
     client.put(f"/api/v1/teams/{legal['id']}/members/{world.bob.actor.user_id}",
                headers=world.admin.headers, json={"team_role": "member"})
     caller = caller_context(world.bob.actor.user_id)
-    assert caller["teams"] == ["helpdesk", "legal"]
-    assert caller["entitlements"]["models"] == ["TinyLlama-1.1B-Chat-v1.0", "gemma-2b-it"]
-    assert caller["entitlements"]["data_classes"] == ["confidential", "internal"]
+    assert list(caller.teams) == ["helpdesk", "legal"]
+    assert list(caller.entitlements.models) == ["TinyLlama-1.1B-Chat-v1.0", "gemma-2b-it"]
+    assert list(caller.entitlements.data_classes) == ["confidential", "internal"]
     r = client.patch(f"/api/v1/teams/{legal['id']}", headers=world.admin.headers,
                      json={"row_version": legal["row_version"], "requests_per_day": 5})
     assert r.get_json()["error"]["code"] == "stale_version"

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from charter.audit.models import AuditEvent
-from charter.db import unit_of_work
+from charter.uow import unit_of_work
 
 
 @dataclass

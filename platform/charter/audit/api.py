@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 from flask import send_file
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.audit import checkpoints, service
 from charter.audit.bundle import Selection
 from charter.errors import NotFoundError, ValidationFailedError
-from charter.identity.actor import Actor
 from charter.settings import Settings
 
 bp = ApiBlueprint("audit", __name__, url_prefix="/api/v1")

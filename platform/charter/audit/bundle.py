@@ -19,13 +19,14 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, func, select
 
+from charter import scope
 from charter.audit import checkpoints
 from charter.audit.chain import canonical_json, event_body
 from charter.audit.checkpoint import sign_note
 from charter.audit.models import AuditCheckpoint, AuditEvent
 from charter.audit.tree import Tree
 from charter.audit.verify import FORMAT, MANIFEST_NOTE
-from charter.db import get_database, utcnow
+from charter.db import utcnow
 from charter.errors import CharterError
 from charter.settings import Settings
 
@@ -152,7 +153,7 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
         raise ExportError("exports are signed: configure CHARTER_AUDIT_SIGNING_KEYS",
                           code="no_signing_key")
     checkpoints.issue(settings, force=False)
-    database = get_database()
+    database = scope.current().database
     with database.engine.connect() as conn:
         newest = conn.execute(select(func.max(AuditEvent.seq))).scalar() or 0
         signed = conn.execute(select(func.max(AuditCheckpoint.size))).scalar()

@@ -28,7 +28,7 @@ from charter.audit.checkpoint import Checkpoint, Signer, sign
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey, AuditPurged
 from charter.audit.tree import Tree
 from charter.audit.verify import ProofError, verify_consistency
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
 from charter.errors import (
     CharterError,
     ConfigurationError,
@@ -36,6 +36,7 @@ from charter.errors import (
     ValidationFailedError,
 )
 from charter.settings import Settings
+from charter.uow import unit_of_work
 
 log = structlog.get_logger(__name__)
 CHECKPOINT_LOCK_KEY = 0x43484B50_54  # "CHKPT"

@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, func, insert, or_, select
 
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditPurged
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 ACTOR = "system:retention"
 
@@ -75,7 +75,7 @@ def _purge_batch(cutoff: datetime, batch: int) -> PurgeResult:
              "hash": r.hash, "purged_at": now, "checkpoint_size": signed} for r in rows])
         seqs = [r.seq for r in rows]
         conn.execute(delete(t).where(t.c.seq.in_(seqs)))
-        append_event(actor=ACTOR, action="audit.purge", target_type="audit",
+        record(session, actor=ACTOR, action="audit.purge", target_type="audit",
                      target_id="events",
                      details={"events": len(seqs), "first_seq": seqs[0], "last_seq": seqs[-1],
                               "older_than": cutoff.isoformat(), "checkpoint_size": signed})

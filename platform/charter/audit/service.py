@@ -1,4 +1,5 @@
-"""Audit service: append an event inside the caller's transaction, query, verify the chain."""
+"""Audit service: query the log, verify the chain, export bundles. (Events are written
+through charter.uow's doors, by charter.audit.journal.)"""
 
 from __future__ import annotations
 
@@ -7,97 +8,26 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from charter import scope
 from charter.audit.chain import (
     GENESIS_HASH,
     ChainRow,
     Tombstone,
     Verdict,
-    canonical_json,
-    event_body,
-    event_hash,
     verify_rows,
 )
 from charter.audit.models import AuditEvent, AuditPurged
-from charter.context import current_request_id
-from charter.db import get_database, refuse, unit_of_work, utcnow
 from charter.errors import CharterError, ValidationFailedError
+from charter.uow import record, refuse, unit_of_work
 
 if TYPE_CHECKING:
     from charter.audit.bundle import ExportResult, Selection
     from charter.settings import Settings
-
-OUTCOMES = ("success", "denied", "failure")
-# Any fixed 64-bit number; every audit writer serializes on it until its commit.
-CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER"
-
-
-def append_event(
-    *,
-    actor: str,
-    action: str,
-    target_type: str,
-    target_id: str,
-    outcome: str = "success",
-    details: dict[str, Any] | None = None,
-) -> tuple[int, str]:
-    """Append one event to the chain in the current unit of work (same transaction).
-
-    Returns (seq, hash). Everything between taking the chain lock and the commit is kept
-    lean (two plain statements and one Core INSERT): every other writer waits that long.
-    """
-    if outcome not in OUTCOMES:
-        raise ValueError(f"unknown audit outcome {outcome!r}")
-    details = details or {}
-    canonical_json(details)  # refuses values that are not plain JSON before any write
-    with unit_of_work() as session:
-        seq, prev_hash = lock_head(session)
-        ts = utcnow()
-        request_id = current_request_id()
-        body = event_body(
-            seq=seq,
-            ts=ts,
-            actor=actor,
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-            outcome=outcome,
-            details=details,
-            request_id=request_id,
-            prev_hash=prev_hash,
-        )
-        digest = event_hash(body)
-        session.execute(insert(AuditEvent.__table__), [{
-            "seq": seq, "ts": ts, "actor": actor, "action": action,
-            "target_type": target_type, "target_id": target_id, "outcome": outcome,
-            "details": details, "request_id": request_id, "prev_hash": prev_hash,
-            "hash": digest,
-        }])
-        return seq, digest
-
-
-def lock_head(session: Session) -> tuple[int, str]:
-    """Serialize chain writers and return (next seq, previous hash).
-
-    PostgreSQL: a transaction-scoped advisory lock, held until commit, so no two
-    transactions can read the same head. SQLite: BEGIN IMMEDIATE already holds the
-    database's single write lock (see charter.db).
-    """
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        # Two statements on purpose: a single one would take its snapshot before the lock
-        # is granted and could read a stale head.
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK_KEY})")
-    head = conn.exec_driver_sql(
-        "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").first()
-    if head is None:
-        return 1, GENESIS_HASH
-    return head[0] + 1, head[1]
-
 
 @dataclass(frozen=True, slots=True)
 class EventFilter:
@@ -172,7 +102,7 @@ def _peek_head(session: Session) -> tuple[int, str]:
 def verify_chain(batch: int = 5000) -> Verdict:
     """Walk the whole chain in the database, streaming rows in seq order (purged events by
     their tombstones)."""
-    database = get_database()
+    database = scope.current().database
     with database.engine.connect() as conn:
         table = AuditEvent.__table__
         purged = AuditPurged.__table__
@@ -214,8 +144,8 @@ def export_bundle(settings: Settings, selection: Selection, out: IO[bytes], *,
     except CharterError as exc:
         exc.details.setdefault("selection", selection.describe())
         refuse(exc.audited(actor_ref, "audit.export", "audit", "bundle"))
-    with unit_of_work():
-        append_event(actor=actor_ref, action="audit.export", target_type="audit",
+    with unit_of_work() as session:
+        record(session, actor=actor_ref, action="audit.export", target_type="audit",
                      target_id="bundle",
                      details={"selection": selection.describe(), "events": result.events,
                               "checkpoints": result.checkpoints,

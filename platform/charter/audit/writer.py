@@ -38,67 +38,24 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+import psycopg
 import structlog
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import insert
 
-from charter.audit.chain import canonical_json, hash_parts, joined_hash
+from charter.audit.chain import joined_hash
+from charter.audit.journal import Event, lock_head
 from charter.audit.models import AuditEvent
-from charter.audit.service import lock_head
-from charter.context import current_request_id
 from charter.db import utcnow
 from charter.errors import CharterError, DatabaseUnavailableError
+from charter.metering import quota as quotas
+from charter.metering.service import UsageDelta, add_sqlite, requests_on
+from charter.readcache import read_generation, still_current
 
 log = structlog.get_logger("charter.audit.writer")
 MAX_DEFERRED = 100_000  # outcomes kept for retry while the database is away
+BACKPRESSURE_WAIT_S = 5.0  # how long `defer` waits for room in a full backlog
 MAX_ATTEMPTS = 20
-
-
-_COLUMN_LIMITS = {name: AuditEvent.__table__.c[name].type.length  # type: ignore[attr-defined]
-                  for name in ("actor", "action", "target_type", "target_id", "outcome",
-                               "request_id")}
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    actor: str
-    action: str
-    target_type: str
-    target_id: str
-    outcome: str
-    details: dict[str, Any]
-    request_id: str | None
-    details_json: bytes  # RFC 8785 bytes of `details`: hashed and stored as they are
-    parts: tuple[str, str, str, str]  # the rest of its canonical bytes (chain.hash_parts)
-
-    @classmethod
-    def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
-           outcome: str = "success", details: dict[str, Any] | None = None,
-           request_id: str | None = None) -> Event:
-        """`request_id` defaults to the current request's (give it where the event is made
-        outside the request, e.g. after a stream's last byte)."""
-        details = details or {}
-        request_id = request_id or current_request_id()
-        for name, value in (("actor", actor), ("action", action), ("target_type", target_type),
-                            ("target_id", target_id), ("outcome", outcome),
-                            ("request_id", request_id)):
-            # What the columns cannot hold would fail the whole batch it shares.
-            if value is not None and (len(value) > _COLUMN_LIMITS[name] or "\x00" in value):
-                raise ValueError(f"audit {name} too long or with a NUL character")
-        # Refuses what is not plain JSON before anything is queued; made once, reused.
-        details_json = canonical_json(details)
-        parts = hash_parts(actor=actor, action=action, target_type=target_type,
-                           target_id=target_id, outcome=outcome, request_id=request_id)
-        return cls(actor, action, target_type, target_id, outcome, details, request_id,
-                   details_json, parts)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageDelta:
-    team_id: str
-    serving_name: str
-    day: date
-    requests: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
 
 
 @dataclass(eq=False)
@@ -107,7 +64,7 @@ class Entry:
 
     events: Sequence[Event]
     usage: Sequence[UsageDelta] = ()
-    generation: int | None = None  # content decided on this generation; None: no check
+    generation: int | None = None  # content decided on this generation (charter.readcache)
     quota: tuple[str, int] | None = None  # (team_id, requests_per_day)
     over_quota: Sequence[Event] = ()  # written instead of `events` past the quota
     # Filled in by the writer:
@@ -222,34 +179,16 @@ class _SessionBackend(_Backend):
         self._session: Any = None
 
     def append(self, batch: list[Entry], day: date) -> None:
-        from sqlalchemy import func, insert, select, text
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        from charter.dispatch.models import Usage
-
         self._session = session = self._sessions()
         next_seq, prev_hash = lock_head(session)  # takes the chain's lock where one is needed
         conn = session.connection()
-        generation = conn.execute(
-            text("SELECT value FROM change_generation WHERE id = 1")).scalar_one()
+        generation = read_generation(session)
         teams = sorted({e.quota[0] for e in batch if e.quota is not None})
-        used: dict[str, int] = {}
-        if teams:
-            used = {t: int(n) for t, n in conn.execute(
-                select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
-                .where(Usage.day == day, Usage.team_id.in_(teams)).group_by(Usage.team_id))}
-        rows, usage = plan_batch(batch, _Head(int(generation), next_seq - 1, prev_hash, used))
+        used = requests_on(conn, teams, day)
+        rows, usage = plan_batch(batch, _Head(generation, next_seq - 1, prev_hash, used))
         if rows:
             session.execute(insert(AuditEvent.__table__), rows)
-        for u in usage:
-            stmt = sqlite_insert(Usage).values(
-                team_id=u.team_id, serving_name=u.serving_name, day=u.day,
-                requests=u.requests, tokens_in=u.tokens_in, tokens_out=u.tokens_out)
-            session.execute(stmt.on_conflict_do_update(
-                index_elements=["team_id", "serving_name", "day"],
-                set_={"requests": Usage.requests + stmt.excluded.requests,
-                      "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
-                      "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
+        add_sqlite(conn, usage)
         session.commit()
         session.close()
         self._session = None
@@ -271,7 +210,7 @@ def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], l
     for e in batch:
         e.generation_seen = head.generation
         e.seqs = []
-        if e.generation is not None and e.generation != head.generation:
+        if not still_current(e.generation, head.generation):
             e.result = "stale"
             continue
         events, deltas = e.events, e.usage
@@ -279,7 +218,7 @@ def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], l
         if e.quota is not None:
             team, limit = e.quota
             asked = sum(u.requests for u in deltas)
-            if head.used.get(team, 0) + asked > limit:
+            if not quotas.admits(head.used.get(team, 0), asked, limit):
                 e.result, events, deltas = "over_quota", e.over_quota, ()
             else:
                 head.used[team] = head.used.get(team, 0) + asked
@@ -306,17 +245,24 @@ class GroupWriter:
     entry is written, or until the leader hands the writer over to it; nothing is woken
     that has nothing to do (one shared condition woke every waiter on every commit)."""
 
-    def __init__(self, backend: _Backend, *, linger_s: float = 0.2) -> None:
+    def __init__(self, backend: _Backend, *, linger_s: float = 0.2,
+                 max_deferred: int = MAX_DEFERRED,
+                 on_drop: Callable[[Entry, str], None] | None = None) -> None:
         self._backend = backend
         self.linger_s = linger_s
+        self.max_deferred = max_deferred
+        self._on_drop = on_drop
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # flush() waits for the writer
         self._kick = threading.Condition(self._lock)  # the flusher waits for deferred work
+        self._room = threading.Condition(self._lock)  # defer() waits for room in the backlog
         self._pending: list[Entry] = []
         self._writing = False
         self._closed = False
         self._flusher: threading.Thread | None = None
         self.batches = 0  # transactions written (for tests and the benchmark)
+        self.dropped = 0  # deferred entries given up on (counted, alarmed: `on_drop`)
+        self._count_lock = threading.Lock()
 
     # --- what callers use ------------------------------------------------------------------
 
@@ -338,13 +284,19 @@ class GroupWriter:
         self._lead()
         return entry
 
-    def defer(self, entry: Entry) -> None:
-        """Write `entry` with the next commit, or within `linger_s`; returns at once."""
+    def defer(self, entry: Entry, *, wait_s: float = BACKPRESSURE_WAIT_S) -> bool:
+        """Write `entry` with the next commit, or within `linger_s`; returns at once while
+        the backlog has room. A full backlog (the database has been away that long) is
+        back-pressure: the caller waits up to `wait_s` for room. If none frees, the entry
+        is dropped, counted and alarmed (`on_drop`, an error in the log); False then."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            if len(self._pending) >= MAX_DEFERRED:
-                log.error("audit writer backlog full: an outcome event is dropped",
-                          action=entry.events[0].action if entry.events else None)
-                return
+            while len(self._pending) >= self.max_deferred:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    self._drop(entry, "backlog_full")
+                    return False
+                self._room.wait(left)
             self._pending.append(entry)
             if self._flusher is None and not self._closed:
                 self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
@@ -354,6 +306,18 @@ class GroupWriter:
                 # Only the first entry wakes the flusher (to time its linger); a writer
                 # at work takes everything queued, and kicks the flusher when it is done.
                 self._kick.notify()
+        return True
+
+    def _drop(self, entry: Entry, reason: str) -> None:
+        """Give up on a deferred entry: never silently."""
+        with self._count_lock:
+            self.dropped += 1
+        entry.result = "failed"
+        entry._done = True
+        log.error("audit events dropped", reason=reason, events=len(entry.events),
+                  actions=sorted({e.action for e in entry.events}), dropped=self.dropped)
+        if self._on_drop is not None:
+            self._on_drop(entry, reason)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Write everything queued now; True when nothing is left."""
@@ -396,6 +360,7 @@ class GroupWriter:
         finally:
             with self._lock:
                 self._pending[:0] = retry  # deferred entries that could not be written yet
+                self._room.notify_all()
                 for e in batch:
                     if e._done and e._wake is not None:
                         e._wake.release()
@@ -446,14 +411,13 @@ class GroupWriter:
                 return [r for e in batch for r in self._write([e])]
             retry = []
             for e in batch:
-                if kind == "values" and e._wake is None:
-                    log.error("audit event refused by the database: dropped",
-                              action=e.events[0].action if e.events else None,
-                              error=f"{type(exc).__name__}: {exc}")
-                elif e._wake is None and e.attempts + 1 < MAX_ATTEMPTS:
-                    e.attempts += 1  # a deferred outcome: kept for the next try
-                    retry.append(e)
-                    continue
+                if e._wake is None:  # a deferred outcome: nobody waits for it
+                    if kind != "values" and e.attempts + 1 < MAX_ATTEMPTS:
+                        e.attempts += 1  # kept for the next try
+                        retry.append(e)
+                        continue
+                    self._drop(e, "refused_by_database" if kind == "values"
+                               else "attempts_exhausted")
                 e.result = "failed"
                 e.error = DatabaseUnavailableError(
                     "the audit log could not be written; nothing was dispatched",
@@ -471,9 +435,6 @@ def _failure_kind(exc: Exception) -> str:
     `values`: a value the columns cannot hold (it fails however often it is sent);
     `statement`: refused otherwise (a constraint, a permission), perhaps until an operator
     acts: kept like a connection failure, but not allowed to sink other entries."""
-    import psycopg
-    from sqlalchemy import exc as sa_exc
-
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | sa_exc.OperationalError
                   | sa_exc.InterfaceError | sa_exc.TimeoutError):
         return "connection"
@@ -482,17 +443,16 @@ def _failure_kind(exc: Exception) -> str:
     return "statement" if isinstance(exc, psycopg.Error | sa_exc.DBAPIError) else "connection"
 
 
-def make_writer(database: Any, *, linger_s: float = 0.2) -> GroupWriter:
+def make_writer(database: Any, *, linger_s: float = 0.2,
+                on_drop: Callable[[Entry, str], None] | None = None) -> GroupWriter:
     """The writer for a charter.db.Database (PostgreSQL: its own psycopg connection)."""
     engine = database.engine
     if engine.dialect.name == "postgresql":
-        import psycopg
-
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         cparams.setdefault("connect_timeout", 5)
 
         def connect() -> Any:
             return psycopg.connect(*cargs, **cparams, autocommit=True)
 
-        return GroupWriter(_PostgresBackend(connect), linger_s=linger_s)
-    return GroupWriter(_SessionBackend(database.sessions), linger_s=linger_s)
+        return GroupWriter(_PostgresBackend(connect), linger_s=linger_s, on_drop=on_drop)
+    return GroupWriter(_SessionBackend(database.sessions), linger_s=linger_s, on_drop=on_drop)

@@ -12,19 +12,20 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from charter.batches import files, service
-from charter.db import refuse
-from charter.dispatch.gateway import (
+from charter.dispatch.protocol import (
     DATA_CLASS_HEADER,
     PURPOSE_HEADER,
-    _actor,
-    _charter_error,
-    _headers_context,
+    caller,
     error_response,
+    records_malformed,
+    render_error,
+    request_labels,
 )
 from charter.errors import CharterError
+from charter.uow import refuse
 
 bp = Blueprint("batches", __name__)
-bp.register_error_handler(CharterError, _charter_error)
+bp.register_error_handler(CharterError, render_error)
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -49,7 +50,7 @@ def _limit(default: int, top: int) -> int:
 
 @bp.post("/v1/files")
 def upload_file() -> Response:
-    actor = _actor()
+    actor = caller()
     settings = current_app.extensions["charter.settings"]
     request.max_content_length = settings.files_max_bytes + 65_536  # the form around it
     too_large = files.BatchRequestError(
@@ -73,7 +74,7 @@ def upload_file() -> Response:
 
 @bp.get("/v1/files")
 def list_files() -> Response:
-    found = files.list_files(_actor(), purpose=request.args.get("purpose") or None,
+    found = files.list_files(caller(), purpose=request.args.get("purpose") or None,
                              limit=_limit(100, 10_000), after=request.args.get("after"))
     data = [files.file_view(f) for f in found]
     return _json({"object": "list", "data": data, "has_more": False,
@@ -83,12 +84,12 @@ def list_files() -> Response:
 
 @bp.get("/v1/files/<file_id>")
 def get_file(file_id: str) -> Response:
-    return _json(files.file_view(files.get_file(_actor(), file_id)))
+    return _json(files.file_view(files.get_file(caller(), file_id)))
 
 
 @bp.get("/v1/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
-    stored, content = files.file_content(_actor(), file_id)
+    stored, content = files.file_content(caller(), file_id)
     out = Response(content, mimetype="application/octet-stream")
     out.headers["Content-Disposition"] = f'attachment; filename="{stored.filename}"'
     return out
@@ -96,19 +97,20 @@ def file_content(file_id: str) -> Response:
 
 @bp.delete("/v1/files/<file_id>")
 def delete_file(file_id: str) -> Response:
-    stored = files.delete_file(_actor(), file_id)
+    stored = files.delete_file(caller(), file_id)
     return _json({"id": stored.id, "object": "file", "deleted": True})
 
 
 # --- batches --------------------------------------------------------------------------------
 
 @bp.post("/v1/batches")
+@records_malformed
 def create_batch() -> Response:
-    actor = _actor()
+    actor = caller()
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise files.BatchRequestError("the body must be a JSON object", code="invalid_json")
-    data_class, purpose = _headers_context()
+    data_class, purpose = request_labels()
     batch = service.create_batch(
         actor, input_file_id=body.get("input_file_id"), endpoint=body.get("endpoint"),
         completion_window=body.get("completion_window"), metadata=body.get("metadata"),
@@ -118,7 +120,7 @@ def create_batch() -> Response:
 
 @bp.get("/v1/batches")
 def list_batches() -> Response:
-    data, more = service.list_batches(_actor(), limit=_limit(20, 100),
+    data, more = service.list_batches(caller(), limit=_limit(20, 100),
                                       after=request.args.get("after"))
     return _json({"object": "list", "data": data, "has_more": more,
                   "first_id": data[0]["id"] if data else None,
@@ -127,12 +129,12 @@ def list_batches() -> Response:
 
 @bp.get("/v1/batches/<batch_id>")
 def get_batch(batch_id: str) -> Response:
-    return _json(service.get_batch(_actor(), batch_id))
+    return _json(service.get_batch(caller(), batch_id))
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str) -> Response:
-    return _json(service.cancel_batch(_actor(), batch_id))
+    return _json(service.cancel_batch(caller(), batch_id))
 
 
 __all__ = ["DATA_CLASS_HEADER", "PURPOSE_HEADER", "bp"]

@@ -11,22 +11,22 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
+from charter.actor import SYSTEM, Actor
 from charter.batches import jsonl
 from charter.batches.models import (
     ACTIVE_BATCH_STATES,
     Batch,
     StoredFile,
 )
-from charter.db import refuse, unit_of_work, utcnow
+from charter.db import utcnow
 from charter.errors import (
     CharterError,
     ConflictError,
     ForbiddenError,
     NotFoundError,
 )
-from charter.identity.actor import SYSTEM, Actor
 from charter.settings import Settings
+from charter.uow import record, refuse, unit_of_work
 
 log = structlog.get_logger("charter.batches")
 
@@ -72,7 +72,7 @@ def upload_file(actor: Actor, settings: Settings, *, filename: str, purpose: str
                             invalid_lines=invalid, content=content, created_at=utcnow())
         session.add(stored)
         session.flush()
-        append_event(actor=actor.ref, action="file.uploaded", target_type="file",
+        record(session, actor=actor.ref, action="file.uploaded", target_type="file",
                      target_id=stored.id,
                      details={"filename": name, "purpose": purpose, "bytes": len(content),
                               "sha256": digest, "lines": len(lines), "invalid_lines": invalid})
@@ -145,7 +145,7 @@ def delete_file(actor: Actor, file_id: str) -> StoredFile:
 def _purge(session: Session, stored: StoredFile, actor_ref: str, action: str) -> None:
     stored.content = None
     stored.purged_at = utcnow()
-    append_event(actor=actor_ref, action=action, target_type="file", target_id=stored.id,
+    record(session, actor=actor_ref, action=action, target_type="file", target_id=stored.id,
                  details={"filename": stored.filename, "purpose": stored.purpose,
                           "sha256": stored.sha256, "bytes": stored.bytes})
 

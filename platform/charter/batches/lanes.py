@@ -35,8 +35,8 @@ import structlog
 from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy import exc as sa_exc
 
-from charter import tasks
-from charter.audit.service import append_event
+from charter import scope
+from charter.actor import SYSTEM, Actor
 from charter.audit.writer import Entry, Event, UsageDelta
 from charter.batches import slots
 from charter.batches.models import (
@@ -44,13 +44,12 @@ from charter.batches.models import (
     BatchLine,
 )
 from charter.batches.results import end_pending, finalize
-from charter.context import request_id_var
-from charter.db import get_database, unit_of_work, utcnow
+from charter.context import RequestContext
+from charter.db import utcnow
 from charter.dispatch import upstream
 from charter.dispatch.service import (
     NodeTarget,
     Plan,
-    StaleSnapshotError,
     admit,
     outcome_event,
     usage_of,
@@ -59,13 +58,13 @@ from charter.errors import (
     CharterError,
     DatabaseUnavailableError,
 )
-from charter.identity.actor import SYSTEM, Actor
 from charter.identity.models import User
 from charter.identity.service import actor_of
 from charter.nodes.client import NodeCallError
 from charter.nodes.models import Node
+from charter.readcache import StaleReadError
 from charter.settings import Settings
-from charter.snapshot import SNAPSHOT, generation_var
+from charter.uow import record, unit_of_work
 
 log = structlog.get_logger("charter.batches")
 
@@ -115,7 +114,7 @@ def send_lanes(batch_id: str, settings: Settings, lanes: range | list[int] | Non
                ) -> int:
     sent = 0
     for lane in (range(settings.batch_lanes) if lanes is None else lanes):
-        sent += tasks.send("charter.batches.lane", batch_id, lane)
+        sent += scope.current().tasks.send("charter.batches.lane", batch_id, lane)
     return sent
 
 
@@ -149,7 +148,7 @@ def run_lane(batch_id: str, lane: int, settings: Settings) -> str:
         finally:
             _carry_var.reset(carry_token)
     if again:
-        tasks.send("charter.batches.lane", batch_id, lane)
+        scope.current().tasks.send("charter.batches.lane", batch_id, lane)
     else:
         finalize(batch_id)  # nothing happens while lines are still open
     return f"ran {ran}"
@@ -168,18 +167,11 @@ def run_next(info: _BatchInfo, settings: Settings, lane: int = 0) -> str:
     """Take the batch's next line that may run now and run it; "empty" if there is none
     (or the batch no longer runs). Returns what happened, for logs and tests."""
     request_id = uuid.uuid4().hex
-    rid_token = request_id_var.set(request_id)
-    try:
+    with scope.bound(scope.current(), request_id=request_id):
         claim = _claim_next(info, settings)
         if isinstance(claim, str):
             return claim
-        gen_token = generation_var.set(claim.generation)
-        try:
-            return _run_claimed(claim, settings, request_id, lane)
-        finally:
-            generation_var.reset(gen_token)
-    finally:
-        request_id_var.reset(rid_token)
+        return _run_claimed(claim, settings, request_id, lane)
 
 
 def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
@@ -197,7 +189,7 @@ def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
     c = _Claim(line_id, info.id, line_no, custom_id, body, attempts, token, int(gen),
                info.owner_user_id, info.endpoint, info.data_class, info.purpose)
     if was == "running":  # its worker vanished mid-attempt (killed, or cut off)
-        get_database().writer.commit(Entry(events=(Event.of(
+        scope.current().writer.commit(Entry(events=(Event.of(
             actor=info.actor_ref, action="batch.line_interrupted", target_type="batch",
             target_id=info.id, details={"line": line_no, "custom_id": custom_id,
                                         "attempt": attempts - 1}),)))
@@ -210,40 +202,42 @@ def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
     return c
 
 
-def _owner(user_id: str) -> Actor | None:
+def _owner(user_id: str, generation: int) -> Actor | None:
     def load() -> Actor | None:
         with unit_of_work() as session:
             user = session.get(User, user_id)
             return actor_of(user) if user is not None and user.active else None
-    return SNAPSHOT.cached(("batch_owner", user_id), load)
+    return scope.current().readcache.cached(generation, ("batch_owner", user_id), load)
 
 
-def _capacities(nodes: list[NodeTarget]) -> dict[str, int]:
+def _capacities(nodes: list[NodeTarget], generation: int) -> dict[str, int]:
     ids = tuple(sorted(n.id for n in nodes))
 
     def load() -> dict[str, int]:
         with unit_of_work() as session:
             return {i: int(c) for i, c in session.execute(
                 select(Node.id, Node.capacity).where(Node.id.in_(ids)))}
-    return SNAPSHOT.cached(("node_capacity", ids), load)
+    return scope.current().readcache.cached(generation, ("node_capacity", ids), load)
 
 
 def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) -> str:
     origin = {"batch_id": c.batch_id, "custom_id": c.custom_id, "line": c.line_no,
               "attempt": c.attempt}
-    actor = _owner(c.owner_user_id)
+    generation = c.generation
+    actor = _owner(c.owner_user_id, generation)
     if actor is None:
         return _stop(c, "owner_inactive", "the batch's owner is no longer active", 403)
     plan: Plan | None = None
     try:
         for _ in range(_STALE_RETRIES):
             try:
-                plan = admit(actor, serving_name=c.body["model"], data_class=c.data_class,
+                rc = RequestContext(request_id, generation=generation, actor=actor)
+                plan = admit(rc, serving_name=c.body["model"], data_class=c.data_class,
                              purpose=c.purpose, protocol="openai", origin=origin)
                 break
-            except StaleSnapshotError as exc:
-                generation_var.set(exc.generation)
-                actor = _owner(c.owner_user_id)
+            except StaleReadError as exc:
+                generation = exc.generation
+                actor = _owner(c.owner_user_id, generation)
                 if actor is None:
                     return _stop(c, "owner_inactive", "the batch's owner is no longer active",
                                  403)
@@ -253,7 +247,7 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) 
     _settle()
     if plan is None:
         return _put_back(c, wait_s=1.0, refund=True, error="the registry kept changing")
-    return _dispatch(c, plan, settings, request_id, origin, lane)
+    return _dispatch(c, plan, settings, request_id, origin, generation, lane)
 
 
 def _refused(c: _Claim, exc: CharterError, settings: Settings) -> str:
@@ -281,13 +275,14 @@ def _openai_error(exc: CharterError) -> dict[str, Any]:
 
 
 def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
-              origin: dict[str, Any], lane: int = 0) -> str:
-    pool, url_policy = upstream.nodes_for(settings)
+              origin: dict[str, Any], generation: int, lane: int = 0) -> str:
+    rt = scope.current()
+    pool, url_policy = rt.node_pool, rt.node_urls
     raw = json.dumps(c.body).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     remaining = list(plan.nodes)
-    capacities = _capacities(remaining)
+    capacities = _capacities(remaining, generation)
     last_error = "no node answered"
     started = time.perf_counter()
     while remaining:
@@ -371,10 +366,10 @@ def _finish(c: _Claim, *, status: str, response_status: int | None,
         entry = Entry(events=(event,), usage=usage)
         carry = _carry_var.get()
         if carry is not None:
-            get_database().writer.defer(entry)
+            scope.current().writer.defer(entry)
             carry.append((entry, c, answer))
             return True
-        get_database().writer.commit(entry)
+        scope.current().writer.commit(entry)
         if entry.result == "failed":
             assert entry.error is not None
             raise entry.error  # the line stays claimed; its lease runs out, it runs again
@@ -401,7 +396,7 @@ def _settle() -> None:
     carry = _carry_var.get()
     if not carry:
         return
-    writer = get_database().writer
+    writer = scope.current().writer
     while carry:
         entry, c, answer = carry[0]
         if not entry.committed:
@@ -425,7 +420,7 @@ def _claim_sqlite(params: dict[str, Any]) -> _Rows:
     lines, batches = BatchLine.__table__.c, Batch.__table__.c
     now = params["now"]
     try:
-        with get_database().engine.begin() as conn:
+        with scope.current().database.engine.begin() as conn:
             picked = conn.execute(
                 select(lines.id, lines.status)
                 .where(lines.batch_id == params["batch"],
@@ -507,7 +502,7 @@ def _run(name: str, params: dict[str, Any]) -> _Rows:
 def _core(stmt: Any, params: dict[str, Any]) -> _Rows:
     """Run one Core statement in its own transaction (the result stays readable)."""
     try:
-        with get_database().engine.begin() as conn:
+        with scope.current().database.engine.begin() as conn:
             result = conn.execute(stmt, params)
             if result.returns_rows:
                 return _Rows(result.all(), result.rowcount)
@@ -529,7 +524,7 @@ def _put_back(c: _Claim, *, wait_s: float, refund: bool, error: str,
               event: Event | None = None, result: str = "busy") -> str:
     """The line goes back to pending, to be taken again after `wait_s`."""
     if event is not None:
-        get_database().writer.commit(Entry(events=(event,)))
+        scope.current().writer.commit(Entry(events=(event,)))
     with unit_of_work() as session:
         done = session.execute(
             update(BatchLine).where(BatchLine.id == c.line_id, BatchLine.claim == c.token,
@@ -556,7 +551,7 @@ def _stop(c: _Claim, code: str, message: str, status: int,
             batch.errors = [{"code": code, "message": message, "line": c.line_no}]
             ended = end_pending(session, batch.id, "failed", code,
                                  f"the batch stopped: {message}")
-            append_event(actor=SYSTEM.ref, action="batch.stopped", target_type="batch",
+            record(session, actor=SYSTEM.ref, action="batch.stopped", target_type="batch",
                          target_id=batch.id,
                          details={"code": code, "message": message, "line": c.line_no,
                                   "custom_id": c.custom_id, "lines_ended": ended})

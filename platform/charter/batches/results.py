@@ -10,7 +10,7 @@ import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
+from charter.actor import SYSTEM
 from charter.batches.files import new_id
 from charter.batches.models import (
     OPEN_LINE_STATES,
@@ -18,8 +18,8 @@ from charter.batches.models import (
     BatchLine,
     StoredFile,
 )
-from charter.db import unit_of_work, utcnow
-from charter.identity.actor import SYSTEM
+from charter.db import utcnow
+from charter.uow import record, unit_of_work
 
 log = structlog.get_logger("charter.batches")
 
@@ -62,7 +62,7 @@ def finalize(batch_id: str) -> bool:
             batch.status, batch.failed_at = "failed", now
         else:
             batch.status, batch.completed_at = "completed", now
-        append_event(actor=SYSTEM.ref, action=f"batch.{batch.status}", target_type="batch",
+        record(session, actor=SYSTEM.ref, action=f"batch.{batch.status}", target_type="batch",
                      target_id=batch.id,
                      details={"owner": batch.actor_ref, "lines": len(lines),
                               "succeeded": len(out), "not_succeeded": len(err),

@@ -12,8 +12,8 @@ import structlog
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from charter import tasks
-from charter.audit.service import append_event
+from charter import scope
+from charter.actor import SYSTEM, Actor
 from charter.batches import jsonl, slots
 from charter.batches.files import (
     READERS,
@@ -32,14 +32,14 @@ from charter.batches.models import (
     StoredFile,
 )
 from charter.batches.results import end_pending, finalize
-from charter.db import refuse, unit_of_work, utcnow
+from charter.db import utcnow
 from charter.errors import (
     CharterError,
     ConflictError,
     NotFoundError,
 )
-from charter.identity.actor import SYSTEM, Actor
 from charter.settings import Settings
+from charter.uow import record, refuse, unit_of_work
 
 log = structlog.get_logger("charter.batches")
 
@@ -80,13 +80,13 @@ def create_batch(actor: Actor, *, input_file_id: Any, endpoint: Any, completion_
                       created_at=now, expires_at=now + COMPLETION_WINDOWS[completion_window])
         session.add(batch)
         session.flush()
-        append_event(actor=actor.ref, action="batch.created", target_type="batch",
+        record(session, actor=actor.ref, action="batch.created", target_type="batch",
                      target_id=batch.id,
                      details={"input_file_id": stored.id, "sha256": stored.sha256,
                               "endpoint": endpoint, "lines": stored.lines,
                               "invalid_lines": stored.invalid_lines, "data_class": data_class,
                               "purpose": purpose})
-    tasks.send("charter.batches.start", batch.id)
+    scope.current().tasks.send("charter.batches.start", batch.id)
     return batch
 
 
@@ -185,7 +185,7 @@ def cancel_batch(actor: Actor, batch_id: str) -> dict[str, Any]:
         batch.status, batch.cancelling_at = "cancelling", now
         ended = end_pending(session, batch.id, "cancelled", "batch_cancelled",
                              "the batch was cancelled before this line ran")
-        append_event(actor=actor.ref, action="batch.cancel", target_type="batch",
+        record(session, actor=actor.ref, action="batch.cancel", target_type="batch",
                      target_id=batch.id, details={"lines_cancelled": ended})
     finalize(batch_id)
     return get_batch(actor, batch_id)
@@ -194,7 +194,7 @@ def cancel_batch(actor: Actor, batch_id: str) -> dict[str, Any]:
 def start_batch(batch_id: str) -> None:
     """validating -> in_progress: the input file's lines become rows; the first window of
     them is queued. Idempotent: a batch that has started is left alone."""
-    settings = tasks.settings()
+    settings = scope.current().settings
     now = utcnow()
     with unit_of_work() as session:
         batch = session.get(Batch, batch_id, with_for_update=True)
@@ -219,7 +219,7 @@ def start_batch(batch_id: str) -> None:
             batch.errors = [{"code": "no_valid_lines",
                              "message": "no line of the input file is a valid request"}]
         batch.status, batch.in_progress_at = "in_progress", now
-        append_event(actor=SYSTEM.ref, action="batch.started", target_type="batch",
+        record(session, actor=SYSTEM.ref, action="batch.started", target_type="batch",
                      target_id=batch.id,
                      details={"owner": batch.actor_ref, "lines": len(rows), "valid": valid,
                               "invalid": len(rows) - valid})
@@ -257,7 +257,7 @@ def sweep(settings: Settings, now: datetime | None = None) -> dict[str, int]:
     for batch_id, status, created_at, expires_at in active:
         if status == "validating":
             if now - created_at > timedelta(seconds=5):
-                stats["started"] += tasks.send("charter.batches.start", batch_id)
+                stats["started"] += scope.current().tasks.send("charter.batches.start", batch_id)
             continue
         if status == "in_progress" and now >= expires_at:
             status = "expired"

@@ -24,7 +24,8 @@ import psycopg
 import structlog
 from sqlalchemy.engine import make_url
 
-from charter.db import get_database
+from charter import scope
+from charter.db import Database
 from charter.dispatch.service import NodeTarget
 
 log = structlog.get_logger("charter.batches")
@@ -49,6 +50,8 @@ class _PostgresSlots:
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(
             hide_password=False)
         self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []  # every thread's, for close()
+        self._all_lock = threading.Lock()
 
     def _conn(self) -> psycopg.Connection[Any]:
         conn = getattr(self._local, "conn", None)
@@ -56,7 +59,20 @@ class _PostgresSlots:
             conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
             self._local.conn = conn
             self._local.lock_timeout = None
+            with self._all_lock:
+                self._all = [c for c in self._all if not c.closed]
+                self._all.append(conn)
         return conn
+
+    def close(self) -> None:
+        """Close every thread's connection: PostgreSQL frees the locks they held."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except psycopg.Error:
+                log.warning("slot connection did not close cleanly")
 
     def try_take(self, node_id: str, slots: int, first: int = 0) -> int | None:
         order = [(first + i) % slots for i in range(slots)]  # its own slot first
@@ -99,6 +115,9 @@ class _PostgresSlots:
 
 
 class _LocalSlots:
+    def close(self) -> None:
+        """Nothing to let go of: the counts live in this process."""
+
     def __init__(self) -> None:
         self._held: dict[str, set[int]] = defaultdict(set)
         self._names: set[str] = set()
@@ -142,19 +161,19 @@ class _LocalSlots:
             self._names.discard(name)
 
 
-_impls: dict[str, Any] = {}
-_impls_lock = threading.Lock()
+Slots = _PostgresSlots | _LocalSlots
 
 
-def _impl() -> Any:
-    database = get_database()
-    with _impls_lock:
-        found = _impls.get(database.url)
-        if found is None:
-            found = (_PostgresSlots(database.url) if database.dialect == "postgresql"
-                     else _LocalSlots())
-            _impls[database.url] = found
-        return found
+def make_slots(database: Database) -> Slots:
+    """A Runtime's slots (charter.runtime.Runtime.slots): advisory locks on PostgreSQL,
+    counts in this process on SQLite."""
+    if database.dialect == "postgresql":
+        return _PostgresSlots(database.url)
+    return _LocalSlots()
+
+
+def _impl() -> Slots:
+    return scope.current().slots
 
 
 def pg_connection() -> psycopg.Connection[Any] | None:

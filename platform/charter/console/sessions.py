@@ -15,14 +15,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter.actor import Actor
+from charter.db import utcnow
 from charter.errors import ForbiddenError, NotFoundError
-from charter.identity.actor import Actor
 from charter.identity.models import ConsoleSession, Team, TeamMember, User
 from charter.identity.service import actor_of
 from charter.identity.sso import provision
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 # last_seen_at is written at most this often: an idle timeout accurate to ~30 s is enough,
 # and it spares a database write on every request.
@@ -77,7 +77,7 @@ def start_session(settings: Settings, claims: dict[str, Any], *, id_token: str |
             csrf_token=secrets.token_urlsafe(32), id_token_hint=hint,
         ))
         session.flush()
-        append_event(actor=actor.ref, action="auth.login", target_type="user",
+        record(session, actor=actor.ref, action="auth.login", target_type="user",
                      target_id=actor.user_id,
                      details={"via": "console", "issuer": str(claims.get("iss", "")),
                               "session": id_sha256[:16], "rotated": ended_previous})
@@ -120,7 +120,7 @@ def end_session(id_sha256: str, actor: Actor) -> str | None:
         if row is None or row.ended_at is not None:
             return None
         row.ended_at = utcnow()
-        append_event(actor=actor.ref, action="auth.logout", target_type="user",
+        record(session, actor=actor.ref, action="auth.logout", target_type="user",
                      target_id=actor.user_id,
                      details={"via": "console", "session": id_sha256[:16]})
         return row.id_token_hint
@@ -135,8 +135,8 @@ def record_login_failure(*, reason: str, client: str, issuer: str,
         details["subject"] = subject
     if idp_error:
         details["idp_error"] = idp_error
-    with unit_of_work():
-        append_event(actor="anonymous", action="auth.login_failed", target_type="auth",
+    with unit_of_work() as session:
+        record(session, actor="anonymous", action="auth.login_failed", target_type="auth",
                      target_id="console", outcome="denied", details=details)
 
 
@@ -157,7 +157,7 @@ def start_demo_session(settings: Settings, user_id: str) -> StartedSession:
             csrf_token=secrets.token_urlsafe(32), id_token_hint=None))
         session.flush()
         actor = actor_of(user)
-        append_event(actor=actor.ref, action="auth.login", target_type="user",
+        record(session, actor=actor.ref, action="auth.login", target_type="user",
                      target_id=user.id, details={"via": "console-demo",
                                                  "session": digest(session_id)[:16]})
     return StartedSession(session_id, actor, False)

@@ -6,36 +6,44 @@ module decides where a request may go and writes what happened.
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import lazyload
 
-from charter.audit.writer import Entry, Event, UsageDelta
-from charter.db import get_database, unit_of_work, utcnow
+from charter import scope
+from charter.actor import Actor
+from charter.audit.journal import Event
+from charter.audit.writer import Entry
+from charter.context import RequestContext
+from charter.db import utcnow
+from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
-from charter.identity.actor import Actor
-from charter.identity.teams import caller_context
+from charter.identity.teams import CallerContext, caller_context
+from charter.metering import quota as quotas
+from charter.metering.service import UsageDelta
 from charter.nodes.models import Deployment, Node
 from charter.policy import service as policy
 from charter.policy.engine import Decision, PolicyUnavailableError
+from charter.readcache import StaleReadError
 from charter.registry.models import ModelVersion
-from charter.snapshot import SNAPSHOT, generation_var
-
-# Violations that only rule out the node's region: another region may still be allowed.
-REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
-                      "node_not_attested"})
+from charter.uow import unit_of_work
 
 
 class DispatchError(CharterError):
-    """A refusal on the gateway; rendered in the caller's protocol (OpenAI or TGI)."""
+    """A refusal on the gateway; rendered in the caller's protocol (OpenAI or TGI).
+    `malformed`: the request could not be parsed; the view layer records it
+    (charter.dispatch.protocol.records_malformed)."""
 
     status = 503
     code = "dispatch_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 details: dict[str, Any] | None = None, malformed: bool = False) -> None:
+        super().__init__(message, code=code, status=status, details=details)
+        self.malformed = malformed
 
 
 @dataclass(frozen=True)
@@ -64,32 +72,9 @@ class Plan:
     started: datetime = field(default_factory=utcnow)
 
 
-class Outstanding:
-    """Requests in flight per node in this process: routing prefers the least busy node."""
-
-    def __init__(self) -> None:
-        self._counts: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def get(self, node_id: str) -> int:
-        return self._counts[node_id]
-
-    def acquire(self, node_id: str) -> None:
-        with self._lock:
-            self._counts[node_id] += 1
-
-    def release(self, node_id: str) -> None:
-        with self._lock:
-            self._counts[node_id] = max(0, self._counts[node_id] - 1)
-
-
-OUTSTANDING = Outstanding()
-
-
 def visible_models(actor: Actor) -> list[Deployment]:
     """Active deployments of servable versions that the caller's teams are entitled to."""
-    ctx = caller_context(actor.user_id)
-    allowed = set(ctx["entitlements"]["models"])
+    allowed = set(caller_context(actor.user_id).entitlements.models)
     with unit_of_work() as session:
         rows = session.execute(
             select(Deployment, ModelVersion).join(ModelVersion,
@@ -151,29 +136,27 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
                      candidates, len(nodes))
 
 
-class StaleSnapshotError(Exception):
-    """What a request was decided on changed before its decision was committed."""
-
-    def __init__(self, generation: int) -> None:
-        super().__init__(f"the read cache moved to generation {generation}")
-        self.generation = generation
-
-
-def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: str | None,
-          protocol: str = "openai", origin: dict[str, Any] | None = None) -> Plan:
+def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
+          purpose: str | None, protocol: str = "openai",
+          origin: dict[str, Any] | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
-    The caller's context and the route come from the read cache (charter.snapshot) of the
-    request's generation; the decision events are committed through the group writer only
-    if that generation is still current under the chain lock (otherwise StaleSnapshotError:
-    reload and decide again), and the day's request count of a team with a quota is checked
-    and advanced in the same transaction. Every refusal is audited; nothing unrecorded is
-    ever served. `origin` (e.g. a batch line's ids) goes into every event it writes.
+    The caller's context and the route come from the read cache (charter.readcache) of
+    the request's generation; the decision events are committed through the group writer
+    only if that generation is still current under the chain lock (otherwise
+    StaleReadError: authenticate and decide again on the new one), and the day's request
+    count of a team with a quota is checked and advanced in the same transaction. Every
+    refusal is audited; nothing unrecorded is ever served. `origin` (e.g. a batch line's
+    ids) goes into every event it writes.
     """
-    generation = generation_var.get()
-    ctx = SNAPSHOT.cached(("caller", actor.user_id), lambda: caller_context(actor.user_id))
-    route = SNAPSHOT.cached(("route", serving_name, protocol),
-                            lambda: _load_route(serving_name, protocol))
+    actor = rc.actor
+    assert actor is not None
+    rt = scope.current()
+    cache = rt.readcache
+    ctx = cache.cached(rc.generation, ("caller", actor.user_id),
+                       lambda: caller_context(actor.user_id))
+    route = cache.cached(rc.generation, ("route", serving_name, protocol),
+                         lambda: _load_route(serving_name, protocol))
     events: list[Event] = []
     plan: Plan | None = None
     refusal: CharterError | None = None
@@ -189,29 +172,31 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
         assert route is not None
         try:
             plan, refusal = _decide(actor, ctx, route, serving_name,
-                                    data_class or ctx["default_data_class"],
+                                    data_class or ctx.default_data_class,
                                     purpose or "assistant", events, origin)
         except PolicyUnavailableError as exc:
-            events.append(exc.event)  # type: ignore[attr-defined]
+            events.extend(exc.events)
+            exc.events = ()
             refusal = exc
-    entry = Entry(events=events, generation=generation)
+    entry = Entry(events=events, generation=rc.generation)
+    quota = ctx.requests_per_day
     if plan is not None:
-        today = utcnow().date()
-        entry.usage = (UsageDelta(plan.team_id, serving_name, today, requests=1),)
-        quota = ctx["requests_per_day"]
+        entry.usage = (UsageDelta(plan.team_id, serving_name, quotas.quota_day(utcnow()),
+                                  requests=1),)
         if quota is not None:
             entry.quota = (plan.team_id, quota)
             over = _over_quota(ctx, quota)
             entry.over_quota = (*events, _refused_event(actor, serving_name, over, origin))
-    get_database().writer.commit(entry)
+    rt.writer.commit(entry)
     if entry.result == "stale":
         assert entry.generation_seen is not None
-        raise StaleSnapshotError(entry.generation_seen)
+        raise StaleReadError(entry.generation_seen)
     if entry.result == "failed":
         assert entry.error is not None
         raise entry.error
     if entry.result == "over_quota":
-        raise _over_quota(ctx, ctx["requests_per_day"])
+        assert quota is not None
+        raise _over_quota(ctx, quota)
     if refusal is not None:
         raise refusal
     assert plan is not None
@@ -220,7 +205,7 @@ def admit(actor: Actor, *, serving_name: str, data_class: str | None, purpose: s
 
 def record_refusal(actor: Actor, serving_name: str, exc: CharterError) -> CharterError:
     """Commit a refusal that no decision recorded (e.g. the registry kept changing)."""
-    entry = get_database().writer.commit(
+    entry = scope.current().writer.commit(
         Entry(events=(_refused_event(actor, serving_name, exc),)))
     if entry.result == "failed":
         assert entry.error is not None
@@ -236,33 +221,29 @@ def _refused_event(actor: Actor, serving_name: str, exc: CharterError,
                              **(origin or {})})
 
 
-def _over_quota(ctx: dict[str, Any], quota: int) -> DispatchError:
-    now = utcnow()
-    midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(1)
+def _over_quota(ctx: CallerContext, quota: int) -> DispatchError:
     return DispatchError(
-        f"team {ctx['team']} has used its {quota} requests for today",
+        f"team {ctx.team} has used its {quota} requests for today",
         code="quota_exceeded", status=429,
-        details={"retry_after_s": int((midnight - now).total_seconds()) + 1,
-                 "team": ctx["team"], "requests_per_day": quota})
+        details={"retry_after_s": quotas.seconds_until_reset(utcnow()),
+                 "team": ctx.team, "requests_per_day": quota})
 
 
-def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
+def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
             data_class: str, purpose: str, events: list[Event],
             origin: dict[str, Any] | None) -> tuple[Plan | None, DispatchError | None]:
     """Ask the dispatch policy region by region, least busy first; one event per decision."""
-    regions: dict[str, list[NodeTarget]] = defaultdict(list)
-    for n in route.candidates:
-        regions[n.region].append(n)
-    order = sorted(regions, key=lambda r: min(OUTSTANDING.get(n.id) for n in regions[r]))
+    busy = scope.current().outstanding.get
+    ordered = regions_in_order(route.candidates, busy)
     last: Decision | None = None
-    for region in order:
-        node = min(regions[region], key=lambda n: OUTSTANDING.get(n.id))
+    for _region, targets in ordered:
+        node = targets[0]
         doc = {
             "now": utcnow().isoformat().replace("+00:00", "Z"),
             "version": route.version_doc,
             "request": {"purpose": purpose, "data_class": data_class},
-            "caller": {"team": ctx["team"], "teams": ctx["teams"],
-                       "entitlements": ctx["entitlements"]},
+            "caller": {"team": ctx.team, "teams": list(ctx.teams),
+                       "entitlements": ctx.entitlements.as_dict()},
             "node": {"id": node.id, "region": node.region,
                      "attested_version_id": route.version_id},
         }
@@ -272,23 +253,22 @@ def _decide(actor: Actor, ctx: dict[str, Any], route: Route, serving_name: str,
             context={"serving_name": serving_name, "node": node.name, **(origin or {})})
         events.append(event)
         if decision.allow:
-            targets = sorted(regions[region], key=lambda n: OUTSTANDING.get(n.id))
             return Plan(actor=actor, serving_name=serving_name,
                         deployment_id=route.deployment_id, version_id=route.version_id,
-                        model_name=route.model_name, team_id=ctx["team_id"],
-                        team=ctx["team"], data_class=data_class, purpose=purpose,
+                        model_name=route.model_name, team_id=ctx.team_id,
+                        team=ctx.team, data_class=data_class, purpose=purpose,
                         decision=decision, nodes=targets), None
         last = decision
-        if not set(decision.violation_codes) <= REGIONAL:
+        if not only_regional(decision.violation_codes):
             break
     assert last is not None
-    if set(last.violation_codes) <= REGIONAL:
+    if only_regional(last.violation_codes):
         return None, DispatchError(
             "no attested node in a region this request may use: "
             + "; ".join(v.msg for v in last.violations),
             code="no_node_in_allowed_region", status=503,
             details={"violations": last.violation_codes, "decision_id": last.decision_id,
-                     "regions_tried": order})
+                     "regions_tried": [r for r, _ in ordered]})
     return None, DispatchError(
         "policy denies this request: " + "; ".join(v.msg for v in last.violations),
         code="policy_denied", status=403,
@@ -336,5 +316,5 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
                           request_id=request_id)
-    get_database().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
+    scope.current().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
                                                                         tokens_out)))

@@ -9,17 +9,11 @@ the first byte of an answer has been passed on).
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from charter.dispatch.service import NodeTarget
 from charter.nodes.client import NodePool, NodeResponse
-from charter.nodes.service import url_policy
 from charter.nodes.ssrf import NodeUrlPolicy
-from charter.settings import Settings
-
-_pools: dict[Settings, tuple[NodePool, NodeUrlPolicy]] = {}
-_pools_lock = threading.Lock()
 
 
 class NodeRefused(Exception):
@@ -28,20 +22,6 @@ class NodeRefused(Exception):
     def __init__(self, node: NodeTarget, status: int) -> None:
         super().__init__(f"{node.name}: HTTP {status}")
         self.status = status
-
-
-def nodes_for(settings: Settings) -> tuple[NodePool, NodeUrlPolicy]:
-    """This process's node connection pool and URL policy for these settings, made once."""
-    found = _pools.get(settings)
-    if found is None:
-        with _pools_lock:
-            found = _pools.get(settings)
-            if found is None:
-                found = (NodePool(connect_timeout=settings.node_connect_timeout_s,
-                                  read_timeout=settings.node_read_timeout_s),
-                         url_policy(settings))
-                _pools[settings] = found
-    return found
 
 
 def payload_for(node: NodeTarget, protocol: str, body: dict[str, Any], raw: bytes) -> bytes:

@@ -8,10 +8,10 @@ from typing import Literal
 from flask import Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.exports import service
 from charter.exports.mlbom import MEDIA_TYPE
-from charter.identity.actor import Actor
 
 bp = ApiBlueprint("exports", __name__, url_prefix="/api/v1")
 MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/jsonl; charset=utf-8"}

@@ -11,37 +11,8 @@ from typing import IO
 
 import click
 
+from charter.clikit import actor_named, command_runtime
 from charter.errors import CharterError, ValidationFailedError
-from charter.identity.actor import Actor
-
-
-def _ready() -> None:
-    """Connect (CHARTER_* settings) and refuse to go on with an out-of-date schema."""
-    from charter import db
-    from charter.errors import SchemaOutdatedError
-    from charter.migrate import schema_status
-    from charter.policy import service as policy
-    from charter.settings import Settings
-
-    settings = Settings.from_env()
-    status = schema_status(db.configure(settings).engine)
-    if not status.current:
-        raise SchemaOutdatedError(status.message, details=status.as_dict())
-    policy.configure(settings)
-
-
-def _actor(username: str) -> Actor:
-    from sqlalchemy import select
-
-    from charter.db import unit_of_work
-    from charter.identity.models import User
-    from charter.identity.service import actor_of
-
-    with unit_of_work() as session:
-        user = session.scalar(select(User).where(User.username == username))
-        if user is None or not user.active:
-            raise CharterError(f"no active user {username!r}", code="user_not_found")
-        return actor_of(user)
 
 
 def _write(chunks: Iterable[str], output: Path | None) -> None:
@@ -97,8 +68,8 @@ def ml_bom(as_user: str, output: Path | None, include_retired: bool) -> None:
     """The model inventory as a validated CycloneDX 1.6 ML-BOM (JSON)."""
     from charter.exports import service
 
-    _ready()
-    text = service.export_ml_bom(_actor(as_user), include_retired=include_retired)
+    command_runtime()
+    text = service.export_ml_bom(actor_named(as_user), include_retired=include_retired)
     _write([text, "\n"], output)
 
 
@@ -111,8 +82,8 @@ def evidence(version_id: str, as_user: str, output: Path | None, as_html: bool) 
     """The approval evidence pack of VERSION_ID (JSON, or --html)."""
     from charter.exports import service
 
-    _ready()
-    pack = service.export_evidence(_actor(as_user), version_id,
+    command_runtime()
+    pack = service.export_evidence(actor_named(as_user), version_id,
                                    fmt="html" if as_html else "json")
     _write([service.evidence_html(pack) if as_html else json.dumps(pack, indent=2) + "\n"],
            output)
@@ -129,8 +100,8 @@ def records(as_user: str, output: Path | None, since: str, until: str, fmt: str)
     """Dispatch records (decisions, outcomes, refusals) of a period, streamed."""
     from charter.exports import service
 
-    _ready()
-    export = service.export_records(_actor(as_user), since=_moment(since, "since"),
+    command_runtime()
+    export = service.export_records(actor_named(as_user), since=_moment(since, "since"),
                                     until=_moment(until, "until"), fmt=fmt)
     _write(export.chunks, output)
     click.echo(f"records through audit event {export.through_seq}", err=True)

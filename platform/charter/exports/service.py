@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from charter.actor import Actor
 from charter.audit import service as audit
-from charter.db import unit_of_work, utcnow
+from charter.db import utcnow
 from charter.errors import CharterError, ValidationFailedError
 from charter.exports import evidence, mlbom, records
-from charter.identity.actor import Actor
 from charter.nodes import service as nodes
 from charter.registry import service as registry
+from charter.uow import unit_of_work
 
 READERS = ("admin", "auditor")
 MAX_PERIOD = timedelta(days=366)
@@ -28,8 +29,8 @@ FORMATS = ("csv", "jsonl")
 
 def _record(actor: Actor, action: str, target_id: str, details: dict[str, Any],
             outcome: str = "success") -> tuple[int, str]:
-    with unit_of_work():
-        return audit.append_event(actor=actor.ref, action=action, target_type="export",
+    with unit_of_work() as session:
+        return audit.record(session, actor=actor.ref, action=action, target_type="export",
                                   target_id=target_id, outcome=outcome, details=details)
 
 

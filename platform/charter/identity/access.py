@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.identity.actor import Actor
+from charter.actor import Actor
 from charter.identity.models import TeamMember, User
 
 READ_ALL = ("admin", "auditor")

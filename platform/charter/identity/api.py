@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.identity import service, teams
-from charter.identity.actor import Actor
 from charter.identity.models import ROLES, TEAM_ROLES
 
 bp = ApiBlueprint("identity", __name__, url_prefix="/api/v1")

@@ -13,8 +13,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter import scope
+from charter.actor import SYSTEM, Actor
+from charter.db import utcnow
 from charter.errors import (
     ConflictError,
     ForbiddenError,
@@ -24,14 +25,12 @@ from charter.errors import (
     ValidationFailedError,
 )
 from charter.identity.access import can_manage_keys, visible_user
-from charter.identity.actor import Actor
 from charter.identity.models import ROLES, USER_KINDS, ApiKey, User, UserRole
-from charter.snapshot import SNAPSHOT
+from charter.uow import record, unit_of_work
 
 KEY_PREFIX = "chk"
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{1,99}$")
 _LAST_USED_RESOLUTION = timedelta(minutes=5)
-_touched: dict[str, datetime] = {}  # key id -> when this process last wrote last_used_at
 
 
 def _field_error(field: str, code: str, message: str) -> ValidationFailedError:
@@ -77,8 +76,8 @@ def create_user(
         )
         session.add(user)
         session.flush()
-        append_event(
-            actor=actor.ref, action="user.create", target_type="user", target_id=user.id,
+        record(
+            session, actor=actor.ref, action="user.create", target_type="user", target_id=user.id,
             details={"username": username, "kind": kind, "roles": roles},
         )
         return user
@@ -123,8 +122,9 @@ def set_roles(actor: Actor, user_id: str, roles: list[str], *, row_version: int)
         user.role_rows = [UserRole(role=r) for r in roles]
         user.row_version += 1
         session.flush()
-        append_event(
-            actor=actor.ref, action="user.set_roles", target_type="user", target_id=user.id,
+        record(
+            session, actor=actor.ref, action="user.set_roles",
+            target_type="user", target_id=user.id,
             details={"before": before, "after": roles},
         )
         return user
@@ -173,8 +173,9 @@ def create_api_key(
         )
         session.add(key)
         session.flush()
-        append_event(
-            actor=actor.ref, action="api_key.create", target_type="api_key", target_id=key_id,
+        record(
+            session, actor=actor.ref, action="api_key.create",
+            target_type="api_key", target_id=key_id,
             details={"user_id": user_id, "name": name, "expires_at": expires_at.isoformat()},
         )
         return IssuedKey(key=key, token=f"{KEY_PREFIX}_{key_id}_{secret}")
@@ -205,8 +206,9 @@ def revoke_api_key(actor: Actor, key_id: str) -> ApiKey:
             raise ConflictError("the API key is already revoked", code="already_revoked")
         key.revoked_at = utcnow()
         session.flush()
-        append_event(
-            actor=actor.ref, action="api_key.revoke", target_type="api_key", target_id=key_id,
+        record(
+            session, actor=actor.ref, action="api_key.revoke",
+            target_type="api_key", target_id=key_id,
             details={"user_id": key.user_id},
         )
         return key
@@ -237,17 +239,19 @@ def _load_key(key_id: str) -> _KeyRecord | None:
                           key.last_used_at, actor)
 
 
-def authenticate_api_key(token: str) -> Actor:
+def authenticate_api_key(token: str, *, generation: int | None = None) -> Actor:
     """Map a presented key to its actor, or raise UnauthenticatedError (never says why).
 
-    The key's row is read through the per-process snapshot (charter.snapshot), which any
-    committed change to keys, users or roles invalidates; the secret and the expiry are
-    checked on every call.
+    The key's row is read through the read cache of `generation` (charter.readcache), which
+    any committed change to keys, users or roles invalidates; the secret and the expiry
+    are checked on every call.
     """
+    rt = scope.current()
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not re.fullmatch(r"[0-9a-f]{16}", parts[1]):
         raise UnauthenticatedError("invalid API key", code="invalid_credentials")
-    record = SNAPSHOT.cached(("api_key", parts[1]), lambda: _load_key(parts[1]))
+    record = rt.readcache.cached(generation, ("api_key", parts[1]),
+                                 lambda: _load_key(parts[1]))
     now = utcnow()
     if (
         record is None
@@ -259,9 +263,10 @@ def authenticate_api_key(token: str) -> Actor:
         raise UnauthenticatedError("invalid API key", code="invalid_credentials")
     # The cached row keeps the old last_used_at (that column does not advance the change
     # generation, migration 0006), so this process remembers its own writes.
-    last = max(filter(None, (record.last_used_at, _touched.get(parts[1]))), default=None)
+    touches = rt.authenticator.key_touches
+    last = max(filter(None, (record.last_used_at, touches.get(parts[1]))), default=None)
     if last is None or now - last > _LAST_USED_RESOLUTION:
-        _touched[parts[1]] = now
+        touches[parts[1]] = now
         with unit_of_work() as session:
             key = session.get(ApiKey, parts[1])
             if key is not None:
@@ -271,8 +276,6 @@ def authenticate_api_key(token: str) -> Actor:
 
 def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
     """Create the first admin and a key for it (CLI only: the actor is the system)."""
-    from charter.identity.actor import SYSTEM
-
     with unit_of_work() as session:
         if session.scalar(
             select(UserRole.user_id)

@@ -17,13 +17,13 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter.actor import Actor
+from charter.db import utcnow
 from charter.errors import UnauthenticatedError
-from charter.identity.actor import Actor
 from charter.identity.models import ROLES, Team, TeamMember, User, UserRole
 from charter.identity.service import actor_of
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 log = structlog.get_logger("charter.sso")
 _UNSAFE = re.compile(r"[^a-z0-9._@-]+")
@@ -76,7 +76,7 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
                         role_rows=[])
             session.add(user)
             session.flush()
-            append_event(actor=f"user:{user.username}", action="user.provision",
+            record(session, actor=f"user:{user.username}", action="user.provision",
                          target_type="user", target_id=user.id,
                          details={"issuer": issuer, "via": via, "groups": groups})
         if not user.active:
@@ -87,7 +87,7 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
             user.role_rows = [UserRole(role=r) for r in roles]
             user.row_version += 1
             session.flush()
-            append_event(actor=f"user:{user.username}", action="user.roles_synced",
+            record(session, actor=f"user:{user.username}", action="user.roles_synced",
                          target_type="user", target_id=user.id,
                          details={"before": before, "after": roles, "groups": groups,
                                   "via": via})
@@ -119,6 +119,6 @@ def _sync_teams(session: Session, settings: Settings, user: User, groups: list[s
         session.delete(current[team_id])
     if added or removed:
         session.flush()
-        append_event(actor=f"user:{user.username}", action="user.teams_synced",
+        record(session, actor=f"user:{user.username}", action="user.teams_synced",
                      target_type="user", target_id=user.id,
                      details={"added": added, "removed": removed, "via": via})

@@ -7,19 +7,19 @@ admins and auditors; to anyone else they do not exist (404, never 403).
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work
+from charter.actor import Actor
 from charter.errors import ConflictError, ForbiddenError, NotFoundError, StaleVersionError
 from charter.identity.access import READ_ALL, memberships, visible_user
 from charter.identity.access import can_manage_team as can_manage
-from charter.identity.actor import Actor
 from charter.identity.models import Team, TeamMember, User, UserRole
 from charter.identity.service import _USERNAME, _field_error
+from charter.uow import record, unit_of_work
 
 
 def _team(session: Session, actor: Actor, team_id: str) -> Team:
@@ -42,7 +42,7 @@ def create_team(actor: Actor, *, name: str, description: str, entitlements: dict
                     default_data_class=default_data_class)
         session.add(team)
         session.flush()
-        append_event(actor=actor.ref, action="team.create", target_type="team",
+        record(session, actor=actor.ref, action="team.create", target_type="team",
                      target_id=team.id,
                      details={"name": name, "entitlements": entitlements,
                               "requests_per_day": requests_per_day,
@@ -76,7 +76,7 @@ def update_team(actor: Actor, team_id: str, changes: dict[str, Any], *,
             setattr(team, key, value)
         team.row_version += 1
         session.flush()
-        append_event(actor=actor.ref, action="team.update", target_type="team",
+        record(session, actor=actor.ref, action="team.update", target_type="team",
                      target_id=team.id, details={"before": before, "after": changes})
         return team
 
@@ -112,7 +112,7 @@ def set_member(actor: Actor, team_id: str, user_id: str, team_role: str) -> Team
             member.team_role = team_role
             member.source = "charter"
         session.flush()
-        append_event(actor=actor.ref, action="team.set_member", target_type="team",
+        record(session, actor=actor.ref, action="team.set_member", target_type="team",
                      target_id=team_id,
                      details={"user_id": user_id, "before": before, "after": team_role})
         return member
@@ -129,7 +129,7 @@ def remove_member(actor: Actor, team_id: str, user_id: str) -> None:
             raise NotFoundError("not a member of this team", code="member_not_found")
         session.delete(member)
         session.flush()
-        append_event(actor=actor.ref, action="team.remove_member", target_type="team",
+        record(session, actor=actor.ref, action="team.remove_member", target_type="team",
                      target_id=team_id, details={"user_id": user_id})
 
 
@@ -151,7 +151,7 @@ def create_service_account(actor: Actor, team_id: str, *, username: str,
                     kind="service", owner_team_id=team_id, role_rows=[UserRole(role="user")])
         session.add(user)
         session.flush()
-        append_event(actor=actor.ref, action="team.create_service_account",
+        record(session, actor=actor.ref, action="team.create_service_account",
                      target_type="user", target_id=user.id,
                      details={"team_id": team_id, "username": username})
         return user
@@ -164,9 +164,32 @@ def list_service_accounts(actor: Actor, team_id: str) -> list[User]:
                                     .order_by(User.username)))
 
 
-def caller_context(user_id: str) -> dict[str, Any]:
-    """What dispatch needs about a caller: teams, merged entitlements, the team whose quota
-    and default data class apply (a service account's own team, else the first by name)."""
+@dataclass(frozen=True, slots=True)
+class Entitlements:
+    models: tuple[str, ...] = ()
+    data_classes: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"models": list(self.models), "data_classes": list(self.data_classes),
+                "regions": list(self.regions)}
+
+
+@dataclass(frozen=True, slots=True)
+class CallerContext:
+    """What dispatch needs about a caller: teams, merged entitlements, and the team whose
+    quota and default data class apply (a service account's own team, else the first by
+    name)."""
+
+    team: str | None
+    team_id: str  # "" for no team
+    teams: tuple[str, ...]
+    entitlements: Entitlements
+    default_data_class: str
+    requests_per_day: int | None
+
+
+def caller_context(user_id: str) -> CallerContext:
     with unit_of_work() as session:
         user = session.get(User, user_id)
         team_ids = set(memberships(session, user_id))
@@ -180,11 +203,11 @@ def caller_context(user_id: str) -> dict[str, Any]:
             for key in merged:
                 merged[key] |= set(team.entitlements.get(key, []))
         primary = teams[0] if teams else None
-        return {
-            "team": primary.name if primary else None,
-            "team_id": primary.id if primary else "",
-            "teams": sorted(t.name for t in teams),
-            "entitlements": {k: sorted(v) for k, v in merged.items()},
-            "default_data_class": primary.default_data_class if primary else "internal",
-            "requests_per_day": primary.requests_per_day if primary else None,
-        }
+        return CallerContext(
+            team=primary.name if primary else None,
+            team_id=primary.id if primary else "",
+            teams=tuple(sorted(t.name for t in teams)),
+            entitlements=Entitlements(**{k: tuple(sorted(v)) for k, v in merged.items()}),
+            default_data_class=primary.default_data_class if primary else "internal",
+            requests_per_day=primary.requests_per_day if primary else None,
+        )

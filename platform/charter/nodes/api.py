@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from charter.actor import Actor
 from charter.apikit import ApiBlueprint
-from charter.identity.actor import Actor
 from charter.nodes import service
 from charter.nodes.models import ENGINES
 

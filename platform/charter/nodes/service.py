@@ -10,15 +10,16 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
-from charter.db import get_database, unit_of_work, utcnow
+from charter import scope
+from charter.actor import SYSTEM, Actor
+from charter.db import utcnow
 from charter.errors import ConflictError, NotFoundError, ValidationFailedError
-from charter.identity.actor import SYSTEM, Actor
 from charter.nodes import adapters
 from charter.nodes.models import Deployment, DeploymentNode, Node
 from charter.nodes.ssrf import NodeUrlPolicy, make_client, pinned_request_kwargs
 from charter.registry.models import Model, ModelVersion
 from charter.settings import Settings
+from charter.uow import record, unit_of_work
 
 log = structlog.get_logger("charter.nodes")
 OPERATORS = ("admin", "operator")
@@ -47,7 +48,7 @@ def register_node(actor: Actor, settings: Settings, *, name: str, base_url: str,
                     engine=engine, labels=labels, capacity=capacity, created_by=actor.ref)
         session.add(node)
         session.flush()
-        append_event(actor=actor.ref, action="node.register", target_type="node",
+        record(session, actor=actor.ref, action="node.register", target_type="node",
                      target_id=node.id,
                      details={"name": name, "base_url": url, "region": region, "engine": engine,
                               "capacity": capacity, "labels": labels})
@@ -74,7 +75,7 @@ def _set_admin_state(actor: Actor, node_id: str, state: str, reason: str) -> Nod
         node.admin_state = state
         node.row_version += 1
         session.flush()
-        append_event(actor=actor.ref, action=action, target_type="node", target_id=node.id,
+        record(session, actor=actor.ref, action=action, target_type="node", target_id=node.id,
                      details={"name": node.name, "reason": reason})
         return node
 
@@ -136,8 +137,7 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
                       before[1] != "quarantined" else
                       "node.attest" if node.attestation == "attested" and
                       before[1:] != after[1:] else "node.health")
-            append_event(
-                actor=actor.ref, action=action, target_type="node", target_id=node.id,
+            record(session, actor=actor.ref, action=action, target_type="node", target_id=node.id,
                 outcome="success" if node.routable else "failure",
                 details={"name": node.name, "healthy": node.healthy,
                          "attestation": node.attestation,
@@ -163,7 +163,7 @@ def probe_round(settings: Settings) -> bool:
     Every API worker runs the loop; a PostgreSQL advisory lock makes one of them do each
     round (SQLite: one process anyway).
     """
-    database = get_database()
+    database = scope.current().database
     if database.dialect != "postgresql":
         probe_all(settings)
         return True
@@ -210,7 +210,7 @@ def create_deployment(actor: Actor, *, serving_name: str, version_id: str,
                          node_links=[DeploymentNode(node_id=n) for n in sorted(set(node_ids))])
         session.add(dep)
         session.flush()
-        append_event(actor=actor.ref, action="deployment.create", target_type="deployment",
+        record(session, actor=actor.ref, action="deployment.create", target_type="deployment",
                      target_id=dep.id,
                      details={"serving_name": serving_name, "version_id": version_id,
                               "node_ids": dep.node_ids})
@@ -230,6 +230,6 @@ def set_deployment_active(actor: Actor, deployment_id: str, active: bool) -> Dep
         dep.active = active
         dep.row_version += 1
         session.flush()
-        append_event(actor=actor.ref, action=action, target_type="deployment",
+        record(session, actor=actor.ref, action=action, target_type="deployment",
                      target_id=dep.id, details={"serving_name": dep.serving_name})
         return dep

@@ -74,6 +74,7 @@ class Decision:
 class PolicyEngine(Protocol):
     name: str
     revision: str
+    bundle: PolicyBundle
 
     def evaluate(self, policy: str, input_doc: dict[str, Any]) -> Verdict: ...
 
@@ -111,6 +112,31 @@ def parse_result(value: Any, started: float) -> Verdict:
                    round((time.perf_counter() - started) * 1000, 3))
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """A timeout, however the HTTP stack wrapped it: requests raises ConnectionError, not
+    Timeout, for a read timeout that urllib3 reports as MaxRetryError (e.g. on a PUT)."""
+    import requests
+    import urllib3.exceptions as u3
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        # urllib3's NewConnectionError subclasses its ConnectTimeoutError (for history's
+        # sake): a refused connection is not a timeout, whatever caused it is looked at.
+        if (isinstance(e, requests.Timeout | u3.TimeoutError | TimeoutError)
+                and not isinstance(e, u3.NewConnectionError)):
+            return True
+        if isinstance(e, u3.MaxRetryError):
+            todo.append(e.reason)
+        todo.extend([e.__cause__, e.__context__,
+                     *(a for a in e.args if isinstance(a, BaseException))])
+    return False
+
+
 def _rule(policy: str) -> str:
     try:
         return f"data.{POLICIES[policy]}.decision"
@@ -119,33 +145,59 @@ def _rule(policy: str) -> str:
                                      status=422) from None
 
 
+class _ThreadEngines(threading.local):
+    """The regorus engines of one thread, by bundle revision (a few, least recent dropped).
+
+    A regorus Engine may only be dropped on the thread that made it (PyO3 leaks it, with a
+    warning, otherwise). So engines belong to their thread, not to an InProcessEngine: only
+    the owning thread ever evicts one, and a thread's engines go when the thread ends. Two
+    runtimes with the same bundle share a thread's engine: it holds the same policies and
+    data, and each evaluation sets its own input on the calling thread.
+    """
+
+    keep = 4
+
+    def __init__(self) -> None:
+        self.engines: dict[str, Any] = {}
+
+    def get(self, revision: str, build: Any) -> Any:
+        engine = self.engines.pop(revision, None)
+        if engine is None:
+            engine = build()
+            while len(self.engines) >= self.keep:
+                self.engines.pop(next(iter(self.engines)))  # dropped here, on its own thread
+        self.engines[revision] = engine  # most recent last
+        return engine
+
+
+_THREAD_ENGINES = _ThreadEngines()
+
+
 class InProcessEngine:
     """regorus (Microsoft's Rust Rego engine). An Engine is bound to the thread that built
-    it, so each thread gets its own, built from the same bundle."""
+    it, so each thread gets its own, built from the same bundle and kept by that thread."""
 
     name = "regorus"
 
     def __init__(self, bundle: PolicyBundle) -> None:
         self.bundle = bundle
         self.revision = bundle.revision
-        self._local = threading.local()
         self._data_json = json.dumps(bundle.data)
+        self._key = f"{bundle.revision}:{bundle.root}"
         self.engine()  # fail at start-up, not on the first request, if a policy is broken
 
-    def engine(self, *, with_tests: bool = False) -> Any:
+    def engine(self) -> Any:
+        """This thread's engine for the bundle."""
+        return _THREAD_ENGINES.get(self._key, self._build)
+
+    def _build(self) -> Any:
         import regorus
 
-        if not with_tests:
-            cached = getattr(self._local, "engine", None)
-            if cached is not None:
-                return cached
         engine = regorus.Engine()
         engine.add_data_json(self._data_json)
         for f in self.bundle.files:
-            if with_tests or not f.is_test:
+            if not f.is_test:
                 engine.add_policy(f.path, f.source)
-        if not with_tests:
-            self._local.engine = engine
         return engine
 
     def evaluate(self, policy: str, input_doc: dict[str, Any]) -> Verdict:
@@ -174,7 +226,7 @@ class RemoteEngine:
     name = "opa"
 
     def __init__(self, bundle: PolicyBundle, url: str, *, timeout_s: float,
-                 push: bool = True) -> None:
+                 load_timeout_s: float = 5.0, push: bool = True) -> None:
         from opa_client.opa import OpaClient
 
         parts = urlsplit(url)
@@ -183,12 +235,21 @@ class RemoteEngine:
         self.bundle = bundle
         self.revision = bundle.revision
         self.url = url
-        self.client = OpaClient(
-            host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
-            ssl=parts.scheme == "https", retries=0, timeout=timeout_s,
-        )
-        # No proxies or netrc from the environment: the sidecar is local (and it is faster).
-        self.client._session.trust_env = False
+
+        def client(timeout: float) -> Any:
+            made = OpaClient(
+                host=parts.hostname,
+                port=parts.port or (443 if parts.scheme == "https" else 80),
+                ssl=parts.scheme == "https", retries=0, timeout=timeout)
+            # No proxies or netrc from the environment: the sidecar is local (and faster).
+            made._session.trust_env = False
+            return made
+
+        # Decisions wait `timeout_s`; loading the bundle (OPA compiles every policy) and
+        # checking the revision OPA holds get a budget of their own, so a re-push after a
+        # sidecar restart does not time out on a loaded machine.
+        self.client = client(timeout_s)
+        self.loader = client(max(load_timeout_s, timeout_s))
         self._loaded = False
         self._lock = threading.Lock()
         self._push = push
@@ -196,9 +257,9 @@ class RemoteEngine:
     def load(self) -> None:
         """Push the bundle's policies and data to OPA, then check what OPA holds."""
         for f in self.bundle.policies:
-            self.client.update_policy_from_string(f.source, f.path.removesuffix(".rego"),
+            self.loader.update_policy_from_string(f.source, f.path.removesuffix(".rego"),
                                                   rego_compat=False)
-        self.client.update_or_create_data(
+        self.loader.update_or_create_data(
             {**self.bundle.data["charter"], "revision": self.revision}, "charter")
 
     def _ensure_loaded(self) -> None:
@@ -209,7 +270,7 @@ class RemoteEngine:
                 return
             if self._push:
                 self.load()
-            held = self.client.get_data("charter/revision").get("result")
+            held = self.loader.get_data("charter/revision").get("result")
             if held != self.revision:
                 raise PolicyUnavailableError(
                     "the OPA server holds another policy revision",
@@ -222,7 +283,7 @@ class RemoteEngine:
         """For /readyz: the OPA server answers and holds this revision (raises otherwise)."""
         try:
             self._ensure_loaded()  # pushes the bundle first when Charter owns it
-            held = self.client.get_data("charter/revision").get("result")
+            held = self.loader.get_data("charter/revision").get("result")
         except PolicyUnavailableError:
             self._loaded = False
             raise
@@ -237,8 +298,6 @@ class RemoteEngine:
         return "ok"
 
     def evaluate(self, policy: str, input_doc: dict[str, Any]) -> Verdict:
-        import requests
-
         rule = _rule(policy)
         started = time.perf_counter()
         try:
@@ -246,20 +305,13 @@ class RemoteEngine:
             answer = self.client.query_rule(input_doc, rule.removeprefix("data."))
         except PolicyUnavailableError:
             raise
-        except requests.Timeout as exc:
-            self._loaded = False
-            raise PolicyUnavailableError("the OPA server did not answer in time",
-                                         code="policy_timeout") from exc
-        except (requests.RequestException, ValueError, OSError) as exc:
-            self._loaded = False  # reload after a restart of the sidecar
+        except Exception as exc:  # noqa: BLE001 - requests', opa_client's, anything else
+            self._loaded = False  # reload (and check the revision) after a sidecar restart
+            if is_timeout(exc):
+                raise PolicyUnavailableError("the OPA server did not answer in time",
+                                             code="policy_timeout") from exc
             raise PolicyUnavailableError(
                 "the OPA server is unreachable or failed", code="policy_engine_error",
-                details={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
-            ) from exc
-        except Exception as exc:  # noqa: BLE001 - opa_client's own errors, anything else
-            self._loaded = False
-            raise PolicyUnavailableError(
-                "the OPA server failed", code="policy_engine_error",
                 details={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
             ) from exc
         if not isinstance(answer, dict):

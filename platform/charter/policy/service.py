@@ -9,12 +9,12 @@ from typing import Any
 
 import rfc8785
 
+from charter import scope
+from charter.actor import Actor
 from charter.audit.chain import canonical_json
-from charter.audit.service import append_event
-from charter.audit.writer import Event
-from charter.db import unit_of_work
+from charter.audit.journal import Event
 from charter.errors import ConfigurationError, ValidationFailedError
-from charter.policy.bundle import PolicyBundle, default_policy_dir
+from charter.policy.bundle import POLICIES, PolicyBundle, default_policy_dir
 from charter.policy.cache import VerdictCache
 from charter.policy.engine import (
     Decision,
@@ -24,38 +24,32 @@ from charter.policy.engine import (
     RemoteEngine,
 )
 from charter.settings import Settings
+from charter.uow import record_decision, unit_of_work
 
-_engine: PolicyEngine | None = None
-_cache = VerdictCache()
+
+class Policies:
+    """A Runtime's policy engine and its verdict cache."""
+
+    def __init__(self, engine: PolicyEngine, verdicts: VerdictCache | None = None) -> None:
+        self.engine = engine
+        self.verdicts = verdicts or VerdictCache()
 
 
 def build_engine(settings: Settings) -> PolicyEngine:
+    """The settings' engine, loaded with the policy bundle (a broken policy fails here)."""
     root = Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
     bundle = PolicyBundle.load(root)
     if settings.policy_backend == "inprocess":
         return InProcessEngine(bundle)
     if settings.policy_backend == "remote":
         return RemoteEngine(bundle, settings.opa_url, timeout_s=settings.opa_timeout_s,
+                            load_timeout_s=settings.opa_load_timeout_s,
                             push=settings.opa_push_policies)
     raise ConfigurationError(f"unknown policy backend {settings.policy_backend!r}")
 
 
-def configure(settings: Settings) -> PolicyEngine:
-    global _engine
-    _engine = build_engine(settings)
-    return _engine
-
-
-def use_engine(engine: PolicyEngine | None) -> None:
-    global _engine
-    _engine = engine
-
-
-def get_engine() -> PolicyEngine:
-    if _engine is None:
-        raise PolicyUnavailableError("no policy engine is configured",
-                                     code="policy_not_configured")
-    return _engine
+def build_policies(settings: Settings) -> Policies:
+    return Policies(build_engine(settings))
 
 
 def input_digest(input_doc: dict[str, Any]) -> str:
@@ -75,29 +69,32 @@ def evaluate(
 ) -> tuple[Decision, Event]:
     """Evaluate without writing: the decision and the audit event that must record it.
 
-    An engine failure raises PolicyUnavailableError carrying, as `.event`, the event that
-    records the failure. The caller writes the event before acting on the decision.
+    An engine failure raises PolicyUnavailableError whose `events` hold the event that
+    records the failure (charter.uow writes them after the caller's rollback; the gateway
+    commits them with its refusal). The caller records the decision's event in the same
+    transaction as the action it decides (charter.uow.record_decision).
     """
-    engine = get_engine()
+    policies = scope.current().policies
+    engine, cache = policies.engine, policies.verdicts
     digest = input_digest(input_doc)
     decision_id = str(uuid.uuid4())
     base = {"policy": policy, "decision_id": decision_id, "input_digest": digest,
             "engine": engine.name, "policy_revision": engine.revision, **(context or {})}
     cache_key = VerdictCache.key(engine.revision, policy, input_doc)
-    verdict = _cache.get(cache_key, input_doc) if cache_key else None
+    verdict = cache.get(cache_key, input_doc) if cache_key else None
     try:
         if verdict is None:
             verdict = engine.evaluate(policy, input_doc)
             if cache_key:
-                _cache.put(cache_key, input_doc, verdict)
+                cache.put(cache_key, input_doc, verdict)
         else:
             base["cached"] = True
     except PolicyUnavailableError as exc:
         exc.details = {**exc.details, "decision_id": decision_id}
-        exc.event = Event.of(  # type: ignore[attr-defined]
+        exc.recording(Event.of(
             actor=actor, action="policy.decide", target_type=target_type,
             target_id=target_id, outcome="failure",
-            details={**base, "error": exc.code, "message": exc.message})
+            details={**base, "error": exc.code, "message": exc.message}))
         raise
     decision = Decision(
         policy=policy, allow=verdict.allow, violations=verdict.violations,
@@ -114,35 +111,23 @@ def evaluate(
     return decision, event
 
 
-def decide(
-    policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
-    context: dict[str, Any] | None = None,
-) -> Decision:
-    """Evaluate and record the decision (allow or deny) in its own transaction.
-
-    An engine failure is recorded too (outcome `failure`) and raised: no decision, no
-    action. A failure to record is raised as well: an unrecorded decision is not used.
-    """
-    try:
-        decision, event = evaluate(policy, input_doc, actor=actor, target_type=target_type,
-                                   target_id=target_id, context=context)
-    except PolicyUnavailableError as exc:
-        _append(exc.event)  # type: ignore[attr-defined]
-        raise
-    _append(event)
-    return decision
-
-
-def _append(event: Event) -> None:
-    with unit_of_work():
-        append_event(actor=event.actor, action=event.action, target_type=event.target_type,
-                     target_id=event.target_id, outcome=event.outcome, details=event.details)
+def playground(actor: Actor, policy: str, input_doc: dict[str, Any]) -> Decision:
+    """Evaluate an input that someone typed (API and console playgrounds) and record the
+    decision: the action here is the decision itself. An engine failure is recorded too
+    (outcome `failure`) and raised."""
+    actor.require("admin", "steward", "approver", action="policy.evaluate",
+                  target_type="policy", target_id=policy if policy in POLICIES else "-")
+    with unit_of_work() as session:
+        decision, event = evaluate(policy, input_doc, actor=actor.ref, target_type="policy",
+                                   target_id=policy, context={"playground": True})
+        record_decision(session, event)
+        return decision
 
 
 def describe() -> dict[str, Any]:
     """The active revision, backend, packages and data, for GET /api/v1/policy."""
-    engine = get_engine()
-    bundle: PolicyBundle = engine.bundle  # type: ignore[attr-defined]
+    engine = scope.current().policies.engine
+    bundle: PolicyBundle = engine.bundle
     return {
         "revision": engine.revision,
         "engine": engine.name,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from charter.actor import Actor
 from charter.apikit import ApiBlueprint
-from charter.identity.actor import Actor
 from charter.registry import service
 from charter.registry.schemas import (
     ApprovalConditions,

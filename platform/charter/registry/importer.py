@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from charter.db import unit_of_work
+from charter.actor import Actor
 from charter.errors import ImportFailedError, validation_failed
-from charter.identity.actor import Actor
 from charter.registry import service
 from charter.registry.models import ModelVersion
 from charter.registry.schemas import FileSpec, ModelCreate, VersionSpec
+from charter.uow import unit_of_work
 
 CHUNK = 1 << 20
 _ZIP_MAGIC = b"PK\x03\x04"

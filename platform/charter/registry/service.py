@@ -11,8 +11,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from charter.audit.service import append_event
-from charter.db import unit_of_work, utcnow
+from charter.actor import SYSTEM, Actor
+from charter.db import utcnow
 from charter.errors import (
     AdmissionDeniedError,
     CharterError,
@@ -23,7 +23,6 @@ from charter.errors import (
     StaleVersionError,
     ValidationFailedError,
 )
-from charter.identity.actor import SYSTEM, Actor
 from charter.policy import service as policy
 from charter.policy.engine import Decision
 from charter.registry.models import (
@@ -43,6 +42,7 @@ from charter.registry.schemas import (
     VersionSpec,
     VersionUpdate,
 )
+from charter.uow import record, record_decision, unit_of_work
 
 STEWARDS = ("admin", "steward")
 MAX_EXCEPTION = timedelta(days=180)
@@ -74,8 +74,9 @@ def create_model(actor: Actor, spec: ModelCreate) -> Model:
         model = Model(id=str(uuid.uuid4()), created_by=actor.ref, **spec.model_dump())
         session.add(model)
         session.flush()
-        append_event(
-            actor=actor.ref, action="model.create", target_type="model", target_id=model.id,
+        record(
+            session, actor=actor.ref, action="model.create",
+            target_type="model", target_id=model.id,
             details=spec.model_dump(),
         )
         return model
@@ -159,8 +160,7 @@ def create_version(
         )
         session.add(version)
         session.flush()
-        append_event(
-            actor=actor.ref, action="version.create", target_type="model_version",
+        record(session, actor=actor.ref, action="version.create", target_type="model_version",
             target_id=version.id,
             details={
                 "model": model.name, "label": spec.label,
@@ -228,8 +228,7 @@ def update_draft(actor: Actor, version_id: str, change: VersionUpdate) -> ModelV
             setattr(version, key, value)
         version.row_version += 1
         session.flush()
-        append_event(
-            actor=actor.ref, action="version.update", target_type="model_version",
+        record(session, actor=actor.ref, action="version.update", target_type="model_version",
             target_id=version.id, details={"before": before, "after": values},
         )
         return version
@@ -256,8 +255,7 @@ def _transition(
     version.state_changed_at = utcnow()
     version.row_version += 1
     session.flush()
-    append_event(
-        actor=actor.ref, action=f"version.{action}", target_type="model_version",
+    record(session, actor=actor.ref, action=f"version.{action}", target_type="model_version",
         target_id=version.id,
         details={"model": version.model.name, "label": version.label, "from": before,
                  "to": target, "reason": reason, **(extra or {})},
@@ -303,20 +301,21 @@ def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
     }
 
 
-def _admit(actor: Actor, version_id: str, *, allowed_states: tuple[str, ...],
-           action: str) -> Decision:
-    """Run the admission policy on the version as it is now and record the decision."""
-    with unit_of_work() as session:
-        version = _version(session, version_id)
-        if version.state not in allowed_states:
-            allowed = _allowed_actions(version.state)
-            raise IllegalTransitionError(
-                f"cannot {action} a version that is {version.state}",
-                details={"state": version.state, "action": action, "allowed_actions": allowed},
-            ).audited(actor.ref, f"version.{action}", "model_version", version.id)
-        doc = admission_input(session, version)
-    return policy.decide("admission", doc, actor=actor.ref, target_type="model_version",
-                         target_id=version_id)
+def _admit(session: Session, actor: Actor, version: ModelVersion, *,
+           allowed_states: tuple[str, ...], action: str) -> Decision:
+    """Run the admission policy on the version as it is now and record the decision in the
+    caller's unit of work (kept even if the action then fails: charter.uow)."""
+    if version.state not in allowed_states:
+        allowed = _allowed_actions(version.state)
+        raise IllegalTransitionError(
+            f"cannot {action} a version that is {version.state}",
+            details={"state": version.state, "action": action, "allowed_actions": allowed},
+        ).audited(actor.ref, f"version.{action}", "model_version", version.id)
+    decision, event = policy.evaluate("admission", admission_input(session, version),
+                                      actor=actor.ref, target_type="model_version",
+                                      target_id=version.id)
+    record_decision(session, event)
+    return decision
 
 
 def _findings(decision: Decision) -> dict[str, Any]:
@@ -327,10 +326,10 @@ def run_admission(actor: Actor, version_id: str) -> ModelVersion:
     """Re-run admission (after a policy or data change) and store the findings."""
     actor.require(*STEWARDS, *APPROVERS, action="version.admission",
                   target_type="model_version", target_id=version_id)
-    decision = _admit(actor, version_id, allowed_states=("draft", "submitted"),
-                      action="admission")
     with unit_of_work() as session:
         version = _version(session, version_id)
+        decision = _admit(session, actor, version, allowed_states=("draft", "submitted"),
+                          action="admission")
         version.admission = _findings(decision)
         version.row_version += 1
         return version
@@ -339,9 +338,9 @@ def run_admission(actor: Actor, version_id: str) -> ModelVersion:
 def submit_version(actor: Actor, version_id: str, req: Transition) -> ModelVersion:
     actor.require(*STEWARDS, action="version.submit", target_type="model_version",
                   target_id=version_id)
-    decision = _admit(actor, version_id, allowed_states=("draft",), action="submit")
     with unit_of_work() as session:
         version = _version(session, version_id)
+        decision = _admit(session, actor, version, allowed_states=("draft",), action="submit")
         _check_row_version(version, req.row_version)
         version.submitted_at = utcnow()
         version.submitted_by_user_id = actor.user_id
@@ -390,8 +389,7 @@ def grant_exception(actor: Actor, version_id: str, req: ExceptionCreate) -> Mode
         version.exceptions.append(row)
         version.row_version += 1
         session.flush()
-        append_event(
-            actor=actor.ref, action="version.exception", target_type="model_version",
+        record(session, actor=actor.ref, action="version.exception", target_type="model_version",
             target_id=version.id,
             details={"exception_id": row.id, "codes": row.codes,
                      "justification": req.justification,
@@ -414,18 +412,16 @@ def approve_version(actor: Actor, version_id: str, cond: ApprovalConditions) -> 
     actor.require(*APPROVERS, action="version.approve", target_type="model_version",
                   target_id=version_id)
     now = utcnow()
-    with unit_of_work() as session:  # refuse what needs no policy decision first
+    with unit_of_work() as session:
         version = _version(session, version_id)
-        _check_row_version(version, cond.row_version)
+        _check_row_version(version, cond.row_version)  # refuse what needs no decision first
         _four_eyes(actor, version, "approve")
         problems = _condition_problems(version, cond, now)
         if problems:
             raise ValidationFailedError("the approval conditions are invalid",
                                         details={"errors": problems})
-    admission = _admit(actor, version_id, allowed_states=("submitted",), action="approve")
-    with unit_of_work() as session:
-        version = _version(session, version_id)
-        _check_row_version(version, cond.row_version)
+        admission = _admit(session, actor, version, allowed_states=("submitted",),
+                           action="approve")
         version.admission = _findings(admission)
         waived = {c for e in version.exceptions if e.active(now) for c in e.codes}
         blocking = sorted(set(admission.violation_codes) - waived)

@@ -11,51 +11,30 @@ team, the last admin) come back as notices.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from functools import wraps
 
 from flask import Response, current_app, flash, g, redirect, request, url_for
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from charter.console.ui import action, form_list, problems, render
 from charter.console.views import bp
-from charter.db import unit_of_work, utcnow
-from charter.dispatch.models import Usage
+from charter.db import utcnow
 from charter.errors import CharterError, NotFoundError, ValidationFailedError
 from charter.identity import service as identity
 from charter.identity import teams
 from charter.identity.access import can_manage_keys, can_manage_team, memberships
 from charter.identity.api import TeamCreate, TeamUpdate
 from charter.identity.models import ROLES, TEAM_ROLES, Team, User
+from charter.metering import service as metering
+from charter.uow import unit_of_work
 
 USAGE_DAYS = 14
 USER_READERS = ("admin", "auditor")  # as GET /api/v1/users
 
 
 # --- reads the services do not offer (pure reads) ----------------------------------------
-
-def _usage(team_ids: list[str], since: date) -> list[Usage]:
-    """Metered requests and tokens per team, serving name and UTC day."""
-    if not team_ids:
-        return []
-    with unit_of_work() as session:
-        return list(session.scalars(
-            select(Usage).where(Usage.team_id.in_(team_ids), Usage.day >= since)
-            .order_by(Usage.day.desc(), Usage.serving_name)))
-
-
-def _used_today(team_ids: list[str]) -> dict[str, int]:
-    if not team_ids:
-        return {}
-    today = utcnow().date()
-    with unit_of_work() as session:
-        rows = session.execute(
-            select(Usage.team_id, func.coalesce(func.sum(Usage.requests), 0))
-            .where(Usage.team_id.in_(team_ids), Usage.day == today)
-            .group_by(Usage.team_id)).all()
-    return {team_id: int(n) for team_id, n in rows}
-
 
 def _user_id_by_name(username: str) -> str:
     with unit_of_work() as session:
@@ -145,7 +124,7 @@ def access() -> Response:
         mine = memberships(session, g.actor.user_id)
     return render("console/pages/access.html", section="access", title="Access", user=me,
                   keys=keys, teams=found, mine=mine,
-                  used=_used_today([t.id for t in found]), now=utcnow(),
+                  used=metering.requests_today([t.id for t in found]), now=utcnow(),
                   default_ttl=current_app.extensions["charter.settings"]
                   .api_key_default_ttl_days, team_roles=TEAM_ROLES)
 
@@ -175,10 +154,10 @@ def team(team_id: str) -> Response:
     members = teams.list_members(g.actor, team_id)
     accounts = teams.list_service_accounts(g.actor, team_id)
     since = utcnow().date() - timedelta(days=USAGE_DAYS - 1)
-    usage = _usage([team_id], since)
+    usage = metering.usage_since([team_id], since)
     return render("console/pages/access_team.html", section="access", title=found.name,
                   team=found, members=members, accounts=accounts, usage=usage, since=since,
-                  used_today=_used_today([team_id]).get(team_id, 0),
+                  used_today=metering.requests_today([team_id]).get(team_id, 0),
                   manager=_may_manage_team(team_id), team_roles=TEAM_ROLES)
 
 

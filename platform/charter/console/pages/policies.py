@@ -101,9 +101,7 @@ def policies_evaluate() -> Response:
         if chosen not in POLICIES:
             raise ValidationFailedError("choose a policy", details={"errors": [
                 {"field": "policy", "code": "invalid", "message": "admission or dispatch"}]})
-        decision = policy.decide(chosen, _input(text), actor=g.actor.ref,
-                                 target_type="policy", target_id=chosen,
-                                 context={"playground": True}).as_dict()
+        decision = policy.playground(g.actor, chosen, _input(text)).as_dict()
     except CharterError as exc:
         lines = problems(exc)
         return _page(chosen=target if target != "-" else "admission", text=text,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from charter.snapshot import Snapshot, generation_var, read_generation
+from charter.readcache import ReadCache
+from charter.readcache import current_generation as read_generation
 
 
 def test_triggers_advance_the_generation_on_every_change(configured, make_person,  # type: ignore[no-untyped-def]
@@ -19,24 +20,17 @@ def test_triggers_advance_the_generation_on_every_change(configured, make_person
 
 
 def test_entries_live_for_one_generation_only() -> None:
-    snap = Snapshot()
+    snap = ReadCache()
     calls = []
 
     def load(value: str) -> str:
         calls.append(value)
         return value
 
-    token = generation_var.set(5)
-    try:
-        assert snap.cached("k", lambda: load("a")) == "a"
-        assert snap.cached("k", lambda: load("b")) == "a"  # same generation: cached
-        generation_var.set(6)
-        assert snap.cached("k", lambda: load("c")) == "c"  # newer generation: reloaded
-        generation_var.set(5)
-        assert snap.cached("k", lambda: load("d")) == "d"  # an older reader never caches
-        generation_var.set(6)
-        assert snap.cached("k", lambda: load("e")) == "c"
-    finally:
-        generation_var.reset(token)
-    assert snap.cached("k", lambda: load("f")) == "f"  # outside a request: always fresh
+    assert snap.cached(5, "k", lambda: load("a")) == "a"
+    assert snap.cached(5, "k", lambda: load("b")) == "a"  # same generation: cached
+    assert snap.cached(6, "k", lambda: load("c")) == "c"  # newer generation: reloaded
+    assert snap.cached(5, "k", lambda: load("d")) == "d"  # an older reader never caches
+    assert snap.cached(6, "k", lambda: load("e")) == "c"
+    assert snap.cached(None, "k", lambda: load("f")) == "f"  # no generation: always fresh
     assert calls == ["a", "c", "d", "f"]

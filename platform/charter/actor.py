@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from charter.errors import ForbiddenError
+from charter.uow import refuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +26,6 @@ class Actor:
     def require(self, *roles: str, action: str, target_type: str, target_id: str) -> None:
         """Refuse, and audit the refusal, unless the actor holds one of the roles."""
         if not self.has(*roles):
-            from charter.db import refuse
-
             refuse(ForbiddenError(
                 f"{action} needs one of the roles: {', '.join(roles)}",
                 details={"required_roles": list(roles), "action": action},

@@ -1,4 +1,4 @@
-"""Usage metered per team, serving name and UTC day; quotas are checked against it."""
+"""The usage counters: requests and tokens per team, serving name and UTC day."""
 
 from __future__ import annotations
 

@@ -1,0 +1,83 @@
+"""build_runtime(settings): the one place where a Charter process's parts are made.
+
+The composition root: it alone knows every part's maker. The app factory, `charter
+worker` and `charter beat`, the CLI's commands, the demo and the tests call it once and
+hand the Runtime on (charter.runtime).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from charter.audit.writer import Entry, GroupWriter, make_writer
+from charter.batches.slots import Slots, make_slots
+from charter.db import Database
+from charter.dispatch.balance import Outstanding
+from charter.identity.authn import Authenticator
+from charter.nodes.client import NodePool
+from charter.nodes.service import url_policy
+from charter.policy.service import build_policies
+from charter.readcache import ReadCache
+from charter.runtime import Runtime
+from charter.settings import Settings
+from charter.tasks import TaskQueue
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Every part, from the settings; a part that cannot be made (a broken policy, a bad
+    OPA URL, SSO settings without an issuer) fails here, at start-up."""
+    database = Database.from_settings(settings)
+    made: list[object] = [database]
+    try:
+        policies = build_policies(settings)
+        authenticator = Authenticator(settings)
+        tasks = TaskQueue(settings)
+        made.append(tasks)
+    except BaseException:
+        for part in reversed(made):
+            _close(part)
+        raise
+    metrics = _registry()
+    dropped = Counter("charter_audit_events_dropped_total",
+                      "Deferred audit entries (dispatch outcomes) given up on, by reason: an "
+                      "alarm, never expected", ["reason"], registry=metrics)
+
+    def writer(rt: Runtime) -> GroupWriter:
+        def on_drop(_entry: Entry, reason: str) -> None:
+            dropped.labels(reason).inc()
+
+        return make_writer(rt.database, linger_s=settings.audit_outcome_linger_s,
+                           on_drop=on_drop)
+
+    def slots(rt: Runtime) -> Slots:
+        return make_slots(rt.database)
+
+    runtime = Runtime(
+        settings, database=database, policies=policies, tasks=tasks, readcache=ReadCache(),
+        node_pool=NodePool(connect_timeout=settings.node_connect_timeout_s,
+                           read_timeout=settings.node_read_timeout_s),
+        node_urls=url_policy(settings), outstanding=Outstanding(),
+        authenticator=authenticator, metrics=metrics, make_writer=writer, make_slots=slots)
+    tasks.attach(runtime)
+    return runtime
+
+
+def _registry() -> CollectorRegistry:
+    """The Runtime's metrics: its own registry, with the process's standard collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def _close(part: object) -> None:
+    close = getattr(part, "close", None) or getattr(part, "dispose", None)
+    if close is not None:
+        close()

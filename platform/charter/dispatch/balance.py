@@ -1,0 +1,60 @@
+"""Where an admitted request goes: requests in flight per node, and the order of regions
+and nodes to try. Pure rules over plain values, beside the counter a Runtime keeps."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+
+class Placed(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def region(self) -> str: ...
+
+
+N = TypeVar("N", bound=Placed)
+
+
+class Outstanding:
+    """Requests in flight per node in this process: routing prefers the least busy node."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def get(self, node_id: str) -> int:
+        return self._counts[node_id]
+
+    def acquire(self, node_id: str) -> None:
+        with self._lock:
+            self._counts[node_id] += 1
+
+    def release(self, node_id: str) -> None:
+        with self._lock:
+            self._counts[node_id] = max(0, self._counts[node_id] - 1)
+
+
+def regions_in_order(nodes: Sequence[N], busy: Callable[[str], int]) -> list[tuple[str, list[N]]]:
+    """The candidates' regions, least busy first (by their least busy node), each with its
+    nodes least busy first. Ties keep the order the nodes came in."""
+    regions: dict[str, list[N]] = defaultdict(list)
+    for n in nodes:
+        regions[n.region].append(n)
+    order = sorted(regions, key=lambda r: min(busy(n.id) for n in regions[r]))
+    return [(r, sorted(regions[r], key=lambda n: busy(n.id))) for r in order]
+
+
+# Violations that only rule out the node's region: another region may still be allowed.
+REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
+                      "node_not_attested"})
+
+
+def only_regional(violation_codes: Sequence[str]) -> bool:
+    """Whether a denial names only violations of the node's region (so another region
+    may still be tried): the dispatch policy marks them, see policies/charter/dispatch."""
+    return set(violation_codes) <= REGIONAL

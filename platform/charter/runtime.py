@@ -1,0 +1,107 @@
+"""Runtime: the parts of one Charter process, built once from Settings.
+
+`charter.boot.build_runtime(settings)` makes one: the database, the policy engine and its
+verdict cache, the task queue, the node pool and URL policy, the read cache, the
+authenticator, the metrics registry, and (on first use) the audit writer and the batch
+slots. The app factory, the Celery worker, the CLI and the tests take a Runtime; an entry
+point binds it (charter.scope) while it works. Nothing else in Charter keeps mutable state
+at module level, so two runtimes in one process never meet.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from charter.settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from charter.audit.writer import GroupWriter
+    from charter.batches.slots import Slots
+    from charter.db import Database
+    from charter.dispatch.balance import Outstanding
+    from charter.identity.authn import Authenticator
+    from charter.nodes.client import NodePool
+    from charter.nodes.ssrf import NodeUrlPolicy
+    from charter.policy.service import Policies
+    from charter.readcache import ReadCache
+    from charter.tasks import TaskQueue
+
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, database: Database, policies: Policies,
+                 tasks: TaskQueue, readcache: ReadCache, node_pool: NodePool,
+                 node_urls: NodeUrlPolicy, outstanding: Outstanding,
+                 authenticator: Authenticator, metrics: CollectorRegistry,
+                 make_writer: Callable[[Runtime], GroupWriter],
+                 make_slots: Callable[[Runtime], Slots]) -> None:
+        self.settings = settings
+        self.database = database
+        self.policies = policies
+        self.tasks = tasks
+        self.readcache = readcache
+        self.node_pool = node_pool
+        self.node_urls = node_urls
+        self.outstanding = outstanding
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self._make_writer = make_writer
+        self._make_slots = make_slots
+        self._lazy: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _part(self, name: str, make: Callable[[Runtime], T]) -> T:
+        found = self._lazy.get(name)
+        if found is None:
+            with self._lock:
+                found = self._lazy.get(name)
+                if found is None:
+                    if self._closed:
+                        raise RuntimeError("this Charter runtime is closed")
+                    found = self._lazy[name] = make(self)
+        return found  # type: ignore[no-any-return]
+
+    @property
+    def writer(self) -> GroupWriter:
+        """The gateway's group-commit audit writer, made on first use."""
+        return self._part("writer", self._make_writer)
+
+    @property
+    def slots(self) -> Slots:
+        """Batch slots and named locks (PostgreSQL advisory locks, or in-process)."""
+        return self._part("slots", self._make_slots)
+
+    def flush(self) -> None:
+        """Write the audit events still queued (gunicorn's worker_exit, a clean stop)."""
+        writer = self._lazy.get("writer")
+        if writer is not None:
+            writer.flush()
+
+    def close(self) -> None:
+        """Write what is queued, then let go of every connection, pool and thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            parts, self._lazy = self._lazy, {}
+        writer = parts.get("writer")
+        if writer is not None:
+            writer.close()  # writes what is still queued
+        slots = parts.get("slots")
+        if slots is not None:
+            slots.close()
+        self.tasks.close()
+        self.node_pool.close()
+        self.database.dispose()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
