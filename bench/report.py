@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                     ["--rounds", "1", "--requests", "50", "--duration", "1", "--streams", "100",
                      "--profile-requests", "20"]),
     "batch": ("batch.py", [], ["--lines", "300", "--rounds", "1"]),
+    "serving": ("serving.py", [], ["--rounds", "1", "--requests", "100"]),
 }
 
 
