@@ -132,7 +132,7 @@ def test_a_slow_request_does_not_block_another_connection(server: int,
                                                           tmp_path: Path) -> None:
     """While one connection's request is held in the app, another connection is served:
     the fast answer arrives while the slow request is still held (no clock involved; the
-    latency itself is measured in bench/gateway.py)."""
+    latency itself is measured in bench/serving.py)."""
     slow = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
     fast = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
     _get(slow)
