@@ -22,6 +22,8 @@ demo: setup-demo
 test: setup-dev
 	bash scripts/services-up
 	$(BIN)/ruff check platform tests $(wildcard bench)
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 bench: setup-dev
@@ -30,6 +32,8 @@ bench: setup-dev
 
 lint: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 docs: setup-dev
 	$(BIN)/charter config docs > docs/configuration.md

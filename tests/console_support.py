@@ -11,10 +11,10 @@ from typing import Any
 from flask import Flask
 from flask.testing import FlaskClient
 
-from charter.console.sessions import digest
 from charter.console.views import SESSION_COOKIE
 from charter.db import utcnow
 from charter.identity.models import ConsoleSession
+from charter.identity.sessions import digest
 from charter.uow import unit_of_work
 
 BASE = "https://localhost"

@@ -27,7 +27,7 @@ down_revision = '0009'
 branch_labels = None
 depends_on = None
 
-CHAIN_LOCK_KEY = 0x43484152544552  # charter.audit.service.CHAIN_LOCK_KEY, a frozen copy (a test
+CHAIN_LOCK_KEY = 0x43484152544552  # charter.audit.journal.CHAIN_LOCK_KEY, a frozen copy (a test
 #                                  checks that the function waits on the service's lock)
 
 PG_UP = f"""

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -95,7 +95,7 @@ class ApiBlueprint(Blueprint):
 
 
 def current_actor() -> Actor:
-    actor = getattr(g, "actor", None)
+    actor: Actor | None = getattr(g, "actor", None)
     if actor is None:
         raise UnauthenticatedError(
             "authentication required: send `Authorization: Bearer <API key>`",
@@ -227,7 +227,8 @@ def openapi_document(blueprints: Iterable[ApiBlueprint], title: str,
     schemas["Error"] = ERROR_SCHEMA
 
     def ref(m: type[BaseModel]) -> dict[str, Any]:
-        mode = "validation" if is_input(m) else "serialization"
+        mode: Literal["validation", "serialization"] = (
+            "validation" if is_input(m) else "serialization")
         return key_map[(m, mode)]
 
     paths: dict[str, dict[str, Any]] = {}
@@ -294,7 +295,8 @@ def _inner(response: Any) -> type[BaseModel] | None:
     if response is None:
         return None
     args = getattr(response, "__args__", None)
-    return args[0] if args else response
+    found: type[BaseModel] = args[0] if args else response
+    return found
 
 
 def _openapi_path(rule: str) -> tuple[str, list[dict[str, Any]]]:

@@ -45,7 +45,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.js
 
 class _ConsoleSessions(SecureCookieSessionInterface):
     """Flask's signed-cookie session, for the console's pages only (their flashed notices;
-    sign-in lives in console.sessions, server-side). The API and the gateway are stateless:
+    sign-in lives in identity.sessions, server-side). The API and the gateway are stateless:
     their requests open no session (a signer and a cookie parse on every gateway request)."""
 
     def open_session(self, app: Flask, request: Any) -> Any:

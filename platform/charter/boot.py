@@ -15,6 +15,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from charter.audit.journal import JOURNAL
 from charter.audit.writer import Entry, GroupWriter, make_writer
 from charter.batches.slots import Slots, make_slots
 from charter.db import Database
@@ -63,7 +64,8 @@ def build_runtime(settings: Settings) -> Runtime:
         node_pool=NodePool(connect_timeout=settings.node_connect_timeout_s,
                            read_timeout=settings.node_read_timeout_s),
         node_urls=url_policy(settings), outstanding=Outstanding(),
-        authenticator=authenticator, metrics=metrics, make_writer=writer, make_slots=slots)
+        authenticator=authenticator, metrics=metrics, journal=JOURNAL, make_writer=writer,
+        make_slots=slots)
     tasks.attach(runtime)
     return runtime
 

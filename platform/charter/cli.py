@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
+from datetime import UTC
 from pathlib import Path
 
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from charter import migrate
+from charter.audit.bundle import Selection
+from charter.audit.checkpoint import Signer
+from charter.audit.checkpoints import generate_key, issue, load_signers
+from charter.audit.service import export_bundle, verify_chain
 from charter.clikit import (
     CharterGroup,
     actor_named,
@@ -16,7 +24,14 @@ from charter.clikit import (
     console,
     settings_from_env,
 )
+from charter.db import Database
+from charter.devnode.server import create_node_app, serve_node
 from charter.errors import ConfigurationError
+from charter.identity.service import bootstrap_admin
+from charter.migrate import schema_status
+from charter.policy.bundle import PolicyBundle, default_policy_dir
+from charter.policy.testing import run_rego_tests
+from charter.registry.importer import ImportOptions, import_directory
 from charter.runtime import Runtime
 from charter.settings import settings_markdown
 
@@ -36,8 +51,6 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Migrate the database up to REVISION."""
-    from charter import migrate
-
     settings = settings_from_env()
     migrate.upgrade(settings.database_url, revision)
     console.print(f"database at {revision}")
@@ -47,8 +60,6 @@ def db_upgrade(revision: str) -> None:
 @click.argument("revision")
 def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (`base` removes everything)."""
-    from charter import migrate
-
     settings = settings_from_env()
     migrate.downgrade(settings.database_url, revision)
     console.print(f"database at {revision}")
@@ -57,9 +68,6 @@ def db_downgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of the database and the one this code expects."""
-    from charter.db import Database
-    from charter.migrate import schema_status
-
     database = Database.from_settings(settings_from_env())
     try:
         status = schema_status(database.engine)
@@ -82,8 +90,6 @@ def users() -> None:
 @click.argument("username")
 def users_bootstrap(username: str) -> None:
     """Create the first admin and print its API key (shown once)."""
-    from charter.identity.service import bootstrap_admin
-
     command_runtime()
     issued = bootstrap_admin(username)
     click.echo(issued.token)
@@ -113,8 +119,6 @@ def models() -> None:
               help="Region allowed to host the model (repeatable).")
 def models_import(directory: Path, as_user: str, **options: object) -> None:
     """Describe DIRECTORY offline (config, card, digests) and create a draft version."""
-    from charter.registry.importer import ImportOptions, import_directory
-
     command_runtime()
     actor = actor_named(as_user)
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
@@ -144,8 +148,6 @@ def audit() -> None:
 @audit.command("verify")
 def audit_verify() -> None:
     """Walk the hash chain; print the count and head hash, or the first bad event and why."""
-    from charter.audit.service import verify_chain
-
     command_runtime()
     verdict = verify_chain()
     if verdict.ok:
@@ -160,9 +162,6 @@ def audit_verify() -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def audit_keygen(path: Path) -> None:
     """Make an Ed25519 signing key for checkpoints and exports (PKCS#8 PEM, mode 0600)."""
-    from charter.audit.checkpoint import Signer
-    from charter.audit.checkpoints import generate_key, load_signers
-
     try:
         generate_key(path)
     except FileExistsError:
@@ -176,8 +175,6 @@ def audit_keygen(path: Path) -> None:
 @audit.command("checkpoint")
 def audit_checkpoint() -> None:
     """Sign a checkpoint of the log now."""
-    from charter.audit.checkpoints import issue
-
     settings = command_runtime().settings
     row = issue(settings, force=True)
     if row is None:
@@ -201,10 +198,7 @@ def audit_export(out: Path, since: object, until: object, actor: str | None,
                  action: str | None, target_type: str | None, target_id: str | None,
                  team: str | None, store: bool) -> None:
     """Export selected events with their proofs as a bundle charter-verify checks offline."""
-    from datetime import UTC
 
-    from charter.audit.bundle import Selection
-    from charter.audit.service import export_bundle
 
     settings = command_runtime().settings
     selection = Selection(
@@ -231,9 +225,6 @@ def policy() -> None:
               help="Policy directory (default: the bundled policies/).")
 def policy_test(policy_dir: Path | None) -> None:
     """Run the `*_test.rego` tests with the in-process engine and print line coverage."""
-    from charter.policy.bundle import PolicyBundle, default_policy_dir
-    from charter.policy.testing import run_rego_tests
-
     bundle = PolicyBundle.load(policy_dir or default_policy_dir())
     report = run_rego_tests(bundle)
     for r in report.results:
@@ -251,9 +242,7 @@ def policy_test(policy_dir: Path | None) -> None:
 @policy.command("show")
 def policy_show() -> None:
     """Print the policy revision, files and data that Charter would load."""
-    import json
 
-    from charter.policy.bundle import PolicyBundle, default_policy_dir
 
     settings = settings_from_env()
     bundle = PolicyBundle.load(Path(settings.policy_dir) if settings.policy_dir
@@ -285,11 +274,15 @@ def config_docs() -> None:
               help="Threads per worker: each open stream holds one.")
 def serve(bind: str, workers: int, threads: int) -> None:
     """Run the API and gateway under gunicorn (gthread workers: long streams stay open)."""
+    # A program of its own: the app and the server are imported here, not by every
+    # `charter ...` command (importing the app costs ~2 s of start-up).
     from gunicorn.app.base import BaseApplication
 
     from charter.app import create_app
     from charter.boot import build_runtime
     from charter.serving import check_address_free
+
+
 
     settings = settings_from_env()
     settings.require_secret()
@@ -347,8 +340,6 @@ def worker(concurrency: int, loglevel: str) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def beat(schedule_file: str, loglevel: str) -> None:
     """Run Celery beat: sends the periodic tasks (run exactly one per installation)."""
-    import tempfile
-
     runtime = _celery_runtime()
     path = schedule_file or os.path.join(tempfile.gettempdir(), "charter-beat-schedule")
     runtime.tasks.celery.start(["beat", "--schedule", path, "--loglevel", loglevel])
@@ -371,7 +362,7 @@ def _flush_on_exit(_server: object, worker: object) -> None:
 @click.option("--no-serve", is_flag=True, help="Set up and seed, then exit.")
 def demo(host: str, port: int, data_dir: Path, no_serve: bool) -> None:
     """Embedded demo: SQLite, seeded registry, a tiny local model, API on HOST:PORT."""
-    from charter.demo import run_demo
+    from charter.demo import run_demo  # a program of its own, like `serve`
 
     run_demo(host=host, port=port, data_dir=data_dir, serve=not no_serve, console=console)
 
@@ -394,15 +385,13 @@ def node() -> None:
 def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str | None,
                revision: str | None) -> None:
     """Serve the model in MODEL on HOST:PORT with TGI's and OpenAI's HTTP protocols."""
-    from charter.devnode.server import create_node_app, serve_node
-
     app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision)
     console.print(f"dev node {app.config['NODE_MODEL_ID']} @ {app.config['NODE_MODEL_SHA'][:12]} "
                   f"({region}) on http://{host}:{port}")
     serve_node(app, host, port)
 
 
-from charter.exports.cli import exports  # noqa: E402 - its commands need main's group only
+from charter.cli_exports import exports  # noqa: E402 - its commands need main's group only
 
 main.add_command(exports)
 

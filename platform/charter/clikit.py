@@ -4,28 +4,26 @@ name, and errors printed plainly (exit 2) instead of tracebacks."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from rich.console import Console
-from sqlalchemy import select
 
 from charter import scope
 from charter.actor import Actor
 from charter.boot import build_runtime
 from charter.errors import CharterError, SchemaOutdatedError
-from charter.identity.models import User
-from charter.identity.service import actor_of
+from charter.identity import service as identity
 from charter.logs import configure_logging
 from charter.migrate import schema_status
 from charter.runtime import Runtime
 from charter.settings import Settings
-from charter.uow import unit_of_work
 
 console = Console(stderr=True)
 
 
-def settings_from_env(**overrides: object) -> Settings:
-    return Settings.from_env(**overrides)
+def settings_from_env(**overrides: Any) -> Settings:
+    return Settings.from_env(None, **overrides)
 
 
 def fail(exc: CharterError) -> None:
@@ -61,8 +59,4 @@ def command_runtime(settings: Settings | None = None) -> Runtime:
 
 def actor_named(username: str) -> Actor:
     """The active user `username`, as the actor a command acts as."""
-    with unit_of_work() as session:
-        user = session.scalar(select(User).where(User.username == username))
-        if user is None or not user.active:
-            raise CharterError(f"no active user {username!r}", code="user_not_found")
-        return actor_of(user)
+    return identity.active_user_named(username)

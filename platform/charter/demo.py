@@ -13,7 +13,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 from werkzeug.serving import run_simple
 
 from charter import migrate, scope
@@ -22,9 +21,11 @@ from charter.app import create_app
 from charter.audit.checkpoints import generate_key
 from charter.boot import build_runtime
 from charter.db import utcnow
-from charter.identity.models import User
+from charter.errors import NotFoundError
+from charter.identity import service as identity
 from charter.identity.service import actor_of, create_api_key, create_user
 from charter.identity.teams import create_service_account, create_team
+from charter.nodes import service as nodes
 from charter.registry import service as registry
 from charter.registry.importer import ImportOptions, content_revision, import_directory
 from charter.registry.schemas import (
@@ -36,7 +37,6 @@ from charter.registry.schemas import (
 )
 from charter.runtime import Runtime
 from charter.settings import Settings
-from charter.uow import unit_of_work
 
 DEMO_USERS = [
     ("admin", "Demo Admin", "user", ["admin"]),
@@ -108,7 +108,8 @@ SEED_MODELS: list[dict[str, Any]] = [
         "state": "submitted",
     },
 ]
-REGIONS = {"storage_region": "eu-central", "hosting_regions": ["eu-central", "eu-west"]}
+REGIONS: dict[str, Any] = {"storage_region": "eu-central",
+                           "hosting_regions": ["eu-central", "eu-west"]}
 
 
 def _conditions() -> ApprovalConditions:
@@ -137,8 +138,11 @@ def _advance(version_id: str, state: str, steward: Actor, approver: Actor,
 def seed(data_dir: Path, console: Console) -> dict[str, str]:
     """Create the demo users, keys and models once; returns username -> API key."""
     keys_file = data_dir / "demo-keys.json"
-    with unit_of_work() as session:
-        seeded = session.scalar(select(User.id).where(User.username == "admin"))
+    try:
+        identity.user_id_by_name("admin")
+        seeded = True
+    except NotFoundError:
+        seeded = False
     if seeded:
         return json.loads(keys_file.read_text()) if keys_file.exists() else {}
 
@@ -202,8 +206,6 @@ DEMO_NODES = (("node-central", "eu-central", 1), ("node-west", "eu-west", 2))
 def start_nodes(data_dir: Path, settings: Settings, port: int,
                 console: Console) -> list[subprocess.Popen[bytes]]:
     """Two dev nodes in two regions serving the tiny model, registered, attested, deployed."""
-    from charter.nodes import service as nodes
-
     tiny_dir = data_dir / "models" / TINY
     revision = content_revision(tiny_dir)
     procs = []
@@ -233,10 +235,7 @@ def start_nodes(data_dir: Path, settings: Settings, port: int,
 
 
 def _demo_actor(username: str) -> Actor:
-    with unit_of_work() as session:
-        user = session.scalar(select(User).where(User.username == username))
-        assert user is not None
-        return actor_of(user)
+    return identity.active_user_named(username)
 
 
 def _wait_health(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -11,7 +13,8 @@ from charter.scope import request_id as current_request_id
 from charter.settings import Settings
 
 
-def _add_request_id(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+def _add_request_id(_logger: object, _name: str,
+                    event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     rid = current_request_id()
     if rid is not None:
         event.setdefault("request_id", rid)

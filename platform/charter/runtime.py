@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from sqlalchemy.orm import Session
 
 from charter.settings import Settings
 
@@ -33,11 +35,21 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class Journal(Protocol):
+    """The audit log's write side, as core's unit of work uses it (charter.uow): made by
+    the audit domain (charter.audit.journal.JOURNAL) and handed over by charter.boot."""
+
+    def event(self, *, actor: str, action: str, target_type: str, target_id: str,
+              outcome: str = "success", details: dict[str, Any] | None = None) -> Any: ...
+
+    def append(self, session: Session, event: Any) -> tuple[int, str]: ...
+
+
 class Runtime:
     def __init__(self, settings: Settings, *, database: Database, policies: Policies,
                  tasks: TaskQueue, readcache: ReadCache, node_pool: NodePool,
                  node_urls: NodeUrlPolicy, outstanding: Outstanding,
-                 authenticator: Authenticator, metrics: CollectorRegistry,
+                 authenticator: Authenticator, metrics: CollectorRegistry, journal: Journal,
                  make_writer: Callable[[Runtime], GroupWriter],
                  make_slots: Callable[[Runtime], Slots]) -> None:
         self.settings = settings
@@ -50,6 +62,7 @@ class Runtime:
         self.outstanding = outstanding
         self.authenticator = authenticator
         self.metrics = metrics
+        self.journal = journal
         self._make_writer = make_writer
         self._make_slots = make_slots
         self._lazy: dict[str, Any] = {}
@@ -65,7 +78,7 @@ class Runtime:
                     if self._closed:
                         raise RuntimeError("this Charter runtime is closed")
                     found = self._lazy[name] = make(self)
-        return found  # type: ignore[no-any-return]
+        return found
 
     @property
     def writer(self) -> GroupWriter:

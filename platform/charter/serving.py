@@ -30,7 +30,7 @@ LINGER_S = 0.25  # how long a thread waits for a kept-alive connection's next re
 LINGER_SHARE = 0.75  # the most of the pool that may wait so
 
 
-class KeepAliveThreadWorker(ThreadWorker):
+class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is untyped
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lingering = 0

@@ -18,16 +18,13 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import structlog
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from charter import scope
-from charter.audit import journal
-from charter.audit.journal import Event, UnstorableEventError
 from charter.errors import (
     CharterError,
     ConflictError,
@@ -36,7 +33,9 @@ from charter.errors import (
     ValidationFailedError,
 )
 
-log = structlog.get_logger("charter.uow")
+if TYPE_CHECKING:
+    from charter.audit.journal import Event
+
 _session_var: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
     "charter_session", default=None)
 _DECISIONS = "charter.decisions"  # session.info key: decision events to keep on rollback
@@ -113,17 +112,15 @@ def in_unit_of_work() -> bool:
 def record(session: Session, *, actor: str, action: str, target_type: str, target_id: str,
            outcome: str = "success", details: dict[str, Any] | None = None) -> tuple[int, str]:
     """Door one: write an audit event in the caller's unit of work; returns (seq, hash)."""
-    try:
-        event = Event.of(actor=actor, action=action, target_type=target_type,
-                         target_id=target_id, outcome=outcome, details=details)
-    except UnstorableEventError as exc:
-        raise _out_of_range(str(exc)) from None
-    return journal.append(session, event)
+    journal = scope.current().journal
+    return journal.append(session, journal.event(
+        actor=actor, action=action, target_type=target_type, target_id=target_id,
+        outcome=outcome, details=details))
 
 
 def record_event(session: Session, event: Event) -> tuple[int, str]:
     """Door one, for an event already made (e.g. by charter.policy.service.evaluate)."""
-    return journal.append(session, event)
+    return scope.current().journal.append(session, event)
 
 
 def record_decision(session: Session, event: Event) -> tuple[int, str]:
@@ -132,7 +129,7 @@ def record_decision(session: Session, event: Event) -> tuple[int, str]:
     found = session.info.get(_DECISIONS)
     if found is not None:
         found.append(event)
-    return journal.append(session, event)
+    return scope.current().journal.append(session, event)
 
 
 def refuse(exc: CharterError) -> NoReturn:
@@ -147,13 +144,14 @@ def _record_after_rollback(exc: CharterError | None, decisions: list[Event]) -> 
     """Door two: the refusal, after the decisions that led to it and the events the error
     carries (`exc.events`), in a fresh transaction. If that cannot be written, the
     failure (database_unavailable) is raised instead: never an unrecorded refusal."""
+    journal = scope.current().journal
     events = list(decisions)
     if exc is not None:
         events.extend(exc.events)
         exc.events = ()
         refusal, exc.audit = exc.audit, None  # written once, even if re-raised again
         if refusal is not None:
-            events.append(Event.of(
+            events.append(journal.event(
                 actor=refusal.actor, action=refusal.action, target_type=refusal.target_type,
                 target_id=refusal.target_id, outcome="denied",
                 details={"code": exc.code, "message": exc.message, **exc.details}))

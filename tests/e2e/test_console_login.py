@@ -33,10 +33,10 @@ from werkzeug.test import TestResponse
 
 from charter.audit.service import EventFilter, list_events
 from charter.console.oidc import LOGIN_COOKIE, LoginState, LoginStateCodec
-from charter.console.sessions import digest
 from charter.db import utcnow
 from charter.identity.models import ConsoleSession, Team, TeamMember, User
 from charter.identity.service import set_roles
+from charter.identity.sessions import digest
 from charter.settings import Settings
 from charter.uow import unit_of_work
 

@@ -211,7 +211,7 @@ def test_the_exports_commands(database_url, people, inventory, monkeypatch, tmp_
     import structlog
     from click.testing import CliRunner
 
-    from charter.exports.cli import exports
+    from charter.cli_exports import exports
 
     for key in list(os.environ):
         if key.startswith("CHARTER_"):

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from flask import send_file
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.audit import checkpoints, service
@@ -70,9 +71,8 @@ class VerifyOut(BaseModel):
               query=EventQuery, response=EventPage, errors=(403,))
 def list_events(actor: Actor, query: EventQuery) -> object:
     actor.require(*READERS, action="audit.read", target_type="audit", target_id="events")
-    from flask import current_app
 
-    cap = current_app.extensions["charter.settings"].audit_page_limit
+    cap = scope.current().settings.audit_page_limit
     limit = min(query.limit, cap)
     events = service.list_events(service.EventFilter(
         actor=query.actor, action=query.action, target_type=query.target_type,
@@ -179,9 +179,7 @@ def _required(**values: int | None) -> None:
 
 
 def _settings() -> Settings:
-    from flask import current_app
-
-    return current_app.extensions["charter.settings"]
+    return scope.current().settings
 
 
 @bp.operation("GET", "/audit/keys", summary="The log's verifier keys (public)",

@@ -26,7 +26,7 @@ from charter.audit.checkpoint import sign_note
 from charter.audit.models import AuditCheckpoint, AuditEvent
 from charter.audit.tree import Tree
 from charter.audit.verify import FORMAT, MANIFEST_NOTE
-from charter.db import utcnow
+from charter.db import table_of, utcnow
 from charter.errors import CharterError
 from charter.settings import Settings
 
@@ -83,7 +83,7 @@ class ExportResult:
 
 
 def _where(sel: Selection, size: int) -> list[Any]:
-    t = AuditEvent.__table__
+    t = table_of(AuditEvent)
     clauses: list[Any] = [t.c.seq <= size]
     if sel.first_seq is not None:
         clauses.append(t.c.seq >= sel.first_seq)
@@ -106,7 +106,7 @@ def _lines(conn: Connection, sel: Selection, size: int
            ) -> Iterator[tuple[int, bytes, bytes]]:
     """(seq, canonical bytes, event hash) of the selected events, each checked against the
     hash stored with it: an export of an altered log is refused, not signed."""
-    t = AuditEvent.__table__
+    t = table_of(AuditEvent)
     cols = [t.c.seq, t.c.ts, t.c.actor, t.c.action, t.c.target_type, t.c.target_id,
             t.c.outcome, t.c.details, t.c.request_id, t.c.prev_hash, t.c.hash]
     result = conn.execution_options(stream_results=True, yield_per=5000).execute(
@@ -138,7 +138,7 @@ def _runs(seqs: list[int]) -> list[list[int]]:
 def _covering(conn: Connection, first: int, last: int) -> list[AuditCheckpoint]:
     """The first checkpoint of each size from the one covering `first` to the one covering
     `last`."""
-    t = AuditCheckpoint.__table__
+    t = table_of(AuditCheckpoint)
     top = conn.execute(select(func.min(t.c.size)).where(t.c.size >= last)).scalar()
     ids = select(func.min(t.c.id)).where(t.c.size >= first, t.c.size <= top).group_by(t.c.size)
     rows = conn.execute(select(t).where(t.c.id.in_(ids)).order_by(t.c.size)).all()

@@ -58,7 +58,7 @@ def _plain(value: Any) -> bool:
                 return False
         return True
     if t is int:
-        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+        return bool(-_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
     if t is float:
         return 1e-4 <= abs(value) < 1e16 and not value.is_integer()
     return False
@@ -207,7 +207,7 @@ def verify_rows(
                 False, count, prev_hash, expected_seq, "missing",
                 f"event {expected_seq} is missing (next event found is {row.seq})",
             )
-        self_consistent = type(row) is Tombstone or event_hash(row.body()) == row.hash
+        self_consistent = isinstance(row, Tombstone) or event_hash(row.body()) == row.hash
         if row.prev_hash != prev_hash:
             holder = seq_of_hash(row.prev_hash) if seq_of_hash else None
             if holder is not None and holder != row.seq - 1:

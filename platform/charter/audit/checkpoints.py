@@ -28,7 +28,7 @@ from charter.audit.checkpoint import Checkpoint, Signer, sign
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey, AuditPurged
 from charter.audit.tree import Tree
 from charter.audit.verify import ProofError, verify_consistency
-from charter.db import utcnow
+from charter.db import table_of, utcnow
 from charter.errors import (
     CharterError,
     ConfigurationError,
@@ -115,13 +115,13 @@ def published_keys(settings: Settings) -> list[PublishedKey]:
 
 def hash_at(conn: Connection, seq: int) -> str | None:
     """The hash of event `seq`, from the event or from its tombstone."""
-    t, p = AuditEvent.__table__, AuditPurged.__table__
+    t, p = table_of(AuditEvent), table_of(AuditPurged)
     return (conn.execute(select(t.c.hash).where(t.c.seq == seq)).scalar()
             or conn.execute(select(p.c.hash).where(p.c.seq == seq)).scalar())
 
 
 def _head(conn: Connection) -> int:
-    t = AuditEvent.__table__
+    t = table_of(AuditEvent)
     return conn.execute(select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
 
 
@@ -136,7 +136,7 @@ def _due(settings: Settings, last: AuditCheckpoint | None, size: int, now: datet
 
 
 def _chain_rows(conn: Connection, after: int, upto: int) -> Iterator[ChainRow]:
-    t = AuditEvent.__table__
+    t = table_of(AuditEvent)
     cols = [t.c[name] for name in ChainRow.__slots__]
     for row in conn.execute(select(*cols).where(t.c.seq > after, t.c.seq <= upto)
                             .order_by(t.c.seq)):

@@ -1,8 +1,9 @@
 """The audit log's write side: the Event value, and appending it to the hash chain.
 
 Nothing here opens a transaction: `append(session, event)` writes into the caller's.
-Services reach it through charter.uow (`record`, and refusals after a rollback); the
-gateway's group writer (charter.audit.writer) chains batches of Events itself.
+Services reach it through charter.uow (`record`, and refusals after a rollback), which
+finds it on the Runtime (`JOURNAL`, handed over by charter.boot: core imports no domain);
+the gateway's group writer (charter.audit.writer) chains batches of Events itself.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from sqlalchemy.orm import Session
 from charter import scope
 from charter.audit.chain import GENESIS_HASH, canonical_json, hash_parts, joined_hash
 from charter.audit.models import AuditEvent
-from charter.db import utcnow
+from charter.db import table_of, utcnow
+from charter.errors import ValidationFailedError
 
 OUTCOMES = ("success", "denied", "failure")
 # Any fixed 64-bit number; every audit writer serializes on it until its commit.
 CHAIN_LOCK_KEY = 0x43484152544552  # "CHARTER"
 
-COLUMN_LIMITS = {name: AuditEvent.__table__.c[name].type.length  # type: ignore[attr-defined]
+COLUMN_LIMITS = {name: table_of(AuditEvent).c[name].type.length  # type: ignore[attr-defined]
                  for name in ("actor", "action", "target_type", "target_id", "outcome",
                               "request_id")}
 
@@ -95,10 +97,34 @@ def append(session: Session, event: Event) -> tuple[int, str]:
     seq, prev_hash = lock_head(session)
     ts = utcnow()
     digest = joined_hash(event.parts, event.details_json, seq=seq, ts=ts, prev_hash=prev_hash)
-    session.execute(insert(AuditEvent.__table__), [{
+    session.execute(insert(table_of(AuditEvent)), [{
         "seq": seq, "ts": ts, "actor": event.actor, "action": event.action,
         "target_type": event.target_type, "target_id": event.target_id,
         "outcome": event.outcome, "details": event.details, "request_id": event.request_id,
         "prev_hash": prev_hash, "hash": digest,
     }])
     return seq, digest
+
+
+class Journal:
+    """What charter.uow writes through (charter.runtime.Journal): stateless."""
+
+    def event(self, *, actor: str, action: str, target_type: str, target_id: str,
+              outcome: str = "success", details: dict[str, Any] | None = None) -> Event:
+        """An event of the bound request; what the columns cannot hold is the caller's
+        input, refused as such (validation_failed, out_of_range)."""
+        try:
+            return Event.of(actor=actor, action=action, target_type=target_type,
+                            target_id=target_id, outcome=outcome, details=details)
+        except UnstorableEventError as exc:
+            raise ValidationFailedError(
+                "a value is out of range for what Charter stores",
+                details={"errors": [{"field": "body", "code": "out_of_range",
+                                     "message": str(exc)}]}) from None
+
+    def append(self, session: Session, event: Event) -> tuple[int, str]:
+        return append(session, event)
+
+
+JOURNAL = Journal()
+

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, func, insert, or_, select
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select
 
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditPurged
-from charter.db import utcnow
+from charter.db import table_of, utcnow
 from charter.settings import Settings
 from charter.uow import record, unit_of_work
 
@@ -31,8 +31,8 @@ class PurgeResult:
     checkpoint_size: int = 0
 
 
-def purgeable() -> object:
-    t = AuditEvent.__table__
+def purgeable() -> ColumnElement[bool]:
+    t = table_of(AuditEvent)
     return or_(t.c.action.like("dispatch.%"),
                and_(t.c.action == "policy.decide", t.c.target_type == "deployment"))
 
@@ -57,7 +57,7 @@ def purge(settings: Settings, *, now: datetime | None = None, batch: int = 5000,
 
 
 def _purge_batch(cutoff: datetime, batch: int) -> PurgeResult:
-    t = AuditEvent.__table__
+    t = table_of(AuditEvent)
     with unit_of_work() as session:
         conn = session.connection()
         signed = conn.execute(select(func.max(AuditCheckpoint.size))).scalar() or 0
@@ -70,7 +70,7 @@ def _purge_batch(cutoff: datetime, batch: int) -> PurgeResult:
         if not rows:
             return PurgeResult(0)
         now = utcnow()
-        conn.execute(insert(AuditPurged.__table__), [
+        conn.execute(insert(table_of(AuditPurged)), [
             {"seq": r.seq, "ts": r.ts, "action": r.action, "prev_hash": r.prev_hash,
              "hash": r.hash, "purged_at": now, "checkpoint_size": signed} for r in rows])
         seqs = [r.seq for r in rows]

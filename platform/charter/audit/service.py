@@ -22,6 +22,7 @@ from charter.audit.chain import (
     verify_rows,
 )
 from charter.audit.models import AuditEvent, AuditPurged
+from charter.db import table_of
 from charter.errors import CharterError, ValidationFailedError
 from charter.uow import record, refuse, unit_of_work
 
@@ -104,8 +105,8 @@ def verify_chain(batch: int = 5000) -> Verdict:
     their tombstones)."""
     database = scope.current().database
     with database.engine.connect() as conn:
-        table = AuditEvent.__table__
-        purged = AuditPurged.__table__
+        table = table_of(AuditEvent)
+        purged = table_of(AuditPurged)
         cols = [table.c[name] for name in ChainRow.__slots__]
 
         def rows() -> Iterator[ChainRow]:
@@ -129,7 +130,8 @@ def verify_chain(batch: int = 5000) -> Verdict:
         def seq_of_hash(h: str) -> int | None:
             return conn.execute(select(table.c.seq).where(table.c.hash == h)).scalar()
 
-        merged = heapq.merge(rows(), tombstones(), key=lambda r: r.seq)
+        merged: Iterator[ChainRow | Tombstone] = heapq.merge(
+            rows(), tombstones(), key=lambda r: r.seq)
         return verify_rows(merged, seq_of_hash=seq_of_hash)
 
 

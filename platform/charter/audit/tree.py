@@ -30,6 +30,7 @@ from charter.audit.verify import (
     split,
     walk_multiproof,
 )
+from charter.db import table_of
 
 TILE_LEVEL = 8
 TILE = 1 << TILE_LEVEL
@@ -53,7 +54,7 @@ class Tree:
 
     def _read_leaves(self, lo: int, hi: int) -> list[bytes]:
         """Leaf hashes of leaves [lo, hi) (events lo + 1 .. hi)."""
-        t, p = AuditEvent.__table__, AuditPurged.__table__
+        t, p = table_of(AuditEvent), table_of(AuditPurged)
         rows = self.conn.execute(union_all(
             select(t.c.seq, t.c.hash).where(t.c.seq > lo, t.c.seq <= hi),
             select(p.c.seq, p.c.hash).where(p.c.seq > lo, p.c.seq <= hi),
@@ -84,7 +85,7 @@ class Tree:
         """Whether the log holds every event of the tile (once true, true for good)."""
         need = (tile + 1) * TILE
         if self._head < need:
-            t = AuditEvent.__table__
+            t = table_of(AuditEvent)
             self._head = self.conn.execute(
                 select(t.c.seq).order_by(t.c.seq.desc()).limit(1)).scalar() or 0
         return self._head >= need
@@ -92,7 +93,7 @@ class Tree:
     def _stored_node(self, level: int, idx: int) -> bytes | None:
         key = (level, idx)
         if key not in self._stored:
-            t = AuditTreeNode.__table__
+            t = table_of(AuditTreeNode)
             found = self.conn.execute(select(t.c.hash).where(
                 t.c.level == level, t.c.idx == idx)).scalar()
             if found is None:
@@ -102,7 +103,7 @@ class Tree:
 
     def stored_leaves(self) -> int:
         """How many leaves the stored tiles cover (always a prefix)."""
-        t = AuditTreeNode.__table__
+        t = table_of(AuditTreeNode)
         top = self.conn.execute(select(t.c.idx).where(t.c.level == TILE_LEVEL)
                                 .order_by(t.c.idx.desc()).limit(1)).scalar()
         return 0 if top is None else (top + 1) * TILE
@@ -131,7 +132,7 @@ class Tree:
                     self._stored[(level, idx)] = h
             tile = last
         if added:
-            table = AuditTreeNode.__table__
+            table = table_of(AuditTreeNode)
             dialect = self.conn.dialect.name
             stmt = (postgresql.insert(table) if dialect == "postgresql"
                     else sqlite.insert(table)).on_conflict_do_nothing()
@@ -178,7 +179,7 @@ class Tree:
         wanted = [c for c in dict.fromkeys(wanted) if c not in self._stored]
         if not wanted:
             return
-        t = AuditTreeNode.__table__
+        t = table_of(AuditTreeNode)
         rows = self.conn.execute(select(t.c.level, t.c.idx, t.c.hash).where(
             tuple_(t.c.level, t.c.idx).in_(wanted))).all()
         for level, idx, h in rows:

@@ -7,7 +7,7 @@ process that arrive while a commit is in flight wait for the next one together: 
 to find the writer idle writes everything queued (leader/follower, no hand-off at c=1).
 
 One transaction does, under the chain lock:
-- read the change generation (charter.snapshot) and refuse, as `stale`, any entry whose
+- read the change generation (charter.readcache) and refuse, as `stale`, any entry whose
   content was decided on an older one: the caller reloads and decides again, so a decision
   is always valid as of its place in the chain;
 - count the day's requests of the teams with a quota and refuse, as `over_quota`, an entry
@@ -46,7 +46,7 @@ from sqlalchemy import insert
 from charter.audit.chain import joined_hash
 from charter.audit.journal import Event, lock_head
 from charter.audit.models import AuditEvent
-from charter.db import utcnow
+from charter.db import table_of, utcnow
 from charter.errors import CharterError, DatabaseUnavailableError
 from charter.metering import quota as quotas
 from charter.metering.service import UsageDelta, add_sqlite, requests_on
@@ -187,7 +187,7 @@ class _SessionBackend(_Backend):
         used = requests_on(conn, teams, day)
         rows, usage = plan_batch(batch, _Head(generation, next_seq - 1, prev_hash, used))
         if rows:
-            session.execute(insert(AuditEvent.__table__), rows)
+            session.execute(insert(table_of(AuditEvent)), rows)
         add_sqlite(conn, usage)
         session.commit()
         session.close()
@@ -365,7 +365,7 @@ class GroupWriter:
                     if e._done and e._wake is not None:
                         e._wake.release()
                 nxt = next((e for e in self._pending if e._wake is not None), None)
-                if nxt is not None:
+                if nxt is not None and nxt._wake is not None:
                     nxt._wake.release()  # its thread leads the next transaction
                 else:
                     self._writing = False

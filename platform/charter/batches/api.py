@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from charter import scope
 from charter.batches import files, service
 from charter.dispatch.protocol import (
     DATA_CLASS_HEADER,
@@ -51,7 +52,7 @@ def _limit(default: int, top: int) -> int:
 @bp.post("/v1/files")
 def upload_file() -> Response:
     actor = caller()
-    settings = current_app.extensions["charter.settings"]
+    settings = scope.current().settings
     request.max_content_length = settings.files_max_bytes + 65_536  # the form around it
     too_large = files.BatchRequestError(
         f"the file is larger than {settings.files_max_bytes} bytes", code="payload_too_large",

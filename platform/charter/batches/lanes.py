@@ -37,7 +37,8 @@ from sqlalchemy import exc as sa_exc
 
 from charter import scope
 from charter.actor import SYSTEM, Actor
-from charter.audit.writer import Entry, Event, UsageDelta
+from charter.audit.journal import Event
+from charter.audit.writer import Entry
 from charter.batches import slots
 from charter.batches.models import (
     Batch,
@@ -45,10 +46,9 @@ from charter.batches.models import (
 )
 from charter.batches.results import end_pending, finalize
 from charter.context import RequestContext
-from charter.db import utcnow
+from charter.db import ChangeGeneration, table_of, utcnow
 from charter.dispatch import upstream
 from charter.dispatch.service import (
-    NodeTarget,
     Plan,
     admit,
     outcome_event,
@@ -58,10 +58,11 @@ from charter.errors import (
     CharterError,
     DatabaseUnavailableError,
 )
-from charter.identity.models import User
-from charter.identity.service import actor_of
+from charter.identity import service as identity
+from charter.metering.service import UsageDelta
+from charter.nodes import service as nodes
 from charter.nodes.client import NodeCallError
-from charter.nodes.models import Node
+from charter.nodes.service import NodeTarget
 from charter.readcache import StaleReadError
 from charter.settings import Settings
 from charter.uow import record, unit_of_work
@@ -203,21 +204,14 @@ def _claim_next(info: _BatchInfo, settings: Settings) -> _Claim | str:
 
 
 def _owner(user_id: str, generation: int) -> Actor | None:
-    def load() -> Actor | None:
-        with unit_of_work() as session:
-            user = session.get(User, user_id)
-            return actor_of(user) if user is not None and user.active else None
-    return scope.current().readcache.cached(generation, ("batch_owner", user_id), load)
+    return scope.current().readcache.cached(generation, ("batch_owner", user_id),
+                                            lambda: identity.active_actor(user_id))
 
 
-def _capacities(nodes: list[NodeTarget], generation: int) -> dict[str, int]:
-    ids = tuple(sorted(n.id for n in nodes))
-
-    def load() -> dict[str, int]:
-        with unit_of_work() as session:
-            return {i: int(c) for i, c in session.execute(
-                select(Node.id, Node.capacity).where(Node.id.in_(ids)))}
-    return scope.current().readcache.cached(generation, ("node_capacity", ids), load)
+def _capacities(targets: list[NodeTarget], generation: int) -> dict[str, int]:
+    ids = tuple(sorted(n.id for n in targets))
+    return scope.current().readcache.cached(generation, ("node_capacity", ids),
+                                            lambda: nodes.capacities(ids))
 
 
 def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) -> str:
@@ -415,9 +409,7 @@ def _settle() -> None:
 def _claim_sqlite(params: dict[str, Any]) -> _Rows:
     """The claim on SQLite (the embedded demo: one process, and BEGIN IMMEDIATE holds the
     write lock, so nothing can take the line between the two statements)."""
-    from charter.db import ChangeGeneration
-
-    lines, batches = BatchLine.__table__.c, Batch.__table__.c
+    lines, batches = table_of(BatchLine).c, table_of(Batch).c
     now = params["now"]
     try:
         with scope.current().database.engine.begin() as conn:
@@ -433,13 +425,13 @@ def _claim_sqlite(params: dict[str, Any]) -> _Rows:
                 .order_by(lines.line_no).limit(1)).first()
             if picked is None:
                 return _Rows([], 0)
-            conn.execute(update(BatchLine.__table__).where(lines.id == picked.id).values(
+            conn.execute(update(table_of(BatchLine)).where(lines.id == picked.id).values(
                 status="running", claim=params["token"], attempts=lines.attempts + 1,
                 lease_until=params["lease"]))
             row = conn.execute(select(lines.id, lines.line_no, lines.custom_id, lines.request,
                                       lines.attempts, lines.error_message)
                                .where(lines.id == picked.id)).one()
-            generation = conn.execute(select(ChangeGeneration.__table__.c.value)).scalar_one()
+            generation = conn.execute(select(table_of(ChangeGeneration).c.value)).scalar_one()
             return _Rows([(*row, picked.status, generation)], 1)
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
         raise DatabaseUnavailableError("the database is unavailable; try again later") from exc
@@ -447,8 +439,8 @@ def _claim_sqlite(params: dict[str, Any]) -> _Rows:
 
 @functools.cache
 def _finish_statement() -> Any:
-    lines = BatchLine.__table__.c
-    return (update(BatchLine.__table__)
+    lines = table_of(BatchLine).c
+    return (update(table_of(BatchLine))
             .where(lines.id == bindparam("line"), lines.claim == bindparam("token"),
                    lines.status == "running")
             .values(status=bindparam("status"), response_status=bindparam("response_status"),
@@ -505,7 +497,7 @@ def _core(stmt: Any, params: dict[str, Any]) -> _Rows:
         with scope.current().database.engine.begin() as conn:
             result = conn.execute(stmt, params)
             if result.returns_rows:
-                return _Rows(result.all(), result.rowcount)
+                return _Rows(list(result.all()), result.rowcount)
             return _Rows([], result.rowcount)
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
         raise DatabaseUnavailableError("the database is unavailable; try again later") from exc

@@ -6,6 +6,7 @@ in these rows, so a lost message, a killed worker or a restarted broker loses no
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -48,7 +49,7 @@ class StoredFile(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     # Set when retention removed the content (the row, its digest and the audit stay).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    content: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    content: Mapped[builtins.bytes | None] = deferred(mapped_column(LargeBinary))
 
 
 class Batch(Base):

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from charter import scope
 from charter.db import Database
-from charter.dispatch.service import NodeTarget
+from charter.nodes.service import NodeTarget
 
 log = structlog.get_logger("charter.batches")
 _NAMESPACE = 0x42415443  # "BATC": the first key of every slot lock

@@ -190,7 +190,7 @@ class OidcClient:
                   "client_id": self.settings.oidc_client_id}
         if id_token_hint:
             params["id_token_hint"] = id_token_hint
-        return add_params_to_uri(endpoint, params)
+        return str(add_params_to_uri(endpoint, params))
 
 
 def _safe_code(value: object) -> str:

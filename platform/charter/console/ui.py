@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
-from flask import Response, current_app, flash, g, redirect, render_template, request
+from flask import current_app, flash, g, redirect, render_template, request
 from pydantic import ValidationError
+from werkzeug.wrappers import Response
 
 from charter.errors import CharterError
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 import structlog
 from flask import (
-    Blueprint,
     Flask,
-    Response,
     current_app,
     g,
     jsonify,
@@ -20,8 +18,9 @@ from flask import (
     render_template,
     request,
 )
+from werkzeug.wrappers import Response
 
-from charter.console import sessions
+from charter.console.blueprint import bp
 from charter.console.oidc import (
     LOGIN_COOKIE,
     LOGIN_MAX_AGE_S,
@@ -31,7 +30,9 @@ from charter.console.oidc import (
     origin_of,
 )
 from charter.errors import CharterError, ForbiddenError, UnauthenticatedError
+from charter.identity import sessions
 from charter.identity.ratelimit import FailureLimiter
+from charter.identity.service import list_users
 from charter.settings import Settings
 
 log = structlog.get_logger("charter.console")
@@ -44,8 +45,6 @@ _PUBLIC_ENDPOINTS = frozenset({"console.login", "console.callback", "console.sta
                                "console.demo_login"})
 DEMO_COOKIE = "charter_demo_login"
 
-bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates",
-               static_folder="static")
 
 
 @dataclass
@@ -240,8 +239,6 @@ def _login_failed(state: ConsoleState, client: str, exc: LoginFailed) -> Respons
 def _demo_login_page() -> Response:
     """The embedded demo has no identity provider: pick a seeded person. Never offered
     outside demo mode (CHARTER_DEMO), where /console/login is SSO only."""
-    from charter.identity.service import list_users
-
     nonce = secrets.token_urlsafe(24)
     people = [u for u in list_users() if u.kind == "user" and u.active]
     response = make_response(render_template("console/demo_login.html", people=people,
@@ -288,7 +285,5 @@ def install(app: Flask, settings: Settings) -> None:
         limiter=app.extensions.get("charter.auth_limiter") or FailureLimiter(
             settings.auth_failure_limit, settings.auth_failure_window_s),
     )
-    import charter.console.pages  # noqa: F401 - the pages' routes, on `bp`
-
     app.register_blueprint(bp)
     app.after_request(_security_headers)

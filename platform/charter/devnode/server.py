@@ -126,11 +126,11 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-        self.model.eval()
+        self.model.eval()  # type: ignore[no-untyped-call]
         if sum(p.numel() for p in self.model.parameters()) < 10_000_000:
             # Tiny matrices: thread hand-offs cost more than the maths (10x slower on 2 cores).
             torch.set_num_threads(1)
@@ -571,7 +571,7 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response:
-        body, errors = _body(), []
+        body, errors = _body(), list[str]()
         messages = _messages(body, errors)
         return openai(body, errors, lambda: engine.chat_prompt(messages), "chat.completion")
 

@@ -47,7 +47,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> 
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> 
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"  # noqa: S106
     )
 
@@ -81,7 +81,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> 
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     model.save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(CARD, encoding="utf-8")

@@ -49,12 +49,8 @@ def regions_in_order(nodes: Sequence[N], busy: Callable[[str], int]) -> list[tup
     return [(r, sorted(regions[r], key=lambda n: busy(n.id))) for r in order]
 
 
-# Violations that only rule out the node's region: another region may still be allowed.
-REGIONAL = frozenset({"residency_violation", "region_not_approved", "team_region_not_entitled",
-                      "node_not_attested"})
-
-
-def only_regional(violation_codes: Sequence[str]) -> bool:
-    """Whether a denial names only violations of the node's region (so another region
-    may still be tried): the dispatch policy marks them, see policies/charter/dispatch."""
-    return set(violation_codes) <= REGIONAL
+def only_regional(violation_codes: Sequence[str], regional: frozenset[str]) -> bool:
+    """Whether a denial names only violations that rule out the node's region (so another
+    region may still be tried). Which codes those are is policy data
+    (policies/data/dispatch.json, `regional_violations`), beside the rules that emit them."""
+    return set(violation_codes) <= regional

@@ -29,10 +29,11 @@ from charter.dispatch.protocol import (
     render_error,
     request_labels,
 )
-from charter.dispatch.service import DispatchError, NodeTarget, Plan
+from charter.dispatch.service import DispatchError, Plan
 from charter.errors import CharterError
 from charter.identity import authn
 from charter.nodes.client import NodeCallError, NodeResponse
+from charter.nodes.service import NodeTarget
 from charter.readcache import StaleReadError
 
 log = structlog.get_logger("charter.gateway")
@@ -107,7 +108,7 @@ def completions() -> Response:
 def _openai(path: str, *, required: str, list_field: bool) -> Response:
     caller()  # authenticated before the body is read
     body, raw = _body()
-    settings = current_app.extensions["charter.settings"]
+    settings = scope.current().settings
     name = _checked_name(body.get("model"))
     value = body.get(required)
     if value is None or (list_field and (not isinstance(value, list) or not value)):
@@ -156,7 +157,7 @@ def _serving_name(name: str | None) -> str:
 def _tgi(route: str, name: str | None) -> Response:
     caller()  # authenticated before the body is read
     body, raw = _body()
-    settings = current_app.extensions["charter.settings"]
+    settings = scope.current().settings
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
         raise malformed("`inputs` must be a non-empty string")
@@ -215,6 +216,7 @@ def info(name: str | None = None) -> Response:
 # --- proxy ----------------------------------------------------------------------------------
 
 def _stream_error(protocol: str, message: str) -> bytes:
+    payload: dict[str, Any]
     if protocol == "openai":
         payload = {"error": {"message": message, "type": "api_error", "param": None,
                              "code": "node_failed"}}

@@ -33,7 +33,8 @@ def error_response(status: int, code: str, message: str,
         kind = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "api_error")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None,
+                                          "code": code}}
     else:
         body = {"error": message, "error_type": code}
     response = Response(json.dumps(body), status=status, mimetype="application/json")

@@ -7,11 +7,8 @@ module decides where a request may go and writes what happened.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
-
-from sqlalchemy import select
-from sqlalchemy.orm import lazyload
 
 from charter import scope
 from charter.actor import Actor
@@ -24,11 +21,12 @@ from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context
 from charter.metering import quota as quotas
 from charter.metering.service import UsageDelta
-from charter.nodes.models import Deployment, Node
+from charter.nodes import service as nodes
+from charter.nodes.service import NodeTarget
 from charter.policy import service as policy
 from charter.policy.engine import Decision, PolicyUnavailableError
 from charter.readcache import StaleReadError
-from charter.registry.models import ModelVersion
+from charter.registry import service as registry
 from charter.uow import unit_of_work
 
 
@@ -47,16 +45,6 @@ class DispatchError(CharterError):
 
 
 @dataclass(frozen=True)
-class NodeTarget:
-    id: str
-    name: str
-    base_url: str
-    region: str
-    engine: str
-    reported_model_id: str | None
-
-
-@dataclass
 class Plan:
     actor: Actor
     serving_name: str
@@ -72,38 +60,24 @@ class Plan:
     started: datetime = field(default_factory=utcnow)
 
 
-def visible_models(actor: Actor) -> list[Deployment]:
+def visible_models(actor: Actor) -> list[nodes.ActiveDeployment]:
     """Active deployments of servable versions that the caller's teams are entitled to."""
     allowed = set(caller_context(actor.user_id).entitlements.models)
-    with unit_of_work() as session:
-        rows = session.execute(
-            select(Deployment, ModelVersion).join(ModelVersion,
-                                                  ModelVersion.id == Deployment.version_id)
-            .where(Deployment.active.is_(True),
-                   ModelVersion.state.in_(("approved", "deprecated")))
-            .order_by(Deployment.serving_name)
-        ).all()
-        return [d for d, v in rows
-                if "*" in allowed or d.serving_name in allowed or v.model.name in allowed]
+    with unit_of_work():  # one snapshot of both domains' rows
+        active = nodes.active_deployments()
+        versions = registry.version_refs([d.version_id for d in active])
+    out = []
+    for d in active:
+        v = versions.get(d.version_id)
+        if v is not None and v.state in registry.SERVABLE and (
+                "*" in allowed or d.serving_name in allowed or v.model_name in allowed):
+            out.append(d)
+    return out
 
 
-def _approval(version: ModelVersion) -> dict[str, Any] | None:
-    approvals = [d for d in version.decisions if d.decision == "approved"]
-    if not approvals:
-        return None
-    last = approvals[-1]
-    return {
-        "allowed_regions": last.allowed_regions,
-        "allowed_data_classes": last.allowed_data_classes,
-        "allowed_purposes": last.allowed_purposes,
-        "expires_at": last.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        if last.expires_at else None,
-    }
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
-    """What a serving name leads to, as plain data (cached per generation: snapshot)."""
+    """What a serving name leads to, as plain data (cached per generation: readcache)."""
 
     deployment_id: str
     version_id: str
@@ -114,26 +88,14 @@ class Route:
 
 
 def _load_route(serving_name: str, protocol: str) -> Route | None:
-    with unit_of_work() as session:
-        dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
-                                                      Deployment.active.is_(True)))
-        if dep is None:
+    with unit_of_work():  # one snapshot of both domains' rows
+        found = nodes.deployment_route(serving_name, protocol)
+        if found is None:
             return None
-        # Only the approval decisions are needed: the files and exceptions are never loaded.
-        version = session.get(ModelVersion, dep.version_id, options=[
-            lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)])
-        assert version is not None
-        nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
-        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
-        candidates = tuple(
-            NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
-            for n in nodes
-            if n.routable and n.attested_version_id == version.id
-            and (protocol == "openai" or n.engine == "tgi"))
-        return Route(dep.id, version.id, version.model.name,
-                     {"id": version.id, "model": version.model.name, "state": version.state,
-                      "license": version.license_declared, "approval": _approval(version)},
-                     candidates, len(nodes))
+        version = registry.dispatch_view(found.version_id)
+        assert version is not None  # a deployment's version is never deleted
+        return Route(found.deployment_id, version.id, version.model_name, version.doc,
+                     found.candidates, found.nodes_total)
 
 
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
@@ -233,7 +195,8 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
             data_class: str, purpose: str, events: list[Event],
             origin: dict[str, Any] | None) -> tuple[Plan | None, DispatchError | None]:
     """Ask the dispatch policy region by region, least busy first; one event per decision."""
-    busy = scope.current().outstanding.get
+    rt = scope.current()
+    busy, regional = rt.outstanding.get, rt.policies.regional_violations
     ordered = regions_in_order(route.candidates, busy)
     last: Decision | None = None
     for _region, targets in ordered:
@@ -259,10 +222,10 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
                         team=ctx.team, data_class=data_class, purpose=purpose,
                         decision=decision, nodes=targets), None
         last = decision
-        if not only_regional(decision.violation_codes):
+        if not only_regional(decision.violation_codes, regional):
             break
     assert last is not None
-    if only_regional(last.violation_codes):
+    if only_regional(last.violation_codes, regional):
         return None, DispatchError(
             "no attested node in a region this request may use: "
             + "; ".join(v.msg for v in last.violations),

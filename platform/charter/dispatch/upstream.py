@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from charter.dispatch.service import NodeTarget
 from charter.nodes.client import NodePool, NodeResponse
+from charter.nodes.service import NodeTarget
 from charter.nodes.ssrf import NodeUrlPolicy
 
 

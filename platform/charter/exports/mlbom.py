@@ -29,7 +29,6 @@ from cyclonedx.model.license import DisjunctiveLicense, LicenseAcknowledgement
 from cyclonedx.model.tool import ToolRepository
 from cyclonedx.output.json import JsonV1Dot6
 from cyclonedx.schema import SchemaVersion
-from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
 from charter import __version__
@@ -246,6 +245,10 @@ def build_ml_bom(versions: Sequence[ModelVersion], *, include_retired: bool,
 
 
 def validate_ml_bom(text: str) -> None:
+    # Imported here: the validator brings jsonschema's format checkers, ~1 s of
+    # start-up that every process (and every `charter` command) would pay.
+    from cyclonedx.validation.json import JsonStrictValidator
+
     error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
     if error is not None:
         raise BomInvalidError("the generated ML-BOM does not validate against CycloneDX 1.6",

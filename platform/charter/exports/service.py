@@ -20,7 +20,7 @@ from charter.errors import CharterError, ValidationFailedError
 from charter.exports import evidence, mlbom, records
 from charter.nodes import service as nodes
 from charter.registry import service as registry
-from charter.uow import unit_of_work
+from charter.uow import record, unit_of_work
 
 READERS = ("admin", "auditor")
 MAX_PERIOD = timedelta(days=366)
@@ -30,8 +30,8 @@ FORMATS = ("csv", "jsonl")
 def _record(actor: Actor, action: str, target_id: str, details: dict[str, Any],
             outcome: str = "success") -> tuple[int, str]:
     with unit_of_work() as session:
-        return audit.record(session, actor=actor.ref, action=action, target_type="export",
-                                  target_id=target_id, outcome=outcome, details=details)
+        return record(session, actor=actor.ref, action=action, target_type="export",
+                      target_id=target_id, outcome=outcome, details=details)
 
 
 def export_ml_bom(actor: Actor, *, include_retired: bool = False) -> str:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.identity import service, teams
@@ -107,9 +108,8 @@ def list_keys(actor: Actor, user_id: str) -> object:
               summary="Create an API key (the token is shown once)", body=KeyCreate,
               response=IssuedKeyOut, status=201, errors=(403,))
 def create_key(actor: Actor, user_id: str, body: KeyCreate) -> object:
-    from flask import current_app
 
-    ttl = current_app.extensions["charter.settings"].api_key_default_ttl_days
+    ttl = scope.current().settings.api_key_default_ttl_days
     issued = service.create_api_key(actor, user_id, name=body.name, expires_at=body.expires_at,
                                     default_ttl_days=ttl)
     return IssuedKeyOut.model_validate({**KeyOut.model_validate(issued.key).model_dump(),

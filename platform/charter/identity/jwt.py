@@ -383,7 +383,8 @@ def _import_key(entry: Any) -> Key | None:
     except (JoseError, ValueError, TypeError):
         log.warning("ignoring a JWKS key that does not import", kid=entry["kid"][:100])
         return None
-    if key.key_type == "RSA" and key.raw_value.key_size < MIN_RSA_BITS:
+    raw = key.raw_value
+    if key.key_type == "RSA" and getattr(raw, "key_size", 0) < MIN_RSA_BITS:
         log.warning("ignoring an RSA key shorter than 2048 bits", kid=entry["kid"][:100])
         return None
     return key

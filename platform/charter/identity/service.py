@@ -24,8 +24,8 @@ from charter.errors import (
     UnauthenticatedError,
     ValidationFailedError,
 )
-from charter.identity.access import can_manage_keys, visible_user
-from charter.identity.models import ROLES, USER_KINDS, ApiKey, User, UserRole
+from charter.identity.access import can_manage_keys, can_manage_team, memberships, visible_user
+from charter.identity.models import ROLES, USER_KINDS, ApiKey, Team, User, UserRole
 from charter.uow import record, unit_of_work
 
 KEY_PREFIX = "chk"
@@ -88,6 +88,13 @@ def _visible_user(session: Session, actor: Actor, user_id: str) -> User:
     if user is None or not visible_user(session, actor, user):
         raise NotFoundError(f"no user {user_id}", code="user_not_found")
     return user
+
+
+def active_actor(user_id: str) -> Actor | None:
+    """The user as an actor, or None when the user is gone or inactive."""
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        return actor_of(user) if user is not None and user.active else None
 
 
 def get_user(actor: Actor, user_id: str) -> User:
@@ -289,3 +296,46 @@ def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
             )
         user = create_user(SYSTEM, username=username, roles=["admin"])
         return create_api_key(SYSTEM, user.id, name=key_name)
+
+
+# --- reads for the console (it never queries identity's tables itself) ---------------------
+
+def user_id_by_name(username: str) -> str:
+    """The id of the user named `username` (404 otherwise, as for one the actor cannot see)."""
+    with unit_of_work() as session:
+        found = session.scalar(select(User.id).where(User.username == username.strip()))
+    if found is None:
+        raise NotFoundError(f"no user {username.strip()[:100]}", code="user_not_found")
+    return found
+
+
+def active_user_named(username: str) -> Actor:
+    """The active user `username` as an actor (the CLI acts as one)."""
+    with unit_of_work() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if user is None or not user.active:
+            raise NotFoundError(f"no active user {username!r}", code="user_not_found")
+        return actor_of(user)
+
+
+def team_roles_of(user_id: str) -> dict[str, str]:
+    """team id -> the user's role in it."""
+    with unit_of_work() as session:
+        return memberships(session, user_id)
+
+
+def may_manage_team(actor: Actor, team_id: str) -> bool:
+    with unit_of_work() as session:
+        return can_manage_team(session, actor, team_id)
+
+
+def may_manage_keys(actor: Actor, user: User) -> bool:
+    with unit_of_work() as session:
+        return can_manage_keys(session, actor, user)
+
+
+def team_names() -> dict[str, str]:
+    """team id -> name, for every team."""
+    with unit_of_work() as session:
+        return {t_id: name for t_id, name in session.execute(select(Team.id, Team.name))}
+

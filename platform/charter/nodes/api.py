@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.nodes import service
 from charter.nodes.models import ENGINES
+from charter.settings import Settings
 
 bp = ApiBlueprint("nodes", __name__, url_prefix="/api/v1")
 READERS = ("admin", "operator", "auditor")  # node addresses are infrastructure details
@@ -77,8 +78,8 @@ class DeploymentOut(BaseModel):
     created_by: str
 
 
-def _settings():  # type: ignore[no-untyped-def]
-    return current_app.extensions["charter.settings"]
+def _settings() -> Settings:
+    return scope.current().settings
 
 
 @bp.operation("GET", "/nodes", summary="Inference nodes", response=list[NodeOut],

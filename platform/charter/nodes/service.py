@@ -4,6 +4,9 @@ deployments that bind a serving name to an approved version and its nodes."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -17,13 +20,12 @@ from charter.errors import ConflictError, NotFoundError, ValidationFailedError
 from charter.nodes import adapters
 from charter.nodes.models import Deployment, DeploymentNode, Node
 from charter.nodes.ssrf import NodeUrlPolicy, make_client, pinned_request_kwargs
-from charter.registry.models import Model, ModelVersion
+from charter.registry import service as registry
 from charter.settings import Settings
 from charter.uow import record, unit_of_work
 
 log = structlog.get_logger("charter.nodes")
 OPERATORS = ("admin", "operator")
-SERVABLE = ("approved", "deprecated")
 
 
 def url_policy(settings: Settings) -> NodeUrlPolicy:
@@ -88,18 +90,6 @@ def restore_node(actor: Actor, node_id: str, reason: str) -> Node:
     return _set_admin_state(actor, node_id, "active", reason)
 
 
-def _matching_version(session: Session, model_id: str | None,
-                      revision: str | None) -> ModelVersion | None:
-    if not model_id or not revision:
-        return None
-    return session.scalar(
-        select(ModelVersion).join(Model, Model.id == ModelVersion.model_id)
-        .where(Model.source_repo == model_id, ModelVersion.source_revision == revision,
-               ModelVersion.state.in_(SERVABLE))
-        .order_by(ModelVersion.created_at.desc()).limit(1)
-    )
-
-
 def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
     """Ask the node what it serves; attest it or quarantine it (audited on change)."""
     with unit_of_work() as session:
@@ -119,9 +109,9 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
         node.last_error = result.error
         if result.healthy:
             node.reported_model_id, node.reported_revision = result.model_id, result.revision
-            version = _matching_version(session, result.model_id, result.revision)
-            if version is not None:
-                node.attestation, node.attested_version_id = "attested", version.id
+            version_id = registry.servable_version_for(result.model_id, result.revision)
+            if version_id is not None:
+                node.attestation, node.attested_version_id = "attested", version_id
                 node.quarantine_reason = ""
             else:
                 node.attestation, node.attested_version_id = "quarantined", None
@@ -194,7 +184,7 @@ def create_deployment(actor: Actor, *, serving_name: str, version_id: str,
     actor.require(*OPERATORS, action="deployment.create", target_type="deployment",
                   target_id=serving_name)
     with unit_of_work() as session:
-        version = session.get(ModelVersion, version_id)
+        version = registry.version_refs([version_id]).get(version_id)
         if version is None:
             raise NotFoundError(f"no model version {version_id}", code="version_not_found")
         if version.state != "approved":
@@ -233,3 +223,67 @@ def set_deployment_active(actor: Actor, deployment_id: str, active: bool) -> Dep
         record(session, actor=actor.ref, action=action, target_type="deployment",
                      target_id=dep.id, details={"serving_name": dep.serving_name})
         return dep
+
+
+# --- what dispatch and batches read of nodes and deployments (plain values) ----------------
+
+@dataclass(frozen=True, slots=True)
+class NodeTarget:
+    """A node a request may be sent to."""
+
+    id: str
+    name: str
+    base_url: str
+    region: str
+    engine: str
+    reported_model_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRoute:
+    """What an active serving name leads to: its version and the nodes that may serve it
+    (routable and attested for that version; TGI's native protocol only on TGI nodes)."""
+
+    deployment_id: str
+    version_id: str
+    candidates: tuple[NodeTarget, ...]
+    nodes_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveDeployment:
+    serving_name: str
+    version_id: str
+    created_at: datetime
+
+
+def deployment_route(serving_name: str, protocol: str) -> DeploymentRoute | None:
+    with unit_of_work() as session:
+        dep = session.scalar(select(Deployment).where(Deployment.serving_name == serving_name,
+                                                      Deployment.active.is_(True)))
+        if dep is None:
+            return None
+        nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
+        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
+        candidates = tuple(
+            NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
+            for n in nodes
+            if n.routable and n.attested_version_id == dep.version_id
+            and (protocol == "openai" or n.engine == "tgi"))
+        return DeploymentRoute(dep.id, dep.version_id, candidates, len(nodes))
+
+
+def active_deployments() -> list[ActiveDeployment]:
+    """Active deployments, by serving name."""
+    with unit_of_work() as session:
+        return [ActiveDeployment(d.serving_name, d.version_id, d.created_at)
+                for d in session.scalars(select(Deployment).where(Deployment.active.is_(True))
+                                         .order_by(Deployment.serving_name))]
+
+
+def capacities(node_ids: Sequence[str]) -> dict[str, int]:
+    """The nodes' declared capacities (concurrent requests), by id."""
+    with unit_of_work() as session:
+        return {i: int(c) for i, c in session.execute(
+            select(Node.id, Node.capacity).where(Node.id.in_(list(node_ids))))}
+

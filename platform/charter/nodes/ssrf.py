@@ -210,7 +210,8 @@ class NodeUrlPolicy:
             ip = self._checked(addr)
             if isinstance(addr, ipaddress.IPv4Address) and host != str(addr):
                 raise _refuse("non_canonical_ip")  # e.g. 012.0.0.5: octal 10 or decimal 12?
-            canonical_host, addresses, is_ip = str(ip), (str(ip),), True
+            addresses: tuple[str, ...] = (str(ip),)
+            canonical_host, is_ip = str(ip), True
         else:
             if not self.allow_hostnames:
                 raise _refuse("hostname_not_allowed")

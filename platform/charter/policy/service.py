@@ -33,6 +33,11 @@ class Policies:
     def __init__(self, engine: PolicyEngine, verdicts: VerdictCache | None = None) -> None:
         self.engine = engine
         self.verdicts = verdicts or VerdictCache()
+        # Dispatch violations that rule out only the node's region (policy data:
+        # data.charter.dispatch.regional_violations); none without that file.
+        found = engine.bundle.data["charter"].get("dispatch", {}).get("regional_violations")
+        self.regional_violations = frozenset(
+            c for c in (found if isinstance(found, list) else []) if isinstance(c, str))
 
 
 def build_engine(settings: Settings) -> PolicyEngine:

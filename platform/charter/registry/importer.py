@@ -272,7 +272,7 @@ def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
     return VersionSpec(
         label=opts.label,
         source_revision=opts.source_revision,
-        weight_format=info.weight_format,  # type: ignore[arg-type]
+        weight_format=info.weight_format,
         files=info.files,
         architecture=info.architecture,
         parameter_count=info.parameter_count,
@@ -280,10 +280,10 @@ def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
         license_declared=opts.license_declared,
         license_card=info.license_card,
         base_model=info.base_model,
-        derivation=opts.derivation or info.derivation,  # type: ignore[arg-type]
+        derivation=opts.derivation or info.derivation,
         datasets=info.datasets,
         intended_use=opts.intended_use,
-        risk_tier=opts.risk_tier,  # type: ignore[arg-type]
+        risk_tier=opts.risk_tier,
         storage_region=opts.storage_region,
         hosting_regions=list(opts.hosting_regions),
         card=info.card,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from charter.actor import SYSTEM, Actor
 from charter.db import utcnow
@@ -33,6 +34,12 @@ from charter.registry.models import (
     ModelVersion,
     PolicyException,
 )
+from charter.registry.rules import (
+    EXPIRABLE,
+    allowed_actions,
+    four_eyes_ok,
+    next_state,
+)
 from charter.registry.schemas import (
     ApprovalConditions,
     ExceptionCreate,
@@ -48,19 +55,6 @@ STEWARDS = ("admin", "steward")
 MAX_EXCEPTION = timedelta(days=180)
 APPROVERS = ("admin", "approver")
 
-# The whole lifecycle: (from state, action) -> to state. Nothing else is allowed.
-TRANSITIONS: dict[tuple[str, str], str] = {
-    ("draft", "submit"): "submitted",
-    ("submitted", "approve"): "approved",
-    ("submitted", "reject"): "rejected",
-    ("approved", "deprecate"): "deprecated",
-    ("approved", "revoke"): "revoked",
-    # Only the system takes these, when the approval's expires_at has passed.
-    ("approved", "expire"): "expired",
-    ("deprecated", "expire"): "expired",
-}
-SYSTEM_ACTIONS = frozenset({"expire"})  # no endpoint: not offered to callers as allowed
-EXPIRABLE = tuple(sorted({s for (s, a) in TRANSITIONS if a == "expire"}))
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 log = structlog.get_logger("charter.registry")
@@ -234,17 +228,13 @@ def update_draft(actor: Actor, version_id: str, change: VersionUpdate) -> ModelV
         return version
 
 
-def _allowed_actions(state: str) -> list[str]:
-    return sorted(a for (s, a) in TRANSITIONS if s == state and a not in SYSTEM_ACTIONS)
-
-
 def _transition(
     session: Session, actor: Actor, version: ModelVersion, action: str, reason: str,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    target = TRANSITIONS.get((version.state, action))
+    target = next_state(version.state, action)
     if target is None:
-        allowed = _allowed_actions(version.state)
+        allowed = allowed_actions(version.state)
         raise IllegalTransitionError(
             f"cannot {action} a version that is {version.state}",
             details={"state": version.state, "action": action, "allowed_actions": allowed},
@@ -306,7 +296,7 @@ def _admit(session: Session, actor: Actor, version: ModelVersion, *,
     """Run the admission policy on the version as it is now and record the decision in the
     caller's unit of work (kept even if the action then fails: charter.uow)."""
     if version.state not in allowed_states:
-        allowed = _allowed_actions(version.state)
+        allowed = allowed_actions(version.state)
         raise IllegalTransitionError(
             f"cannot {action} a version that is {version.state}",
             details={"state": version.state, "action": action, "allowed_actions": allowed},
@@ -400,8 +390,8 @@ def grant_exception(actor: Actor, version_id: str, req: ExceptionCreate) -> Mode
 
 
 def _four_eyes(actor: Actor, version: ModelVersion, action: str) -> None:
-    authors = {version.created_by_user_id, version.submitted_by_user_id}
-    if actor.user_id in authors:
+    if not four_eyes_ok(actor.user_id, version.created_by_user_id,
+                        version.submitted_by_user_id):
         raise SelfApprovalError(
             "four-eyes rule: the person who created or submitted a version cannot decide on it",
             details={"rule": "four_eyes"},
@@ -572,3 +562,75 @@ def _expire_version(version_id: str, now: datetime) -> bool:
         _transition(session, SYSTEM, version, "expire", f"the approval expired at {expires_at}",
                     {"decision_id": approval.id, "expires_at": expires_at})
         return True
+
+
+# --- what other domains read of the registry (plain values, never its rows) ----------------
+
+SERVABLE = ("approved", "deprecated")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    id: str
+    model_name: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchView:
+    """A version as the dispatch policy sees it (`doc` is its `input.version`)."""
+
+    id: str
+    model_name: str
+    doc: dict[str, Any]
+
+
+def version_refs(version_ids: Sequence[str]) -> dict[str, VersionRef]:
+    """The versions' model names and states, by id (the ones that exist)."""
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(ModelVersion.id, Model.name, ModelVersion.state)
+            .join(Model, Model.id == ModelVersion.model_id)
+            .where(ModelVersion.id.in_(list(version_ids)))).all()
+        return {i: VersionRef(i, name, state) for i, name, state in rows}
+
+
+def dispatch_view(version_id: str) -> DispatchView | None:
+    """State, license and latest approval's conditions: what a dispatch is decided on."""
+    with unit_of_work() as session:
+        # Only the approval decisions are needed: the files and exceptions are never loaded.
+        version = session.get(ModelVersion, version_id, options=[
+            lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)])
+        if version is None:
+            return None
+        return DispatchView(version.id, version.model.name, {
+            "id": version.id, "model": version.model.name, "state": version.state,
+            "license": version.license_declared, "approval": _approval_doc(version)})
+
+
+def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:
+    approvals = [d for d in version.decisions if d.decision == "approved"]
+    if not approvals:
+        return None
+    last = approvals[-1]
+    return {
+        "allowed_regions": last.allowed_regions,
+        "allowed_data_classes": last.allowed_data_classes,
+        "allowed_purposes": last.allowed_purposes,
+        "expires_at": last.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        if last.expires_at else None,
+    }
+
+
+def servable_version_for(source_repo: str | None, revision: str | None) -> str | None:
+    """The newest servable version pinned to this repository and revision (what a node
+    that reports them may be attested as), or None."""
+    if not source_repo or not revision:
+        return None
+    with unit_of_work() as session:
+        return session.scalar(
+            select(ModelVersion.id).join(Model, Model.id == ModelVersion.model_id)
+            .where(Model.source_repo == source_repo, ModelVersion.source_revision == revision,
+                   ModelVersion.state.in_(SERVABLE))
+            .order_by(ModelVersion.created_at.desc()).limit(1))
+

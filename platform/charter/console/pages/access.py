@@ -14,44 +14,23 @@ from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from functools import wraps
 
-from flask import Response, current_app, flash, g, redirect, request, url_for
+from flask import flash, g, redirect, request, url_for
 from pydantic import ValidationError
-from sqlalchemy import select
+from werkzeug.wrappers import Response
 
+from charter import scope
+from charter.console.blueprint import bp
 from charter.console.ui import action, form_list, problems, render
-from charter.console.views import bp
 from charter.db import utcnow
-from charter.errors import CharterError, NotFoundError, ValidationFailedError
+from charter.errors import CharterError, ValidationFailedError
 from charter.identity import service as identity
 from charter.identity import teams
-from charter.identity.access import can_manage_keys, can_manage_team, memberships
 from charter.identity.api import TeamCreate, TeamUpdate
-from charter.identity.models import ROLES, TEAM_ROLES, Team, User
+from charter.identity.models import ROLES, TEAM_ROLES
 from charter.metering import service as metering
-from charter.uow import unit_of_work
 
 USAGE_DAYS = 14
 USER_READERS = ("admin", "auditor")  # as GET /api/v1/users
-
-
-# --- reads the services do not offer (pure reads) ----------------------------------------
-
-def _user_id_by_name(username: str) -> str:
-    with unit_of_work() as session:
-        found = session.scalar(select(User.id).where(User.username == username.strip()))
-    if found is None:  # the same answer as for a user the actor may not see
-        raise NotFoundError(f"no user {username.strip()[:100]}", code="user_not_found")
-    return found
-
-
-def _may_manage_team(team_id: str) -> bool:
-    with unit_of_work() as session:
-        return can_manage_team(session, g.actor, team_id)
-
-
-def _may_manage_keys(user: User) -> bool:
-    with unit_of_work() as session:
-        return can_manage_keys(session, g.actor, user)
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -120,12 +99,11 @@ def access() -> Response:
     me = identity.get_user(g.actor, g.actor.user_id)
     keys = identity.list_api_keys(g.actor, g.actor.user_id)
     found = teams.list_teams(g.actor)
-    with unit_of_work() as session:
-        mine = memberships(session, g.actor.user_id)
+    mine = identity.team_roles_of(g.actor.user_id)
     return render("console/pages/access.html", section="access", title="Access", user=me,
                   keys=keys, teams=found, mine=mine,
                   used=metering.requests_today([t.id for t in found]), now=utcnow(),
-                  default_ttl=current_app.extensions["charter.settings"]
+                  default_ttl=scope.current().settings
                   .api_key_default_ttl_days, team_roles=TEAM_ROLES)
 
 
@@ -158,7 +136,7 @@ def team(team_id: str) -> Response:
     return render("console/pages/access_team.html", section="access", title=found.name,
                   team=found, members=members, accounts=accounts, usage=usage, since=since,
                   used_today=metering.requests_today([team_id]).get(team_id, 0),
-                  manager=_may_manage_team(team_id), team_roles=TEAM_ROLES)
+                  manager=identity.may_manage_team(g.actor, team_id), team_roles=TEAM_ROLES)
 
 
 def _team_back(team_id: str, **_: str) -> str:
@@ -188,7 +166,7 @@ def member_set(team_id: str) -> str:
             {"field": "team_role", "code": "invalid", "message": "member or manager"}]})
     username = request.form.get("username", "")
     teams.get_team(g.actor, team_id)  # an unseen team stays unseen, whatever the name
-    member = teams.set_member(g.actor, team_id, _user_id_by_name(username), role)
+    member = teams.set_member(g.actor, team_id, identity.user_id_by_name(username), role)
     return f"{username.strip()} is a {member.team_role} of the team."
 
 
@@ -216,8 +194,9 @@ def user_keys(user_id: str) -> Response:
     keys = identity.list_api_keys(g.actor, user_id)
     owner = teams.get_team(g.actor, user.owner_team_id) if user.owner_team_id else None
     return render("console/pages/access_user.html", section="access", title=user.username,
-                  user=user, keys=keys, owner_team=owner, manage=_may_manage_keys(user),
-                  now=utcnow(), default_ttl=current_app.extensions["charter.settings"]
+                  user=user, keys=keys, owner_team=owner, manage=identity.may_manage_keys(
+                      g.actor, user),
+                  now=utcnow(), default_ttl=scope.current().settings
                   .api_key_default_ttl_days)
 
 
@@ -234,7 +213,7 @@ def key_create(user_id: str) -> Response:
         issued = identity.create_api_key(
             g.actor, user_id, name=request.form.get("name", "").strip(),
             expires_at=_day("expires_at"),
-            default_ttl_days=current_app.extensions["charter.settings"]
+            default_ttl_days=scope.current().settings
             .api_key_default_ttl_days)
         user = identity.get_user(g.actor, user_id)
     except (CharterError, ValidationError) as exc:
@@ -264,11 +243,10 @@ def key_revoke(key_id: str) -> Response:
 def users() -> Response:
     g.actor.require(*USER_READERS, action="user.list", target_type="user", target_id="*")
     everyone = identity.list_users()
-    with unit_of_work() as session:
-        names = {t_id: name for t_id, name in session.execute(select(Team.id, Team.name))}
+    names = identity.team_names()
     # With a role map the provider is the source of truth for SSO users' roles: a change
     # here would be undone at their next sign-in, so it is not offered.
-    idp_roles = bool(current_app.extensions["charter.settings"].oidc_role_map)
+    idp_roles = bool(scope.current().settings.oidc_role_map)
     return render("console/pages/access_users.html", section="access", title="Users",
                   users=everyone, roles=ROLES, team_names=names, idp_roles=idp_roles)
 

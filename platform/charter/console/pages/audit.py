@@ -7,13 +7,16 @@ import json
 import tempfile
 from datetime import UTC, datetime
 
-from flask import Response, current_app, g, request, send_file
+from flask import g, request, send_file
 from pydantic import ValidationError
+from werkzeug.wrappers import Response
 
+from charter import scope
 from charter.audit import checkpoints, service
 from charter.audit.bundle import Selection
+from charter.audit.models import AuditEvent
+from charter.console.blueprint import bp
 from charter.console.ui import problems, render
-from charter.console.views import bp
 from charter.errors import CharterError, ValidationFailedError
 from charter.exports import service as exports
 
@@ -47,7 +50,7 @@ def audit() -> Response:
     _require("audit.read")
     given = _filters()
     errors: list[str] = []
-    events: list[object] = []
+    events: list[AuditEvent] = []
     after = request.args.get("after_seq", "0")
     limit = request.args.get("limit", "50")
     try:
@@ -68,7 +71,7 @@ def audit() -> Response:
                   given=given, since=request.args.get("since", ""),
                   until=request.args.get("until", ""), errors=errors,
                   checkpoints=list(reversed(recent)), verdict=None,
-                  next_after=events[-1].seq if len(events) >= 50 else None)  # type: ignore[attr-defined]
+                  next_after=events[-1].seq if len(events) >= 50 else None)
 
 
 @bp.post("/audit/verify")
@@ -95,7 +98,7 @@ def audit_export() -> Response:
             team=(request.form.get("team") or "").strip() or None,
             since=_moment("since"), until=_moment("until"))
         out = tempfile.TemporaryFile()
-        result = service.export_bundle(current_app.extensions["charter.settings"], selection,
+        result = service.export_bundle(scope.current().settings, selection,
                                        out, actor_ref=g.actor.ref)
     except (CharterError, ValidationError) as exc:
         code = exc.code if isinstance(exc, CharterError) else "validation_failed"

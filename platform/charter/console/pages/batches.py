@@ -7,12 +7,13 @@ import io
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Response, g, request, send_file, url_for
+from flask import g, request, send_file, url_for
+from werkzeug.wrappers import Response
 
 from charter.batches import files
 from charter.batches import service as batches
+from charter.console.blueprint import bp
 from charter.console.ui import action, render
-from charter.console.views import bp
 
 PAGE = 25
 CANCELLABLE = ("validating", "in_progress")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time
 
-from flask import Response, g, request, url_for
+from flask import g, request, url_for
+from werkzeug.wrappers import Response
 
 from charter.audit.service import EventFilter, list_events
+from charter.console.blueprint import bp
 from charter.console.ui import action, form_list, render
-from charter.console.views import bp
 from charter.errors import ValidationFailedError
 from charter.policy import service as policy
 from charter.registry import service as registry

@@ -3,10 +3,12 @@ restore; deployments on and off."""
 
 from __future__ import annotations
 
-from flask import Response, current_app, g, request, url_for
+from flask import g, request, url_for
+from werkzeug.wrappers import Response
 
+from charter import scope
+from charter.console.blueprint import bp
 from charter.console.ui import action, render
-from charter.console.views import bp
 from charter.nodes import service as nodes
 from charter.registry import service as registry
 
@@ -33,7 +35,7 @@ def _back(**_: str) -> str:
 def probe(node_id: str) -> str:
     g.actor.require(*nodes.OPERATORS, action="node.probe", target_type="node",
                     target_id=node_id)
-    node = nodes.probe_node(current_app.extensions["charter.settings"], node_id, g.actor)
+    node = nodes.probe_node(scope.current().settings, node_id, g.actor)
     return (f"Probed {node.name}: {'healthy' if node.healthy else 'not healthy'}, "
             f"{node.attestation}.")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import Response, g
+from flask import g
+from werkzeug.wrappers import Response
 
 from charter.audit.activity import dispatch_activity, recent_denials
+from charter.console.blueprint import bp
 from charter.console.ui import can, render
-from charter.console.views import bp
 from charter.db import utcnow
 from charter.nodes.service import list_nodes
 from charter.registry.service import list_versions

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Response, g, request
+from flask import g, request
+from werkzeug.wrappers import Response
 
+from charter.console.blueprint import bp
 from charter.console.ui import problems, render
-from charter.console.views import bp
 from charter.errors import CharterError, ValidationFailedError
 from charter.policy import service as policy
 

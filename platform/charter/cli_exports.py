@@ -13,6 +13,7 @@ import click
 
 from charter.clikit import actor_named, command_runtime
 from charter.errors import CharterError, ValidationFailedError
+from charter.exports import service
 
 
 def _write(chunks: Iterable[str], output: Path | None) -> None:
@@ -66,7 +67,6 @@ def exports() -> None:
               help="Also list versions whose approval ended (expired, revoked).")
 def ml_bom(as_user: str, output: Path | None, include_retired: bool) -> None:
     """The model inventory as a validated CycloneDX 1.6 ML-BOM (JSON)."""
-    from charter.exports import service
 
     command_runtime()
     text = service.export_ml_bom(actor_named(as_user), include_retired=include_retired)
@@ -80,7 +80,6 @@ def ml_bom(as_user: str, output: Path | None, include_retired: bool) -> None:
 @click.option("--html", "as_html", is_flag=True, help="A self-contained HTML page.")
 def evidence(version_id: str, as_user: str, output: Path | None, as_html: bool) -> None:
     """The approval evidence pack of VERSION_ID (JSON, or --html)."""
-    from charter.exports import service
 
     command_runtime()
     pack = service.export_evidence(actor_named(as_user), version_id,
@@ -98,7 +97,6 @@ def evidence(version_id: str, as_user: str, output: Path | None, as_html: bool) 
               show_default=True)
 def records(as_user: str, output: Path | None, since: str, until: str, fmt: str) -> None:
     """Dispatch records (decisions, outcomes, refusals) of a period, streamed."""
-    from charter.exports import service
 
     command_runtime()
     export = service.export_records(actor_named(as_user), since=_moment(since, "since"),
