@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from prometheus_client import Counter
 from sqlalchemy.orm import Session
 
 from charter.settings import Settings
@@ -89,6 +90,11 @@ class Runtime:
     def slots(self) -> Slots:
         """Batch slots and named locks (PostgreSQL advisory locks, or in-process)."""
         return self._part("slots", self._make_slots)
+
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+        """A counter in this Runtime's metrics registry, made on first use."""
+        return self._part(f"counter:{name}", lambda rt: Counter(
+            name.removesuffix("_total"), documentation, labels, registry=rt.metrics))
 
     def flush(self) -> None:
         """Write the audit events still queued (gunicorn's worker_exit, a clean stop)."""

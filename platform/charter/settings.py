@@ -163,6 +163,12 @@ class Settings:
         "keygen`) that sign checkpoints and exports. All of them sign, so a rotation lists "
         "the old and the new key for a while. Empty: no checkpoints (the demo makes a key).",
     )
+    audit_verifier_keys: str = _setting(
+        "",
+        "Comma-separated verifier keys (`name+id+base64`, as `charter audit keygen` prints) "
+        "that checkpoints are also trusted under, besides the signing keys': the retired "
+        "keys of a rotation. Keys stored in the database are never trusted for this.",
+    )
     audit_checkpoint_every: int = _setting(
         1000, "Issue a checkpoint once this many events have been written since the last."
     )
@@ -367,6 +373,10 @@ class Settings:
     @property
     def signing_key_paths(self) -> list[str]:
         return [p.strip() for p in self.audit_signing_keys.split(",") if p.strip()]
+
+    @property
+    def verifier_keys(self) -> list[str]:
+        return [k.strip() for k in self.audit_verifier_keys.split(",") if k.strip()]
 
     @property
     def node_networks(self) -> list[str]:

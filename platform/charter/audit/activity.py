@@ -64,3 +64,16 @@ def recent_denials(limit: int = 10) -> list[dict[str, Any]]:
                  "target_type": e.target_type, "target_id": e.target_id,
                  "violations": e.details.get("violations", []),
                  "request_id": e.request_id} for e in rows]
+
+
+def integrity_alarms(since: datetime, limit: int = 5) -> list[dict[str, Any]]:
+    """The newest integrity alarms (`audit.integrity_alarm`) since `since`: the console
+    shows them to auditors and admins until they are older than that."""
+    with unit_of_work() as session:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "audit.integrity_alarm",
+                                     AuditEvent.ts >= since)
+            .order_by(AuditEvent.seq.desc()).limit(limit)).all()
+        return [{"seq": e.seq, "ts": e.ts, "message": e.details.get("message", ""),
+                 "reason": e.details.get("reason"), "checkpoint": e.details.get("checkpoint"),
+                 "first_bad_seq": e.details.get("first_bad_seq")} for e in rows]

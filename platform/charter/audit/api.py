@@ -65,6 +65,7 @@ class VerifyOut(BaseModel):
     first_bad_seq: int | None
     reason: str | None
     message: str | None
+    checkpoint: int | None
 
 
 @bp.operation("GET", "/audit/events", summary="Search audit events (keyset paging by seq)",

@@ -21,10 +21,11 @@ from sqlalchemy import Connection, func, select
 
 from charter import scope
 from charter.audit import checkpoints
+from charter.audit.anchors import raise_alarm
 from charter.audit.chain import canonical_json, event_body
 from charter.audit.checkpoint import sign_note
 from charter.audit.models import AuditCheckpoint, AuditEvent
-from charter.audit.tree import Tree
+from charter.audit.tree import Tree, TreeError
 from charter.audit.verify import FORMAT, MANIFEST_NOTE
 from charter.db import table_of, utcnow
 from charter.errors import CharterError
@@ -119,9 +120,9 @@ def _lines(conn: Connection, sel: Selection, size: int
             prev_hash=prev_hash))
         digest = hashlib.sha256(line).digest()
         if digest.hex() != stored:
-            raise checkpoints.AuditIntegrityError(
+            raise raise_alarm(
                 f"refusing to export: event {seq} does not match its stored hash",
-                details={"first_bad_seq": seq, "reason": "edited"})
+                {"first_bad_seq": seq, "reason": "edited"})
         yield seq, line, digest
 
 
@@ -183,12 +184,17 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
         inclusion, consistency = [], []
         previous: AuditCheckpoint | None = None
         for cp, (lo, hi) in zip(used, ranges, strict=True):
-            nodes = tree.batch_proof(cp.size, [s - 1 for s in seqs[lo:hi]],
-                                     bytes.fromhex(cp.root_hash))
+            try:
+                nodes = tree.batch_proof(cp.size, [s - 1 for s in seqs[lo:hi]],
+                                         bytes.fromhex(cp.root_hash))
+                path = (tree.consistency(previous.size, cp.size) if previous is not None
+                        else [])
+            except TreeError as exc:  # a row or a tree node is not what was signed
+                raise raise_alarm(f"refusing to export: {exc}",
+                                  {"reason": "tree", "checkpoint": cp.size}) from None
             inclusion.append({"size": cp.size, "first_seq": seqs[lo],
                               "nodes": [[a, b, h.hex()] for a, b, h in nodes]})
             if previous is not None:
-                path = tree.consistency(previous.size, cp.size)
                 consistency.append({"from": previous.size, "to": cp.size,
                                     "path": [h.hex() for h in path]})
             previous = cp

@@ -180,8 +180,11 @@ class Verdict:
     count: int
     head_hash: str
     first_bad_seq: int | None = None
-    reason: str | None = None  # missing | edited | reordered
+    # missing | edited | reordered (the chain); truncated | rewritten | forked |
+    # checkpoint_forged (against the signed checkpoints: charter.audit.anchors)
+    reason: str | None = None
     message: str | None = None
+    checkpoint: int | None = None  # the signed tree size it contradicts, if any
 
 
 def verify_rows(

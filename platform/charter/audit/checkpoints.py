@@ -15,23 +15,23 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, select
 
+from charter.audit import anchors
+from charter.audit.anchors import AuditIntegrityError as AuditIntegrityError
+from charter.audit.anchors import raise_alarm
 from charter.audit.chain import GENESIS_HASH, ChainRow, verify_rows
-from charter.audit.checkpoint import Checkpoint, Signer, sign
+from charter.audit.checkpoint import Checkpoint, sign
+from charter.audit.keys import generate_key as generate_key
+from charter.audit.keys import load_signers as load_signers
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey, AuditPurged
-from charter.audit.tree import Tree
+from charter.audit.tree import Tree, TreeError
 from charter.audit.verify import ProofError, verify_consistency
 from charter.db import table_of, utcnow
 from charter.errors import (
-    CharterError,
-    ConfigurationError,
     NotFoundError,
     ValidationFailedError,
 )
@@ -42,51 +42,7 @@ log = structlog.get_logger(__name__)
 CHECKPOINT_LOCK_KEY = 0x43484B50_54  # "CHKPT"
 
 
-class AuditIntegrityError(CharterError):
-    status = 500
-    code = "audit_integrity"
-
-
 # --- keys -----------------------------------------------------------------------------------
-
-def load_signers(settings: Settings) -> list[Signer]:
-    paths = tuple(settings.signing_key_paths)
-    stamps = tuple(_mtime(p) for p in paths)
-    return list(_signers(settings.audit_log_origin, paths, stamps))
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return -1.0
-
-
-@lru_cache(maxsize=8)
-def _signers(origin: str, paths: tuple[str, ...], _stamps: tuple[float, ...]
-             ) -> tuple[Signer, ...]:
-    out = []
-    for path in paths:
-        try:
-            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"CHARTER_AUDIT_SIGNING_KEYS: {path}: {exc}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigurationError(f"CHARTER_AUDIT_SIGNING_KEYS: {path} is not an Ed25519 "
-                                     "private key")
-        out.append(Signer(origin, key))
-    return tuple(out)
-
-
-def generate_key(path: Path) -> None:
-    """A new Ed25519 private key as PKCS#8 PEM, readable by its owner only."""
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-
 
 @dataclass(frozen=True)
 class PublishedKey:
@@ -143,6 +99,24 @@ def _chain_rows(conn: Connection, after: int, upto: int) -> Iterator[ChainRow]:
         yield ChainRow(*row)
 
 
+def _extends(tree: Tree, old_size: int, old_root: bytes, size: int, root: bytes,
+             source: str) -> None:
+    """Refuse (the integrity alarm) unless the tree of `size` is a consistent extension
+    of the signed tree of `old_size`."""
+    try:
+        if old_size == size:
+            if old_root != root:
+                raise ProofError(f"the root at size {size} changed")
+        elif old_size:
+            verify_consistency(old_size, size, old_root, root,
+                               tree.consistency(old_size, size))
+    except (ProofError, TreeError) as exc:
+        raise raise_alarm(
+            f"refusing to sign: the log no longer extends checkpoint {old_size} "
+            f"({source}): {exc}",
+            {"reason": "rewritten", "checkpoint": old_size, "source": source}) from None
+
+
 def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
     """Sign a checkpoint of the log as it is now, if one is due (or `force`); None when
     none was due or no signing key is configured."""
@@ -161,31 +135,47 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
             return None
         before = last.size if last else 0
         if size < before:
-            raise AuditIntegrityError(f"the log holds {size} events, fewer than the "
-                                      f"{before} its last checkpoint signed")
+            raise raise_alarm(
+                f"refusing to sign: the log holds {size} events, fewer than the {before} "
+                "its last checkpoint signed",
+                {"reason": "truncated", "checkpoint": before, "first_bad_seq": size + 1})
         anchor = GENESIS_HASH
         if before:
             anchor = hash_at(conn, before) or ""
         verdict = verify_rows(_chain_rows(conn, before, size), after=before,
                               after_hash=anchor)
         if not verdict.ok or verdict.count != size - before:
-            raise AuditIntegrityError(
+            raise raise_alarm(
                 "refusing to sign: the events since the last checkpoint do not verify: "
                 f"{verdict.message or 'events are missing'}",
-                details={"first_bad_seq": verdict.first_bad_seq, "reason": verdict.reason})
+                {"reason": verdict.reason or "missing", "first_bad_seq": verdict.first_bad_seq})
         tree = Tree(conn)
-        tree.extend(size)
-        root = tree.root(size)
+        try:
+            tree.extend(size)
+            root = tree.root(size)
+        except TreeError as exc:
+            raise raise_alarm(f"refusing to sign: {exc}", {"reason": "tree"}) from None
         if last is not None and before:
-            try:
-                verify_consistency(before, size, bytes.fromhex(last.root_hash), root,
-                                   tree.consistency(before, size))
-            except ProofError as exc:
-                raise AuditIntegrityError(
-                    f"refusing to sign: the log no longer extends checkpoint {before}: {exc}"
-                ) from None
+            _extends(tree, before, bytes.fromhex(last.root_hash), size, root,
+                     f"database:{last.id}")
         elif last is not None and size == 0 and bytes.fromhex(last.root_hash) != root:
-            raise AuditIntegrityError("refusing to sign: the empty log's root changed")
+            raise raise_alarm("refusing to sign: the empty log's root changed",
+                              {"reason": "rewritten", "checkpoint": 0})
+        # The copy outside the database: what an insider who rewrote the database (its
+        # rows, its tree and its checkpoint table alike) cannot make agree.
+        outside = anchors.newest_external(settings)
+        for problem in outside.problems:
+            raise raise_alarm(f"refusing to sign: {problem['message']}", problem)
+        external = outside.newest
+        if external is not None:
+            if size < external.size:
+                raise raise_alarm(
+                    f"refusing to sign: the log holds {size} events, fewer than the "
+                    f"{external.size} of the checkpoint kept outside the database "
+                    f"({external.source})",
+                    {"reason": "truncated", "checkpoint": external.size,
+                     "source": external.source, "first_bad_seq": size + 1})
+            _extends(tree, external.size, external.root, size, root, external.source)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         note = sign(Checkpoint(settings.audit_log_origin, size, root, (f"time {stamp}",)),
                     *signers)
@@ -269,7 +259,11 @@ def inclusion(seq: int, size: int | None = None) -> tuple[AuditCheckpoint, str, 
         event_hash = hash_at(conn, seq)
         if event_hash is None:
             raise NotFoundError(f"event {seq} is not in the log", code="not_in_tree")
-        return cp, event_hash, Tree(conn).inclusion(seq - 1, cp.size)
+        try:
+            return cp, event_hash, Tree(conn).inclusion(seq - 1, cp.size)
+        except TreeError as exc:
+            raise raise_alarm(f"no proof: {exc}", {"reason": "tree",
+                                                   "checkpoint": cp.size}) from None
 
 
 def consistency(first: int, second: int
@@ -282,4 +276,8 @@ def consistency(first: int, second: int
         raise NotFoundError(f"no checkpoint of size {first if a is None else second} has "
                             "been signed", code="no_checkpoint")
     with unit_of_work() as session:
-        return a, b, Tree(session.connection()).consistency(first, second)
+        try:
+            return a, b, Tree(session.connection()).consistency(first, second)
+        except TreeError as exc:
+            raise raise_alarm(f"no proof: {exc}", {"reason": "tree",
+                                                   "checkpoint": second}) from None

@@ -8,12 +8,14 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from charter import scope
+from charter.audit import anchors
+from charter.audit.anchors import raise_alarm
 from charter.audit.chain import (
     GENESIS_HASH,
     ChainRow,
@@ -21,7 +23,8 @@ from charter.audit.chain import (
     Verdict,
     verify_rows,
 )
-from charter.audit.models import AuditEvent, AuditPurged
+from charter.audit.models import AuditCheckpoint, AuditEvent, AuditPurged
+from charter.audit.verify import Frontier, leaf_hash
 from charter.db import table_of
 from charter.errors import CharterError, ValidationFailedError
 from charter.uow import record, refuse, unit_of_work
@@ -102,12 +105,24 @@ def _peek_head(session: Session) -> tuple[int, str]:
 
 def verify_chain(batch: int = 5000) -> Verdict:
     """Walk the whole chain in the database, streaming rows in seq order (purged events by
-    their tombstones)."""
-    database = scope.current().database
+    their tombstones), and hold it against every signed checkpoint a trusted key made: the
+    external copy's and the checkpoint table's (charter.audit.anchors). A log shorter than
+    a signed tree is `truncated`; one whose root at a signed size differs, `rewritten`; two
+    signed roots of one size, `forked`; a checkpoint row nobody with the keys signed,
+    `checkpoint_forged`. Each of those raises the integrity alarm too."""
+    rt = scope.current()
+    database, settings = rt.database, rt.settings
     with database.engine.connect() as conn:
         table = table_of(AuditEvent)
         purged = table_of(AuditPurged)
         cols = [table.c[name] for name in ChainRow.__slots__]
+        checkpoints = table_of(AuditCheckpoint)
+        found = anchors.gather(settings, conn.execute(
+            select(checkpoints.c.id, checkpoints.c.note).order_by(checkpoints.c.id)).all())
+        sizes = sorted(found.by_size)
+        frontier = Frontier()
+        held: list[int] = []  # signed sizes the walk has matched so far
+        mismatch: list[int] = []
 
         def rows() -> Iterator[ChainRow]:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(
@@ -130,9 +145,62 @@ def verify_chain(batch: int = 5000) -> Verdict:
         def seq_of_hash(h: str) -> int | None:
             return conn.execute(select(table.c.seq).where(table.c.hash == h)).scalar()
 
+        def against_anchors(merged: Iterator[ChainRow | Tombstone]
+                            ) -> Iterator[ChainRow | Tombstone]:
+            """Feed the tree as rows pass; stop at the first signed size it contradicts."""
+            pending = iter(sizes)
+            due = next(pending, None)
+            while due == 0:
+                due = next(pending, None)
+            for row in merged:
+                yield row
+                try:
+                    frontier.append(leaf_hash(bytes.fromhex(row.hash)))
+                except ValueError:
+                    return  # a malformed hash: the chain walk names it
+                if frontier.size == due:
+                    if frontier.root() != found.by_size[due].root:
+                        mismatch.append(due)
+                        return
+                    held.append(due)
+                    due = next(pending, None)
+
         merged: Iterator[ChainRow | Tombstone] = heapq.merge(
             rows(), tombstones(), key=lambda r: r.seq)
-        return verify_rows(merged, seq_of_hash=seq_of_hash)
+        verdict = verify_rows(against_anchors(merged), seq_of_hash=seq_of_hash)
+    return _judge(verdict, found, held, mismatch)
+
+
+def _judge(verdict: Verdict, found: anchors.Anchors, held: list[int],
+           mismatch: list[int]) -> Verdict:
+    """The chain's own verdict, then what the signed checkpoints say of it."""
+    if not verdict.ok:
+        return verdict
+    problem: dict[str, Any] | None = None
+    forks = [p for p in found.problems if p.get("reason") == "forked"]
+    if forks:
+        problem = dict(forks[0])
+    elif mismatch:
+        size, since = mismatch[0], (held[-1] if held else 0)
+        source = found.by_size[size].source
+        problem = {"reason": "rewritten", "checkpoint": size, "first_bad_seq": since + 1,
+                   "message": f"the log's tree at size {size} is not the one signed "
+                              f"({source}): an event among {since + 1}..{size} was changed "
+                              "and the chain recomputed"}
+    elif found.by_size and max(found.by_size) > verdict.count:
+        newest = found.by_size[max(found.by_size)]
+        problem = {"reason": "truncated", "checkpoint": newest.size,
+                   "first_bad_seq": verdict.count + 1,
+                   "message": f"the log holds {verdict.count} events, fewer than the "
+                              f"{newest.size} signed ({newest.source}): events from "
+                              f"{verdict.count + 1} on were removed"}
+    elif found.problems:
+        problem = dict(found.problems[0])
+    if problem is None:
+        return verdict
+    raise_alarm(str(problem["message"]), problem)  # counted and logged; the verdict says
+    return Verdict(False, verdict.count, verdict.head_hash, problem.get("first_bad_seq"),
+                   str(problem["reason"]), str(problem["message"]), problem.get("checkpoint"))
 
 
 def export_bundle(settings: Settings, selection: Selection, out: IO[bytes], *,

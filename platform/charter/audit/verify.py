@@ -96,6 +96,38 @@ def range_root(leaves: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+class Frontier:
+    """An append-only RFC 9162 tree kept as the roots of its perfect subtrees, largest
+    first: a leaf appended in O(1) hashing (amortized), the root of everything appended so
+    far in O(log n). The database walk uses it to hold the log against signed checkpoints
+    as it goes."""
+
+    __slots__ = ("_stack", "size")
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, bytes]] = []  # (height, subtree root)
+        self.size = 0
+
+    def append(self, leaf: bytes) -> None:
+        """Append a leaf hash (leaf_hash of the entry)."""
+        node, height = leaf, 0
+        stack = self._stack
+        while stack and stack[-1][0] == height:
+            node = _sha256(b"\x01" + stack.pop()[1] + node).digest()
+            height += 1
+        stack.append((height, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        """MTH of the leaves appended so far: the subtrees folded from the right."""
+        if not self._stack:
+            return EMPTY_ROOT
+        acc = self._stack[-1][1]
+        for _, node in reversed(self._stack[:-1]):
+            acc = _sha256(b"\x01" + node + acc).digest()
+        return acc
+
+
 def verify_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes],
                      expected_root: bytes) -> None:
     """RFC 9162 2.1.3.2; raises ProofError unless `leaf` is at `index` of the tree."""

@@ -7,7 +7,7 @@ from datetime import timedelta
 from flask import g
 from werkzeug.wrappers import Response
 
-from charter.audit.activity import dispatch_activity, recent_denials
+from charter.audit.activity import dispatch_activity, integrity_alarms, recent_denials
 from charter.console.blueprint import bp
 from charter.console.ui import can, render
 from charter.db import utcnow
@@ -15,6 +15,7 @@ from charter.nodes.service import list_nodes
 from charter.registry.service import list_versions
 
 EXPIRY_WINDOW = timedelta(days=14)
+ALARM_WINDOW = timedelta(days=30)  # how long an integrity alarm stays on the overview
 
 
 @bp.get("/")
@@ -44,7 +45,8 @@ def home() -> Response:
     activity = dispatch_activity(now - timedelta(hours=24))
     denials = recent_denials() if can("admin", "auditor", "approver", "steward",
                                       "operator") else []
+    alarms = integrity_alarms(now - ALARM_WINDOW) if can("admin", "auditor") else []
     return render("console/pages/overview.html", section="overview", title="Overview",
                   roles=sorted(g.actor.roles), pending=pending, expiring=expiring,
                   regions=dict(sorted(regions.items())), activity=activity, denials=denials,
-                  now=now)
+                  alarms=alarms, now=now)

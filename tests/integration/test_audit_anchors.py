@@ -1,0 +1,173 @@
+"""The log held against the checkpoints an insider cannot rewrite: the external copy, and
+checkpoint rows only a trusted key could have signed. Tampering is done as a PostgreSQL
+superuser would (triggers bypassed), by someone who knows the algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from charter import scope
+from charter.audit import checkpoints
+from charter.audit.bundle import Selection
+from charter.audit.checkpoint import Checkpoint, sign
+from charter.audit.keys import load_signers
+from charter.audit.service import EventFilter, export_bundle, list_events, verify_chain
+from charter.runtime import Runtime
+from charter.settings import Settings
+from tests.audit_support import append_many, as_insider, rechain, signing
+from tests.runtimes import bound_runtime
+
+
+@pytest.fixture
+def anchored(configured: Settings, tmp_path: Path) -> Iterator[Runtime]:
+    """A signing log with its external copy in `tmp_path/outside`, bound for the test."""
+    (tmp_path / "keys").mkdir()
+    settings = signing(configured, tmp_path / "keys",
+                       audit_checkpoint_dir=str(tmp_path / "outside"))
+    with bound_runtime(settings) as runtime:
+        yield runtime
+
+
+def _two_checkpoints(settings: Settings) -> tuple[int, int]:
+    append_many(40)
+    first = checkpoints.issue(settings, force=True)
+    append_many(25, start=40)
+    second = checkpoints.issue(settings, force=True)
+    assert first is not None and second is not None
+    return first.size, second.size
+
+
+def _alarms(runtime: Runtime) -> float:
+    text = generate_latest(runtime.metrics).decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("charter_audit_integrity_alarms_total{"))
+
+
+def test_a_healthy_log_holds_against_every_signed_checkpoint(anchored: Runtime) -> None:
+    first, second = _two_checkpoints(anchored.settings)
+    append_many(3, start=65)  # past the last checkpoint: fine
+    verdict = verify_chain()
+    assert verdict.ok and verdict.count == second + 3 and verdict.checkpoint is None
+    outside = sorted(p.name for p in Path(anchored.settings.audit_checkpoint_dir).iterdir())
+    assert len(outside) == 3 and outside[-1] == "latest.note"  # two notes and the latest
+    assert checkpoints.issue(anchored.settings, force=True) is not None  # extends them
+    assert _alarms(anchored) == 0
+
+
+def test_a_rewritten_and_rechained_log_with_its_tree_and_checkpoints_dropped_is_caught(
+        anchored: Runtime, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    settings = anchored.settings
+    first, second = _two_checkpoints(settings)
+    # The attack of the issue: rewrite an event, recompute the chain from there, drop the
+    # tree and the checkpoint table. The database alone now looks perfect.
+    as_insider(pg_conn, "UPDATE audit_events SET actor = 'user:mallory' WHERE seq = 17",
+               "DELETE FROM audit_tree_nodes", "DELETE FROM audit_checkpoints")
+    rechain(pg_conn, 17)
+    verdict = verify_chain()
+    assert (verdict.ok, verdict.reason, verdict.checkpoint) == (False, "rewritten", first)
+    assert verdict.first_bad_seq == 1 and "1..40" in (verdict.message or "")
+    # The issuer refuses to sign the rewritten log, and says so loudly.
+    with pytest.raises(checkpoints.AuditIntegrityError) as refused:
+        checkpoints.issue(settings, force=True)
+    assert refused.value.code == "audit_integrity" and refused.value.status == 409
+    assert refused.value.details["reason"] == "rewritten"
+    assert refused.value.details["source"].startswith("external:")
+    alarm = list_events(EventFilter(action="audit.integrity_alarm"))
+    assert alarm and alarm[-1].outcome == "denied"
+    assert alarm[-1].details["code"] == "audit_integrity"
+    assert _alarms(anchored) >= 2  # the walk's and the issuer's
+
+
+def test_a_cut_tail_is_caught_even_with_the_checkpoint_table_gone(
+        anchored: Runtime, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    settings = anchored.settings
+    first, second = _two_checkpoints(settings)
+    as_insider(pg_conn, f"DELETE FROM audit_events WHERE seq > {first + 5}",
+               "DELETE FROM audit_checkpoints", "DELETE FROM audit_tree_nodes")
+    verdict = verify_chain()
+    assert (verdict.ok, verdict.reason) == (False, "truncated")
+    assert verdict.checkpoint == second and verdict.first_bad_seq == first + 6
+    with pytest.raises(checkpoints.AuditIntegrityError) as refused:
+        checkpoints.issue(settings, force=True)
+    assert refused.value.details["reason"] == "truncated"
+    assert refused.value.details["checkpoint"] == second
+
+
+def test_a_checkpoint_row_no_trusted_key_signed_is_named(
+        anchored: Runtime, pg_conn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = anchored.settings
+    _two_checkpoints(settings)
+    mallory = signing(dataclasses.replace(settings, audit_signing_keys=""),
+                      tmp_path, "mallory")
+    forged = sign(Checkpoint(settings.audit_log_origin, 3, b"\x07" * 32, ("time x",)),
+                  *load_signers(mallory))
+    as_insider(pg_conn, "INSERT INTO audit_checkpoints (size, root_hash, issued_at, note, keys) "
+                        "VALUES (3, %s, now(), %s, 'mallory')", params=("07" * 32, forged))
+    verdict = verify_chain()
+    assert (verdict.ok, verdict.reason) == (False, "checkpoint_forged")
+    assert "database:" in (verdict.message or "")
+
+
+def test_two_signed_roots_of_one_size_are_a_fork(anchored: Runtime) -> None:
+    """A fork (e.g. a log rolled back and grown again before it was anchored): the walk
+    finds it at any size; the issuer, which reads only the newest external notes, finds it
+    when it is at the newest size."""
+    settings = anchored.settings
+    first, second = _two_checkpoints(settings)
+    outside = Path(settings.audit_checkpoint_dir)
+    for size, name in ((first, "fork-a"), (second, "fork-b")):
+        other = sign(Checkpoint(settings.audit_log_origin, size, bytes([size]) * 32,
+                                ("time y",)), *load_signers(settings))
+        (outside / f"{size:012d}-{name}.note").write_text(other)
+    verdict = verify_chain()
+    assert (verdict.ok, verdict.reason) == (False, "forked")
+    assert f"size {first}" in (verdict.message or "")
+    with pytest.raises(checkpoints.AuditIntegrityError) as refused:
+        checkpoints.issue(settings, force=True)
+    assert refused.value.details["reason"] == "forked"
+    assert refused.value.details["size"] == second
+
+
+def test_exports_of_a_broken_log_are_refused_cleanly(
+        anchored: Runtime, pg_conn, make_person) -> None:  # type: ignore[no-untyped-def]
+    from tests.runtimes import app_for
+
+    settings = anchored.settings
+    _two_checkpoints(settings)
+    as_insider(pg_conn, "DELETE FROM audit_events WHERE seq = 12")  # a middle row gone
+    with pytest.raises(checkpoints.AuditIntegrityError) as refused:
+        export_bundle(settings, Selection(), io.BytesIO(), actor_ref="user:auditor")
+    assert refused.value.code == "audit_integrity"
+    auditor = make_person("auditor")
+    client = app_for(settings).test_client()
+    r = client.post("/api/v1/audit/exports", headers=auditor.headers, json={})
+    assert r.status_code == 409, r.get_data(as_text=True)[:300]
+    assert r.get_json()["error"]["code"] == "audit_integrity"
+    r = client.get("/api/v1/audit/proofs/inclusion?seq=20", headers=auditor.headers)
+    assert r.status_code in (200, 409) and (
+        r.status_code == 200 or r.get_json()["error"]["code"] == "audit_integrity")
+    assert scope.current() is anchored
+
+
+def test_auditors_see_the_alarm_on_the_console(anchored: Runtime, pg_conn,  # type: ignore[no-untyped-def]
+                                               make_person) -> None:
+    from tests.console_support import Console
+    from tests.runtimes import app_for
+
+    settings = anchored.settings
+    first, _ = _two_checkpoints(settings)
+    as_insider(pg_conn, f"DELETE FROM audit_events WHERE seq > {first}")
+    with pytest.raises(checkpoints.AuditIntegrityError):
+        checkpoints.issue(settings, force=True)
+    app = app_for(settings)
+    auditor, steward = make_person("auditor"), make_person("steward")
+    page = Console(app, auditor.actor.user_id).get("/console/").get_data(as_text=True)
+    assert 'id="integrity-alarm"' in page and "truncated" in page
+    page = Console(app, steward.actor.user_id).get("/console/").get_data(as_text=True)
+    assert 'id="integrity-alarm"' not in page  # auditors and admins only
