@@ -43,8 +43,10 @@ CHILD = r'''
 import json, sys, time
 spec = json.loads(sys.argv[1])
 from charter.settings import Settings
+extra = {"audit_seal_key": spec["seal_key"]} if spec.get("seal_key") else {}
 settings = Settings.from_env({}, database_url=spec["url"], secret_key=spec["secret"],
-                             node_allowed_networks="127.0.0.0/8", log_level="WARNING")
+                             node_allowed_networks="127.0.0.0/8", log_level="WARNING",
+                             **extra)
 from charter.app import create_app
 try:
     from charter import scope
@@ -99,8 +101,10 @@ def _cpu_ms(checkout: Path, spec: dict[str, object]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", type=Path, required=True,
+    ap.add_argument("--baseline", type=Path,
                     help="another checkout (e.g. a git worktree of the previous commit)")
+    ap.add_argument("--sealing", action="store_true",
+                    help="instead: this checkout with event seals against without them")
     ap.add_argument("--n1", type=int, default=20)
     ap.add_argument("--n2", type=int, default=120)
     ap.add_argument("--cpu-requests", type=int, default=1000)
@@ -112,7 +116,12 @@ def main() -> None:
     from charter.settings import Settings
 
     console = Console()
-    sides = {"this checkout": ROOT, "baseline": args.baseline.resolve()}
+    if args.sealing:
+        sides = {"this checkout": ROOT, "baseline": ROOT}  # sealed vs not, same code
+    elif args.baseline is None:
+        raise SystemExit("give --baseline DIR or --sealing")
+    else:
+        sides = {"this checkout": ROOT, "baseline": args.baseline.resolve()}
     name = f"charter_bench_cost_{os.getpid()}"
     upstream = subprocess.Popen([sys.executable, str(HERE.parent / "gateway.py"), "--role",
                                  "upstream", "--spec", json.dumps({"delay_ms": 10})],
@@ -131,15 +140,22 @@ def main() -> None:
                 "warmup": 20}
         results: dict[str, dict[str, float]] = {}
         with tempfile.TemporaryDirectory() as tmp:
+            specs = {side: dict(base) for side in sides}
+            if args.sealing:
+                from charter.audit.seal import make_seal_keys, write_new
+
+                write_new(Path(tmp) / "seal.json", make_seal_keys().sealing)
+                specs["this checkout"]["seal_key"] = str(Path(tmp) / "seal.json")
             for side, checkout in sides.items():
-                counts = [_instructions(checkout, {**base, "n": n},
+                counts = [_instructions(checkout, {**specs[side], "n": n},
                                         Path(tmp) / f"cg-{side[:4]}-{n}.out")
                           for n in (args.n1, args.n2)]
                 results[side] = {"instructions": (counts[1] - counts[0]) / (args.n2 - args.n1)}
             cpu: dict[str, list[float]] = {side: [] for side in sides}
             for _ in range(args.cpu_rounds):  # alternated, so that load drifts hit both
                 for side, checkout in sides.items():
-                    cpu[side].append(_cpu_ms(checkout, {**base, "n": args.cpu_requests}))
+                    cpu[side].append(_cpu_ms(checkout, {**specs[side],
+                                                        "n": args.cpu_requests}))
             for side in sides:
                 results[side]["cpu_ms"] = statistics.median(cpu[side])
                 results[side]["cpu_spread"] = max(cpu[side]) - min(cpu[side])
@@ -158,7 +174,8 @@ def main() -> None:
                       f"{r['cpu_ms']:.3f} (spread {r['cpu_spread']:.3f})",
                       f"{r['cpu_ms'] / ref['cpu_ms']:.3f}")
     console.print(table)
-    console.print(f"baseline: {sides['baseline']}; load average after: "
+    console.print(f"baseline: {'the same, unsealed' if args.sealing else sides['baseline']}; "
+                  "load average after: "
                   f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
                   f"{time.strftime('%Y-%m-%d %H:%M')}")
     mine = results["this checkout"]

@@ -16,6 +16,7 @@ from prometheus_client import (
 )
 
 from charter.audit.journal import JOURNAL
+from charter.audit.seal import Sealer
 from charter.audit.writer import Entry, GroupWriter, make_writer
 from charter.batches.slots import Slots, make_slots
 from charter.db import Database
@@ -37,6 +38,7 @@ def build_runtime(settings: Settings) -> Runtime:
     made: list[object] = [database]
     try:
         policies = build_policies(settings)
+        sealer = Sealer(settings.audit_seal_key) if settings.audit_seal_key else None
         authenticator = Authenticator(settings)
         tasks = TaskQueue(settings)
         made.append(tasks)
@@ -64,8 +66,8 @@ def build_runtime(settings: Settings) -> Runtime:
         node_pool=NodePool(connect_timeout=settings.node_connect_timeout_s,
                            read_timeout=settings.node_read_timeout_s),
         node_urls=url_policy(settings), outstanding=Outstanding(),
-        authenticator=authenticator, metrics=metrics, journal=JOURNAL, make_writer=writer,
-        make_slots=slots)
+        authenticator=authenticator, metrics=metrics, journal=JOURNAL, sealer=sealer,
+        make_writer=writer, make_slots=slots)
     tasks.attach(runtime)
     return runtime
 

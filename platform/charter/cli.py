@@ -16,7 +16,9 @@ from charter import migrate
 from charter.audit.bundle import Selection
 from charter.audit.checkpoint import Signer
 from charter.audit.checkpoints import generate_key, issue, load_signers
+from charter.audit.seal import DEFAULT_INTERVAL_S, make_seal_keys, verifier_from_file, write_new
 from charter.audit.service import export_bundle, verify_chain
+from charter.audit.verify import SealError
 from charter.clikit import (
     CharterGroup,
     actor_named,
@@ -146,16 +148,48 @@ def audit() -> None:
 
 
 @audit.command("verify")
-def audit_verify() -> None:
-    """Walk the hash chain; print the count and head hash, or the first bad event and why."""
+@click.option("--seal-key", "seal_key", type=click.Path(exists=True, dir_okay=False),
+              help="The auditors' seal verification key: check every event's seal too.")
+def audit_verify(seal_key: str | None) -> None:
+    """Walk the hash chain, hold it against the signed checkpoints (and, with --seal-key,
+    check every seal); print the count and head hash, or the first bad event and why."""
     command_runtime()
-    verdict = verify_chain()
+    try:
+        verifier = verifier_from_file(seal_key) if seal_key else None
+    except SealError as exc:
+        raise ConfigurationError(f"--seal-key: {exc}", code="seal_key_invalid") from None
+    verdict = verify_chain(seal_key=verifier)
     if verdict.ok:
         click.echo(f"ok: {verdict.count} events, head {verdict.head_hash}")
         return
     click.echo(f"BROKEN at event {verdict.first_bad_seq} ({verdict.reason}): {verdict.message}")
     click.echo(f"{verdict.count} events verified before it")
     sys.exit(1)
+
+
+@audit.command("sealkey")
+@click.option("--sealing", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the sealing key file (CHARTER_AUDIT_SEAL_KEY).")
+@click.option("--verify", "verify_path", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Where to write the verification key (for the auditors).")
+@click.option("--epoch-s", default=DEFAULT_INTERVAL_S, show_default=True, type=int,
+              help="Seconds an epoch's key lives before it evolves and is erased.")
+def audit_sealkey(sealing: Path, verify_path: Path, epoch_s: int) -> None:
+    """Make a seal seed: the servers' sealing key file and the auditors' verification key.
+    Give the verification key to the auditors and keep it off every server: with it, any
+    epoch could be sealed."""
+    if epoch_s < 1:
+        raise ConfigurationError("--epoch-s must be at least 1", code="invalid_epoch")
+    keys = make_seal_keys(epoch_s)
+    for path in (sealing, verify_path):
+        if path.exists():
+            raise ConfigurationError(f"{path} exists: a key file is never overwritten",
+                                     code="key_exists")
+    write_new(sealing, keys.sealing)
+    write_new(verify_path, keys.verification)
+    click.echo(f"wrote {sealing} (set CHARTER_AUDIT_SEAL_KEY to it, on writable storage) "
+               f"and {verify_path} (for the auditors only: `charter audit verify "
+               f"--seal-key`, `charter-verify --seal-key`)")
 
 
 @audit.command("keygen")

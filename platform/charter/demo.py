@@ -19,6 +19,7 @@ from charter import migrate, scope
 from charter.actor import SYSTEM, Actor
 from charter.app import create_app
 from charter.audit.checkpoints import generate_key
+from charter.audit.seal import make_seal_keys, write_new
 from charter.boot import build_runtime
 from charter.db import utcnow
 from charter.errors import NotFoundError
@@ -261,9 +262,16 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
     key = data_dir / "audit-signing-key.pem"
     if not key.exists():
         generate_key(key)  # the demo's own; production keys come from a Secret
+    seal_key, seal_verify = data_dir / "seal-key.json", data_dir / "seal-verify.json"
+    if not seal_key.exists():  # the demo keeps both; production gives auditors the second
+        keys = make_seal_keys()
+        write_new(seal_key, keys.sealing)
+        if not seal_verify.exists():
+            write_new(seal_verify, keys.verification)
     settings = Settings.from_env(demo=True, database_url=url, log_format="console",
                                  node_allowed_networks="127.0.0.0/8",
                                  audit_signing_keys=str(key),
+                                 audit_seal_key=str(seal_key),
                                  audit_checkpoint_dir=str(data_dir / "checkpoints"))
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)

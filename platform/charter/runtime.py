@@ -22,6 +22,7 @@ from charter.settings import Settings
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from charter.audit.seal import Sealer
     from charter.audit.writer import GroupWriter
     from charter.batches.slots import Slots
     from charter.db import Database
@@ -51,6 +52,7 @@ class Runtime:
                  tasks: TaskQueue, readcache: ReadCache, node_pool: NodePool,
                  node_urls: NodeUrlPolicy, outstanding: Outstanding,
                  authenticator: Authenticator, metrics: CollectorRegistry, journal: Journal,
+                 sealer: Sealer | None = None,
                  make_writer: Callable[[Runtime], GroupWriter],
                  make_slots: Callable[[Runtime], Slots]) -> None:
         self.settings = settings
@@ -64,6 +66,7 @@ class Runtime:
         self.authenticator = authenticator
         self.metrics = metrics
         self.journal = journal
+        self.sealer = sealer  # seals every event as it is made (charter.audit.seal)
         self._make_writer = make_writer
         self._make_slots = make_slots
         self._lazy: dict[str, Any] = {}

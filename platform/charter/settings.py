@@ -163,6 +163,13 @@ class Settings:
         "keygen`) that sign checkpoints and exports. All of them sign, so a rotation lists "
         "the old and the new key for a while. Empty: no checkpoints (the demo makes a key).",
     )
+    audit_seal_key: str = _setting(
+        "",
+        "Path of the sealing key file (`charter audit sealkey`): every event is sealed with "
+        "the current epoch's key, which evolves one way and is rewritten in place as epochs "
+        "pass (keep it on writable storage). Its verification key stays with the auditors. "
+        "Empty: events are not sealed.",
+    )
     audit_verifier_keys: str = _setting(
         "",
         "Comma-separated verifier keys (`name+id+base64`, as `charter audit keygen` prints) "

@@ -216,7 +216,8 @@ def test_an_entry_the_table_refuses_does_not_sink_its_batch(configured) -> None:
     bad = Event("user:x", "dispatch.outcome", "deployment", long_id, "success", {}, None,
                 b"{}", hash_parts(actor="user:x", action="dispatch.outcome",
                                   target_type="deployment", target_id=long_id,
-                                  outcome="success", request_id=None))
+                                  outcome="success", request_id=None),
+                "0" * 32, None)
     writer.defer(Entry(events=(bad,)))
     writer.defer(Entry(events=(_event(1, "dispatch.outcome"),)))
     entry = writer.commit(Entry(events=(_event(2),)))

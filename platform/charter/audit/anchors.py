@@ -28,7 +28,7 @@ import structlog
 from charter import scope
 from charter.audit.checkpoint import Verifier
 from charter.audit.keys import load_signers
-from charter.audit.verify import CheckpointError, verify
+from charter.audit.verify import CheckpointError, seals_from_extensions, verify
 from charter.errors import CharterError, ConfigurationError
 from charter.settings import Settings
 
@@ -49,6 +49,7 @@ class Anchor:
     size: int
     root: bytes
     source: str  # "external:<file name>" or "database:<checkpoint id>"
+    seals_from: int | None = None  # its `seals-from N` line: events from N on are sealed
 
 
 @dataclass
@@ -61,6 +62,12 @@ class Anchors:
     @property
     def newest(self) -> Anchor | None:
         return self.by_size[max(self.by_size)] if self.by_size else None
+
+    @property
+    def seals_from(self) -> int | None:
+        """From which event on the signed checkpoints say every event is sealed."""
+        found = [a.seals_from for a in self.by_size.values() if a.seals_from is not None]
+        return min(found) if found else None
 
     def add(self, anchor: Anchor) -> None:
         known = self.by_size.get(anchor.size)
@@ -160,7 +167,12 @@ def _take(anchors: Anchors, note: str, source: str, settings: Settings,
                                  "message": f"{source} names another log "
                                             f"({checkpoint.origin!r})"})
         return
-    anchors.add(Anchor(checkpoint.size, checkpoint.root_hash, source))
+    anchors.add(Anchor(checkpoint.size, checkpoint.root_hash, source,
+                       seals_from(checkpoint.extensions)))
+
+
+SEALS_FROM = "seals-from "
+seals_from = seals_from_extensions  # one definition, in the standalone verifier
 
 
 def raise_alarm(message: str, details: dict[str, object]) -> AuditIntegrityError:

@@ -41,9 +41,11 @@ Verify it offline with the standalone verifier (Python 3.11+ and `cryptography` 
 
 KEYS.txt: the log's verifier keys from GET /api/v1/audit/keys, or a copy you keep; without
 --keys the verifier uses keys.txt from this archive and says so. Add --checkpoints DIR to
-compare the checkpoints with the copies kept outside Charter.
+compare the checkpoints with the copies kept outside Charter, and --seal-key FILE (the
+auditors' seal verification key) to check every event's seal.
 
-events.jsonl holds each event exactly as it was hashed (RFC 8785 canonical JSON).
+events.jsonl holds each event exactly as it was hashed (RFC 8785 canonical JSON);
+seals.jsonl each event's id and seal.
 """
 
 
@@ -104,16 +106,18 @@ def _where(sel: Selection, size: int) -> list[Any]:
 
 
 def _lines(conn: Connection, sel: Selection, size: int
-           ) -> Iterator[tuple[int, bytes, bytes]]:
-    """(seq, canonical bytes, event hash) of the selected events, each checked against the
-    hash stored with it: an export of an altered log is refused, not signed."""
+           ) -> Iterator[tuple[int, bytes, bytes, bytes]]:
+    """(seq, canonical bytes, event hash, seals.jsonl line) of the selected events, each
+    checked against the hash stored with it: an export of an altered log is refused, not
+    signed."""
     t = table_of(AuditEvent)
     cols = [t.c.seq, t.c.ts, t.c.actor, t.c.action, t.c.target_type, t.c.target_id,
-            t.c.outcome, t.c.details, t.c.request_id, t.c.prev_hash, t.c.hash]
+            t.c.outcome, t.c.details, t.c.request_id, t.c.prev_hash, t.c.hash,
+            t.c.event_id, t.c.seal]
     result = conn.execution_options(stream_results=True, yield_per=5000).execute(
         select(*cols).where(*_where(sel, size)).order_by(t.c.seq))
     for (seq, ts, actor, action, target_type, target_id, outcome, details, request_id,
-         prev_hash, stored) in result:
+         prev_hash, stored, event_id, seal) in result:
         line = canonical_json(event_body(
             seq=seq, ts=ts, actor=actor, action=action, target_type=target_type,
             target_id=target_id, outcome=outcome, details=details, request_id=request_id,
@@ -123,7 +127,8 @@ def _lines(conn: Connection, sel: Selection, size: int
             raise raise_alarm(
                 f"refusing to export: event {seq} does not match its stored hash",
                 {"first_bad_seq": seq, "reason": "edited"})
-        yield seq, line, digest
+        yield seq, line, digest, json.dumps({"seq": seq, "id": event_id,
+                                             "seal": seal}).encode()
 
 
 def _runs(seqs: list[int]) -> list[list[int]]:
@@ -161,16 +166,20 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
     if signed is None or newest > signed:
         checkpoints.issue(settings, force=True)  # every exported event under a checkpoint
     keys = "".join(f"{k.verifier}\n" for k in checkpoints.published_keys(settings))
-    with database.engine.connect() as conn, tempfile.TemporaryFile() as events_file:
+    with (database.engine.connect() as conn, tempfile.TemporaryFile() as events_file,
+          tempfile.TemporaryFile() as seals_file):
         size = conn.execute(select(func.max(AuditCheckpoint.size))).scalar() or 0
         seqs: list[int] = []
         hashes: list[str] = []
         events_digest = hashlib.sha256()
-        for seq, line, digest in _lines(conn, sel, size):
+        seals_digest = hashlib.sha256()
+        for seq, line, digest, seal_line in _lines(conn, sel, size):
             seqs.append(seq)
             hashes.append(digest.hex())
             events_file.write(line + b"\n")
             events_digest.update(line + b"\n")
+            seals_file.write(seal_line + b"\n")
+            seals_digest.update(seal_line + b"\n")
         # Each event's covering checkpoint: the first that signed a tree holding it. Only
         # those go in, chained by consistency proofs.
         used, ranges, done = [], [], 0
@@ -217,6 +226,7 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
                        "hashes": hashes},
             "checkpoints": listed,
             "files": {"events.jsonl": {"sha256": events_digest.hexdigest()},
+                      "seals.jsonl": {"sha256": seals_digest.hexdigest()},
                       **{n: {"sha256": hashlib.sha256(b).hexdigest()}
                          for n, b in files.items()}},
         }
@@ -231,6 +241,10 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
             events_file.seek(0)
             with archive.open("events.jsonl", "w", force_zip64=True) as dest:
                 while chunk := events_file.read(1 << 20):
+                    dest.write(chunk)
+            seals_file.seek(0)
+            with archive.open("seals.jsonl", "w", force_zip64=True) as dest:
+                while chunk := seals_file.read(1 << 20):
                     dest.write(chunk)
             for name, data in files.items():
                 archive.writestr(name, data)

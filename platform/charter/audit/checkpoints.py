@@ -29,7 +29,7 @@ from charter.audit.keys import generate_key as generate_key
 from charter.audit.keys import load_signers as load_signers
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditKey, AuditPurged
 from charter.audit.tree import Tree, TreeError
-from charter.audit.verify import ProofError, verify_consistency
+from charter.audit.verify import ProofError, parse, verify_consistency
 from charter.db import table_of, utcnow
 from charter.errors import (
     NotFoundError,
@@ -97,6 +97,19 @@ def _chain_rows(conn: Connection, after: int, upto: int) -> Iterator[ChainRow]:
     for row in conn.execute(select(*cols).where(t.c.seq > after, t.c.seq <= upto)
                             .order_by(t.c.seq)):
         yield ChainRow(*row)
+
+
+def _seals_from(conn: Connection, last: AuditCheckpoint | None) -> int | None:
+    """The first sealed event: carried from the last checkpoint's note once it says, found
+    in the log until then. Signed into every checkpoint, so removing seals is caught."""
+    if last is not None:
+        carried = anchors.seals_from(parse(last.note)[0].extensions)
+        if carried is not None:
+            return carried
+    t = table_of(AuditEvent)
+    found = conn.execute(select(t.c.seq).where(t.c.seal.is_not(None)).order_by(t.c.seq)
+                         .limit(1)).scalar()
+    return int(found) if found is not None else None
 
 
 def _extends(tree: Tree, old_size: int, old_root: bytes, size: int, root: bytes,
@@ -177,7 +190,21 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
                      "source": external.source, "first_bad_seq": size + 1})
             _extends(tree, external.size, external.root, size, root, external.source)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        note = sign(Checkpoint(settings.audit_log_origin, size, root, (f"time {stamp}",)),
+        extensions = [f"time {stamp}"]
+        known = [n for n in (_seals_from(conn, last), outside.seals_from) if n is not None]
+        sealed = min(known) if known else None
+        if sealed is not None:
+            t = table_of(AuditEvent)
+            bare = conn.execute(select(t.c.seq).where(
+                t.c.seq > max(before, sealed - 1), t.c.seq <= size, t.c.seal.is_(None))
+                .order_by(t.c.seq).limit(1)).scalar()
+            if bare is not None:
+                raise raise_alarm(
+                    f"refusing to sign: event {bare} has no seal, but every event from "
+                    f"{sealed} on was sealed", {"reason": "unsealed", "first_bad_seq": bare})
+        if sealed is not None and sealed <= size:
+            extensions.append(f"{anchors.SEALS_FROM}{sealed}")
+        note = sign(Checkpoint(settings.audit_log_origin, size, root, tuple(extensions)),
                     *signers)
         row = AuditCheckpoint(size=size, root_hash=root.hex(), issued_at=now, note=note,
                               keys="\n".join(str(s.verifier) for s in signers))

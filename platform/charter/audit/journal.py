@@ -8,6 +8,8 @@ the gateway's group writer (charter.audit.writer) chains batches of Events itsel
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,8 @@ class Event:
     request_id: str | None
     details_json: bytes  # RFC 8785 bytes of `details`: hashed and stored as they are
     parts: tuple[str, str, str, str]  # the rest of its canonical bytes (chain.hash_parts)
+    event_id: str  # unique; starts with the clock (ms) when it was made
+    seal: str | None  # "<epoch>.<HMAC>" (charter.audit.seal); None without a sealing key
 
     @classmethod
     def of(cls, *, actor: str, action: str, target_type: str, target_id: str,
@@ -65,8 +69,16 @@ class Event:
         details_json = canonical_json(details)
         parts = hash_parts(actor=actor, action=action, target_type=target_type,
                            target_id=target_id, outcome=outcome, request_id=request_id)
+        runtime = scope.maybe_current()
+        sealer = runtime.sealer if runtime is not None else None
+        if sealer is not None:
+            pre, post, mid, tail = parts  # sealed: the content without seq, ts, prev_hash
+            event_id, seal = sealer.seal(b"".join(
+                (pre.encode(), details_json, post.encode(), mid.encode(), tail.encode())))
+        else:
+            event_id, seal = f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}", None
         return cls(actor, action, target_type, target_id, outcome, details, request_id,
-                   details_json, parts)
+                   details_json, parts, event_id, seal)
 
 
 def lock_head(session: Session) -> tuple[int, str]:
@@ -101,7 +113,8 @@ def append(session: Session, event: Event) -> tuple[int, str]:
         "seq": seq, "ts": ts, "actor": event.actor, "action": event.action,
         "target_type": event.target_type, "target_id": event.target_id,
         "outcome": event.outcome, "details": event.details, "request_id": event.request_id,
-        "prev_hash": prev_hash, "hash": digest,
+        "prev_hash": prev_hash, "hash": digest, "event_id": event.event_id,
+        "seal": event.seal,
     }])
     return seq, digest
 

@@ -35,6 +35,10 @@ class AuditEvent(Base):
     request_id: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    # Set since migration 0011: a unique id (clock first) and the event's seal
+    # (charter.audit.seal), made before the database saw the event.
+    event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    seal: Mapped[str | None] = mapped_column(String(84))
 
     __table_args__ = (
         Index("ix_audit_events_actor_seq", "actor", "seq"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from charter import scope
@@ -21,10 +21,12 @@ from charter.audit.chain import (
     ChainRow,
     Tombstone,
     Verdict,
+    canonical_json,
+    hash_parts,
     verify_rows,
 )
 from charter.audit.models import AuditCheckpoint, AuditEvent, AuditPurged
-from charter.audit.verify import Frontier, leaf_hash
+from charter.audit.verify import Frontier, SealError, SealVerifier, event_id_ms, leaf_hash
 from charter.db import table_of
 from charter.errors import CharterError, ValidationFailedError
 from charter.uow import record, refuse, unit_of_work
@@ -103,19 +105,34 @@ def _peek_head(session: Session) -> tuple[int, str]:
     return (0, GENESIS_HASH) if row is None else (row.seq, row.hash)
 
 
-def verify_chain(batch: int = 5000) -> Verdict:
+@dataclass(frozen=True, slots=True)
+class _Row(ChainRow):
+    event_id: str | None = None
+    seal: str | None = None
+
+
+SEAL_CLOCK_SKEW_S = 3600  # how far an event's time may be from its id's clock
+
+
+def verify_chain(batch: int = 5000, *, seal_key: SealVerifier | None = None) -> Verdict:
     """Walk the whole chain in the database, streaming rows in seq order (purged events by
     their tombstones), and hold it against every signed checkpoint a trusted key made: the
     external copy's and the checkpoint table's (charter.audit.anchors). A log shorter than
     a signed tree is `truncated`; one whose root at a signed size differs, `rewritten`; two
     signed roots of one size, `forked`; a checkpoint row nobody with the keys signed,
-    `checkpoint_forged`. Each of those raises the integrity alarm too."""
+    `checkpoint_forged`. Each of those raises the integrity alarm too.
+
+    Seals: from the event the checkpoints name (`seals-from`) on, an event without a seal
+    is `unsealed`, and a duplicated event id `replayed`, whoever verifies. With the
+    auditors' verification key (`seal_key`) every seal is checked too: a row nobody with
+    the sealing key made, even with a correct chain hash, is `forged`."""
     rt = scope.current()
     database, settings = rt.database, rt.settings
     with database.engine.connect() as conn:
         table = table_of(AuditEvent)
         purged = table_of(AuditPurged)
-        cols = [table.c[name] for name in ChainRow.__slots__]
+        cols = [table.c[name] for name in ChainRow.__slots__] + [table.c.event_id,
+                                                                  table.c.seal]
         checkpoints = table_of(AuditCheckpoint)
         found = anchors.gather(settings, conn.execute(
             select(checkpoints.c.id, checkpoints.c.note).order_by(checkpoints.c.id)).all())
@@ -123,13 +140,24 @@ def verify_chain(batch: int = 5000) -> Verdict:
         frontier = Frontier()
         held: list[int] = []  # signed sizes the walk has matched so far
         mismatch: list[int] = []
+        sealed_from = found.seals_from
+        seal_problem: list[dict[str, Any]] = []
+        replayed = conn.execute(
+            select(table.c.event_id, func.min(table.c.seq), func.max(table.c.seq))
+            .where(table.c.event_id.is_not(None)).group_by(table.c.event_id)
+            .having(func.count() > 1).order_by(func.max(table.c.seq)).limit(1)).first()
+        if replayed is not None:
+            seal_problem.append({"reason": "replayed", "first_bad_seq": replayed[2],
+                                 "message": f"event {replayed[2]} repeats event "
+                                            f"{replayed[1]} (the same event id): a sealed "
+                                            "row was copied"})
 
         def rows() -> Iterator[ChainRow]:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(
                 select(*cols).order_by(table.c.seq)
             )
             for r in result:
-                yield ChainRow(*r)
+                yield _Row(*r)
 
         def tombstones() -> Iterator[Tombstone]:
             after = 0
@@ -154,6 +182,11 @@ def verify_chain(batch: int = 5000) -> Verdict:
                 due = next(pending, None)
             for row in merged:
                 yield row
+                if isinstance(row, _Row) and not seal_problem:
+                    problem = _check_seal(row, sealed_from, seal_key)
+                    if problem is not None:
+                        seal_problem.append(problem)
+                        return
                 try:
                     frontier.append(leaf_hash(bytes.fromhex(row.hash)))
                 except ValueError:
@@ -168,17 +201,46 @@ def verify_chain(batch: int = 5000) -> Verdict:
         merged: Iterator[ChainRow | Tombstone] = heapq.merge(
             rows(), tombstones(), key=lambda r: r.seq)
         verdict = verify_rows(against_anchors(merged), seq_of_hash=seq_of_hash)
-    return _judge(verdict, found, held, mismatch)
+    return _judge(verdict, found, held, mismatch, seal_problem)
+
+
+def _check_seal(row: _Row, sealed_from: int | None,
+                seal_key: SealVerifier | None) -> dict[str, Any] | None:
+    """What is wrong with one event's seal, if anything."""
+    if row.seal is None or row.event_id is None:
+        if sealed_from is not None and row.seq >= sealed_from:
+            return {"reason": "unsealed", "first_bad_seq": row.seq,
+                    "message": f"event {row.seq} has no seal, but every event from "
+                               f"{sealed_from} on was sealed (signed checkpoints say so)"}
+        return None
+    if seal_key is None:
+        return None
+    try:
+        if abs(event_id_ms(row.event_id) / 1000 - row.ts.timestamp()) > SEAL_CLOCK_SKEW_S:
+            raise SealError("its id's clock is far from its time: moved from elsewhere")
+        pre, post, mid, tail = hash_parts(
+            actor=row.actor, action=row.action, target_type=row.target_type,
+            target_id=row.target_id, outcome=row.outcome, request_id=row.request_id)
+        seal_key.check(row.event_id, row.seal, b"".join((
+            pre.encode(), canonical_json(row.details), post.encode(), mid.encode(),
+            tail.encode())))
+    except SealError as exc:
+        return {"reason": "forged", "first_bad_seq": row.seq,
+                "message": f"event {row.seq}: {exc}"}
+    return None
 
 
 def _judge(verdict: Verdict, found: anchors.Anchors, held: list[int],
-           mismatch: list[int]) -> Verdict:
-    """The chain's own verdict, then what the signed checkpoints say of it."""
-    if not verdict.ok:
+           mismatch: list[int], seal_problem: list[dict[str, Any]]) -> Verdict:
+    """The chain's own verdict, then what the seals and the signed checkpoints say."""
+    if not verdict.ok and not (seal_problem and seal_problem[0]["first_bad_seq"]
+                               <= (verdict.first_bad_seq or 0)):
         return verdict
     problem: dict[str, Any] | None = None
     forks = [p for p in found.problems if p.get("reason") == "forked"]
-    if forks:
+    if seal_problem:
+        problem = dict(seal_problem[0])
+    elif forks:
         problem = dict(forks[0])
     elif mismatch:
         size, since = mismatch[0], (held[-1] if held else 0)

@@ -1,6 +1,7 @@
 """charter-verify: check an exported audit bundle offline, without trusting Charter.
 
-    charter-verify BUNDLE.zip [--key KEY]... [--keys FILE] [--checkpoints DIR] [--json]
+    charter-verify BUNDLE.zip [--key KEY]... [--keys FILE] [--checkpoints DIR]
+                   [--seal-key FILE] [--json]
 
 This one module is the whole verifier. It depends on the standard library and on
 `cryptography` only, so an auditor can copy this file to an air-gapped laptop and run
@@ -18,6 +19,7 @@ What a bundle is (format `charter-audit-export/1`, a zip archive):
                         tree it signed (a batch inclusion proof); consistency proofs
                         between consecutive checkpoints
     keys.txt            the log's verifier keys (`name+keyid+base64key`), one a line
+    seals.jsonl         each event's id and seal (forward-secure MACs, see "Seals" below)
 
 The log's Merkle tree (RFC 9162) has one leaf an event: leaf i is HASH(0x00 || the 32-byte
 event hash of sequence number i + 1), and an event hash is SHA-256 of its canonical bytes.
@@ -32,6 +34,8 @@ Keys: pass the log's keys with --key/--keys (from /api/v1/audit/keys or your own
 without them the keys inside the bundle are used and the report says so, since a bundle
 that carries its own keys proves only that it is self-consistent. --checkpoints DIR
 compares the bundle's checkpoints with copies kept elsewhere (the external copy).
+--seal-key FILE (the auditors' seal verification key) checks every event's seal; without
+it, only that every event from the checkpoints' `seals-from` on carries one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import argparse
 import base64
 import binascii
 import hashlib
+import hmac
 import io
 import json
 import sys
@@ -47,6 +52,7 @@ import zipfile
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +385,120 @@ def verify(note: str, trusted: Sequence[Verifier]) -> Checkpoint:
     return _checkpoint(open_note(note, trusted))
 
 
+# --- Seals (forward-secure MACs over each event) --------------------------------------------
+#
+# Every event is sealed when it is made, before the database sees it: an HMAC-SHA256, with
+# the key of the current epoch, over its id, its epoch and its content (its canonical bytes
+# without what only its place in the chain gives: seq, ts, prev_hash). Epoch keys evolve
+# one way, key(e+1) = SHA-256("charter-seal/1 evolve" || key(e)), and the server erases each
+# as it moves on: a key stolen today cannot seal yesterday. The verification key is the
+# seed key(0) derives from, kept by the auditors, never by the servers (as journald's
+# Forward Secure Sealing, or Schneier and Kelsey's log MACs, do).
+
+SEAL_VERSION = "charter-seal/1"
+SEAL_VERIFY_FORMAT = "charter-seal-verify/1"
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class SealError(ValueError):
+    """A seal that is missing, malformed or wrong, or a key that cannot check it."""
+
+
+def seal_key0(seed: bytes) -> bytes:
+    return hmac.new(seed, SEAL_VERSION.encode() + b" epoch 0", hashlib.sha256).digest()
+
+
+def seal_evolve(key: bytes) -> bytes:
+    return _sha256(SEAL_VERSION.encode() + b" evolve" + key).digest()
+
+
+def sealed_text(event_id: str, epoch: int, content: bytes) -> bytes:
+    return f"{SEAL_VERSION}\n{epoch}\n{event_id}\n".encode() + content
+
+
+def seal_mac(key: bytes, event_id: str, epoch: int, content: bytes) -> str:
+    return hmac.new(key, sealed_text(event_id, epoch, content), hashlib.sha256).hexdigest()
+
+
+def event_id_ms(event_id: str) -> int:
+    """The millisecond clock an event id starts with (48 bits, then 80 random bits)."""
+    if len(event_id) != 32 or any(c not in "0123456789abcdef" for c in event_id):
+        raise SealError(f"malformed event id {event_id[:40]!r}")
+    return int(event_id[:12], 16)
+
+
+def sealed_content(line: bytes) -> bytes:
+    """An event's sealed content from its canonical line: the same bytes with the values
+    of prev_hash, seq and ts taken out (the key names stay)."""
+    try:
+        obj = json.loads(line)
+        pre = (f'{{"action":{_JSON_TEXT(obj["action"])},"actor":{_JSON_TEXT(obj["actor"])},'
+               '"details":').encode()
+        post = f',"outcome":{_JSON_TEXT(obj["outcome"])},"prev_hash":"'.encode()
+        mid = f'","request_id":{_JSON_TEXT(obj["request_id"])},"seq":'.encode()
+        tail = (f',"target_id":{_JSON_TEXT(obj["target_id"])},'
+                f'"target_type":{_JSON_TEXT(obj["target_type"])},"ts":"').encode()
+        suffix = (post + str(obj["prev_hash"]).encode() + mid + str(obj["seq"]).encode()
+                  + tail + str(obj["ts"]).encode() + b'"}')
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SealError(f"not an event line: {exc}") from None
+    if not (line.startswith(pre) and line.endswith(suffix)
+            and len(line) >= len(pre) + len(suffix)):
+        raise SealError("the line is not in its canonical form")
+    return pre + line[len(pre):len(line) - len(suffix)] + post + mid + tail
+
+
+@dataclass(frozen=True)
+class SealVerifier:
+    """What checks seals: the seed, the start of epoch 0 (Unix seconds) and the epoch
+    length. Secret: whoever holds it could seal any epoch."""
+
+    seed: bytes
+    t0: int
+    interval_s: int
+    _keys: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+    @classmethod
+    def load(cls, text: str) -> SealVerifier:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != SEAL_VERIFY_FORMAT:
+                raise ValueError(f"not a {SEAL_VERIFY_FORMAT} key")
+            seed = bytes.fromhex(doc["seed"])
+            t0, interval = int(doc["t0"]), int(doc["interval_s"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealError(f"malformed seal verification key: {exc}") from None
+        if len(seed) != 32 or interval <= 0:
+            raise SealError("malformed seal verification key: a 32-byte seed and an "
+                            "epoch length are needed")
+        return cls(seed, t0, interval)
+
+    def epoch_of(self, ms: int) -> int:
+        return (ms // 1000 - self.t0) // self.interval_s
+
+    def key(self, epoch: int) -> bytes:
+        if epoch < 0 or epoch > 10_000_000:
+            raise SealError(f"epoch {epoch} is out of range")
+        keys = self._keys
+        if not keys:
+            keys.append(seal_key0(self.seed))
+        while len(keys) <= epoch:
+            keys.append(seal_evolve(keys[-1]))
+        return keys[epoch]
+
+    def check(self, event_id: str, seal: str, content: bytes) -> None:
+        """Raise SealError unless `seal` is this event's: the right epoch for its id's
+        clock, and the MAC of that epoch's key."""
+        epoch_text, sep, mac = seal.partition(".")
+        if not sep or not epoch_text.isdigit() or len(mac) != 64:
+            raise SealError("malformed seal")
+        epoch = int(epoch_text)
+        if epoch != self.epoch_of(event_id_ms(event_id)):
+            raise SealError(f"sealed in epoch {epoch}, not in its id's epoch")
+        if not hmac.compare_digest(mac, seal_mac(self.key(epoch), event_id, epoch, content)):
+            raise SealError("the seal does not match: the event was forged or changed")
+
+
 # --- Bundles --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -426,9 +546,11 @@ def _seqs(runs: Any) -> list[int]:
 
 
 def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None = None,
-                  external: dict[int, list[str]] | None = None) -> Report:
+                  external: dict[int, list[str]] | None = None,
+                  seal_key: SealVerifier | None = None) -> Report:
     """Check a bundle (path or bytes). `trusted`: the log's verifier keys, None to use the
-    bundle's own; `external`: checkpoint notes kept elsewhere, by tree size."""
+    bundle's own; `external`: checkpoint notes kept elsewhere, by tree size; `seal_key`:
+    the auditors' seal verification key, to check every event's seal."""
     report = Report()
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
@@ -497,7 +619,78 @@ def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None
     report.checkpoints = len(checkpoints)
     _consistency(checkpoints, proofs.get("consistency", []), seqs, report)
     _inclusion(checkpoints, proofs.get("inclusion", []), seqs, leaves, report)
+    _seals(archive, seqs, lines if digests == expected else None, checkpoints, seal_key,
+           report)
     return report.close()
+
+
+SEAL_CLOCK_SKEW_S = 3600  # how far an event's time may be from its id's clock
+
+
+def _seals(archive: zipfile.ZipFile, seqs: list[int], lines: list[bytes] | None,
+           checkpoints: list[_Listed], seal_key: SealVerifier | None,
+           report: Report) -> None:
+    """From the first event the signed checkpoints say was sealed (`seals-from N`), every
+    event must carry a seal with an id of its own; with the verification key, each seal
+    must be the one its content was sealed with."""
+    marks = [seals_from_extensions(c.checkpoint.extensions) for c in checkpoints
+             if c.checkpoint is not None]
+    sealed_from = min((m for m in marks if m is not None), default=None)
+    if sealed_from is None and seal_key is None:
+        return
+    if "seals.jsonl" not in set(archive.namelist()):
+        if sealed_from is not None and seqs and seqs[-1] >= sealed_from:
+            report.add(seqs[bisect_left(seqs, sealed_from)], "unsealed",
+                       "the bundle has no seals.jsonl, but its checkpoints say events "
+                       f"from {sealed_from} on are sealed")
+        return
+    try:
+        records = [json.loads(r) for r in archive.read("seals.jsonl").split(b"\n") if r]
+    except ValueError as exc:
+        report.add(None, "unreadable", f"seals.jsonl: {exc}")
+        return
+    if [r.get("seq") for r in records] != seqs:
+        report.add(None, "seals_mismatch", "seals.jsonl does not list the exported events")
+        return
+    seen: dict[str, int] = {}
+    for i, (seq, record) in enumerate(zip(seqs, records, strict=True)):
+        event_id, seal = record.get("id"), record.get("seal")
+        if not isinstance(event_id, str) or not isinstance(seal, str):
+            if sealed_from is not None and seq >= sealed_from:
+                report.add(seq, "unsealed", f"event {seq} has no seal, but every event from "
+                                            f"{sealed_from} on was sealed")
+                return
+            continue
+        if event_id in seen:
+            report.add(seq, "replayed", f"event {seq} repeats event {seen[event_id]} (the "
+                                        "same event id): a sealed event was copied")
+            return
+        seen[event_id] = seq
+        if seal_key is None or lines is None:
+            continue
+        try:
+            line = lines[i]
+            moment = json.loads(line)["ts"]
+            when = _utc_seconds(moment)
+            if abs(event_id_ms(event_id) / 1000 - when) > SEAL_CLOCK_SKEW_S:
+                raise SealError("its id's clock is far from its time: moved from elsewhere")
+            seal_key.check(event_id, seal, sealed_content(line))
+        except (SealError, ValueError, KeyError, TypeError) as exc:
+            report.add(seq, "forged", f"event {seq}: {exc}")
+            return
+
+
+def _utc_seconds(text: str) -> float:
+    """Unix seconds of a log time (`YYYY-MM-DDTHH:MM:SS.ffffffZ`)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+
+
+def seals_from_extensions(extensions: Sequence[str]) -> int | None:
+    """A checkpoint's `seals-from N` line: every event from N on is sealed."""
+    for line in extensions:
+        if line.startswith("seals-from ") and line[11:].isdigit():
+            return int(line[11:])
+    return None
 
 
 def _text(archive: zipfile.ZipFile, name: str, report: Report) -> str:
@@ -689,13 +882,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", action="append", default=[],
                         help="a file of trusted verifier keys, one a line")
     parser.add_argument("--checkpoints", help="a folder of checkpoint notes kept elsewhere")
+    parser.add_argument("--seal-key", help="the auditors' seal verification key (a file): "
+                        "check every event's seal")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         trusted = _load_keys(args.key, args.keys) if (args.key or args.keys) else None
         external = _load_external(args.checkpoints) if args.checkpoints else None
-        report = verify_bundle(args.bundle, trusted, external)
-    except (OSError, CheckpointError) as exc:
+        seal_key = (SealVerifier.load(Path(args.seal_key).read_text(encoding="utf-8"))
+                    if args.seal_key else None)
+        report = verify_bundle(args.bundle, trusted, external, seal_key)
+    except (OSError, CheckpointError, SealError) as exc:
         print(f"charter-verify: {exc}", file=sys.stderr)
         return 2
     if args.json:

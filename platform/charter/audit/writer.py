@@ -142,7 +142,7 @@ class _PostgresBackend(_Backend):
                         "target_type": ev.target_type, "target_id": ev.target_id,
                         "outcome": ev.outcome, "details": ev.details_json.decode(),
                         "request_id": ev.request_id, "pre": pre, "post": post, "mid": mid,
-                        "tail": tail})
+                        "tail": tail, "id": ev.event_id, "seal": ev.seal})
             for u in e.usage:
                 counters.append({"e": i, "team": u.team_id, "serving": u.serving_name,
                                  "day": u.day.isoformat(), "requests": u.requests,
@@ -229,7 +229,8 @@ def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], l
             rows.append({"seq": seq, "ts": ts, "actor": ev.actor, "action": ev.action,
                          "target_type": ev.target_type, "target_id": ev.target_id,
                          "outcome": ev.outcome, "details": ev.details,
-                         "request_id": ev.request_id, "prev_hash": prev, "hash": digest})
+                         "request_id": ev.request_id, "prev_hash": prev, "hash": digest,
+                         "event_id": ev.event_id, "seal": ev.seal})
             e.seqs.append(seq)
             prev = digest
         for u in deltas:
