@@ -24,7 +24,6 @@ from charter import migrate, scope
 from charter.audit import service
 from charter.audit.chain import ChainRow, canonical_json, event_hash
 from charter.audit.models import AuditEvent
-from charter.boot import build_runtime
 from charter.db import UTCDateTime, utcnow
 from charter.settings import Settings
 from charter.uow import record, unit_of_work
@@ -79,6 +78,10 @@ def _event(writer: int, i: int) -> dict[str, Any]:
 
 
 def _writer(url: str, kind: str, writer: int, n: int, barrier: Any, out: Any) -> None:
+    # Imported here: charter.boot brings Celery, whose billiard re-points __mp_main__ while
+    # a spawned child is still importing this module (PlainEvent's annotations then fail).
+    from charter.boot import build_runtime
+
     scope.bind(build_runtime(Settings.from_env({}, database_url=url, secret_key="x" * 32)))
     with unit_of_work() as session:  # connect before the clock starts
         session.execute(text("SELECT 1"))
@@ -170,6 +173,8 @@ def main() -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         migrate.upgrade(url_s)
+        from charter.boot import build_runtime  # see _writer
+
         runtime = build_runtime(Settings.from_env({}, database_url=url_s, secret_key="x" * 32))
         scope.bind(runtime)
         _PlainBase.metadata.create_all(runtime.database.engine)

@@ -15,6 +15,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from charter.audit.chain import canonical_json
 from charter.audit.journal import JOURNAL
 from charter.audit.seal import Sealer
 from charter.audit.writer import Entry, GroupWriter, make_writer
@@ -34,7 +35,10 @@ from charter.tasks import TaskQueue
 def build_runtime(settings: Settings) -> Runtime:
     """Every part, from the settings; a part that cannot be made (a broken policy, a bad
     OPA URL, SSO settings without an issuer) fails here, at start-up."""
-    database = Database.from_settings(settings)
+    # JSON columns are written as RFC 8785 text: an audit event's details are stored as the
+    # bytes its hash covers, so the database walk checks them without re-encoding.
+    database = Database.from_settings(settings,
+                                      json_serializer=lambda v: canonical_json(v).decode())
     made: list[object] = [database]
     try:
         policies = build_policies(settings)

@@ -3,6 +3,7 @@ UTC timestamps. Transactions are charter.uow's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -64,9 +65,12 @@ def utcnow() -> datetime:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 5, pool_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, pool_timeout: float = 5.0,
+                 json_serializer: Callable[[Any], str] | None = None) -> None:
         self.url = url
         kwargs: dict[str, Any] = {"future": True}
+        if json_serializer is not None:
+            kwargs["json_serializer"] = json_serializer
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
@@ -81,9 +85,10 @@ class Database:
         return self.engine.dialect.name
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Database:
+    def from_settings(cls, settings: Settings,
+                      json_serializer: Callable[[Any], str] | None = None) -> Database:
         return cls(settings.database_url, pool_size=settings.db_pool_size,
-                   pool_timeout=settings.db_pool_timeout_s)
+                   pool_timeout=settings.db_pool_timeout_s, json_serializer=json_serializer)
 
     def dispose(self) -> None:
         self.engine.dispose()

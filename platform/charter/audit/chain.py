@@ -188,8 +188,9 @@ class Verdict:
 
 
 def verify_rows(
-    rows: Iterable[ChainRow | Tombstone], *, seq_of_hash: Callable[[str], int | None] | None = None,
+    rows: Iterable[Any], *, seq_of_hash: Callable[[str], int | None] | None = None,
     after: int = 0, after_hash: str = GENESIS_HASH,
+    consistent: Callable[[Any], bool] | None = None,
 ) -> Verdict:
     """Walk rows in seq order; name the first bad sequence number and why.
 
@@ -200,6 +201,8 @@ def verify_rows(
     `seq_of_hash` looks up which row holds a hash, to tell reordering from editing.
     `after` / `after_hash`: where the walk starts (the event before the first row).
     A Tombstone (a purged event) is checked for its links only: its content is gone.
+    `consistent(row)`: whether a row's content matches its hash, for rows that checked it
+    themselves (the database walk's fast path); by default, event_hash(row.body()).
     """
     expected_seq = after + 1
     prev_hash = after_hash
@@ -210,7 +213,8 @@ def verify_rows(
                 False, count, prev_hash, expected_seq, "missing",
                 f"event {expected_seq} is missing (next event found is {row.seq})",
             )
-        self_consistent = isinstance(row, Tombstone) or event_hash(row.body()) == row.hash
+        self_consistent = isinstance(row, Tombstone) or (
+            consistent(row) if consistent is not None else event_hash(row.body()) == row.hash)
         if row.prev_hash != prev_hash:
             holder = seq_of_hash(row.prev_hash) if seq_of_hash else None
             if holder is not None and holder != row.seq - 1:
