@@ -429,5 +429,9 @@ from charter.cli_exports import exports  # noqa: E402 - its commands need main's
 
 main.add_command(exports)
 
+from charter.witness.cli import witness  # noqa: E402 - a service of its own
+
+main.add_command(witness)
+
 if __name__ == "__main__":
     main()

@@ -204,6 +204,18 @@ class Settings:
         "object store bucket with object lock, so history cannot be rewritten unnoticed.",
     )
 
+    audit_witnesses: str = _setting(
+        "",
+        "Comma-separated witnesses each checkpoint is submitted to (C2SP tlog-witness), each "
+        "`<witness key> <submission URL prefix>`, e.g. `witness.example/w1+1a2b3c4d+BASE64 "
+        "https://witness.example/w1`: the key as `charter witness keygen` prints it. Their "
+        "cosignatures go into the checkpoints' notes and every export; a witness that "
+        "refuses a checkpoint as inconsistent raises the integrity alarm.",
+    )
+    audit_witness_timeout_s: float = _setting(
+        5.0, "Seconds to wait for one witness to answer one submission."
+    )
+
     task_backend: str = _setting(
         "inprocess",
         "Where background tasks (batch lanes, node probes, sweeps, expiry, retention) run: "
@@ -339,6 +351,14 @@ class Settings:
                 self.audit_checkpoint_interval_s, self.audit_checkpoint_idle_s,
                 self.audit_checkpoint_poll_s) <= 0:
             problems.append("CHARTER_AUDIT_CHECKPOINT_*: must be positive")
+        for key, url in self.witnesses:  # the keys are parsed by charter.audit.witnesses
+            if key.count("+") < 2:
+                problems.append(f"CHARTER_AUDIT_WITNESSES: {key[:40]!r} is not a witness key")
+            if not url.startswith(("http://", "https://")) or " " in url:
+                problems.append(f"CHARTER_AUDIT_WITNESSES: {key.split('+')[0]}: an http(s) "
+                                "submission URL prefix must follow the key")
+        if not 0 < self.audit_witness_timeout_s <= 60:
+            problems.append("CHARTER_AUDIT_WITNESS_TIMEOUT_S: must be between 0 and 60 seconds")
         if self.task_backend not in ("inprocess", "celery"):
             problems.append("CHARTER_TASK_BACKEND: must be inprocess or celery")
         if self.task_backend == "celery" and not self.broker_url.startswith(
@@ -380,6 +400,16 @@ class Settings:
     @property
     def signing_key_paths(self) -> list[str]:
         return [p.strip() for p in self.audit_signing_keys.split(",") if p.strip()]
+
+    @property
+    def witnesses(self) -> list[tuple[str, str]]:
+        """(witness key, submission URL prefix) of each configured witness."""
+        out = []
+        for entry in self.audit_witnesses.split(","):
+            if entry.strip():
+                key, _, url = entry.strip().partition(" ")
+                out.append((key, url.strip()))
+        return out
 
     @property
     def verifier_keys(self) -> list[str]:

@@ -171,3 +171,79 @@ def test_auditors_see_the_alarm_on_the_console(anchored: Runtime, pg_conn,  # ty
     assert 'id="integrity-alarm"' in page and "truncated" in page
     page = Console(app, steward.actor.user_id).get("/console/").get_data(as_text=True)
     assert 'id="integrity-alarm"' not in page  # auditors and admins only
+
+
+def _kept(folder: Path) -> dict[int, list[str]]:
+    """The auditor's copy of the external folder, as charter-verify reads it."""
+    from charter.audit.verify import _load_external
+
+    return _load_external(str(folder))
+
+
+def test_a_bundle_is_held_against_kept_checkpoints_of_every_size(
+        anchored: Runtime, tmp_path: Path) -> None:
+    from charter.audit.verify import verify_bundle
+
+    settings = anchored.settings
+    first, second = _two_checkpoints(settings)
+    append_many(10, start=65)
+    third = checkpoints.issue(settings, force=True)
+    assert third is not None
+    keys = [s.verifier for s in load_signers(settings)]
+    # Events 41..50 only: the bundle holds the checkpoint of size 65; those of sizes 40
+    # and 75 are linked to it by the proofs it carries.
+    out = io.BytesIO()
+    export_bundle(settings, Selection(first_seq=41, last_seq=50), out, actor_ref="user:auditor")
+    kept = _kept(Path(settings.audit_checkpoint_dir))
+    assert sorted(kept) == [first, second, third.size]
+    report = verify_bundle(out.getvalue(), keys, kept)
+    assert report.ok and report.checkpoints == 1, report.findings
+    # A kept checkpoint the bundle cannot link fails: an auditor cannot tell it from a fork.
+    other = sign(Checkpoint(settings.audit_log_origin, 50, b"\x05" * 32, ("time z",)),
+                 *load_signers(settings))
+    report = verify_bundle(out.getvalue(), keys, {**kept, 50: [other]})
+    assert (report.ok, report.reason) == (False, "checkpoint_unlinked")
+    # Two different signed notes of one size kept elsewhere are a fork, even if one of
+    # them is the bundle's.
+    forked = sign(Checkpoint(settings.audit_log_origin, first, b"\x06" * 32, ("time z",)),
+                  *load_signers(settings))
+    report = verify_bundle(out.getvalue(), keys, {**kept, first: [*kept[first], forked]})
+    assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork", 41)
+    # A kept checkpoint of a size the bundle links, with another root: a fork.
+    report = verify_bundle(out.getvalue(), keys, {**kept, first: [forked]})
+    assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork", 41)
+    assert f"size {first}" in (report.message or "")
+
+
+def test_the_issues_attack_with_the_servers_folder_wiped_fails_against_the_auditors_copy(
+        anchored: Runtime, pg_conn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second case of the threat model: the insider also controls Charter's checkpoint
+    folder. The server then signs the rewritten log; an auditor's own copy of the
+    checkpoints still catches it in every export."""
+    import shutil
+
+    from charter.audit.verify import verify_bundle
+
+    settings = anchored.settings
+    first, second = _two_checkpoints(settings)
+    folder = Path(settings.audit_checkpoint_dir)
+    auditors = tmp_path / "auditors-copy"
+    shutil.copytree(folder, auditors)
+    as_insider(pg_conn, "UPDATE audit_events SET actor = 'user:mallory' WHERE seq = 17",
+               "DELETE FROM audit_tree_nodes", "DELETE FROM audit_checkpoints")
+    rechain(pg_conn, 17)
+    shutil.rmtree(folder)
+    assert verify_chain().ok  # nothing left on the server to hold it against
+    keys = [s.verifier for s in load_signers(settings)]
+    for extra in (0, 5):  # re-signed at the same size, then grown past it
+        append_many(extra, start=65)
+        out = io.BytesIO()
+        export_bundle(settings, Selection(), out, actor_ref="user:auditor")
+        assert verify_bundle(out.getvalue(), keys).ok  # alone, it looks perfect
+        report = verify_bundle(out.getvalue(), keys, _kept(auditors))
+        assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork",
+                                                                    1)
+        assert f"size {second}" in (report.message or "")
+        # The server no longer knows the checkpoint of size 40: nothing links it.
+        assert any(f.reason == "checkpoint_unlinked" and f"size {first}" in f.message
+                   for f in report.findings)

@@ -17,7 +17,8 @@ TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_d
           "users", "user_roles", "api_keys", "policy_exceptions", "teams", "team_members",
           "console_sessions", "nodes", "deployments", "deployment_nodes", "usage_counters",
           "change_generation", "files", "batches", "batch_lines", "audit_checkpoints",
-          "audit_tree_nodes", "audit_keys", "audit_purged", "alembic_version"}
+          "audit_tree_nodes", "audit_keys", "audit_purged", "audit_cosignatures",
+          "alembic_version"}
 
 
 def test_every_revision_steps_down_and_up_again(empty_pg: str) -> None:

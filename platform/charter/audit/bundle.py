@@ -20,13 +20,13 @@ from typing import IO, Any
 from sqlalchemy import Connection, func, select
 
 from charter import scope
-from charter.audit import checkpoints
+from charter.audit import anchors, checkpoints, witnesses
 from charter.audit.anchors import raise_alarm
 from charter.audit.chain import canonical_json, event_body
-from charter.audit.checkpoint import sign_note
+from charter.audit.checkpoint import CheckpointError, parse, sign_note
 from charter.audit.models import AuditCheckpoint, AuditEvent
 from charter.audit.tree import Tree, TreeError
-from charter.audit.verify import FORMAT, MANIFEST_NOTE
+from charter.audit.verify import FORMAT, MANIFEST_NOTE, ProofError
 from charter.db import table_of, utcnow
 from charter.errors import CharterError
 from charter.settings import Settings
@@ -151,6 +151,53 @@ def _covering(conn: Connection, first: int, last: int) -> list[AuditCheckpoint]:
     return [AuditCheckpoint(**row._mapping) for row in rows]
 
 
+def _best_witnessed(conn: Connection, used: list[AuditCheckpoint]
+                    ) -> tuple[list[AuditCheckpoint], dict[int, str]]:
+    """Of the checkpoints signed at each size, the one most witnesses cosigned (the first
+    on a tie), and the cosignature lines of each."""
+    t = table_of(AuditCheckpoint)
+    sizes = [cp.size for cp in used]
+    if not sizes:
+        return used, {}
+    rows = [AuditCheckpoint(**r._mapping) for r in conn.execute(
+        select(t).where(t.c.size.in_(sizes)).order_by(t.c.id))]
+    lines = witnesses.cosignature_lines(conn, [r.id for r in rows])
+    best: dict[int, AuditCheckpoint] = {}
+    for row in rows:
+        known = best.get(row.size)
+        if known is None or (lines.get(row.id, "").count("\n")
+                             > lines.get(known.id, "").count("\n")):
+            best[row.size] = row
+    return [best[s] for s in sizes], lines
+
+
+def _links(settings: Settings, conn: Connection, tree: Tree, used: list[int],
+           size: int) -> list[dict[str, Any]]:
+    """A consistency proof from every other checkpoint the log signed (in its table or in
+    the external copy, up to `size`) to the nearest checkpoint of the bundle: what lets an
+    auditor hold the bundle against checkpoints kept elsewhere, of any size."""
+    if not used:
+        return []
+    t = table_of(AuditCheckpoint)
+    sizes = set(conn.execute(select(t.c.size).distinct().where(t.c.size <= size)).scalars())
+    for _, note in anchors.external_notes(settings):
+        try:
+            sizes.add(parse(note)[0].size)
+        except CheckpointError:
+            continue
+    links = []
+    for m in sorted(s for s in sizes - set(used) if 0 < s <= size):
+        k = bisect_left(used, m)
+        to = used[k] if k < len(used) else used[-1]
+        try:
+            path = tree.consistency(min(m, to), max(m, to))
+        except (TreeError, ProofError) as exc:
+            raise raise_alarm(f"refusing to export: {exc}",
+                              {"reason": "tree", "checkpoint": m}) from None
+        links.append({"size": m, "to": to, "path": [h.hex() for h in path]})
+    return links
+
+
 def export(settings: Settings, sel: Selection, out: IO[bytes], *,
            compress: bool = True) -> ExportResult:
     """Write the bundle of the selected events to `out`."""
@@ -189,6 +236,7 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
                 used.append(cp)
                 ranges.append((lo, hi))
                 done = hi
+        used, cosigned = _best_witnessed(conn, used)
         tree = Tree(conn)
         inclusion, consistency = [], []
         previous: AuditCheckpoint | None = None
@@ -207,13 +255,14 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
                 consistency.append({"from": previous.size, "to": cp.size,
                                     "path": [h.hex() for h in path]})
             previous = cp
-        proofs = json.dumps({"inclusion": inclusion, "consistency": consistency},
-                            indent=1).encode()
+        links = _links(settings, conn, tree, [cp.size for cp in used], size)
+        proofs = json.dumps({"inclusion": inclusion, "consistency": consistency,
+                             "links": links}, indent=1).encode()
         files: dict[str, bytes] = {"proofs.json": proofs, "keys.txt": keys.encode()}
         listed = []
         for cp in used:
             name = f"checkpoints/{cp.size:012d}.note"
-            files[name] = cp.note.encode()
+            files[name] = (cp.note + cosigned.get(cp.id, "")).encode()
             listed.append({"size": cp.size, "file": name, "issued_at": cp.issued_at.isoformat(),
                            "root_hash": cp.root_hash})
         manifest = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy import Connection, select
 
-from charter.audit import anchors
+from charter.audit import anchors, witnesses
 from charter.audit.anchors import AuditIntegrityError as AuditIntegrityError
 from charter.audit.anchors import raise_alarm
 from charter.audit.chain import GENESIS_HASH, ChainRow, verify_rows
@@ -222,12 +222,17 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
         session.expunge(row)
     log.info("audit checkpoint", size=size, root=root.hex()[:16], forced=force)
     copy_out(settings, row)
+    if witnesses.submit(settings, row):
+        with unit_of_work() as session:
+            lines = witnesses.cosignature_lines(session.connection(), [row.id])
+        copy_out(settings, row, row.note + lines.get(row.id, ""))
     return row
 
 
-def copy_out(settings: Settings, row: AuditCheckpoint) -> None:
-    """Write the checkpoint to the external folder (atomically); a failure is logged, the
-    checkpoint stays valid and the next one is copied again."""
+def copy_out(settings: Settings, row: AuditCheckpoint, note: str | None = None) -> None:
+    """Write the checkpoint (`note`: with its cosignatures) to the external folder
+    (atomically); a failure is logged, the checkpoint stays valid and the next one is
+    copied again."""
     if not settings.audit_checkpoint_dir:
         return
     folder = Path(settings.audit_checkpoint_dir)
@@ -236,7 +241,7 @@ def copy_out(settings: Settings, row: AuditCheckpoint) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for target in (folder / name, folder / "latest.note"):
             tmp = target.with_suffix(".tmp")
-            tmp.write_text(row.note)
+            tmp.write_text(note or row.note)
             os.replace(tmp, target)
     except OSError as exc:
         log.error("audit checkpoint not copied", folder=str(folder), error=repr(exc))

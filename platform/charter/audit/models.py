@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -62,6 +63,21 @@ class AuditCheckpoint(Base):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
     note: Mapped[str] = mapped_column(Text, nullable=False)
     keys: Mapped[str] = mapped_column(Text, nullable=False)  # verifier keys that signed, "\n"
+
+
+class AuditCosignature(Base):
+    """A witness's cosignature of a checkpoint: a signature line to append to its note.
+    Append-only (triggers)."""
+
+    __tablename__ = "audit_cosignatures"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("audit_checkpoints.id"), nullable=False, index=True)
+    witness: Mapped[str] = mapped_column(String(300), nullable=False)  # its verifier key
+    cosigned_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    line: Mapped[str] = mapped_column(Text, nullable=False)
 
 
 class AuditTreeNode(Base):

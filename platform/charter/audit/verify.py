@@ -1,7 +1,7 @@
 """charter-verify: check an exported audit bundle offline, without trusting Charter.
 
     charter-verify BUNDLE.zip [--key KEY]... [--keys FILE] [--checkpoints DIR]
-                   [--seal-key FILE] [--json]
+                   [--seal-key FILE] [--witness-key KEY]... [--quorum K] [--json]
 
 This one module is the whole verifier. It depends on the standard library and on
 `cryptography` only, so an auditor can copy this file to an air-gapped laptop and run
@@ -17,7 +17,8 @@ What a bundle is (format `charter-audit-export/1`, a zip archive):
     checkpoints/*.note  signed checkpoints (C2SP tlog-checkpoint notes, Ed25519)
     proofs.json         per checkpoint, the Merkle nodes that prove its events are in the
                         tree it signed (a batch inclusion proof); consistency proofs
-                        between consecutive checkpoints
+                        between consecutive checkpoints; links: a consistency proof from
+                        every other checkpoint the log signed to the bundle's nearest
     keys.txt            the log's verifier keys (`name+keyid+base64key`), one a line
     seals.jsonl         each event's id and seal (forward-secure MACs, see "Seals" below)
 
@@ -33,7 +34,10 @@ reaches it). The verdict names the first bad sequence number and why.
 Keys: pass the log's keys with --key/--keys (from /api/v1/audit/keys or your own copy);
 without them the keys inside the bundle are used and the report says so, since a bundle
 that carries its own keys proves only that it is self-consistent. --checkpoints DIR
-compares the bundle's checkpoints with copies kept elsewhere (the external copy).
+holds the bundle's checkpoints against copies kept elsewhere (the external copy), of any
+size: two different notes of one size are a fork, and each kept checkpoint must be one
+log with the bundle's, by the consistency proof the bundle carries for it (`links` in
+proofs.json; a kept checkpoint the bundle cannot link is a failure).
 --seal-key FILE (the auditors' seal verification key) checks every event's seal; without
 it, only that every event from the checkpoints' `seals-from` on carries one.
 """
@@ -324,8 +328,8 @@ def parse_note(note: str) -> tuple[str, list[Signature]]:
             blob = base64.b64decode(b64, validate=True)
         except binascii.Error:
             raise CheckpointError(f"signature by {name} is not base64") from None
-        if len(blob) != 4 + 64:
-            raise CheckpointError(f"signature by {name} is not an Ed25519 signature")
+        if len(blob) < 5:
+            raise CheckpointError(f"signature by {name} is too short")
         signatures.append(Signature(name, blob[:4], blob[4:]))
     return body_text + "\n", signatures
 
@@ -341,8 +345,10 @@ def open_note(note: str, trusted: Sequence[Verifier]) -> str:
     for sig in signatures:
         key = keys.get((sig.name, sig.key_id))
         if key is None:
-            continue
+            continue  # unknown keys, cosignatures among them, are ignored
         try:
+            if len(sig.signature) != 64:
+                raise InvalidSignature
             key.public_key.verify(sig.signature, body)
         except InvalidSignature:
             raise CheckpointError(
@@ -383,6 +389,84 @@ def verify(note: str, trusted: Sequence[Verifier]) -> Checkpoint:
     """The checkpoint, if a trusted key signed it; raises CheckpointError otherwise."""
     parse(note)  # the form first: a malformed checkpoint says so, whoever signed it
     return _checkpoint(open_note(note, trusted))
+
+
+# --- Cosignatures (C2SP tlog-cosignature, Ed25519 cosignature/v1) ---------------------------
+#
+# A witness's cosignature is a signature line on the checkpoint note: key id
+# SHA-256(name || "\n" || 0x04 || public key)[:4], then an 8-byte big-endian timestamp and
+# an Ed25519 signature over "cosignature/v1\ntime <timestamp>\n" and the note's text. It
+# says: as of that time, this is the largest tree of this log the witness has seen, and
+# the witness checked that it extends every tree it cosigned before.
+
+COSIGNATURE_V1 = 0x04
+COSIGNATURE_FUTURE_S = 600  # a cosignature dated further ahead than this is refused
+
+
+def cosigned_message(body: bytes, timestamp: int) -> bytes:
+    return f"cosignature/v1\ntime {timestamp}\n".encode() + body
+
+
+@dataclass(frozen=True)
+class CosignerKey:
+    """A witness's verifier key: `<name>+<key id hex>+<base64(0x04 || public key)>`."""
+
+    name: str
+    key_id: bytes
+    public_key: Ed25519PublicKey
+
+    @staticmethod
+    def id_for(name: str, public_key: Ed25519PublicKey) -> bytes:
+        raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return _sha256(name.encode() + b"\n" + bytes([COSIGNATURE_V1]) + raw).digest()[:4]
+
+    def __str__(self) -> str:
+        raw = self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return (f"{self.name}+{self.key_id.hex()}+"
+                f"{base64.b64encode(bytes([COSIGNATURE_V1]) + raw).decode()}")
+
+    @classmethod
+    def parse(cls, text: str) -> CosignerKey:
+        try:
+            name, hex_id, b64 = text.strip().split("+", 2)
+            raw = base64.b64decode(b64, validate=True)
+            claimed = bytes.fromhex(hex_id)
+        except (ValueError, binascii.Error) as exc:
+            raise CheckpointError(f"malformed witness key: {exc}") from None
+        if not name or len(raw) != 33 or raw[0] != COSIGNATURE_V1 or len(claimed) != 4:
+            raise CheckpointError("malformed witness key: not an Ed25519 cosignature/v1 key")
+        public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
+        if cls.id_for(name, public_key) != claimed:
+            raise CheckpointError(f"witness key {name}: the key id does not match the key")
+        return cls(name, claimed, public_key)
+
+
+def cosignatures(note: str, witnesses: Sequence[CosignerKey], *,
+                 now: float | None = None) -> dict[str, int]:
+    """{witness name: timestamp} of the good cosignatures on `note` by `witnesses`. A
+    cosignature line by one of them that does not verify, or is dated in the future, is
+    an error (as a bad signature by a trusted key is); other lines are ignored."""
+    text, signatures = parse_note(note)
+    body = text.encode()
+    keys = {(w.name, w.key_id): w for w in witnesses}
+    limit = (now if now is not None else datetime.now().timestamp()) + COSIGNATURE_FUTURE_S
+    good: dict[str, int] = {}
+    for sig in signatures:
+        key = keys.get((sig.name, sig.key_id))
+        if key is None:
+            continue
+        if len(sig.signature) != 8 + 64:
+            raise CheckpointError(f"the cosignature by {sig.name} is malformed")
+        timestamp = int.from_bytes(sig.signature[:8], "big")
+        try:
+            key.public_key.verify(sig.signature[8:], cosigned_message(body, timestamp))
+        except InvalidSignature:
+            raise CheckpointError(f"the cosignature by {sig.name} does not verify") from None
+        if timestamp == 0 or timestamp > limit:
+            raise CheckpointError(f"the cosignature by {sig.name} is dated {timestamp}, in "
+                                  "the future or not at all")
+        good[sig.name] = max(timestamp, good.get(sig.name, 0))
+    return good
 
 
 # --- Seals (forward-secure MACs over each event) --------------------------------------------
@@ -518,6 +602,7 @@ class Report:
     message: str | None = None
     keys: list[str] = field(default_factory=list)
     keys_from_bundle: bool = False
+    witnessed_size: int | None = None  # the largest tree a quorum of witnesses cosigned
     findings: list[Finding] = field(default_factory=list)
 
     def add(self, seq: int | None, reason: str, message: str) -> None:
@@ -547,10 +632,13 @@ def _seqs(runs: Any) -> list[int]:
 
 def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None = None,
                   external: dict[int, list[str]] | None = None,
-                  seal_key: SealVerifier | None = None) -> Report:
+                  seal_key: SealVerifier | None = None,
+                  witnesses: Sequence[CosignerKey] = (), quorum: int = 0) -> Report:
     """Check a bundle (path or bytes). `trusted`: the log's verifier keys, None to use the
     bundle's own; `external`: checkpoint notes kept elsewhere, by tree size; `seal_key`:
-    the auditors' seal verification key, to check every event's seal."""
+    the auditors' seal verification key, to check every event's seal; `witnesses` and
+    `quorum`: every event must be under a checkpoint cosigned by `quorum` of them (all of
+    them when 0)."""
     report = Report()
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
@@ -615,12 +703,17 @@ def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None
 
     # Checkpoints: signatures, origin, external copies, consistency, then inclusion.
     proofs = _json(archive, "proofs.json", report) or {}
-    checkpoints = _checkpoints(archive, listed, origin, trusted, seqs, external, report)
+    checkpoints = _checkpoints(archive, listed, origin, trusted, seqs, report)
     report.checkpoints = len(checkpoints)
     _consistency(checkpoints, proofs.get("consistency", []), seqs, report)
+    if external is not None:
+        _external(checkpoints, proofs.get("links", []), external, trusted, origin, seqs,
+                  report)
     _inclusion(checkpoints, proofs.get("inclusion", []), seqs, leaves, report)
     _seals(archive, seqs, lines if digests == expected else None, checkpoints, seal_key,
            report)
+    if witnesses:
+        _witnessed(checkpoints, witnesses, quorum or len(witnesses), seqs, report)
     return report.close()
 
 
@@ -762,11 +855,11 @@ class _Listed:
     checkpoint: Checkpoint | None
     first: int  # index into seqs of the first event it covers
     last: int  # one past the last
+    note: str = ""
 
 
 def _checkpoints(archive: zipfile.ZipFile, listed: list[dict[str, Any]], origin: str,
-                 trusted: list[Verifier], seqs: list[int],
-                 external: dict[int, list[str]] | None, report: Report) -> list[_Listed]:
+                 trusted: list[Verifier], seqs: list[int], report: Report) -> list[_Listed]:
     out: list[_Listed] = []
     previous = 0
     names = set(archive.namelist())
@@ -776,7 +869,7 @@ def _checkpoints(archive: zipfile.ZipFile, listed: list[dict[str, Any]], origin:
         first_seq = seqs[lo] if lo < len(seqs) else None
         previous = max(previous, size)
         name = entry.get("file", "")
-        checkpoint = None
+        checkpoint, note = None, ""
         if name not in names:
             report.add(first_seq, "checkpoint_missing",
                        f"the checkpoint of size {size} is not in the bundle")
@@ -790,14 +883,7 @@ def _checkpoints(archive: zipfile.ZipFile, listed: list[dict[str, Any]], origin:
                     checkpoint = None
             except CheckpointError as exc:
                 report.add(first_seq, "checkpoint_signature", f"{name}: {exc}")
-            if checkpoint is not None and external is not None:
-                kept = external.get(size)
-                if kept is not None and all(_root_of(k) != checkpoint.root_hash
-                                            for k in kept):
-                    report.add(first_seq, "checkpoint_fork", f"{name} differs from the "
-                               f"copy of the checkpoint of size {size} kept elsewhere")
-                    checkpoint = None
-        out.append(_Listed(size, checkpoint, lo, hi))
+        out.append(_Listed(size, checkpoint, lo, hi, note))
     if seqs and (not out or out[-1].size < seqs[-1]):
         uncovered = bisect_left(seqs, previous + 1)
         report.add(seqs[uncovered], "uncovered",
@@ -805,11 +891,100 @@ def _checkpoints(archive: zipfile.ZipFile, listed: list[dict[str, Any]], origin:
     return out
 
 
-def _root_of(note: str) -> bytes | None:
+def _witnessed(checkpoints: list[_Listed], witnesses: Sequence[CosignerKey], quorum: int,
+               seqs: list[int], report: Report) -> None:
+    """Every event must be in a tree that `quorum` of the witnesses cosigned: under the
+    largest such checkpoint, since the bundle's checkpoints are chained by consistency
+    proofs. Returns nothing; the findings name the first event no quorum covers."""
+    best = 0
+    for c in checkpoints:
+        if c.checkpoint is None:
+            continue
+        try:
+            names = cosignatures(c.note, witnesses)
+        except CheckpointError as exc:
+            report.add(seqs[c.first] if c.first < len(seqs) else None, "cosignature",
+                       f"the checkpoint of size {c.size}: {exc}")
+            continue
+        if len(names) >= quorum:
+            best = max(best, c.size)
+    report.witnessed_size = best
+    if seqs and seqs[-1] > best:
+        first = seqs[bisect_left(seqs, best + 1)]
+        report.add(first, "witness_quorum", f"event {first} and later are under no "
+                   f"checkpoint cosigned by {quorum} of the {len(witnesses)} witnesses")
+
+
+def _external(checkpoints: list[_Listed], links: Any, external: dict[int, list[str]],
+              trusted: list[Verifier], origin: str, seqs: list[int],
+              report: Report) -> None:
+    """Hold the bundle's checkpoints against the checkpoints kept elsewhere, of any size.
+
+    Two different signed notes of one size are a fork. A kept checkpoint of a size the
+    bundle also has must have its root; one of another size must be linked to the bundle
+    by the consistency proof the bundle carries for it (`links`: from it to the smallest
+    bundle checkpoint above it, or from the largest below it to it). Since the bundle's
+    own checkpoints are chained by consistency proofs, every kept checkpoint is then one
+    log with every bundle checkpoint. A kept checkpoint with no link is not checked, and
+    says so (a failure: an auditor cannot tell it from a fork)."""
+    good = {c.size: c for c in checkpoints if c.checkpoint is not None}
+    if not good:
+        return
     try:
-        return parse(note)[0].root_hash
-    except CheckpointError:
-        return None
+        by_size = {int(link["size"]): (int(link["to"]),
+                                       [bytes.fromhex(h) for h in link.get("path", [])])
+                   for link in links}
+    except (KeyError, TypeError, ValueError) as exc:
+        report.add(None, "unreadable", f"proofs.json: malformed links: {exc}")
+        return
+
+    def first_seq(c: _Listed) -> int | None:
+        return seqs[c.first] if c.first < len(seqs) else None
+
+    for size in sorted(external):
+        roots: dict[bytes, str] = {}
+        for note in external[size]:
+            try:
+                kept = verify(note, trusted)
+            except CheckpointError as exc:
+                report.add(None, "checkpoint_forged", f"the checkpoint of size {size} kept "
+                           f"elsewhere is not signed by a trusted key: {exc}")
+                continue
+            if kept.origin == origin:
+                roots.setdefault(kept.root_hash, note)
+        if len(roots) > 1:
+            near = good[min((s for s in good if s >= size), default=max(good))]
+            report.add(first_seq(near), "checkpoint_fork", f"the copy kept elsewhere holds "
+                       f"{len(roots)} different signed checkpoints of size {size}: the log "
+                       "was forked")
+            continue
+        if not roots or size == 0:
+            continue
+        root = next(iter(roots))
+        if size in good:
+            ours = good[size].checkpoint
+            assert ours is not None
+            if ours.root_hash != root:
+                report.add(first_seq(good[size]), "checkpoint_fork", f"the bundle's "
+                           f"checkpoint of size {size} differs from the copy kept elsewhere")
+            continue
+        to, path = by_size.get(size, (0, []))
+        if to not in good:
+            report.add(None, "checkpoint_unlinked", f"the checkpoint of size {size} kept "
+                       "elsewhere: the bundle has no consistency proof linking it to its "
+                       "checkpoints")
+            continue
+        theirs = good[to].checkpoint
+        assert theirs is not None
+        try:
+            if size < to:
+                verify_consistency(size, to, root, theirs.root_hash, path)
+            else:
+                verify_consistency(to, size, theirs.root_hash, root, path)
+        except ProofError as exc:
+            report.add(first_seq(good[to]), "checkpoint_fork", f"the bundle's checkpoint of "
+                       f"size {to} and the checkpoint of size {size} kept elsewhere are not "
+                       f"one log: {exc}")
 
 
 def _consistency(checkpoints: list[_Listed], proofs: list[dict[str, Any]], seqs: list[int],
@@ -884,6 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", help="a folder of checkpoint notes kept elsewhere")
     parser.add_argument("--seal-key", help="the auditors' seal verification key (a file): "
                         "check every event's seal")
+    parser.add_argument("--witness-key", action="append", default=[],
+                        help="a witness's cosignature key (name+keyid+base64key, as "
+                        "`charter witness keygen` prints); repeatable")
+    parser.add_argument("--quorum", type=int, default=0,
+                        help="how many of the --witness-key witnesses must have cosigned "
+                        "a checkpoint over every event (default: all of them)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
@@ -891,7 +1072,12 @@ def main(argv: list[str] | None = None) -> int:
         external = _load_external(args.checkpoints) if args.checkpoints else None
         seal_key = (SealVerifier.load(Path(args.seal_key).read_text(encoding="utf-8"))
                     if args.seal_key else None)
-        report = verify_bundle(args.bundle, trusted, external, seal_key)
+        witnesses = [CosignerKey.parse(k) for k in args.witness_key]
+        if not 0 <= args.quorum <= len(witnesses) or (args.quorum and not witnesses):
+            raise CheckpointError(f"--quorum {args.quorum}: between 1 and the number of "
+                                  f"--witness-key given ({len(witnesses)})")
+        report = verify_bundle(args.bundle, trusted, external, seal_key, witnesses,
+                               args.quorum)
     except (OSError, CheckpointError, SealError) as exc:
         print(f"charter-verify: {exc}", file=sys.stderr)
         return 2
@@ -905,6 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
                   "published keys or pass --key/--keys")
         for key in report.keys:
             print(f"key: {key}")
+        if report.witnessed_size is not None:
+            print(f"witnessed: the tree of size {report.witnessed_size} has the quorum of "
+                  "cosignatures")
         if not report.ok:
             where = report.first_bad_seq if report.first_bad_seq is not None else "-"
             print(f"first bad sequence number: {where} ({report.reason}): {report.message}")
