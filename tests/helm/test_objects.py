@@ -291,3 +291,30 @@ def test_commands_parse(rendered: dict[str, Rendered]) -> None:
                     group = group.commands[args.pop(0)]
                 assert not hasattr(group, "commands"), (where, c["args"])
                 group.make_context(group.name, args)  # raises on an unknown option
+
+
+def test_a_witness_in_its_own_namespace(rendered: dict[str, Rendered],
+                                        render: Callable[..., Rendered]) -> None:
+    out = rendered["production"]
+    deployment = out.one("Deployment", "-witness")
+    assert deployment["metadata"]["namespace"] == "charter-witness"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = deployment["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert args[:2] == ["witness", "serve"] and "--state=/var/lib/charter/witness/state.db" in args
+    log_key = value_set("production")["witness"]["logKeys"][0]
+    assert f"--log=charter.example.org/audit={log_key}" in args
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["key"]["secret"]["secretName"] == "charter-witness-key"
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "charter-witness"}
+    claim = out.one("PersistentVolumeClaim", "-witness")
+    assert claim["metadata"]["namespace"] == "charter-witness"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert out.one("Service", "-witness")["spec"]["ports"][0]["port"] == 7380
+    api = out.one("Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    witness = value_set("production")["audit"]["witnesses"][0]
+    assert env_of(api)["CHARTER_AUDIT_WITNESSES"]["value"] == (
+        f"{witness['key']} {witness['url']}")
+    assert rendered["minimal"].kind("PersistentVolumeClaim") == []
+    with pytest.raises(helm.HelmRenderError, match="witness.logKeys is required"):
+        render(merged(value_set("production"), {"witness": {"logKeys": []}}))

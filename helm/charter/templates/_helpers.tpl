@@ -143,6 +143,10 @@ wins over the tag, so what runs is exactly what was mirrored.
 - name: CHARTER_AUDIT_CHECKPOINT_DIR
   value: {{ .Values.audit.checkpointStore.mountPath | quote }}
 {{- end }}
+{{- with .Values.audit.witnesses }}
+- name: CHARTER_AUDIT_WITNESSES
+  value: {{ $ws := list }}{{ range . }}{{ $ws = append $ws (printf "%s %s" .key .url) }}{{ end }}{{ join "," $ws | quote }}
+{{- end }}
 {{- with .Values.config.nodeAllowedNetworks }}
 - name: CHARTER_NODE_ALLOWED_NETWORKS
   value: {{ join "," . | quote }}

@@ -47,7 +47,7 @@ def keygen(name: str, path: Path) -> None:
               help="The witness's name (its cosignature lines carry it). "
                    "[env CHARTER_WITNESS_NAME]")
 @click.option("--key", "key_path", envvar="CHARTER_WITNESS_KEY", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              type=click.Path(dir_okay=False, path_type=Path),
               help="Its private key (charter witness keygen). [env CHARTER_WITNESS_KEY]")
 @click.option("--state", "state_path", envvar="CHARTER_WITNESS_STATE", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
