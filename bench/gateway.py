@@ -799,6 +799,10 @@ def run(args: argparse.Namespace) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
         env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
                    CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING")
+        witness = None
+        if args.witness:  # a sealed, signed, witnessed log with a short checkpoint cadence
+            witness, audit_env = _start_witness(tmp, args.checkpoint_interval)
+            env.update(audit_env)
         charter_proc = subprocess.Popen(
             [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers",
              str(args.workers), "--threads", str(args.threads)],
@@ -850,6 +854,14 @@ def run(args: argparse.Namespace) -> None:
                 f"{one['charter_streams']['errors']}; others used "
                 f"{one['charter']['cpu']['others'] / one['charter']['seconds']:.2f} cores[/dim]")
 
+        lag = _witness_lag(database_url, args.checkpoint_interval) if witness else None
+        if lag is not None:
+            console.print(
+                f"commit-to-witnessed-checkpoint lag over {lag['events']:,} events "
+                f"(checkpoint every {args.checkpoint_interval:g} s when events were written, "
+                f"{lag['checkpoints']} checkpoints, {lag['cosigned']} cosigned): p50 "
+                f"{lag['p50']:.2f} s, p99 {lag['p99']:.2f} s, max {lag['max']:.2f} s; "
+                f"{lag['unwitnessed']} events not witnessed (goal: p99 <= 5 s)")
         with CpuMeter(groups) as meter:
             profile = _stage_profile(settings, key, args.profile_requests)
         profile["others"] = meter.used["others"] / meter.seconds
@@ -864,9 +876,84 @@ def run(args: argparse.Namespace) -> None:
     finally:
         _stop(charter_proc)
         _stop(upstream)
+        if args.witness:
+            _stop(witness)
         if created:
             _drop_database(name)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- witnessing: how long an event waits for a witnessed checkpoint -------------------------
+
+WITNESS_ORIGIN = "bench.charter/audit"
+
+
+def _start_witness(tmp: Path, interval: float) -> tuple[subprocess.Popen[Any], dict[str, str]]:
+    """A `charter witness serve` of its own, and the settings of a log that seals its
+    events, signs checkpoints every `interval` seconds (when events were written) and
+    submits each to that witness."""
+    from charter.audit.keys import generate_key, load_signers
+    from charter.audit.seal import make_seal_keys, write_new
+    from charter.settings import Settings
+
+    generate_key(tmp / "log.pem")
+    keys = make_seal_keys(900)
+    write_new(tmp / "seal.json", keys.sealing)
+    made = subprocess.run([str(BIN / "charter"), "witness", "keygen", "--name", "bench/w1",
+                           str(tmp / "witness.pem")], capture_output=True, text=True,
+                          check=True)
+    witness_key = made.stdout.rsplit(" ", 1)[1].strip()
+    verifier = load_signers(Settings.from_env({}, audit_signing_keys=str(tmp / "log.pem"),
+                                              audit_log_origin=WITNESS_ORIGIN))[0].verifier
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "charter"), "witness", "serve", "--name", "bench/w1", "--key",
+         str(tmp / "witness.pem"), "--state", str(tmp / "witness.db"), "--log",
+         f"{WITNESS_ORIGIN}={verifier}", "--bind", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_http(port, "/healthz", proc)
+    return proc, {
+        "CHARTER_AUDIT_SIGNING_KEYS": str(tmp / "log.pem"),
+        "CHARTER_AUDIT_LOG_ORIGIN": WITNESS_ORIGIN,
+        "CHARTER_AUDIT_SEAL_KEY": str(tmp / "seal.json"),
+        "CHARTER_AUDIT_WITNESSES": f"{witness_key} http://127.0.0.1:{port}",
+        "CHARTER_AUDIT_CHECKPOINT_INTERVAL_S": str(interval),
+        "CHARTER_AUDIT_CHECKPOINT_POLL_S": str(min(1.0, interval / 4)),
+    }
+
+
+def _witness_lag(database_url: str, interval: float) -> dict[str, Any]:
+    """For every event: the time from its commit (its `ts`) to the first cosignature of a
+    checkpoint whose tree holds it. Waits one cadence for the last checkpoint first."""
+    import bisect
+
+    import psycopg
+
+    time.sleep(interval + 2)
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        cps = conn.execute(
+            "SELECT c.size, min(s.cosigned_at) FROM audit_checkpoints c JOIN "
+            "audit_cosignatures s ON s.checkpoint_id = c.id GROUP BY c.size ORDER BY c.size"
+        ).fetchall()
+        checkpoints = conn.execute("SELECT count(*) FROM audit_checkpoints").fetchone()[0]
+        events = conn.execute("SELECT seq, ts FROM audit_events ORDER BY seq").fetchall()
+    sizes = [size for size, _ in cps]
+    earliest: list[Any] = [None] * len(cps)  # the first witnessing at this size or above
+    for i in range(len(cps) - 1, -1, -1):
+        at = cps[i][1]
+        earliest[i] = at if i == len(cps) - 1 or at < earliest[i + 1] else earliest[i + 1]
+    lags, unwitnessed = [], 0
+    for seq, ts in events:
+        i = bisect.bisect_left(sizes, seq)
+        if i == len(sizes):
+            unwitnessed += 1
+            continue
+        lags.append((earliest[i] - ts).total_seconds())
+    lags.sort()
+    return {"events": len(lags), "checkpoints": checkpoints, "cosigned": len(cps),
+            "p50": _pct(lags, .5) if lags else 0.0, "p99": _pct(lags, .99) if lags else 0.0,
+            "max": lags[-1] if lags else 0.0, "unwitnessed": unwitnessed}
 
 
 # --- the peer: LiteLLM's proxy on the same upstream (OpenAI chat route) ------------------------
@@ -1201,6 +1288,11 @@ def main() -> None:
                     help="LiteLLM proxy executable (its own environment) to compare with")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"),
                     help="py-spy binary for the worker profile (default: on PATH)")
+    ap.add_argument("--witness", action="store_true",
+                    help="seal, sign and witness the log (a `charter witness serve` of its "
+                    "own) and report the commit-to-witnessed-checkpoint lag")
+    ap.add_argument("--checkpoint-interval", type=float, default=2.0,
+                    help="with --witness: CHARTER_AUDIT_CHECKPOINT_INTERVAL_S")
     ap.add_argument("--time-limit", type=int, default=600, help="abort after this many seconds")
     ap.add_argument("--role", choices=("upstream", "latency", "streams", "load"),
                     help=argparse.SUPPRESS)

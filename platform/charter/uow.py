@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -39,6 +39,30 @@ if TYPE_CHECKING:
 _session_var: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
     "charter_session", default=None)
 _DECISIONS = "charter.decisions"  # session.info key: decision events to keep on rollback
+_recorded: contextvars.ContextVar[list[Recorded] | None] = contextvars.ContextVar(
+    "charter_recorded", default=None)
+
+
+class Recorded(NamedTuple):
+    """An event door one wrote: what a receipt is made of once its transaction commits."""
+
+    action: str
+    target_type: str
+    target_id: str
+    seq: int
+    hash: str
+
+
+@contextmanager
+def collecting() -> Iterator[list[Recorded]]:
+    """Collect the events door one writes in the block (for receipts: read them only once
+    the block returned, when their transactions have committed)."""
+    found: list[Recorded] = []
+    token = _recorded.set(found)
+    try:
+        yield found
+    finally:
+        _recorded.reset(token)
 
 
 @contextmanager
@@ -113,14 +137,23 @@ def record(session: Session, *, actor: str, action: str, target_type: str, targe
            outcome: str = "success", details: dict[str, Any] | None = None) -> tuple[int, str]:
     """Door one: write an audit event in the caller's unit of work; returns (seq, hash)."""
     journal = scope.current().journal
-    return journal.append(session, journal.event(
+    return _collect(action, target_type, target_id, journal.append(session, journal.event(
         actor=actor, action=action, target_type=target_type, target_id=target_id,
-        outcome=outcome, details=details))
+        outcome=outcome, details=details)))
 
 
 def record_event(session: Session, event: Event) -> tuple[int, str]:
     """Door one, for an event already made (e.g. by charter.policy.service.evaluate)."""
-    return scope.current().journal.append(session, event)
+    return _collect(event.action, event.target_type, event.target_id,
+                    scope.current().journal.append(session, event))
+
+
+def _collect(action: str, target_type: str, target_id: str,
+             written: tuple[int, str]) -> tuple[int, str]:
+    found = _recorded.get()
+    if found is not None:
+        found.append(Recorded(action, target_type, target_id, *written))
+    return written
 
 
 def record_decision(session: Session, event: Event) -> tuple[int, str]:

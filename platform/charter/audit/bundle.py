@@ -193,7 +193,8 @@ def _links(settings: Settings, conn: Connection, tree: Tree, used: list[int],
             path = tree.consistency(min(m, to), max(m, to))
         except (TreeError, ProofError) as exc:
             raise raise_alarm(f"refusing to export: {exc}",
-                              {"reason": "tree", "checkpoint": m}) from None
+                              (exc.details(checkpoint=m) if isinstance(exc, TreeError)
+                               else {"reason": "tree", "checkpoint": m})) from None
         links.append({"size": m, "to": to, "path": [h.hex() for h in path]})
     return links
 
@@ -210,8 +211,10 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
     with database.engine.connect() as conn:
         newest = conn.execute(select(func.max(AuditEvent.seq))).scalar() or 0
         signed = conn.execute(select(func.max(AuditCheckpoint.size))).scalar()
-    if signed is None or newest > signed:
-        checkpoints.issue(settings, force=True)  # every exported event under a checkpoint
+    if signed is None or newest != signed:
+        # Every exported event under a checkpoint; and a log shorter than what was signed
+        # is refused (truncated) by the issuer, before anything is exported.
+        checkpoints.issue(settings, force=True)
     keys = "".join(f"{k.verifier}\n" for k in checkpoints.published_keys(settings))
     with (database.engine.connect() as conn, tempfile.TemporaryFile() as events_file,
           tempfile.TemporaryFile() as seals_file):
@@ -248,7 +251,7 @@ def export(settings: Settings, sel: Selection, out: IO[bytes], *,
                         else [])
             except TreeError as exc:  # a row or a tree node is not what was signed
                 raise raise_alarm(f"refusing to export: {exc}",
-                                  {"reason": "tree", "checkpoint": cp.size}) from None
+                                  exc.details(checkpoint=cp.size)) from None
             inclusion.append({"size": cp.size, "first_seq": seqs[lo],
                               "nodes": [[a, b, h.hex()] for a, b, h in nodes]})
             if previous is not None:

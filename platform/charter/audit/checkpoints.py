@@ -167,7 +167,7 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
             tree.extend(size)
             root = tree.root(size)
         except TreeError as exc:
-            raise raise_alarm(f"refusing to sign: {exc}", {"reason": "tree"}) from None
+            raise raise_alarm(f"refusing to sign: {exc}", exc.details()) from None
         if last is not None and before:
             _extends(tree, before, bytes.fromhex(last.root_hash), size, root,
                      f"database:{last.id}")
@@ -294,8 +294,7 @@ def inclusion(seq: int, size: int | None = None) -> tuple[AuditCheckpoint, str, 
         try:
             return cp, event_hash, Tree(conn).inclusion(seq - 1, cp.size)
         except TreeError as exc:
-            raise raise_alarm(f"no proof: {exc}", {"reason": "tree",
-                                                   "checkpoint": cp.size}) from None
+            raise raise_alarm(f"no proof: {exc}", exc.details(checkpoint=cp.size)) from None
 
 
 def consistency(first: int, second: int
@@ -311,5 +310,4 @@ def consistency(first: int, second: int
         try:
             return a, b, Tree(session.connection()).consistency(first, second)
         except TreeError as exc:
-            raise raise_alarm(f"no proof: {exc}", {"reason": "tree",
-                                                   "checkpoint": second}) from None
+            raise raise_alarm(f"no proof: {exc}", exc.details(checkpoint=second)) from None

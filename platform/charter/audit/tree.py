@@ -38,7 +38,18 @@ _EXTEND_CHUNK = 64  # tiles read a query while extending
 
 
 class TreeError(RuntimeError):
-    """The events the tree is built from are not what they must be (a gap, a bad hash)."""
+    """The events the tree is built from are not what they must be (a gap, a bad hash).
+    `first_bad_seq`: the first event missing or malformed, when known."""
+
+    def __init__(self, message: str, first_bad_seq: int | None = None) -> None:
+        super().__init__(message)
+        self.first_bad_seq = first_bad_seq
+
+    def details(self, **extra: object) -> dict[str, object]:
+        """The integrity alarm's details: `missing` and the seq when one is known."""
+        if self.first_bad_seq is None:
+            return {"reason": "tree", **extra}
+        return {"reason": "missing", "first_bad_seq": self.first_bad_seq, **extra}
 
 
 class Tree:
@@ -60,11 +71,15 @@ class Tree:
             select(p.c.seq, p.c.hash).where(p.c.seq > lo, p.c.seq <= hi),
         ).order_by("seq")).all()
         if len(rows) != hi - lo or (rows and (rows[0][0] != lo + 1 or rows[-1][0] != hi)):
-            raise TreeError(f"events {lo + 1}..{hi} are not all in the log")
+            gap = next((lo + 1 + i for i, (seq, _) in enumerate(rows) if seq != lo + 1 + i),
+                       lo + 1 + len(rows))
+            raise TreeError(f"event {gap} is missing from the log (events {lo + 1}..{hi} "
+                            "are not all there)", gap)
         try:
             return [_leaf(bytes.fromhex(h)) for _, h in rows]
         except ValueError:
-            raise TreeError(f"an event among {lo + 1}..{hi} has a malformed hash") from None
+            bad = next(seq for seq, h in rows if not _is_hash(h))
+            raise TreeError(f"event {bad} has a malformed hash", bad) from None
 
     def leaves(self, lo: int, hi: int) -> list[bytes]:
         """Leaf hashes [lo, hi); whole tiles are read once and kept."""
@@ -238,6 +253,13 @@ class Tree:
         if walk_multiproof(size, indices, known, gap) != expected_root:
             raise TreeError(f"the stored tree does not lead to the root signed at size {size}")
         return nodes
+
+
+def _is_hash(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except (ValueError, TypeError):
+        return False
 
 
 def _leaf(event_hash: bytes) -> bytes:

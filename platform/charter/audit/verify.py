@@ -1,7 +1,8 @@
 """charter-verify: check an exported audit bundle offline, without trusting Charter.
 
     charter-verify BUNDLE.zip [--key KEY]... [--keys FILE] [--checkpoints DIR]
-                   [--seal-key FILE] [--witness-key KEY]... [--quorum K] [--json]
+                   [--seal-key FILE] [--witness-key KEY]... [--quorum K]
+                   [--receipt FILE]... [--json]
 
 This one module is the whole verifier. It depends on the standard library and on
 `cryptography` only, so an auditor can copy this file to an air-gapped laptop and run
@@ -583,6 +584,68 @@ class SealVerifier:
             raise SealError("the seal does not match: the event was forged or changed")
 
 
+# --- Receipts (a signed promise that the log holds an event) ---------------------------------
+
+RECEIPT_FORMAT = "charter-audit-receipt/1"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    origin: str
+    seq: int
+    hash: bytes
+    action: str
+    time: str
+
+    @classmethod
+    def open(cls, text: str, trusted: Sequence[Verifier]) -> Receipt:
+        """A receipt from its note (or the JSON object the API answers with), if a trusted
+        key signed it; raises CheckpointError otherwise."""
+        if text.lstrip().startswith("{"):
+            try:
+                text = json.loads(text)["note"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"not a receipt: {exc}") from None
+        body = open_note(text, trusted)
+        lines = body[:-1].split("\n")
+        try:
+            fmt, origin, seq, digest, action, time = lines
+            if fmt != RECEIPT_FORMAT or not seq.startswith("seq ") or not digest.startswith(
+                    "hash ") or not action.startswith("action ") or not time.startswith(
+                    "time "):
+                raise ValueError("unexpected lines")
+            receipt = cls(origin, int(seq[4:]), bytes.fromhex(digest[5:]), action[7:],
+                          time[5:])
+        except ValueError as exc:
+            raise CheckpointError(f"not a {RECEIPT_FORMAT} receipt: {exc}") from None
+        if receipt.seq < 1 or len(receipt.hash) != 32:
+            raise CheckpointError("a receipt names an event by its seq and 32-byte hash")
+        return receipt
+
+
+def _receipts(receipts: Sequence[Receipt], origin: str, seqs: list[int],
+              expected: list[bytes], tree_size: int, report: Report) -> None:
+    """Hold the bundle against the receipts: each promised event must be in the log with
+    its hash (when exported), and the log must still reach it."""
+    for r in receipts:
+        if r.origin != origin:
+            report.add(None, "receipt_other_log", f"the receipt of event {r.seq} is from "
+                       f"another log ({r.origin})")
+            continue
+        i = bisect_left(seqs, r.seq)
+        if i < len(seqs) and seqs[i] == r.seq:
+            if expected[i] != r.hash:
+                report.add(r.seq, "receipt_broken", f"event {r.seq} is not the event the "
+                           f"log promised on {r.time} ({r.action}): its hash differs")
+            else:
+                report.receipts.append({"seq": r.seq, "status": "held"})
+        elif r.seq > tree_size:
+            report.add(r.seq, "receipt_missing", f"the log promised event {r.seq} on "
+                       f"{r.time} ({r.action}); it now holds {tree_size} events: it was cut")
+        else:
+            report.receipts.append({"seq": r.seq, "status": "not exported"})
+
+
 # --- Bundles --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -603,6 +666,7 @@ class Report:
     keys: list[str] = field(default_factory=list)
     keys_from_bundle: bool = False
     witnessed_size: int | None = None  # the largest tree a quorum of witnesses cosigned
+    receipts: list[dict[str, Any]] = field(default_factory=list)  # held, not exported
     findings: list[Finding] = field(default_factory=list)
 
     def add(self, seq: int | None, reason: str, message: str) -> None:
@@ -633,12 +697,13 @@ def _seqs(runs: Any) -> list[int]:
 def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None = None,
                   external: dict[int, list[str]] | None = None,
                   seal_key: SealVerifier | None = None,
-                  witnesses: Sequence[CosignerKey] = (), quorum: int = 0) -> Report:
+                  witnesses: Sequence[CosignerKey] = (), quorum: int = 0,
+                  receipts: Sequence[Receipt] = ()) -> Report:
     """Check a bundle (path or bytes). `trusted`: the log's verifier keys, None to use the
     bundle's own; `external`: checkpoint notes kept elsewhere, by tree size; `seal_key`:
     the auditors' seal verification key, to check every event's seal; `witnesses` and
     `quorum`: every event must be under a checkpoint cosigned by `quorum` of them (all of
-    them when 0)."""
+    them when 0); `receipts`: events the log promised to hold."""
     report = Report()
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
@@ -714,6 +779,9 @@ def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None
            report)
     if witnesses:
         _witnessed(checkpoints, witnesses, quorum or len(witnesses), seqs, report)
+    if receipts:
+        _receipts(receipts, origin, seqs, expected, int(manifest.get("tree_size") or 0),
+                  report)
     return report.close()
 
 
@@ -1065,6 +1133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quorum", type=int, default=0,
                         help="how many of the --witness-key witnesses must have cosigned "
                         "a checkpoint over every event (default: all of them)")
+    parser.add_argument("--receipt", action="append", default=[],
+                        help="a receipt the log gave for a lifecycle action (a file: the "
+                        "JSON the API answered with, or its note); repeatable")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
@@ -1076,8 +1147,12 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.quorum <= len(witnesses) or (args.quorum and not witnesses):
             raise CheckpointError(f"--quorum {args.quorum}: between 1 and the number of "
                                   f"--witness-key given ({len(witnesses)})")
+        if args.receipt and not trusted:
+            raise CheckpointError("--receipt needs the log's keys (--key or --keys)")
+        receipts = [Receipt.open(Path(f).read_text(encoding="utf-8"), trusted or [])
+                    for f in args.receipt]
         report = verify_bundle(args.bundle, trusted, external, seal_key, witnesses,
-                               args.quorum)
+                               args.quorum, receipts)
     except (OSError, CheckpointError, SealError) as exc:
         print(f"charter-verify: {exc}", file=sys.stderr)
         return 2
@@ -1091,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
                   "published keys or pass --key/--keys")
         for key in report.keys:
             print(f"key: {key}")
+        for held in report.receipts:
+            print(f"receipt: event {held['seq']}: {held['status']}")
         if report.witnessed_size is not None:
             print(f"witnessed: the tree of size {report.witnessed_size} has the quorum of "
                   "cosignatures")

@@ -92,7 +92,7 @@ def _submit_one(client: httpx.Client, witness: WitnessConfig,
             body = f"old {old}\n" + "".join(f"{_b64(h)}\n" for h in _proof(old, size))
         except (TreeError, ProofError) as exc:
             refuse(raise_alarm(f"no consistency proof for witness {witness.name}: {exc}",
-                               {"reason": "tree", "checkpoint": size}))
+                               _details(exc, size)))
         try:
             reply = client.post(f"{witness.url}/add-checkpoint",
                                 content=(body + "\n" + checkpoint.note).encode())
@@ -165,6 +165,12 @@ def cosignature_lines(conn: Connection, checkpoint_ids: Iterable[int]) -> dict[i
                                   .where(t.c.checkpoint_id.in_(ids)).order_by(t.c.id)):
         out[cid] = out.get(cid, "") + line
     return out
+
+
+def _details(exc: TreeError | ProofError, size: int) -> dict[str, object]:
+    if isinstance(exc, TreeError):
+        return exc.details(checkpoint=size)
+    return {"reason": "tree", "checkpoint": size}
 
 
 def _b64(h: bytes) -> str:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
+from charter.audit import receipts
 from charter.registry import service
 from charter.registry.schemas import (
     ApprovalConditions,
     ExceptionCreate,
     ModelCreate,
     ModelOut,
+    ReceiptOut,
     RequiredReason,
     State,
     Transition,
@@ -19,8 +22,18 @@ from charter.registry.schemas import (
     VersionSpec,
     VersionUpdate,
 )
+from charter.uow import Recorded, collecting
 
 bp = ApiBlueprint("registry", __name__, url_prefix="/api/v1")
+
+
+def _with_receipt(version: object, recorded: list[Recorded], action: str) -> VersionOut:
+    """The version, with the signed receipt of the event its change wrote (committed)."""
+    out = VersionOut.model_validate(version)
+    receipt = receipts.issue(scope.current().settings, recorded, action)
+    if receipt is not None:
+        out.receipt = ReceiptOut(**receipt)
+    return out
 
 
 class VersionQuery(BaseModel):
@@ -77,33 +90,43 @@ def update_version(actor: Actor, version_id: str, body: VersionUpdate) -> object
               summary="Submit a draft for approval (runs the admission policy)",
               body=Transition, response=VersionOut, errors=(403, 409, 503))
 def submit_version(actor: Actor, version_id: str, body: Transition) -> object:
-    return service.submit_version(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.submit_version(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.submit")
 
 
 @bp.operation("POST", "/versions/<version_id>/approve",
               summary="Approve a submitted version with conditions (four-eyes, admission)",
               body=ApprovalConditions, response=VersionOut, errors=(403, 409, 503))
 def approve_version(actor: Actor, version_id: str, body: ApprovalConditions) -> object:
-    return service.approve_version(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.approve_version(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.approve")
 
 
 @bp.operation("POST", "/versions/<version_id>/reject", summary="Reject a submitted version",
               body=RequiredReason, response=VersionOut, errors=(403, 409))
 def reject_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
-    return service.reject_version(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.reject_version(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.reject")
 
 
 @bp.operation("POST", "/versions/<version_id>/deprecate",
               summary="Deprecate an approved version", body=RequiredReason,
               response=VersionOut, errors=(403, 409))
 def deprecate_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
-    return service.deprecate_version(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.deprecate_version(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.deprecate")
 
 
 @bp.operation("POST", "/versions/<version_id>/revoke", summary="Revoke an approved version",
               body=RequiredReason, response=VersionOut, errors=(403, 409))
 def revoke_version(actor: Actor, version_id: str, body: RequiredReason) -> object:
-    return service.revoke_version(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.revoke_version(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.revoke")
 
 
 @bp.operation("POST", "/versions/<version_id>/admission",
@@ -117,4 +140,6 @@ def run_admission(actor: Actor, version_id: str) -> object:
               summary="Waive named admission violations until a date (admins, justified)",
               body=ExceptionCreate, response=VersionOut, status=201, errors=(403, 409))
 def grant_exception(actor: Actor, version_id: str, body: ExceptionCreate) -> object:
-    return service.grant_exception(actor, version_id, body)
+    with collecting() as recorded:
+        version = service.grant_exception(actor, version_id, body)
+    return _with_receipt(version, recorded, "version.exception")

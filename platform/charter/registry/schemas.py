@@ -161,6 +161,17 @@ class DecisionOut(Out):
     expires_at: datetime | None
 
 
+class ReceiptOut(Out):
+    """A signed promise that the log holds the event of this change (charter.audit.receipts):
+    keep it, and check exports against it with `charter-verify --receipt`."""
+
+    seq: int
+    hash: str
+    action: str
+    issued_at: str
+    note: str
+
+
 class VersionOut(Out):
     id: str
     model_id: str
@@ -194,3 +205,4 @@ class VersionOut(Out):
     state_changed_at: datetime
     state_reason: str
     row_version: int
+    receipt: ReceiptOut | None = None  # on lifecycle changes (approve, revoke, exception...)
