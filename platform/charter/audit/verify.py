@@ -843,21 +843,16 @@ def _seals(archive: zipfile.ZipFile, seqs: list[int], lines: list[bytes] | None,
                        "the bundle has no seals.jsonl, but its checkpoints say events "
                        f"from {sealed_from} on are sealed")
         return
-    try:  # one JSON array: a decode a bundle, not one a line
-        records = json.loads(b"[" + b",".join(
-            r for r in archive.read("seals.jsonl").split(b"\n") if r) + b"]")
-        if not all(isinstance(r, dict) for r in records):
-            raise ValueError("a line is not a JSON object")
+    try:
+        listed, ids, seals = _seal_records(archive.read("seals.jsonl"))
     except ValueError as exc:
         report.add(None, "unreadable", f"seals.jsonl: {exc}")
         return
-    if [r.get("seq") for r in records] != seqs:
+    if listed != seqs:
         report.add(None, "seals_mismatch", "seals.jsonl does not list the exported events")
         return
     # Presence and uniqueness, a comprehension at a time (C speed, not a loop of Python).
-    ids = [r.get("id") for r in records]
-    marks_ok = [type(x) is str and type(y) is str
-                for x, y in zip(ids, [r.get("seal") for r in records], strict=True)]
+    marks_ok = [type(x) is str and type(y) is str for x, y in zip(ids, seals, strict=True)]
     stop = len(seqs)  # the first presence finding, where checking stops
     finding: tuple[int, str, str] | None = None
     if not all(marks_ok):
@@ -881,12 +876,22 @@ def _seals(archive: zipfile.ZipFile, seqs: list[int], lines: list[bytes] | None,
             seen[x] = seqs[i]
     to_check = [i for i in range(stop) if marks_ok[i]]
     if seal_key is not None and lines is not None and to_check:
-        forged = _check_seals(seal_key, ids, [r["seal"] for r in records], lines, to_check)
+        forged = _check_seals(seal_key, ids, seals, lines, to_check)
         if forged is not None and forged[0] < stop:
             i, message = forged
             finding = (seqs[i], "forged", f"event {seqs[i]}: {message}")
     if finding is not None:
         report.add(*finding)
+
+
+def _seal_records(data: bytes) -> tuple[list[Any], list[Any], list[Any]]:
+    """(seq, id, seal) of each line of seals.jsonl: decoded as one JSON array (one call
+    into the C decoder a bundle, not one a line)."""
+    records = json.loads(b"[" + b",".join(r for r in data.split(b"\n") if r) + b"]")
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError("a line is not a JSON object")
+    return ([r.get("seq") for r in records], [r.get("id") for r in records],
+            [r.get("seal") for r in records])
 
 
 def _check_seals(seal_key: SealVerifier, ids: list[Any], seals: list[Any],
