@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +57,9 @@ def test_a_healthy_log_holds_against_every_signed_checkpoint(anchored: Runtime) 
     verdict = verify_chain()
     assert verdict.ok and verdict.count == second + 3 and verdict.checkpoint is None
     outside = sorted(p.name for p in Path(anchored.settings.audit_checkpoint_dir).iterdir())
-    assert len(outside) == 3 and outside[-1] == "latest.note"  # two notes and the latest
+    # two notes, the proof that the second extends the first, and the latest
+    assert [n.rsplit(".", 1)[1] for n in outside] == ["note", "note", "proof", "note"]
+    assert outside[-1] == "latest.note"
     assert checkpoints.issue(anchored.settings, force=True) is not None  # extends them
     assert _alarms(anchored) == 0
 
@@ -180,6 +184,12 @@ def _kept(folder: Path) -> dict[int, list[str]]:
     return _load_external(str(folder))
 
 
+def _kept_proofs(folder: Path) -> list[tuple[int, int, list[str]]]:
+    from charter.audit.verify import load_kept_proofs
+
+    return load_kept_proofs(str(folder))
+
+
 def test_a_bundle_is_held_against_kept_checkpoints_of_every_size(
         anchored: Runtime, tmp_path: Path) -> None:
     from charter.audit.verify import verify_bundle
@@ -194,23 +204,36 @@ def test_a_bundle_is_held_against_kept_checkpoints_of_every_size(
     # and 75 are linked to it by the proofs it carries.
     out = io.BytesIO()
     export_bundle(settings, Selection(first_seq=41, last_seq=50), out, actor_ref="user:auditor")
-    kept = _kept(Path(settings.audit_checkpoint_dir))
+    folder = Path(settings.audit_checkpoint_dir)
+    kept, proofs = _kept(folder), _kept_proofs(folder)
     assert sorted(kept) == [first, second, third.size]
-    report = verify_bundle(out.getvalue(), keys, kept)
+    # The folder chains its notes: a proof beside each from the one before it.
+    assert [(a, b) for a, b, _ in proofs] == [(first, second), (second, third.size)]
+    report = verify_bundle(out.getvalue(), keys, kept, kept_proofs=proofs)
     assert report.ok and report.checkpoints == 1, report.findings
-    # A kept checkpoint the bundle cannot link fails: an auditor cannot tell it from a fork.
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as z:
+        links = json.loads(z.read("proofs.json"))["links"]
+    # The folder chains the rest: one link, to the newest (above the bundle's checkpoint).
+    assert [(x["size"], x["to"]) for x in links] == [(third.size, second)]
+    # Without the proofs kept beside the notes, nothing ties checkpoint 40 to the others.
+    report = verify_bundle(out.getvalue(), keys, kept)
+    assert (report.ok, report.reason) == (False, "checkpoint_unlinked")
+    assert f"size {first} kept elsewhere" in (report.message or "")
+    # A kept checkpoint nothing ties to a larger one fails: it cannot be told from a fork.
     other = sign(Checkpoint(settings.audit_log_origin, 50, b"\x05" * 32, ("time z",)),
                  *load_signers(settings))
-    report = verify_bundle(out.getvalue(), keys, {**kept, 50: [other]})
+    report = verify_bundle(out.getvalue(), keys, {**kept, 50: [other]}, kept_proofs=proofs)
     assert (report.ok, report.reason) == (False, "checkpoint_unlinked")
     # Two different signed notes of one size kept elsewhere are a fork, even if one of
     # them is the bundle's.
     forked = sign(Checkpoint(settings.audit_log_origin, first, b"\x06" * 32, ("time z",)),
                   *load_signers(settings))
-    report = verify_bundle(out.getvalue(), keys, {**kept, first: [*kept[first], forked]})
+    report = verify_bundle(out.getvalue(), keys, {**kept, first: [*kept[first], forked]},
+                           kept_proofs=proofs)
     assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork", 41)
-    # A kept checkpoint of a size the bundle links, with another root: a fork.
-    report = verify_bundle(out.getvalue(), keys, {**kept, first: [forked]})
+    # A kept checkpoint whose proof to the next does not hold: a fork.
+    report = verify_bundle(out.getvalue(), keys, {**kept, first: [forked]},
+                           kept_proofs=proofs)
     assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork", 41)
     assert f"size {first}" in (report.message or "")
 
@@ -240,10 +263,8 @@ def test_the_issues_attack_with_the_servers_folder_wiped_fails_against_the_audit
         out = io.BytesIO()
         export_bundle(settings, Selection(), out, actor_ref="user:auditor")
         assert verify_bundle(out.getvalue(), keys).ok  # alone, it looks perfect
-        report = verify_bundle(out.getvalue(), keys, _kept(auditors))
+        report = verify_bundle(out.getvalue(), keys, _kept(auditors),
+                               kept_proofs=_kept_proofs(auditors))
         assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork",
                                                                     1)
         assert f"size {second}" in (report.message or "")
-        # The server no longer knows the checkpoint of size 40: nothing links it.
-        assert any(f.reason == "checkpoint_unlinked" and f"size {first}" in f.message
-                   for f in report.findings)

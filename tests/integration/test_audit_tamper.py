@@ -34,7 +34,7 @@ from charter.audit.chain import event_body, event_hash
 from charter.audit.keys import load_signers
 from charter.audit.seal import make_seal_keys, verifier_from_file, write_new
 from charter.audit.service import export_bundle, verify_chain
-from charter.audit.verify import _load_external, verify_bundle
+from charter.audit.verify import _load_external, load_kept_proofs, verify_bundle
 from charter.settings import Settings
 from charter.witness.server import Witness
 from charter.witness.state import WitnessState
@@ -160,7 +160,8 @@ def _audit(settings: Settings, kept: Path, verifier: Any, witness: Any) -> str:
     except checkpoints.AuditIntegrityError as exc:
         return f"refused:{exc.details['reason']}"
     report = verify_bundle(out.getvalue(), [s.verifier for s in load_signers(settings)],
-                           _load_external(str(kept)), verifier, [witness.verifier], 1)
+                           _load_external(str(kept)), verifier, [witness.verifier], 1,
+                           kept_proofs=load_kept_proofs(str(kept)))
     return "ok" if report.ok else f"{report.reason}@{report.first_bad_seq}"
 
 

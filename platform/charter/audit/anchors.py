@@ -28,7 +28,12 @@ import structlog
 from charter import scope
 from charter.audit.checkpoint import Verifier
 from charter.audit.keys import load_signers
-from charter.audit.verify import CheckpointError, seals_from_extensions, verify
+from charter.audit.verify import (
+    CheckpointError,
+    load_kept_proofs,
+    seals_from_extensions,
+    verify,
+)
 from charter.errors import CharterError, ConfigurationError
 from charter.settings import Settings
 
@@ -113,6 +118,13 @@ def external_notes(settings: Settings) -> list[tuple[str, str]]:
         except (OSError, UnicodeDecodeError) as exc:
             out.append((path.name, f"unreadable: {exc}"))
     return out
+
+
+def external_proofs(settings: Settings) -> list[tuple[int, int, list[str]]]:
+    """The consistency proofs kept beside the external copy's notes (from, to, path)."""
+    if not settings.audit_checkpoint_dir or not Path(settings.audit_checkpoint_dir).is_dir():
+        return []
+    return load_kept_proofs(settings.audit_checkpoint_dir)
 
 
 def newest_external(settings: Settings) -> Anchors:

@@ -173,9 +173,11 @@ def _best_witnessed(conn: Connection, used: list[AuditCheckpoint]
 
 def _links(settings: Settings, conn: Connection, tree: Tree, used: list[int],
            size: int) -> list[dict[str, Any]]:
-    """A consistency proof from every other checkpoint the log signed (in its table or in
-    the external copy, up to `size`) to the nearest checkpoint of the bundle: what lets an
-    auditor hold the bundle against checkpoints kept elsewhere, of any size."""
+    """A consistency proof from each other checkpoint the log signed (in its table or in
+    the external copy, up to `size`) that the external copy does not already chain to a
+    larger one (its `.proof` files), to the nearest checkpoint of the bundle: what lets an
+    auditor hold the bundle against checkpoints kept elsewhere, of any size. With a
+    complete external copy that is a handful, however long the history."""
     if not used:
         return []
     t = table_of(AuditCheckpoint)
@@ -185,8 +187,9 @@ def _links(settings: Settings, conn: Connection, tree: Tree, used: list[int],
             sizes.add(parse(note)[0].size)
         except CheckpointError:
             continue
+    chained = {a for a, _, _ in anchors.external_proofs(settings)}
     links = []
-    for m in sorted(s for s in sizes - set(used) if 0 < s <= size):
+    for m in sorted(s for s in sizes - set(used) - chained if 0 < s <= size):
         k = bisect_left(used, m)
         to = used[k] if k < len(used) else used[-1]
         try:

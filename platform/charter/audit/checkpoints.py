@@ -11,6 +11,7 @@ several workers and beats can try at once.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,6 +178,7 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
         # The copy outside the database: what an insider who rewrote the database (its
         # rows, its tree and its checkpoint table alike) cannot make agree.
         outside = anchors.newest_external(settings)
+        link: tuple[int, list[bytes]] | None = None
         for problem in outside.problems:
             raise raise_alarm(f"refusing to sign: {problem['message']}", problem)
         external = outside.newest
@@ -189,6 +191,8 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
                     {"reason": "truncated", "checkpoint": external.size,
                      "source": external.source, "first_bad_seq": size + 1})
             _extends(tree, external.size, external.root, size, root, external.source)
+            if 0 < external.size < size:  # the folder's chain: a proof from its newest
+                link = (external.size, tree.consistency(external.size, size))
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         extensions = [f"time {stamp}"]
         known = [n for n in (_seals_from(conn, last), outside.seals_from) if n is not None]
@@ -221,7 +225,7 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
         session.flush()
         session.expunge(row)
     log.info("audit checkpoint", size=size, root=root.hex()[:16], forced=force)
-    copy_out(settings, row)
+    copy_out(settings, row, link=link)
     if witnesses.submit(settings, row):
         with unit_of_work() as session:
             lines = witnesses.cosignature_lines(session.connection(), [row.id])
@@ -229,19 +233,31 @@ def issue(settings: Settings, *, force: bool = False) -> AuditCheckpoint | None:
     return row
 
 
-def copy_out(settings: Settings, row: AuditCheckpoint, note: str | None = None) -> None:
+PROOF_FORMAT = "charter-consistency/1"
+
+
+def copy_out(settings: Settings, row: AuditCheckpoint, note: str | None = None, *,
+             link: tuple[int, list[bytes]] | None = None) -> None:
     """Write the checkpoint (`note`: with its cosignatures) to the external folder
-    (atomically); a failure is logged, the checkpoint stays valid and the next one is
-    copied again."""
+    (atomically), and beside it (`<name>.proof`) the consistency proof from the folder's
+    newest checkpoint before it, when there is one: the folder's notes then verify as a
+    chain, and a bundle needs no proof for each of them. A failure is logged; the
+    checkpoint stays valid and the next one is copied again."""
     if not settings.audit_checkpoint_dir:
         return
     folder = Path(settings.audit_checkpoint_dir)
-    name = f"{row.size:012d}-{row.issued_at:%Y%m%dT%H%M%S%f}Z.note"
+    name = f"{row.size:012d}-{row.issued_at:%Y%m%dT%H%M%S%f}Z"
+    files = {f"{name}.note": note or row.note, "latest.note": note or row.note}
+    if link is not None:
+        files[f"{name}.proof"] = json.dumps({
+            "format": PROOF_FORMAT, "from": link[0], "to": row.size,
+            "path": [h.hex() for h in link[1]]}) + "\n"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for target in (folder / name, folder / "latest.note"):
+        for target_name, text in files.items():
+            target = folder / target_name
             tmp = target.with_suffix(".tmp")
-            tmp.write_text(note or row.note)
+            tmp.write_text(text)
             os.replace(tmp, target)
     except OSError as exc:
         log.error("audit checkpoint not copied", folder=str(folder), error=repr(exc))

@@ -18,8 +18,8 @@ What a bundle is (format `charter-audit-export/1`, a zip archive):
     checkpoints/*.note  signed checkpoints (C2SP tlog-checkpoint notes, Ed25519)
     proofs.json         per checkpoint, the Merkle nodes that prove its events are in the
                         tree it signed (a batch inclusion proof); consistency proofs
-                        between consecutive checkpoints; links: a consistency proof from
-                        every other checkpoint the log signed to the bundle's nearest
+                        between consecutive checkpoints; links: consistency proofs from
+                        the checkpoints the external copy does not chain to the bundle's
     keys.txt            the log's verifier keys (`name+keyid+base64key`), one a line
     seals.jsonl         each event's id and seal (forward-secure MACs, see "Seals" below)
 
@@ -35,10 +35,11 @@ reaches it). The verdict names the first bad sequence number and why.
 Keys: pass the log's keys with --key/--keys (from /api/v1/audit/keys or your own copy);
 without them the keys inside the bundle are used and the report says so, since a bundle
 that carries its own keys proves only that it is self-consistent. --checkpoints DIR
-holds the bundle's checkpoints against copies kept elsewhere (the external copy), of any
-size: two different notes of one size are a fork, and each kept checkpoint must be one
-log with the bundle's, by the consistency proof the bundle carries for it (`links` in
-proofs.json; a kept checkpoint the bundle cannot link is a failure).
+holds the bundle's checkpoints against copies kept elsewhere (the external copy, its
+`.note` files and the `.proof` files beside them), of any size: two different notes of
+one size are a fork, and every checkpoint but the largest must be proven a prefix of a
+larger one (by the kept proofs, the bundle's chain or its `links`): a failing proof is a
+fork, a checkpoint nothing ties to a larger one a failure too.
 --seal-key FILE (the auditors' seal verification key) checks every event's seal; without
 it, only that every event from the checkpoints' `seals-from` on carries one.
 """
@@ -736,12 +737,14 @@ def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None
                   external: dict[int, list[str]] | None = None,
                   seal_key: SealVerifier | None = None,
                   witnesses: Sequence[CosignerKey] = (), quorum: int = 0,
-                  receipts: Sequence[Receipt] = ()) -> Report:
+                  receipts: Sequence[Receipt] = (),
+                  kept_proofs: Sequence[tuple[int, int, Any]] = ()) -> Report:
     """Check a bundle (path or bytes). `trusted`: the log's verifier keys, None to use the
     bundle's own; `external`: checkpoint notes kept elsewhere, by tree size; `seal_key`:
     the auditors' seal verification key, to check every event's seal; `witnesses` and
     `quorum`: every event must be under a checkpoint cosigned by `quorum` of them (all of
-    them when 0); `receipts`: events the log promised to hold."""
+    them when 0); `receipts`: events the log promised to hold; `kept_proofs`: the
+    consistency proofs kept beside the external notes, (from, to, hex path)."""
     report = Report()
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
@@ -810,8 +813,8 @@ def verify_bundle(source: str | Path | bytes, trusted: Sequence[Verifier] | None
     report.checkpoints = len(checkpoints)
     _consistency(checkpoints, proofs.get("consistency", []), seqs, report)
     if external is not None:
-        _external(checkpoints, proofs.get("links", []), external, trusted, origin, seqs,
-                  report)
+        _external(checkpoints, proofs.get("consistency", []), proofs.get("links", []),
+                  external, kept_proofs, trusted, origin, seqs, report)
     _inclusion(checkpoints, proofs.get("inclusion", []), seqs, leaves, report)
     _seals(archive, seqs, lines if digests == expected else None, checkpoints, seal_key,
            report)
@@ -1075,76 +1078,89 @@ def _witnessed(checkpoints: list[_Listed], witnesses: Sequence[CosignerKey], quo
                    f"checkpoint cosigned by {quorum} of the {len(witnesses)} witnesses")
 
 
-def _external(checkpoints: list[_Listed], links: Any, external: dict[int, list[str]],
+def _external(checkpoints: list[_Listed], consistency: Any, links: Any,
+              external: dict[int, list[str]], kept_proofs: Sequence[tuple[int, int, Any]],
               trusted: list[Verifier], origin: str, seqs: list[int],
               report: Report) -> None:
     """Hold the bundle's checkpoints against the checkpoints kept elsewhere, of any size.
 
-    Two different signed notes of one size are a fork. A kept checkpoint of a size the
-    bundle also has must have its root; one of another size must be linked to the bundle
-    by the consistency proof the bundle carries for it (`links`: from it to the smallest
-    bundle checkpoint above it, or from the largest below it to it). Since the bundle's
-    own checkpoints are chained by consistency proofs, every kept checkpoint is then one
-    log with every bundle checkpoint. A kept checkpoint with no link is not checked, and
-    says so (a failure: an auditor cannot tell it from a fork)."""
+    Two different signed notes of one size are a fork, and so is a kept note whose size
+    the bundle has with another root. Then every checkpoint, kept or in the bundle, but
+    the largest must be proven a prefix of a larger one: by the proofs kept beside the
+    notes (`<name>.proof`: each from the folder's newest note before it), by the bundle's
+    own chain of consistency proofs, or by its `links` (from other checkpoints the log
+    signed to the bundle's nearest). Prefix of prefix is prefix, so all of them are then
+    prefixes of the largest: one log. A failing proof is a fork; a checkpoint with no
+    proof to a larger one cannot be told from a fork (`checkpoint_unlinked`)."""
     good = {c.size: c for c in checkpoints if c.checkpoint is not None}
     if not good:
         return
-    try:
-        by_size = {int(link["size"]): (int(link["to"]),
-                                       [bytes.fromhex(h) for h in link.get("path", [])])
-                   for link in links}
-    except (KeyError, TypeError, ValueError) as exc:
-        report.add(None, "unreadable", f"proofs.json: malformed links: {exc}")
-        return
+    roots: dict[int, bytes] = {}
+    for size, c in good.items():
+        assert c.checkpoint is not None
+        roots[size] = c.checkpoint.root_hash
 
-    def first_seq(c: _Listed) -> int | None:
-        return seqs[c.first] if c.first < len(seqs) else None
+    def first_seq(size: int) -> int | None:
+        near = good[min((s for s in good if s >= size), default=max(good))]
+        return seqs[near.first] if near.first < len(seqs) else None
 
+    forked: set[int] = set()
     for size in sorted(external):
-        roots: dict[bytes, str] = {}
+        kept: dict[bytes, str] = {}
         for note in external[size]:
             try:
-                kept = verify(note, trusted)
+                checkpoint = verify(note, trusted)
             except CheckpointError as exc:
                 report.add(None, "checkpoint_forged", f"the checkpoint of size {size} kept "
                            f"elsewhere is not signed by a trusted key: {exc}")
                 continue
-            if kept.origin == origin:
-                roots.setdefault(kept.root_hash, note)
-        if len(roots) > 1:
-            near = good[min((s for s in good if s >= size), default=max(good))]
-            report.add(first_seq(near), "checkpoint_fork", f"the copy kept elsewhere holds "
-                       f"{len(roots)} different signed checkpoints of size {size}: the log "
+            if checkpoint.origin == origin:
+                kept.setdefault(checkpoint.root_hash, note)
+        if size == 0 or not kept:
+            continue
+        if len(kept) > 1:
+            report.add(first_seq(size), "checkpoint_fork", f"the copy kept elsewhere holds "
+                       f"{len(kept)} different signed checkpoints of size {size}: the log "
                        "was forked")
+            forked.add(size)
             continue
-        if not roots or size == 0:
+        root = next(iter(kept))
+        if size in roots and roots[size] != root:
+            report.add(first_seq(size), "checkpoint_fork", f"the bundle's checkpoint of "
+                       f"size {size} differs from the copy kept elsewhere")
+            forked.add(size)
             continue
-        root = next(iter(roots))
-        if size in good:
-            ours = good[size].checkpoint
-            assert ours is not None
-            if ours.root_hash != root:
-                report.add(first_seq(good[size]), "checkpoint_fork", f"the bundle's "
-                           f"checkpoint of size {size} differs from the copy kept elsewhere")
+        roots[size] = root
+    # Every proof there is: (from, to, path).
+    edges: list[tuple[int, int, Any, str]] = []
+    try:
+        edges += [(int(p["from"]), int(p["to"]), p.get("path", []), "the bundle's proofs")
+                  for p in consistency]
+        for link in links:
+            a, b = int(link["size"]), int(link["to"])
+            edges.append((min(a, b), max(a, b), link.get("path", []), "the bundle's links"))
+    except (KeyError, TypeError, ValueError) as exc:
+        report.add(None, "unreadable", f"proofs.json: malformed proofs: {exc}")
+        return
+    edges += [(a, b, path, "the proofs kept elsewhere") for a, b, path in kept_proofs]
+    up: set[int] = set()  # sizes proven a prefix of a larger one
+    for a, b, path, source in edges:
+        if a in up or a not in roots or b not in roots or not 0 < a < b:
             continue
-        to, path = by_size.get(size, (0, []))
-        if to not in good:
-            report.add(None, "checkpoint_unlinked", f"the checkpoint of size {size} kept "
-                       "elsewhere: the bundle has no consistency proof linking it to its "
-                       "checkpoints")
-            continue
-        theirs = good[to].checkpoint
-        assert theirs is not None
         try:
-            if size < to:
-                verify_consistency(size, to, root, theirs.root_hash, path)
-            else:
-                verify_consistency(to, size, theirs.root_hash, root, path)
-        except ProofError as exc:
-            report.add(first_seq(good[to]), "checkpoint_fork", f"the bundle's checkpoint of "
-                       f"size {to} and the checkpoint of size {size} kept elsewhere are not "
-                       f"one log: {exc}")
+            verify_consistency(a, b, roots[a], roots[b], [bytes.fromhex(h) for h in path])
+        except (ProofError, ValueError, TypeError) as exc:
+            report.add(first_seq(b), "checkpoint_fork", f"the checkpoints of size {a} and "
+                       f"{b} are not one log ({source}): {exc}")
+            forked.update((a, b))
+            continue
+        up.add(a)
+    top = max(roots)
+    for size in sorted(roots):
+        if size != top and size not in up and size not in forked:
+            where = "in the bundle" if size in good else "kept elsewhere"
+            report.add(None, "checkpoint_unlinked", f"the checkpoint of size {size} {where}: "
+                       "no consistency proof ties it to a larger checkpoint")
 
 
 def _consistency(checkpoints: list[_Listed], proofs: list[dict[str, Any]], seqs: list[int],
@@ -1198,6 +1214,18 @@ def _load_keys(values: list[str], files: list[str]) -> list[Verifier]:
     return [Verifier.parse(t) for t in texts]
 
 
+def load_kept_proofs(directory: str) -> list[tuple[int, int, list[str]]]:
+    """The consistency proofs kept beside the notes (`*.proof`, charter-consistency/1)."""
+    out = []
+    for path in sorted(Path(directory).glob("*.proof")):
+        try:
+            doc = json.loads(path.read_text())
+            out.append((int(doc["from"]), int(doc["to"]), [str(h) for h in doc["path"]]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable proof proves nothing; what needs it is unlinked
+    return out
+
+
 def _load_external(directory: str) -> dict[int, list[str]]:
     kept: dict[int, list[str]] = {}
     for path in sorted(Path(directory).glob("*.note")):
@@ -1243,8 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError("--receipt needs the log's keys (--key or --keys)")
         receipts = [Receipt.open(Path(f).read_text(encoding="utf-8"), trusted or [])
                     for f in args.receipt]
+        kept_proofs = load_kept_proofs(args.checkpoints) if args.checkpoints else []
         report = verify_bundle(args.bundle, trusted, external, seal_key, witnesses,
-                               args.quorum, receipts)
+                               args.quorum, receipts, kept_proofs)
     except (OSError, CheckpointError, SealError) as exc:
         print(f"charter-verify: {exc}", file=sys.stderr)
         return 2
