@@ -190,6 +190,11 @@ class Settings:
     audit_checkpoint_poll_s: float = _setting(
         5.0, "Seconds between checks whether a checkpoint is due."
     )
+    audit_walk_interval_s: float = _setting(
+        86400.0, "Seconds between scheduled walks of the whole log (`charter audit verify` "
+        "as a task): a broken log raises the integrity alarm as an `audit.integrity_alarm` "
+        "event, without waiting for someone to verify. 0 turns it off.",
+    )
     audit_retention_days: int = _setting(
         183,
         "Days dispatch events (`dispatch.*` and their policy decisions) are kept; older ones "
@@ -345,6 +350,8 @@ class Settings:
                 c.isspace() or c == "+" for c in origin):
             problems.append("CHARTER_AUDIT_LOG_ORIGIN: 1-100 printable characters, no spaces "
                             "or '+'")
+        if self.audit_walk_interval_s < 0:
+            problems.append("CHARTER_AUDIT_WALK_INTERVAL_S: 0 (off) or a number of seconds")
         if self.audit_retention_days < 0:
             problems.append("CHARTER_AUDIT_RETENTION_DAYS: 0 (keep) or a number of days")
         if self.audit_checkpoint_every < 1 or min(

@@ -22,6 +22,7 @@ from celery import Celery
 
 from charter import scope
 from charter.audit import checkpoints, retention
+from charter.audit.service import scheduled_walk
 from charter.batches import files, lanes
 from charter.batches import service as batches
 from charter.nodes.service import probe_round
@@ -61,6 +62,8 @@ def schedule(s: Settings) -> dict[str, float]:
                 "charter.maintenance": s.maintenance_interval_s}
     if s.signing_key_paths:
         periodic["charter.audit.checkpoint"] = s.audit_checkpoint_poll_s
+    if s.audit_walk_interval_s > 0:
+        periodic["charter.audit.walk"] = s.audit_walk_interval_s
     return periodic
 
 
@@ -92,8 +95,13 @@ def _checkpoint(rt: Runtime) -> None:
     checkpoints.issue(rt.settings)
 
 
+def _walk(rt: Runtime) -> None:
+    scheduled_walk()
+
+
 TASKS: dict[str, Callable[..., None]] = {
     "charter.audit.checkpoint": _checkpoint,
+    "charter.audit.walk": _walk,
     "charter.batches.start": _start_batch,
     "charter.batches.lane": _run_lane,
     "charter.batches.sweep": _sweep,

@@ -268,3 +268,23 @@ def test_the_issues_attack_with_the_servers_folder_wiped_fails_against_the_audit
         assert (report.ok, report.reason, report.first_bad_seq) == (False, "checkpoint_fork",
                                                                     1)
         assert f"size {second}" in (report.message or "")
+
+
+def test_the_scheduled_walk_raises_the_alarm_unasked(anchored: Runtime, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    """An edit in place under an old checkpoint: the issuer signs on (it re-reads only new
+    events, and the hashes it signs are the true ones), so the scheduled walk is what
+    raises the alarm without anyone verifying."""
+    from charter.tasks import TASKS, schedule
+
+    settings = anchored.settings
+    assert schedule(settings)["charter.audit.walk"] == settings.audit_walk_interval_s == 86400
+    assert "charter.audit.walk" not in schedule(
+        dataclasses.replace(settings, audit_walk_interval_s=0))
+    _two_checkpoints(settings)
+    as_insider(pg_conn, "UPDATE audit_events SET actor = 'user:mallory' WHERE seq = 17")
+    assert checkpoints.issue(settings, force=True) is not None
+    TASKS["charter.audit.walk"](anchored)
+    alarm = list_events(EventFilter(action="audit.integrity_alarm"))
+    assert len(alarm) == 1 and alarm[0].actor == "system:charter"
+    assert (alarm[0].details["reason"], alarm[0].details["first_bad_seq"]) == ("edited", 17)
+    assert _alarms(anchored) >= 1

@@ -176,6 +176,33 @@ def _checked(page: list[Any], want_content: bool) -> Iterator[_Checked]:
 SEAL_CLOCK_SKEW_S = 3600  # how far an event's time may be from its id's clock
 
 
+def scheduled_walk() -> Verdict:
+    """The walk as a periodic task (CHARTER_AUDIT_WALK_INTERVAL_S): a broken log is also
+    recorded as an `audit.integrity_alarm` event (a walk on demand writes nothing), so an
+    edit under an old checkpoint, which the issuer does not re-read, is raised unasked."""
+    verdict = verify_chain()
+    if not verdict.ok:
+        message = (f"the scheduled walk found the log broken at event "
+                   f"{verdict.first_bad_seq} ({verdict.reason}): {verdict.message}")
+        details: dict[str, object] = {"reason": verdict.reason,
+                                      "first_bad_seq": verdict.first_bad_seq,
+                                      "checkpoint": verdict.checkpoint}
+        alarm: CharterError
+        if verdict.reason in CHAIN_REASONS:  # the walk counts only what it holds against
+            alarm = raise_alarm(message, details)  # the checkpoints: count this one
+        else:
+            alarm = anchors.AuditIntegrityError(message, details=details).audited(
+                "system:charter", anchors.ALARM, "audit", "log")
+        try:
+            refuse(alarm)
+        except anchors.AuditIntegrityError:
+            pass  # recorded as an event, counted and logged
+    return verdict
+
+
+CHAIN_REASONS = ("missing", "edited", "reordered")
+
+
 def verify_chain(batch: int = 5000, *, seal_key: SealVerifier | None = None) -> Verdict:
     """Walk the whole chain in the database, streaming rows in seq order (purged events by
     their tombstones), and hold it against every signed checkpoint a trusted key made: the
