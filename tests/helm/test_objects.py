@@ -256,6 +256,12 @@ def test_workloads(rendered: dict[str, Rendered]) -> None:
     assert mount["readOnly"] is True
     claim = next(v for v in api["volumes"] if v["name"] == "checkpoints")
     assert claim["persistentVolumeClaim"] == {"claimName": "charter-checkpoints"}
+    # The sealing key evolves in place: a writable claim, never a read-only Secret.
+    assert env["CHARTER_AUDIT_SEAL_KEY"]["value"] == "/var/lib/charter/seal/seal-key.json"
+    seal = next(m for m in api["containers"][0]["volumeMounts"] if m["name"] == "seal-key")
+    assert not seal.get("readOnly")
+    assert next(v for v in api["volumes"] if v["name"] == "seal-key")[
+        "persistentVolumeClaim"] == {"claimName": "charter-seal-key"}
     opa = api["containers"][1]
     assert "--addr=127.0.0.1:8181" in opa["args"] and "--disable-telemetry" in opa["args"]
 

@@ -143,6 +143,10 @@ wins over the tag, so what runs is exactly what was mirrored.
 - name: CHARTER_AUDIT_CHECKPOINT_DIR
   value: {{ .Values.audit.checkpointStore.mountPath | quote }}
 {{- end }}
+{{- if .Values.audit.sealKey.existingClaim }}
+- name: CHARTER_AUDIT_SEAL_KEY
+  value: {{ printf "%s/%s" .Values.audit.sealKey.mountPath .Values.audit.sealKey.file | quote }}
+{{- end }}
 {{- with .Values.audit.witnesses }}
 - name: CHARTER_AUDIT_WITNESSES
   value: {{ $ws := list }}{{ range . }}{{ $ws = append $ws (printf "%s %s" .key .url) }}{{ end }}{{ join "," $ws | quote }}
@@ -343,6 +347,10 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 - name: checkpoints
   mountPath: {{ .Values.audit.checkpointStore.mountPath }}
 {{- end }}
+{{- if .Values.audit.sealKey.existingClaim }}
+- name: seal-key
+  mountPath: {{ .Values.audit.sealKey.mountPath }}
+{{- end }}
 {{- end -}}
 
 {{- define "charter.appVolumes" -}}
@@ -362,6 +370,11 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 {{- end }}
 {{- with .Values.audit.checkpointStore.existingClaim }}
 - name: checkpoints
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- end }}
+{{- with .Values.audit.sealKey.existingClaim }}
+- name: seal-key
   persistentVolumeClaim:
     claimName: {{ . }}
 {{- end }}
