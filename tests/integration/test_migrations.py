@@ -6,6 +6,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
 
 from charter import migrate
 from charter.db import Base
@@ -151,3 +152,35 @@ def test_bookkeeping_updates_keep_the_generation(backend, database_url, tmp_path
                 assert watched == columns - skipped, table
     finally:
         engine.dispose()
+
+
+def test_0013_fills_the_editors_of_existing_versions(client, make_person, database_url) -> None:  # type: ignore[no-untyped-def]
+    """A database that had versions before 0013: their editors come back from what is
+    known, the creator, the `version.update` events' actors and the submitter."""
+    import psycopg
+
+    from tests.integration.test_registry_api import _draft
+
+    creator, editor, submitter = (make_person("steward"), make_person("steward"),
+                                  make_person("steward"))
+    v = _draft(client, creator)
+    r = client.patch(f"/api/v1/versions/{v['id']}", headers=editor.headers,
+                     json={"intended_use": "edited", "row_version": 1})
+    assert r.status_code == 200
+    # (the submitter edits nothing; submitting is its part)
+    client.post(f"/api/v1/versions/{v['id']}/submit", headers=submitter.headers, json={})
+    expected = [creator.actor.user_id, editor.actor.user_id, submitter.actor.user_id]
+    url = make_url(database_url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+
+    def editors() -> list[str]:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT editor_user_ids FROM model_versions WHERE id = %s",
+                               (v["id"],)).fetchone()
+        assert row is not None
+        return list(row[0])
+
+    assert editors() == expected
+    migrate.downgrade(database_url, "0012")
+    migrate.upgrade(database_url)
+    assert editors() == expected

@@ -91,6 +91,30 @@ def test_lifecycle_end_to_end(client, people) -> None:  # type: ignore[no-untype
     assert verify_chain().ok
 
 
+def test_an_editor_cannot_approve_or_reject_what_another_steward_submitted(  # type: ignore[no-untyped-def]
+        client, people) -> None:
+    """Separation of duties on every path: an approver (also a steward) who edited another
+    steward's draft may not decide on it once that steward submits it."""
+    steward, editor, approver = people["steward"], people["steward2"], people["approver"]
+    v = _draft(client, steward)
+    r = client.patch(f"/api/v1/versions/{v['id']}", headers=editor.headers,
+                     json={"intended_use": "edited by the approver", "row_version": 1})
+    assert r.status_code == 200, r.get_json()
+    r = client.post(f"/api/v1/versions/{v['id']}/submit", headers=steward.headers, json={})
+    assert r.get_json()["state"] == "submitted"
+    for action, body in (("approve", CONDITIONS), ("reject", {"reason": "not this one"})):
+        r = client.post(f"/api/v1/versions/{v['id']}/{action}", headers=editor.headers,
+                        json=body)
+        err = _error(r, 403, "self_approval_forbidden")
+        assert err["details"]["rule"] == "four_eyes" and "edited" in err["message"]
+    denied = list_events(EventFilter(target_id=v["id"], outcome="denied"))
+    assert {e.action for e in denied} >= {"version.approve", "version.reject"}
+    # Someone who changed nothing may.
+    r = client.post(f"/api/v1/versions/{v['id']}/approve", headers=approver.headers,
+                    json=CONDITIONS)
+    assert r.status_code == 200 and r.get_json()["state"] == "approved"
+
+
 def test_submitter_cannot_approve_and_the_attempt_is_audited(client, people) -> None:  # type: ignore[no-untyped-def]
     both = people["steward2"]  # steward and approver at once
     v = _draft(client, both)

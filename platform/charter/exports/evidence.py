@@ -57,7 +57,7 @@ def build_pack(v: ModelVersion, *, head_seq: int, head_hash: str, generated_by: 
                   if e.action == "policy.decide" and e.details.get("policy") == "admission"]
     refusals = [e for e in trail if e.outcome == "denied" and e.action != "policy.decide"]
     submitters = [e.actor for e in lifecycle if e.action == "version.submit"]
-    authors = {v.created_by_user_id, v.submitted_by_user_id}
+    authors = {v.created_by_user_id, v.submitted_by_user_id, *v.editor_user_ids}
     decisions = [{
         "id": d.id, "decision": d.decision, "decided_by": d.decided_by,
         "decided_at": _iso(d.decided_at), "reason": d.reason,

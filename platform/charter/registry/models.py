@@ -72,6 +72,10 @@ class ModelVersion(Base):
     created_by_user_id: Mapped[str] = mapped_column(String(36), nullable=False)
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     submitted_by_user_id: Mapped[str | None] = mapped_column(String(36))
+    # Everyone who changed its content: the creator, each editor, the submitter (migration
+    # 0013). None of them may approve or reject it (separation of duties).
+    editor_user_ids: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list,
+                                                       server_default="[]")
     state_changed_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), nullable=False, default=utcnow
     )

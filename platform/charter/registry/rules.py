@@ -31,5 +31,6 @@ def allowed_actions(state: str) -> list[str]:
 
 
 def four_eyes_ok(decider_id: str, *authors: str | None) -> bool:
-    """Whether `decider_id` may decide on a version these people created or submitted."""
+    """Whether `decider_id` may decide on a version these people created, edited or
+    submitted (separation of duties: whoever changed its content may not decide on it)."""
     return decider_id not in {a for a in authors if a}

@@ -150,6 +150,7 @@ def create_version(
             exceptions=[],
             created_by=actor.ref,
             created_by_user_id=actor.user_id,
+            editor_user_ids=[actor.user_id],
             **fields,
         )
         session.add(version)
@@ -220,6 +221,7 @@ def update_draft(actor: Actor, version_id: str, change: VersionUpdate) -> ModelV
         before = {k: getattr(version, k) for k in values}
         for key, value in values.items():
             setattr(version, key, value)
+        _add_editor(version, actor)
         version.row_version += 1
         session.flush()
         record(session, actor=actor.ref, action="version.update", target_type="model_version",
@@ -334,6 +336,7 @@ def submit_version(actor: Actor, version_id: str, req: Transition) -> ModelVersi
         _check_row_version(version, req.row_version)
         version.submitted_at = utcnow()
         version.submitted_by_user_id = actor.user_id
+        _add_editor(version, actor)
         version.admission = _findings(decision)
         _transition(session, actor, version, "submit", req.reason,
                     {"admission": {"decision_id": decision.decision_id,
@@ -389,12 +392,17 @@ def grant_exception(actor: Actor, version_id: str, req: ExceptionCreate) -> Mode
         return version
 
 
+def _add_editor(version: ModelVersion, actor: Actor) -> None:
+    if actor.user_id not in version.editor_user_ids:
+        version.editor_user_ids = [*version.editor_user_ids, actor.user_id]
+
+
 def _four_eyes(actor: Actor, version: ModelVersion, action: str) -> None:
     if not four_eyes_ok(actor.user_id, version.created_by_user_id,
-                        version.submitted_by_user_id):
+                        version.submitted_by_user_id, *version.editor_user_ids):
         raise SelfApprovalError(
-            "four-eyes rule: the person who created or submitted a version cannot decide on it",
-            details={"rule": "four_eyes"},
+            "four-eyes rule: whoever created, edited or submitted a version cannot decide "
+            "on it", details={"rule": "four_eyes"},
         ).audited(actor.ref, f"version.{action}", "model_version", version.id)
 
 

@@ -15,6 +15,7 @@ from charter.errors import ValidationFailedError
 from charter.policy import service as policy
 from charter.registry import service as registry
 from charter.registry.models import STATES
+from charter.registry.rules import four_eyes_ok
 from charter.registry.schemas import ApprovalConditions, RequiredReason, Transition
 
 
@@ -36,7 +37,8 @@ def models() -> Response:
 def version(version_id: str) -> Response:
     v = registry.get_version(version_id)
     trail = list_events(EventFilter(target_type="model_version", target_id=v.id, limit=200))
-    authored = g.actor.user_id in {v.created_by_user_id, v.submitted_by_user_id}
+    authored = not four_eyes_ok(g.actor.user_id, v.created_by_user_id, v.submitted_by_user_id,
+                                *v.editor_user_ids)
     data = policy.describe()["data"]
     zones = sorted(data.get("residency", {}).get("zones", {}))
     data_classes = sorted(data.get("residency", {}).get("data_classes", {}))
