@@ -117,7 +117,9 @@ def test_checkpoints_are_copied_out_and_keys_published_across_a_rotation(
     c = checkpoints.issue(new, force=True)
     assert a and b and c
     names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 4 and names[-1] == "latest.note"
+    # three notes and the latest; the proof that 5 extends 3 (none between the two of 5)
+    assert [n.rsplit(".", 1)[1] for n in names] == ["note", "note", "proof", "note", "note"]
+    assert names[-1] == "latest.note" and names[2].startswith("000000000005-")
     assert (out / "latest.note").read_text() == c.note
     keys = checkpoints.published_keys(new)
     assert [(k.signing, k.first_used_at is not None) for k in keys] == [(False, True),
