@@ -130,3 +130,16 @@ test_denies_missing_attestation if {
 	inp := json.patch(_ok, [{"op": "remove", "path": "/node/attested_version_id"}])
 	_codes(inp) == {"node_not_attested"}
 }
+
+test_a_caller_without_a_team_is_told_so if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/caller/team", "value": null}])
+	not dispatch.allow with input as inp
+	_codes(inp) == {"caller_without_team"}
+	some v in dispatch.decision.violations with input as inp
+	contains(v.msg, "belongs to no team")
+}
+
+test_a_caller_with_no_team_key_at_all_is_told_so if {
+	inp := json.patch(_ok, [{"op": "remove", "path": "/caller/team"}])
+	_codes(inp) == {"caller_without_team"}
+}
