@@ -189,31 +189,51 @@ violations contains {
 
 # --- the caller's team --------------------------------------------------------------------
 
+# The caller's team, always defined: a string, or null when the key belongs to no team.
+_team := object.get(input.caller, "team", null)
+
+_has_team if {
+	is_string(_team)
+	_team != ""
+}
+
+violations contains {
+	"code": "caller_without_team",
+	"msg": "this key belongs to no team; the gateway needs a team member's key or a service account",
+} if {
+	_valid_input
+	not _has_team
+}
+
 _entitled(kind, value) if "*" in object.get(_ent, kind, [])
 
 _entitled(kind, value) if value in object.get(_ent, kind, [])
 
+# The entitlement findings name the team, so they speak only of a caller that has one.
 violations contains {
 	"code": "team_not_entitled",
-	"msg": sprintf("team %v is not entitled to model %v", [input.caller.team, _v.model]),
+	"msg": sprintf("team %v is not entitled to model %v", [_team, _v.model]),
 } if {
 	_valid_input
+	_has_team
 	not _entitled("models", _v.model)
 }
 
 violations contains {
 	"code": "team_data_class_not_entitled",
-	"msg": sprintf("team %v may not send %v data", [input.caller.team, _req.data_class]),
+	"msg": sprintf("team %v may not send %v data", [_team, _req.data_class]),
 } if {
 	_valid_input
+	_has_team
 	not _entitled("data_classes", _req.data_class)
 }
 
 violations contains {
 	"code": "team_region_not_entitled",
-	"msg": sprintf("team %v may not use region %v", [input.caller.team, _node.region]),
+	"msg": sprintf("team %v may not use region %v", [_team, _node.region]),
 } if {
 	_valid_input
+	_has_team
 	not _entitled("regions", _node.region)
 }
 
