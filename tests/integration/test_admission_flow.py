@@ -157,3 +157,26 @@ def test_submit_fails_closed_when_the_remote_engine_misbehaves(configured, make_
         server.mode = "ok"  # recovery, same Charter process
         r = client.post(f"/api/v1/versions/{v['id']}/submit", headers=steward.headers, json={})
         assert r.status_code == 200 and r.get_json()["admission"]["engine"] == "opa"
+
+
+def test_an_input_outside_its_contract_is_decided_before_any_engine(client, people) -> None:  # type: ignore[no-untyped-def]
+    """Malformed input is denied by Charter itself (the same on every engine), naming the
+    JSON path; the decision is recorded with the path it broke at."""
+    import json
+    from pathlib import Path
+
+    base = json.loads((Path(__file__).resolve().parents[1] / "policy_cases" /
+                       "dispatch.json").read_text())["base"]
+    doc = {**base, "caller": {**base["caller"], "team": 5}}
+    r = client.post("/api/v1/policy/evaluate", headers=people["steward"].headers,
+                    json={"policy": "dispatch", "input": doc})
+    decision = r.get_json()
+    assert r.status_code == 200 and decision["allow"] is False
+    assert [v["code"] for v in decision["violations"]] == ["input_invalid"]
+    assert "/caller/team" in decision["violations"][0]["msg"]
+    event = list_events(EventFilter(action="policy.decide", target_id="dispatch"))[-1]
+    assert event.details["contract"] == "/caller/team" and event.outcome == "denied"
+    # The base input itself meets the contract and reaches the engine.
+    r = client.post("/api/v1/policy/evaluate", headers=people["steward"].headers,
+                    json={"policy": "dispatch", "input": base})
+    assert r.get_json()["allow"] is True

@@ -282,6 +282,7 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 {{- define "charter.opaPolicyMounts" -}}
 {{- $files := include "charter.policyFiles" . | fromJson -}}
 {{- range $path := keys $files | sortAlpha }}
+{{- if not (hasPrefix "schemas/" $path) }}{{/* the input contracts are Charter's, not OPA's */}}
 - name: policies
   {{- if hasPrefix "data/" $path }}
   mountPath: /policies/charter/{{ trimSuffix ".json" (trimPrefix "data/" $path) }}/data.json
@@ -290,6 +291,7 @@ data.charter.revision and Charter refuses to decide when it differs from its own
   {{- end }}
   subPath: {{ include "charter.policyKey" $path }}
   readOnly: true
+{{- end }}
 {{- end }}
 - name: policies
   mountPath: /policies/charter/data.json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class PolicyBundle:
     files: tuple[RegoFile, ...]
     data: dict[str, Any]  # the whole data document: {"charter": {<file stem>: ...}}
     revision: str
+    # The input contract of each decision document (schemas/<policy>.input.json, JSON
+    # Schema 2020-12), checked by charter.policy.contracts before any engine sees an input.
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def policies(self) -> tuple[RegoFile, ...]:
@@ -74,8 +77,18 @@ class PolicyBundle:
         if missing:
             raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
                                      code="policy_invalid")
+        schemas: dict[str, dict[str, Any]] = {}
+        for policy in POLICIES:
+            path = root / "schemas" / f"{policy}.input.json"
+            if not path.is_file():
+                continue
+            try:
+                schemas[policy] = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ConfigurationError(f"{path} is not valid JSON: {exc}",
+                                         code="policy_schema_invalid") from exc
         document = {"charter": data}
-        return cls(root, tuple(files), document, _revision(files, document))
+        return cls(root, tuple(files), document, _revision(files, document), schemas)
 
 
 def _revision(files: list[RegoFile], data: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,15 @@ from charter.audit.journal import Event
 from charter.errors import ConfigurationError, ValidationFailedError
 from charter.policy.bundle import POLICIES, PolicyBundle, default_policy_dir
 from charter.policy.cache import VerdictCache
+from charter.policy.contracts import Contracts
 from charter.policy.engine import (
     Decision,
+    Finding,
     InProcessEngine,
     PolicyEngine,
     PolicyUnavailableError,
     RemoteEngine,
+    Verdict,
 )
 from charter.settings import Settings
 from charter.uow import record_decision, unit_of_work
@@ -33,6 +37,7 @@ class Policies:
     def __init__(self, engine: PolicyEngine, verdicts: VerdictCache | None = None) -> None:
         self.engine = engine
         self.verdicts = verdicts or VerdictCache()
+        self.contracts = Contracts(engine.bundle)
         # Dispatch violations that rule out only the node's region (policy data:
         # data.charter.dispatch.regional_violations); none without that file.
         found = engine.bundle.data["charter"].get("dispatch", {}).get("regional_violations")
@@ -87,12 +92,19 @@ def evaluate(
             "engine": engine.name, "policy_revision": engine.revision, **(context or {})}
     cache_key = VerdictCache.key(engine.revision, policy, input_doc)
     verdict = cache.get(cache_key, input_doc) if cache_key else None
+    started = time.perf_counter()
+    breach = policies.contracts.check(policy, input_doc) if verdict is None else None
+    if breach is not None:  # decided here, the same on every engine: none sees it
+        found = breach.violation
+        verdict = Verdict(False, (Finding(found["code"], found["msg"]),), (),
+                          (time.perf_counter() - started) * 1000)
+        base["contract"] = breach.path or "/"
     try:
         if verdict is None:
             verdict = engine.evaluate(policy, input_doc)
             if cache_key:
                 cache.put(cache_key, input_doc, verdict)
-        else:
+        elif breach is None:
             base["cached"] = True
     except PolicyUnavailableError as exc:
         exc.details = {**exc.details, "decision_id": decision_id}
