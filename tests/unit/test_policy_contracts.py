@@ -39,7 +39,7 @@ def test_the_shared_cases_meet_the_contract_unless_they_are_malformed(
     ("dispatch", {"caller": "bob"}, "/caller"),
     ("dispatch", {"caller": {"team": 5, "entitlements": {}}}, "/caller/team"),
     ("dispatch", {"node": {"id": "n1", "region": ["eu"]}}, "/node/region"),
-    ("admission", {"version": {"id": "v", "model": "m", "files": [{"size": -1}]}},
+    ("admission", {"version": {"id": "v", "model": "m", "files": [{"path": "w", "size": -1}]}},
      "/version/files/0/size"),
     ("admission", {"version": {"id": "v", "model": "m", "files": [],
                                "unsafe_weights": "no"}}, "/version/unsafe_weights"),

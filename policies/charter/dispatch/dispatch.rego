@@ -74,7 +74,9 @@ violations contains {
 	not is_object(object.get(_v, "approval", null))
 }
 
-_rfc3339 := `^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$`
+# Ranges spelled out: Go and Rust parse what lies outside them differently (an offset of
+# +24:00, second 60), so such a time is malformed here, on every engine.
+_rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
 _time_ok(t) if {
 	is_string(t)

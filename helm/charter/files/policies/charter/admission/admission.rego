@@ -188,7 +188,11 @@ violations contains {
 	"msg": "no storage region is declared for the weights",
 } if {
 	_valid_input
-	not is_string(_v.storage_region)
+
+	# Not `not is_string(_v.storage_region)`: with the key absent, the reference is
+	# undefined under `not`, which OPA and regorus decide differently. object.get is
+	# always defined.
+	not is_string(object.get(_v, "storage_region", null))
 }
 
 violations contains {
