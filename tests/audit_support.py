@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,36 @@ def rechain(pg_conn: Any, start: int) -> None:
             prev_hash = digest
     finally:
         pg_conn.execute("SET session_replication_role = DEFAULT")
+
+
+def insider_row(pg_conn: Any, seq: int) -> dict[str, Any]:
+    """Event `seq` as its row, read straight from the table."""
+    cur = pg_conn.execute("SELECT * FROM audit_events WHERE seq = %s", (seq,))
+    return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
+
+
+_SAME: Any = object()
+
+
+def append_forged(pg_conn: Any, *, seal: Any = _SAME, details: dict[str, Any] | None = None,
+                  id_tail: str = "f") -> int:
+    """The issue's attack: append a forged `version.approve` after the last event with a
+    correct chain hash, an id of the last event's clock, and `seal` (by default the last
+    event's, copied). Returns its seq."""
+    from charter.audit.chain import event_body, event_hash
+
+    last = pg_conn.execute("SELECT max(seq) FROM audit_events").fetchone()[0]
+    head = insider_row(pg_conn, last)
+    forged = {"seq": last + 1, "ts": head["ts"], "actor": "user:mallory",
+              "action": "version.approve", "target_type": "model_version",
+              "target_id": "v-evil", "outcome": "success", "details": details or {},
+              "request_id": None, "prev_hash": head["hash"]}
+    as_insider(pg_conn, "INSERT INTO audit_events (seq, ts, actor, action, target_type, "
+                        "target_id, outcome, details, request_id, prev_hash, hash, event_id, "
+                        "seal) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s, %s, %s)",
+               params=(last + 1, forged["ts"], forged["actor"], forged["action"],
+                       forged["target_type"], forged["target_id"], forged["outcome"],
+                       json.dumps(forged["details"]), forged["prev_hash"],
+                       event_hash(event_body(**forged)), head["event_id"][:12] + id_tail * 20,
+                       head["seal"] if seal is _SAME else seal))
+    return last + 1  # type: ignore[no-any-return]

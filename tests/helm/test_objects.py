@@ -264,6 +264,11 @@ def test_workloads(rendered: dict[str, Rendered]) -> None:
         "persistentVolumeClaim"] == {"claimName": "charter-seal-key"}
     opa = api["containers"][1]
     assert "--addr=127.0.0.1:8181" in opa["args"] and "--disable-telemetry" in opa["args"]
+    # The input contracts go to Charter's containers, not to OPA (they are not its data).
+    app_paths = {m["mountPath"] for m in api["containers"][0]["volumeMounts"]}
+    assert {"/etc/charter/policies/schemas/admission.input.json",
+            "/etc/charter/policies/schemas/dispatch.input.json"} <= app_paths
+    assert not any("schemas" in m["mountPath"] for m in opa["volumeMounts"])
 
 
 def test_settings_accept_the_environment(rendered: dict[str, Rendered]) -> None:

@@ -92,3 +92,54 @@ def test_a_receipt_catches_the_tail_cut_before_any_checkpoint(
             str(tmp_path / "receipt.json")]
     assert charter_verify(args) == 1
     assert charter_verify(args[:1] + args[3:]) == 2  # a receipt needs the log's keys
+
+
+def test_every_lifecycle_change_answers_with_the_receipt_of_its_own_event(
+        signed: Runtime, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from charter.db import utcnow
+    from tests.integration.test_registry_api import VERSION
+
+    client = app_for(signed.settings).test_client()
+    keys = [s.verifier for s in load_signers(signed.settings)]
+    steward, approver, admin = (make_person("steward"), make_person("approver"),
+                                make_person("admin"))
+    model = client.post("/api/v1/models", headers=steward.headers, json={
+        "name": "TinyLlama", "publisher": "TinyLlama",
+        "source_repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}).get_json()
+
+    def _submitted(client, steward, **changes) -> dict:  # type: ignore[no-untyped-def,type-arg]
+        v = client.post(f"/api/v1/models/{model['id']}/versions", headers=steward.headers,
+                        json={**VERSION, "label": f"v{len(labels)}", **changes}).get_json()
+        labels.append(v["id"])
+        r = client.post(f"/api/v1/versions/{v['id']}/submit", headers=steward.headers,
+                        json={})
+        return r.get_json()  # type: ignore[no-any-return]
+
+    labels: list[str] = []
+
+    def receipt_of(r, action: str) -> None:  # type: ignore[no-untyped-def]
+        assert r.status_code in (200, 201), r.get_json()
+        opened = Receipt.open(json.dumps(r.get_json()["receipt"]), keys)
+        row = pg_conn.execute("SELECT action, hash FROM audit_events WHERE seq = %s",
+                              (opened.seq,)).fetchone()
+        assert opened.action == action and row == (action, opened.hash.hex())
+
+    waived = _submitted(client, steward, license_card="gemma")  # a finding to waive
+    receipt_of(client.post(f"/api/v1/versions/{waived['id']}/exceptions",
+                           headers=admin.headers, json={
+                               "codes": ["license_mismatch"],
+                               "justification": "legal confirmed the card is stale",
+                               "expires_at": (utcnow() + timedelta(days=7)).isoformat()}),
+               "version.exception")
+    receipt_of(client.post(f"/api/v1/versions/{waived['id']}/reject",
+                           headers=approver.headers, json={"reason": "not this one"}),
+               "version.reject")
+    for action in ("deprecate", "revoke"):
+        v = _submitted(client, steward)
+        assert client.post(f"/api/v1/versions/{v['id']}/approve", headers=approver.headers,
+                           json=CONDITIONS).status_code == 200
+        receipt_of(client.post(f"/api/v1/versions/{v['id']}/{action}",
+                               headers=approver.headers, json={"reason": f"{action} it"}),
+                   f"version.{action}")

@@ -12,7 +12,7 @@ import pytest
 
 from charter.actor import SYSTEM
 from charter.audit import checkpoints
-from charter.audit.chain import event_body, event_hash
+from charter.audit.chain import event_body
 from charter.audit.journal import Event
 from charter.audit.seal import Sealer, make_seal_keys, verifier_from_file, write_new
 from charter.audit.service import verify_chain
@@ -21,7 +21,14 @@ from charter.audit.writer import Entry
 from charter.identity.service import create_user
 from charter.runtime import Runtime
 from charter.settings import Settings
-from tests.audit_support import append_many, as_insider, rechain, signing
+from tests.audit_support import (
+    append_forged,
+    append_many,
+    as_insider,
+    insider_row,
+    rechain,
+    signing,
+)
 from tests.runtimes import bound_runtime
 
 
@@ -37,10 +44,7 @@ def sealed(configured: Settings, tmp_path: Path) -> Iterator[tuple[Runtime, Seal
         yield runtime, verifier_from_file(str(tmp_path / "verify.json"))
 
 
-def _row(pg_conn, seq: int) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    cur = pg_conn.execute("SELECT * FROM audit_events WHERE seq = %s", (seq,))
-    names = [c.name for c in cur.description]
-    return dict(zip(names, cur.fetchone(), strict=True))
+_row = insider_row
 
 
 def _line(row: dict) -> bytes:  # type: ignore[type-arg]
@@ -79,21 +83,9 @@ def test_a_forged_row_with_a_correct_chain_hash_is_found_and_named(
     assert checkpoints.issue(runtime.settings, force=True) is not None  # says: seals-from 1
     head = _row(pg_conn, 20)
     # The attack of the issue: a forged approval appended with a correct chain hash.
-    forged = {"seq": 21, "ts": head["ts"], "actor": "user:mallory",
-              "action": "version.approve", "target_type": "model_version",
-              "target_id": "v-evil", "outcome": "success", "details": {"reason": "trust me"},
-              "request_id": None, "prev_hash": head["hash"]}
-    digest = event_hash(event_body(**forged))
     for seal in (None, f"{head['seal'].split('.')[0]}.{'0' * 64}"):
         as_insider(pg_conn, "DELETE FROM audit_events WHERE seq = 21")
-        as_insider(pg_conn, "INSERT INTO audit_events (seq, ts, actor, action, target_type, "
-                            "target_id, outcome, details, request_id, prev_hash, hash, "
-                            "event_id, seal) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                            "%s, %s, %s, %s)",
-                   params=(21, forged["ts"], forged["actor"], forged["action"],
-                           forged["target_type"], forged["target_id"], forged["outcome"],
-                           json.dumps(forged["details"]), None, forged["prev_hash"], digest,
-                           head["event_id"][:12] + "f" * 20, seal))
+        assert append_forged(pg_conn, seal=seal, details={"reason": "trust me"}) == 21
         assert verify_chain().ok is (seal is not None)  # without the key: presence only
         verdict = verify_chain(seal_key=verifier)
         assert (verdict.ok, verdict.first_bad_seq) == (False, 21)
@@ -177,18 +169,8 @@ def test_bundles_carry_the_seals_and_charter_verify_checks_them(
 
     # A row forged after the checkpoint, with a chain hash and a made-up seal: the issuer
     # cannot tell (it holds no verification key) and signs it; the auditor's key finds it.
-    head = _row(pg_conn, 31)  # the export's own audit.export event
-    forged = {"seq": 32, "ts": head["ts"], "actor": "user:mallory",
-              "action": "version.approve", "target_type": "model_version",
-              "target_id": "v-evil", "outcome": "success", "details": {},
-              "request_id": None, "prev_hash": head["hash"]}
-    as_insider(pg_conn, "INSERT INTO audit_events (seq, ts, actor, action, target_type, "
-                        "target_id, outcome, details, request_id, prev_hash, hash, event_id, "
-                        "seal) VALUES (%s, %s, %s, %s, %s, %s, %s, '{}', NULL, %s, %s, %s, %s)",
-               params=(32, forged["ts"], forged["actor"], forged["action"],
-                       forged["target_type"], forged["target_id"], forged["outcome"],
-                       forged["prev_hash"], event_hash(event_body(**forged)),
-                       head["event_id"][:12] + "e" * 20, head["seal"]))
+    # (after 31, the export's own audit.export event)
+    assert append_forged(pg_conn, id_tail="e") == 32
     out = io.BytesIO()
     export_bundle(settings, Selection(), out, actor_ref="user:auditor")
     report = verify_bundle(out.getvalue(), trusted)

@@ -38,7 +38,15 @@ from charter.audit.verify import _load_external, load_kept_proofs, verify_bundle
 from charter.settings import Settings
 from charter.witness.server import Witness
 from charter.witness.state import WitnessState
-from tests.audit_support import ORIGIN, append_many, as_insider, rechain, signing
+from tests.audit_support import (
+    ORIGIN,
+    append_forged,
+    append_many,
+    as_insider,
+    insider_row,
+    rechain,
+    signing,
+)
 from tests.runtimes import bound_runtime
 
 Attack = Callable[[Any], None]
@@ -62,9 +70,7 @@ def witness_url(tmp_path: Path) -> Iterator[tuple[Witness, str]]:
     server.shutdown()
 
 
-def _row(pg: Any, seq: int) -> dict[str, Any]:
-    cur = pg.execute("SELECT * FROM audit_events WHERE seq = %s", (seq,))
-    return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
+_row = insider_row
 
 
 # --- the attacks --------------------------------------------------------------------------
@@ -112,18 +118,7 @@ def drop_and_resign(pg: Any) -> None:
 
 
 def forged_append(pg: Any) -> None:
-    head = _row(pg, 70)
-    forged = {"seq": 71, "ts": head["ts"], "actor": "user:mallory",
-              "action": "version.approve", "target_type": "model_version",
-              "target_id": "v-evil", "outcome": "success", "details": {},
-              "request_id": None, "prev_hash": head["hash"]}
-    as_insider(pg, "INSERT INTO audit_events (seq, ts, actor, action, target_type, "
-                   "target_id, outcome, details, request_id, prev_hash, hash, event_id, seal) "
-                   "VALUES (%s, %s, %s, %s, %s, %s, %s, '{}', NULL, %s, %s, %s, %s)",
-               params=(71, forged["ts"], forged["actor"], forged["action"],
-                       forged["target_type"], forged["target_id"], forged["outcome"],
-                       forged["prev_hash"], event_hash(event_body(**forged)),
-                       head["event_id"][:12] + "f" * 20, head["seal"]))
+    assert append_forged(pg) == 71  # a copied seal
 
 
 ATTACKS: dict[str, Attack] = {

@@ -8,17 +8,15 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
+from prometheus_client import generate_latest
 
 from charter.audit import checkpoints, witnesses
 from charter.audit.bundle import Selection
@@ -30,15 +28,10 @@ from charter.runtime import Runtime
 from charter.settings import Settings
 from charter.witness.cli import witness as witness_cli
 from tests.audit_support import ORIGIN, append_many, as_insider, rechain, signing
+from tests.processes import free_port, wait_until_up
 from tests.runtimes import bound_runtime
 
 CHARTER = Path(sys.executable).parent / "charter"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -52,7 +45,7 @@ class WitnessProcess:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = self.state.with_suffix(".log").open("ab")
         self.proc = subprocess.Popen(
@@ -60,18 +53,8 @@ class WitnessProcess:
              str(self.key_file), "--state", str(self.state), "--log",
              f"{ORIGIN}={self.log_key}", "--bind", f"127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"witness exited: {self.state.with_suffix('.log').read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the witness did not come up")
-            time.sleep(0.1)
+        wait_until_up(self.proc, f"{self.url}/healthz", self.state.with_suffix(".log"),
+                      "the witness")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -154,6 +137,9 @@ def _run_quorum_story(runtime: Runtime, w1: WitnessProcess, w2: WitnessProcess,
     append_many(5, start=65)
     third = checkpoints.issue(settings, force=True)
     assert third is not None and third.size == 71  # with the export event (66)
+    failures = generate_latest(runtime.metrics).decode()
+    assert ('charter_audit_witness_failures_total{reason="unreachable",'
+            'witness="witness.test/w2"} 1.0') in failures
     bundle = _export(settings)
     assert verify_bundle(bundle, trusted, witnesses=keys, quorum=1).ok
     report = verify_bundle(bundle, trusted, witnesses=keys, quorum=2)
@@ -175,11 +161,15 @@ def _run_quorum_story(runtime: Runtime, w1: WitnessProcess, w2: WitnessProcess,
     assert verify_bundle(bundle, trusted, witnesses=keys, quorum=2).ok
 
 
+def _one_witness(log_settings: Settings, make_witness) -> tuple[WitnessProcess, Settings]:  # type: ignore[no-untyped-def]
+    """A witness of the log, and the log's settings that submit to it."""
+    w1 = make_witness("witness.test/w1", str(load_signers(log_settings)[0].verifier))
+    return w1, _witnessed(log_settings, w1)
+
+
 def test_a_witness_refuses_the_rewritten_log_even_with_the_folder_wiped_and_a_restart(
         log_settings: Settings, make_witness, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    log_key = str(load_signers(log_settings)[0].verifier)
-    w1 = make_witness("witness.test/w1", log_key)
-    settings = _witnessed(log_settings, w1)
+    w1, settings = _one_witness(log_settings, make_witness)
     with bound_runtime(settings):
         append_many(40)
         assert checkpoints.issue(settings, force=True) is not None
@@ -206,9 +196,7 @@ def test_a_witness_refuses_the_rewritten_log_even_with_the_folder_wiped_and_a_re
 
 def test_a_witness_that_saw_more_than_the_log_holds_raises_the_alarm(
         log_settings: Settings, make_witness, pg_conn) -> None:  # type: ignore[no-untyped-def]
-    log_key = str(load_signers(log_settings)[0].verifier)
-    w1 = make_witness("witness.test/w1", log_key)
-    settings = _witnessed(log_settings, w1)
+    _, settings = _one_witness(log_settings, make_witness)
     with bound_runtime(settings):
         append_many(40)
         assert checkpoints.issue(settings, force=True) is not None
@@ -225,9 +213,7 @@ def test_a_witness_that_saw_more_than_the_log_holds_raises_the_alarm(
 def test_cosignatures_are_append_only(log_settings: Settings, make_witness, pg_conn) -> None:  # type: ignore[no-untyped-def]
     import psycopg
 
-    log_key = str(load_signers(log_settings)[0].verifier)
-    w1 = make_witness("witness.test/w1", log_key)
-    settings = _witnessed(log_settings, w1)
+    _, settings = _one_witness(log_settings, make_witness)
     with bound_runtime(settings):
         append_many(3)
         assert checkpoints.issue(settings, force=True) is not None
@@ -236,3 +222,22 @@ def test_cosignatures_are_append_only(log_settings: Settings, make_witness, pg_c
                       "DELETE FROM audit_cosignatures", "TRUNCATE audit_cosignatures"):
         with pytest.raises(psycopg.Error, match="append-only"):
             pg_conn.execute(statement)
+
+
+def test_an_export_takes_the_checkpoint_the_witnesses_cosigned_at_its_size(
+        log_settings: Settings, make_witness) -> None:  # type: ignore[no-untyped-def]
+    w1, settings = _one_witness(log_settings, make_witness)
+    key = witnesses.CosignerKey.parse(w1.public)
+    with bound_runtime(settings):
+        append_many(12)
+        w1.stop()
+        first = checkpoints.issue(settings, force=True)  # size 12, no witness to ask
+        w1.start()
+        settings = _witnessed(settings, w1)
+        second = checkpoints.issue(settings, force=True)  # size 12 again, cosigned
+        assert first is not None and second is not None and first.size == second.size == 12
+        out = io.BytesIO()
+        export_bundle(settings, Selection(), out, actor_ref="user:auditor")
+    trusted = [s.verifier for s in load_signers(settings)]
+    report = verify_bundle(out.getvalue(), trusted, witnesses=[key], quorum=1)
+    assert report.ok and report.witnessed_size == 12, report.findings

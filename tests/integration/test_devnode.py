@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from openai import OpenAI
 from charter.devnode.server import create_node_app
 from charter.devnode.tinymodel import build_tiny_model
 from charter.registry.importer import content_revision
+from tests.processes import free_port, wait_until_up
 from tests.tgi_schema import tgi_validator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,16 +40,12 @@ class Node:
     model: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     model = build_tiny_model(tmp_path_factory.mktemp("tiny") / "charter-tiny-llama")
-    port, log = _free_port(), model.parent / "node.log"
+    port, log = free_port(), model.parent / "node.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(CHARTER), "node", "serve", "--model", str(model), "--region", "eu-west",
@@ -58,18 +54,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"node not healthy in time:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_until_up(proc, f"{url}/health", log, "the node", timeout_s=120)
         yield Node(url, model)
     finally:
         proc.terminate()

@@ -120,6 +120,16 @@ def external_notes(settings: Settings) -> list[tuple[str, str]]:
     return out
 
 
+def external_sizes(settings: Settings) -> set[int]:
+    """The tree sizes of the external copy's notes, from their names (`<size>-<time>.note`):
+    no note is read. What a name claims, the auditor's check holds against the note."""
+    if not settings.audit_checkpoint_dir or not Path(settings.audit_checkpoint_dir).is_dir():
+        return set()
+    heads = (p.name.split("-", 1)[0] for p in Path(settings.audit_checkpoint_dir).glob(
+        "*-*.note"))
+    return {int(h) for h in heads if h.isdigit()}
+
+
 def external_proofs(settings: Settings) -> list[tuple[int, int, list[str]]]:
     """The consistency proofs kept beside the external copy's notes (from, to, path)."""
     if not settings.audit_checkpoint_dir or not Path(settings.audit_checkpoint_dir).is_dir():

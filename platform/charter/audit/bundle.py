@@ -23,7 +23,7 @@ from charter import scope
 from charter.audit import anchors, checkpoints, witnesses
 from charter.audit.anchors import raise_alarm
 from charter.audit.chain import canonical_json, event_body
-from charter.audit.checkpoint import CheckpointError, parse, sign_note
+from charter.audit.checkpoint import sign_note
 from charter.audit.models import AuditCheckpoint, AuditEvent
 from charter.audit.tree import Tree, TreeError
 from charter.audit.verify import FORMAT, MANIFEST_NOTE, ProofError
@@ -182,11 +182,7 @@ def _links(settings: Settings, conn: Connection, tree: Tree, used: list[int],
         return []
     t = table_of(AuditCheckpoint)
     sizes = set(conn.execute(select(t.c.size).distinct().where(t.c.size <= size)).scalars())
-    for _, note in anchors.external_notes(settings):
-        try:
-            sizes.add(parse(note)[0].size)
-        except CheckpointError:
-            continue
+    sizes |= anchors.external_sizes(settings)
     chained = {a for a, _, _ in anchors.external_proofs(settings)}
     links = []
     for m in sorted(s for s in sizes - set(used) - chained if 0 < s <= size):

@@ -276,9 +276,35 @@ class Checkpoint:
         return ("\n".join(lines) + "\n").encode()
 
 
-def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
+def key_id(name: str, public_key: Ed25519PublicKey, algorithm: int = ED25519) -> bytes:
+    """SHA-256(name || "\\n" || algorithm byte || public key)[:4]: a signed-note key's id
+    (0x01: a note signature; 0x04: a cosignature/v1)."""
     raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return _sha256(name.encode() + b"\n" + bytes([ED25519]) + raw).digest()[:4]
+    return _sha256(name.encode() + b"\n" + bytes([algorithm]) + raw).digest()[:4]
+
+
+def _vkey_text(name: str, key: bytes, public_key: Ed25519PublicKey, algorithm: int) -> str:
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return f"{name}+{key.hex()}+{base64.b64encode(bytes([algorithm]) + raw).decode()}"
+
+
+def _parse_vkey(text: str, algorithm: int, what: str
+                ) -> tuple[str, bytes, Ed25519PublicKey]:
+    """`<name>+<key id hex>+<base64(algorithm || public key)>`; the id must match the key.
+    Names hold no "+"; base64 may."""
+    try:
+        name, hex_id, b64 = text.strip().split("+", 2)
+        raw = base64.b64decode(b64, validate=True)
+        claimed = bytes.fromhex(hex_id)
+    except (ValueError, binascii.Error) as exc:
+        raise CheckpointError(f"malformed {what}: {exc}") from None
+    if not name or len(raw) != 33 or raw[0] != algorithm or len(claimed) != 4:
+        raise CheckpointError(f"malformed {what}: not an Ed25519 key of type "
+                              f"0x{algorithm:02x}")
+    public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
+    if key_id(name, public_key, algorithm) != claimed:
+        raise CheckpointError(f"{what} {name}: the key id does not match the key")
+    return name, claimed, public_key
 
 
 @dataclass(frozen=True)
@@ -288,25 +314,12 @@ class Verifier:
     public_key: Ed25519PublicKey
 
     def __str__(self) -> str:
-        raw = self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return (f"{self.name}+{self.key_id.hex()}+"
-                f"{base64.b64encode(bytes([ED25519]) + raw).decode()}")
+        return _vkey_text(self.name, self.key_id, self.public_key, ED25519)
 
     @classmethod
     def parse(cls, text: str) -> Verifier:
         """`<name>+<key id hex>+<base64(0x01 || public key)>`; the id must match the key."""
-        try:
-            name, hex_id, b64 = text.strip().split("+", 2)  # names hold no "+"; keys may
-            raw = base64.b64decode(b64, validate=True)
-            claimed = bytes.fromhex(hex_id)
-        except (ValueError, binascii.Error) as exc:
-            raise CheckpointError(f"malformed verifier key: {exc}") from None
-        if not name or len(raw) != 33 or raw[0] != ED25519 or len(claimed) != 4:
-            raise CheckpointError("malformed verifier key: not an Ed25519 signed-note key")
-        public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
-        if key_id(name, public_key) != claimed:
-            raise CheckpointError(f"verifier key {name}: the key id does not match the key")
-        return cls(name, claimed, public_key)
+        return cls(*_parse_vkey(text, ED25519, "verifier key"))
 
 
 @dataclass(frozen=True)
@@ -418,30 +431,16 @@ class CosignerKey:
     key_id: bytes
     public_key: Ed25519PublicKey
 
-    @staticmethod
-    def id_for(name: str, public_key: Ed25519PublicKey) -> bytes:
-        raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return _sha256(name.encode() + b"\n" + bytes([COSIGNATURE_V1]) + raw).digest()[:4]
+    @classmethod
+    def of(cls, name: str, public_key: Ed25519PublicKey) -> CosignerKey:
+        return cls(name, key_id(name, public_key, COSIGNATURE_V1), public_key)
 
     def __str__(self) -> str:
-        raw = self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return (f"{self.name}+{self.key_id.hex()}+"
-                f"{base64.b64encode(bytes([COSIGNATURE_V1]) + raw).decode()}")
+        return _vkey_text(self.name, self.key_id, self.public_key, COSIGNATURE_V1)
 
     @classmethod
     def parse(cls, text: str) -> CosignerKey:
-        try:
-            name, hex_id, b64 = text.strip().split("+", 2)
-            raw = base64.b64decode(b64, validate=True)
-            claimed = bytes.fromhex(hex_id)
-        except (ValueError, binascii.Error) as exc:
-            raise CheckpointError(f"malformed witness key: {exc}") from None
-        if not name or len(raw) != 33 or raw[0] != COSIGNATURE_V1 or len(claimed) != 4:
-            raise CheckpointError("malformed witness key: not an Ed25519 cosignature/v1 key")
-        public_key = Ed25519PublicKey.from_public_bytes(raw[1:])
-        if cls.id_for(name, public_key) != claimed:
-            raise CheckpointError(f"witness key {name}: the key id does not match the key")
-        return cls(name, claimed, public_key)
+        return cls(*_parse_vkey(text, COSIGNATURE_V1, "witness key"))
 
 
 def cosignatures(note: str, witnesses: Sequence[CosignerKey], *,

@@ -104,7 +104,7 @@ def _submit_one(client: httpx.Client, witness: WitnessConfig,
             old = int(reply.text.strip())
             _known[witness.name] = old
             if old > size:
-                _ahead(witness, old, checkpoint)
+                _ahead(witness, old)
                 return None
             continue
         if reply.status_code == 422:
@@ -135,7 +135,7 @@ def _accept(witness: WitnessConfig, checkpoint: AuditCheckpoint, text: str) -> s
     return None
 
 
-def _ahead(witness: WitnessConfig, witnessed: int, checkpoint: AuditCheckpoint) -> None:
+def _ahead(witness: WitnessConfig, witnessed: int) -> None:
     """The witness cosigned a larger tree than this checkpoint: a newer checkpoint got
     there first, or the log lost events it had."""
     with unit_of_work() as session:

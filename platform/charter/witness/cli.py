@@ -39,7 +39,7 @@ def keygen(name: str, path: Path) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     click.echo(f"wrote {path}; the witness key (for CHARTER_AUDIT_WITNESSES and "
-               f"charter-verify --witness-key): {_public(name, key)}")
+               f"charter-verify --witness-key): {CosignerKey.of(name, key.public_key())}")
 
 
 @witness.command("serve")
@@ -93,11 +93,6 @@ def show(state_path: Path, origin: str) -> None:
     click.echo(latest.note if latest else f"nothing cosigned for {origin}", nl=not latest)
     for received_at, reason, request in state.evidence(origin):
         click.echo(f"refused at {received_at} ({reason}): {len(request)} bytes kept")
-
-
-def _public(name: str, key: Ed25519PrivateKey) -> CosignerKey:
-    public = key.public_key()
-    return CosignerKey(name, CosignerKey.id_for(name, public), public)
 
 
 def _load_key(path: Path) -> Ed25519PrivateKey:

@@ -68,8 +68,7 @@ class Witness:
         if not name or any(c.isspace() or c == "+" for c in name):
             raise ValueError("a witness name has no spaces or '+' characters")
         self.name, self.key, self.logs, self.state, self.clock = name, key, logs, state, clock
-        public = key.public_key()
-        self.verifier = CosignerKey(name, CosignerKey.id_for(name, public), public)
+        self.verifier = CosignerKey.of(name, key.public_key())
 
     def add_checkpoint(self, request: bytes) -> Reply:
         try:
