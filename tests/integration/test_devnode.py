@@ -40,8 +40,6 @@ class Node:
     model: Path
 
 
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     model = build_tiny_model(tmp_path_factory.mktemp("tiny") / "charter-tiny-llama")
