@@ -1,8 +1,11 @@
 """A test server on 127.0.0.1 that speaks OPA's REST Data API, backed by real OPA.
 
 No `opa` executable is installable here; `opa_bindings` embeds OPA (Go) itself, so
-decisions come from OPA's own evaluator, not from Charter's in-process engine. The server
-also misbehaves on demand (`mode`), for the fail-closed tests. Test-only: never shipped.
+decisions come from OPA's own evaluator, not from Charter's in-process engine. The bindings
+evaluate with built-in errors strict (rego.StrictBuiltinErrors: a failing built-in fails the
+query), which is how Charter asks its sidecar to evaluate (`?strict-builtin-errors=true`),
+so a built-in error is answered here as OPA answers it then: 500 `internal_error`. The
+server also misbehaves on demand (`mode`), for the fail-closed tests. Test-only.
 """
 
 from __future__ import annotations
@@ -102,7 +105,13 @@ class OpaTestServer:
                     return
                 path = self.path[len("/v1/data/"):].split("?")[0].replace("/", ".")
                 doc = json.loads(body or b"{}")
-                self._json(200, server.eval(path, doc.get("input")))
+                from opa_bindings import OpaError
+
+                try:
+                    self._json(200, server.eval(path, doc.get("input")))
+                except OpaError as exc:  # as OPA answers with ?strict-builtin-errors=true
+                    self._json(500, {"code": "internal_error", "message": str(exc),
+                                     "errors": [{"code": exc.code, "message": exc.message}]})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -106,6 +106,23 @@ def test_nested_files_use_posix_relative_paths(copy_of) -> None:  # type: ignore
     assert len(paths) == len(EXPECTED_FILES) + 1
 
 
+@pytest.mark.parametrize(("stated", "kept"), [
+    ("Apache-2.0", "apache-2.0"),  # folded to the canonical form policy compares
+    ("Llama 3 Community License", None),  # not an id: left to the card, with a warning
+    ("\u0130sc", None),
+])
+def test_the_card_license_is_canonical_or_left_to_the_card(copy_of, stated: str,  # type: ignore[no-untyped-def]
+                                                           kept: str | None) -> None:
+    root = copy_of()
+    readme = root / "README.md"
+    readme.write_text(readme.read_text().replace("license: apache-2.0",
+                                                 f"license: {stated}"))
+    info = inspect_directory(root)
+    assert info.license_card == kept and info.card["license"] == stated
+    warned = [w for w in info.warnings if "is not a license id" in w]
+    assert bool(warned) == (kept is None), info.warnings
+
+
 # --- pickles --------------------------------------------------------------------------
 def _add_pickles(root: Path) -> None:
     with (root / "extra.bin").open("wb") as fh:

@@ -266,8 +266,8 @@ def test_verdict_cache_agrees_with_the_engine_at_every_time(bundle) -> None:  # 
     from charter.policy.cache import VerdictCache
 
     engine = InProcessEngine(bundle)
-    times = ["2020-01-01T00:00:00Z", "2026-12-31T23:59:59Z", "2027-01-01T00:00:00Z",
-             "2027-01-01T00:00:00.000001Z", "2031-05-05T05:05:05+02:00"]
+    # 2020-01-01, a second before the expiry (2027-01-01), at it, a second after, 2031.
+    times = [1577836800, 1798761599, 1798761600, 1798761601, 1935717905]
     checked = 0
     for policy, name, doc, _allow, _codes in CASES:
         if policy != "dispatch":
@@ -307,7 +307,7 @@ def test_cached_decisions_are_still_audited(configured) -> None:  # type: ignore
     doc = next(c[2] for c in CASES if c[0] == "dispatch" and c[3])
     doc = {**doc, "caller": {**doc["caller"], "team": uuid.uuid4().hex}}  # never seen before
     first = decide(doc)
-    second = decide({**doc, "now": "2026-07-01T00:00:00Z"})
+    second = decide({**doc, "now": doc["now"] + 30 * 86400})
     assert first.decision_id != second.decision_id and first.allow and second.allow
     events = list_events(EventFilter(action="policy.decide"))
     assert [e.details.get("cached", False) for e in events][-2:] == [False, True]

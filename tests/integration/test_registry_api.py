@@ -209,6 +209,28 @@ def test_validation_collects_every_field_error(client, people) -> None:  # type:
     assert list_events(EventFilter(action="version.create")) == []
 
 
+def test_license_ids_are_folded_to_one_form_or_refused(client, people) -> None:  # type: ignore[no-untyped-def]
+    """What policy compares is stored in one canonical form (charter.identifiers): ASCII
+    upper case folded; a license id outside ASCII is refused, naming the field."""
+    steward = people["steward"]
+    r = client.post("/api/v1/models", headers=steward.headers, json={
+        "name": "m", "publisher": "p", "source_repo": "p/m"})
+    model_id = r.get_json()["id"]
+    r = client.post(f"/api/v1/models/{model_id}/versions", headers=steward.headers,
+                    json={**VERSION, "license_declared": "Apache-2.0", "license_card": "MIT"})
+    assert r.status_code == 201, r.get_json()
+    version = r.get_json()
+    assert (version["license_declared"], version["license_card"]) == ("apache-2.0", "mit")
+    bad = {**VERSION, "label": "2.0", "license_declared": "\u0130sc", "license_card": "a b",
+           "hosting_regions": ["EU-WEST"]}
+    err = _error(client.post(f"/api/v1/models/{model_id}/versions", headers=steward.headers,
+                             json=bad), 422, "validation_failed")
+    fields = {e["field"] for e in err["details"]["errors"]}
+    assert {"license_declared", "license_card", "hosting_regions.0"} <= fields, fields
+    assert "must be an identifier" in str(err["details"]["errors"])
+    assert len(list_events(EventFilter(action="version.create"))) == 1
+
+
 def test_malformed_bodies(client, people, app) -> None:  # type: ignore[no-untyped-def]
     h = people["steward"].headers
     _error(client.post("/api/v1/models", headers=h, data="{not json",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from charter.policy.contracts import Contracts
 from tests.policy_cases import apply_patch
 
 CASES = Path(__file__).resolve().parents[1] / "policy_cases"
+ADMISSION = json.loads((CASES / "admission.json").read_text())["base"]["version"]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,10 @@ def test_the_shared_cases_meet_the_contract_unless_they_are_malformed(
     assert contracts.check(policy, cases["base"]) is None
     for case in cases["cases"]:
         breach = contracts.check(policy, apply_patch(cases["base"], case["patch"]))
-        if breach is not None:  # only inputs the policy itself calls malformed, or
-            assert case["violations"] in (["input_invalid"], ["revision_not_pinned"]), case
+        if breach is not None:  # only inputs the policy itself calls malformed, or that
+            # show what the Rego does with values Charter never sends (its own guards)
+            assert case["violations"] in (["input_invalid"], ["revision_not_pinned"],
+                                          ["license_mismatch"]), case
         elif case["violations"] == ["input_invalid"]:
             pytest.fail(f"{policy}: {case['name']} is malformed but meets the contract")
 
@@ -39,10 +43,18 @@ def test_the_shared_cases_meet_the_contract_unless_they_are_malformed(
     ("dispatch", {"caller": "bob"}, "/caller"),
     ("dispatch", {"caller": {"team": 5, "entitlements": {}}}, "/caller/team"),
     ("dispatch", {"node": {"id": "n1", "region": ["eu"]}}, "/node/region"),
-    ("admission", {"version": {"id": "v", "model": "m", "files": [{"path": "w", "size": -1}]}},
+    ("admission", {"version": {**ADMISSION, "files": [{"path": "w", "size": -1}]}},
      "/version/files/0/size"),
-    ("admission", {"version": {"id": "v", "model": "m", "files": [],
-                               "unsafe_weights": "no"}}, "/version/unsafe_weights"),
+    ("admission", {"version": {**ADMISSION, "unsafe_weights": "no"}},
+     "/version/unsafe_weights"),
+    ("admission", {"version": {**ADMISSION, "license_card": "\u0130nternal"}},
+     "/version/license_card"),
+    ("admission", {"version": {**ADMISSION, "hosting_regions": ["EU-WEST"]}},
+     "/version/hosting_regions/0"),
+    ("dispatch", {"request": {"purpose": "assistant", "data_class": "Internal"}},
+     "/request/data_class"),
+    ("dispatch", {"now": "2026-06-01T00:00:00Z"}, "/now"),
+    ("dispatch", {"now": 253402300800}, "/now"),
 ])
 def test_a_breach_names_the_json_path(contracts: Contracts, policy: str,
                                       patch: dict[str, object], path: str) -> None:
@@ -59,3 +71,24 @@ def test_a_bundle_without_contracts_checks_nothing(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "p" / "schemas")
     bundle = PolicyBundle.load(tmp_path / "p")
     assert bundle.schemas == {} and Contracts(bundle).check("dispatch", {}) is None
+
+
+@pytest.mark.parametrize(("file", "edit", "where"), [
+    ("licenses", lambda d: {**d, "Apache-2.0": d["apache-2.0"]}, "licenses.Apache-2.0"),
+    ("residency", lambda d: {**d, "zones": {**d["zones"], "EU-West": {"sovereign": True}}},
+     "residency.zones.EU-West"),
+    ("residency", lambda d: {**d, "data_classes": {"internal": ["eu-central", "\u0130"]}},
+     "residency.data_classes.internal"),
+])
+def test_policy_data_holds_only_canonical_ids(tmp_path: Path, file: str, edit: Any,
+                                              where: str) -> None:
+    import shutil
+
+    from charter.errors import ConfigurationError
+
+    shutil.copytree(default_policy_dir(), tmp_path / "p")
+    path = tmp_path / "p" / "data" / f"{file}.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ConfigurationError) as caught:
+        PolicyBundle.load(tmp_path / "p")
+    assert caught.value.code == "policy_data_invalid" and where in caught.value.message

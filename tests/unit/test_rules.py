@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charter.dispatch.balance import only_regional, regions_in_order
+from charter.identifiers import epoch
 from charter.metering.quota import admits, quota_day, seconds_until_reset
 from charter.policy.cache import VerdictCache
 from charter.policy.engine import Finding, Verdict
@@ -152,8 +153,8 @@ def test_the_cache_never_serves_an_older_generation() -> None:
 EXPIRES = datetime(2027, 1, 1, tzinfo=UTC)
 
 
-def _doc(now: datetime, expires: str | None = "2027-01-01T00:00:00Z") -> dict[str, object]:
-    return {"now": now.isoformat().replace("+00:00", "Z"),
+def _doc(now: datetime, expires: object = epoch(EXPIRES)) -> dict[str, object]:
+    return {"now": epoch(now),
             "version": {"id": "v", "approval": {"expires_at": expires}},
             "request": {"data_class": "internal"}}
 
@@ -183,13 +184,14 @@ def test_a_verdict_after_the_expiry_holds_after_it_only() -> None:
 
 def test_what_cannot_be_read_as_the_policy_reads_it_is_never_cached() -> None:
     cache = VerdictCache()
-    odd = _doc(EXPIRES - timedelta(days=1), expires="2027-01-01 midnight")
+    odd = _doc(EXPIRES - timedelta(days=1), expires="2027-01-01T00:00:00Z")  # not seconds
     key = VerdictCache.key("rev", "dispatch", odd)
     assert key is not None
     cache.put(key, odd, Verdict(True, (), (), 0.1))
     assert cache.get(key, odd) is None
     assert VerdictCache.key("rev", "admission", odd) is None  # only dispatch reads the clock
-    assert VerdictCache.key("rev", "dispatch", {**odd, "now": "yesterday"}) is None
+    for now in ("2026-12-31T00:00:00Z", 1.5e9, True, -1, 253402300800):
+        assert VerdictCache.key("rev", "dispatch", {**odd, "now": now}) is None, now
 
 
 def test_the_key_names_the_revision_and_everything_but_the_clock() -> None:

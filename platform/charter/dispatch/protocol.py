@@ -15,6 +15,7 @@ from charter.actor import Actor
 from charter.dispatch import service
 from charter.dispatch.service import DispatchError
 from charter.errors import CharterError, UnauthenticatedError
+from charter.identifiers import canonical
 
 DATA_CLASS_HEADER = "X-Charter-Data-Class"
 PURPOSE_HEADER = "X-Charter-Purpose"
@@ -91,8 +92,11 @@ def caller() -> Actor:
 def request_labels() -> tuple[str | None, str | None]:
     data_class = request.headers.get(DATA_CLASS_HEADER) or None
     purpose = request.headers.get(PURPOSE_HEADER) or None
+    labels = []
     for name, value in ((DATA_CLASS_HEADER, data_class), (PURPOSE_HEADER, purpose)):
-        if value is not None and (len(value) > 50 or not value.replace("-", "").replace(
-                "_", "").isalnum()):
-            raise malformed(f"{name} must be a short identifier")
-    return data_class, purpose
+        found = canonical(value) if value is not None else None
+        if value is not None and (found is None or len(found) > 50):
+            raise malformed(f"{name} must be an identifier (ASCII letters, digits, '.', '_', "
+                            "'+' or '-', a letter or digit first, at most 50 characters)")
+        labels.append(found)
+    return labels[0], labels[1]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from charter import scope
+from charter import identifiers, scope
 from charter.actor import Actor
 from charter.audit.journal import Event
 from charter.audit.writer import Entry
@@ -202,7 +202,7 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
     for _region, targets in ordered:
         node = targets[0]
         doc = {
-            "now": utcnow().isoformat().replace("+00:00", "Z"),
+            "now": identifiers.epoch(utcnow()),
             "version": route.version_doc,
             "request": {"purpose": purpose, "data_class": data_class},
             "caller": {"team": ctx.team, "teams": list(ctx.teams),

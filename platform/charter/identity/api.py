@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
+from charter.identifiers import identifier
 from charter.identity import service, teams
 from charter.identity.models import ROLES, TEAM_ROLES
 
@@ -124,14 +125,22 @@ def revoke_key(actor: Actor, key_id: str) -> object:
 
 # --- teams ------------------------------------------------------------------------------
 Pattern = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._/+-]{0,199})$")]
+
+
+def _any_or_identifier(value: str) -> str:
+    return value if value == "*" else identifier(value)
+
+
+# Data classes and regions are compared by policy: "*" or an identifier, canonical.
+IdPattern = Annotated[str, AfterValidator(_any_or_identifier)]
 TeamRole = Literal[TEAM_ROLES]  # type: ignore[valid-type]
 
 
 class Entitlements(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     models: Annotated[list[Pattern], Field(max_length=500)] = []
-    data_classes: Annotated[list[Pattern], Field(max_length=50)] = []
-    regions: Annotated[list[Pattern], Field(max_length=50)] = []
+    data_classes: Annotated[list[IdPattern], Field(max_length=50)] = []
+    regions: Annotated[list[IdPattern], Field(max_length=50)] = []
 
 
 TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,99}$")]

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from charter import identifiers
 from charter.actor import Actor
 from charter.errors import ConflictError, ForbiddenError, NotFoundError, StaleVersionError
 from charter.identity.access import READ_ALL, memberships, visible_user
@@ -171,8 +172,9 @@ class Entitlements:
     regions: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"models": list(self.models), "data_classes": list(self.data_classes),
-                "regions": list(self.regions)}
+        return {"models": list(self.models),
+                "data_classes": identifiers.stored(list(self.data_classes)),
+                "regions": identifiers.stored(list(self.regions))}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from charter.errors import ConfigurationError
+from charter.identifiers import canonical
 
 _PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_\w+)\s+if\b", re.MULTILINE)
@@ -73,6 +74,7 @@ class PolicyBundle:
             except ValueError as exc:
                 raise ConfigurationError(f"{path} is not valid JSON: {exc}",
                                          code="policy_data_invalid") from exc
+        _check_identifiers(data)
         missing = set(POLICIES.values()) - {f.package for f in files}
         if missing:
             raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
@@ -89,6 +91,24 @@ class PolicyBundle:
                                          code="policy_schema_invalid") from exc
         document = {"charter": data}
         return cls(root, tuple(files), document, _revision(files, document), schemas)
+
+
+def _check_identifiers(data: dict[str, Any]) -> None:
+    """The ids the policies compare input against are canonical (charter.identifiers),
+    since the input's are: a license "Apache-2.0" in the catalog would never match."""
+    residency = data.get("residency") or {}
+    found: list[tuple[str, object]] = [
+        *((f"licenses.{k}", k) for k in data.get("licenses") or {}),
+        *((f"residency.zones.{k}", k) for k in residency.get("zones") or {}),
+        *((f"residency.data_classes.{k}", k) for k in residency.get("data_classes") or {}),
+        *((f"residency.data_classes.{k}", r) for k, rs in
+          (residency.get("data_classes") or {}).items() for r in (rs or [])),
+    ]
+    bad = [where for where, value in found if canonical(value) != value]
+    if bad:
+        raise ConfigurationError(
+            f"policy data holds ids that are not canonical (ASCII, lower case): {bad[:5]}",
+            code="policy_data_invalid")
 
 
 def _revision(files: list[RegoFile], data: dict[str, Any]) -> str:

@@ -21,23 +21,20 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from datetime import datetime
 from typing import Any
 
 from charter.audit.chain import canonical_json
+from charter.identifiers import EPOCH_MAX
 from charter.policy.engine import Verdict
 
 TIME_DEPENDENT = {"dispatch"}  # policies whose only clock read is the approval expiry
 
 
-def _parse(value: Any) -> datetime | None:
-    if not isinstance(value, str):
+def _parse(value: Any) -> int | None:
+    """A time as the contract admits it (epoch seconds, charter.identifiers), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= EPOCH_MAX:
         return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+    return value
 
 
 class VerdictCache:
@@ -45,7 +42,7 @@ class VerdictCache:
         self.max_entries = max_entries
         # key -> (verdict, lo, hi): holds for lo <= now < hi (None: unbounded)
         self._entries: OrderedDict[
-            str, tuple[Verdict, datetime | None, datetime | None]] = OrderedDict()
+            str, tuple[Verdict, int | None, int | None]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0

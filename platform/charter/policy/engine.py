@@ -302,7 +302,10 @@ class RemoteEngine:
         started = time.perf_counter()
         try:
             self._ensure_loaded()
-            answer = self.client.query_rule(input_doc, rule.removeprefix("data."))
+            # Strict: a built-in that fails is an error (a refusal), as it is in regorus, not
+            # OPA's default "undefined", which would let a rule silently not fire.
+            answer = self.client.query_rule(input_doc, rule.removeprefix("data."),
+                                            query_params={"strict-builtin-errors": True})
         except PolicyUnavailableError:
             raise
         except Exception as exc:  # noqa: BLE001 - requests', opa_client's, anything else

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from charter.actor import Actor
 from charter.errors import ImportFailedError, validation_failed
+from charter.identifiers import canonical
 from charter.registry import service
 from charter.registry.models import ModelVersion
 from charter.registry.schemas import FileSpec, ModelCreate, VersionSpec
@@ -43,8 +44,9 @@ class Inspection:
 
     @property
     def license_card(self) -> str | None:
-        value = self.card.get("license")
-        return value if isinstance(value, str) else None
+        """The card's license id in canonical form; one that is not an identifier is left
+        to the card (kept verbatim) and reported by `inspect` as a warning."""
+        return canonical(self.card.get("license"))
 
     @property
     def base_model(self) -> str | None:
@@ -221,6 +223,10 @@ def _read_card(root: Path, info: Inspection) -> None:
     # YAML may hold dates and other non-JSON values; keep the card as plain JSON.
     data = {k: v for k, v in card.data.to_dict().items() if v is not None}
     info.card = json.loads(json.dumps(data, default=str))
+    stated = info.card.get("license")
+    if stated is not None and info.license_card is None:
+        info.warnings.append(f"the model card's license {stated!r} is not a license id; "
+                             "it stays in the card, and the version has no card license")
     if not info.datasets:
         info.warnings.append("the model card names no training datasets")
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from charter.identifiers import identifier
 from charter.registry.models import DERIVATIONS, RISK_TIERS, STATES, WEIGHT_FORMATS
 
 
@@ -29,7 +30,8 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whit
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")]
 Region = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,49}$")]
 Token = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
-LicenseId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")]
+# Compared by policy: one canonical form (charter.identifiers), upper case folded.
+LicenseId = Annotated[str, AfterValidator(identifier)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 RelPath = Annotated[
     str, StringConstraints(min_length=1, max_length=500), AfterValidator(_relative_path)
@@ -76,8 +78,8 @@ class VersionSpec(Strict):
     parameter_count: Annotated[int, Field(ge=0, le=2**53 - 1)] | None = None
     context_length: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     license_declared: LicenseId | None = None
-    # As the model card states it, verbatim: evidence, so not normalised or pattern-checked.
-    license_card: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    # As the model card states it, in canonical form (the card itself, verbatim, is `card`).
+    license_card: LicenseId | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
     derivation: Derivation = "unknown"
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],

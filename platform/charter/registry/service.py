@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, lazyload
 
+from charter import identifiers
 from charter.actor import SYSTEM, Actor
 from charter.db import utcnow
 from charter.errors import (
@@ -279,15 +280,15 @@ def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
             "unsafe_weights": version.unsafe_weights,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "kind": f.kind}
                       for f in version.files],
-            "license_declared": version.license_declared,
-            "license_card": version.license_card,
+            "license_declared": identifiers.stored(version.license_declared),
+            "license_card": identifiers.stored(version.license_card),
             "base_model": version.base_model,
             "derivation": version.derivation,
             "datasets": list(version.datasets),
             "intended_use": version.intended_use,
             "risk_tier": version.risk_tier,
-            "storage_region": version.storage_region,
-            "hosting_regions": list(version.hosting_regions),
+            "storage_region": identifiers.stored(version.storage_region),
+            "hosting_regions": identifiers.stored(list(version.hosting_regions)),
         },
         "lineage": {"base_model_approved": base_approved},
     }
@@ -613,7 +614,8 @@ def dispatch_view(version_id: str) -> DispatchView | None:
             return None
         return DispatchView(version.id, version.model.name, {
             "id": version.id, "model": version.model.name, "state": version.state,
-            "license": version.license_declared, "approval": _approval_doc(version)})
+            "license": identifiers.stored(version.license_declared),
+            "approval": _approval_doc(version)})
 
 
 def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:
@@ -622,11 +624,11 @@ def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:
         return None
     last = approvals[-1]
     return {
-        "allowed_regions": last.allowed_regions,
-        "allowed_data_classes": last.allowed_data_classes,
-        "allowed_purposes": last.allowed_purposes,
-        "expires_at": last.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        if last.expires_at else None,
+        "allowed_regions": identifiers.stored(last.allowed_regions),
+        "allowed_data_classes": identifiers.stored(last.allowed_data_classes),
+        "allowed_purposes": identifiers.stored(last.allowed_purposes),
+        "expires_at": identifiers.epoch(last.expires_at) if last.expires_at else None,
+        "expires_at_utc": identifiers.utc_text(last.expires_at) if last.expires_at else None,
     }
 
 

@@ -1,43 +1,120 @@
 # May this caller send this request to this model version on this node?
 #
-# Input: {
-#   "now": RFC 3339 time,
+# Input (schemas/dispatch.input.json; Charter checks it before any engine): {
+#   "now": seconds since the epoch,
 #   "version": {"id", "model", "state", "license", "approval": {"allowed_regions",
-#               "allowed_data_classes", "allowed_purposes", "expires_at"}},
+#               "allowed_data_classes", "allowed_purposes", "expires_at" (seconds)}},
 #   "request": {"purpose", "data_class"},
 #   "caller": {"team", "entitlements": {"models", "data_classes", "regions"}},
 #   "node": {"id", "region", "attested_version_id"}
 # }
 # Output: decision := {"allow", "violations": [{"code", "msg"}], "warnings": [...]}
+#
+# Written to decide alike on every engine (docs/policy.md, "Rego style"): input is read
+# only through `object.get` on values known to be objects; `_valid_input` checks every type
+# a rule relies on and every other rule starts with it; times are integers and identifiers
+# arrive canonical (charter.identifiers), so no built-in parses, lowercases or can fail.
 package charter.dispatch
 
 import rego.v1
 
-_v := input.version
-
-_approval := _v.approval
-
-_req := input.request
-
-_node := input.node
-
-_ent := input.caller.entitlements
-
 _classes := data.charter.residency.data_classes
 
+# --- reading the input: every value below is defined, whatever the input ---------------
+
+_input := input if is_object(input)
+else := {}
+
+_object(x) := x if is_object(x)
+else := {}
+
+_array(x) := x if is_array(x)
+else := []
+
+_v := _object(object.get(_input, "version", null))
+
+_approval := object.get(_v, "approval", null) # an object, or null: no approval on record
+
+_conditions := _object(_approval)
+
+_req := _object(object.get(_input, "request", null))
+
+_caller := _object(object.get(_input, "caller", null))
+
+_ent := _object(object.get(_caller, "entitlements", null))
+
+_node := _object(object.get(_input, "node", null))
+
+_now := object.get(_input, "now", null)
+
+_expiry := object.get(_conditions, "expires_at", null)
+
+_state := object.get(_v, "state", "")
+
+_purpose := object.get(_req, "purpose", "")
+
+_data_class := object.get(_req, "data_class", "")
+
+_region := object.get(_node, "region", "")
+
+_model := object.get(_v, "model", "")
+
+# --- input shape: anything malformed denies -------------------------------------------
+
+# Seconds since the epoch, 1970 to 9999 (charter.identifiers.EPOCH_MAX), whole.
+_epoch(t) if {
+	is_number(t)
+	t >= 0
+	t <= 253402300799
+	floor(t) == t
+}
+
+_string_or_null(o, key) if object.get(o, key, null) == null
+
+_string_or_null(o, key) if is_string(object.get(o, key, null))
+
+_strings(xs) if {
+	is_array(xs)
+	every x in xs {
+		is_string(x)
+	}
+}
+
+_approval_ok if _approval == null
+
+_approval_ok if {
+	is_object(_approval)
+	_strings(object.get(_conditions, "allowed_regions", []))
+	_strings(object.get(_conditions, "allowed_data_classes", []))
+	_strings(object.get(_conditions, "allowed_purposes", []))
+	_expiry_ok
+}
+
+_expiry_ok if _expiry == null
+
+_expiry_ok if _epoch(_expiry)
+
 _valid_input if {
-	_now_ok
-	is_object(_v)
-	is_string(_v.id)
-	is_string(_v.model)
-	is_string(_v.state)
-	is_object(_req)
-	is_string(_req.purpose)
-	is_string(_req.data_class)
-	is_object(input.caller)
-	is_object(_ent)
-	is_object(_node)
-	is_string(_node.region)
+	_epoch(_now)
+	is_object(object.get(_input, "version", null))
+	is_string(object.get(_v, "id", null))
+	is_string(_model)
+	is_string(_state)
+	_string_or_null(_v, "license")
+	_approval_ok
+	is_object(object.get(_input, "request", null))
+	is_string(_purpose)
+	is_string(_data_class)
+	is_object(object.get(_input, "caller", null))
+	_string_or_null(_caller, "team")
+	is_object(object.get(_caller, "entitlements", null))
+	_strings(object.get(_ent, "models", []))
+	_strings(object.get(_ent, "data_classes", []))
+	_strings(object.get(_ent, "regions", []))
+	is_object(object.get(_input, "node", null))
+	is_string(object.get(_node, "id", null))
+	is_string(_region)
+	_string_or_null(_node, "attested_version_id")
 }
 
 violations contains {"code": "input_invalid", "msg": "the dispatch input is malformed"} if {
@@ -51,148 +128,147 @@ violations contains {
 	"msg": "this model version has been revoked",
 } if {
 	_valid_input
-	_v.state == "revoked"
+	_state == "revoked"
 }
 
 violations contains {
 	"code": "version_not_approved",
-	"msg": sprintf("this model version is %v, not approved", [_v.state]),
+	"msg": sprintf("this model version is %v, not approved", [_state]),
 } if {
 	_valid_input
-	not _v.state in {"approved", "deprecated", "revoked"}
+	not _state in {"approved", "deprecated", "revoked"}
 }
+
+_has_approval if is_object(_approval)
 
 violations contains {
 	"code": "approval_missing",
 	"msg": "the version has no approval conditions on record",
 } if {
 	_valid_input
-	_v.state in {"approved", "deprecated"}
-
-	# Not `not is_object(_approval)`: OPA makes a rule with an undefined reference under
-	# `not` fail, regorus does not. Spelled out, both deny.
-	not is_object(object.get(_v, "approval", null))
-}
-
-# Ranges spelled out: Go and Rust parse what lies outside them differently (an offset of
-# +24:00, second 60), so such a time is malformed here, on every engine.
-_rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
-
-_time_ok(t) if {
-	is_string(t)
-	regex.match(_rfc3339, t)
+	_state in {"approved", "deprecated"}
+	not _has_approval
 }
 
 violations contains {
 	"code": "approval_invalid",
-	"msg": "the approval's expiry is not an RFC 3339 time",
+	"msg": "the approval states no expiry",
 } if {
 	_valid_input
-	is_object(_approval)
-	not _time_ok(object.get(_approval, "expires_at", null))
+	_has_approval
+	_expiry == null
 }
 
-# Rules, not function calls, so each regex runs once per decision.
-_now_ok if _time_ok(input.now)
-
-_expiry_ok if _time_ok(_approval.expires_at)
-
+# The only clock read (charter.policy.cache relies on it): both are whole seconds.
 violations contains {
 	"code": "approval_expired",
-	"msg": sprintf("the approval expired at %v", [_approval.expires_at]),
+	"msg": sprintf("the approval expired at %v", [_expiry_text]),
 } if {
 	_valid_input
-	_now_ok
-	_expiry_ok
-	time.parse_rfc3339_ns(input.now) >= time.parse_rfc3339_ns(_approval.expires_at)
+	_has_approval
+	_epoch(_expiry)
+	_now >= _expiry
 }
+
+# For people: the expiry as Charter wrote it beside the seconds (RFC 3339), else the seconds.
+_expiry_text := text if {
+	text := object.get(_conditions, "expires_at_utc", null)
+	is_string(text)
+} else := sprintf("%v seconds after the epoch", [_expiry])
 
 warnings contains {
 	"code": "version_deprecated",
 	"msg": "this model version is deprecated; move to a newer version",
 } if {
 	_valid_input
-	_v.state == "deprecated"
+	_state == "deprecated"
 }
 
 # --- purpose ------------------------------------------------------------------------------
 
+_allows(kind, value) if value in _array(object.get(_conditions, kind, null))
+
 violations contains {
 	"code": "purpose_not_approved",
-	"msg": sprintf("purpose %v is not among the approval's purposes", [_req.purpose]),
+	"msg": sprintf("purpose %v is not among the approval's purposes", [_purpose]),
 } if {
 	_valid_input
-	is_object(_approval)
-	allowed := object.get(_approval, "allowed_purposes", [])
-	not _req.purpose in allowed
+	_has_approval
+	not _allows("allowed_purposes", _purpose)
 }
 
-_license := data.charter.licenses[lower(_v.license)] if is_string(_v.license)
+_license_id := object.get(_v, "license", null)
 
-_restricted := object.get(data.charter.organisation, ["license_purposes", "use_restrictions"], [])
+_license := object.get(data.charter.licenses, _license_id, {}) if is_string(_license_id)
+else := {}
+
+_restricted := _array(object.get(data.charter.organisation, ["license_purposes", "use_restrictions"], null))
 
 violations contains {
 	"code": "purpose_restricted_by_license",
-	"msg": sprintf("the %v license forbids use for %v", [_v.license, _req.purpose]),
+	"msg": sprintf("the %v license forbids use for %v", [_license_id, _purpose]),
 } if {
 	_valid_input
-	_license.use_restrictions == true
-	_req.purpose in _restricted
+	object.get(_license, "use_restrictions", null) == true
+	_purpose in _restricted
 }
 
 violations contains {
 	"code": "license_not_commercial",
-	"msg": sprintf("the %v license does not allow commercial use", [_v.license]),
+	"msg": sprintf("the %v license does not allow commercial use", [_license_id]),
 } if {
 	_valid_input
-	_license.commercial_use == false
-	data.charter.organisation.commercial_use_required == true
+	object.get(_license, "commercial_use", null) == false
+	object.get(data.charter.organisation, "commercial_use_required", false) == true
 }
 
 # --- data class and residency -------------------------------------------------------------
 
+_known_class if is_array(object.get(_classes, _data_class, null))
+
+_class_regions := _array(object.get(_classes, _data_class, null))
+
 violations contains {
 	"code": "data_class_unknown",
-	"msg": sprintf("data class %v is not defined", [_req.data_class]),
+	"msg": sprintf("data class %v is not defined", [_data_class]),
 } if {
 	_valid_input
-	is_string(_req.data_class)
-	not _classes[_req.data_class]
+	not _known_class
 }
+
+_resident if _region in _class_regions
 
 violations contains {
 	"code": "residency_violation",
-	"msg": sprintf("%v data may not be processed in region %v", [_req.data_class, _node.region]),
+	"msg": sprintf("%v data may not be processed in region %v", [_data_class, _region]),
 } if {
 	_valid_input
-	regions := _classes[_req.data_class]
-	not _node.region in regions
+	_known_class
+	not _resident
 }
 
 violations contains {
 	"code": "data_class_not_approved",
-	"msg": sprintf("the approval does not cover %v data", [_req.data_class]),
+	"msg": sprintf("the approval does not cover %v data", [_data_class]),
 } if {
 	_valid_input
-	is_object(_approval)
-	allowed := object.get(_approval, "allowed_data_classes", [])
-	not _req.data_class in allowed
+	_has_approval
+	not _allows("allowed_data_classes", _data_class)
 }
 
 violations contains {
 	"code": "region_not_approved",
-	"msg": sprintf("the approval does not cover region %v", [_node.region]),
+	"msg": sprintf("the approval does not cover region %v", [_region]),
 } if {
 	_valid_input
-	is_object(_approval)
-	allowed := object.get(_approval, "allowed_regions", [])
-	not _node.region in allowed
+	_has_approval
+	not _allows("allowed_regions", _region)
 }
 
 # --- the caller's team --------------------------------------------------------------------
 
 # The caller's team, always defined: a string, or null when the key belongs to no team.
-_team := object.get(input.caller, "team", null)
+_team := object.get(_caller, "team", null)
 
 _has_team if {
 	is_string(_team)
@@ -207,46 +283,46 @@ violations contains {
 	not _has_team
 }
 
-_entitled(kind, value) if "*" in object.get(_ent, kind, [])
+_entitled(kind, value) if "*" in _array(object.get(_ent, kind, null))
 
-_entitled(kind, value) if value in object.get(_ent, kind, [])
+_entitled(kind, value) if value in _array(object.get(_ent, kind, null))
 
 # The entitlement findings name the team, so they speak only of a caller that has one.
 violations contains {
 	"code": "team_not_entitled",
-	"msg": sprintf("team %v is not entitled to model %v", [_team, _v.model]),
+	"msg": sprintf("team %v is not entitled to model %v", [_team, _model]),
 } if {
 	_valid_input
 	_has_team
-	not _entitled("models", _v.model)
+	not _entitled("models", _model)
 }
 
 violations contains {
 	"code": "team_data_class_not_entitled",
-	"msg": sprintf("team %v may not send %v data", [_team, _req.data_class]),
+	"msg": sprintf("team %v may not send %v data", [_team, _data_class]),
 } if {
 	_valid_input
 	_has_team
-	not _entitled("data_classes", _req.data_class)
+	not _entitled("data_classes", _data_class)
 }
 
 violations contains {
 	"code": "team_region_not_entitled",
-	"msg": sprintf("team %v may not use region %v", [_team, _node.region]),
+	"msg": sprintf("team %v may not use region %v", [_team, _region]),
 } if {
 	_valid_input
 	_has_team
-	not _entitled("regions", _node.region)
+	not _entitled("regions", _region)
 }
 
 # --- the node -----------------------------------------------------------------------------
 
 violations contains {
 	"code": "node_not_attested",
-	"msg": sprintf("node %v is not attested for this model version", [_node.id]),
+	"msg": sprintf("node %v is not attested for this model version", [object.get(_node, "id", "")]),
 } if {
 	_valid_input
-	object.get(_node, "attested_version_id", null) != _v.id
+	object.get(_node, "attested_version_id", null) != object.get(_v, "id", null)
 }
 
 default allow := false

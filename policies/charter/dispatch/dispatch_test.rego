@@ -4,14 +4,14 @@ import data.charter.dispatch
 import rego.v1
 
 _ok := {
-	"now": "2026-06-01T00:00:00Z",
+	"now": 1780272000, # 2026-06-01T00:00:00Z
 	"version": {
 		"id": "v1", "model": "TinyLlama", "state": "approved", "license": "apache-2.0",
 		"approval": {
 			"allowed_regions": ["eu-central", "eu-west"],
 			"allowed_data_classes": ["internal", "public"],
 			"allowed_purposes": ["assistant"],
-			"expires_at": "2027-01-01T00:00:00Z",
+			"expires_at": 1798761600, # 2027-01-01T00:00:00Z
 		},
 	},
 	"request": {"purpose": "assistant", "data_class": "internal"},
@@ -63,19 +63,32 @@ test_denies_expired_state if {
 test_denies_expired_state_past_its_expiry if {
 	inp := json.patch(_ok, [
 		{"op": "replace", "path": "/version/state", "value": "expired"},
-		{"op": "replace", "path": "/now", "value": "2027-01-01T00:00:00Z"},
+		{"op": "replace", "path": "/now", "value": 1798761600},
 	])
 	_codes(inp) == {"version_not_approved", "approval_expired"}
 }
 
 test_denies_expired if {
-	inp := json.patch(_ok, [{"op": "replace", "path": "/now", "value": "2027-01-01T00:00:00Z"}])
+	inp := json.patch(_ok, [{"op": "replace", "path": "/now", "value": 1798761600}])
 	_codes(inp) == {"approval_expired"}
 }
 
-test_denies_garbage_expiry if {
-	inp := json.patch(_ok, [{"op": "replace", "path": "/version/approval/expires_at", "value": "soon"}])
+test_denies_an_approval_without_expiry if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/approval/expires_at", "value": null}])
 	_codes(inp) == {"approval_invalid"}
+}
+
+# Times are whole seconds: a string, a fraction or a time past 9999 is malformed input.
+test_denies_times_that_are_not_epoch_seconds if {
+	every t in ["2027-01-01T00:00:00Z", 1798761600.5, 253402300800, -1, true] {
+		_codes(json.patch(_ok, [{"op": "replace", "path": "/version/approval/expires_at", "value": t}])) == {"input_invalid"}
+		_codes(json.patch(_ok, [{"op": "replace", "path": "/now", "value": t}])) == {"input_invalid"}
+	}
+}
+
+test_the_expiry_is_exclusive_to_the_second if {
+	_codes(json.patch(_ok, [{"op": "replace", "path": "/now", "value": 1798761599}])) == set()
+	_codes(json.patch(_ok, [{"op": "replace", "path": "/now", "value": 1798761600}])) == {"approval_expired"}
 }
 
 test_denies_purpose if {

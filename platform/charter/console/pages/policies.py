@@ -35,13 +35,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "lineage": {"base_model_approved": False},
     },
     "dispatch": {
-        "now": "2026-06-01T00:00:00Z",
+        "now": 1780272000,  # 2026-06-01T00:00:00Z: times are seconds since the epoch
         "version": {
             "id": "v1", "model": "TinyLlama-1.1B-Chat-v1.0", "state": "approved",
             "license": "apache-2.0",
             "approval": {"allowed_regions": ["eu-central"], "allowed_data_classes": ["internal"],
                          "allowed_purposes": ["assistant"],
-                         "expires_at": "2027-01-01T00:00:00Z"}},
+                         "expires_at": 1798761600, "expires_at_utc": "2027-01-01T00:00:00Z"}},
         "request": {"purpose": "assistant", "data_class": "internal"},
         "caller": {"team": "helpdesk", "entitlements": {
             "models": ["*"], "data_classes": ["*"], "regions": ["*"]}},

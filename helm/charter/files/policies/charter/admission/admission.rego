@@ -1,8 +1,14 @@
 # May this model version be approved?
 #
-# Input: {"version": {...registry fields...}, "lineage": {"base_model_approved": bool}}
+# Input: {"version": {...registry fields...}, "lineage": {"base_model_approved": bool}},
+#        as schemas/admission.input.json states it (Charter checks that before any engine).
 # Data:  data.charter.licenses, data.charter.residency, data.charter.organisation
 # Output: decision := {"allow", "violations": [{"code", "msg"}], "warnings": [{"code", "msg"}]}
+#
+# Written to decide alike on every engine (docs/policy.md, "Rego style"): input is read
+# only through `object.get` on values known to be objects; `_valid_input` checks every type
+# a rule relies on and every other rule starts with it; no built-in that can fail on input
+# (identifiers arrive canonical, in lower case, from charter.identifiers).
 package charter.admission
 
 import rego.v1
@@ -13,18 +19,77 @@ _licenses := data.charter.licenses
 
 _zones := data.charter.residency.zones
 
-_v := input.version
-
 _derived := {"fine_tune", "adapter", "quantized", "merge"}
+
+# --- reading the input: every value below is defined, whatever the input ---------------
+
+_input := input if is_object(input)
+else := {}
+
+_object(x) := x if is_object(x)
+else := {}
+
+_array(x) := x if is_array(x)
+else := []
+
+_v := _object(object.get(_input, "version", null))
+
+_lineage := _object(object.get(_input, "lineage", null))
+
+_files := _array(object.get(_v, "files", null))
+
+_publisher := object.get(_v, "publisher", null)
+
+_storage_region := object.get(_v, "storage_region", null)
+
+_hosting_regions := _array(object.get(_v, "hosting_regions", null))
+
+_derivation := object.get(_v, "derivation", null)
 
 # --- input shape: anything malformed denies -------------------------------------------
 
+_string_or_null(o, key) if object.get(o, key, null) == null
+
+_string_or_null(o, key) if is_string(object.get(o, key, null))
+
+_strings(xs) if {
+	is_array(xs)
+	every x in xs {
+		is_string(x)
+	}
+}
+
+_file_ok(f) if {
+	is_object(f)
+	is_string(object.get(f, "path", null))
+	_string_or_null(f, "sha256")
+	_string_or_null(f, "kind")
+}
+
+_lineage_ok if object.get(_input, "lineage", null) == null
+
+_lineage_ok if {
+	is_object(object.get(_input, "lineage", null))
+	is_boolean(object.get(_lineage, "base_model_approved", false))
+}
+
 _valid_input if {
-	is_object(_v)
-	is_string(_v.publisher)
-	is_array(_v.files)
-	is_array(_v.datasets)
-	is_boolean(_v.unsafe_weights)
+	is_object(object.get(_input, "version", null))
+	is_string(_publisher)
+	is_boolean(object.get(_v, "unsafe_weights", null))
+	is_array(object.get(_v, "files", null))
+	every f in _files {
+		_file_ok(f)
+	}
+	_strings(object.get(_v, "datasets", null))
+	_strings(object.get(_v, "hosting_regions", []))
+	_string_or_null(_v, "source_revision")
+	_string_or_null(_v, "license_declared")
+	_string_or_null(_v, "license_card")
+	_string_or_null(_v, "base_model")
+	_string_or_null(_v, "derivation")
+	_string_or_null(_v, "storage_region")
+	_lineage_ok
 }
 
 violations contains {"code": "input_invalid", "msg": "the admission input is malformed"} if {
@@ -33,21 +98,22 @@ violations contains {"code": "input_invalid", "msg": "the admission input is mal
 
 # --- pinning and integrity --------------------------------------------------------------
 
+_revision := object.get(_v, "source_revision", null)
+
 _pinned if {
-	is_string(_v.source_revision)
-	regex.match(`^([0-9a-f]{40}|[0-9a-f]{64})$`, _v.source_revision)
+	is_string(_revision)
+	regex.match(`^([0-9a-f]{40}|[0-9a-f]{64})$`, _revision)
 }
 
 violations contains {
 	"code": "revision_not_pinned",
-	"msg": sprintf("source revision %v is not a commit hash (a branch or tag can move)", [_rev]),
+	"msg": sprintf("source revision %v is not a commit hash (a branch or tag can move)", [_revision]),
 } if {
 	_valid_input
 	not _pinned
-	_rev := object.get(_v, "source_revision", null)
 }
 
-_weight_files := [f | some f in _v.files; f.kind == "weights"]
+_weight_files := [f | some f in _files; object.get(f, "kind", null) == "weights"]
 
 violations contains {
 	"code": "no_weight_files",
@@ -57,18 +123,19 @@ violations contains {
 	count(_weight_files) == 0
 }
 
-violations contains {
-	"code": "file_digest_missing",
-	"msg": sprintf("%v has no SHA-256 digest", [f.path]),
-} if {
-	_valid_input
-	some f in _v.files
-	not _has_digest(f)
+_has_digest(f) if {
+	digest := object.get(f, "sha256", null)
+	is_string(digest)
+	regex.match(`^[0-9a-f]{64}$`, digest)
 }
 
-_has_digest(f) if {
-	is_string(f.sha256)
-	regex.match(`^[0-9a-f]{64}$`, f.sha256)
+violations contains {
+	"code": "file_digest_missing",
+	"msg": sprintf("%v has no SHA-256 digest", [object.get(f, "path", "")]),
+} if {
+	_valid_input
+	some f in _files
+	not _has_digest(f)
 }
 
 violations contains {
@@ -76,20 +143,30 @@ violations contains {
 	"msg": "pickle-based weight files execute code when loaded; convert them to safetensors",
 } if {
 	_valid_input
-	_v.unsafe_weights == true
+	object.get(_v, "unsafe_weights", false) == true
 }
 
 # --- license ------------------------------------------------------------------------------
 
-_declared := lower(_v.license_declared) if is_string(_v.license_declared)
+_declared := object.get(_v, "license_declared", null)
 
-_card := lower(_v.license_card) if is_string(_v.license_card)
+_card := object.get(_v, "license_card", null)
 
-_license := _licenses[_declared]
+_has_declared if is_string(_declared)
+
+_has_card if is_string(_card)
+
+_license := object.get(_licenses, _declared, {}) if _has_declared
+else := {}
 
 violations contains {"code": "license_missing", "msg": "the submitter declared no license"} if {
 	_valid_input
-	not _declared
+	not _has_declared
+}
+
+_known_license if {
+	_has_declared
+	is_object(object.get(_licenses, _declared, null))
 }
 
 violations contains {
@@ -97,8 +174,8 @@ violations contains {
 	"msg": sprintf("license %v is not in the license catalog", [_declared]),
 } if {
 	_valid_input
-	_declared
-	not _licenses[_declared]
+	_has_declared
+	not _known_license
 }
 
 violations contains {
@@ -106,8 +183,8 @@ violations contains {
 	"msg": sprintf("declared license %v differs from the model card's %v", [_declared, _card]),
 } if {
 	_valid_input
-	_declared
-	_card
+	_has_declared
+	_has_card
 	_declared != _card
 }
 
@@ -116,20 +193,22 @@ violations contains {
 	"msg": sprintf("%v does not allow commercial use, which this organisation needs", [_declared]),
 } if {
 	_valid_input
-	_org.commercial_use_required == true
-	_license.commercial_use == false
+	object.get(_org, "commercial_use_required", false) == true
+	object.get(_license, "commercial_use", null) == false
 }
+
+_threshold := object.get(_license, "user_threshold", null)
 
 violations contains {
 	"code": "license_user_threshold",
 	"msg": sprintf(
 		"%v needs a separate license above %v monthly users; the organisation has %v",
-		[_declared, _license.user_threshold, _org.monthly_active_users],
+		[_declared, _threshold, object.get(_org, "monthly_active_users", 0)],
 	),
 } if {
 	_valid_input
-	is_number(_license.user_threshold)
-	_org.monthly_active_users > _license.user_threshold
+	is_number(_threshold)
+	object.get(_org, "monthly_active_users", 0) > _threshold
 }
 
 violations contains {
@@ -137,71 +216,72 @@ violations contains {
 	"msg": sprintf("%v carries use restrictions this organisation does not accept", [_declared]),
 } if {
 	_valid_input
-	_license.use_restrictions == true
-	_org.accept_use_restrictions != true
+	object.get(_license, "use_restrictions", null) == true
+	object.get(_org, "accept_use_restrictions", false) != true
 }
 
 # --- provenance ---------------------------------------------------------------------------
 
+_allowed_publisher if _publisher in _array(object.get(_org, "publishers", null))
+
 violations contains {
 	"code": "publisher_not_allowed",
-	"msg": sprintf("publisher %v is not on the allowlist", [_v.publisher]),
+	"msg": sprintf("publisher %v is not on the allowlist", [_publisher]),
 } if {
 	_valid_input
-	allowed := object.get(_org, "publishers", [])
-	not _v.publisher in allowed
+	not _allowed_publisher
 }
 
-_base := _v.base_model if {
-	is_string(_v.base_model)
-	_v.base_model != ""
+_base := object.get(_v, "base_model", null)
+
+_has_base if {
+	is_string(_base)
+	_base != ""
 }
 
 violations contains {
 	"code": "base_model_missing",
-	"msg": sprintf("a %v must declare the model it derives from", [_v.derivation]),
+	"msg": sprintf("a %v must declare the model it derives from", [_derivation]),
 } if {
 	_valid_input
-	_v.derivation in _derived
-	not _base
+	_derivation in _derived
+	not _has_base
 }
 
-_base_known if object.get(object.get(input, "lineage", {}), "base_model_approved", false) == true
+_base_known if object.get(_lineage, "base_model_approved", false) == true
 
-_base_known if _base in object.get(_org, "known_base_models", [])
+_base_known if _base in _array(object.get(_org, "known_base_models", null))
 
 violations contains {
 	"code": "base_model_unknown",
 	"msg": sprintf("base model %v is neither approved here nor a known foundation model", [_base]),
 } if {
 	_valid_input
-	_base
+	_has_base
 	not _base_known
 }
 
 # --- residency ----------------------------------------------------------------------------
 
-_sovereign(region) if _zones[region].sovereign == true
+_sovereign(region) if object.get(object.get(_zones, region, {}), "sovereign", false) == true
+
+_has_storage_region if is_string(_storage_region)
 
 violations contains {
 	"code": "storage_region_missing",
 	"msg": "no storage region is declared for the weights",
 } if {
 	_valid_input
-
-	# Not `not is_string(_v.storage_region)`: with the key absent, the reference is
-	# undefined under `not`, which OPA and regorus decide differently. object.get is
-	# always defined.
-	not is_string(object.get(_v, "storage_region", null))
+	not _has_storage_region
 }
 
 violations contains {
 	"code": "storage_region_not_sovereign",
-	"msg": sprintf("storage region %v is outside the sovereign zones", [_v.storage_region]),
+	"msg": sprintf("storage region %v is outside the sovereign zones", [_storage_region]),
 } if {
 	_valid_input
-	is_string(_v.storage_region)
-	not _sovereign(_v.storage_region)
+	_has_storage_region
+	not _sovereign(_storage_region)
 }
 
 # --- warnings: gaps that do not block -----------------------------------------------------
@@ -211,12 +291,12 @@ warnings contains {
 	"msg": "no training datasets are declared",
 } if {
 	_valid_input
-	count(_v.datasets) == 0
+	count(_array(object.get(_v, "datasets", null))) == 0
 }
 
 warnings contains {"code": "license_card_missing", "msg": "the model card states no license"} if {
 	_valid_input
-	not _card
+	not _has_card
 }
 
 warnings contains {
@@ -224,7 +304,7 @@ warnings contains {
 	"msg": "whether this is an original model or derived from another is not declared",
 } if {
 	_valid_input
-	object.get(_v, "derivation", "unknown") == "unknown"
+	_derivation in {null, "unknown"}
 }
 
 warnings contains {
@@ -232,7 +312,7 @@ warnings contains {
 	"msg": sprintf("hosting region %v is outside the sovereign zones", [r]),
 } if {
 	_valid_input
-	some r in object.get(_v, "hosting_regions", [])
+	some r in _hosting_regions
 	not _sovereign(r)
 }
 
