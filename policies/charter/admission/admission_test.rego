@@ -141,3 +141,9 @@ test_warnings_do_not_block if {
 	admission.allow with input as inp
 	_warnings(inp) == {"datasets_missing", "hosting_region_not_sovereign", "derivation_unknown"}
 }
+
+test_a_card_without_a_license_is_a_warning if {
+	inp := _set("/version/license_card", null)
+	_codes(inp) == set()
+	_warnings(inp) == {"license_card_missing"}
+}

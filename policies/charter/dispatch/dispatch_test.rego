@@ -156,3 +156,29 @@ test_a_caller_with_no_team_key_at_all_is_told_so if {
 	inp := json.patch(_ok, [{"op": "remove", "path": "/caller/team"}])
 	_codes(inp) == {"caller_without_team"}
 }
+
+test_denies_an_approved_version_without_conditions if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/approval", "value": null}])
+	_codes(inp) == {"approval_missing"}
+}
+
+_msgs(inp) := msgs if {
+	msgs := {v.code: v.msg | some v in dispatch.decision.violations} with input as inp
+}
+
+test_the_expiry_message_quotes_the_time_for_people if {
+	at_expiry := json.patch(_ok, [{"op": "replace", "path": "/now", "value": 1798761600}])
+	_msgs(at_expiry).approval_expired == "the approval expired at 1798761600 seconds after the epoch"
+	quoted := json.patch(at_expiry, [{"op": "add", "path": "/version/approval/expires_at_utc", "value": "2027-01-01T00:00:00Z"}])
+	_msgs(quoted).approval_expired == "the approval expired at 2027-01-01T00:00:00Z"
+}
+
+test_denies_a_non_commercial_license if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/version/license", "value": "cc-by-nc-4.0"}])
+	"license_not_commercial" in _codes(inp)
+}
+
+test_denies_a_team_outside_its_regions if {
+	inp := json.patch(_ok, [{"op": "replace", "path": "/caller/entitlements/regions", "value": ["eu-west"]}])
+	_codes(inp) == {"team_region_not_entitled"}
+}
