@@ -160,11 +160,13 @@ def test_openai_client_unchanged(world) -> None:  # type: ignore[no-untyped-def]
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
     assert reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
+    assert reply.model == "tiny"  # the name the caller used, not the node's model id
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
         temperature=0, stream=True))  # greedy: the random tiny model may stop at once
     assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
     assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert {c.model for c in chunks} == {"tiny"}
     outcomes = wait_events("dispatch.outcome", 2)  # a stream's outcome follows its last byte
     assert [e.outcome for e in outcomes] == ["success", "success"]
     assert outcomes[0].details["tokens_out"] > 0 and outcomes[0].details["node"] in (

@@ -88,6 +88,7 @@ def test_a_batch_runs_every_line_once_through_the_governed_path(client, world) -
     assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(40)]
     assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in out)
     assert out[7]["response"]["body"]["choices"][0]["message"]["content"] == "echo: line-7"
+    assert {o["response"]["body"]["model"] for o in out} == {"m"}  # the name the line used
     errors = content_lines(client, world, done["error_file_id"])
     assert [(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errors] == [
         (None, "invalid_json", 41), ("req-0", "duplicate_custom_id", 42),

@@ -308,6 +308,8 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
             parsed = None
         tokens_in, tokens_out = upstream.usage("openai", parsed)
         ok = resp.status == 200
+        if ok:  # the serving name the line asked for, not what the node calls its model
+            content = upstream.named_as_asked(content, plan.serving_name)
         text_body = content.decode("utf-8", "replace")
         event = outcome_event(plan, node=node, outcome="completed" if ok else "failed",
                               status=resp.status, tokens_in=tokens_in, tokens_out=tokens_out,

@@ -278,6 +278,8 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
                            ttft_ms=round((time.perf_counter() - started) * 1000, 2),
                            request_digest=digest, stream=stream,
                            error="" if ok else content[:300].decode("utf-8", "replace"))
+    if protocol == "openai" and ok:
+        content = upstream.named_as_asked(content, plan.serving_name)
     out = Response(content, status=resp.status,
                    mimetype=resp.headers.get("content-type", "application/json"))
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
@@ -289,6 +291,8 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
     rt = scope.current()  # the outcome is recorded after the request: bound again then
     request_id = g.get("request_id")
 
+    renamer = upstream.StreamRenamer(plan.serving_name) if protocol == "openai" else None
+
     def events() -> Iterator[bytes]:
         ttft: float | None = None
         count = 0
@@ -298,7 +302,11 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
                 if ttft is None:
                     ttft = round((time.perf_counter() - started) * 1000, 2)
                 count += chunk.count(b"data:") - chunk.count(b"data: [DONE]")
-                yield chunk
+                out = renamer.feed(chunk) if renamer is not None else chunk
+                if out:
+                    yield out
+            if renamer is not None and (rest := renamer.rest()):
+                yield rest
         except NodeCallError as exc:
             outcome, error = "aborted", str(exc)
             yield _stream_error(protocol, "the model node failed mid-stream")

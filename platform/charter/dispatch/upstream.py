@@ -54,3 +54,50 @@ def usage(protocol: str, body: Any) -> tuple[int, int]:
         return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
     details = body.get("details") or {}
     return len(details.get("prefill") or []), int(details.get("generated_tokens") or 0)
+
+
+def named_as_asked(content: bytes, serving_name: str) -> bytes:
+    """A whole OpenAI answer whose `model` is the serving name the caller used (the node
+    names what it loaded: a path, a Hub id); anything else is passed on unchanged."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(body, dict) or "model" not in body:
+        return content
+    body["model"] = serving_name
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class StreamRenamer:
+    """The same for a stream of server-sent events: each complete event's `data:` JSON gets
+    the serving name as `model`; a partial event waits for its end (the next chunk)."""
+
+    def __init__(self, serving_name: str) -> None:
+        self.serving_name = serving_name
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        end = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
+        if end < 0:
+            self._pending = data
+            return b""
+        cut = end + (4 if data[end:end + 4] == b"\r\n\r\n" else 2)
+        self._pending = data[cut:]
+        return self._rename(data[:cut])
+
+    def rest(self) -> bytes:
+        """What is left when the node ends: passed on as it came."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _rename(self, events: bytes) -> bytes:
+        lines = events.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b"data:") and b'"model"' in line:
+                payload = line[5:].strip()
+                renamed = named_as_asked(payload, self.serving_name)
+                if renamed is not payload:
+                    lines[i] = b"data: " + renamed + (b"\r" if line.endswith(b"\r") else b"")
+        return b"\n".join(lines)
