@@ -380,3 +380,48 @@ def test_queued_outcomes_are_written_at_a_clean_shutdown(world) -> None:  # type
     outcomes = list_events(EventFilter(action="dispatch.outcome"))
     assert [e.details["status"] for e in outcomes] == [200, 200, 200]
     assert verify_chain().ok
+
+
+def test_a_lost_region_fails_over_to_another_allowed_region(world) -> None:  # type: ignore[no-untyped-def]
+    """The only eu-central node dies: requests that may go to eu-west go there, the first
+    one included (no probe interval to wait out); the node leaves the routes at once
+    (`node.suspect`, audited); restricted data, which only eu-central may hold, is refused
+    rather than moved; the node, started again with the same bytes, is served again after
+    a probe, without restarting Charter."""
+    from charter.nodes import service as nodes
+
+    url, proc = world.nodes["central"]
+    proc.kill()
+    proc.wait(timeout=10)
+    h = {"Authorization": f"Bearer {world.key}"}
+    chat = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    # Idle nodes tie, and ties are random: 20 requests try eu-central first almost surely.
+    codes = [httpx.post(f"{world.charter}/v1/chat/completions", headers=h, json=chat,
+                        timeout=30).status_code for _ in range(20)]
+    assert codes == [200] * 20
+    suspect = list_events(EventFilter(action="node.suspect"))
+    assert [e.details["name"] for e in suspect] == ["central"], suspect
+    outcomes = wait_events("dispatch.outcome", 21)
+    served = [o for o in outcomes if o.details["outcome"] == "completed"]
+    failed = [o for o in outcomes if o.details["outcome"] == "failed"]
+    assert len(served) == 20 and {o.details["node"] for o in served} == {"west"}
+    assert len(failed) == 1 and "central" in failed[0].details["error"]
+    retried = [d for d in list_events(EventFilter(action="policy.decide", target_id="tiny"))
+               if d.details.get("retry_of")]
+    assert [d.details["retry_of"] for d in retried] == [failed[0].details["decision_id"]]
+    # Restricted data may live in eu-central only: never failed over to eu-west.
+    r = httpx.post(f"{world.charter}/v1/chat/completions", json=chat, timeout=30,
+                   headers={**h, "X-Charter-Data-Class": "restricted"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_node_in_allowed_region"
+    # Back with the same bytes on the same address: a probe lets traffic in again.
+    port = url.rsplit(":", 1)[1]
+    again = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    world.nodes["central"] = (url, again)
+    wait_http(url + "/health", again, timeout=120)
+    central = next(n for n in nodes.list_nodes() if n.name == "central")
+    assert nodes.probe_node(world.settings, central.id).routable, port
+    r = httpx.post(f"{world.charter}/v1/chat/completions", json=chat, timeout=30,
+                   headers={**h, "X-Charter-Data-Class": "restricted"})
+    assert r.status_code == 200, r.text
+    assert wait_events("dispatch.outcome", 22)[-1].details["node"] == "central"
+    assert verify_chain().ok

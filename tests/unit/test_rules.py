@@ -90,10 +90,19 @@ def test_regions_least_busy_first_nodes_least_busy_first() -> None:
         ("eu-west", ["b1"]), ("eu-central", ["a2", "a1"]), ("eu-north", ["c1"])]
 
 
-def test_ties_keep_the_order_given() -> None:
+def test_ties_keep_the_order_given_without_a_tie_breaker() -> None:
     nodes = [N("x", "r2"), N("y", "r1"), N("z", "r2")]
-    order = regions_in_order(nodes, lambda _id: 0)
+    order = regions_in_order(nodes, lambda _id: 0, tie=None)
     assert [(r, [n.id for n in ns]) for r, ns in order] == [("r2", ["x", "z"]), ("r1", ["y"])]
+
+
+def test_ties_are_broken_at_random_so_idle_nodes_share_sequential_traffic() -> None:
+    nodes = [N("x", "r1"), N("y", "r1"), N("z", "r2")]
+    firsts = [regions_in_order(nodes, lambda _id: 0)[0][1][0].id for _ in range(3000)]
+    shares = {n: firsts.count(n) / len(firsts) for n in ("x", "y", "z")}
+    assert all(0.25 < share < 0.42 for share in shares.values()), shares
+    busy = {"x": 1, "y": 0, "z": 1}  # but never ahead of a less busy node
+    assert {regions_in_order(nodes, busy.__getitem__)[0][1][0].id for _ in range(200)} == {"y"}
 
 
 def test_only_regional_violations_allow_another_region() -> None:

@@ -3,6 +3,7 @@ and nodes to try. Pure rules over plain values, beside the counter a Runtime kee
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,14 +40,19 @@ class Outstanding:
             self._counts[node_id] = max(0, self._counts[node_id] - 1)
 
 
-def regions_in_order(nodes: Sequence[N], busy: Callable[[str], int]) -> list[tuple[str, list[N]]]:
+def regions_in_order(nodes: Sequence[N], busy: Callable[[str], int],
+                     tie: Callable[[], float] | None = random.random,
+                     ) -> list[tuple[str, list[N]]]:
     """The candidates' regions, least busy first (by their least busy node), each with its
-    nodes least busy first. Ties keep the order the nodes came in."""
+    nodes least busy first. Ties are broken at random (`tie`; None keeps the order given):
+    the counts are this process's own, so between idle nodes every worker would otherwise
+    pick the same first one, and sequential traffic would never spread."""
+    rank = {n.id: (busy(n.id), tie() if tie is not None else 0.0) for n in nodes}
     regions: dict[str, list[N]] = defaultdict(list)
     for n in nodes:
         regions[n.region].append(n)
-    order = sorted(regions, key=lambda r: min(busy(n.id) for n in regions[r]))
-    return [(r, sorted(regions[r], key=lambda n: busy(n.id))) for r in order]
+    order = sorted(regions, key=lambda r: min(rank[n.id] for n in regions[r]))
+    return [(r, sorted(regions[r], key=lambda n: rank[n.id])) for r in order]
 
 
 def only_regional(violation_codes: Sequence[str], regional: frozenset[str]) -> bool:

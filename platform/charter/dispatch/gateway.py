@@ -119,9 +119,9 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
     if not isinstance(stream, bool):
         raise malformed("`stream` must be a boolean")
     data_class, purpose = request_labels()
-    plan = _admit(serving_name=name, data_class=data_class, purpose=purpose,
-                  protocol="openai")
-    return _forward(plan, path, body, raw, stream=stream, protocol="openai")
+    asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
+             "protocol": "openai"}
+    return _forward(_admit(**asked), asked, path, body, raw, stream=stream)
 
 
 @bp.get("/v1/models")
@@ -169,9 +169,9 @@ def _tgi(route: str, name: str | None) -> Response:
     if route == "/" and not isinstance(body.get("stream", False), bool):
         raise malformed("`stream` must be a boolean")
     data_class, purpose = request_labels()
-    plan = _admit(serving_name=_serving_name(name), data_class=data_class,
-                  purpose=purpose, protocol="tgi")
-    return _forward(plan, route, body, raw, stream=stream, protocol="tgi")
+    asked = {"serving_name": _serving_name(name), "data_class": data_class,
+             "purpose": purpose, "protocol": "tgi"}
+    return _forward(_admit(**asked), asked, route, body, raw, stream=stream)
 
 
 @bp.post("/generate")
@@ -225,33 +225,48 @@ def _stream_error(protocol: str, message: str) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def _forward(plan: Plan, path: str, body: dict[str, Any], raw: bytes, *, stream: bool,
-             protocol: str) -> Response:
+def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
+             *, stream: bool) -> Response:
+    """Send to the plan's nodes in turn; when every one of them failed before the first
+    byte, decide again without them (any region the policy allows: a new decision, audited,
+    the failed one's outcome recorded) and go on. Never after the first byte."""
+    protocol = asked["protocol"]
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()  # of the bytes the caller sent
     rt = scope.current()
     pool, policy, outstanding = rt.node_pool, rt.node_urls, rt.outstanding
     headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
-    last_error = "no node answered"
-    for node in plan.nodes:  # retry on another node only before the first byte
-        payload = upstream.payload_for(node, protocol, body, raw)
-        outstanding.acquire(node.id)
-        started = time.perf_counter()
+    tried: set[str] = set()
+    while True:
+        last_error = "no node answered"
+        for node in plan.nodes:
+            tried.add(node.id)
+            payload = upstream.payload_for(node, protocol, body, raw)
+            outstanding.acquire(node.id)
+            started = time.perf_counter()
+            try:
+                resp = upstream.send(pool, policy, node, path, payload, headers)
+            except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
+                outstanding.release(node.id)
+                last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (
+                    f"{node.name}: {type(exc).__name__}: {exc}")
+                log.warning("node failed before the first byte, trying the next",
+                            node=node.name, error=str(exc))
+                if isinstance(exc, NodeCallError):  # refused, reset or timed out
+                    upstream.suspect(node, last_error)
+                continue
+            if not stream or resp.status != 200:
+                return _finish_whole(plan, node, resp, protocol, digest, stream, started)
+            return _stream(plan, node, resp, protocol, digest, started)
+        service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
+                               tokens_out=0, ttft_ms=None, request_digest=digest,
+                               stream=stream, error=last_error)
         try:
-            resp = upstream.send(pool, policy, node, path, payload, headers)
-        except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
-            outstanding.release(node.id)
-            last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (
-                f"{node.name}: {type(exc).__name__}")
-            log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
-            continue
-        if not stream or resp.status != 200:
-            return _finish_whole(plan, node, resp, protocol, digest, stream, started)
-        return _stream(plan, node, resp, protocol, digest, started)
-    service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
-                           tokens_out=0, ttft_ms=None, request_digest=digest, stream=stream,
-                           error=last_error)
-    raise DispatchError("no node could take the request", code="nodes_unavailable",
-                        details={"last_error": last_error})
+            plan = _admit(**asked, exclude=frozenset(tried),
+                          retry_of=plan.decision.decision_id)
+        except DispatchError as exc:
+            if exc.code == "nodes_unavailable":
+                exc.details["last_error"] = last_error
+            raise
 
 
 def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,

@@ -6,7 +6,7 @@ module decides where a request may go and writes what happened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -100,7 +100,8 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
 
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           purpose: str | None, protocol: str = "openai",
-          origin: dict[str, Any] | None = None) -> Plan:
+          origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
+          retry_of: str | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -110,7 +111,13 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     count of a team with a quota is checked and advanced in the same transaction. Every
     refusal is audited; nothing unrecorded is ever served. `origin` (e.g. a batch line's
     ids) goes into every event it writes.
+
+    A failover (`retry_of`: the decision whose nodes all failed before the first byte)
+    decides again without the nodes in `exclude`, in any region the policy allows; it is
+    the same request, so it is not counted against the quota again.
     """
+    if retry_of is not None:
+        origin = {**(origin or {}), "retry_of": retry_of}
     actor = rc.actor
     assert actor is not None
     rt = scope.current()
@@ -125,6 +132,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     if route is None:
         refusal = DispatchError(f"the model {serving_name!r} does not exist",
                                 code="model_not_found", status=404)
+    elif exclude and not [n for n in route.candidates if n.id not in exclude]:
+        refusal = DispatchError("no node could take the request", code="nodes_unavailable",
+                                details={"nodes_tried": len(exclude)})
     elif not route.candidates:
         refusal = DispatchError("no attested, healthy node serves this model",
                                 code="no_attested_node", details={"nodes": route.nodes_total})
@@ -133,6 +143,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     else:
         assert route is not None
         try:
+            if exclude:
+                route = replace(route, candidates=tuple(
+                    n for n in route.candidates if n.id not in exclude))
             plan, refusal = _decide(actor, ctx, route, serving_name,
                                     data_class or ctx.default_data_class,
                                     purpose or "assistant", events, origin)
@@ -142,7 +155,7 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             refusal = exc
     entry = Entry(events=events, generation=rc.generation)
     quota = ctx.requests_per_day
-    if plan is not None:
+    if plan is not None and retry_of is None:
         entry.usage = (UsageDelta(plan.team_id, serving_name, quotas.quota_day(utcnow()),
                                   requests=1),)
         if quota is not None:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import structlog
+
+from charter.nodes import service as nodes
 from charter.nodes.client import NodePool, NodeResponse
 from charter.nodes.service import NodeTarget
 from charter.nodes.ssrf import NodeUrlPolicy
+
+log = structlog.get_logger("charter.dispatch")
 
 
 class NodeRefused(Exception):
@@ -29,6 +34,16 @@ def payload_for(node: NodeTarget, protocol: str, body: dict[str, Any], raw: byte
     if protocol == "openai" and node.reported_model_id:
         return json.dumps({**body, "model": node.reported_model_id}).encode()
     return raw
+
+
+def suspect(node: NodeTarget, reason: str) -> None:
+    """A connection refused, reset or timed out before the first byte: the node leaves
+    every worker's routes until a probe finds it healthy (nodes.service.mark_suspect). A
+    database that cannot say so does not stop the caller from trying the next node."""
+    try:
+        nodes.mark_suspect(node.id, reason)
+    except Exception as exc:  # noqa: BLE001 - the request goes on to the next node
+        log.error("could not mark the node suspect", node=node.name, error=str(exc))
 
 
 def send(pool: NodePool, policy: NodeUrlPolicy, node: NodeTarget, path: str, payload: bytes,

@@ -90,6 +90,27 @@ def restore_node(actor: Actor, node_id: str, reason: str) -> Node:
     return _set_admin_state(actor, node_id, "active", reason)
 
 
+def mark_suspect(node_id: str, reason: str) -> bool:
+    """A node that refused, reset or timed out a connection before the first byte of an
+    answer: out of every worker's routes at once (its row turns unhealthy, which moves the
+    change generation every process decides on), until a probe finds it healthy again
+    (the circuit breaker's half-open trial: one probe, not a request). Audited as
+    `node.suspect`. True if this call marked it (the first of many concurrent failures)."""
+    with unit_of_work() as session:
+        node = session.get(Node, node_id, with_for_update=True)
+        if node is None or not node.healthy:
+            return False
+        node.healthy = False
+        node.last_error = f"suspect: {reason}"[:1000]
+        node.row_version += 1
+        session.flush()
+        record(session, actor=SYSTEM.ref, action="node.suspect", target_type="node",
+               target_id=node.id, outcome="failure",
+               details={"name": node.name, "region": node.region, "reason": reason[:300]})
+    log.warning("node marked suspect", node_id=node_id, reason=reason)
+    return True
+
+
 def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
     """Ask the node what it serves; attest it or quarantine it (audited on change)."""
     with unit_of_work() as session:
