@@ -21,5 +21,7 @@ def test_one_prober_per_round(configured, pg_conn) -> None:  # type: ignore[no-u
     probed = get_node(node.id)
     assert probed.last_probe_at is not None and probed.healthy is False  # nothing listens
     assert probed.last_error
-    held = pg_conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+    held = pg_conn.execute(  # in this test's database: other databases' tests lock too
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())").fetchone()
     assert held[0] == 0  # released after the round
