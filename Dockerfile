@@ -42,6 +42,8 @@ COPY --from=build /opt/charter /opt/charter
 ENV PATH=/opt/charter/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
     HOME=/tmp
 WORKDIR /tmp
 USER 10001:10001

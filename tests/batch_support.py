@@ -22,7 +22,7 @@ from tests.integration.test_access_matrix import _approved_version
 @dataclass
 class FakeNode:
     model_id: str
-    revision: str
+    revision: str | None
     delay_s: float = 0.0
     hits: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from datetime import UTC
 from pathlib import Path
 
@@ -423,6 +424,60 @@ def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str
     console.print(f"dev node {app.config['NODE_MODEL_ID']} @ {app.config['NODE_MODEL_SHA'][:12]} "
                   f"({region}) on http://{host}:{port}")
     serve_node(app, host, port)
+
+
+@node.group("agent")
+def node_agent() -> None:
+    """The attestation agent beside an engine: hashes the model it serves, signs statements."""
+
+
+@node_agent.command("keygen")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="Where to write the new Ed25519 private key (PEM, mode 0600).")
+def node_agent_keygen(key_path: Path) -> None:
+    """Make the node's key; prints the public key to enroll with Charter."""
+    from charter.nodes.agent import new_key
+    from charter.nodes.statement import public_key_text
+
+    try:
+        key = new_key(key_path)
+    except FileExistsError:
+        raise click.ClickException(f"{key_path} exists; a key is never overwritten") from None
+    click.echo(public_key_text(key))
+
+
+@node_agent.command("serve")
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The model directory the engine serves (mount it read-only).")
+@click.option("--key", "key_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The node's Ed25519 private key (from `charter node agent keygen`).")
+@click.option("--node", "node_name", required=True, help="The node's name in Charter.")
+@click.option("--engine", required=True, help="The engine beside it: tgi, vllm, llama.cpp...")
+@click.option("--engine-version", default="", help="The engine's version, as stated.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8090, show_default=True, type=int)
+def node_agent_serve(model_dir: Path, key_path: Path, node_name: str, engine: str,
+                     engine_version: str, host: str, port: int) -> None:
+    """Answer Charter's challenges on HOST:PORT (`POST /attest`)."""
+    from charter.nodes.agent import Agent, ModelFiles, load_key, make_server
+    from charter.nodes.statement import public_key_text
+
+    key = load_key(key_path)
+    files = ModelFiles(model_dir)
+    started = time.perf_counter()
+    listing = files.listing()  # hash everything once, before the first challenge
+    console.print(f"agent for {node_name}: {len(listing)} files, "
+                  f"{files.hashed_bytes / 2**20:.1f} MiB hashed in "
+                  f"{time.perf_counter() - started:.1f} s; key {public_key_text(key)}; "
+                  f"http://{host}:{port}/attest")
+    server = make_server(Agent(key, files, node=node_name, engine=engine,
+                               engine_version=engine_version), host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 from charter.cli_exports import exports  # noqa: E402 - its commands need main's group only

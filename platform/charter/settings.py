@@ -136,6 +136,9 @@ class Settings:
         "addresses are refused whatever this says; loopback only if listed (the demo does).",
     )
     node_connect_timeout_s: float = _setting(2.0, "Seconds to connect to a node.")
+    node_agent_timeout_s: float = _setting(
+        5.0, "Seconds a node's attestation agent has to answer a challenge; a slower one "
+        "quarantines the node (agent_timeout) until the next probe.")
     node_read_timeout_s: float = _setting(
         120.0, "Seconds a node may stay silent while generating before the call fails."
     )

@@ -114,6 +114,8 @@ MATRIX: dict[tuple[str, str], Rule] = {
         "name": f"node-{c['n']}", "base_url": NODE_URL, "region": "eu-central"}),
     ("GET", "/api/v1/nodes/<node_id>"): R("admin", "operator", "auditor"),
     ("POST", "/api/v1/nodes/<node_id>/probe"): R("admin", "operator"),
+    ("POST", "/api/v1/nodes/<node_id>/agent"): R("admin", "operator", body=lambda c: {
+        "agent_url": NODE_URL, "agent_key": "A" * 43 + "=", "row_version": 1}),
     ("POST", "/api/v1/nodes/<node_id>/drain"): R("admin", "operator",
                                                  body=lambda c: {"reason": "maintenance"}),
     ("POST", "/api/v1/nodes/<node_id>/restore"): R("admin", "operator",

@@ -32,6 +32,13 @@ class NodeCreate(BaseModel):
     capacity: Annotated[int, Field(ge=1, le=10_000)] = 8
 
 
+class AgentEnrollment(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    agent_url: Annotated[str, StringConstraints(min_length=8, max_length=500)]
+    agent_key: Annotated[str, StringConstraints(min_length=40, max_length=64)]
+    row_version: int
+
+
 class Reason(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     reason: Annotated[str, StringConstraints(min_length=3, max_length=2000)]
@@ -57,6 +64,8 @@ class NodeOut(BaseModel):
     last_error: str
     routable: bool
     row_version: int
+    agent_url: str | None
+    agent_key: str | None
 
 
 class DeploymentCreate(BaseModel):
@@ -108,6 +117,14 @@ def probe_node(actor: Actor, node_id: str) -> object:
     actor.require(*service.OPERATORS, action="node.probe", target_type="node",
                   target_id=node_id)
     return service.probe_node(_settings(), node_id, actor)
+
+
+@bp.operation("POST", "/nodes/<node_id>/agent",
+              summary="Enroll the node's attestation agent, or rotate its key",
+              body=AgentEnrollment, response=NodeOut, errors=(403, 409, 422))
+def enroll_agent(actor: Actor, node_id: str, body: AgentEnrollment) -> object:
+    return service.enroll_agent(actor, _settings(), node_id, agent_url=body.agent_url,
+                                agent_key=body.agent_key, row_version=body.row_version)
 
 
 @bp.operation("POST", "/nodes/<node_id>/drain", summary="Stop routing to the node",

@@ -37,6 +37,10 @@ class Node(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # The attestation agent beside the engine (charter.nodes.agent), and the public key
+    # its statements must be signed with (base64, Ed25519): digests, not a Hub revision.
+    agent_url: Mapped[str | None] = mapped_column(String(500))
+    agent_key: Mapped[str | None] = mapped_column(String(64))
 
     __mapper_args__ = {"version_id_col": row_version, "version_id_generator": False}
 

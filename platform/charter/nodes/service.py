@@ -3,12 +3,14 @@ deployments that bind a serving name to an approved version and its nodes."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpx
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,8 +18,13 @@ from sqlalchemy.orm import Session
 from charter import scope
 from charter.actor import SYSTEM, Actor
 from charter.db import utcnow
-from charter.errors import ConflictError, NotFoundError, ValidationFailedError
-from charter.nodes import adapters
+from charter.errors import (
+    ConflictError,
+    NotFoundError,
+    StaleVersionError,
+    ValidationFailedError,
+)
+from charter.nodes import adapters, statement
 from charter.nodes.models import Deployment, DeploymentNode, Node
 from charter.nodes.ssrf import NodeUrlPolicy, make_client, pinned_request_kwargs
 from charter.registry import service as registry
@@ -82,12 +89,93 @@ def _set_admin_state(actor: Actor, node_id: str, state: str, reason: str) -> Nod
         return node
 
 
+def enroll_agent(actor: Actor, settings: Settings, node_id: str, *, agent_url: str,
+                 agent_key: str, row_version: int) -> Node:
+    """Enroll the node's attestation agent, or rotate its key: from now on the node is
+    attested by statements signed with `agent_key` (the old key no longer counts), and it
+    is not routable until the next probe verifies one (audited, `node.agent_enroll`)."""
+    actor.require(*OPERATORS, action="node.agent_enroll", target_type="node",
+                  target_id=node_id)
+    try:
+        raw = statement.parse_public_key(agent_key)
+    except ValueError as exc:
+        raise ValidationFailedError(str(exc), code="validation_failed", details={"errors": [
+            {"field": "agent_key", "code": "invalid", "message": str(exc)}]}) from None
+    url = url_policy(settings).validate(agent_url).url.rstrip("/")
+    with unit_of_work() as session:
+        node = _node(session, node_id)
+        if node.row_version != row_version:
+            raise StaleVersionError("the node changed since it was read", code="stale_version",
+                                    details={"row_version": node.row_version})
+        previous = node.agent_key
+        node.agent_url, node.agent_key = url, statement.key_text(raw)
+        node.attestation, node.attested_version_id = "unverified", None
+        node.quarantine_reason = ""
+        node.row_version += 1
+        session.flush()
+        record(session, actor=actor.ref, action="node.agent_enroll", target_type="node",
+               target_id=node.id,
+               details={"name": node.name, "agent_url": url,
+                        "key_id": statement.key_id(raw),
+                        "replaced_key_id": statement.key_id(statement.parse_public_key(
+                            previous)) if previous else None})
+        return node
+
+
 def drain_node(actor: Actor, node_id: str, reason: str) -> Node:
     return _set_admin_state(actor, node_id, "drained", reason)
 
 
 def restore_node(actor: Actor, node_id: str, reason: str) -> Node:
     return _set_admin_state(actor, node_id, "active", reason)
+
+
+def _attest_by_agent(settings: Settings, node_id: str, agent_url: str, agent_key: str,
+                     info: adapters.ProbeResult) -> tuple[str | None, str]:
+    """Challenge the node's agent with a fresh nonce and check its signed statement
+    against the pinned digests of the approved versions: (version id, "") when one
+    matches, else (None, "<code>: <why>"), which quarantines the node."""
+    nonce = secrets.token_hex(16)
+    try:
+        target = url_policy(settings).resolve(agent_url)
+        with make_client(settings.node_agent_timeout_s) as client:
+            r = client.post(target.url + "/attest", json={"nonce": nonce},
+                            **pinned_request_kwargs(target))
+        if r.status_code != 200:
+            return None, f"agent_failed: the agent answered HTTP {r.status_code}"
+        found = statement.verify(r.json(), statement.parse_public_key(agent_key), nonce)
+    except httpx.TimeoutException:
+        return None, (f"agent_timeout: the agent did not answer within "
+                      f"{settings.node_agent_timeout_s:g} s")
+    except (httpx.HTTPError, ValidationFailedError) as exc:
+        return None, f"agent_unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+    except ValueError:
+        return None, "agent_statement_malformed: the agent's answer is not JSON"
+    except statement.AttestationError as exc:
+        return None, f"{exc.code}: {exc.message}"
+    pinned = registry.pinned_files_of_servable()
+    wanted = _deployed_versions(node_id)
+    problems: dict[str, list[str]] = {}
+    for version_id in sorted(pinned, key=lambda v: (v not in wanted, v)):
+        wrong = statement.mismatches(found["files"], [
+            statement.Pinned(*f) for f in pinned[version_id].files])
+        revision = pinned[version_id].revision
+        if not wrong and info.revision and revision and info.revision != revision:
+            wrong = [f"the engine reports revision {info.revision}, the version pins {revision}"]
+        if not wrong:
+            return version_id, ""
+        problems[version_id] = wrong
+    if not problems:
+        return None, "agent_digest_mismatch: no approved version pins digests to compare"
+    first = next((v for v in sorted(problems) if v in wanted), sorted(problems)[0])
+    return None, (f"agent_digest_mismatch: the files are no approved version's; against "
+                  f"{first}: " + "; ".join(problems[first][:5]))
+
+
+def _deployed_versions(node_id: str) -> set[str]:
+    with unit_of_work() as session:
+        return {d.version_id for d in session.scalars(select(Deployment))
+                if node_id in d.node_ids}
 
 
 def mark_suspect(node_id: str, reason: str) -> bool:
@@ -116,19 +204,28 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
     with unit_of_work() as session:
         node = _node(session, node_id)
         base_url, engine = node.base_url, node.engine
+        agent_url, agent_key = node.agent_url, node.agent_key
     try:
         target = url_policy(settings).resolve(base_url)  # re-checked now: DNS may have moved
         with make_client(settings.node_connect_timeout_s) as client:
             result = adapters.probe(client, target.url, engine, pinned_request_kwargs(target))
     except ValidationFailedError as exc:
         result = adapters.ProbeResult(False, error=f"{exc.code}: {exc.details.get('reason')}")
+    agent: tuple[str | None, str] | None = None  # (version id, or None and the reason)
+    if result.healthy and agent_url and agent_key:
+        agent = _attest_by_agent(settings, node_id, agent_url, agent_key, result)
     with unit_of_work() as session:
         node = _node(session, node_id)
         before = (node.healthy, node.attestation, node.attested_version_id)
         node.healthy = result.healthy
         node.last_probe_at = utcnow()
         node.last_error = result.error
-        if result.healthy:
+        if result.healthy and agent is not None:
+            node.reported_model_id, node.reported_revision = result.model_id, result.revision
+            node.attested_version_id = agent[0]
+            node.attestation = "attested" if agent[0] else "quarantined"
+            node.quarantine_reason = agent[1]
+        elif result.healthy:
             node.reported_model_id, node.reported_revision = result.model_id, result.revision
             version_id = registry.servable_version_for(result.model_id, result.revision)
             if version_id is not None:

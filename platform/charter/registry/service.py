@@ -632,6 +632,29 @@ def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class PinnedVersion:
+    """What an approved version pins: its revision and each file's size and digest."""
+
+    revision: str | None
+    files: tuple[tuple[str, int, str], ...]  # (path, size, sha256)
+
+
+def pinned_files_of_servable() -> dict[str, PinnedVersion]:
+    """The servable versions that pin at least one file digest, by id (what a node
+    agent's statement is compared with)."""
+    with unit_of_work() as session:
+        versions = {v.id: v.source_revision for v in session.scalars(
+            select(ModelVersion).where(ModelVersion.state.in_(SERVABLE)).options(
+                lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)))}
+        files: dict[str, list[tuple[str, int, str]]] = {}
+        for f in session.scalars(select(ModelFile).where(
+                ModelFile.version_id.in_(list(versions)), ModelFile.sha256.is_not(None))):
+            assert f.sha256 is not None
+            files.setdefault(f.version_id, []).append((f.path, f.size, f.sha256))
+    return {vid: PinnedVersion(versions[vid], tuple(sorted(fs))) for vid, fs in files.items()}
+
+
 def servable_version_for(source_repo: str | None, revision: str | None) -> str | None:
     """The newest servable version pinned to this repository and revision (what a node
     that reports them may be attested as), or None."""
