@@ -134,9 +134,10 @@ class TgiStub(asyncio.Protocol):
         self.data_received(b"")
 
 
-async def _serve_upstream(delay_s: float) -> None:
+async def _serve_upstream(delay_s: float, port: int = 0) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: TgiStub(delay_s), "127.0.0.1", 0, backlog=2048)
+    server = await loop.create_server(lambda: TgiStub(delay_s), "127.0.0.1", port,
+                                      backlog=2048, reuse_address=True)
     port = server.sockets[0].getsockname()[1]
     print(json.dumps({"port": port}), flush=True)
     await server.serve_forever()
@@ -1293,6 +1294,11 @@ def main() -> None:
                     "own) and report the commit-to-witnessed-checkpoint lag")
     ap.add_argument("--checkpoint-interval", type=float, default=2.0,
                     help="with --witness: CHARTER_AUDIT_CHECKPOINT_INTERVAL_S")
+    ap.add_argument("--failover", type=float, default=0.0, metavar="SECONDS",
+                    help="instead: the two-node run, SECONDS long (one node killed and "
+                    "started again every few seconds; errors and throughput)")
+    ap.add_argument("--kill-every", type=float, default=3.0,
+                    help="with --failover: seconds between kills of the eu-central node")
     ap.add_argument("--time-limit", type=int, default=600, help="abort after this many seconds")
     ap.add_argument("--role", choices=("upstream", "latency", "streams", "load"),
                     help=argparse.SUPPRESS)
@@ -1302,7 +1308,7 @@ def main() -> None:
     if args.role == "upstream":
         with contextlib.suppress(KeyboardInterrupt):
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            asyncio.run(_serve_upstream(spec["delay_ms"] / 1000))
+            asyncio.run(_serve_upstream(spec["delay_ms"] / 1000, spec.get("port", 0)))
         return
     if args.role:
         result = {"latency": _latency_client, "load": _load_client,
@@ -1315,6 +1321,11 @@ def main() -> None:
 
     signal.signal(signal.SIGALRM, too_long)
     signal.alarm(args.time_limit)
+    if args.failover:
+        from failover import run_failover
+
+        run_failover(args)
+        return
     run(args)
 
 

@@ -293,10 +293,12 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
                            ttft_ms=round((time.perf_counter() - started) * 1000, 2),
                            request_digest=digest, stream=stream,
                            error="" if ok else content[:300].decode("utf-8", "replace"))
+    mimetype = resp.headers.get("content-type", "application/json")
     if protocol == "openai" and ok:
         content = upstream.named_as_asked(content, plan.serving_name)
-    out = Response(content, status=resp.status,
-                   mimetype=resp.headers.get("content-type", "application/json"))
+    elif not ok:  # a 4xx: the node refused the request itself
+        content, mimetype = upstream.error_for_caller(protocol, node, content), "application/json"
+    out = Response(content, status=resp.status, mimetype=mimetype)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
     return out
 

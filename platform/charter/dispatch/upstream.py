@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from charter.nodes import adapters
 from charter.nodes import service as nodes
 from charter.nodes.client import NodePool, NodeResponse
 from charter.nodes.service import NodeTarget
@@ -56,6 +57,27 @@ def send(pool: NodePool, policy: NodeUrlPolicy, node: NodeTarget, path: str, pay
         resp.close(reuse=False)
         raise NodeRefused(node, resp.status)
     return resp
+
+
+def error_for_caller(protocol: str, node: NodeTarget, content: bytes) -> bytes:
+    """A node's refusal (4xx) in the caller's protocol: TGI's passed on to a TGI caller;
+    anything else rebuilt from what it says (vLLM's `{"object": "error"}`, Ollama's
+    `{"error": "..."}`, FastAPI's `{"detail"}`, text), in OpenAI's four-key error object
+    for an OpenAI caller (keeping the node's `type`, `param` and `code` where it gave them)."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if protocol == "tgi" and node.engine == "tgi":
+        return content
+    message = adapters.error_message(content)
+    if protocol == "openai":
+        given = body.get("error") if isinstance(body, dict) else None
+        given = given if isinstance(given, dict) else {}
+        return json.dumps({"error": {
+            "message": message, "type": given.get("type") or "invalid_request_error",
+            "param": given.get("param"), "code": given.get("code") or "node_rejected"}}).encode()
+    return json.dumps({"error": message, "error_type": "validation"}).encode()
 
 
 def usage(protocol: str, body: Any) -> tuple[int, int]:

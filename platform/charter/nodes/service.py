@@ -387,7 +387,7 @@ def deployment_route(serving_name: str, protocol: str) -> DeploymentRoute | None
             NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
             for n in nodes
             if n.routable and n.attested_version_id == dep.version_id
-            and (protocol == "openai" or n.engine == "tgi"))
+            and protocol in adapters.engine(n.engine).protocols)
         return DeploymentRoute(dep.id, dep.version_id, candidates, len(nodes))
 
 
