@@ -194,6 +194,11 @@ def run_failover(args: argparse.Namespace) -> None:
         dying = _load(port, key, conc, args.failover)
         stop.set()
         thread.join()
+        from charter.audit.service import EventFilter, list_events
+
+        suspects = len(list_events(EventFilter(action="node.suspect", limit=10_000)))
+        returns = len([e for e in list_events(EventFilter(action="node.health", limit=10_000))
+                       if e.details.get("healthy")])
         cost = _attestation_cost(settings)
     finally:
         gw._stop(charter)
@@ -214,6 +219,8 @@ def run_failover(args: argparse.Namespace) -> None:
                       str(r["codes"].get("node_failed", 0)), str(others(r["codes"])),
                       json.dumps(r["codes"]))
     console.print(table)
+    console.print(f"the dying node was marked suspect {suspects} times and came back after "
+                  f"a probe {returns} times")
     console.print(f"throughput with a node dying / both up: {dying['rps'] / steady['rps']:.2f}x;"
                   f" errors other than requests on the dying node: {others(dying['codes'])}"
                   f" (goal 0)")
@@ -227,4 +234,4 @@ def run_failover(args: argparse.Namespace) -> None:
                goal="0", met=others(dying["codes"]) == 0),
         figure("attestation check", cost["check_ms"], "ms CPU/round",
                baseline="agent statement", baseline_value=cost["agent_ms"]),
-    ], kills=kills, clients=conc)
+    ], kills=kills, clients=conc, suspects=suspects, returns=returns)
