@@ -13,6 +13,7 @@ from flask.sessions import SecureCookieSessionInterface
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from charter import __version__, scope
 from charter.apikit import ApiBlueprint, openapi_document
@@ -75,6 +76,11 @@ def create_app(runtime: Runtime) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
+    if settings.trusted_proxy_hops > 0:
+        # The client address (limits, audit) and scheme (secure cookies, URLs) as the
+        # trusted proxies saw them; any hop further left is the client's to forge.
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     app.extensions["charter.runtime"] = runtime
     app.extensions["charter.settings"] = settings
     app.extensions["charter.auth_limiter"] = runtime.authenticator.limiter

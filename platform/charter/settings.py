@@ -130,6 +130,11 @@ class Settings:
     auth_failure_window_s: int = _setting(
         60, "Window of the failed-authentication limit, in seconds."
     )
+    trusted_proxy_hops: int = _setting(
+        0, "How many proxies in front of Charter (ingress, load balancer) append to "
+        "X-Forwarded-For and set X-Forwarded-Proto: the client address is the one that "
+        "many hops from the right. 0: trust no header, use the connection's address."
+    )
     node_allowed_networks: str = _setting(
         "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
         "Comma-separated networks inference nodes may live in. Link-local and metadata "

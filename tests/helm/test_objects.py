@@ -222,6 +222,10 @@ def test_optional_objects(rendered: dict[str, Rendered]) -> None:
     assert minimal.one("Deployment", "-api")["spec"]["replicas"] == 2
     assert {p["metadata"]["name"] for p in production.kind("PodDisruptionBudget")} == {
         "charter-api", "charter-worker"}
+    hops = {name: env_of(out.one("Deployment", "-api")["spec"]["template"]["spec"][
+        "containers"][0])["CHARTER_TRUSTED_PROXY_HOPS"]["value"]
+        for name, out in rendered.items() if name in ("minimal", "production")}
+    assert hops == {"minimal": "0", "production": "1"}  # one hop: the chart's ingress
     ingress = production.one("Ingress")
     assert ingress["spec"]["tls"] == [{"hosts": ["charter.example.org"],
                                        "secretName": "charter-tls"}]

@@ -127,6 +127,10 @@ wins over the tag, so what runs is exactly what was mirrored.
   value: "false"
 - name: CHARTER_POLICY_DIR
   value: /etc/charter/policies
+{{- $hops := .Values.config.trustedProxyHops }}
+{{- if eq (toString $hops) "<nil>" }}{{ $hops = ternary 1 0 .Values.ingress.enabled }}{{ end }}
+- name: CHARTER_TRUSTED_PROXY_HOPS
+  value: {{ $hops | quote }}
 {{- with .Values.config.publicUrl }}
 - name: CHARTER_PUBLIC_URL
   value: {{ . | quote }}

@@ -1,8 +1,10 @@
 """Authentication: an Authorization header to an actor, for the API and the gateway alike.
 
 API keys (`chk_...`) or, with SSO configured, the identity provider's JWT access tokens.
-Every failure is audited (never with the token) and counted per client address; past the
-limit the address is refused with 429 until the window passes. The web layer calls
+Every failure is audited (never with the token) and counted per client address (as the
+trusted proxies report it: `CHARTER_TRUSTED_PROXY_HOPS`); past the limit the address's
+failures are answered 429 until the window passes, while valid credentials from it are
+still let in: many callers may share one address. The web layer calls
 `authenticate_request` once per request and keeps what it returns in its RequestContext;
 the gateway calls `authenticate` again on a newer generation when its decision went stale.
 """
@@ -47,19 +49,26 @@ def authenticate_request(rc: RequestContext, header: str, *,
     rt = scope.current()
     if not header:
         return None, None  # the operation decides: public ones pass, others answer 401
-    retry = rt.authenticator.limiter.retry_after(rc.client)
-    if retry is not None:
+    # An address past its limit is still let in with valid credentials: behind one
+    # ingress (or NAT) many callers share it, and one of them guessing must not lock out
+    # the rest. Its failures are answered 429 and, past the audited trip, not recorded.
+    blocked = rt.authenticator.limiter.retry_after(rc.client)
+    try:
+        known = rt.readcache.latest if optimistic else None
+        if known is not None:
+            try:
+                return authenticate(rc, header, generation=known, record_failure=False), known
+            except UnauthenticatedError:
+                pass  # perhaps the cache is behind: decide, and record, on what is current
+        generation = current_generation()
+        return authenticate(rc, header, generation=generation,
+                            record_failure=blocked is None), generation
+    except UnauthenticatedError:
+        if blocked is None:
+            raise
         raise CharterError("too many failed authentications; try again later",
                            code="rate_limited", status=429,
-                           details={"retry_after_s": int(retry) + 1})
-    known = rt.readcache.latest if optimistic else None
-    if known is not None:
-        try:
-            return authenticate(rc, header, generation=known, record_failure=False), known
-        except UnauthenticatedError:
-            pass  # perhaps the cache is behind: decide, and record, on what is current
-    generation = current_generation()
-    return authenticate(rc, header, generation=generation), generation
+                           details={"retry_after_s": int(blocked) + 1}) from None
 
 
 def authenticate(rc: RequestContext, header: str, *, generation: int,
@@ -84,9 +93,10 @@ def authenticate(rc: RequestContext, header: str, *, generation: int,
     except UnauthenticatedError as exc:
         if not record_failure:
             raise
-        if exc.status == 401:
-            rt.authenticator.limiter.fail(rc.client)
-        details = {"code": exc.code, "method": method, "client": rc.client}
+        tripped = exc.status == 401 and rt.authenticator.limiter.fail(rc.client)
+        details: dict[str, object] = {"code": exc.code, "method": method, "client": rc.client}
+        if tripped:  # this failure reached the limit: said once, in the same event
+            details["limited_for_s"] = rt.settings.auth_failure_window_s
         if method == "api_key" and token.count("_") >= 2:
             details["key_id"] = token.split("_", 2)[1][:16]  # the public part only
         refuse(exc.recording(Event.of(actor="anonymous", action="auth.failed",

@@ -40,10 +40,13 @@ class FailureLimiter:
                 return None
             return max(0.0, hits[0] + self.window_s - now)
 
-    def fail(self, key: str) -> None:
+    def fail(self, key: str) -> bool:
+        """Count a failure; True if it is the one that reached the limit (the trip)."""
         now = time.monotonic()
         with self._lock:
             if key not in self._hits and len(self._hits) >= self.max_keys:
                 self._hits.pop(next(iter(self._hits)))  # bounded memory: drop the oldest
             self._trim(key, now)
-            self._hits.setdefault(key, deque()).append(now)
+            hits = self._hits.setdefault(key, deque())
+            hits.append(now)
+            return len(hits) == self.limit
