@@ -22,6 +22,7 @@ from charter.batches.api import bp as batches_bp
 from charter.console import register_console
 from charter.context import RequestContext
 from charter.dispatch.gateway import bp as gateway_bp
+from charter.dispatch.protocol import error_response, gateway_protocol, render_error
 from charter.errors import CharterError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
 from charter.identity import authn
@@ -176,6 +177,8 @@ def _install_error_handlers(app: Flask) -> None:
     def _charter(exc: CharterError) -> tuple[Response, int]:
         if exc.status >= 500:
             log.warning("request failed", code=exc.code, error=exc.message)
+        if gateway_protocol(request.path, request.method) is not None:
+            return render_error(exc), exc.status  # an OpenAI or TGI client: its own shape
         response = jsonify(_error_body(exc.code, exc.message, exc.details))
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="charter"'
@@ -194,6 +197,10 @@ def _install_error_handlers(app: Flask) -> None:
             details = {"max_body_bytes": app.config["MAX_CONTENT_LENGTH"]}
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             details = {"allowed_methods": sorted(exc.valid_methods)}  # type: ignore[attr-defined]
+        if gateway_protocol(request.path, request.method) is not None:
+            if status == 404:
+                message = f"no such route: {request.method} {request.path}"
+            return error_response(status, code, message), status
         return jsonify(_error_body(code, message, details)), status
 
     @app.errorhandler(Exception)

@@ -315,7 +315,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
 
     from charter.app import create_app
     from charter.boot import build_runtime
-    from charter.serving import check_address_free
+    from charter.serving import HEADER_FIELD_LIMIT, check_address_free
 
 
 
@@ -332,6 +332,9 @@ def serve(bind: str, workers: int, threads: int) -> None:
                                "worker_class": "charter.serving.KeepAliveThreadWorker",
                                "timeout": 30,
                                "graceful_timeout": 30, "keepalive": 5, "reuse_port": True,
+                               # Long tokens reach Charter, which answers token_too_large
+                               # in the caller's shape (charter.serving for longer ones).
+                               "limit_request_field_size": HEADER_FIELD_LIMIT,
                                "accesslog": None, "worker_exit": _flush_on_exit}.items():
                 self.cfg.set(key, value)
 

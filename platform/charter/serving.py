@@ -18,16 +18,38 @@ ThreadWorker.handle.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import ssl
 import threading
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.workers.gthread import ThreadWorker
 
 LINGER_S = 0.25  # how long a thread waits for a kept-alive connection's next request
 LINGER_SHARE = 0.75  # the most of the pool that may wait so
+HEADER_FIELD_LIMIT = 65536  # gunicorn's own cap on one header line (its default: 8190)
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """What gunicorn answers for a request it could not parse (a header line over
+    HEADER_FIELD_LIMIT, a malformed request line): the same status, as JSON with OpenAI's
+    error keys (`message`, `type`, `param`, `code`) and Charter's (`details`,
+    `request_id`), never gunicorn's HTML page. The route is unknown, so one shape for all."""
+    code = {400: "bad_request", 403: "forbidden", 414: "uri_too_long",
+            431: "header_too_large", 501: "not_implemented"}.get(status_int, "bad_request")
+    body = json.dumps({"error": {"message": mesg or reason, "type": "invalid_request_error",
+                                 "param": None, "code": code, "details": {},
+                                 "request_id": ""}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    gunicorn_util.write_nonblock(sock, head + body)
+
+
+# Every gunicorn error page of this process, through gunicorn's one writer of them.
+gunicorn_util.write_error = write_json_error
 
 
 class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is untyped

@@ -425,3 +425,18 @@ def test_a_lost_region_fails_over_to_another_allowed_region(world) -> None:  # t
     assert r.status_code == 200, r.text
     assert wait_events("dispatch.outcome", 22)[-1].details["node"] == "central"
     assert verify_chain().ok
+
+
+def test_oversized_headers_are_answered_in_json(world) -> None:  # type: ignore[no-untyped-def]
+    """A long header reaches Charter (which answers in the caller's protocol); one past
+    gunicorn's own cap is answered by gunicorn, but as JSON, not an HTML page."""
+    chat = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{world.charter}/v1/chat/completions", json=chat, timeout=30,
+                   headers={"Authorization": "Bearer " + "x" * 20_000})
+    assert r.status_code == 401, r.text[:300]
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{world.charter}/v1/chat/completions", json=chat, timeout=30,
+                   headers={"Authorization": "Bearer " + "x" * 70_000})
+    assert r.status_code == 431 and r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["code"] == "header_too_large" and {"message", "type", "param"} <= set(error)

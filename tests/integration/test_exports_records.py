@@ -104,7 +104,10 @@ def test_records_match_the_gateways_events(world, auditor) -> None:  # type: ign
         assert out["model_version_id"] == w.version_id
         assert out["weights_sha256"] == [f.sha256 for f in version.files]
         assert out["source_revision"] == version.source_revision
-    [refused] = by_kind["refused"]
+    # Each refusal: the policy denial beside its decision, and the unknown model.
+    policy_refusal, refused = by_kind["refused"]
+    assert policy_refusal["error_code"] == "policy_denied"
+    assert policy_refusal["serving_name"] == "m"
     assert refused["error_code"] == "model_not_found"
     assert refused["serving_name"] == "=HYPERLINK(\"http://evil\")"
     assert refused["model_version_id"] is None
@@ -117,7 +120,7 @@ def test_records_match_the_gateways_events(world, auditor) -> None:  # type: ign
     table = _csv(text)
     assert [(int(x["seq"]), x["event_hash"]) for x in table] == [
         (x["seq"], x["event_hash"]) for x in rows]
-    cell = next(x for x in table if x["record"] == "refused")["serving_name"]
+    cell = [x for x in table if x["record"] == "refused"][-1]["serving_name"]
     assert cell == "'=HYPERLINK(\"http://evil\")"  # defused
     out = next(x for x in table if x["record"] == "outcome")
     assert (out["tokens_in"], out["stream"], out["weights_sha256"]) == (

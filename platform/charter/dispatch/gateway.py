@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from werkzeug.http import http_date
 
 from charter import __version__, scope
 from charter.context import RequestContext
@@ -300,7 +301,18 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
         content, mimetype = upstream.error_for_caller(protocol, node, content), "application/json"
     out = Response(content, status=resp.status, mimetype=mimetype)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
+    _deprecation(out, plan)
     return out
+
+
+def _deprecation(out: Response, plan: Plan) -> None:
+    """A deprecated version's answer says so: `Deprecation` (RFC 9745, when it was
+    deprecated) and `Sunset` (RFC 8594, when its approval ends: no answer after that)."""
+    if plan.deprecated_at is None:
+        return
+    out.headers["Deprecation"] = f"@{plan.deprecated_at}"
+    if plan.sunset is not None:
+        out.headers["Sunset"] = http_date(plan.sunset)
 
 
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, digest: str,
@@ -343,4 +355,5 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
     out.headers["Cache-Control"] = "no-cache"
     out.headers["X-Accel-Buffering"] = "no"
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
+    _deprecation(out, plan)
     return out

@@ -24,8 +24,21 @@ MODEL_HEADER = "X-Charter-Model"
 
 # --- error shapes ---------------------------------------------------------------------------
 
+TGI_PATHS = ("/generate", "/generate_stream", "/info", "/tgi/")
+
+
 def caller_protocol() -> str:
     return "openai" if request.path.startswith("/v1/") else "tgi"
+
+
+def gateway_protocol(path: str, method: str) -> str | None:
+    """The protocol a request to `path` speaks when it is one of the gateway's (an OpenAI
+    client's `/v1/...`, a TGI client's routes, `POST /`), else None (Charter's own API)."""
+    if path.startswith("/v1/") or path == "/v1":
+        return "openai"
+    if path.startswith(TGI_PATHS) or (path == "/" and method == "POST"):
+        return "tgi"
+    return None
 
 
 def error_response(status: int, code: str, message: str,

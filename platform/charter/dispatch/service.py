@@ -58,6 +58,10 @@ class Plan:
     decision: Decision
     nodes: list[NodeTarget]
     started: datetime = field(default_factory=utcnow)
+    # A deprecated version's answers say so (RFC 9745 Deprecation, RFC 8594 Sunset: the
+    # approval's expiry), in seconds since the epoch.
+    deprecated_at: int | None = None
+    sunset: int | None = None
 
 
 def visible_models(actor: Actor) -> list[nodes.ActiveDeployment]:
@@ -85,6 +89,7 @@ class Route:
     version_doc: dict[str, Any]
     candidates: tuple[NodeTarget, ...]  # routable and attested for the version
     nodes_total: int
+    deprecated_at: int | None = None
 
 
 def _load_route(serving_name: str, protocol: str) -> Route | None:
@@ -95,7 +100,7 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
         version = registry.dispatch_view(found.version_id)
         assert version is not None  # a deployment's version is never deleted
         return Route(found.deployment_id, version.id, version.model_name, version.doc,
-                     found.candidates, found.nodes_total)
+                     found.candidates, found.nodes_total, version.deprecated_at)
 
 
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
@@ -149,6 +154,8 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             plan, refusal = _decide(actor, ctx, route, serving_name,
                                     data_class or ctx.default_data_class,
                                     purpose or "assistant", events, origin)
+            if refusal is not None:  # beside its denied decisions: one refusal a request
+                events.append(_refused_event(actor, serving_name, refusal, origin))
         except PolicyUnavailableError as exc:
             events.extend(exc.events)
             exc.events = ()
@@ -233,7 +240,10 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
                         deployment_id=route.deployment_id, version_id=route.version_id,
                         model_name=route.model_name, team_id=ctx.team_id,
                         team=ctx.team, data_class=data_class, purpose=purpose,
-                        decision=decision, nodes=targets), None
+                        decision=decision, nodes=targets,
+                        deprecated_at=route.deprecated_at,
+                        sunset=(route.version_doc.get("approval") or {}).get("expires_at")
+                        if route.deprecated_at is not None else None), None
         last = decision
         if not only_regional(decision.violation_codes, regional):
             break

@@ -592,6 +592,7 @@ class DispatchView:
     id: str
     model_name: str
     doc: dict[str, Any]
+    deprecated_at: int | None = None  # epoch seconds, for callers' Deprecation header
 
 
 def version_refs(version_ids: Sequence[str]) -> dict[str, VersionRef]:
@@ -615,7 +616,9 @@ def dispatch_view(version_id: str) -> DispatchView | None:
         return DispatchView(version.id, version.model.name, {
             "id": version.id, "model": version.model.name, "state": version.state,
             "license": identifiers.stored(version.license_declared),
-            "approval": _approval_doc(version)})
+            "approval": _approval_doc(version)},
+            identifiers.epoch(version.state_changed_at) if version.state == "deprecated"
+            else None)
 
 
 def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:
