@@ -440,3 +440,33 @@ def test_oversized_headers_are_answered_in_json(world) -> None:  # type: ignore[
     assert r.status_code == 431 and r.headers["content-type"] == "application/json"
     error = r.json()["error"]
     assert error["code"] == "header_too_large" and {"message", "type", "param"} <= set(error)
+
+
+def test_usage_is_the_nodes_own_count_for_every_protocol(world) -> None:  # type: ignore[no-untyped-def]
+    """Streams and not, OpenAI's protocol and TGI's: the outcome records the tokens the
+    node counted (asked of it where the caller did not ask), never an estimate; a caller
+    that did not ask for usage does not get it."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{world.charter}/v1", api_key=world.key)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}],
+           "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
+    h = {"Authorization": f"Bearer {world.key}"}
+    tgi = {"inputs": "Hello there", "parameters": {"max_new_tokens": 6}}
+    r = httpx.post(f"{world.charter}/tgi/tiny/generate", headers=h, json=tgi, timeout=30)
+    assert r.status_code == 200 and "details" not in r.json()
+    with httpx.stream("POST", f"{world.charter}/tgi/tiny/generate_stream", headers=h,
+                      json=tgi, timeout=30) as s:
+        last = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")][-1]
+    outcomes = wait_events("dispatch.outcome", 4)
+    counted = [(o.details["tokens_in"], o.details["tokens_out"], o.details["tokens_estimated"])
+               for o in outcomes]
+    assert whole.usage is not None
+    assert counted[0] == (whole.usage.prompt_tokens, whole.usage.completion_tokens, False)
+    assert counted[1] == counted[0]  # the same greedy generation, streamed
+    assert counted[2][2] is False and counted[2][1] == int(r.headers["x-generated-tokens"])
+    assert counted[3] == (last["details"]["input_length"],
+                          last["details"]["generated_tokens"], False)

@@ -237,11 +237,12 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
     pool, policy, outstanding = rt.node_pool, rt.node_urls, rt.outstanding
     headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
     tried: set[str] = set()
+    sent, sent_raw, strip_usage = upstream.outgoing(protocol, body, raw, stream=stream)
     while True:
         last_error = "no node answered"
         for node in plan.nodes:
             tried.add(node.id)
-            payload = upstream.payload_for(node, protocol, body, raw)
+            payload = upstream.payload_for(node, protocol, sent, sent_raw)
             outstanding.acquire(node.id)
             started = time.perf_counter()
             try:
@@ -257,7 +258,7 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                 continue
             if not stream or resp.status != 200:
                 return _finish_whole(plan, node, resp, protocol, digest, stream, started)
-            return _stream(plan, node, resp, protocol, digest, started)
+            return _stream(plan, node, resp, protocol, digest, started, strip_usage)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
                                stream=stream, error=last_error)
@@ -286,7 +287,8 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
         parsed = json.loads(content)
     except ValueError:
         parsed = None
-    tokens_in, tokens_out = upstream.usage(protocol, parsed)
+    counted = upstream.header_usage(resp.headers) if protocol == "tgi" else None
+    tokens_in, tokens_out = counted or upstream.usage(protocol, parsed)
     ok = resp.status == 200
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
                            status=resp.status, tokens_in=tokens_in,
@@ -300,6 +302,8 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
     elif not ok:  # a 4xx: the node refused the request itself
         content, mimetype = upstream.error_for_caller(protocol, node, content), "application/json"
     out = Response(content, status=resp.status, mimetype=mimetype)
+    if counted is not None:  # TGI's own count headers, as a TGI client reads them
+        out.headers["x-prompt-tokens"], out.headers["x-generated-tokens"] = map(str, counted)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
     _deprecation(out, plan)
     return out
@@ -316,25 +320,22 @@ def _deprecation(out: Response, plan: Plan) -> None:
 
 
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, digest: str,
-            started: float) -> Response:
+            started: float, strip_usage: bool) -> Response:
     rt = scope.current()  # the outcome is recorded after the request: bound again then
     request_id = g.get("request_id")
-
-    renamer = upstream.StreamRenamer(plan.serving_name) if protocol == "openai" else None
+    passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage)
 
     def events() -> Iterator[bytes]:
         ttft: float | None = None
-        count = 0
         outcome, error = "completed", ""
         try:
             for chunk in resp.iter_raw():
                 if ttft is None:
                     ttft = round((time.perf_counter() - started) * 1000, 2)
-                count += chunk.count(b"data:") - chunk.count(b"data: [DONE]")
-                out = renamer.feed(chunk) if renamer is not None else chunk
+                out = passing.feed(chunk)
                 if out:
                     yield out
-            if renamer is not None and (rest := renamer.rest()):
+            if rest := passing.rest():
                 yield rest
         except NodeCallError as exc:
             outcome, error = "aborted", str(exc)
@@ -346,10 +347,13 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
             resp.close()  # unless read to the end, closing the connection cancels generation
             rt.outstanding.release(node.id)
             with scope.bound(rt, request_id=request_id):
-                service.record_outcome(plan, node=node, outcome=outcome, status=200,
-                                       tokens_in=0, tokens_out=count, ttft_ms=ttft,
-                                       request_digest=digest, stream=True, error=error,
-                                       request_id=request_id)
+                service.record_outcome(
+                    plan, node=node, outcome=outcome, status=200,
+                    tokens_in=passing.tokens_in or 0,
+                    tokens_out=passing.tokens_out if passing.tokens_out is not None
+                    else passing.events,
+                    ttft_ms=ttft, request_digest=digest, stream=True, error=error,
+                    request_id=request_id, estimated=not passing.reported)
 
     out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"

@@ -265,8 +265,9 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
                   request_digest: str, stream: bool, error: str = "",
                   request_id: str | None = None,
-                  origin: dict[str, Any] | None = None) -> Event:
-    """The `dispatch.outcome` event of an admitted request."""
+                  origin: dict[str, Any] | None = None, estimated: bool = False) -> Event:
+    """The `dispatch.outcome` event of an admitted request. `estimated`: the node reported
+    no token counts; `tokens_out` is the count of token events Charter saw."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
                      "cancelled": "failure", "interrupted": "failure"}[outcome]
@@ -279,7 +280,8 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  "data_class": p.data_class, "purpose": p.purpose,
                  "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
                  "latency_ms": latency_ms, "request_digest": request_digest,
-                 "stream": stream, "error": error[:300], **(origin or {})},
+                 "stream": stream, "error": error[:300], "tokens_estimated": estimated,
+                 **(origin or {})},
         request_id=request_id,
     )
 
@@ -295,12 +297,12 @@ def usage_of(p: Plan, tokens_in: int, tokens_out: int) -> tuple[UsageDelta, ...]
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
                    request_digest: str, stream: bool, error: str = "",
-                   request_id: str | None = None) -> None:
+                   request_id: str | None = None, estimated: bool = False) -> None:
     """Queue the outcome event and the token counters (the request was counted when it
     was admitted); written with the next commit, within `audit_outcome_linger_s`."""
     event = outcome_event(p, node=node, outcome=outcome, status=status, tokens_in=tokens_in,
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
-                          request_id=request_id)
+                          request_id=request_id, estimated=estimated)
     scope.current().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
                                                                         tokens_out)))

@@ -106,13 +106,24 @@ def named_as_asked(content: bytes, serving_name: str) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-class StreamRenamer:
-    """The same for a stream of server-sent events: each complete event's `data:` JSON gets
-    the serving name as `model`; a partial event waits for its end (the next chunk)."""
+class StreamFilter:
+    """What passes from a node's stream of server-sent events to the caller, event by
+    event (a partial event waits for the next chunk): OpenAI events get the serving name
+    as `model`; the node's token counts are taken as they pass (OpenAI's usage chunk,
+    which Charter asks for; TGI's last event's `details`); and when the caller did not
+    ask for usage, the usage chunk and the `usage: null` of the others are removed, so the
+    caller receives what it would have without Charter's asking."""
 
-    def __init__(self, serving_name: str) -> None:
-        self.serving_name = serving_name
+    def __init__(self, protocol: str, serving_name: str, *, strip_usage: bool) -> None:
+        self.protocol, self.serving_name, self.strip_usage = protocol, serving_name, strip_usage
         self._pending = b""
+        self.tokens_in: int | None = None
+        self.tokens_out: int | None = None
+        self.events = 0  # token events seen: the estimate when the node reports nothing
+
+    @property
+    def reported(self) -> bool:
+        return self.tokens_out is not None
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
@@ -122,19 +133,103 @@ class StreamRenamer:
             return b""
         cut = end + (4 if data[end:end + 4] == b"\r\n\r\n" else 2)
         self._pending = data[cut:]
-        return self._rename(data[:cut])
+        return b"".join(self._event(e) for e in _events(data[:cut]))
 
     def rest(self) -> bytes:
         """What is left when the node ends: passed on as it came."""
         rest, self._pending = self._pending, b""
         return rest
 
-    def _rename(self, events: bytes) -> bytes:
-        lines = events.split(b"\n")
-        for i, line in enumerate(lines):
-            if line.startswith(b"data:") and b'"model"' in line:
-                payload = line[5:].strip()
-                renamed = named_as_asked(payload, self.serving_name)
-                if renamed is not payload:
-                    lines[i] = b"data: " + renamed + (b"\r" if line.endswith(b"\r") else b"")
-        return b"\n".join(lines)
+    def _event(self, event: bytes) -> bytes:
+        lines = event.split(b"\n")
+        keep = []
+        for line in lines:
+            bare = line.rstrip(b"\r")
+            if not bare.startswith(b"data:") or bare[5:].strip() == b"[DONE]":
+                keep.append(line)
+                continue
+            try:
+                body = json.loads(bare[5:])
+            except ValueError:
+                keep.append(line)
+                continue
+            if not isinstance(body, dict):
+                keep.append(line)
+                continue
+            if self.protocol == "openai":
+                line = self._openai(body, line)
+            else:
+                self._tgi(body)
+            if line:
+                keep.append(line)
+        if not any(k.rstrip(b"\r").startswith(b"data:") for k in keep):
+            return b""  # only the usage chunk: not for this caller
+        return b"\n".join(keep)
+
+    def _openai(self, body: dict[str, Any], line: bytes) -> bytes:
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            self.tokens_in = _count(usage.get("prompt_tokens"))
+            self.tokens_out = _count(usage.get("completion_tokens"))
+        if body.get("choices"):
+            self.events += 1
+        elif self.strip_usage and isinstance(usage, dict):
+            return b""
+        changed = "model" in body
+        if changed:
+            body["model"] = self.serving_name
+        if self.strip_usage and "usage" in body:
+            body.pop("usage")
+            changed = True
+        if not changed:
+            return line
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + (
+            b"\r" if line.endswith(b"\r") else b"")
+
+    def _tgi(self, body: dict[str, Any]) -> None:
+        if isinstance(body.get("token"), dict):
+            self.events += 1
+        details = body.get("details")
+        if isinstance(details, dict) and "generated_tokens" in details:
+            self.tokens_out = _count(details.get("generated_tokens"))
+            self.tokens_in = _count(details.get("input_length"))
+
+
+def _events(data: bytes) -> list[bytes]:
+    """Complete events, each with its blank-line separator."""
+    out, start = [], 0
+    while True:
+        lf, crlf = data.find(b"\n\n", start), data.find(b"\r\n\r\n", start)
+        ends = [(i, n) for i, n in ((lf, 2), (crlf, 4)) if i >= 0]
+        if not ends:
+            break
+        i, n = min(ends)
+        out.append(data[start:i + n])
+        start = i + n
+    return out
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def outgoing(protocol: str, body: dict[str, Any], raw: bytes, *, stream: bool
+             ) -> tuple[dict[str, Any], bytes, bool]:
+    """What to send for an OpenAI stream: the caller's request, asking the node for the
+    usage chunk when the caller did not (True: strip it on the way back)."""
+    if protocol != "openai" or not stream:
+        return body, raw, False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body, raw, False
+    asked = {**body, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                        "include_usage": True}}
+    return asked, json.dumps(asked).encode(), True
+
+
+def header_usage(headers: Any) -> tuple[int, int] | None:
+    """TGI's own counts, in the headers of every non-streamed answer."""
+    try:
+        return int(headers.get("x-prompt-tokens")), int(headers.get("x-generated-tokens"))
+    except (TypeError, ValueError):
+        return None
