@@ -121,6 +121,7 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/nodes/<node_id>/restore"): R("admin", "operator",
                                                    body=lambda c: {"reason": "back"}),
     ("GET", "/api/v1/deployments"): R(**ANY),
+    ("GET", "/api/v1/usage"): R(**ANY),
     ("POST", "/api/v1/deployments"): R("admin", "operator", body=lambda c: {
         "serving_name": f"dep-{c['n']}", "version_id": c["version_id"],
         "node_ids": [c["node_id"]]}),

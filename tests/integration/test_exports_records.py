@@ -244,3 +244,32 @@ def test_bad_periods_are_422_and_other_roles_403(configured, make_person, audito
     denied = list_events(EventFilter(action="export.records", outcome="denied"))
     assert len(denied) == 8
     assert all(e.details["required_roles"] == ["admin", "auditor"] for e in denied)
+
+
+def test_usage_for_chargeback_is_the_teams_own(world, make_person, auditor) -> None:  # type: ignore[no-untyped-def]
+    """GET /api/v1/usage: the counters of the teams a caller may see, per model and day,
+    equal to the outcomes' token counts; JSON and defused CSV; a period is bounded."""
+    w, client = world
+    for _ in range(3):
+        assert _chat(client, w, "x").status_code == 200
+    assert flush_outcomes()
+    today = utcnow().date().isoformat()
+    r = client.get("/api/v1/usage", headers=auditor.headers)
+    assert r.status_code == 200, r.get_json()
+    report = r.get_json()
+    assert report["rows"] == [{"team": "t", "model": "m", "day": today, "requests": 3,
+                               "tokens_in": 9, "tokens_out": 6}]
+    outcomes = list_events(EventFilter(action="dispatch.outcome"))
+    assert report["totals"]["tokens_out"] == sum(o.details["tokens_out"] for o in outcomes)
+    r = client.get("/api/v1/usage", headers=auditor.headers,
+                   query_string={"format": "csv", "team": "t", "model": "m"})
+    assert r.mimetype == "text/csv" and r.get_data(as_text=True).splitlines() == [
+        '"team","model","day","requests","tokens_in","tokens_out"',
+        f'"t","m","{today}","3","9","6"']
+    outsider = make_person("user")  # in no team: sees no team's usage
+    assert client.get("/api/v1/usage", headers=outsider.headers).get_json()["rows"] == []
+    r = client.get("/api/v1/usage", headers=outsider.headers, query_string={"team": "t"})
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "team_not_found"
+    r = client.get("/api/v1/usage", headers=auditor.headers,
+                   query_string={"since": "2020-01-01", "until": "2026-01-01"})
+    assert r.status_code == 422

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from typing import Literal
 
 from flask import Response
@@ -11,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.exports import service
+from charter.exports import usage as usage_service
 from charter.exports.mlbom import MEDIA_TYPE
 
 bp = ApiBlueprint("exports", __name__, url_prefix="/api/v1")
@@ -27,6 +29,15 @@ class MlBomQuery(BaseModel):
 class EvidenceQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["json", "html"] = "json"
+
+
+class UsageQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: date | None = None
+    until: date | None = None
+    team: str | None = None
+    model: str | None = None
+    format: Literal["json", "csv"] = "json"
 
 
 class RecordsQuery(BaseModel):
@@ -68,3 +79,16 @@ def records(actor: Actor, query: RecordsQuery) -> Response:
     return Response(export.chunks, content_type=MEDIA[export.fmt], headers={
         "Content-Disposition": f'attachment; filename="{name}.{export.fmt}"',
         "X-Charter-Through-Seq": str(export.through_seq)})
+
+
+@bp.operation("GET", "/usage",
+              summary="Metered requests and tokens per team, model and day (JSON or CSV)",
+              query=UsageQuery, errors=(404, 422))
+def usage(actor: Actor, query: UsageQuery) -> Response:
+    report = usage_service.usage_report(actor, since=query.since, until=query.until,
+                                        team=query.team, model=query.model)
+    if query.format == "csv":
+        name = f"charter-usage-{report['since']}-{report['until']}.csv"
+        return Response(usage_service.as_csv(report), content_type=MEDIA["csv"],
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(json.dumps(report), mimetype="application/json")
