@@ -41,6 +41,7 @@ _HTTP_CODES = {
     405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
     429: "rate_limited",
 }
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json",
                           "/api/v1/audit/keys"})
 
@@ -140,9 +141,10 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
         endpoint = request.endpoint or "unmatched"
+        method = request.method if request.method in _METHODS else "other"  # bounded
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.requests.labels(request.method, endpoint, response.status_code).inc()
-        metrics.latency.labels(request.method, endpoint).observe(elapsed)
+        metrics.requests.labels(method, endpoint, response.status_code).inc()
+        metrics.latency.labels(method, endpoint).observe(elapsed)
         if request.path not in ("/metrics", "/healthz"):
             actor = g.get("actor")
             log.info(

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
 
 from charter.settings import Settings
@@ -98,6 +98,13 @@ class Runtime:
         """A counter in this Runtime's metrics registry, made on first use."""
         return self._part(f"counter:{name}", lambda rt: Counter(
             name.removesuffix("_total"), documentation, labels, registry=rt.metrics))
+
+    def histogram(self, name: str, documentation: str, labels: tuple[str, ...] = (),
+                  buckets: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                1.0, 2.5, 5.0, 10.0, 30.0, 60.0)) -> Histogram:
+        """A histogram in this Runtime's metrics registry, made on first use."""
+        return self._part(f"histogram:{name}", lambda rt: Histogram(
+            name, documentation, labels, registry=rt.metrics, buckets=buckets))
 
     def flush(self) -> None:
         """Write the audit events still queued (gunicorn's worker_exit, a clean stop)."""

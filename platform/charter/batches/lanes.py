@@ -293,6 +293,7 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
                 last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (
                     f"{node.name}: {type(exc).__name__}")
                 log.warning("node unreachable, trying the next", node=node.name, error=str(exc))
+                upstream.count_failure(node, exc)
                 if isinstance(exc, NodeCallError):  # out of every worker's routes at once
                     upstream.suspect(node, f"{last_error}: {exc}")
                 continue

@@ -253,6 +253,7 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                     f"{node.name}: {type(exc).__name__}: {exc}")
                 log.warning("node failed before the first byte, trying the next",
                             node=node.name, error=str(exc))
+                upstream.count_failure(node, exc)
                 if isinstance(exc, NodeCallError):  # refused, reset or timed out
                     upstream.suspect(node, last_error)
                 continue

@@ -269,6 +269,7 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
     """The `dispatch.outcome` event of an admitted request. `estimated`: the node reported
     no token counts; `tokens_out` is the count of token events Charter saw."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
+    _observe(p, node, outcome, tokens_in, tokens_out, ttft_ms, latency_ms)
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
                      "cancelled": "failure", "interrupted": "failure"}[outcome]
     return Event.of(
@@ -284,6 +285,29 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  **(origin or {})},
         request_id=request_id,
     )
+
+
+def _observe(p: Plan, node: NodeTarget | None, outcome: str, tokens_in: int,
+             tokens_out: int, ttft_ms: float | None, latency_ms: float) -> None:
+    """The outcome on /metrics. Labels are bounded by configuration (teams, serving names,
+    nodes), never by callers or requests."""
+    rt = scope.current()
+    where = node.name if node else "none"
+    tokens = rt.counter("charter_tokens_total", "Tokens by team, serving name and "
+                        "direction (in, out): the node's own counts",
+                        ("team", "model", "direction"))
+    team = p.team or "none"
+    tokens.labels(team, p.serving_name, "in").inc(tokens_in)
+    tokens.labels(team, p.serving_name, "out").inc(tokens_out)
+    rt.counter("charter_dispatch_outcomes_total", "Admitted requests by serving name, node "
+               "and outcome", ("model", "node", "outcome")).labels(
+        p.serving_name, where, outcome).inc()
+    if ttft_ms is not None:
+        rt.histogram("charter_time_to_first_token_seconds", "Time to the first byte from "
+                     "the node", ("model", "node")).labels(p.serving_name, where).observe(
+            ttft_ms / 1000)
+    rt.histogram("charter_request_duration_seconds", "Admission to outcome",
+                 ("model", "node")).labels(p.serving_name, where).observe(latency_ms / 1000)
 
 
 def usage_of(p: Plan, tokens_in: int, tokens_out: int) -> tuple[UsageDelta, ...]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from charter import scope
 from charter.nodes import adapters
 from charter.nodes import service as nodes
 from charter.nodes.client import NodePool, NodeResponse
@@ -35,6 +36,16 @@ def payload_for(node: NodeTarget, protocol: str, body: dict[str, Any], raw: byte
     if protocol == "openai" and node.reported_model_id:
         return json.dumps({**body, "model": node.reported_model_id}).encode()
     return raw
+
+
+def count_failure(node: NodeTarget, exc: Exception) -> None:
+    """A node that failed before the first byte, on /metrics by node and kind."""
+    kind = ("http_error" if isinstance(exc, NodeRefused) else
+            "connection" if type(exc).__name__ == "NodeCallError" else "address_refused")
+    scope.current().counter(
+        "charter_upstream_errors_total", "Node calls that failed before the first byte, by "
+        "node and kind (connection, http_error, address_refused)", ("node", "kind")).labels(
+        node.name, kind).inc()
 
 
 def suspect(node: NodeTarget, reason: str) -> None:

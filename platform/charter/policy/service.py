@@ -73,6 +73,12 @@ def input_digest(input_doc: dict[str, Any]) -> str:
                                  "message": str(exc)[:200]}]}) from None
 
 
+def _decisions() -> Any:
+    return scope.current().counter(
+        "charter_policy_decisions_total", "Policy decisions by policy, result (allow, deny, "
+        "error) and first violation or error code", ("policy", "result", "code"))
+
+
 def evaluate(
     policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
     context: dict[str, Any] | None = None,
@@ -107,6 +113,7 @@ def evaluate(
         elif breach is None:
             base["cached"] = True
     except PolicyUnavailableError as exc:
+        _decisions().labels(policy, "error", exc.code).inc()
         exc.details = {**exc.details, "decision_id": decision_id}
         exc.recording(Event.of(
             actor=actor, action="policy.decide", target_type=target_type,
@@ -118,6 +125,8 @@ def evaluate(
         warnings=verdict.warnings, decision_id=decision_id, policy_revision=engine.revision,
         engine=engine.name, duration_ms=verdict.duration_ms, input_digest=digest,
     )
+    _decisions().labels(policy, "allow" if decision.allow else "deny",
+                        (decision.violation_codes or [""])[0][:64]).inc()
     event = Event.of(
         actor=actor, action="policy.decide", target_type=target_type, target_id=target_id,
         outcome="success" if decision.allow else "denied",

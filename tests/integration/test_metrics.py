@@ -1,0 +1,55 @@
+"""/metrics: what operators watch, with label sets bounded by configuration (teams, serving
+names, nodes, policy codes), never by callers or requests: a label that could grow with
+traffic fails here."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from charter.audit.service import EventFilter, list_events
+from tests.batch_support import make_world
+from tests.runtimes import app_for, flush_outcomes
+
+CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+BOUNDED = {"method", "endpoint", "status", "team", "model", "direction", "node", "outcome",
+           "policy", "result", "code", "kind", "reason", "witness"}
+
+
+def test_metrics_count_what_happened_with_bounded_labels(configured, make_person) -> None:  # type: ignore[no-untyped-def]
+    world = make_world(configured, make_person)
+    try:
+        client = app_for(world.settings).test_client()
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", headers=world.headers,
+                               json=CHAT).status_code == 200
+        client.post("/v1/chat/completions", json=CHAT,
+                    headers={**world.headers, "X-Charter-Purpose": "marketing"})  # denied
+        for i in range(20):  # what a scanner sends: odd methods, paths, people
+            client.open(f"/v1/probe-{i}", method=f"X{i}")
+            client.get(f"/api/v1/versions/{i}", headers=make_person("user").headers)
+        assert flush_outcomes()
+        text = client.get("/metrics").get_data(as_text=True)
+    finally:
+        world.node.stop()
+    samples = [s for f in text_string_to_metric_families(text) if f.name.startswith("charter")
+               for s in f.samples]
+    labels = {name for s in samples for name in s.labels}
+    assert labels - {"le"} <= BOUNDED, labels - BOUNDED
+    methods = {s.labels["method"] for s in samples if "method" in s.labels}
+    assert methods <= {"GET", "POST", "other"}, methods
+    endpoints = {s.labels["endpoint"] for s in samples if "endpoint" in s.labels}
+    assert not any("probe-" in e or "/" in e for e in endpoints), endpoints
+
+    def value(name: str, **want: str) -> float:
+        return sum(s.value for s in samples if s.name == name
+                   and all(s.labels.get(k) == v for k, v in want.items()))
+
+    outcomes = list_events(EventFilter(action="dispatch.outcome"))
+    assert value("charter_tokens_total", team="t", model="m", direction="out") == sum(
+        o.details["tokens_out"] for o in outcomes) == 6
+    assert value("charter_policy_decisions_total", policy="dispatch", result="allow") == 3
+    assert value("charter_policy_decisions_total", policy="dispatch", result="deny",
+                 code="purpose_not_approved") == 1
+    assert value("charter_dispatch_outcomes_total", model="m", node="n1",
+                 outcome="completed") == 3
+    assert value("charter_time_to_first_token_seconds_count", model="m", node="n1") == 3
