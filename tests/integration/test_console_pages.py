@@ -127,3 +127,20 @@ def test_the_auditor_downloads_what_verifies(signed_app, make_person, tmp_path) 
     assert [e["seq"] for e in api.get_json()["events"]] == [export.seq]
     r = Console(signed_app, steward.actor.user_id).get("/console/audit/ml-bom")
     assert r.status_code == 403
+
+
+def test_the_overview_names_denied_versions_by_name(signed_app, make_person) -> None:  # type: ignore[no-untyped-def]
+    """A denied admission lists as "tiny-denied 1.0", linked, not as a version's id."""
+    from charter.registry.schemas import Transition
+
+    steward = make_person("steward")
+    model = registry.create_model(steward.actor, ModelCreate(
+        name="tiny-denied", publisher="Nobody", source_repo="nobody/tiny"))
+    version = registry.create_version(steward.actor, model.id, VersionSpec(
+        label="1.0", source_revision="main", weight_format="safetensors", files=[],
+        derivation="original", datasets=[]))
+    registry.submit_version(steward.actor, version.id, Transition())  # admission denies
+    page = Console(signed_app, make_person("approver").actor.user_id).get("/console/").text
+    table = page[page.index('id="recent-denials"'):]
+    assert f'href="/console/versions/{version.id}">tiny-denied 1.0</a>' in table
+    assert f"model_version {version.id}" not in table

@@ -583,6 +583,7 @@ class VersionRef:
     id: str
     model_name: str
     state: str
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,10 +600,10 @@ def version_refs(version_ids: Sequence[str]) -> dict[str, VersionRef]:
     """The versions' model names and states, by id (the ones that exist)."""
     with unit_of_work() as session:
         rows = session.execute(
-            select(ModelVersion.id, Model.name, ModelVersion.state)
+            select(ModelVersion.id, Model.name, ModelVersion.state, ModelVersion.label)
             .join(Model, Model.id == ModelVersion.model_id)
             .where(ModelVersion.id.in_(list(version_ids)))).all()
-        return {i: VersionRef(i, name, state) for i, name, state in rows}
+        return {i: VersionRef(i, name, state, label) for i, name, state, label in rows}
 
 
 def dispatch_view(version_id: str) -> DispatchView | None:

@@ -12,7 +12,7 @@ from charter.console.blueprint import bp
 from charter.console.ui import can, render
 from charter.db import utcnow
 from charter.nodes.service import list_nodes
-from charter.registry.service import list_versions
+from charter.registry.service import list_versions, version_refs
 
 EXPIRY_WINDOW = timedelta(days=14)
 ALARM_WINDOW = timedelta(days=30)  # how long an integrity alarm stays on the overview
@@ -45,6 +45,11 @@ def home() -> Response:
     activity = dispatch_activity(now - timedelta(hours=24))
     denials = recent_denials() if can("admin", "auditor", "approver", "steward",
                                       "operator") else []
+    refs = version_refs([d["target_id"] for d in denials
+                         if d["target_type"] == "model_version"])
+    for d in denials:  # people read names: "TinyLlama 1.0", not a version's id
+        ref = refs.get(d["target_id"]) if d["target_type"] == "model_version" else None
+        d["version_name"] = f"{ref.model_name} {ref.label}" if ref else None
     alarms = integrity_alarms(now - ALARM_WINDOW) if can("admin", "auditor") else []
     return render("console/pages/overview.html", section="overview", title="Overview",
                   roles=sorted(g.actor.roles), pending=pending, expiring=expiring,
