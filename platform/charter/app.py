@@ -28,6 +28,7 @@ from charter.exports.api import bp as exports_bp
 from charter.identity import authn
 from charter.identity.api import bp as identity_bp
 from charter.logs import configure_logging
+from charter.metrics import StateCollector
 from charter.migrate import schema_status
 from charter.nodes.api import bp as nodes_bp
 from charter.policy.api import bp as policy_bp
@@ -87,6 +88,10 @@ def create_app(runtime: Runtime) -> Flask:
     app.extensions["charter.settings"] = settings
     app.extensions["charter.auth_limiter"] = runtime.authenticator.limiter
     metrics = _Metrics(runtime)
+    try:
+        runtime.metrics.register(StateCollector(runtime))
+    except ValueError:
+        pass  # this runtime's registry has it already (another app on the same runtime)
 
     _install_request_hooks(app, runtime, metrics)
     _install_error_handlers(app)

@@ -12,7 +12,7 @@ from tests.runtimes import app_for, flush_outcomes
 
 CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 BOUNDED = {"method", "endpoint", "status", "team", "model", "direction", "node", "outcome",
-           "policy", "result", "code", "kind", "reason", "witness"}
+           "policy", "result", "code", "kind", "reason", "witness", "region"}
 
 
 def test_metrics_count_what_happened_with_bounded_labels(configured, make_person) -> None:  # type: ignore[no-untyped-def]
@@ -53,3 +53,19 @@ def test_metrics_count_what_happened_with_bounded_labels(configured, make_person
     assert value("charter_dispatch_outcomes_total", model="m", node="n1",
                  outcome="completed") == 3
     assert value("charter_time_to_first_token_seconds_count", model="m", node="n1") == 3
+    for state in ("healthy", "attested", "routable"):  # read from the database at scrape
+        assert value(f"charter_node_{state}", node="n1", region="eu-central") == 1.0, state
+
+
+def test_the_checkpoint_age_is_on_metrics(configured, make_person, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from charter.audit import checkpoints
+    from tests.audit_support import signing
+
+    settings = signing(configured, tmp_path)
+    client = app_for(settings).test_client()
+    assert "charter_audit_checkpoint_age_seconds" not in client.get("/metrics").text  # none yet
+    make_person("user")  # an event to sign
+    assert checkpoints.issue(settings, force=True) is not None
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    age = families["charter_audit_checkpoint_age_seconds"].samples[0].value
+    assert 0 <= age < 60
