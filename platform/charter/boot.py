@@ -11,6 +11,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     GCCollector,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
@@ -55,12 +56,24 @@ def build_runtime(settings: Settings) -> Runtime:
                       "Deferred audit entries (dispatch outcomes) given up on, by reason: an "
                       "alarm, never expected", ["reason"], registry=metrics)
 
+    commits = Histogram("charter_audit_commit_seconds", "The group writer's transactions: "
+                        "chain lock, append, counters, commit", registry=metrics,
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                 0.5, 1.0, 2.5))
+    sizes = Histogram("charter_audit_commit_entries", "Entries (decisions, outcomes) a "
+                      "transaction wrote together", registry=metrics,
+                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+
     def writer(rt: Runtime) -> GroupWriter:
         def on_drop(_entry: Entry, reason: str) -> None:
             dropped.labels(reason).inc()
 
+        def on_commit(seconds: float, entries: int) -> None:
+            commits.observe(seconds)
+            sizes.observe(entries)
+
         return make_writer(rt.database, linger_s=settings.audit_outcome_linger_s,
-                           on_drop=on_drop)
+                           on_drop=on_drop, on_commit=on_commit)
 
     def slots(rt: Runtime) -> Slots:
         return make_slots(rt.database)

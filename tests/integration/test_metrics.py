@@ -53,6 +53,8 @@ def test_metrics_count_what_happened_with_bounded_labels(configured, make_person
     assert value("charter_dispatch_outcomes_total", model="m", node="n1",
                  outcome="completed") == 3
     assert value("charter_time_to_first_token_seconds_count", model="m", node="n1") == 3
+    assert value("charter_audit_commit_seconds_count") >= 4  # the writer's transactions
+    assert value("charter_audit_commit_entries_sum") >= value("charter_audit_commit_seconds_count")
     for state in ("healthy", "attested", "routable"):  # read from the database at scrape
         assert value(f"charter_node_{state}", node="n1", region="eu-central") == 1.0, state
 

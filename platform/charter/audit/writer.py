@@ -248,11 +248,13 @@ class GroupWriter:
 
     def __init__(self, backend: _Backend, *, linger_s: float = 0.2,
                  max_deferred: int = MAX_DEFERRED,
-                 on_drop: Callable[[Entry, str], None] | None = None) -> None:
+                 on_drop: Callable[[Entry, str], None] | None = None,
+                 on_commit: Callable[[float, int], None] | None = None) -> None:
         self._backend = backend
         self.linger_s = linger_s
         self.max_deferred = max_deferred
         self._on_drop = on_drop
+        self._on_commit = on_commit  # (seconds, entries) of each committed transaction
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # flush() waits for the writer
         self._kick = threading.Condition(self._lock)  # the flusher waits for deferred work
@@ -397,6 +399,7 @@ class GroupWriter:
 
     def _write(self, batch: list[Entry]) -> list[Entry]:
         """One transaction for the batch; returns deferred entries to try again later."""
+        started = time.perf_counter()
         try:
             self._backend.append(batch, utcnow().date())
         except Exception as exc:  # noqa: BLE001 - every entry learns of it; nothing is written
@@ -426,6 +429,8 @@ class GroupWriter:
                 e._done = True
             return retry
         self.batches += 1
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started, len(batch))
         for e in batch:
             e._done = True
         return []
@@ -445,7 +450,8 @@ def _failure_kind(exc: Exception) -> str:
 
 
 def make_writer(database: Any, *, linger_s: float = 0.2,
-                on_drop: Callable[[Entry, str], None] | None = None) -> GroupWriter:
+                on_drop: Callable[[Entry, str], None] | None = None,
+                on_commit: Callable[[float, int], None] | None = None) -> GroupWriter:
     """The writer for a charter.db.Database (PostgreSQL: its own psycopg connection)."""
     engine = database.engine
     if engine.dialect.name == "postgresql":
@@ -455,5 +461,7 @@ def make_writer(database: Any, *, linger_s: float = 0.2,
         def connect() -> Any:
             return psycopg.connect(*cargs, **cparams, autocommit=True)
 
-        return GroupWriter(_PostgresBackend(connect), linger_s=linger_s, on_drop=on_drop)
-    return GroupWriter(_SessionBackend(database.sessions), linger_s=linger_s, on_drop=on_drop)
+        return GroupWriter(_PostgresBackend(connect), linger_s=linger_s, on_drop=on_drop,
+                           on_commit=on_commit)
+    return GroupWriter(_SessionBackend(database.sessions), linger_s=linger_s, on_drop=on_drop,
+                       on_commit=on_commit)
