@@ -286,3 +286,24 @@ def test_the_agent_command_serves_statements(world: AgentWorld, tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_an_agent_that_fails_or_is_gone_quarantines(world: AgentWorld) -> None:
+    class Broken(_Fixed):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    server.daemon_threads = True
+    world.serve_agent(server)
+    world.enroll()
+    assert world.probe().quarantine_reason.startswith("agent_failed: the agent answered HTTP 500")
+    world.agent = None  # nothing listens at the enrolled address any more
+    server.shutdown()
+    server.server_close()
+    node = world.probe()
+    assert node.quarantine_reason.startswith("agent_unreachable"), node.quarantine_reason
+    assert not node.routable
