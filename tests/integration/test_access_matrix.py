@@ -180,8 +180,10 @@ def matrix_app(configured):  # type: ignore[no-untyped-def]
                                           node_allowed_networks="127.0.0.0/8"))
 
 
-def _approved_version(owner, n: int) -> str:  # type: ignore[no-untyped-def]
-    """A version approved for real: pinned, digests, admission allows, a second approver."""
+def _approved_version(owner, n: int, *, name: str | None = None,  # type: ignore[no-untyped-def]
+                      files: list[tuple[str, int, str]] | None = None) -> str:
+    """A version approved for real: pinned, digests, admission allows, a second approver.
+    `files`: (path, size, sha256) to pin instead of one made-up weights file."""
     from charter.actor import SYSTEM
     from charter.registry import service as registry
     from charter.registry.schemas import (
@@ -192,11 +194,13 @@ def _approved_version(owner, n: int) -> str:  # type: ignore[no-untyped-def]
         VersionSpec,
     )
 
+    name = name or f"approved-{n}"
     model = registry.create_model(owner.actor, ModelCreate(
-        name=f"approved-{n}", publisher="TinyLlama", source_repo=f"x/approved-{n}"))
+        name=name, publisher="TinyLlama", source_repo=f"x/{name}"))
     version = registry.create_version(owner.actor, model.id, VersionSpec(
         label="1", source_revision="a" * 40, weight_format="safetensors",
-        files=[FileSpec(path="model.safetensors", size=1, sha256="b" * 64)],
+        files=[FileSpec(path=p, size=size, sha256=digest) for p, size, digest in
+               files or [("model.safetensors", 1, "b" * 64)]],
         license_declared="apache-2.0", license_card="apache-2.0", derivation="original",
         datasets=["d"], storage_region="eu-central", hosting_regions=["eu-central"]))
     registry.submit_version(owner.actor, version.id, Transition())

@@ -73,28 +73,11 @@ class AgentWorld:
 
 
 def _version(owner: Any) -> str:
-    from charter.registry import service as registry
-    from charter.registry.schemas import (
-        ApprovalConditions,
-        FileSpec,
-        ModelCreate,
-        Transition,
-        VersionSpec,
-    )
-    from tests.integration.test_access_matrix import _conditions
+    from tests.integration.test_access_matrix import _approved_version
 
-    model = registry.create_model(owner.actor, ModelCreate(
-        name="tiny", publisher="TinyLlama", source_repo="charter/tiny"))
-    version = registry.create_version(owner.actor, model.id, VersionSpec(
-        label="1", source_revision="c" * 40, weight_format="safetensors",
-        files=[FileSpec(path="model.safetensors", size=len(WEIGHTS), sha256=_sha(WEIGHTS)),
-               FileSpec(path="config.json", size=len(CONFIG), sha256=_sha(CONFIG))],
-        license_declared="apache-2.0", license_card="apache-2.0", derivation="original",
-        datasets=["d"], storage_region="eu-central", hosting_regions=["eu-central"]))
-    registry.submit_version(owner.actor, version.id, Transition())
-    registry.approve_version(SYSTEM, version.id, ApprovalConditions.model_validate_json(
-        json.dumps(_conditions({}))))
-    return version.id
+    return _approved_version(owner, 1, name="tiny", files=[
+        ("model.safetensors", len(WEIGHTS), _sha(WEIGHTS)),
+        ("config.json", len(CONFIG), _sha(CONFIG))])
 
 
 @pytest.fixture

@@ -264,8 +264,8 @@ def _refused(c: _Claim, exc: CharterError, settings: Settings) -> str:
 
 
 def _openai_error(exc: CharterError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": "invalid_request_error"
-                      if exc.status < 500 else "api_error", "param": None, "code": exc.code}}
+    return upstream.error_body("openai", exc.message, code=exc.code,
+                               kind="invalid_request_error" if exc.status < 500 else "api_error")
 
 
 def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,

@@ -217,12 +217,7 @@ def info(name: str | None = None) -> Response:
 # --- proxy ----------------------------------------------------------------------------------
 
 def _stream_error(protocol: str, message: str) -> bytes:
-    payload: dict[str, Any]
-    if protocol == "openai":
-        payload = {"error": {"message": message, "type": "api_error", "param": None,
-                             "code": "node_failed"}}
-    else:
-        payload = {"error": message, "error_type": "node_failed"}
+    payload = upstream.error_body(protocol, message, code="node_failed")
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 

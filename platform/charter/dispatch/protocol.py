@@ -12,7 +12,7 @@ from typing import Any
 from flask import Response, g, request
 
 from charter.actor import Actor
-from charter.dispatch import service
+from charter.dispatch import service, upstream
 from charter.dispatch.service import DispatchError
 from charter.errors import CharterError, UnauthenticatedError
 from charter.identifiers import canonical
@@ -28,7 +28,8 @@ TGI_PATHS = ("/generate", "/generate_stream", "/info", "/tgi/")
 
 
 def caller_protocol() -> str:
-    return "openai" if request.path.startswith("/v1/") else "tgi"
+    """The protocol of the request being answered (one of the gateway's)."""
+    return gateway_protocol(request.path, request.method) or "tgi"
 
 
 def gateway_protocol(path: str, method: str) -> str | None:
@@ -43,14 +44,10 @@ def gateway_protocol(path: str, method: str) -> str | None:
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> Response:
-    if caller_protocol() == "openai":
-        kind = {400: "invalid_request_error", 401: "authentication_error",
-                403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "api_error")
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None,
-                                          "code": code}}
-    else:
-        body = {"error": message, "error_type": code}
+    kind = {400: "invalid_request_error", 401: "authentication_error",
+            403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
+            422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "api_error")
+    body = upstream.error_body(caller_protocol(), message, code=code, kind=kind)
     response = Response(json.dumps(body), status=status, mimetype="application/json")
     response.headers["X-Request-Id"] = g.get("request_id", "")
     for name, value in (headers or {}).items():

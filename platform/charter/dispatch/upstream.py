@@ -70,6 +70,15 @@ def send(pool: NodePool, policy: NodeUrlPolicy, node: NodeTarget, path: str, pay
     return resp
 
 
+def error_body(protocol: str, message: str, *, code: str, kind: str = "api_error",
+               param: Any = None) -> dict[str, Any]:
+    """An error in the caller's protocol: OpenAI's four-key error object (`kind` is its
+    `type`), or TGI's `{"error", "error_type"}` (the code is the type)."""
+    if protocol == "openai":
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": message, "error_type": code}
+
+
 def error_for_caller(protocol: str, node: NodeTarget, content: bytes) -> bytes:
     """A node's refusal (4xx) in the caller's protocol: TGI's passed on to a TGI caller;
     anything else rebuilt from what it says (vLLM's `{"object": "error"}`, Ollama's
@@ -85,10 +94,10 @@ def error_for_caller(protocol: str, node: NodeTarget, content: bytes) -> bytes:
     if protocol == "openai":
         given = body.get("error") if isinstance(body, dict) else None
         given = given if isinstance(given, dict) else {}
-        return json.dumps({"error": {
-            "message": message, "type": given.get("type") or "invalid_request_error",
-            "param": given.get("param"), "code": given.get("code") or "node_rejected"}}).encode()
-    return json.dumps({"error": message, "error_type": "validation"}).encode()
+        return json.dumps(error_body(
+            "openai", message, kind=given.get("type") or "invalid_request_error",
+            param=given.get("param"), code=given.get("code") or "node_rejected")).encode()
+    return json.dumps(error_body("tgi", message, code="validation")).encode()
 
 
 def usage(protocol: str, body: Any) -> tuple[int, int]:

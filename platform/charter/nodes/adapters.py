@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -36,7 +36,9 @@ class Engine:
     kind: str
     health: tuple[str, ...]  # paths tried in turn: the first that answers 200 means up
     protocols: frozenset[str]
-    reports_revision: bool = False  # /info with model_sha (TGI)
+    # GET /info (`model_id`, `model_sha`): TGI's, which must answer; a generic OpenAI
+    # server's, if a small sidecar answers it; the others have none.
+    info: Literal["required", "optional", "none"] = "none"
 
     def probe(self, client: httpx.Client, base_url: str,
               request_kwargs: dict[str, Any]) -> ProbeResult:
@@ -50,13 +52,13 @@ class Engine:
                     break
             else:
                 return ProbeResult(False, error="; ".join(statuses))
-            if self.reports_revision or self.kind == "openai":
+            if self.info != "none":
                 try:
                     info = _json(client.get(base_url + "/info", **request_kwargs))
                     model_id, revision = info.get("model_id"), info.get("model_sha")
                     return ProbeResult(True, _str(model_id), _str(revision))
                 except ValueError as exc:
-                    if self.reports_revision:
+                    if self.info == "required":
                         return ProbeResult(False, error=f"/info: {exc}")
             models = _json(client.get(base_url + "/v1/models", **request_kwargs))
             data = models.get("data") or models.get("models") or [{}]
@@ -70,12 +72,12 @@ class Engine:
 
 OPENAI = frozenset({"openai"})
 ENGINES: dict[str, Engine] = {e.kind: e for e in (
-    Engine("tgi", ("/health",), frozenset({"tgi", "openai"}), reports_revision=True),
+    Engine("tgi", ("/health",), frozenset({"tgi", "openai"}), info="required"),
     Engine("vllm", ("/health",), OPENAI),
     Engine("sglang", ("/health",), OPENAI),
     Engine("llamacpp", ("/v1/models",), OPENAI),
     Engine("ollama", ("/api/version",), OPENAI),
-    Engine("openai", ("/health", "/v1/models"), OPENAI),
+    Engine("openai", ("/health", "/v1/models"), OPENAI, info="optional"),
 )}
 
 
