@@ -132,11 +132,23 @@ ATTACKS: dict[str, Attack] = {
 # --- the tools --------------------------------------------------------------------------------
 
 def _verify(verifier: Any) -> str:
-    v = verify_chain(seal_key=verifier)
-    if v.ok:
-        return "ok"
-    named = v.checkpoint if v.reason in ("rewritten", "truncated", "forked") else None
-    return f"{v.reason}@{named or v.first_bad_seq}"
+    """The walk's answer; the same whatever its page size (pages that check whole are
+    folded in at once, the first that does not is walked row by row: a page of 7 puts
+    checkpoints and the attacked rows inside pages and between them), and without the
+    auditors' key the same unless the seal is what finds it."""
+    def said(batch: int, key: Any) -> str:
+        v = verify_chain(batch, seal_key=key)
+        if v.ok:
+            return "ok"
+        named = v.checkpoint if v.reason in ("rewritten", "truncated", "forked") else None
+        return f"{v.reason}@{named or v.first_bad_seq}"
+
+    answer = said(5000, verifier)
+    assert {said(batch, verifier) for batch in (1, 7, 40)} == {answer}
+    keyless = {said(batch, None) for batch in (7, 5000)}
+    assert len(keyless) == 1
+    assert keyless == {answer} or answer.startswith("forged@")
+    return answer
 
 
 def _issue(settings: Settings) -> str:

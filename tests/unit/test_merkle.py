@@ -177,6 +177,24 @@ def test_the_level_by_level_root_is_the_rfcs_root(n: int) -> None:
     assert range_root(leaves) == mth(leaves)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=70), max_size=8))
+def test_the_frontier_in_bulk_is_the_rfcs_root_at_every_size(chunks: list[int]) -> None:
+    """The database walk folds whole pages into the tree (Frontier.extend, perfect blocks
+    aligned on the size) and holds it against checkpoints of any size between pages."""
+    from charter.audit.verify import Frontier
+
+    bulk, one_by_one, leaves = Frontier(), Frontier(), []
+    for n in chunks:
+        chunk = [leaf_hash(f"{len(leaves) + i}".encode()) for i in range(n)]
+        bulk.extend(chunk)
+        for leaf in chunk:
+            one_by_one.append(leaf)
+        leaves += chunk
+        assert bulk.size == one_by_one.size == len(leaves)
+        assert bulk.root() == one_by_one.root() == mth(leaves)
+
+
 def _batch_proof(leaves: list[bytes], indices: list[int]) -> list[tuple[int, int, bytes]]:
     from charter.audit.merkle import walk_multiproof
 

@@ -131,6 +131,28 @@ class Frontier:
         stack.append((height, node))
         self.size += 1
 
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append leaf hashes in bulk, as many append() calls would: the leaves go in as
+        perfect blocks aligned on the tree's size (a block of 2^h where the size is a
+        multiple of 2^h), each hashed level by level, one call a node."""
+        i, n, stack = 0, len(leaves), self._stack
+        while i < n:
+            size = self.size
+            k = 1 << ((n - i).bit_length() - 1)
+            if size:
+                k = min(k, size & -size)  # the largest block the alignment allows
+            level = leaves[i:i + k]
+            while len(level) > 1:
+                level = [_sha256(b"\x01" + a + b).digest()
+                         for a, b in zip(level[0::2], level[1::2], strict=True)]
+            node, height = level[0], k.bit_length() - 1
+            while stack and stack[-1][0] == height:
+                node = _sha256(b"\x01" + stack.pop()[1] + node).digest()
+                height += 1
+            stack.append((height, node))
+            self.size += k
+            i += k
+
     def root(self) -> bytes:
         """MTH of the leaves appended so far: the subtrees folded from the right."""
         if not self._stack:
@@ -505,12 +527,12 @@ def seal_mac(key: bytes, event_id: str, epoch: int, content: bytes) -> str:
     return hmac.digest(key, sealed_text(event_id, epoch, content), "sha256").hex()
 
 
-_EVENT_ID = re.compile(r"[0-9a-f]{32}")
+EVENT_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def event_id_ms(event_id: str) -> int:
     """The millisecond clock an event id starts with (48 bits, then 80 random bits)."""
-    if not _EVENT_ID.fullmatch(event_id):
+    if not EVENT_ID.fullmatch(event_id):
         raise SealError(f"malformed event id {event_id[:40]!r}")
     return int(event_id[:12], 16)
 
