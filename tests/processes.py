@@ -1,5 +1,6 @@
-"""Helpers for tests that run a real server process: a free port, and waiting until it
-answers (or failing with its log when it exits or takes too long)."""
+"""Helpers for tests that run a real server process: a free port, waiting until it
+answers (or failing with its log when it exits or takes too long), and a Redis of a
+test's own."""
 
 from __future__ import annotations
 
@@ -34,3 +35,30 @@ def wait_until_up(proc: subprocess.Popen[Any], url: str, log: Path, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not up within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+class RedisServer:
+    """A Redis of this test's own (nothing on disk), so it can be stopped and started."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+                             check=False).stdout.strip() != b"PONG":
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)

@@ -14,6 +14,7 @@ class Actor:
     username: str
     kind: str  # user | service | system
     roles: frozenset[str]
+    key_id: str | None = None  # the API key it authenticated with, if it did
 
     @property
     def ref(self) -> str:

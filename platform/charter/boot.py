@@ -24,6 +24,7 @@ from charter.batches.slots import Slots, make_slots
 from charter.db import Database
 from charter.dispatch.balance import Outstanding
 from charter.identity.authn import Authenticator
+from charter.metering.limits import MemoryStore, RedisStore
 from charter.nodes.client import NodePool
 from charter.nodes.service import url_policy
 from charter.policy.service import build_policies
@@ -84,6 +85,8 @@ def build_runtime(settings: Settings) -> Runtime:
                            read_timeout=settings.node_read_timeout_s),
         node_urls=url_policy(settings), outstanding=Outstanding(),
         authenticator=authenticator, metrics=metrics, journal=JOURNAL, sealer=sealer,
+        limits=(RedisStore(settings.limits_redis_url, timeout_s=settings.limits_timeout_s)
+                if settings.limits_redis_url else MemoryStore()),
         make_writer=writer, make_slots=slots)
     tasks.attach(runtime)
     return runtime

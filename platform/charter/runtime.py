@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from charter.db import Database
     from charter.dispatch.balance import Outstanding
     from charter.identity.authn import Authenticator
+    from charter.metering.limits import Store
     from charter.nodes.client import NodePool
     from charter.nodes.ssrf import NodeUrlPolicy
     from charter.policy.service import Policies
@@ -52,7 +53,7 @@ class Runtime:
                  tasks: TaskQueue, readcache: ReadCache, node_pool: NodePool,
                  node_urls: NodeUrlPolicy, outstanding: Outstanding,
                  authenticator: Authenticator, metrics: CollectorRegistry, journal: Journal,
-                 sealer: Sealer | None = None,
+                 limits: Store, sealer: Sealer | None = None,
                  make_writer: Callable[[Runtime], GroupWriter],
                  make_slots: Callable[[Runtime], Slots]) -> None:
         self.settings = settings
@@ -67,6 +68,8 @@ class Runtime:
         self.metrics = metrics
         self.journal = journal
         self.sealer = sealer  # seals every event as it is made (charter.audit.seal)
+        self.limits = limits  # per-team and per-key limits' state (charter.metering.limits)
+        self.limits_unavailable_said = 0.0  # when limits.unavailable was last audited
         self._make_writer = make_writer
         self._make_slots = make_slots
         self._lazy: dict[str, Any] = {}

@@ -135,6 +135,27 @@ class Settings:
         "X-Forwarded-For and set X-Forwarded-Proto: the client address is the one that "
         "many hops from the right. 0: trust no header, use the connection's address."
     )
+    limits_redis_url: str = _setting(
+        "",
+        "Redis that keeps the per-team and per-key limits' state (`redis://host:6379/1`, "
+        "`rediss://` for TLS), shared by every worker and replica so a limit holds however "
+        "many there are. Empty: this process's memory, exact only with one process (the "
+        "demo); serving with more workers and no Redis logs a warning at start.",
+        secret=True,
+    )
+    limits_unavailable: str = _setting(
+        "refuse",
+        "When the limits' Redis cannot be asked: `refuse` (answer 503 `limits_unavailable`, "
+        "fail closed) or `allow` (serve unchecked). Either way audited (`limits.unavailable`, "
+        "at most once a minute a process) and counted (charter_limits_unavailable_total).",
+    )
+    limits_timeout_s: float = _setting(
+        0.25, "Seconds to wait for the limits' Redis before it counts as unavailable."
+    )
+    limits_stream_lease_s: float = _setting(
+        3600.0, "Longest a stream holds its place under a concurrent-streams limit when its "
+        "worker died without giving it back."
+    )
     node_allowed_networks: str = _setting(
         "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
         "Comma-separated networks inference nodes may live in. Link-local and metadata "
@@ -374,6 +395,15 @@ class Settings:
                                 "submission URL prefix must follow the key")
         if not 0 < self.audit_witness_timeout_s <= 60:
             problems.append("CHARTER_AUDIT_WITNESS_TIMEOUT_S: must be between 0 and 60 seconds")
+        if self.limits_unavailable not in ("refuse", "allow"):
+            problems.append("CHARTER_LIMITS_UNAVAILABLE: must be refuse or allow")
+        if self.limits_redis_url and not self.limits_redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            problems.append("CHARTER_LIMITS_REDIS_URL: a redis://, rediss:// or unix:// URL")
+        if not 0 < self.limits_timeout_s <= 10:
+            problems.append("CHARTER_LIMITS_TIMEOUT_S: must be between 0 and 10 seconds")
+        if self.limits_stream_lease_s <= 0:
+            problems.append("CHARTER_LIMITS_STREAM_LEASE_S: must be positive")
         if self.task_backend not in ("inprocess", "celery"):
             problems.append("CHARTER_TASK_BACKEND: must be inprocess or celery")
         if self.task_backend == "celery" and not self.broker_url.startswith(

@@ -333,3 +333,14 @@ def test_a_witness_in_its_own_namespace(rendered: dict[str, Rendered],
     assert rendered["minimal"].kind("PersistentVolumeClaim") == []
     with pytest.raises(helm.HelmRenderError, match="witness.logKeys is required"):
         render(merged(value_set("production"), {"witness": {"logKeys": []}}))
+
+
+def test_limits_share_a_redis_only_when_given_one(rendered: dict[str, Rendered]) -> None:
+    """With a Secret, every API and worker pod reads the limits' Redis URL from it; without
+    one, each process keeps its own (no URL at all); fail closed either way by default."""
+    envs = {name: env_of(out.one("Deployment", "-api")["spec"]["template"]["spec"][
+        "containers"][0]) for name, out in rendered.items() if name in ("minimal", "production")}
+    assert envs["production"]["CHARTER_LIMITS_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "charter-limits", "key": "limits-redis-url"}
+    assert "CHARTER_LIMITS_REDIS_URL" not in envs["minimal"]
+    assert {e["CHARTER_LIMITS_UNAVAILABLE"]["value"] for e in envs.values()} == {"refuse"}

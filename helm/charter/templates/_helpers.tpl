@@ -117,6 +117,11 @@ wins over the tag, so what runs is exactly what was mirrored.
 - name: CHARTER_TASK_BACKEND
   value: celery
 {{ include "charter.secretEnv" (dict "name" "CHARTER_BROKER_URL" "secret" .Values.broker.existingSecret "key" .Values.broker.urlKey) }}
+{{- if .Values.limits.existingSecret }}
+{{ include "charter.secretEnv" (dict "name" "CHARTER_LIMITS_REDIS_URL" "secret" .Values.limits.existingSecret "key" .Values.limits.urlKey) }}
+{{- end }}
+- name: CHARTER_LIMITS_UNAVAILABLE
+  value: {{ .Values.limits.unavailable | quote }}
 - name: CHARTER_POLICY_BACKEND
   value: remote
 - name: CHARTER_OPA_URL

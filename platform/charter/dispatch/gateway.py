@@ -92,6 +92,19 @@ def _admit(**asked: Any) -> Plan:
         status=503, details={"retry_after_s": 1}))
 
 
+def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes, *,
+             stream: bool) -> Response:
+    """The request's limits first (charter.dispatch.service.limit), then the decision and
+    the call; a request that fails or is refused after its limits admitted it gives its
+    stream's lease back (its outcome charges its tokens)."""
+    ticket = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
+    try:
+        return _forward(_admit(**asked, ticket=ticket), asked, path, body, raw, stream=stream)
+    except BaseException:
+        service.settle(ticket)
+        raise
+
+
 # --- OpenAI ---------------------------------------------------------------------------------
 
 @bp.post("/v1/chat/completions")
@@ -122,7 +135,7 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
     data_class, purpose = request_labels()
     asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
              "protocol": "openai"}
-    return _forward(_admit(**asked), asked, path, body, raw, stream=stream)
+    return _limited(asked, path, body, raw, stream=stream)
 
 
 @bp.get("/v1/models")
@@ -172,7 +185,7 @@ def _tgi(route: str, name: str | None) -> Response:
     data_class, purpose = request_labels()
     asked = {"serving_name": _serving_name(name), "data_class": data_class,
              "purpose": purpose, "protocol": "tgi"}
-    return _forward(_admit(**asked), asked, route, body, raw, stream=stream)
+    return _limited(asked, route, body, raw, stream=stream)
 
 
 @bp.post("/generate")
@@ -257,10 +270,10 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
             return _stream(plan, node, resp, protocol, digest, started, strip_usage)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
-                               stream=stream, error=last_error)
+                               stream=stream, error=last_error, final=False)
         try:
             plan = _admit(**asked, exclude=frozenset(tried),
-                          retry_of=plan.decision.decision_id)
+                          retry_of=plan.decision.decision_id, ticket=plan.ticket)
         except DispatchError as exc:
             if exc.code == "nodes_unavailable":
                 exc.details["last_error"] = last_error

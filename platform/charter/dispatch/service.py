@@ -6,9 +6,13 @@ module decides where a request may go and writes what happened.
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+import structlog
 
 from charter import identifiers, scope
 from charter.actor import Actor
@@ -18,8 +22,9 @@ from charter.context import RequestContext
 from charter.db import utcnow
 from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
-from charter.identity.teams import CallerContext, caller_context
+from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.metering import quota as quotas
+from charter.metering.limits import Limits, LimitsUnavailableError, Rule, rules_for
 from charter.metering.service import UsageDelta
 from charter.nodes import service as nodes
 from charter.nodes.service import NodeTarget
@@ -28,6 +33,8 @@ from charter.policy.engine import Decision, PolicyUnavailableError
 from charter.readcache import StaleReadError
 from charter.registry import service as registry
 from charter.uow import unit_of_work
+
+log = structlog.get_logger("charter.dispatch")
 
 
 class DispatchError(CharterError):
@@ -62,6 +69,103 @@ class Plan:
     # approval's expiry), in seconds since the epoch.
     deprecated_at: int | None = None
     sunset: int | None = None
+    ticket: Ticket | None = None  # what the request's limits admitted (limit())
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A request its limits admitted: the rules its tokens are charged to when it ends,
+    and the lease a stream holds under a concurrent-streams limit."""
+
+    rules: tuple[Rule, ...]
+    lease: str | None
+
+
+def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | None:
+    """Check a request against its team's and its key's limits before anything else is
+    decided; refuse it (429 `limit_exceeded`, naming the limit, with when to retry), or
+    admit it and return what to settle when it ends (None: no limits apply). Every
+    refusal is audited as `dispatch.refused`. When the limits' store cannot be asked,
+    CHARTER_LIMITS_UNAVAILABLE decides: refuse (503 `limits_unavailable`) or serve
+    unchecked; either way counted, and audited (`limits.unavailable`, at most once a
+    minute a process, when served)."""
+    actor = rc.actor
+    assert actor is not None
+    rt = scope.current()
+    cache = rt.readcache
+    ctx = cache.cached(rc.generation, ("caller", actor.user_id),
+                       lambda: caller_context(actor.user_id))
+    key_id = actor.key_id
+    key_doc = cache.cached(rc.generation, ("key_limits", key_id),
+                           lambda: key_limits(key_id)) if key_id else None
+    if not ctx.limits and not key_doc:
+        return None
+    now_ms = int(time.time() * 1000)
+    rules = rules_for(ctx.team_id, Limits.of(ctx.limits), key_id, Limits.of(key_doc), now_ms)
+    if not rules:
+        return None
+    lease = (secrets.token_hex(8)
+             if stream and any(r.kind == "concurrent_streams" for r in rules) else None)
+    settings = rt.settings
+    try:
+        refused = rt.limits.admit(rules, now_ms, lease, settings.limits_stream_lease_s)
+    except LimitsUnavailableError as exc:
+        rt.counter("charter_limits_unavailable_total", "Requests whose limits could not be "
+                   "checked (the limits' Redis away), by what was done", ("action",)).labels(
+            settings.limits_unavailable).inc()
+        if settings.limits_unavailable == "allow":
+            _say_unavailable(actor, str(exc))
+            return None
+        raise record_refusal(actor, serving_name, DispatchError(
+            "the limits cannot be checked now, so the request is refused "
+            "(CHARTER_LIMITS_UNAVAILABLE=refuse); try again", code="limits_unavailable",
+            status=503, details={"retry_after_s": 1})) from None
+    if refused is not None:
+        rule = refused.rule
+        rt.counter("charter_limit_refusals_total", "Requests refused by a limit, by limit "
+                   "(team.requests_per_minute, key.tokens_per_day, ...)", ("limit",)).labels(
+            rule.name).inc()
+        owner = f"team {ctx.team}" if rule.name.startswith("team.") else f"key {key_id}"
+        raise record_refusal(actor, serving_name, DispatchError(
+            f"{owner} has reached its limit {rule.name} ({rule.limit}); retry after "
+            f"{refused.retry_after_s} s", code="limit_exceeded", status=429,
+            details={"limit": rule.name, "limit_value": rule.limit,
+                     "retry_after_s": refused.retry_after_s}))
+    return Ticket(tuple(rules), lease)
+
+
+def settle(ticket: Ticket | None, tokens: int = 0) -> None:
+    """Charge what a request used to its limits and give its stream's lease back. With
+    no tokens, only the lease: what a request that failed or was refused later does (any
+    number of times: giving a lease back twice is harmless). Never raises: the answer has
+    been served; a store that is away loses the charge (counted)."""
+    if ticket is None or (not tokens and ticket.lease is None):
+        return
+    rt = scope.current()
+    try:
+        rt.limits.settle(list(ticket.rules), int(time.time() * 1000), tokens, ticket.lease)
+    except LimitsUnavailableError as exc:
+        rt.counter("charter_limits_unavailable_total", "Requests whose limits could not be "
+                   "checked (the limits' Redis away), by what was done", ("action",)).labels(
+            "uncharged").inc()
+        log.warning("limits: could not charge a request's tokens", error=str(exc),
+                    tokens=tokens)
+
+
+def _say_unavailable(actor: Actor, error: str) -> None:
+    """Audit that requests are served with their limits unchecked (at most once a
+    minute a process: the event says so, the counter counts every one)."""
+    rt = scope.current()
+    now = time.monotonic()
+    if rt.limits_unavailable_said and now - rt.limits_unavailable_said < 60:
+        return
+    rt.limits_unavailable_said = now
+    rt.writer.defer(Entry(events=(Event.of(
+        actor=actor.ref, action="limits.unavailable", target_type="limits",
+        target_id="redis", outcome="failure",
+        details={"error": error[:300], "action": "allow",
+                 "message": "requests are served with their limits unchecked "
+                            "(CHARTER_LIMITS_UNAVAILABLE=allow)"}),)))
 
 
 def visible_models(actor: Actor) -> list[nodes.ActiveDeployment]:
@@ -106,7 +210,7 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           purpose: str | None, protocol: str = "openai",
           origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
-          retry_of: str | None = None) -> Plan:
+          retry_of: str | None = None, ticket: Ticket | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -182,7 +286,7 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     if refusal is not None:
         raise refusal
     assert plan is not None
-    return plan
+    return plan if ticket is None else replace(plan, ticket=ticket)
 
 
 def record_refusal(actor: Actor, serving_name: str, exc: CharterError) -> CharterError:
@@ -321,12 +425,16 @@ def usage_of(p: Plan, tokens_in: int, tokens_out: int) -> tuple[UsageDelta, ...]
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
                    request_digest: str, stream: bool, error: str = "",
-                   request_id: str | None = None, estimated: bool = False) -> None:
+                   request_id: str | None = None, estimated: bool = False,
+                   final: bool = True) -> None:
     """Queue the outcome event and the token counters (the request was counted when it
-    was admitted); written with the next commit, within `audit_outcome_linger_s`."""
+    was admitted); written with the next commit, within `audit_outcome_linger_s`. A
+    `final` outcome (not a failed try before a failover) settles the request's limits."""
     event = outcome_event(p, node=node, outcome=outcome, status=status, tokens_in=tokens_in,
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
                           request_id=request_id, estimated=estimated)
     scope.current().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
                                                                         tokens_out)))
+    if final:
+        settle(p.ticket, tokens_in + tokens_out)

@@ -48,10 +48,34 @@ class UserOut(BaseModel):
     row_version: int
 
 
+Limit = Annotated[int, Field(ge=1, le=10**15)] | None
+
+
+class LimitsIn(BaseModel):
+    """Limits of a team or a key (charter.metering.limits); a missing or null one: none."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    requests_per_minute: Limit = None
+    tokens_per_minute: Limit = None
+    tokens_per_day: Limit = None
+    tokens_per_month: Limit = None
+    concurrent_streams: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+    def stored(self) -> dict[str, int] | None:
+        """What the database keeps: the limits set, or None."""
+        return {k: v for k, v in self.model_dump().items() if v is not None} or None
+
+
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     expires_at: AwareDatetime | None = None
+    limits: LimitsIn | None = None
+
+
+class KeyLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    limits: LimitsIn | None
 
 
 class KeyOut(BaseModel):
@@ -64,6 +88,7 @@ class KeyOut(BaseModel):
     expires_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    limits: dict[str, int] | None = None
 
 
 class IssuedKeyOut(KeyOut):
@@ -112,7 +137,8 @@ def create_key(actor: Actor, user_id: str, body: KeyCreate) -> object:
 
     ttl = scope.current().settings.api_key_default_ttl_days
     issued = service.create_api_key(actor, user_id, name=body.name, expires_at=body.expires_at,
-                                    default_ttl_days=ttl)
+                                    default_ttl_days=ttl,
+                                    limits=body.limits.stored() if body.limits else None)
     return IssuedKeyOut.model_validate({**KeyOut.model_validate(issued.key).model_dump(),
                                         "token": issued.token})
 
@@ -121,6 +147,14 @@ def create_key(actor: Actor, user_id: str, body: KeyCreate) -> object:
               response=KeyOut, errors=(403, 409))
 def revoke_key(actor: Actor, key_id: str) -> object:
     return service.revoke_api_key(actor, key_id)
+
+
+@bp.operation("PUT", "/api-keys/<key_id>/limits",
+              summary="Set an API key's own limits (admins, the owner's team managers)",
+              body=KeyLimits, response=KeyOut, errors=(403,))
+def set_key_limits(actor: Actor, key_id: str, body: KeyLimits) -> object:
+    return service.set_api_key_limits(actor, key_id,
+                                      body.limits.stored() if body.limits else None)
 
 
 # --- teams ------------------------------------------------------------------------------
@@ -154,6 +188,7 @@ class TeamCreate(BaseModel):
     entitlements: Entitlements = Entitlements()
     requests_per_day: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
     default_data_class: DataClass = "internal"
+    limits: LimitsIn | None = None
 
 
 class TeamUpdate(BaseModel):
@@ -163,6 +198,7 @@ class TeamUpdate(BaseModel):
     entitlements: Entitlements | None = None
     requests_per_day: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
     default_data_class: DataClass | None = None
+    limits: LimitsIn | None = None
 
 
 class TeamOut(BaseModel):
@@ -172,6 +208,7 @@ class TeamOut(BaseModel):
     description: str
     entitlements: dict[str, list[str]]
     requests_per_day: int | None
+    limits: dict[str, int] | None = None
     default_data_class: str
     created_at: datetime
     row_version: int
@@ -206,7 +243,8 @@ def create_team(actor: Actor, body: TeamCreate) -> object:
     return teams.create_team(actor, name=body.name, description=body.description,
                              entitlements=body.entitlements.model_dump(),
                              requests_per_day=body.requests_per_day,
-                             default_data_class=body.default_data_class)
+                             default_data_class=body.default_data_class,
+                             limits=body.limits.stored() if body.limits else None)
 
 
 @bp.operation("GET", "/teams/<team_id>", summary="Get a team", response=TeamOut)
@@ -217,7 +255,9 @@ def get_team(actor: Actor, team_id: str) -> object:
 @bp.operation("PATCH", "/teams/<team_id>", summary="Change a team's entitlements or quota",
               body=TeamUpdate, response=TeamOut, errors=(403, 409))
 def update_team(actor: Actor, team_id: str, body: TeamUpdate) -> object:
-    changes = body.model_dump(exclude={"row_version"}, exclude_unset=True)
+    changes = body.model_dump(exclude={"row_version", "limits"}, exclude_unset=True)
+    if "limits" in body.model_fields_set:
+        changes["limits"] = body.limits.stored() if body.limits else None
     return teams.update_team(actor, team_id, changes, row_version=body.row_version)
 
 

@@ -66,6 +66,9 @@ class ApiKey(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Requests and tokens per minute, tokens per day and month, concurrent streams
+    # (charter.metering.limits.Limits); None: none beyond the team's.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 TEAM_ROLES = ("member", "manager")
@@ -82,6 +85,7 @@ class Team(Base):
     description: Mapped[str] = mapped_column(String(500), nullable=False, default="")
     entitlements: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     requests_per_day: Mapped[int | None] = mapped_column(Integer)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # see ApiKey.limits
     default_data_class: Mapped[str] = mapped_column(String(50), nullable=False,
                                                     default="internal")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

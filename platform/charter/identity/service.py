@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -9,6 +10,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -155,7 +157,7 @@ class IssuedKey:
 
 def create_api_key(
     actor: Actor, user_id: str, *, name: str, expires_at: datetime | None = None,
-    default_ttl_days: int = 90,
+    default_ttl_days: int = 90, limits: dict[str, Any] | None = None,
 ) -> IssuedKey:
     now = utcnow()
     expires_at = expires_at or now + timedelta(days=default_ttl_days)
@@ -176,14 +178,15 @@ def create_api_key(
             ).audited(actor.ref, "api_key.create", "user", user_id)
         key = ApiKey(
             id=key_id, user_id=user_id, name=name, secret_sha256=_digest(secret),
-            created_by=actor.ref, expires_at=expires_at,
+            created_by=actor.ref, expires_at=expires_at, limits=limits or None,
         )
         session.add(key)
         session.flush()
         record(
             session, actor=actor.ref, action="api_key.create",
             target_type="api_key", target_id=key_id,
-            details={"user_id": user_id, "name": name, "expires_at": expires_at.isoformat()},
+            details={"user_id": user_id, "name": name, "expires_at": expires_at.isoformat(),
+                     "limits": limits or None},
         )
         return IssuedKey(key=key, token=f"{KEY_PREFIX}_{key_id}_{secret}")
 
@@ -221,6 +224,29 @@ def revoke_api_key(actor: Actor, key_id: str) -> ApiKey:
         return key
 
 
+def set_api_key_limits(actor: Actor, key_id: str, limits: dict[str, Any] | None) -> ApiKey:
+    """Replace a key's own limits (None: only its team's apply). Admins and the managers
+    of the owner's team: the owner could otherwise lift a limit put on their key."""
+    with unit_of_work() as session:
+        key = session.get(ApiKey, key_id)
+        owner = session.get(User, key.user_id) if key is not None else None
+        if key is None or owner is None or not visible_user(session, actor, owner):
+            raise NotFoundError(f"no API key {key_id}", code="api_key_not_found")
+        if not actor.has("admin") and (owner.id == actor.user_id
+                                       or not can_manage_keys(session, actor, owner)):
+            raise ForbiddenError(
+                "a key's limits are set by an admin or the managers of its owner's team",
+                details={"action": "api_key.set_limits"},
+            ).audited(actor.ref, "api_key.set_limits", "api_key", key_id)
+        before = key.limits
+        key.limits = limits or None
+        session.flush()
+        record(session, actor=actor.ref, action="api_key.set_limits", target_type="api_key",
+               target_id=key_id, details={"user_id": key.user_id, "before": before,
+                                          "after": limits or None})
+        return key
+
+
 def _digest(secret: str) -> str:
     # Secrets are 256 random bits, so one SHA-256 is enough: nothing to brute-force.
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -241,7 +267,8 @@ def _load_key(key_id: str) -> _KeyRecord | None:
         if key is None:
             return None
         user = session.get(User, key.user_id)
-        actor = actor_of(user) if user is not None and user.active else None
+        actor = (dataclasses.replace(actor_of(user), key_id=key.id)
+                 if user is not None and user.active else None)
         return _KeyRecord(key.secret_sha256, key.expires_at, key.revoked_at is not None,
                           key.last_used_at, actor)
 

@@ -18,7 +18,7 @@ from charter.actor import Actor
 from charter.errors import ConflictError, ForbiddenError, NotFoundError, StaleVersionError
 from charter.identity.access import READ_ALL, memberships, visible_user
 from charter.identity.access import can_manage_team as can_manage
-from charter.identity.models import Team, TeamMember, User, UserRole
+from charter.identity.models import ApiKey, Team, TeamMember, User, UserRole
 from charter.identity.service import _USERNAME, _field_error
 from charter.uow import record, unit_of_work
 
@@ -33,21 +33,23 @@ def _team(session: Session, actor: Actor, team_id: str) -> Team:
 
 
 def create_team(actor: Actor, *, name: str, description: str, entitlements: dict[str, Any],
-                requests_per_day: int | None, default_data_class: str) -> Team:
+                requests_per_day: int | None, default_data_class: str,
+                limits: dict[str, Any] | None = None) -> Team:
     actor.require("admin", action="team.create", target_type="team", target_id=name)
     with unit_of_work() as session:
         if session.scalar(select(Team.id).where(Team.name == name)):
             raise ConflictError(f"a team named {name!r} exists", code="team_exists")
         team = Team(id=str(uuid.uuid4()), name=name, description=description,
                     entitlements=entitlements, requests_per_day=requests_per_day,
-                    default_data_class=default_data_class)
+                    default_data_class=default_data_class, limits=limits or None)
         session.add(team)
         session.flush()
         record(session, actor=actor.ref, action="team.create", target_type="team",
                      target_id=team.id,
                      details={"name": name, "entitlements": entitlements,
                               "requests_per_day": requests_per_day,
-                              "default_data_class": default_data_class})
+                              "default_data_class": default_data_class,
+                              "limits": limits or None})
         return team
 
 
@@ -189,6 +191,14 @@ class CallerContext:
     entitlements: Entitlements
     default_data_class: str
     requests_per_day: int | None
+    limits: dict[str, Any] | None = None  # the team's (charter.metering.limits.Limits)
+
+
+def key_limits(key_id: str) -> dict[str, Any] | None:
+    """An API key's own limits (None: only its team's apply)."""
+    with unit_of_work() as session:
+        key = session.get(ApiKey, key_id)
+        return dict(key.limits) if key is not None and key.limits else None
 
 
 def caller_context(user_id: str) -> CallerContext:
@@ -212,4 +222,5 @@ def caller_context(user_id: str) -> CallerContext:
             entitlements=Entitlements(**{k: tuple(sorted(v)) for k, v in merged.items()}),
             default_data_class=primary.default_data_class if primary else "internal",
             requests_per_day=primary.requests_per_day if primary else None,
+            limits=dict(primary.limits) if primary and primary.limits else None,
         )
