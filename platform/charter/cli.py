@@ -11,6 +11,7 @@ from datetime import UTC
 from pathlib import Path
 
 import click
+import structlog
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from charter import migrate
@@ -321,6 +322,10 @@ def serve(bind: str, workers: int, threads: int) -> None:
 
     settings = settings_from_env()
     settings.require_secret()
+    if workers > 1 and not settings.limits_redis_url:
+        structlog.get_logger("charter.serve").warning(
+            "limits: no CHARTER_LIMITS_REDIS_URL, so each worker keeps its own counts: a "
+            "team's or key's limits hold per worker, not across them", workers=workers)
     busy = check_address_free(bind)
     if busy is not None:
         raise ConfigurationError(f"cannot listen on {busy}", code="address_in_use",

@@ -166,6 +166,8 @@ def test_serve_refuses_an_address_something_listens_on(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "address_in_use" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    # More than one worker and no limits' Redis: said before anything else (docs).
+    assert "each worker keeps its own counts" in proc.stdout + proc.stderr
     assert check_address_free(f"127.0.0.1:{port}") is None  # free again once closed
     assert check_address_free("unix:/tmp/x.sock") is None
 
