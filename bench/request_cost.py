@@ -44,6 +44,8 @@ import json, sys, time
 spec = json.loads(sys.argv[1])
 from charter.settings import Settings
 extra = {"audit_seal_key": spec["seal_key"]} if spec.get("seal_key") else {}
+if spec.get("limits_redis_url"):
+    extra["limits_redis_url"] = spec["limits_redis_url"]
 settings = Settings.from_env({}, database_url=spec["url"], secret_key=spec["secret"],
                              node_allowed_networks="127.0.0.0/8", log_level="WARNING",
                              **extra)
@@ -98,6 +100,26 @@ def _cpu_ms(checkout: Path, spec: dict[str, object]) -> float:
     return float(json.loads(done.stdout.strip().splitlines()[-1])["cpu_ms"])
 
 
+def _limited_key(settings: object, redis_url: str) -> str:
+    """A second team, its key under every limit kind (never reached in a run)."""
+    from charter.actor import SYSTEM
+    from charter.identity.service import create_api_key, set_api_key_limits
+    from charter.identity.teams import create_service_account, create_team
+
+    big = 10**12
+    team = create_team(SYSTEM, name="bench-limited", description="", requests_per_day=10**9,
+                       entitlements={"models": ["*"], "data_classes": ["*"], "regions": ["*"]},
+                       default_data_class="internal",
+                       limits={"requests_per_minute": 10**9, "tokens_per_minute": big,
+                               "tokens_per_day": big, "tokens_per_month": big,
+                               "concurrent_streams": 10_000})
+    bot = create_service_account(SYSTEM, team.id, username="bench-limited-bot")
+    issued = create_api_key(SYSTEM, bot.id, name="bench-limited")
+    set_api_key_limits(SYSTEM, issued.key.id, {"requests_per_minute": 10**9,
+                                               "tokens_per_day": big})
+    return issued.token
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +127,10 @@ def main() -> None:
                     help="another checkout (e.g. a git worktree of the previous commit)")
     ap.add_argument("--sealing", action="store_true",
                     help="instead: this checkout with event seals against without them")
+    ap.add_argument("--limits", metavar="REDIS_URL",
+                    help="instead: this checkout with a team and a key under all five "
+                    "limits (high enough never to refuse), their state in this Redis, "
+                    "against a team without limits")
     ap.add_argument("--n1", type=int, default=20)
     ap.add_argument("--n2", type=int, default=120)
     ap.add_argument("--cpu-requests", type=int, default=1000)
@@ -116,10 +142,10 @@ def main() -> None:
     from charter.settings import Settings
 
     console = Console()
-    if args.sealing:
-        sides = {"this checkout": ROOT, "baseline": ROOT}  # sealed vs not, same code
+    if args.sealing or args.limits:
+        sides = {"this checkout": ROOT, "baseline": ROOT}  # on vs off, same code
     elif args.baseline is None:
-        raise SystemExit("give --baseline DIR or --sealing")
+        raise SystemExit("give --baseline DIR, --sealing or --limits REDIS_URL")
     else:
         sides = {"this checkout": ROOT, "baseline": args.baseline.resolve()}
     name = f"charter_bench_cost_{os.getpid()}"
@@ -146,6 +172,9 @@ def main() -> None:
 
                 write_new(Path(tmp) / "seal.json", make_seal_keys().sealing)
                 specs["this checkout"]["seal_key"] = str(Path(tmp) / "seal.json")
+            if args.limits:
+                specs["this checkout"].update(key=_limited_key(settings, args.limits),
+                                              limits_redis_url=args.limits)
             for side, checkout in sides.items():
                 counts = [_instructions(checkout, {**specs[side], "n": n},
                                         Path(tmp) / f"cg-{side[:4]}-{n}.out")
@@ -174,7 +203,9 @@ def main() -> None:
                       f"{r['cpu_ms']:.3f} (spread {r['cpu_spread']:.3f})",
                       f"{r['cpu_ms'] / ref['cpu_ms']:.3f}")
     console.print(table)
-    console.print(f"baseline: {'the same, unsealed' if args.sealing else sides['baseline']}; "
+    said = ("the same, unsealed" if args.sealing else "the same, a team without limits"
+            if args.limits else sides["baseline"])
+    console.print(f"baseline: {said}; "
                   "load average after: "
                   f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
                   f"{time.strftime('%Y-%m-%d %H:%M')}")

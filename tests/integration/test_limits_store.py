@@ -151,3 +151,14 @@ def test_a_redis_that_is_away_is_said_so() -> None:
         store.admit(rules, NOON, None, 60)
     with pytest.raises(LimitsUnavailableError):
         store.settle(rules, NOON, 5, "x")
+
+
+def test_a_redis_that_forgot_the_scripts_is_given_them_again(redis_url: str) -> None:
+    import redis
+
+    store = RedisStore(redis_url)
+    tid, limits = team(requests_per_minute=1)
+    rules = rules_for(tid, limits, None, Limits(), NOON)
+    redis.Redis.from_url(redis_url).script_flush()  # a restarted server keeps no scripts
+    assert store.admit(rules, NOON, None, 60) is None
+    assert store.admit(rules, NOON, None, 60) is not None

@@ -77,8 +77,12 @@ class Ticket:
     """A request its limits admitted: the rules its tokens are charged to when it ends,
     and the lease a stream holds under a concurrent-streams limit."""
 
-    rules: tuple[Rule, ...]
+    rules: tuple[Rule, ...]  # only those settling changes: token limits, a stream's lease
     lease: str | None
+
+
+CHARGED = ("tokens_per_minute", "tokens_per_day", "tokens_per_month")
+STREAMS = "concurrent_streams"
 
 
 def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | None:
@@ -101,14 +105,17 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
     if not ctx.limits and not key_doc:
         return None
     now_ms = int(time.time() * 1000)
-    rules = rules_for(ctx.team_id, Limits.of(ctx.limits), key_id, Limits.of(key_doc), now_ms)
+    rules = cache.cached(  # the keys name the UTC day and month: made again when they turn
+        rc.generation, ("limit_rules", actor.user_id, key_id, now_ms // 86_400_000),
+        lambda: tuple(rules_for(ctx.team_id, Limits.of(ctx.limits), key_id,
+                                Limits.of(key_doc), now_ms)))
     if not rules:
         return None
     lease = (secrets.token_hex(8)
              if stream and any(r.kind == "concurrent_streams" for r in rules) else None)
     settings = rt.settings
     try:
-        refused = rt.limits.admit(rules, now_ms, lease, settings.limits_stream_lease_s)
+        refused = rt.limits.admit(list(rules), now_ms, lease, settings.limits_stream_lease_s)
     except LimitsUnavailableError as exc:
         rt.counter("charter_limits_unavailable_total", "Requests whose limits could not be "
                    "checked (the limits' Redis away), by what was done", ("action",)).labels(
@@ -131,7 +138,8 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
             f"{refused.retry_after_s} s", code="limit_exceeded", status=429,
             details={"limit": rule.name, "limit_value": rule.limit,
                      "retry_after_s": refused.retry_after_s}))
-    return Ticket(tuple(rules), lease)
+    charged = tuple(r for r in rules if r.kind in CHARGED or (lease and r.kind == STREAMS))
+    return Ticket(charged, lease)
 
 
 def settle(ticket: Ticket | None, tokens: int = 0) -> None:
@@ -139,7 +147,7 @@ def settle(ticket: Ticket | None, tokens: int = 0) -> None:
     no tokens, only the lease: what a request that failed or was refused later does (any
     number of times: giving a lease back twice is harmless). Never raises: the answer has
     been served; a store that is away loses the charge (counted)."""
-    if ticket is None or (not tokens and ticket.lease is None):
+    if ticket is None or not ticket.rules or (not tokens and ticket.lease is None):
         return
     rt = scope.current()
     try:
