@@ -61,6 +61,11 @@ def test_requests_per_minute_answer_429_in_each_protocol_and_are_audited(
         assert [e.details["code"] for e in refused] == ["limit_exceeded"] * 2
         assert refused[-1].details["limit"] == "team.requests_per_minute"
         assert refused[-1].details["limit_value"] == 2 and refused[-1].outcome == "denied"
+        key_id = world.key.split("_")[1]
+        assert refused[-1].details["key_id"] == key_id  # which key, never its secret
+        assert flush_outcomes()
+        outcomes = list_events(EventFilter(action="dispatch.outcome"))
+        assert [e.details["key_id"] for e in outcomes] == [key_id] * 2
         metrics = client.get("/metrics").get_data(as_text=True)
         assert 'charter_limit_refusals_total{limit="team.requests_per_minute"} 2.0' in metrics
     finally:

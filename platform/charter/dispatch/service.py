@@ -309,9 +309,10 @@ def record_refusal(actor: Actor, serving_name: str, exc: CharterError) -> Charte
 
 def _refused_event(actor: Actor, serving_name: str, exc: CharterError,
                    origin: dict[str, Any] | None = None) -> Event:
+    key = {"key_id": actor.key_id} if actor.key_id else {}
     return Event.of(actor=actor.ref, action="dispatch.refused", target_type="deployment",
                     target_id=serving_name, outcome="denied",
-                    details={"code": exc.code, "message": exc.message, **exc.details,
+                    details={"code": exc.code, "message": exc.message, **exc.details, **key,
                              **(origin or {})})
 
 
@@ -394,6 +395,7 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
                  "latency_ms": latency_ms, "request_digest": request_digest,
                  "stream": stream, "error": error[:300], "tokens_estimated": estimated,
+                 **({"key_id": p.actor.key_id} if p.actor.key_id else {}),
                  **(origin or {})},
         request_id=request_id,
     )
