@@ -84,6 +84,8 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/users/<user_id>/api-keys"): R("admin", team_scoped=True,
                                                     body=lambda c: {"name": "k"}),
     ("POST", "/api/v1/api-keys/<key_id>/revoke"): R("admin", team_scoped=True),
+    ("PUT", "/api/v1/api-keys/<key_id>/limits"): R("admin", team_scoped=True, body=lambda c: {
+        "limits": {"requests_per_minute": 5}}),
     ("GET", "/api/v1/audit/events"): R("admin", "auditor"),
     ("POST", "/api/v1/audit/verify"): R("admin", "auditor"),
     ("GET", "/api/v1/audit/keys"): Rule(PUBLIC),
