@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -10,7 +11,14 @@ from typing import Any
 import structlog
 from flask import Flask, Response, g, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -250,4 +258,12 @@ def _install_probes(app: Flask, runtime: Runtime) -> None:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(runtime.metrics), mimetype=CONTENT_TYPE_LATEST)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # charter.serving sets it
+        if not shared:  # one process: its own registry
+            return Response(generate_latest(runtime.metrics), mimetype=CONTENT_TYPE_LATEST)
+        # `charter serve`'s workers (charter.serving): every worker's values, summed, and
+        # what the database says now. Process statistics are per worker, so not here.
+        registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+        registry.register(StateCollector(runtime))
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

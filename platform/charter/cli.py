@@ -316,7 +316,12 @@ def serve(bind: str, workers: int, threads: int) -> None:
 
     from charter.app import create_app
     from charter.boot import build_runtime
-    from charter.serving import HEADER_FIELD_LIMIT, check_address_free
+    from charter.serving import (
+        HEADER_FIELD_LIMIT,
+        check_address_free,
+        forget_worker_metrics,
+        share_metrics_between_workers,
+    )
 
 
 
@@ -340,7 +345,8 @@ def serve(bind: str, workers: int, threads: int) -> None:
                                # Long tokens reach Charter, which answers token_too_large
                                # in the caller's shape (charter.serving for longer ones).
                                "limit_request_field_size": HEADER_FIELD_LIMIT,
-                               "accesslog": None, "worker_exit": _flush_on_exit}.items():
+                               "accesslog": None, "worker_exit": _flush_on_exit,
+                               "child_exit": forget_worker_metrics}.items():
                 self.cfg.set(key, value)
 
         def load(self):  # type: ignore[no-untyped-def]
@@ -351,6 +357,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
             runtime.tasks.start_scheduler()
             return app
 
+    share_metrics_between_workers()
     Server().run()
 
 

@@ -48,6 +48,40 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     gunicorn_util.write_nonblock(sock, head + body)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_metrics_between_workers() -> str:
+    """Before gunicorn forks: every worker's metric values go to files in one fresh
+    directory (prometheus-client's multiprocess mode), which each scrape of /metrics
+    reads whole, so any worker answers with the sum of all of them. Without it a scrape
+    would see the one worker that answered it. Returns the directory (removed at exit)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    from prometheus_client import values
+
+    path = tempfile.mkdtemp(prefix="charter-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    # What the import would have chosen with the variable set:
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def forget_worker_metrics(_server: Any, worker: Any) -> None:
+    """gunicorn's child_exit: a dead worker's live gauges stop counting (its counters and
+    histograms stay in the sums, as Prometheus expects of a counter)."""
+    import os
+
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
 # Every gunicorn error page of this process, through gunicorn's one writer of them.
 gunicorn_util.write_error = write_json_error
 

@@ -71,3 +71,49 @@ def test_the_checkpoint_age_is_on_metrics(configured, make_person, tmp_path) -> 
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     age = families["charter_audit_checkpoint_age_seconds"].samples[0].value
     assert 0 <= age < 60
+
+
+def test_every_worker_of_charter_serve_is_in_every_scrape(configured, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Three gunicorn workers (SO_REUSEPORT spreads new connections over them): whichever
+    answers /metrics, it reports the requests all of them served, summed."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    from tests.conftest import SECRET
+    from tests.processes import free_port, wait_until_up
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHARTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(CHARTER_DATABASE_URL=configured.database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_LOG_LEVEL="WARNING")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "charter"), "serve",
+                                 "--bind", f"127.0.0.1:{port}", "--workers", "3",
+                                 "--threads", "4"], env=env, stdout=out, stderr=out)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(proc, url + "/healthz", log, "charter serve")
+        for _ in range(60):  # a connection each: spread over the workers
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        pattern = re.compile(r'^charter_http_requests_total\{endpoint="healthz",method="GET",'
+                             r'status="200"\} (\d+)', re.M)
+        seen = set()
+        for _ in range(12):
+            text = httpx.get(url + "/metrics", timeout=5).text
+            found = pattern.search(text)
+            assert found is not None, text[:2000]
+            seen.add(int(found.group(1)))
+            assert "charter_node_healthy" in text or "# HELP charter_http" in text
+        # Every scrape saw at least the 60 (and the first readiness polls), never one
+        # worker's share: one sum, the same in every scrape.
+        assert len(seen) == 1 and min(seen) >= 60, seen
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
