@@ -28,6 +28,7 @@ class FakeNode:
     in_flight: int = 0
     max_in_flight: int = 0
     fail_status: int | None = None
+    traceparents: list[str | None] = field(default_factory=list)  # what each call carried
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -65,6 +66,7 @@ class FakeNode:
                            else body.get("prompt"))
                 with node._lock:
                     node.hits[str(content)] += 1
+                    node.traceparents.append(self.headers.get("traceparent"))
                     node.in_flight += 1
                     node.max_in_flight = max(node.max_in_flight, node.in_flight)
                 try:

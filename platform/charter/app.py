@@ -42,6 +42,7 @@ from charter.nodes.api import bp as nodes_bp
 from charter.policy.api import bp as policy_bp
 from charter.registry.api import bp as registry_bp
 from charter.runtime import Runtime
+from charter.tracing import set_attributes
 
 log = structlog.get_logger("charter.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -139,12 +140,20 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
         g.started = time.perf_counter()
         g.actor = None
         g.ctx = RequestContext(request_id=rid, client=request.remote_addr or "unknown")
+        if runtime.tracing.enabled and request.path not in ("/metrics", "/healthz"):
+            route = request.url_rule.rule if request.url_rule else "unmatched"  # bounded
+            span = runtime.tracing.server_span(
+                f"{request.method} {route}", request.headers, **{
+                    "http.request.method": request.method, "http.route": route,
+                    "charter.request_id": rid})
+            g.span, g.span_cm = span.__enter__(), span
         if request.path not in PUBLIC_PATHS and not request.path.startswith(
                 ("/console", "/static")):
             # The API and the gateway; the console has its own sessions.
-            actor, generation = authn.authenticate_request(
-                g.ctx, request.headers.get("Authorization", ""),
-                optimistic=request.endpoint in OPTIMISTIC_ENDPOINTS)
+            with runtime.tracing.span("charter.authenticate"):
+                actor, generation = authn.authenticate_request(
+                    g.ctx, request.headers.get("Authorization", ""),
+                    optimistic=request.endpoint in OPTIMISTIC_ENDPOINTS)
             g.actor = actor
             g.ctx = g.ctx.with_actor(actor, generation)
 
@@ -158,6 +167,7 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         metrics.requests.labels(method, endpoint, response.status_code).inc()
         metrics.latency.labels(method, endpoint).observe(elapsed)
+        set_attributes(g.get("span"), **{"http.response.status_code": response.status_code})
         if request.path not in ("/metrics", "/healthz"):
             actor = g.get("actor")
             log.info(
@@ -169,6 +179,9 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
 
     @app.teardown_request
     def _reset(_exc: BaseException | None) -> None:
+        span = g.pop("span_cm", None)  # a stream's ends when its last byte is sent
+        if span is not None:
+            span.__exit__(None, None, None)
         token = g.pop("scope_token", None)
         if token is not None:
             scope.unbind(token)

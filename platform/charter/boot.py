@@ -32,6 +32,7 @@ from charter.readcache import ReadCache
 from charter.runtime import Runtime
 from charter.settings import Settings
 from charter.tasks import TaskQueue
+from charter.tracing import Tracing
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -87,7 +88,7 @@ def build_runtime(settings: Settings) -> Runtime:
         authenticator=authenticator, metrics=metrics, journal=JOURNAL, sealer=sealer,
         limits=(RedisStore(settings.limits_redis_url, timeout_s=settings.limits_timeout_s)
                 if settings.limits_redis_url else MemoryStore()),
-        make_writer=writer, make_slots=slots)
+        tracing=Tracing(settings), make_writer=writer, make_slots=slots)
     tasks.attach(runtime)
     return runtime
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from charter.policy.service import Policies
     from charter.readcache import ReadCache
     from charter.tasks import TaskQueue
+    from charter.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -53,7 +54,7 @@ class Runtime:
                  tasks: TaskQueue, readcache: ReadCache, node_pool: NodePool,
                  node_urls: NodeUrlPolicy, outstanding: Outstanding,
                  authenticator: Authenticator, metrics: CollectorRegistry, journal: Journal,
-                 limits: Store, sealer: Sealer | None = None,
+                 limits: Store, tracing: Tracing, sealer: Sealer | None = None,
                  make_writer: Callable[[Runtime], GroupWriter],
                  make_slots: Callable[[Runtime], Slots]) -> None:
         self.settings = settings
@@ -69,6 +70,7 @@ class Runtime:
         self.journal = journal
         self.sealer = sealer  # seals every event as it is made (charter.audit.seal)
         self.limits = limits  # per-team and per-key limits' state (charter.metering.limits)
+        self.tracing = tracing  # spans of requests, off by default (charter.tracing)
         self.limits_unavailable_said = 0.0  # when limits.unavailable was last audited
         self._make_writer = make_writer
         self._make_slots = make_slots
@@ -129,6 +131,7 @@ class Runtime:
         if slots is not None:
             slots.close()
         self.tasks.close()
+        self.tracing.close()
         self.node_pool.close()
         self.database.dispose()
 

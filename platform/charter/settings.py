@@ -156,6 +156,15 @@ class Settings:
         3600.0, "Longest a stream holds its place under a concurrent-streams limit when its "
         "worker died without giving it back."
     )
+    otel_endpoint: str = _setting(
+        "",
+        "OpenTelemetry tracing: the OTLP/HTTP traces endpoint spans are exported to "
+        "(`http://collector:4318/v1/traces`). Empty: tracing off, at no cost.",
+    )
+    otel_service_name: str = _setting("charter", "The `service.name` of Charter's spans.")
+    otel_timeout_s: float = _setting(
+        5.0, "Seconds an export of spans may take (in the background, never a request's)."
+    )
     node_allowed_networks: str = _setting(
         "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
         "Comma-separated networks inference nodes may live in. Link-local and metadata "
@@ -395,6 +404,8 @@ class Settings:
                                 "submission URL prefix must follow the key")
         if not 0 < self.audit_witness_timeout_s <= 60:
             problems.append("CHARTER_AUDIT_WITNESS_TIMEOUT_S: must be between 0 and 60 seconds")
+        if self.otel_endpoint and not self.otel_endpoint.startswith(("http://", "https://")):
+            problems.append("CHARTER_OTEL_ENDPOINT: an http(s) URL of the OTLP traces endpoint")
         if self.limits_unavailable not in ("refuse", "allow"):
             problems.append("CHARTER_LIMITS_UNAVAILABLE: must be refuse or allow")
         if self.limits_redis_url and not self.limits_redis_url.startswith(

@@ -254,7 +254,11 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
             outstanding.acquire(node.id)
             started = time.perf_counter()
             try:
-                resp = upstream.send(pool, policy, node, path, payload, headers)
+                with rt.tracing.span("charter.node.call", **{
+                        "charter.node": node.name, "charter.region": node.region}):
+                    sent_headers = dict(headers)
+                    rt.tracing.inject(sent_headers)  # the node continues the trace
+                    resp = upstream.send(pool, policy, node, path, payload, sent_headers)
             except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
                 outstanding.release(node.id)
                 last_error = str(exc) if isinstance(exc, upstream.NodeRefused) else (

@@ -32,6 +32,7 @@ from charter.policy import service as policy
 from charter.policy.engine import Decision, PolicyUnavailableError
 from charter.readcache import StaleReadError
 from charter.registry import service as registry
+from charter.tracing import set_attributes
 from charter.uow import unit_of_work
 
 log = structlog.get_logger("charter.dispatch")
@@ -281,7 +282,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             entry.quota = (plan.team_id, quota)
             over = _over_quota(ctx, quota)
             entry.over_quota = (*events, _refused_event(actor, serving_name, over, origin))
-    rt.writer.commit(entry)
+    with rt.tracing.span("charter.audit.commit") as span:
+        rt.writer.commit(entry)
+        set_attributes(span, **{"charter.audit.result": entry.result})
     if entry.result == "stale":
         assert entry.generation_seen is not None
         raise StaleReadError(entry.generation_seen)

@@ -28,6 +28,7 @@ from charter.policy.engine import (
     Verdict,
 )
 from charter.settings import Settings
+from charter.tracing import set_attributes
 from charter.uow import record_decision, unit_of_work
 
 
@@ -80,6 +81,21 @@ def _decisions() -> Any:
 
 
 def evaluate(
+    policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
+    context: dict[str, Any] | None = None,
+) -> tuple[Decision, Event]:
+    """Evaluate without writing: the decision and the audit event that must record it
+    (traced as `charter.policy.decide`, with the policy, the result and the decision id)."""
+    with scope.current().tracing.span("charter.policy.decide",
+                                      **{"charter.policy": policy}) as span:
+        decision, event = _evaluate(policy, input_doc, actor=actor, target_type=target_type,
+                                    target_id=target_id, context=context)
+        set_attributes(span, **{"charter.policy.allow": decision.allow,
+                                "charter.decision_id": decision.decision_id})
+        return decision, event
+
+
+def _evaluate(
     policy: str, input_doc: dict[str, Any], *, actor: str, target_type: str, target_id: str,
     context: dict[str, Any] | None = None,
 ) -> tuple[Decision, Event]:
