@@ -219,6 +219,32 @@ def audit_checkpoint() -> None:
     click.echo(row.note, nl=False)
 
 
+@audit.command("ship")
+@click.option("--status", is_flag=True, help="Only show where each destination stands.")
+def audit_ship(status: bool) -> None:
+    """Send the events committed since the last shipment to the SIEM destinations now
+    (CHARTER_AUDIT_SIEM_SYSLOG, CHARTER_AUDIT_SIEM_OTLP); the periodic task does the same."""
+    from charter.audit import ship
+
+    settings = command_runtime().settings
+    if not ship.destinations(settings):
+        raise ConfigurationError("no SIEM destination: set CHARTER_AUDIT_SIEM_SYSLOG or "
+                                 "CHARTER_AUDIT_SIEM_OTLP", code="no_siem_destination")
+    if not status:
+        failed = False
+        for done in ship.ship(settings):
+            click.echo(f"{done.destination}: sent {done.sent}, shipped up to event "
+                       f"{done.cursor}" + (f"; failed: {done.error}" if done.error else ""))
+            failed = failed or done.error is not None
+        if failed:
+            raise SystemExit(1)
+        return
+    for row in ship.shipment_state():
+        error = f"; last error: {row['last_error']}" if row["last_error"] else ""
+        click.echo(f"{row['destination']}: up to event {row['seq']} (at {row['updated_at']})"
+                   f"{error}")
+
+
 @audit.command("export")
 @click.option("--out", "-o", "out", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="the bundle to write")

@@ -195,6 +195,30 @@ class Settings:
         "The log's name in its signed checkpoints (C2SP origin line); also the signing keys' "
         "name. Make it unique to this installation, e.g. `charter.example.org/audit`.",
     )
+    audit_siem_syslog: str = _setting(
+        "",
+        "Ship every committed audit event to a SIEM as RFC 5424 syslog over TCP: "
+        "`tcp://host:port`, or `tls://host:port` (TLS, the server's certificate checked "
+        "against CHARTER_AUDIT_SIEM_CA_FILE or the system's CAs). Empty: off.",
+    )
+    audit_siem_otlp: str = _setting(
+        "",
+        "Ship every committed audit event as OpenTelemetry logs: the OTLP/HTTP logs "
+        "endpoint (`http://collector:4318/v1/logs`). Empty: off.",
+    )
+    audit_siem_ca_file: str = _setting(
+        "", "CA bundle (PEM) that the SIEM's TLS certificate must chain to; empty: the "
+        "system's CAs."
+    )
+    audit_siem_interval_s: float = _setting(
+        2.0, "How often the shipper sends the events committed since it last did."
+    )
+    audit_siem_batch: int = _setting(
+        1000, "Most events the shipper sends to a destination in one go."
+    )
+    audit_siem_timeout_s: float = _setting(
+        10.0, "Seconds a destination has to take a batch before the shipment counts as failed."
+    )
     audit_signing_keys: str = _setting(
         "",
         "Comma-separated paths of Ed25519 private keys (PKCS#8 PEM, made by `charter audit "
@@ -415,6 +439,15 @@ class Settings:
             problems.append("CHARTER_LIMITS_TIMEOUT_S: must be between 0 and 10 seconds")
         if self.limits_stream_lease_s <= 0:
             problems.append("CHARTER_LIMITS_STREAM_LEASE_S: must be positive")
+        if self.audit_siem_syslog and not self.audit_siem_syslog.startswith(
+                ("tcp://", "tls://")):
+            problems.append("CHARTER_AUDIT_SIEM_SYSLOG: tcp://host:port or tls://host:port")
+        if self.audit_siem_otlp and not self.audit_siem_otlp.startswith(
+                ("http://", "https://")):
+            problems.append("CHARTER_AUDIT_SIEM_OTLP: an http(s) URL of the OTLP logs endpoint")
+        if self.audit_siem_interval_s <= 0 or self.audit_siem_batch < 1 or \
+                self.audit_siem_timeout_s <= 0:
+            problems.append("CHARTER_AUDIT_SIEM_*: interval, batch and timeout must be positive")
         if self.task_backend not in ("inprocess", "celery"):
             problems.append("CHARTER_TASK_BACKEND: must be inprocess or celery")
         if self.task_backend == "celery" and not self.broker_url.startswith(

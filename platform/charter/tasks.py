@@ -21,7 +21,7 @@ import structlog
 from celery import Celery
 
 from charter import scope
-from charter.audit import checkpoints, retention
+from charter.audit import checkpoints, retention, ship
 from charter.audit.service import scheduled_walk
 from charter.batches import files, lanes
 from charter.batches import service as batches
@@ -64,6 +64,8 @@ def schedule(s: Settings) -> dict[str, float]:
         periodic["charter.audit.checkpoint"] = s.audit_checkpoint_poll_s
     if s.audit_walk_interval_s > 0:
         periodic["charter.audit.walk"] = s.audit_walk_interval_s
+    if s.audit_siem_syslog or s.audit_siem_otlp:
+        periodic["charter.audit.ship"] = s.audit_siem_interval_s
     return periodic
 
 
@@ -99,9 +101,14 @@ def _walk(rt: Runtime) -> None:
     scheduled_walk()
 
 
+def _ship(rt: Runtime) -> None:
+    ship.ship(rt.settings)
+
+
 TASKS: dict[str, Callable[..., None]] = {
     "charter.audit.checkpoint": _checkpoint,
     "charter.audit.walk": _walk,
+    "charter.audit.ship": _ship,
     "charter.batches.start": _start_batch,
     "charter.batches.lane": _run_lane,
     "charter.batches.sweep": _sweep,

@@ -119,3 +119,16 @@ class AuditPurged(Base):
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     checkpoint_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class AuditShipment(Base):
+    """How far the audit log has been shipped to one SIEM destination (charter.audit.ship):
+    the last sequence number the destination confirmed, kept so a shipper that crashed
+    resumes there (at least once: it may send the tail it had not confirmed again)."""
+
+    __tablename__ = "audit_shipments"
+
+    destination: Mapped[str] = mapped_column(String(20), primary_key=True)  # syslog | otlp
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(500))
