@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -272,3 +273,31 @@ def test_the_database_function_waits_on_the_services_chain_lock(configured, pg_c
         assert thread.is_alive() and results == []  # blocked on the same lock
     thread.join(timeout=10)
     assert results == ["written"] and verify_chain().ok
+
+
+def _usage_per_key(writer: Any) -> list[tuple[str, int, int, int]]:
+    day = utcnow().date()
+    for key, est in (("aaaaaaaaaaaaaaaa", 0), ("bbbbbbbbbbbbbbbb", 5), ("", 0)):
+        assert writer.commit(Entry(events=(_event(len(key) + est),), usage=(
+            UsageDelta("t9", "m", day, requests=1, key_id=key),))).result == "written"
+        writer.defer(Entry(events=(_event(99, "dispatch.outcome"),), usage=(
+            UsageDelta("t9", "m", day, tokens_in=2, tokens_out=3, key_id=key,
+                       tokens_estimated=est),)))
+    assert writer.flush()
+    with unit_of_work() as session:
+        return [(u.key_id, u.requests, u.tokens_out, u.tokens_estimated)
+                for u in session.scalars(select(Usage).where(Usage.team_id == "t9")
+                                         .order_by(Usage.key_id))]
+
+
+PER_KEY = [("", 1, 3, 0), ("aaaaaaaaaaaaaaaa", 1, 3, 0), ("bbbbbbbbbbbbbbbb", 1, 3, 5)]
+
+
+def test_usage_is_counted_per_key_with_its_estimated_part(configured) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL's charter_audit_append (migration 0017) counts per key, and how many of
+    the tokens were Charter's estimate; the quota still sums the team's keys."""
+    assert _usage_per_key(scope.current().writer) == PER_KEY
+
+
+def test_the_embedded_database_counts_per_key_alike(sqlite_db) -> None:  # type: ignore[no-untyped-def]
+    assert _usage_per_key(scope.current().writer) == PER_KEY

@@ -257,15 +257,21 @@ def test_usage_for_chargeback_is_the_teams_own(world, make_person, auditor) -> N
     r = client.get("/api/v1/usage", headers=auditor.headers)
     assert r.status_code == 200, r.get_json()
     report = r.get_json()
-    assert report["rows"] == [{"team": "t", "model": "m", "day": today, "requests": 3,
-                               "tokens_in": 9, "tokens_out": 6}]
+    key_id = w.key.split("_")[1]
+    assert report["rows"] == [{"team": "t", "key": key_id, "model": "m", "day": today,
+                               "requests": 3, "tokens_in": 9, "tokens_out": 6,
+                               "tokens_estimated": 0}]
     outcomes = list_events(EventFilter(action="dispatch.outcome"))
     assert report["totals"]["tokens_out"] == sum(o.details["tokens_out"] for o in outcomes)
     r = client.get("/api/v1/usage", headers=auditor.headers,
                    query_string={"format": "csv", "team": "t", "model": "m"})
     assert r.mimetype == "text/csv" and r.get_data(as_text=True).splitlines() == [
-        '"team","model","day","requests","tokens_in","tokens_out"',
-        f'"t","m","{today}","3","9","6"']
+        '"team","key","model","day","requests","tokens_in","tokens_out","tokens_estimated"',
+        f'"t","{key_id}","m","{today}","3","9","6","0"']
+    r = client.get("/api/v1/usage", headers=auditor.headers, query_string={"key": "0" * 16})
+    assert r.status_code == 200 and r.get_json()["rows"] == []  # another key: none of it
+    r = client.get("/api/v1/usage", headers=auditor.headers, query_string={"key": "nope"})
+    assert r.status_code == 422
     outsider = make_person("user")  # in no team: sees no team's usage
     assert client.get("/api/v1/usage", headers=outsider.headers).get_json()["rows"] == []
     r = client.get("/api/v1/usage", headers=outsider.headers, query_string={"team": "t"})

@@ -144,9 +144,10 @@ class _PostgresBackend(_Backend):
                         "request_id": ev.request_id, "pre": pre, "post": post, "mid": mid,
                         "tail": tail, "id": ev.event_id, "seal": ev.seal})
             for u in e.usage:
-                counters.append({"e": i, "team": u.team_id, "serving": u.serving_name,
-                                 "day": u.day.isoformat(), "requests": u.requests,
-                                 "tokens_in": u.tokens_in, "tokens_out": u.tokens_out})
+                counters.append({"e": i, "team": u.team_id, "key": u.key_id,
+                                 "serving": u.serving_name, "day": u.day.isoformat(),
+                                 "requests": u.requests, "tokens_in": u.tokens_in,
+                                 "tokens_out": u.tokens_out, "est": u.tokens_estimated})
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
         generation, results, seqs = self._conn.execute(_APPEND, (
@@ -205,7 +206,7 @@ def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], l
     """Decide each entry (written, stale, over_quota) and chain the events it writes:
     what charter_audit_append does in the database, for SQLite."""
     rows: list[dict[str, Any]] = []
-    usage: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0])
+    usage: dict[tuple[str, str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     seq, prev = head.seq, head.hash
     for e in batch:
         e.generation_seen = head.generation
@@ -234,11 +235,13 @@ def plan_batch(batch: list[Entry], head: _Head) -> tuple[list[dict[str, Any]], l
             e.seqs.append(seq)
             prev = digest
         for u in deltas:
-            acc = usage[(u.team_id, u.serving_name, u.day)]
+            acc = usage[(u.team_id, u.key_id, u.serving_name, u.day)]
             acc[0] += u.requests
             acc[1] += u.tokens_in
             acc[2] += u.tokens_out
-    return rows, [UsageDelta(t, s, d, *acc) for (t, s, d), acc in sorted(usage.items())]
+            acc[3] += u.tokens_estimated
+    return rows, [UsageDelta(t, s, d, req, tin, tout, k, est)
+                  for (t, k, s, d), (req, tin, tout, est) in sorted(usage.items())]
 
 
 class GroupWriter:

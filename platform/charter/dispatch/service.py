@@ -277,7 +277,7 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     quota = ctx.requests_per_day
     if plan is not None and retry_of is None:
         entry.usage = (UsageDelta(plan.team_id, serving_name, quotas.quota_day(utcnow()),
-                                  requests=1),)
+                                  requests=1, key_id=actor.key_id or ""),)
         if quota is not None:
             entry.quota = (plan.team_id, quota)
             over = _over_quota(ctx, quota)
@@ -427,12 +427,15 @@ def _observe(p: Plan, node: NodeTarget | None, outcome: str, tokens_in: int,
                  ("model", "node")).labels(p.serving_name, where).observe(latency_ms / 1000)
 
 
-def usage_of(p: Plan, tokens_in: int, tokens_out: int) -> tuple[UsageDelta, ...]:
-    """The token counters of an outcome (the request was counted when it was admitted)."""
+def usage_of(p: Plan, tokens_in: int, tokens_out: int,
+             estimated: bool = False) -> tuple[UsageDelta, ...]:
+    """The token counters of an outcome (the request was counted when it was admitted);
+    `estimated`: the node reported no counts, so they are Charter's own."""
     if not tokens_in and not tokens_out:
         return ()
     return (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
-                       tokens_out=tokens_out),)
+                       tokens_out=tokens_out, key_id=p.actor.key_id or "",
+                       tokens_estimated=tokens_in + tokens_out if estimated else 0),)
 
 
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
@@ -447,7 +450,7 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
                           request_id=request_id, estimated=estimated)
-    scope.current().writer.defer(Entry(events=(event,), usage=usage_of(p, tokens_in,
-                                                                        tokens_out)))
+    scope.current().writer.defer(Entry(events=(event,), usage=usage_of(
+        p, tokens_in, tokens_out, estimated)))
     if final:
         settle(p.ticket, tokens_in + tokens_out)

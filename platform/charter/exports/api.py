@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import date
-from typing import Literal
+from typing import Annotated, Literal
 
 from flask import Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints
 
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
@@ -36,6 +36,7 @@ class UsageQuery(BaseModel):
     since: date | None = None
     until: date | None = None
     team: str | None = None
+    key: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
     model: str | None = None
     format: Literal["json", "csv"] = "json"
 
@@ -82,11 +83,12 @@ def records(actor: Actor, query: RecordsQuery) -> Response:
 
 
 @bp.operation("GET", "/usage",
-              summary="Metered requests and tokens per team, model and day (JSON or CSV)",
+              summary="Metered requests and tokens per team, API key, model and day (JSON "
+              "or CSV)",
               query=UsageQuery, errors=(404, 422))
 def usage(actor: Actor, query: UsageQuery) -> Response:
     report = usage_service.usage_report(actor, since=query.since, until=query.until,
-                                        team=query.team, model=query.model)
+                                        team=query.team, model=query.model, key=query.key)
     if query.format == "csv":
         name = f"charter-usage-{report['since']}-{report['until']}.csv"
         return Response(usage_service.as_csv(report), content_type=MEDIA["csv"],

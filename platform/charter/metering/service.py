@@ -17,7 +17,7 @@ from charter.uow import unit_of_work
 
 @dataclass(frozen=True, slots=True)
 class UsageDelta:
-    """Counters to add for one team, serving name and day."""
+    """Counters to add for one team, key, serving name and day."""
 
     team_id: str
     serving_name: str
@@ -25,6 +25,8 @@ class UsageDelta:
     requests: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    key_id: str = ""  # the API key used; "" for a token from the identity provider
+    tokens_estimated: int = 0  # of tokens_in + tokens_out, those the node did not report
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class UsageRow:
     requests: int
     tokens_in: int
     tokens_out: int
+    key_id: str = ""
+    tokens_estimated: int = 0
 
 
 def usage_since(team_ids: Sequence[str], since: date) -> list[UsageRow]:
@@ -43,7 +47,7 @@ def usage_since(team_ids: Sequence[str], since: date) -> list[UsageRow]:
         return []
     with unit_of_work() as session:
         return [UsageRow(u.team_id, u.serving_name, u.day, u.requests, u.tokens_in,
-                         u.tokens_out)
+                         u.tokens_out, u.key_id, u.tokens_estimated)
                 for u in session.scalars(
                     select(Usage).where(Usage.team_id.in_(team_ids), Usage.day >= since)
                     .order_by(Usage.day.desc(), Usage.serving_name))]
@@ -72,10 +76,13 @@ def add_sqlite(conn: Connection, deltas: Sequence[UsageDelta]) -> None:
     """Add counters on SQLite (PostgreSQL adds them in charter_audit_append)."""
     for u in deltas:
         stmt = sqlite_insert(Usage).values(
-            team_id=u.team_id, serving_name=u.serving_name, day=u.day,
-            requests=u.requests, tokens_in=u.tokens_in, tokens_out=u.tokens_out)
+            team_id=u.team_id, key_id=u.key_id, serving_name=u.serving_name, day=u.day,
+            requests=u.requests, tokens_in=u.tokens_in, tokens_out=u.tokens_out,
+            tokens_estimated=u.tokens_estimated)
         conn.execute(stmt.on_conflict_do_update(
-            index_elements=["team_id", "serving_name", "day"],
+            index_elements=["team_id", "key_id", "serving_name", "day"],
             set_={"requests": Usage.requests + stmt.excluded.requests,
                   "tokens_in": Usage.tokens_in + stmt.excluded.tokens_in,
-                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out}))
+                  "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out,
+                  "tokens_estimated": Usage.tokens_estimated
+                  + stmt.excluded.tokens_estimated}))
