@@ -124,6 +124,10 @@ MATRIX: dict[tuple[str, str], Rule] = {
                                                    body=lambda c: {"reason": "back"}),
     ("GET", "/api/v1/deployments"): R(**ANY),
     ("GET", "/api/v1/usage"): R(**ANY),
+    ("GET", "/api/v1/chargeback"): R(**ANY),
+    ("GET", "/api/v1/prices"): R("admin", "auditor"),
+    ("PUT", "/api/v1/prices/<version_id>"): R("admin", body=lambda c: {
+        "currency": "EUR", "input_per_million": "1", "output_per_million": "2"}),
     ("POST", "/api/v1/deployments"): R("admin", "operator", body=lambda c: {
         "serving_name": f"dep-{c['n']}", "version_id": c["version_id"],
         "node_ids": [c["node_id"]]}),

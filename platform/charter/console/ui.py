@@ -37,6 +37,7 @@ NAV = (
     NavItem("audit", "Audit", "console.audit", ("admin", "auditor")),
     NavItem("access", "Access", "console.access", ALL),
     NavItem("batches", "Batches", "console.batches", ALL),
+    NavItem("usage", "Usage", "console.usage_page", ALL),
 )
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
-from datetime import date
-from typing import Annotated, Literal
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 from flask import Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
+from charter.errors import NotFoundError
 from charter.exports import service
 from charter.exports import usage as usage_service
 from charter.exports.mlbom import MEDIA_TYPE
+from charter.metering import service as metering
+from charter.registry import service as registry
 
 bp = ApiBlueprint("exports", __name__, url_prefix="/api/v1")
 MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/jsonl; charset=utf-8"}
@@ -93,4 +97,74 @@ def usage(actor: Actor, query: UsageQuery) -> Response:
         name = f"charter-usage-{report['since']}-{report['until']}.csv"
         return Response(usage_service.as_csv(report), content_type=MEDIA["csv"],
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(json.dumps(report), mimetype="application/json")
+
+
+# --- prices and chargeback ------------------------------------------------------------------
+
+PerMillion = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+
+
+class PriceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]  # ISO 4217
+    input_per_million: PerMillion
+    output_per_million: PerMillion
+
+
+class PriceOut(BaseModel):
+    version_id: str
+    version: str | None
+    currency: str
+    input_per_million: str
+    output_per_million: str
+    updated_at: datetime
+    updated_by: str
+
+
+class ChargebackQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    month: Annotated[str, StringConstraints(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")] | None = None
+    format: Literal["json", "csv"] = "json"
+
+
+def _price_out(p: Any) -> PriceOut:
+    ref = registry.version_refs([p.version_id]).get(p.version_id)
+    return PriceOut(version_id=p.version_id,
+                    version=f"{ref.model_name} {ref.label}" if ref else None,
+                    currency=p.currency,
+                    input_per_million=format(p.input_per_million.normalize(), "f"),
+                    output_per_million=format(p.output_per_million.normalize(), "f"),
+                    updated_at=p.updated_at, updated_by=p.updated_by)
+
+
+@bp.operation("GET", "/prices", summary="Model versions' prices per million tokens",
+              response=list[PriceOut], errors=(403,))
+def list_prices(actor: Actor) -> object:
+    actor.require("admin", "auditor", action="price.list", target_type="price", target_id="*")
+    return [_price_out(p) for p in metering.prices().values()]
+
+
+@bp.operation("PUT", "/prices/<version_id>",
+              summary="Set a model version's price per million tokens in and out (admins)",
+              body=PriceIn, response=PriceOut, errors=(403, 404))
+def set_price(actor: Actor, version_id: str, body: PriceIn) -> object:
+    actor.require("admin", action="price.set", target_type="model_version",
+                  target_id=version_id)
+    if version_id not in registry.version_refs([version_id]):
+        raise NotFoundError(f"no model version {version_id}", code="version_not_found")
+    return _price_out(metering.set_price(actor.ref, version_id, currency=body.currency,
+                                         input_per_million=body.input_per_million,
+                                         output_per_million=body.output_per_million))
+
+
+@bp.operation("GET", "/chargeback",
+              summary="What each team's use of each model cost in a month (JSON or CSV)",
+              query=ChargebackQuery, errors=(422,))
+def chargeback(actor: Actor, query: ChargebackQuery) -> Response:
+    report = usage_service.chargeback_report(actor, month=query.month)
+    if query.format == "csv":
+        return Response(usage_service.chargeback_csv(report), content_type=MEDIA["csv"],
+                        headers={"Content-Disposition": 'attachment; filename='
+                                 f'"charter-chargeback-{report["month"]}.csv"'})
     return Response(json.dumps(report), mimetype="application/json")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
+from decimal import Decimal
 
-from sqlalchemy import BigInteger, Date, Integer, String
+from sqlalchemy import BigInteger, Date, Integer, Numeric, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from charter.db import Base
+from charter.db import Base, UTCDateTime
 
 
 class Usage(Base):
@@ -22,3 +23,16 @@ class Usage(Base):
     tokens_out: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     # Of tokens_in + tokens_out, those a node did not report (counted by Charter instead).
     tokens_estimated: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Price(Base):
+    """What a model version's tokens cost, per million, for chargeback (optional)."""
+
+    __tablename__ = "prices"
+
+    version_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)  # ISO 4217
+    input_per_million: Mapped[Decimal] = mapped_column(Numeric(18, 6), nullable=False)
+    output_per_million: Mapped[Decimal] = mapped_column(Numeric(18, 6), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    updated_by: Mapped[str] = mapped_column(String(200), nullable=False)

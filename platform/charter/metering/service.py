@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
+from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from charter.db import utcnow
-from charter.metering.models import Usage
-from charter.uow import unit_of_work
+from charter.metering.models import Price, Usage
+from charter.uow import record, unit_of_work
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +87,45 @@ def add_sqlite(conn: Connection, deltas: Sequence[UsageDelta]) -> None:
                   "tokens_out": Usage.tokens_out + stmt.excluded.tokens_out,
                   "tokens_estimated": Usage.tokens_estimated
                   + stmt.excluded.tokens_estimated}))
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRow:
+    version_id: str
+    currency: str
+    input_per_million: Decimal
+    output_per_million: Decimal
+    updated_at: datetime
+    updated_by: str
+
+
+def set_price(actor_ref: str, version_id: str, *, currency: str, input_per_million: Decimal,
+              output_per_million: Decimal) -> PriceRow:
+    """Set (or replace) a version's price, recorded as `price.set` with what it was."""
+    with unit_of_work() as session:
+        price = session.get(Price, version_id)
+        before = None if price is None else {
+            "currency": price.currency, "input_per_million": str(price.input_per_million),
+            "output_per_million": str(price.output_per_million)}
+        if price is None:
+            price = Price(version_id=version_id)
+            session.add(price)
+        price.currency, price.updated_at, price.updated_by = currency, utcnow(), actor_ref
+        price.input_per_million, price.output_per_million = input_per_million, output_per_million
+        session.flush()
+        record(session, actor=actor_ref, action="price.set", target_type="model_version",
+               target_id=version_id, details={
+                   "before": before, "after": {"currency": currency,
+                                               "input_per_million": str(input_per_million),
+                                               "output_per_million": str(output_per_million)}})
+        return _price_row(price)
+
+
+def prices() -> dict[str, PriceRow]:
+    with unit_of_work() as session:
+        return {p.version_id: _price_row(p) for p in session.scalars(select(Price))}
+
+
+def _price_row(p: Price) -> PriceRow:
+    return PriceRow(p.version_id, p.currency, Decimal(p.input_per_million),
+                    Decimal(p.output_per_million), p.updated_at, p.updated_by)
