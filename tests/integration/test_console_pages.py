@@ -144,3 +144,24 @@ def test_the_overview_names_denied_versions_by_name(signed_app, make_person) -> 
     table = page[page.index('id="recent-denials"'):]
     assert f'href="/console/versions/{version.id}">tiny-denied 1.0</a>' in table
     assert f"model_version {version.id}" not in table
+
+
+def test_the_audit_page_names_versions_teams_and_nodes(signed_app, make_person) -> None:  # type: ignore[no-untyped-def]
+    """Targets read as people call them; the id stays in the link and its title."""
+    from charter.actor import SYSTEM
+    from charter.identity.teams import create_team
+    from charter.registry.schemas import Transition
+
+    steward = make_person("steward")
+    model = registry.create_model(steward.actor, ModelCreate(
+        name="tiny-audited", publisher="Nobody", source_repo="nobody/audited"))
+    version = registry.create_version(steward.actor, model.id, VersionSpec(
+        label="2.0", source_revision="main", weight_format="safetensors", files=[],
+        derivation="original", datasets=[]))
+    registry.submit_version(steward.actor, version.id, Transition())
+    team = create_team(SYSTEM, name="named-team", description="", requests_per_day=None,
+                       entitlements={}, default_data_class="internal")
+    page = Console(signed_app, make_person("auditor").actor.user_id).get("/console/audit").text
+    assert f'title="{version.id}">model_version tiny-audited 2.0</a>' in page
+    assert f'title="{team.id}">team named-team</a>' in page
+    assert f">model_version {version.id}</a>" not in page

@@ -19,6 +19,9 @@ from charter.console.blueprint import bp
 from charter.console.ui import problems, render
 from charter.errors import CharterError, ValidationFailedError
 from charter.exports import service as exports
+from charter.identity.teams import list_teams
+from charter.nodes.service import list_nodes
+from charter.registry.service import version_refs
 
 READERS = ("admin", "auditor")
 FIELDS = ("actor", "action", "target_type", "target_id", "outcome", "request_id")
@@ -68,10 +71,28 @@ def audit() -> Response:
     recent = checkpoints.list_checkpoints(after_id=max(0, (newest.id if newest else 0) - 10),
                                           limit=10)
     return render("console/pages/audit.html", section="audit", title="Audit", events=events,
-                  given=given, since=request.args.get("since", ""),
+                  names=_names(events), given=given, since=request.args.get("since", ""),
                   until=request.args.get("until", ""), errors=errors,
                   checkpoints=list(reversed(recent)), verdict=None,
                   next_after=events[-1].seq if len(events) >= 50 else None)
+
+
+def _names(events: list[AuditEvent]) -> dict[tuple[str, str], str]:
+    """What people call the events' targets (a version's model and label, a team's or a
+    node's name), by (target type, id); the id stays in the link and its title."""
+    ids: dict[str, set[str]] = {}
+    for e in events:
+        ids.setdefault(e.target_type, set()).add(e.target_id)
+    names: dict[tuple[str, str], str] = {}
+    if ids.get("model_version"):
+        for vid, ref in version_refs(sorted(ids["model_version"])).items():
+            names[("model_version", vid)] = f"{ref.model_name} {ref.label}"
+    if ids.get("team"):
+        names.update({("team", t.id): t.name for t in list_teams(g.actor)
+                      if t.id in ids["team"]})
+    if ids.get("node"):
+        names.update({("node", n.id): n.name for n in list_nodes() if n.id in ids["node"]})
+    return names
 
 
 @bp.post("/audit/verify")
@@ -82,7 +103,7 @@ def audit_verify() -> Response:
     recent = checkpoints.list_checkpoints(after_id=max(0, (newest.id if newest else 0) - 10),
                                           limit=10)
     return render("console/pages/audit.html", section="audit", title="Audit",
-                  events=[], given={}, since="", until="", errors=[],
+                  events=[], names={}, given={}, since="", until="", errors=[],
                   checkpoints=list(reversed(recent)), verdict=verdict, next_after=None)
 
 
@@ -104,7 +125,7 @@ def audit_export() -> Response:
         code = exc.code if isinstance(exc, CharterError) else "validation_failed"
         status = exc.status if isinstance(exc, CharterError) else 422
         return render("console/pages/audit.html", section="audit", title="Audit",
-                      events=[], given=given, since="", until="", status=status,
+                      events=[], names={}, given=given, since="", until="", status=status,
                       errors=[f"{line} ({code})" for line in problems(exc)],
                       checkpoints=[], verdict=None, next_after=None)
     out.seek(0)
