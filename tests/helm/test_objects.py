@@ -190,7 +190,7 @@ def test_network_policy_egress_is_exactly_the_values(rendered: dict[str, Rendere
     egress = value_set(name)["networkPolicy"]["egress"]
     dns_ports = {(53, "UDP"), (53, "TCP")}
     expected = [(set(egress.get("dns", {}).get("cidrs") or ["kube-dns"]), dns_ports)]
-    for key in ("database", "broker", "identityProvider", "nodes"):
+    for key in ("database", "broker", "identityProvider", "nodes", "siem", "telemetry"):
         if egress.get(key, {}).get("cidrs"):
             expected.append((set(egress[key]["cidrs"]), {(p, "TCP") for p in egress[key]["ports"]}))
     assert egress_rules(policy) == expected
@@ -344,3 +344,24 @@ def test_limits_share_a_redis_only_when_given_one(rendered: dict[str, Rendered])
         "name": "charter-limits", "key": "limits-redis-url"}
     assert "CHARTER_LIMITS_REDIS_URL" not in envs["minimal"]
     assert {e["CHARTER_LIMITS_UNAVAILABLE"]["value"] for e in envs.values()} == {"refuse"}
+
+
+def test_siem_and_tracing_reach_the_settings_only_when_set(rendered: dict[str, Rendered]) -> None:
+    """The SIEM destinations, its CA bundle (a ConfigMap, mounted read-only) and the
+    traces endpoint become CHARTER_* settings; unset, none of them is there."""
+    production = rendered["production"].one("Deployment", "-api")["spec"]["template"]["spec"]
+    env = env_of(production["containers"][0])
+    assert env["CHARTER_AUDIT_SIEM_SYSLOG"]["value"] == "tls://siem.example.org:6514"
+    assert env["CHARTER_AUDIT_SIEM_CA_FILE"]["value"] == "/etc/charter/siem-ca/ca.crt"
+    assert env["CHARTER_OTEL_ENDPOINT"]["value"] == (
+        "http://otel-collector.observability.svc:4318/v1/traces")
+    assert "CHARTER_AUDIT_SIEM_OTLP" not in env
+    mounts = {m["name"]: m for m in production["containers"][0]["volumeMounts"]}
+    assert mounts["siem-ca"] == {"name": "siem-ca", "mountPath": "/etc/charter/siem-ca",
+                                 "readOnly": True}
+    volumes = {v["name"]: v for v in production["volumes"]}
+    assert volumes["siem-ca"]["configMap"]["name"] == "siem-ca"
+    minimal = env_of(rendered["minimal"].one("Deployment", "-api")["spec"]["template"][
+        "spec"]["containers"][0])
+    assert not {"CHARTER_AUDIT_SIEM_SYSLOG", "CHARTER_AUDIT_SIEM_CA_FILE",
+                "CHARTER_OTEL_ENDPOINT"} & set(minimal)

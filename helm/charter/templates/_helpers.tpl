@@ -122,6 +122,22 @@ wins over the tag, so what runs is exactly what was mirrored.
 {{- end }}
 - name: CHARTER_LIMITS_UNAVAILABLE
   value: {{ .Values.limits.unavailable | quote }}
+{{- with .Values.audit.siem.syslog }}
+- name: CHARTER_AUDIT_SIEM_SYSLOG
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.audit.siem.otlp }}
+- name: CHARTER_AUDIT_SIEM_OTLP
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.audit.siem.caConfigMap }}
+- name: CHARTER_AUDIT_SIEM_CA_FILE
+  value: {{ printf "/etc/charter/siem-ca/%s" .Values.audit.siem.caKey | quote }}
+{{- end }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: CHARTER_OTEL_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 - name: CHARTER_POLICY_BACKEND
   value: remote
 - name: CHARTER_OPA_URL
@@ -350,6 +366,11 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 {{- define "charter.appMounts" -}}
 - name: tmp
   mountPath: /tmp
+{{- if .Values.audit.siem.caConfigMap }}
+- name: siem-ca
+  mountPath: /etc/charter/siem-ca
+  readOnly: true
+{{- end }}
 {{- include "charter.policyMounts" . }}
 - name: signing-keys
   mountPath: {{ .Values.audit.signingKeys.mountPath }}
@@ -369,6 +390,14 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 - name: tmp
   emptyDir:
     sizeLimit: 2Gi
+{{- if .Values.audit.siem.caConfigMap }}
+- name: siem-ca
+  configMap:
+    name: {{ .Values.audit.siem.caConfigMap }}
+    items:
+      - key: {{ .Values.audit.siem.caKey }}
+        path: {{ .Values.audit.siem.caKey }}
+{{- end }}
 {{ include "charter.policyVolume" . }}
 - name: signing-keys
   secret:
