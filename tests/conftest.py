@@ -135,3 +135,18 @@ def pg_conn(database_url: str) -> Iterator[psycopg.Connection]:
     url = make_url(database_url).set(drivername="postgresql")
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis of this module's own (tests.processes.RedisServer), for the limits' tests."""
+    import shutil
+
+    from tests.processes import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.kill()

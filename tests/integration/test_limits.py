@@ -4,9 +4,6 @@ Redis is away (fail closed by default)."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-
 import pytest
 
 from charter.actor import SYSTEM
@@ -14,21 +11,13 @@ from charter.audit.service import EventFilter, list_events
 from charter.identity.service import set_api_key_limits
 from charter.identity.teams import get_team, update_team
 from tests.batch_support import make_world
-from tests.processes import RedisServer, free_port
+from tests.processes import free_port
 from tests.runtimes import app_for, flush_outcomes
 
 CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 TGI = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.kill()
 
 
 def _limit_team(team_id: str, **limits: int) -> None:

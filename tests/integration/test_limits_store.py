@@ -4,9 +4,7 @@ this test's own) and this process's memory. Time is given, so every figure is ex
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,19 +18,10 @@ from charter.metering.limits import (
     period_end_ms,
     rules_for,
 )
-from tests.processes import RedisServer
 
 NOON = 1_922_788_800_000  # 2030-12-06T12:00:00Z, in ms (Redis expires keys by its own clock)
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.kill()
 
 
 @pytest.fixture(params=["redis", "memory"])

@@ -118,9 +118,7 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
     try:
         refused = rt.limits.admit(list(rules), now_ms, lease, settings.limits_stream_lease_s)
     except LimitsUnavailableError as exc:
-        rt.counter("charter_limits_unavailable_total", "Requests whose limits could not be "
-                   "checked (the limits' Redis away), by what was done", ("action",)).labels(
-            settings.limits_unavailable).inc()
+        _count_unavailable(settings.limits_unavailable)
         if settings.limits_unavailable == "allow":
             _say_unavailable(actor, str(exc))
             return None
@@ -154,11 +152,16 @@ def settle(ticket: Ticket | None, tokens: int = 0) -> None:
     try:
         rt.limits.settle(list(ticket.rules), int(time.time() * 1000), tokens, ticket.lease)
     except LimitsUnavailableError as exc:
-        rt.counter("charter_limits_unavailable_total", "Requests whose limits could not be "
-                   "checked (the limits' Redis away), by what was done", ("action",)).labels(
-            "uncharged").inc()
+        _count_unavailable("uncharged")
         log.warning("limits: could not charge a request's tokens", error=str(exc),
                     tokens=tokens)
+
+
+def _count_unavailable(action: str) -> None:
+    scope.current().counter(
+        "charter_limits_unavailable_total", "Requests whose limits could not be checked "
+        "or charged (the limits' Redis away), by what was done", ("action",)).labels(
+        action).inc()
 
 
 def _say_unavailable(actor: Actor, error: str) -> None:
