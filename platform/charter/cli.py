@@ -458,10 +458,14 @@ def node() -> None:
 @click.option("--port", default=8081, show_default=True, type=int)
 @click.option("--model-id", help="model_id in /info (default: the directory's name).")
 @click.option("--revision", help="model_sha in /info (default: SHA-256 over the file digests).")
+@click.option("--no-counts", is_flag=True,
+              help="Report no token counts (no usage, details or count headers), like some "
+                   "engines: to see Charter count them itself.")
 def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str | None,
-               revision: str | None) -> None:
+               revision: str | None, no_counts: bool) -> None:
     """Serve the model in MODEL on HOST:PORT with TGI's and OpenAI's HTTP protocols."""
-    app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision)
+    app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision,
+                          counts=not no_counts)
     console.print(f"dev node {app.config['NODE_MODEL_ID']} @ {app.config['NODE_MODEL_SHA'][:12]} "
                   f"({region}) on http://{host}:{port}")
     serve_node(app, host, port)

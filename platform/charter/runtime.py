@@ -78,7 +78,10 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _part(self, name: str, make: Callable[[Runtime], T]) -> T:
+    def part(self, name: str, make: Callable[[Runtime], T]) -> T:
+        """A part of this runtime made on first use and kept until it closes: the audit
+        writer, the slots, metrics, and a domain's own (the tokenizers of
+        charter.dispatch.service), which core makes without knowing them."""
         found = self._lazy.get(name)
         if found is None:
             with self._lock:
@@ -92,23 +95,23 @@ class Runtime:
     @property
     def writer(self) -> GroupWriter:
         """The gateway's group-commit audit writer, made on first use."""
-        return self._part("writer", self._make_writer)
+        return self.part("writer", self._make_writer)
 
     @property
     def slots(self) -> Slots:
         """Batch slots and named locks (PostgreSQL advisory locks, or in-process)."""
-        return self._part("slots", self._make_slots)
+        return self.part("slots", self._make_slots)
 
     def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
         """A counter in this Runtime's metrics registry, made on first use."""
-        return self._part(f"counter:{name}", lambda rt: Counter(
+        return self.part(f"counter:{name}", lambda rt: Counter(
             name.removesuffix("_total"), documentation, labels, registry=rt.metrics))
 
     def histogram(self, name: str, documentation: str, labels: tuple[str, ...] = (),
                   buckets: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)) -> Histogram:
         """A histogram in this Runtime's metrics registry, made on first use."""
-        return self._part(f"histogram:{name}", lambda rt: Histogram(
+        return self.part(f"histogram:{name}", lambda rt: Histogram(
             name, documentation, labels, registry=rt.metrics, buckets=buckets))
 
     def flush(self) -> None:

@@ -156,6 +156,14 @@ class Settings:
         3600.0, "Longest a stream holds its place under a concurrent-streams limit when its "
         "worker died without giving it back."
     )
+    tokenizers_dir: str = _setting(
+        "",
+        "Folder of the versions' tokenizers, `<model name>/<version label>/tokenizer.json` "
+        "(and its config), used offline to count the tokens of answers a node reported no "
+        "counts for; a `tokenizer.json` must match the digest the registry pinned. Empty, "
+        "or a version without one: a rough count (UTF-8 bytes / 4). Either is marked "
+        "estimated.",
+    )
     otel_endpoint: str = _setting(
         "",
         "OpenTelemetry tracing: the OTLP/HTTP traces endpoint spans are exported to "

@@ -365,3 +365,24 @@ def test_siem_and_tracing_reach_the_settings_only_when_set(rendered: dict[str, R
         "spec"]["containers"][0])
     assert not {"CHARTER_AUDIT_SIEM_SYSLOG", "CHARTER_AUDIT_SIEM_CA_FILE",
                 "CHARTER_OTEL_ENDPOINT"} & set(minimal)
+
+
+def test_tokenizers_are_mounted_read_only_where_requests_are_counted(
+        rendered: dict[str, Rendered]) -> None:
+    """The claim holding the versions' tokenizers reaches the API and the workers (batch
+    lines are counted there), read-only, and becomes CHARTER_TOKENIZERS_DIR; without one,
+    neither the mount nor the setting is there."""
+    for part in ("-api", "-worker"):
+        spec = rendered["production"].one("Deployment", part)["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert env_of(container)["CHARTER_TOKENIZERS_DIR"]["value"] == (
+            "/var/lib/charter/tokenizers")
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["tokenizers"] == {"name": "tokenizers", "readOnly": True,
+                                        "mountPath": "/var/lib/charter/tokenizers"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tokenizers"]["persistentVolumeClaim"] == {
+            "claimName": "charter-tokenizers", "readOnly": True}
+        minimal = rendered["minimal"].one("Deployment", part)["spec"]["template"]["spec"]
+        assert "CHARTER_TOKENIZERS_DIR" not in env_of(minimal["containers"][0])
+        assert "tokenizers" not in {v["name"] for v in minimal["volumes"]}

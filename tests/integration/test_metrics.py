@@ -13,7 +13,7 @@ from tests.runtimes import app_for, flush_outcomes
 CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 BOUNDED = {"method", "endpoint", "status", "team", "model", "direction", "node", "outcome",
            "policy", "result", "code", "kind", "reason", "witness", "region", "limit",
-           "action", "destination"}
+           "action", "destination", "estimator"}
 
 
 def test_metrics_count_what_happened_with_bounded_labels(configured, make_person) -> None:  # type: ignore[no-untyped-def]

@@ -62,7 +62,8 @@ def test_an_openai_stream_is_renamed_and_counted_wherever_it_is_cut(cuts: list[i
     assert len(decoded) == len(EVENTS) and all("usage" not in d for d in decoded)
     assert [d["model"] for d in decoded] == ["tiny"] * len(EVENTS)
     assert [d["choices"] for d in decoded] == [e["choices"] for e in EVENTS]
-    assert (f.tokens_in, f.tokens_out, f.reported) == (7, 5, True)
+    assert (f.tokens_in, f.tokens_out) == (7, 5)
+    assert f.text() == "".join(e["choices"][0]["delta"].get("content", "") for e in EVENTS)
 
 
 def test_a_caller_that_asked_for_usage_gets_it() -> None:
@@ -80,9 +81,12 @@ def test_a_tgi_stream_passes_unchanged_and_counts_from_its_details(cuts: list[in
     assert (f.tokens_in, f.tokens_out, f.events) == (4, 3, 3)
 
 
-def test_a_node_that_reports_nothing_is_counted_by_its_events() -> None:
+def test_a_node_that_reports_nothing_leaves_its_counts_unknown_and_its_text_kept() -> None:
+    """None, not 0: Charter counts them (charter.metering.tokens), from the text passed on."""
     plain = b"".join(b"data: " + json.dumps({k: v for k, v in e.items() if k != "usage"}
                                              ).encode() + b"\n\n" for e in EVENTS)
     f = StreamFilter("openai", "tiny", strip_usage=True)
     _through(plain, [], f)
-    assert (f.reported, f.events) == (False, len(EVENTS))
+    assert (f.tokens_in, f.tokens_out, f.events) == (None, None, len(EVENTS))
+    assert f.text() and f.text() == "".join(
+        e["choices"][0]["delta"].get("content", "") for e in EVENTS)

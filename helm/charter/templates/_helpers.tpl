@@ -138,6 +138,10 @@ wins over the tag, so what runs is exactly what was mirrored.
 - name: CHARTER_OTEL_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.tokenizers.existingClaim }}
+- name: CHARTER_TOKENIZERS_DIR
+  value: {{ .Values.tokenizers.mountPath | quote }}
+{{- end }}
 - name: CHARTER_POLICY_BACKEND
   value: remote
 - name: CHARTER_OPA_URL
@@ -383,6 +387,11 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 - name: seal-key
   mountPath: {{ .Values.audit.sealKey.mountPath }}
 {{- end }}
+{{- if .Values.tokenizers.existingClaim }}
+- name: tokenizers
+  mountPath: {{ .Values.tokenizers.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "charter.appVolumes" -}}
@@ -417,6 +426,12 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 - name: seal-key
   persistentVolumeClaim:
     claimName: {{ . }}
+{{- end }}
+{{- with .Values.tokenizers.existingClaim }}
+- name: tokenizers
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
 {{- end }}
 {{- end -}}
 

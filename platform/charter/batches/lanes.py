@@ -49,8 +49,10 @@ from charter.context import RequestContext
 from charter.db import ChangeGeneration, table_of, utcnow
 from charter.dispatch import upstream
 from charter.dispatch.service import (
+    Counted,
     Plan,
     admit,
+    counted_whole,
     outcome_event,
     usage_of,
 )
@@ -309,23 +311,27 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
             parsed = json.loads(content)
         except ValueError:
             parsed = None
-        tokens_in, tokens_out = upstream.usage("openai", parsed)
         ok = resp.status == 200
+        tokens = Counted(0, 0)  # a refusal by the node generated nothing
+        if ok:
+            tokens = counted_whole(plan, "openai", c.body, parsed)
         if ok:  # the serving name the line asked for, not what the node calls its model
             content = upstream.named_as_asked(content, plan.serving_name)
         text_body = content.decode("utf-8", "replace")
         event = outcome_event(plan, node=node, outcome="completed" if ok else "failed",
-                              status=resp.status, tokens_in=tokens_in, tokens_out=tokens_out,
+                              status=resp.status, tokens_in=tokens.tokens_in,
+                              tokens_out=tokens.tokens_out,
                               ttft_ms=round((time.perf_counter() - started) * 1000, 2),
                               request_digest=digest, stream=False,
                               error="" if ok else text_body[:300], request_id=request_id,
-                              origin=origin)
+                              origin=origin, estimated_by=tokens.estimated_by)
         written = _finish(c, status="succeeded" if ok else "failed",
                           response_status=resp.status, response_body=text_body,
                           error_code=None if ok else "node_error",
                           error_message=None if ok else f"the node answered {resp.status}",
                           node=node.name, decision_id=plan.decision.decision_id, event=event,
-                          usage=usage_of(plan, tokens_in, tokens_out))
+                          usage=usage_of(plan, tokens.tokens_in, tokens.tokens_out,
+                                         tokens.estimated))
         return ("succeeded" if ok else "failed") if written else "lost"
     event = outcome_event(plan, node=None, outcome="failed", status=503, tokens_in=0,
                           tokens_out=0, ttft_ms=None, request_digest=digest, stream=False,

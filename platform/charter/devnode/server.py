@@ -403,12 +403,14 @@ def _last(steps: Iterator[Step]) -> Finished:
     return final
 
 
-def _tgi_events(steps: Iterator[Step], prefix: str) -> Iterator[dict[str, Any]]:
+def _tgi_events(steps: Iterator[Step], prefix: str, *, counts: bool = True
+                ) -> Iterator[dict[str, Any]]:
     for index, step in enumerate(steps, start=1):  # TGI numbers stream events from 1
         event: dict[str, Any] = {"index": index, "token": step.token.as_dict(),
                                  "generated_text": None, "details": None}
         if (final := step.final) is not None:
             event["generated_text"] = prefix + final.text
+        if final is not None and counts:
             event["details"] = {"finish_reason": final.reason, "seed": final.seed,
                                 "generated_tokens": final.generated_tokens,
                                 "input_length": final.input_length}
@@ -416,8 +418,10 @@ def _tgi_events(steps: Iterator[Step], prefix: str) -> Iterator[dict[str, Any]]:
 
 
 def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None = None,
-                    revision: str | None = None) -> Flask:
-    """Load the model from model_dir (never the network) and return the node's WSGI app."""
+                    revision: str | None = None, counts: bool = True) -> Flask:
+    """Load the model from model_dir (never the network) and return the node's WSGI app.
+    `counts=False`: answer like an engine that reports no token counts (no TGI count
+    headers or details, no OpenAI usage even when asked), to try what a gateway does then."""
     model_dir = Path(model_dir)
     if revision is None:
         from charter.registry.importer import content_revision
@@ -501,19 +505,21 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
         steps = engine.stream(ids, engine.bound(ids, sampling))
         prefix = inputs if full_text else ""
         if stream:
-            return _sse(_tgi_events(steps, prefix))
+            return _sse(_tgi_events(steps, prefix, counts=counts))
         all_steps = list(steps)
         final = all_steps[-1].final
         assert final is not None
         answer: dict[str, Any] = {"generated_text": prefix + final.text}
-        if details:
+        if details and counts:
             answer["details"] = {
                 "finish_reason": final.reason, "generated_tokens": final.generated_tokens,
                 "seed": final.seed, "prefill": [], "tokens": [s.token.as_dict() for s in all_steps],
             }
         response = jsonify([answer] if as_list else answer)
-        response.headers.update({"x-compute-type": "cpu", "x-prompt-tokens": str(len(ids)),
-                                 "x-generated-tokens": str(final.generated_tokens)})
+        response.headers["x-compute-type"] = "cpu"
+        if counts:
+            response.headers.update({"x-prompt-tokens": str(len(ids)),
+                                     "x-generated-tokens": str(final.generated_tokens)})
         return response
 
     @app.post("/generate")
@@ -535,6 +541,7 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
                kind: str) -> Response:
         """Chat and legacy completions: one choice; streams end with `data: [DONE]`."""
         sampling, stream, include_usage = _openai_sampling(body, errors)
+        include_usage = include_usage and counts
         _refuse(errors)
         ids = ids_of()
         steps = engine.stream(ids, engine.bound(ids, sampling))
@@ -554,8 +561,8 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
 
         if not stream:
             final = _last(steps)
-            return jsonify({**head, "choices": [choice(final.text, final, "message")],
-                            "usage": usage(final)})
+            whole = {**head, "choices": [choice(final.text, final, "message")]}
+            return jsonify({**whole, "usage": usage(final)} if counts else whole)
         if chat:
             head["object"] = "chat.completion.chunk"
 

@@ -270,8 +270,9 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                     upstream.suspect(node, last_error)
                 continue
             if not stream or resp.status != 200:
-                return _finish_whole(plan, node, resp, protocol, digest, stream, started)
-            return _stream(plan, node, resp, protocol, digest, started, strip_usage)
+                return _finish_whole(plan, node, resp, protocol, body, digest, stream,
+                                     started)
+            return _stream(plan, node, resp, protocol, body, digest, started, strip_usage)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
                                stream=stream, error=last_error, final=False)
@@ -285,7 +286,7 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
 
 
 def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
-                  digest: str, stream: bool, started: float) -> Response:
+                  body: dict[str, Any], digest: str, stream: bool, started: float) -> Response:
     try:
         content = resp.read()
     except NodeCallError as exc:
@@ -300,12 +301,15 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
         parsed = json.loads(content)
     except ValueError:
         parsed = None
-    counted = upstream.header_usage(resp.headers) if protocol == "tgi" else None
-    tokens_in, tokens_out = counted or upstream.usage(protocol, parsed)
+    headed = upstream.header_usage(resp.headers) if protocol == "tgi" else None
     ok = resp.status == 200
+    tokens = service.Counted(0, 0)  # a refusal by the node generated nothing
+    if ok:
+        tokens = service.counted_whole(plan, protocol, body, parsed, headed)
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
-                           status=resp.status, tokens_in=tokens_in,
-                           tokens_out=tokens_out,
+                           status=resp.status, tokens_in=tokens.tokens_in,
+                           tokens_out=tokens.tokens_out, estimated=tokens.estimated,
+                           estimated_by=tokens.estimated_by,
                            ttft_ms=round((time.perf_counter() - started) * 1000, 2),
                            request_digest=digest, stream=stream,
                            error="" if ok else content[:300].decode("utf-8", "replace"))
@@ -315,8 +319,8 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
     elif not ok:  # a 4xx: the node refused the request itself
         content, mimetype = upstream.error_for_caller(protocol, node, content), "application/json"
     out = Response(content, status=resp.status, mimetype=mimetype)
-    if counted is not None:  # TGI's own count headers, as a TGI client reads them
-        out.headers["x-prompt-tokens"], out.headers["x-generated-tokens"] = map(str, counted)
+    if headed is not None:  # TGI's own count headers, as a TGI client reads them
+        out.headers["x-prompt-tokens"], out.headers["x-generated-tokens"] = map(str, headed)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
     _deprecation(out, plan)
     return out
@@ -332,8 +336,8 @@ def _deprecation(out: Response, plan: Plan) -> None:
         out.headers["Sunset"] = http_date(plan.sunset)
 
 
-def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, digest: str,
-            started: float, strip_usage: bool) -> Response:
+def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
+            body: dict[str, Any], digest: str, started: float, strip_usage: bool) -> Response:
     rt = scope.current()  # the outcome is recorded after the request: bound again then
     request_id = g.get("request_id")
     passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage)
@@ -360,13 +364,15 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str, dig
             resp.close()  # unless read to the end, closing the connection cancels generation
             rt.outstanding.release(node.id)
             with scope.bound(rt, request_id=request_id):
+                tokens = service.counted(
+                    plan, protocol, body, passing.tokens_in, passing.tokens_out,
+                    passing.text, events=passing.events if protocol == "tgi" else None)
                 service.record_outcome(
                     plan, node=node, outcome=outcome, status=200,
-                    tokens_in=passing.tokens_in or 0,
-                    tokens_out=passing.tokens_out if passing.tokens_out is not None
-                    else passing.events,
+                    tokens_in=tokens.tokens_in, tokens_out=tokens.tokens_out,
+                    estimated=tokens.estimated, estimated_by=tokens.estimated_by,
                     ttft_ms=ttft, request_digest=digest, stream=True, error=error,
-                    request_id=request_id, estimated=not passing.reported)
+                    request_id=request_id)
 
     out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -20,12 +21,14 @@ from charter.audit.journal import Event
 from charter.audit.writer import Entry
 from charter.context import RequestContext
 from charter.db import utcnow
+from charter.dispatch import upstream
 from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.metering import quota as quotas
 from charter.metering.limits import Limits, LimitsUnavailableError, Rule, rules_for
 from charter.metering.service import UsageDelta
+from charter.metering.tokens import TokenizerPin, Tokenizers, answer_of, prompt_of
 from charter.nodes import service as nodes
 from charter.nodes.service import NodeTarget
 from charter.policy import service as policy
@@ -384,9 +387,10 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
                   request_digest: str, stream: bool, error: str = "",
                   request_id: str | None = None,
-                  origin: dict[str, Any] | None = None, estimated: bool = False) -> Event:
-    """The `dispatch.outcome` event of an admitted request. `estimated`: the node reported
-    no token counts; `tokens_out` is the count of token events Charter saw."""
+                  origin: dict[str, Any] | None = None, estimated_by: str | None = None
+                  ) -> Event:
+    """The `dispatch.outcome` event of an admitted request. `estimated_by`: how Charter
+    counted the tokens the node did not report (counted(): tokenizer, events or bytes)."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
     _observe(p, node, outcome, tokens_in, tokens_out, ttft_ms, latency_ms)
     audit_outcome = {"completed": "success", "aborted": "failure", "failed": "failure",
@@ -400,7 +404,9 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  "data_class": p.data_class, "purpose": p.purpose,
                  "tokens_in": tokens_in, "tokens_out": tokens_out, "ttft_ms": ttft_ms,
                  "latency_ms": latency_ms, "request_digest": request_digest,
-                 "stream": stream, "error": error[:300], "tokens_estimated": estimated,
+                 "stream": stream, "error": error[:300],
+                 "tokens_estimated": estimated_by is not None,
+                 **({"estimated_by": estimated_by} if estimated_by else {}),
                  **({"key_id": p.actor.key_id} if p.actor.key_id else {}),
                  **(origin or {})},
         request_id=request_id,
@@ -431,28 +437,75 @@ def _observe(p: Plan, node: NodeTarget | None, outcome: str, tokens_in: int,
 
 
 def usage_of(p: Plan, tokens_in: int, tokens_out: int,
-             estimated: bool = False) -> tuple[UsageDelta, ...]:
+             estimated: int = 0) -> tuple[UsageDelta, ...]:
     """The token counters of an outcome (the request was counted when it was admitted);
-    `estimated`: the node reported no counts, so they are Charter's own."""
+    `estimated`: how many of the tokens are Charter's count, not the node's."""
     if not tokens_in and not tokens_out:
         return ()
     return (UsageDelta(p.team_id, p.serving_name, utcnow().date(), tokens_in=tokens_in,
                        tokens_out=tokens_out, key_id=p.actor.key_id or "",
-                       tokens_estimated=tokens_in + tokens_out if estimated else 0),)
+                       tokens_estimated=estimated),)
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """An answer's tokens: the node's, and Charter's count of what the node left out."""
+
+    tokens_in: int
+    tokens_out: int
+    estimated: int = 0  # how many of them Charter counted
+    estimated_by: str | None = None  # tokenizer | events | bytes (charter.metering.tokens)
+
+
+def _tokenizer_pin(version_id: str) -> TokenizerPin | None:
+    found = registry.tokenizer_pin(version_id)
+    return TokenizerPin(*found) if found else None
+
+
+def counted_whole(p: Plan, protocol: str, body: dict[str, Any], answer: Any,
+                  reported: tuple[int, int] | None = None) -> Counted:
+    """The tokens of a whole answer (`answer`: its parsed JSON): the counts it carries
+    (`reported`: TGI's count headers, which come first), the rest counted by Charter."""
+    return counted(p, protocol, body, *(reported or upstream.usage(protocol, answer)),
+                   lambda: answer_of(protocol, answer))
+
+
+def counted(p: Plan, protocol: str, body: dict[str, Any], tokens_in: int | None,
+            tokens_out: int | None, answer: Callable[[], str], *,
+            events: int | None = None) -> Counted:
+    """The node's counts where it reported them; the rest counted by Charter with the
+    version's tokenizer (or roughly), said so. `answer`: the generated text, asked for only
+    when needed; `events`: a TGI stream's token events."""
+    if tokens_in is not None and tokens_out is not None:
+        return Counted(tokens_in, tokens_out)
+    rt = scope.current()
+    counter = rt.part("tokenizers", lambda rt: Tokenizers(rt.settings.tokenizers_dir,
+                                                          _tokenizer_pin))
+    ours = counter.count(p.version_id, prompt_of(protocol, body),
+                         answer() if tokens_out is None and events is None else "",
+                         events=events)
+    estimated = (ours.tokens_in if tokens_in is None else 0) + (
+        ours.tokens_out if tokens_out is None else 0)
+    rt.counter("charter_tokens_estimated_total", "Tokens a node did not report, counted by "
+               "Charter, by how (tokenizer, events, bytes)", ("estimator",)).labels(
+        ours.method).inc(estimated)
+    return Counted(ours.tokens_in if tokens_in is None else tokens_in,
+                   ours.tokens_out if tokens_out is None else tokens_out,
+                   estimated, ours.method)
 
 
 def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: int,
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
                    request_digest: str, stream: bool, error: str = "",
-                   request_id: str | None = None, estimated: bool = False,
-                   final: bool = True) -> None:
+                   request_id: str | None = None, estimated: int = 0,
+                   estimated_by: str | None = None, final: bool = True) -> None:
     """Queue the outcome event and the token counters (the request was counted when it
     was admitted); written with the next commit, within `audit_outcome_linger_s`. A
     `final` outcome (not a failed try before a failover) settles the request's limits."""
     event = outcome_event(p, node=node, outcome=outcome, status=status, tokens_in=tokens_in,
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
-                          request_id=request_id, estimated=estimated)
+                          request_id=request_id, estimated_by=estimated_by)
     scope.current().writer.defer(Entry(events=(event,), usage=usage_of(
         p, tokens_in, tokens_out, estimated)))
     if final:

@@ -100,17 +100,25 @@ def error_for_caller(protocol: str, node: NodeTarget, content: bytes) -> bytes:
     return json.dumps(error_body("tgi", message, code="validation")).encode()
 
 
-def usage(protocol: str, body: Any) -> tuple[int, int]:
-    """(tokens in, tokens out) from a whole answer in the protocol's shape."""
+def usage(protocol: str, body: Any) -> tuple[int | None, int | None]:
+    """(tokens in, tokens out) a whole answer reports in the protocol's shape: OpenAI's
+    `usage`, TGI's `details` (the prompt only with `decoder_input_details`); None for a
+    count it does not report."""
     if isinstance(body, list) and body:
         body = body[0]
     if not isinstance(body, dict):
-        return 0, 0
+        return None, None
     if protocol == "openai":
-        found = body.get("usage") or {}
-        return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
-    details = body.get("details") or {}
-    return len(details.get("prefill") or []), int(details.get("generated_tokens") or 0)
+        found = body.get("usage")
+        if not isinstance(found, dict):
+            return None, None
+        return _reported(found.get("prompt_tokens")), _reported(found.get("completion_tokens"))
+    details = body.get("details")
+    if not isinstance(details, dict):
+        return None, None
+    prefill = details.get("prefill")
+    return (len(prefill) if isinstance(prefill, list) and prefill else None,
+            _reported(details.get("generated_tokens")))
 
 
 def named_as_asked(content: bytes, serving_name: str) -> bytes:
@@ -137,13 +145,14 @@ class StreamFilter:
     def __init__(self, protocol: str, serving_name: str, *, strip_usage: bool) -> None:
         self.protocol, self.serving_name, self.strip_usage = protocol, serving_name, strip_usage
         self._pending = b""
-        self.tokens_in: int | None = None
+        self.tokens_in: int | None = None  # as the node reported them, None if it did not
         self.tokens_out: int | None = None
-        self.events = 0  # token events seen: the estimate when the node reports nothing
+        self.events = 0  # token events seen (a TGI stream's are its generated tokens)
+        self._text: list[str] = []  # OpenAI's generated text, for Charter's count if need be
 
-    @property
-    def reported(self) -> bool:
-        return self.tokens_out is not None
+    def text(self) -> str:
+        """The text generated so far, as the caller received it."""
+        return "".join(self._text)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
@@ -189,10 +198,16 @@ class StreamFilter:
     def _openai(self, body: dict[str, Any], line: bytes) -> bytes:
         usage = body.get("usage")
         if isinstance(usage, dict):
-            self.tokens_in = _count(usage.get("prompt_tokens"))
-            self.tokens_out = _count(usage.get("completion_tokens"))
-        if body.get("choices"):
+            self.tokens_in = _reported(usage.get("prompt_tokens"))
+            self.tokens_out = _reported(usage.get("completion_tokens"))
+        if choices := body.get("choices"):
             self.events += 1
+            for choice in choices if isinstance(choices, list) else ():
+                if isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                    if isinstance(text, str):
+                        self._text.append(text)
         elif self.strip_usage and isinstance(usage, dict):
             return b""
         changed = "model" in body
@@ -210,9 +225,9 @@ class StreamFilter:
         if isinstance(body.get("token"), dict):
             self.events += 1
         details = body.get("details")
-        if isinstance(details, dict) and "generated_tokens" in details:
-            self.tokens_out = _count(details.get("generated_tokens"))
-            self.tokens_in = _count(details.get("input_length"))
+        if isinstance(details, dict):
+            self.tokens_out = _reported(details.get("generated_tokens"))
+            self.tokens_in = _reported(details.get("input_length"))
 
 
 def _events(data: bytes) -> list[bytes]:
@@ -229,8 +244,10 @@ def _events(data: bytes) -> list[bytes]:
     return out
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _reported(value: Any) -> int | None:
+    """A count as a node reported it: a whole number, or None for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
 
 
 def outgoing(protocol: str, body: dict[str, Any], raw: bytes, *, stream: bool

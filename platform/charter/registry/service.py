@@ -659,6 +659,21 @@ def pinned_files_of_servable() -> dict[str, PinnedVersion]:
     return {vid: PinnedVersion(versions[vid], tuple(sorted(fs))) for vid, fs in files.items()}
 
 
+def tokenizer_pin(version_id: str) -> tuple[str, str, str | None] | None:
+    """Where the version's tokenizer is looked for (its model's name and its label) and the
+    digest its `tokenizer.json` must have, where the registry pinned one."""
+    with unit_of_work() as session:
+        row = session.execute(
+            select(Model.name, ModelVersion.label).join(Model, Model.id == ModelVersion.model_id)
+            .where(ModelVersion.id == version_id)).first()
+        if row is None:
+            return None
+        digest = session.scalar(select(ModelFile.sha256).where(
+            ModelFile.version_id == version_id,
+            (ModelFile.path == "tokenizer.json") | ModelFile.path.endswith("/tokenizer.json")))
+    return row.name, row.label, digest
+
+
 def servable_version_for(source_repo: str | None, revision: str | None) -> str | None:
     """The newest servable version pinned to this repository and revision (what a node
     that reports them may be attested as), or None."""
