@@ -90,6 +90,10 @@ def build_runtime(settings: Settings) -> Runtime:
                 if settings.limits_redis_url else MemoryStore()),
         tracing=Tracing(settings), make_writer=writer, make_slots=slots)
     tasks.attach(runtime)
+    if isinstance(runtime.limits, RedisStore):  # charges dropped while Redis was away
+        from charter.dispatch.service import count_unavailable
+
+        runtime.limits.on_uncharged = lambda n: count_unavailable("uncharged", n, runtime)
     return runtime
 
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import structlog
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from charter.tracing import Tracing
 
 T = TypeVar("T")
+log = structlog.get_logger("charter.runtime")
 
 
 class Journal(Protocol):
@@ -115,10 +117,18 @@ class Runtime:
             name, documentation, labels, registry=rt.metrics, buckets=buckets))
 
     def flush(self) -> None:
-        """Write the audit events still queued (gunicorn's worker_exit, a clean stop)."""
+        """Write the audit events and the limits' charges still queued (gunicorn's
+        worker_exit, a clean stop)."""
         writer = self._lazy.get("writer")
         if writer is not None:
             writer.flush()
+        self._flush_limits()
+
+    def _flush_limits(self) -> None:
+        try:
+            self.limits.flush()
+        except Exception as exc:  # noqa: BLE001 - Redis away: counted when dropped
+            log.warning("limits: charges not sent on the way out", error=str(exc))
 
     def close(self) -> None:
         """Write what is queued, then let go of every connection, pool and thread."""
@@ -130,6 +140,8 @@ class Runtime:
         writer = parts.get("writer")
         if writer is not None:
             writer.close()  # writes what is still queued
+        self._flush_limits()
+        self.limits.close()
         slots = parts.get("slots")
         if slots is not None:
             slots.close()

@@ -138,8 +138,10 @@ def test_a_redis_that_is_away_is_said_so() -> None:
     rules = rules_for("t", Limits(requests_per_minute=1), None, Limits(), NOON)
     with pytest.raises(LimitsUnavailableError, match="redis"):
         store.admit(rules, NOON, None, 60)
+    store.settle(rules, NOON, 5, "x")  # queued, never raised to a served request
     with pytest.raises(LimitsUnavailableError):
-        store.settle(rules, NOON, 5, "x")
+        store.flush()
+    assert store.pending == 1  # kept for when Redis is back
 
 
 def test_a_redis_that_forgot_the_scripts_is_given_them_again(redis_url: str) -> None:
@@ -151,3 +153,63 @@ def test_a_redis_that_forgot_the_scripts_is_given_them_again(redis_url: str) -> 
     redis.Redis.from_url(redis_url).script_flush()  # a restarted server keeps no scripts
     assert store.admit(rules, NOON, None, 60) is None
     assert store.admit(rules, NOON, None, 60) is not None
+
+
+def test_a_charge_rides_on_the_next_admission_or_is_sent_after_a_linger(redis_url: str) -> None:
+    """One round trip a request: a process's charges go with its next admission, applied
+    before that request's own check; one no request picks up reaches Redis (and so every
+    other replica) after `linger_s`, sent by the store's own thread."""
+    import time
+
+    import redis
+
+    kid = str(uuid.uuid4())
+    rules = rules_for("", Limits(), kid, Limits(tokens_per_day=10), NOON)
+    pod_a, pod_b = RedisStore(redis_url, linger_s=0.05), RedisStore(redis_url, linger_s=60)
+    server = redis.Redis.from_url(redis_url)
+    pod_a.settle(rules, NOON, 6, None)
+    pod_a.settle(rules, NOON, 6, None)
+    assert pod_a.pending == 2
+    deadline = time.monotonic() + 10
+    while pod_b.admit(rules, NOON, None, 60) is None:  # until pod A's thread sent them
+        assert time.monotonic() < deadline, "the charges never reached Redis"
+        time.sleep(0.01)
+    assert pod_a.pending == 0 and int(server.get(rules[0].key) or 0) == 12
+    # Pod B's own charge is not sent by a thread for a minute, but its next check has it.
+    kid = str(uuid.uuid4())
+    rules = rules_for("", Limits(), kid, Limits(tokens_per_day=10), NOON)
+    pod_b.settle(rules, NOON, 10, None)
+    assert server.get(rules[0].key) is None
+    refused = pod_b.admit(rules, NOON, None, 60)
+    assert refused is not None and refused.rule.name == "key.tokens_per_day"
+    assert pod_b.pending == 0 and int(server.get(rules[0].key)) == 10
+
+
+def test_charges_wait_for_a_redis_that_is_away_and_only_the_oldest_are_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from charter.metering import limits
+    from tests.processes import RedisServer
+
+    monkeypatch.setattr(limits, "MAX_PENDING", 3)
+    dropped: list[int] = []
+    server = RedisServer()  # not started yet: away
+    store = RedisStore(server.url, timeout_s=0.2, linger_s=60, on_uncharged=dropped.append)
+    kid = str(uuid.uuid4())
+    rules = rules_for("", Limits(), kid, Limits(tokens_per_day=10**6), NOON)
+    for tokens in (1, 2, 3, 4, 5):
+        store.settle(rules, NOON, tokens, None)
+    with pytest.raises(LimitsUnavailableError):
+        store.admit(rules, NOON, None, 60)  # the request is refused or served unchecked
+    assert store.pending == 3 and dropped == [2]  # 1 and 2 dropped, and said so
+    server.start()  # Redis is back
+    try:
+        store.flush()
+        assert store.pending == 0
+        assert int(redis.Redis.from_url(server.url).get(rules[0].key)) == 3 + 4 + 5
+        server.kill()  # a connection the store kept dies with its server: a new one is made
+        server.start()
+        assert store.admit(rules, NOON, None, 60) is None
+    finally:
+        server.kill()

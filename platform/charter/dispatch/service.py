@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -37,6 +37,9 @@ from charter.readcache import StaleReadError
 from charter.registry import service as registry
 from charter.tracing import set_attributes
 from charter.uow import unit_of_work
+
+if TYPE_CHECKING:
+    from charter.runtime import Runtime
 
 log = structlog.get_logger("charter.dispatch")
 
@@ -121,7 +124,7 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
     try:
         refused = rt.limits.admit(list(rules), now_ms, lease, settings.limits_stream_lease_s)
     except LimitsUnavailableError as exc:
-        _count_unavailable(settings.limits_unavailable)
+        count_unavailable(settings.limits_unavailable)
         if settings.limits_unavailable == "allow":
             _say_unavailable(actor, str(exc))
             return None
@@ -147,24 +150,21 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
 def settle(ticket: Ticket | None, tokens: int = 0) -> None:
     """Charge what a request used to its limits and give its stream's lease back. With
     no tokens, only the lease: what a request that failed or was refused later does (any
-    number of times: giving a lease back twice is harmless). Never raises: the answer has
-    been served; a store that is away loses the charge (counted)."""
+    number of times: giving a lease back twice is harmless). Never raises and never
+    waits: the store queues the charge (charter.metering.limits.RedisStore)."""
     if ticket is None or not ticket.rules or (not tokens and ticket.lease is None):
         return
-    rt = scope.current()
-    try:
-        rt.limits.settle(list(ticket.rules), int(time.time() * 1000), tokens, ticket.lease)
-    except LimitsUnavailableError as exc:
-        _count_unavailable("uncharged")
-        log.warning("limits: could not charge a request's tokens", error=str(exc),
-                    tokens=tokens)
+    scope.current().limits.settle(list(ticket.rules), int(time.time() * 1000), tokens,
+                                  ticket.lease)
 
 
-def _count_unavailable(action: str) -> None:
-    scope.current().counter(
+def count_unavailable(action: str, n: int = 1, rt: Runtime | None = None) -> None:
+    """Requests whose limits could not be checked (`refuse`, `allow`) or whose charges
+    were dropped while Redis was away (`uncharged`)."""
+    (rt or scope.current()).counter(
         "charter_limits_unavailable_total", "Requests whose limits could not be checked "
         "or charged (the limits' Redis away), by what was done", ("action",)).labels(
-        action).inc()
+        action).inc(n)
 
 
 def _say_unavailable(actor: Actor, error: str) -> None:

@@ -24,12 +24,20 @@ named.
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import math
+import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("charter.metering")
 
 KINDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month",
          "concurrent_streams")
@@ -71,12 +79,7 @@ class Rule:
     kind: str
     limit: int
     key: str
-
-    def ends_ms(self, now_ms: int) -> int:
-        """When a day's or a month's budget starts again; 0 for the other kinds."""
-        if self.kind in ("tokens_per_day", "tokens_per_month"):
-            return period_end_ms(self.kind, now_ms)
-        return 0
+    ends_ms: int = 0  # when a day's or a month's budget starts again; 0 for the other kinds
 
 
 def rules_for(team_id: str, team: Limits, key_id: str | None, key: Limits,
@@ -92,8 +95,9 @@ def rules_for(team_id: str, team: Limits, key_id: str | None, key: Limits,
             if value is None:
                 continue
             suffix = {"tokens_per_day": f":{day}", "tokens_per_month": f":{month}"}.get(kind, "")
+            ends = period_end_ms(kind, now_ms) if suffix else 0
             out.append(Rule(f"{scope_name}.{kind}", kind, value,
-                            f"charter:limit:{scope_name}:{subject}:{kind}{suffix}"))
+                            f"charter:limit:{scope_name}:{subject}:{kind}{suffix}", ends))
     return out
 
 
@@ -135,24 +139,55 @@ class Store(Protocol):
         ...
 
     def settle(self, rules: list[Rule], now_ms: int, tokens: int, lease: str | None) -> None:
-        """Charge an answer's tokens and give its lease back."""
+        """Charge an answer's tokens and give its lease back (Redis: queued, see
+        RedisStore; never raises)."""
+        ...
+
+    def flush(self) -> None:
+        """Apply the charges still queued. Raises LimitsUnavailableError when it cannot."""
+        ...
+
+    def close(self) -> None:
+        """Stop what the store runs for itself."""
         ...
 
 
-# --- Redis ------------------------------------------------------------------------------------
+# --- Redis ---------------------------------------------------------------------------------
 
-# One argument, words separated by spaces (one packed string costs the client a third of
-# what two dozen arguments do): now_ms, the lease id ("-" for none), the lease's expiry
-# in ms, then per rule its kind, limit, key and (day and month budgets) when the period
-# ends in ms. So the keys are not declared: one Redis (with replicas), not Redis Cluster.
-_PARSE = """
-local w = {}
-for word in string.gmatch(ARGV[1], '%S+') do w[#w + 1] = word end
-local now, lease, lease_until = tonumber(w[1]), w[2], tonumber(w[3])
-"""
-
+# One script, two arguments of words separated by spaces (one packed string costs the
+# client a third of what two dozen arguments do). ARGV[1]: charges to apply first, each
+# `now_ms lease tokens n` and n rules; ARGV[2]: the request to admit (empty: only the
+# charges), `now_ms lease lease_until_ms` and its rules. A rule is its kind, limit, key and
+# (day and month budgets) when the period ends in ms. So the keys are not declared: one
+# Redis (with replicas), not Redis Cluster.
 # Returns 0, or {rule index (1-based), retry after ms; -1: when the period ends}.
-_ADMIT = _PARSE + """
+_SCRIPT = """
+local function words(text)
+  local w = {}
+  for word in string.gmatch(text, '%S+') do w[#w + 1] = word end
+  return w
+end
+local c, p = words(ARGV[1]), 1
+while p <= #c do
+  local now, lease, tokens, n = tonumber(c[p]), c[p + 1], tonumber(c[p + 2]), tonumber(c[p + 3])
+  p = p + 4
+  for _ = 1, n do
+    local kind, limit, key, ends = c[p], tonumber(c[p + 1]), c[p + 2], tonumber(c[p + 3])
+    p = p + 4
+    if kind == 'tokens_per_minute' and tokens > 0 then
+      local tat = math.max(tonumber(redis.call('GET', key) or now), now) + tokens * 60000 / limit
+      redis.call('SET', key, tat, 'PX', math.ceil(tat - now) + 1000)
+    elseif (kind == 'tokens_per_day' or kind == 'tokens_per_month') and tokens > 0 then
+      redis.call('INCRBY', key, tokens)
+      redis.call('PEXPIREAT', key, ends + 86400000)
+    elseif kind == 'concurrent_streams' and lease ~= '-' then
+      redis.call('ZREM', key, lease)
+    end
+  end
+end
+local w = words(ARGV[2])
+if #w == 0 then return 0 end
+local now, lease, lease_until = tonumber(w[1]), w[2], tonumber(w[3])
 local n = (#w - 3) / 4
 local tats = {}
 for i = 1, n do
@@ -183,68 +218,176 @@ for i = 1, n do
 end
 return 0
 """
+_SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
-# The same words; the tokens to charge in place of the lease's expiry.
-_SETTLE = _PARSE + """
-local tokens = lease_until
-for i = 1, (#w - 3) / 4 do
-  local kind, limit, key, ends = w[4 * i], tonumber(w[4 * i + 1]), w[4 * i + 2], w[4 * i + 3]
-  if kind == 'tokens_per_minute' and tokens > 0 then
-    local tat = math.max(tonumber(redis.call('GET', key) or now), now) + tokens * 60000 / limit
-    redis.call('SET', key, tat, 'PX', math.ceil(tat - now) + 1000)
-  elseif (kind == 'tokens_per_day' or kind == 'tokens_per_month') and tokens > 0 then
-    redis.call('INCRBY', key, tokens)
-    redis.call('PEXPIREAT', key, tonumber(ends) + 86400000)
-  elseif kind == 'concurrent_streams' and lease ~= '-' then
-    redis.call('ZREM', key, lease)
-  end
-end
-return 0
-"""
+MAX_PENDING = 10_000  # charges kept while Redis is away; beyond, the oldest are dropped
 
 
-def _words(rules: list[Rule], now_ms: int) -> str:
-    return " ".join(f"{r.kind} {r.limit} {r.key} {r.ends_ms(now_ms)}" for r in rules)
+@functools.lru_cache(maxsize=4096)
+def _words(rules: tuple[Rule, ...]) -> str:
+    """The rules as the script reads them (made once per rule set: a day's rules are the
+    same rules all day)."""
+    return " ".join(f"{r.kind} {r.limit} {r.key} {r.ends_ms}" for r in rules)
 
 
 class RedisStore:
-    """The limits' state in Redis, each check and charge one atomic script (EVALSHA; the
-    script is loaded again when the server has forgotten it)."""
+    """The limits' state in Redis: each check one atomic script (EVALSHA; the script is
+    loaded again when the server has forgotten it).
 
-    def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
+    Charges are not a round trip of their own: `settle` queues them, and the next
+    request this process admits carries them in the same script, applied before its own
+    check (so one process's requests see each other's charges in order). A charge no
+    request picks up within `linger_s` is sent by a thread of the store's. So a request
+    costs one round trip to Redis, not two, and none after its answer; another replica
+    sees a charge within `linger_s`. While Redis is away charges wait (up to MAX_PENDING;
+    the oldest beyond are dropped and passed to `on_uncharged`)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 0.25, linger_s: float = 0.05,
+                 on_uncharged: Callable[[int], None] | None = None) -> None:
         import redis
 
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._lost: tuple[type[BaseException], ...] = (redis.ConnectionError,
+                                                       redis.TimeoutError, OSError)
+        self._answered = redis.ResponseError  # the server said no: the connection is fine
+        self._failed = (*self._lost, redis.RedisError)
         self._noscript = redis.exceptions.NoScriptError
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                           socket_connect_timeout=timeout_s)
-        self._sha = {name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-                     for name, text in (("admit", _ADMIT), ("settle", _SETTLE))}
+        # redis-py makes and sets up each connection (TLS, AUTH, the database); the store
+        # keeps them itself, a stack per process: redis-py's pool and client cost a
+        # request twice the CPU of the round trip itself (bench/gateway.py --limits).
+        self._pool = redis.ConnectionPool.from_url(url, socket_timeout=timeout_s,
+                                                   socket_connect_timeout=timeout_s)
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
+        self.linger_s = linger_s
+        self.on_uncharged = on_uncharged
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flusher_pid = 0  # the process whose flusher thread runs (none after a fork)
+        self._closed = False
 
-    def _run(self, name: str, payload: str) -> Any:
-        run = self.client.execute_command
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _run(self, charges: str, request: str) -> Any:
         try:
             try:
-                return run("EVALSHA", self._sha[name], 0, payload)  # type: ignore[no-untyped-call]
+                return self._call("EVALSHA", _SHA, 0, charges, request)
             except self._noscript:
-                return run("EVAL", _ADMIT if name == "admit" else _SETTLE, 0,  # type: ignore[no-untyped-call]
-                           payload)
-        except self._errors as exc:
+                return self._call("EVAL", _SCRIPT, 0, charges, request)
+        except self._failed as exc:
             raise LimitsUnavailableError(f"redis: {exc}") from None
+
+    def _call(self, *args: Any) -> Any:
+        """One command on an idle connection of this process (a new one if none is); a
+        connection found dead is tried once more on a new one (Redis restarted)."""
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+            self._idle, self._pid = [], os.getpid()
+        try:
+            conn, reused = self._idle.pop(), True
+        except IndexError:
+            conn, reused = self._pool.connection_class(**self._pool.connection_kwargs), False
+        try:
+            conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            reply = conn.read_response()
+        except self._answered:
+            self._idle.append(conn)
+            raise
+        except self._lost:
+            conn.disconnect()
+            if not reused:
+                raise
+            return self._call(*args)
+        self._idle.append(conn)
+        return reply
+
+    def _take(self) -> list[str]:
+        with self._lock:
+            taken, self._pending = self._pending, []
+        return taken
+
+    def _put_back(self, taken: list[str]) -> None:
+        """Charges whose script failed wait for the next one, the oldest dropped first."""
+        with self._lock:
+            self._pending[:0] = taken
+            over = len(self._pending) - MAX_PENDING
+            if over > 0:
+                del self._pending[:over]
+        if over > 0 and self.on_uncharged is not None:
+            self.on_uncharged(over)
 
     def admit(self, rules: list[Rule], now_ms: int, lease: str | None,
               lease_s: float) -> Refusal | None:
-        found = self._run("admit", f"{now_ms} {lease or '-'} {now_ms + int(lease_s * 1000)} "
-                                   f"{_words(rules, now_ms)}")
+        taken = self._take() if self._pending else []
+        try:
+            found = self._run(" ".join(taken), f"{now_ms} {lease or '-'} "
+                              f"{now_ms + int(lease_s * 1000)} {_words(tuple(rules))}")
+        except LimitsUnavailableError:
+            if taken:
+                self._put_back(taken)
+            raise
         if not found:
             return None
         rule = rules[int(found[0]) - 1]
         wait = int(found[1])
-        return Refusal(rule, rule.ends_ms(now_ms) - now_ms if wait < 0 else wait)
+        return Refusal(rule, rule.ends_ms - now_ms if wait < 0 else wait)
 
     def settle(self, rules: list[Rule], now_ms: int, tokens: int, lease: str | None) -> None:
-        self._run("settle", f"{now_ms} {lease or '-'} {max(0, tokens)} "
-                            f"{_words(rules, now_ms)}")
+        charge = f"{now_ms} {lease or '-'} {max(0, tokens)} {len(rules)} {_words(tuple(rules))}"
+        with self._lock:
+            self._pending.append(charge)
+        if self._flusher_pid != os.getpid():
+            self._start_flusher()
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send the charges still queued (a worker on its way out; the flusher)."""
+        taken = self._take()
+        if not taken:
+            return
+        try:
+            self._run(" ".join(taken), "")
+        except LimitsUnavailableError:
+            self._put_back(taken)
+            raise
+
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flusher_pid == os.getpid():
+                return
+            self._flusher_pid = os.getpid()
+        threading.Thread(target=self._flush_lingering, name="charter-limits-flusher",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the flusher (what is still queued stays: flush() first)."""
+        self._closed = True
+        self._wake.set()
+
+    def _flush_lingering(self) -> None:
+        failures = 0
+        while True:
+            self._wake.wait()
+            if self._closed:
+                return
+            # The requests of this process may take them first; after a failure, back off.
+            time.sleep(min(5.0, self.linger_s * 2 ** failures))
+            self._wake.clear()
+            if not self._pending:
+                continue
+            try:
+                self.flush()
+            except LimitsUnavailableError as exc:
+                if not failures:
+                    log.warning("limits: charges wait for Redis", error=str(exc),
+                                pending=len(self._pending))
+                failures += 1
+                self._wake.set()  # tried again after the back-off
+            else:
+                if failures:
+                    log.info("limits: the charges that waited are sent", tries=failures + 1)
+                failures = 0
 
 
 # --- this process ------------------------------------------------------------------------------
@@ -297,3 +440,9 @@ class MemoryStore:
                     self._values[r.key] = self._values.get(r.key, 0) + tokens
                 elif r.kind == "concurrent_streams" and lease:
                     self._leases.get(r.key, {}).pop(lease, None)
+
+    def flush(self) -> None:
+        """Nothing waits: charges are applied as they come."""
+
+    def close(self) -> None:
+        """Nothing runs."""
