@@ -41,13 +41,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # --- the fast upstream: TGI's protocol on a raw asyncio server ------------------------------
 
-def _http(status: int, body: bytes, ctype: str = "application/json") -> bytes:
+def _http(status: int, body: bytes, ctype: str = "application/json", extra: str = "") -> bytes:
     reason = {200: "OK", 404: "Not Found"}[status]
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 GEN_TEXT = " the quick brown fox jumps over the lazy"
+PROMPT_TOKENS = 4  # what the stub says every TGI prompt was (OpenAI's: 5)
 CANNED = {
     (b"GET", b"/health"): _http(200, b""),
     (b"GET", b"/info"): _http(200, json.dumps({
@@ -60,7 +61,8 @@ CANNED = {
     (b"POST", b"/generate"): _http(200, json.dumps({
         "generated_text": GEN_TEXT, "details": {
             "finish_reason": "length", "generated_tokens": 8, "seed": None,
-            "prefill": [], "tokens": []}}).encode()),
+            "prefill": [], "tokens": []}}).encode(),
+        extra=f"x-prompt-tokens: {PROMPT_TOKENS}\r\nx-generated-tokens: 8\r\n"),
     (b"POST", b"/v1/chat/completions"): _http(200, json.dumps({
         "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL_ID,
         "choices": [{"index": 0, "finish_reason": "length",
@@ -77,9 +79,29 @@ def _token_chunk(i: int, n: int) -> bytes:
     event = {"index": i + 1, "token": {"id": 100 + i, "text": f" t{i}", "logprob": -0.5,
                                        "special": False},
              "generated_text": GEN_TEXT if last else None,
-             "details": {"finish_reason": "length", "generated_tokens": n, "seed": None}
+             "details": {"finish_reason": "length", "generated_tokens": n, "seed": None,
+                         "input_length": PROMPT_TOKENS}
              if last else None}
-    data = b"data:" + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    return _chunked(b"data:" + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _chat_chunk(i: int, n: int) -> bytes:
+    """One event of an OpenAI chat stream: a token, the last with its finish reason."""
+    event = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+             "model": MODEL_ID, "choices": [{"index": 0, "delta": {"content": f" t{i}"},
+                                             "finish_reason": "length" if i == n - 1 else None}]}
+    return _chunked(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _chat_usage(n: int) -> bytes:
+    """An OpenAI stream's usage chunk (sent when `stream_options.include_usage`)."""
+    event = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+             "model": MODEL_ID, "choices": [],
+             "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}}
+    return _chunked(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
@@ -116,10 +138,16 @@ class TgiStub(asyncio.Protocol):
                 params = json.loads(body or b"{}").get("parameters") or {}
                 self.busy = True
                 asyncio.ensure_future(self._stream(int(params.get("max_new_tokens") or 20)))
+            elif target == b"/v1/chat/completions" and b'"stream"' in body and (
+                    asked := json.loads(body)).get("stream") is True:
+                usage = (asked.get("stream_options") or {}).get("include_usage") is True
+                self.busy = True
+                asyncio.ensure_future(self._stream(int(asked.get("max_tokens") or 20),
+                                                   chat=True, usage=usage))
             else:
                 self.transport.write(CANNED.get((method, target), NOT_FOUND))
 
-    async def _stream(self, n: int) -> None:
+    async def _stream(self, n: int, *, chat: bool = False, usage: bool = False) -> None:
         transport = self.transport
         assert transport is not None
         transport.write(STREAM_HEAD)
@@ -128,7 +156,9 @@ class TgiStub(asyncio.Protocol):
                 await asyncio.sleep(self.delay_s)
             if transport.is_closing():
                 return
-            transport.write(_token_chunk(i, n))
+            transport.write(_chat_chunk(i, n) if chat else _token_chunk(i, n))
+        if chat:
+            transport.write((_chat_usage(n) if usage else b"") + _chunked(b"data: [DONE]\n\n"))
         transport.write(b"0\r\n\r\n")
         self.busy = False
         self.data_received(b"")
@@ -1299,6 +1329,12 @@ def main() -> None:
                     "started again every few seconds; errors and throughput)")
     ap.add_argument("--kill-every", type=float, default=3.0,
                     help="with --failover: seconds between kills of the eu-central node")
+    ap.add_argument("--limits", action="store_true",
+                    help="instead: what limits cost, one key under every limit kind against "
+                    "one under none, on the same workers (bench/limits.py)")
+    ap.add_argument("--redis", default=os.environ.get("CHARTER_BENCH_REDIS",
+                                                      "redis://127.0.0.1:6379/14"),
+                    help="with --limits: the limits' Redis")
     ap.add_argument("--time-limit", type=int, default=600, help="abort after this many seconds")
     ap.add_argument("--role", choices=("upstream", "latency", "streams", "load"),
                     help=argparse.SUPPRESS)
@@ -1321,6 +1357,11 @@ def main() -> None:
 
     signal.signal(signal.SIGALRM, too_long)
     signal.alarm(args.time_limit)
+    if args.limits:
+        from limits import run_limits
+
+        run_limits(args)
+        return
     if args.failover:
         from failover import run_failover
 

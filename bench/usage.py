@@ -2,12 +2,14 @@
 
 `charter serve` (2 workers) in front of bench/gateway.py's TGI stub, with the bench team
 under every limit kind (never reached; their state in Redis) and tracing off; --requests
-requests from 8 clients, mixed evenly: OpenAI chat completions, TGI `/generate`, and TGI
-`/generate_stream` of 4 to 12 tokens. The stub's own counts are known: a chat answer
-reports 5 tokens in and 8 out, `/generate` 8 generated tokens, a stream as many as were
-asked for. Afterwards, side by side: requests and tokens as the stub counted them, as the
-`dispatch.outcome` events recorded them, and as the usage counters (GET /api/v1/usage,
-what chargeback prices) hold them. Every column must be equal.
+requests from 8 clients, mixed evenly: OpenAI chat completions, TGI `/generate`, OpenAI
+chat streams (usage not asked for by the caller) and TGI `/generate_stream`, streams of 4
+to 12 tokens. The stub's own counts are known: OpenAI prompts are 5 tokens and TGI's 4
+(its count headers and its stream's `details`), a whole answer 8 tokens out, a stream as
+many as were asked for. Nothing may be marked estimated. Afterwards, side by side:
+requests and tokens as the stub counted them, as the `dispatch.outcome` events recorded
+them, and as the usage counters (GET /api/v1/usage, what chargeback prices) hold them.
+Every column must be equal.
 
     python bench/usage.py --requests 1000 --redis redis://127.0.0.1:6379/15
 """
@@ -86,13 +88,14 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {key}"}
         rnd = random.Random(7)
-        plan = [("chat", 0), ("generate", 0)] * (args.requests // 3)
-        plan += [("stream", rnd.randint(4, 12)) for _ in range(args.requests - len(plan))]
+        plan = [("chat", 0), ("generate", 0)] * (args.requests // 4)
+        plan += [(rnd.choice(("stream", "chat_stream")), rnd.randint(4, 12))
+                 for _ in range(args.requests - len(plan))]
         rnd.shuffle(plan)
         expected = {"requests": len(plan), "tokens_in": 0, "tokens_out": 0}
-        for kind, n in plan:
-            expected["tokens_in"] += 5 if kind == "chat" else 0
-            expected["tokens_out"] += n if kind == "stream" else 8
+        for kind, n in plan:  # what the stub reports: OpenAI prompts 5, TGI's PROMPT_TOKENS
+            expected["tokens_in"] += 5 if kind.startswith("chat") else gw.PROMPT_TOKENS
+            expected["tokens_out"] += n if kind.endswith("stream") else 8
 
         def one(job: tuple[str, int]) -> int:
             kind, n = job
@@ -105,6 +108,13 @@ def main() -> None:
                 if kind == "generate":
                     return c.post("/tgi/bench/generate", json={
                         "inputs": "hi", "parameters": {"max_new_tokens": 8}}).status_code
+                if kind == "chat_stream":  # usage not asked for: Charter asks for it
+                    with c.stream("POST", "/v1/chat/completions", json={
+                            "model": "bench", "max_tokens": n, "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]}) as s:
+                        body = b"".join(s.iter_bytes())
+                    assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n"), body
+                    return s.status_code
                 with c.stream("POST", "/tgi/bench/generate_stream", json={
                         "inputs": "hi", "parameters": {"max_new_tokens": n}}) as s:
                     for _ in s.iter_bytes():
@@ -132,11 +142,12 @@ def main() -> None:
                    "tokens_out": sum(r.tokens_out for r in rows)}
         table = Table(title=f"{len(plan)} requests ({plan.count(('chat', 0))} chat, "
                       f"{plan.count(('generate', 0))} generate, "
-                      f"{sum(1 for k, _ in plan if k == 'stream')} streams) in {took:.1f} s")
+                      f"{sum(1 for k, _ in plan if k == 'chat_stream')} chat streams, "
+                      f"{sum(1 for k, _ in plan if k == 'stream')} TGI streams) in {took:.1f} s")
         for col in ("", "the node counted", "dispatch.outcome events", "usage counters",
                     "match"):
             table.add_column(col, justify="right")
-        ok = True
+        ok = estimated == 0
         for k in ("requests", "tokens_in", "tokens_out"):
             same = expected[k] == recorded[k] == counted[k]
             ok = ok and same
