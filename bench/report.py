@@ -40,6 +40,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                      "--profile-requests", "20"]),
     "batch": ("batch.py", [], ["--lines", "300", "--rounds", "1"]),
     "serving": ("serving.py", [], ["--rounds", "1", "--requests", "100"]),
+    "limits": ("gateway.py", ["--limits", "--rounds", "6", "--duration", "5"],
+               ["--limits", "--rounds", "2", "--duration", "2", "--requests", "100"]),
+    "usage": ("usage.py", ["--requests", "1000"], ["--requests", "200"]),
 }
 
 
