@@ -71,6 +71,9 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/versions/<version_id>/revoke"): R("admin", "approver",
                                                         body=lambda c: {"reason": "bad"}),
     ("POST", "/api/v1/versions/<version_id>/admission"): R("admin", "steward", "approver"),
+    ("POST", "/api/v1/versions/<version_id>/evaluations"): R("admin", "steward", body=lambda c: {
+        "content": "{}"}),
+    ("GET", "/api/v1/versions/<version_id>/evaluations"): R(**ANY),
     ("POST", "/api/v1/versions/<version_id>/exceptions"): R("admin", body=lambda c: {
         "codes": ["no_weight_files"], "justification": "a justification that is long enough",
         "expires_at": (utcnow() + timedelta(days=3)).isoformat()}),

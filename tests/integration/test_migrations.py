@@ -19,7 +19,7 @@ TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_d
           "console_sessions", "nodes", "deployments", "deployment_nodes", "usage_counters",
           "change_generation", "files", "batches", "batch_lines", "audit_checkpoints",
           "audit_tree_nodes", "audit_keys", "audit_purged", "audit_cosignatures",
-          "audit_shipments", "prices",
+          "audit_shipments", "prices", "evaluations",
           "alembic_version"}
 
 

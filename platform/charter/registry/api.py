@@ -11,6 +11,8 @@ from charter.audit import receipts
 from charter.registry import service
 from charter.registry.schemas import (
     ApprovalConditions,
+    EvaluationIn,
+    EvaluationOut,
     ExceptionCreate,
     ModelCreate,
     ModelOut,
@@ -143,3 +145,17 @@ def grant_exception(actor: Actor, version_id: str, body: ExceptionCreate) -> obj
     with collecting() as recorded:
         version = service.grant_exception(actor, version_id, body)
     return _with_receipt(version, recorded, "version.exception")
+
+
+@bp.operation("POST", "/versions/<version_id>/evaluations",
+              summary="Attach evaluation results (lm-eval-harness JSON, OpenCompass summary)",
+              body=EvaluationIn, response=EvaluationOut, status=201, errors=(403, 409, 422))
+def attach_evaluation(actor: Actor, version_id: str, body: EvaluationIn) -> object:
+    return service.attach_evaluation(actor, version_id, body)
+
+
+@bp.operation("GET", "/versions/<version_id>/evaluations",
+              summary="A version's evaluation results, the newest first",
+              response=list[EvaluationOut])
+def list_evaluations(actor: Actor, version_id: str) -> object:
+    return service.list_evaluations(version_id)

@@ -152,3 +152,29 @@ class PolicyException(Base):
 
     def active(self, now: datetime) -> bool:
         return self.expires_at > now
+
+
+class Evaluation(Base):
+    """Evaluation results attached to a version as evidence (charter.registry.evaluations):
+    the file as it was given (and its digest), and its metrics as read."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("version_id", "sha256", name="uq_evaluations_file"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=False, index=True
+    )
+    format: Mapped[str] = mapped_column(String(20), nullable=False)  # lm-eval | opencompass
+    file_name: Mapped[str] = mapped_column(String(300), nullable=False, default="")
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    model_named: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    revision: Mapped[str | None] = mapped_column(String(100))
+    evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    metrics: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False, default=list)
+    task_hashes: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False, default=dict)
+    attached_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    attached_by_user_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    attached_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

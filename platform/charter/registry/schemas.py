@@ -208,3 +208,42 @@ class VersionOut(Out):
     state_reason: str
     row_version: int
     receipt: ReceiptOut | None = None  # on lifecycle changes (approve, revoke, exception...)
+
+
+class EvaluationIn(Strict):
+    """An evaluation's results file, as the harness wrote it (its text: the digest is of
+    its UTF-8 bytes). `format`: lm-eval or opencompass (default: told by the content);
+    `column`: for an OpenCompass summary of several models, this version's column."""
+
+    content: Annotated[str, StringConstraints(min_length=1, max_length=5_000_000)]
+    file_name: Annotated[str, StringConstraints(max_length=300)] = ""
+    format: Literal["lm-eval", "opencompass"] | None = None
+    column: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+
+
+class EvaluationMetricOut(Out):
+    task: str
+    metric: str
+    filter: str
+    value: float
+    stderr: float | None
+    n_shot: int | None
+    higher_is_better: bool | None
+    task_version: str | None
+    samples: int | None
+
+
+class EvaluationOut(Out):
+    id: str
+    version_id: str
+    format: str
+    file_name: str
+    sha256: str
+    size: int
+    model_named: list[str]
+    revision: str | None
+    evaluated_at: datetime | None
+    metrics: list[EvaluationMetricOut]
+    task_hashes: dict[str, str]
+    attached_by: str
+    attached_at: datetime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from charter.errors import (
 )
 from charter.policy import service as policy
 from charter.policy.engine import Decision
+from charter.registry import evaluations
 from charter.registry.models import (
     UNSAFE_FORMATS,
     ApprovalDecision,
+    Evaluation,
     Model,
     ModelFile,
     ModelVersion,
@@ -43,6 +46,7 @@ from charter.registry.rules import (
 )
 from charter.registry.schemas import (
     ApprovalConditions,
+    EvaluationIn,
     ExceptionCreate,
     ModelCreate,
     RequiredReason,
@@ -657,6 +661,77 @@ def pinned_files_of_servable() -> dict[str, PinnedVersion]:
             assert f.sha256 is not None
             files.setdefault(f.version_id, []).append((f.path, f.size, f.sha256))
     return {vid: PinnedVersion(versions[vid], tuple(sorted(fs))) for vid, fs in files.items()}
+
+
+def attach_evaluation(actor: Actor, version_id: str, given: EvaluationIn, *,
+                      served_as: tuple[str, ...] = ()) -> Evaluation:
+    """Attach an evaluation's results to a version as evidence (stewards and admins):
+    read (lm-eval-harness's JSON, OpenCompass's summary), held to the version (a file
+    about another model, or another revision of it, is refused), kept with its digest,
+    audited. `served_as`: serving names the evaluation ran under (Charter's own runs).
+    Refusals: 422 `evaluation_malformed`, 422 `evaluation_model_mismatch`, 409
+    `evaluation_exists`; each audited."""
+    action = "version.evaluation_attach"
+    actor.require(*STEWARDS, action=action, target_type="model_version",
+                  target_id=version_id)
+    raw = given.content.encode("utf-8")  # NULs and lone surrogates are refused with the body
+    digest = hashlib.sha256(raw).hexdigest()
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        try:
+            results = evaluations.parse(given.content, given.format, column=given.column)
+        except evaluations.MalformedResults as exc:
+            raise ValidationFailedError(
+                f"the evaluation results cannot be read: {exc}", code="evaluation_malformed",
+                details={"sha256": digest, "format": given.format},
+            ).audited(actor.ref, action, "model_version", version_id) from None
+        known = [version.model.name, version.model.source_repo, *served_as]
+        wrong_revision = (results.revision is not None and version.source_revision is not None
+                          and results.revision != version.source_revision)
+        if not results.names or not evaluations.matches(results.names, known) \
+                or wrong_revision:
+            raise ValidationFailedError(
+                "the results are of another model: they name "
+                f"{', '.join(results.names) or 'no model'}"
+                + (f" at revision {results.revision}" if wrong_revision else "")
+                + f", and this version is {version.model.name} ({version.model.source_repo}"
+                + (f" at {version.source_revision}" if version.source_revision else "") + ")",
+                code="evaluation_model_mismatch",
+                details={"named": list(results.names), "revision": results.revision,
+                         "expected": [k for k in known if k],
+                         "expected_revision": version.source_revision, "sha256": digest},
+            ).audited(actor.ref, action, "model_version", version_id)
+        if session.scalar(select(Evaluation.id).where(
+                Evaluation.version_id == version_id, Evaluation.sha256 == digest)):
+            raise ConflictError(
+                "these results are already attached to this version",
+                code="evaluation_exists", details={"sha256": digest},
+            ).audited(actor.ref, action, "model_version", version_id)
+        evaluation = Evaluation(
+            id=str(uuid.uuid4()), version_id=version_id, format=results.format,
+            file_name=given.file_name, sha256=digest, size=len(raw), content=given.content,
+            model_named=list(results.names), revision=results.revision,
+            evaluated_at=results.evaluated_at,
+            metrics=[m.as_dict() for m in results.metrics], task_hashes=results.task_hashes,
+            attached_by=actor.ref, attached_by_user_id=actor.user_id)
+        session.add(evaluation)
+        session.flush()
+        record(session, actor=actor.ref, action=action, target_type="model_version",
+               target_id=version_id, details={
+                   "evaluation_id": evaluation.id, "format": results.format,
+                   "sha256": digest, "size": len(raw), "file_name": given.file_name,
+                   "model_named": list(results.names), "revision": results.revision,
+                   "tasks": sorted({m.task for m in results.metrics}),
+                   "metrics": len(results.metrics)})
+        return evaluation
+
+
+def list_evaluations(version_id: str) -> list[Evaluation]:
+    """A version's evaluations, the newest first."""
+    with unit_of_work() as session:
+        _version(session, version_id)
+        return list(session.scalars(select(Evaluation).where(
+            Evaluation.version_id == version_id).order_by(Evaluation.attached_at.desc())))
 
 
 def tokenizer_pin(version_id: str) -> tuple[str, str, str | None] | None:
