@@ -48,6 +48,9 @@ def test_requests_per_minute_answer_429_in_each_protocol_and_are_audited(
         assert sum(world.node.hits.values()) == 2  # the refused never reached the node
         refused = list_events(EventFilter(action="dispatch.refused"))
         assert [e.details["code"] for e in refused] == ["limit_exceeded"] * 2
+        # The policy works while Redis answers, but a refused request commits no decision.
+        decided = list_events(EventFilter(action="policy.decide", target_type="deployment"))
+        assert len(decided) == 2
         assert refused[-1].details["limit"] == "team.requests_per_minute"
         assert refused[-1].details["limit_value"] == 2 and refused[-1].outcome == "denied"
         key_id = world.key.split("_")[1]
@@ -154,3 +157,26 @@ def test_limits_are_set_through_the_api_and_checked(configured, make_person, cli
     r = client.put(f"/api/v1/api-keys/{key_id}/limits", headers=admin.headers,
                    json={"limits": {"requests_per_minute": 5}})
     assert r.status_code == 200 and r.get_json()["limits"] == {"requests_per_minute": 5}
+
+
+def test_a_request_the_policy_refuses_after_its_limits_admitted_it_gives_its_lease_back(
+        configured, make_person, redis_url) -> None:  # type: ignore[no-untyped-def]
+    """One concurrent stream: a stream the policy refuses (a purpose not approved) must
+    not keep the place, and a limit refusal outranks the policy's."""
+    world = make_world(configured, make_person, limits_redis_url=redis_url)
+    try:
+        _limit_team(world.team_id, concurrent_streams=1)
+        client = app_for(world.settings).test_client()
+        stream = {**CHAT, "stream": True}
+        for _ in range(3):
+            r = client.post("/v1/chat/completions", json=stream,
+                            headers={**world.headers, "X-Charter-Purpose": "marketing"})
+            assert r.status_code == 403, r.get_data(as_text=True)[:300]
+        r = client.post("/v1/chat/completions", headers=world.headers, json=stream)
+        assert r.status_code == 200
+        r.get_data()  # read to its end: the lease goes back with its outcome
+        r = client.post("/v1/chat/completions", headers=world.headers, json=stream)
+        assert r.status_code == 200, r.get_data(as_text=True)[:300]
+        r.get_data()
+    finally:
+        world.node.stop()

@@ -97,11 +97,17 @@ def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
     """The request's limits first (charter.dispatch.service.limit), then the decision and
     the call; a request that fails or is refused after its limits admitted it gives its
     stream's lease back (its outcome charges its tokens)."""
-    ticket = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
+    limits = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
     try:
-        return _forward(_admit(**asked, ticket=ticket), asked, path, body, raw, stream=stream)
+        plan = _admit(**asked, limits=limits)
     except BaseException:
-        service.settle(ticket)
+        if limits is not None:
+            limits.release()
+        raise
+    try:
+        return _forward(plan, asked, path, body, raw, stream=stream)
+    except BaseException:
+        service.settle(plan.ticket)
         raise
 
 

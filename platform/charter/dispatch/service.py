@@ -26,7 +26,7 @@ from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.metering import quota as quotas
-from charter.metering.limits import Limits, LimitsUnavailableError, Rule, rules_for
+from charter.metering.limits import Limits, LimitsUnavailableError, Pending, Rule, rules_for
 from charter.metering.service import UsageDelta
 from charter.metering.tokens import TokenizerPin, Tokenizers, answer_of, prompt_of
 from charter.nodes import service as nodes
@@ -92,14 +92,15 @@ CHARGED = ("tokens_per_minute", "tokens_per_day", "tokens_per_month")
 STREAMS = "concurrent_streams"
 
 
-def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | None:
-    """Check a request against its team's and its key's limits before anything else is
-    decided; refuse it (429 `limit_exceeded`, naming the limit, with when to retry), or
-    admit it and return what to settle when it ends (None: no limits apply). Every
-    refusal is audited as `dispatch.refused`. When the limits' store cannot be asked,
-    CHARTER_LIMITS_UNAVAILABLE decides: refuse (503 `limits_unavailable`) or serve
-    unchecked; either way counted, and audited (`limits.unavailable`, at most once a
-    minute a process, when served)."""
+def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Limited | None:
+    """Ask the request's team's and key's limits before anything else is decided: sent
+    now, its answer read by admit() just before the decision would be committed, so
+    Redis works while the policy does (None: no limits apply). Limited.ticket() refuses
+    it (429 `limit_exceeded`, naming the limit, with when to retry) or admits it, as if
+    asked first: a refused request commits no decision. Every refusal is audited as
+    `dispatch.refused`. When the limits' store cannot be asked, CHARTER_LIMITS_UNAVAILABLE
+    decides: refuse (503 `limits_unavailable`) or serve unchecked; either way counted, and
+    audited (`limits.unavailable`, at most once a minute a process, when served)."""
     actor = rc.actor
     assert actor is not None
     rt = scope.current()
@@ -120,31 +121,75 @@ def limit(rc: RequestContext, *, serving_name: str, stream: bool) -> Ticket | No
         return None
     lease = (secrets.token_hex(8)
              if stream and any(r.kind == "concurrent_streams" for r in rules) else None)
-    settings = rt.settings
     try:
-        refused = rt.limits.admit(list(rules), now_ms, lease, settings.limits_stream_lease_s)
+        pending = rt.limits.begin(list(rules), now_ms, lease, rt.settings.limits_stream_lease_s)
     except LimitsUnavailableError as exc:
-        count_unavailable(settings.limits_unavailable)
-        if settings.limits_unavailable == "allow":
-            _say_unavailable(actor, str(exc))
+        _unavailable(actor, serving_name, exc)
+        return None
+    return Limited(actor, ctx.team, serving_name, rules, lease, pending)
+
+
+@dataclass(slots=True)
+class Limited:
+    """A request's limits, asked of the store; its answer read once (ticket())."""
+
+    actor: Actor
+    team: str | None
+    serving_name: str
+    rules: tuple[Rule, ...]
+    lease: str | None
+    pending: Pending
+    answered: bool = False
+    admitted: Ticket | None = None
+
+    def ticket(self) -> Ticket | None:
+        """What to settle when the request ends; or the refusal, raised (audited)."""
+        if self.answered:
+            return self.admitted
+        self.answered = True
+        try:
+            refused = self.pending.result()
+        except LimitsUnavailableError as exc:
+            _unavailable(self.actor, self.serving_name, exc)
             return None
-        raise record_refusal(actor, serving_name, DispatchError(
-            "the limits cannot be checked now, so the request is refused "
-            "(CHARTER_LIMITS_UNAVAILABLE=refuse); try again", code="limits_unavailable",
-            status=503, details={"retry_after_s": 1})) from None
-    if refused is not None:
-        rule = refused.rule
-        rt.counter("charter_limit_refusals_total", "Requests refused by a limit, by limit "
-                   "(team.requests_per_minute, key.tokens_per_day, ...)", ("limit",)).labels(
-            rule.name).inc()
-        owner = f"team {ctx.team}" if rule.name.startswith("team.") else f"key {key_id}"
-        raise record_refusal(actor, serving_name, DispatchError(
-            f"{owner} has reached its limit {rule.name} ({rule.limit}); retry after "
-            f"{refused.retry_after_s} s", code="limit_exceeded", status=429,
-            details={"limit": rule.name, "limit_value": rule.limit,
-                     "retry_after_s": refused.retry_after_s}))
-    charged = tuple(r for r in rules if r.kind in CHARGED or (lease and r.kind == STREAMS))
-    return Ticket(charged, lease)
+        if refused is not None:
+            rule = refused.rule
+            scope.current().counter(
+                "charter_limit_refusals_total", "Requests refused by a limit, by limit "
+                "(team.requests_per_minute, key.tokens_per_day, ...)", ("limit",)).labels(
+                rule.name).inc()
+            owner = (f"team {self.team}" if rule.name.startswith("team.")
+                     else f"key {self.actor.key_id}")
+            raise record_refusal(self.actor, self.serving_name, DispatchError(
+                f"{owner} has reached its limit {rule.name} ({rule.limit}); retry after "
+                f"{refused.retry_after_s} s", code="limit_exceeded", status=429,
+                details={"limit": rule.name, "limit_value": rule.limit,
+                         "retry_after_s": refused.retry_after_s}))
+        self.admitted = Ticket(tuple(r for r in self.rules if r.kind in CHARGED or (
+            self.lease and r.kind == STREAMS)), self.lease)
+        return self.admitted
+
+    def release(self) -> None:
+        """A request that ended before its outcome (an error, a refusal): its answer is
+        read (the connection kept) and a stream's lease given back."""
+        try:
+            ticket = self.ticket()
+        except CharterError:
+            return
+        settle(ticket)
+
+
+def _unavailable(actor: Actor, serving_name: str, exc: LimitsUnavailableError) -> None:
+    """The limits could not be asked: served unchecked (said) or refused, by the setting."""
+    settings = scope.current().settings
+    count_unavailable(settings.limits_unavailable)
+    if settings.limits_unavailable == "allow":
+        _say_unavailable(actor, str(exc))
+        return
+    raise record_refusal(actor, serving_name, DispatchError(
+        "the limits cannot be checked now, so the request is refused "
+        "(CHARTER_LIMITS_UNAVAILABLE=refuse); try again", code="limits_unavailable",
+        status=503, details={"retry_after_s": 1})) from None
 
 
 def settle(ticket: Ticket | None, tokens: int = 0) -> None:
@@ -225,7 +270,8 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           purpose: str | None, protocol: str = "openai",
           origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
-          retry_of: str | None = None, ticket: Ticket | None = None) -> Plan:
+          retry_of: str | None = None, ticket: Ticket | None = None,
+          limits: Limited | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -239,6 +285,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     A failover (`retry_of`: the decision whose nodes all failed before the first byte)
     decides again without the nodes in `exclude`, in any region the policy allows; it is
     the same request, so it is not counted against the quota again.
+
+    `limits` (limit()): their answer is read just before the commit; a refusal by them
+    is raised instead, and nothing this call decided is committed.
     """
     if retry_of is not None:
         origin = {**(origin or {}), "retry_of": retry_of}
@@ -288,6 +337,8 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             entry.quota = (plan.team_id, quota)
             over = _over_quota(ctx, quota)
             entry.over_quota = (*events, _refused_event(actor, serving_name, over, origin))
+    if limits is not None:
+        ticket = limits.ticket()  # raises the limits' refusal: nothing above is written
     with rt.tracing.span("charter.audit.commit") as span:
         rt.writer.commit(entry)
         set_attributes(span, **{"charter.audit.result": entry.result})

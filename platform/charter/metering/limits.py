@@ -131,11 +131,23 @@ class LimitsUnavailableError(Exception):
     """The store could not be asked (Redis away): the setting decides what happens."""
 
 
+class Pending(Protocol):
+    def result(self) -> Refusal | None:
+        """The admission's answer (read once). Raises LimitsUnavailableError."""
+        ...
+
+
 class Store(Protocol):
     def admit(self, rules: list[Rule], now_ms: int, lease: str | None,
               lease_s: float) -> Refusal | None:
         """Refuse (nothing moves) or admit (request counts move; a lease is taken for a
         stream). Raises LimitsUnavailableError when it cannot tell."""
+        ...
+
+    def begin(self, rules: list[Rule], now_ms: int, lease: str | None,
+              lease_s: float) -> Pending:
+        """admit(), its answer read later (Pending.result()): the caller works meanwhile.
+        Raises LimitsUnavailableError when it cannot even ask."""
         ...
 
     def settle(self, rules: list[Rule], now_ms: int, tokens: int, lease: str | None) -> None:
@@ -271,17 +283,16 @@ class RedisStore:
         return len(self._pending)
 
     def _run(self, charges: str, request: str) -> Any:
+        """The script, sent and its answer read."""
+        args = ("EVALSHA", _SHA, 0, charges, request)
         try:
-            try:
-                return self._call("EVALSHA", _SHA, 0, charges, request)
-            except self._noscript:
-                return self._call("EVAL", _SCRIPT, 0, charges, request)
+            return self._answer(args, *self._send(args))
         except self._failed as exc:
             raise LimitsUnavailableError(f"redis: {exc}") from None
 
-    def _call(self, *args: Any) -> Any:
-        """One command on an idle connection of this process (a new one if none is); a
-        connection found dead is tried once more on a new one (Redis restarted)."""
+    def _send(self, args: tuple[Any, ...]) -> tuple[Any, bool]:
+        """Send a command on an idle connection of this process (a new one if none is);
+        returns it, and whether it was one kept from before."""
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
             self._idle, self._pid = [], os.getpid()
         try:
@@ -290,6 +301,17 @@ class RedisStore:
             conn, reused = self._pool.connection_class(**self._pool.connection_kwargs), False
         try:
             conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except self._lost:
+            conn.disconnect()
+            if not reused:
+                raise
+            return self._send(args)  # a kept connection Redis had closed: a new one
+        return conn, reused
+
+    def _read(self, args: tuple[Any, ...], conn: Any, reused: bool) -> Any:
+        """The answer to what was sent on `conn`; a kept connection found dead is tried
+        once more, anew (Redis restarted)."""
+        try:
             reply = conn.read_response()
         except self._answered:
             self._idle.append(conn)
@@ -298,9 +320,17 @@ class RedisStore:
             conn.disconnect()
             if not reused:
                 raise
-            return self._call(*args)
+            return self._read(args, *self._send(args))
         self._idle.append(conn)
         return reply
+
+    def _answer(self, args: tuple[Any, ...], conn: Any, reused: bool) -> Any:
+        """The script's answer, given again in full when Redis had forgotten it."""
+        try:
+            return self._read(args, conn, reused)
+        except self._noscript:
+            full = ("EVAL", _SCRIPT, *args[2:])
+            return self._read(full, *self._send(full))
 
     def _take(self) -> list[str]:
         with self._lock:
@@ -319,19 +349,23 @@ class RedisStore:
 
     def admit(self, rules: list[Rule], now_ms: int, lease: str | None,
               lease_s: float) -> Refusal | None:
+        return self.begin(rules, now_ms, lease, lease_s).result()
+
+    def begin(self, rules: list[Rule], now_ms: int, lease: str | None,
+              lease_s: float) -> Pending:
+        """Send the admission (and the charges queued) now; its answer is read when
+        asked for, so the caller works while Redis does."""
         taken = self._take() if self._pending else []
+        args = ("EVALSHA", _SHA, 0, " ".join(taken),
+                f"{now_ms} {lease or '-'} {now_ms + int(lease_s * 1000)} "
+                f"{_words(tuple(rules))}")
         try:
-            found = self._run(" ".join(taken), f"{now_ms} {lease or '-'} "
-                              f"{now_ms + int(lease_s * 1000)} {_words(tuple(rules))}")
-        except LimitsUnavailableError:
+            conn, reused = self._send(args)
+        except self._failed as exc:
             if taken:
                 self._put_back(taken)
-            raise
-        if not found:
-            return None
-        rule = rules[int(found[0]) - 1]
-        wait = int(found[1])
-        return Refusal(rule, rule.ends_ms - now_ms if wait < 0 else wait)
+            raise LimitsUnavailableError(f"redis: {exc}") from None
+        return _Admission(self, args, conn, reused, taken, rules, now_ms)
 
     def settle(self, rules: list[Rule], now_ms: int, tokens: int, lease: str | None) -> None:
         charge = f"{now_ms} {lease or '-'} {max(0, tokens)} {len(rules)} {_words(tuple(rules))}"
@@ -390,6 +424,47 @@ class RedisStore:
                 failures = 0
 
 
+class _Admission:
+    """An admission sent to Redis, its answer read once, when first asked for."""
+
+    def __init__(self, store: RedisStore, args: tuple[Any, ...], conn: Any, reused: bool,
+                 taken: list[str], rules: list[Rule], now_ms: int) -> None:
+        self.store, self.args, self.conn, self.reused = store, args, conn, reused
+        self.taken, self.rules, self.now_ms = taken, rules, now_ms
+        self._outcome: Refusal | LimitsUnavailableError | None = None
+        self._read = False
+
+    def result(self) -> Refusal | None:
+        if not self._read:
+            self._read = True
+            store = self.store
+            try:
+                found = store._answer(self.args, self.conn, self.reused)
+            except store._failed as exc:
+                if self.taken:
+                    store._put_back(self.taken)
+                self._outcome = LimitsUnavailableError(f"redis: {exc}")
+            else:
+                if found:
+                    rule = self.rules[int(found[0]) - 1]
+                    wait = int(found[1])
+                    self._outcome = Refusal(
+                        rule, rule.ends_ms - self.now_ms if wait < 0 else wait)
+        if isinstance(self._outcome, LimitsUnavailableError):
+            raise self._outcome
+        return self._outcome
+
+
+class Answered:
+    """An admission a store decided at once."""
+
+    def __init__(self, refusal: Refusal | None) -> None:
+        self.refusal = refusal
+
+    def result(self) -> Refusal | None:
+        return self.refusal
+
+
 # --- this process ------------------------------------------------------------------------------
 
 class MemoryStore:
@@ -429,6 +504,10 @@ class MemoryStore:
                     if r.kind == "concurrent_streams":
                         self._leases[r.key][lease] = now_ms + int(lease_s * 1000)
             return None
+
+    def begin(self, rules: list[Rule], now_ms: int, lease: str | None,
+              lease_s: float) -> Pending:
+        return Answered(self.admit(rules, now_ms, lease, lease_s))
 
     def settle(self, rules: list[Rule], now_ms: int, tokens: int, lease: str | None) -> None:
         with self._lock:
