@@ -200,3 +200,63 @@ def test_names_match_the_model_not_a_lookalike() -> None:
     with pytest.raises(MalformedResults):
         parse("{}", "lm-eval")
     assert parse(json.dumps(LM_EVAL)).format == "lm-eval"
+
+
+def test_a_high_risk_version_is_admitted_on_its_evidence(client, make_person) -> None:  # type: ignore[no-untyped-def]
+    """policies/data/evidence.json: a high-risk version needs arc_easy acc >= 0.5 from
+    the last 365 days. Missing, then too low (shown with its numbers), then met: the
+    approval follows the evidence."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    steward, approver = make_person("steward"), make_person("approver")
+    r = client.post("/api/v1/models", headers=steward.headers, json={
+        "name": "TinyLlama", "publisher": "TinyLlama",
+        "source_repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"})
+    r = client.post(f"/api/v1/models/{r.get_json()['id']}/versions", headers=steward.headers,
+                    json={"label": "1.0", "source_revision": REVISION, "risk_tier": "high",
+                          "weight_format": "safetensors", "license_declared": "apache-2.0",
+                          "license_card": "apache-2.0", "derivation": "original",
+                          "datasets": ["cerebras/SlimPajama-627B"],
+                          "storage_region": "eu-west", "hosting_regions": ["eu-west"],
+                          "files": [{"path": "model.safetensors", "size": 1,
+                                     "sha256": "a" * 64}]})
+    assert r.status_code == 201, r.get_json()
+    vid = r.get_json()["id"]
+    r = client.post(f"/api/v1/versions/{vid}/submit", headers=steward.headers, json={})
+    assert r.status_code == 200, r.get_json()
+    found = r.get_json()["admission"]["violations"]
+    assert [v["code"] for v in found] == ["evaluation_missing"], found
+    assert "arc_easy acc (filter none)" in found[0]["msg"]
+
+    def attach(acc: float, days_ago: int) -> None:
+        doc = json.loads(json.dumps(LM_EVAL))
+        doc["results"]["arc_easy"]["acc,none"] = acc
+        doc["date"] = time.time() - days_ago * 86400
+        r = client.post(f"/api/v1/versions/{vid}/evaluations", headers=steward.headers,
+                        json={"content": json.dumps(doc)})
+        assert r.status_code == 201, r.get_json()
+
+    attach(0.4512, 3)
+    r = client.post(f"/api/v1/versions/{vid}/admission", headers=steward.headers)
+    found = r.get_json()["admission"]["violations"]
+    assert found == [{"code": "evaluation_below_threshold", "msg":
+                      "arc_easy acc (filter none) is 451200 ppm at best; requirement "
+                      "high-risk-reasoning needs at least 500000 ppm"}], found
+    conditions = {"allowed_regions": ["eu-west"], "allowed_data_classes": ["internal"],
+                  "allowed_purposes": ["assistant"], "reason": "reviewed",
+                  "expires_at": (datetime.now(UTC) + timedelta(days=30)).isoformat()}
+    r = client.post(f"/api/v1/versions/{vid}/approve", headers=approver.headers,
+                    json=conditions)
+    assert _error(r, 409, "admission_denied")
+    attach(0.7563, 400)  # a pass, but older than a year: not evidence
+    r = client.post(f"/api/v1/versions/{vid}/admission", headers=steward.headers)
+    assert [v["code"] for v in r.get_json()["admission"]["violations"]] == [
+        "evaluation_below_threshold"]
+    attach(0.7563, 10)
+    r = client.post(f"/api/v1/versions/{vid}/approve", headers=approver.headers,
+                    json=conditions)
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["state"] == "approved"
+    decided = list_events(EventFilter(action="policy.decide", target_id=vid))
+    assert decided[-1].outcome == "success"

@@ -75,6 +75,7 @@ class PolicyBundle:
                 raise ConfigurationError(f"{path} is not valid JSON: {exc}",
                                          code="policy_data_invalid") from exc
         _check_identifiers(data)
+        _check_evidence(data.get("evidence"))
         missing = set(POLICIES.values()) - {f.package for f in files}
         if missing:
             raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
@@ -109,6 +110,43 @@ def _check_identifiers(data: dict[str, Any]) -> None:
         raise ConfigurationError(
             f"policy data holds ids that are not canonical (ASCII, lower case): {bad[:5]}",
             code="policy_data_invalid")
+
+
+def _check_evidence(evidence: Any) -> None:
+    """data.charter.evidence (the evaluation results versions must have): each requirement
+    an `id`, canonical `risk_tiers`, a `task` and `metric` (and `filter`), exactly one of
+    `min_ppm` and `max_ppm`, and an optional `max_age_days`, all integers in range."""
+    if evidence is None:
+        return
+    problems: list[str] = []
+    requirements = evidence.get("requirements") if isinstance(evidence, dict) else None
+    if not isinstance(requirements, list):
+        problems.append("evidence.requirements is a list")
+        requirements = []
+    limit = 2**53 - 1
+    for i, r in enumerate(requirements):
+        where = f"evidence.requirements[{i}]"
+        if not isinstance(r, dict):
+            problems.append(f"{where} is an object")
+            continue
+        for key in ("id", "task", "metric", "filter"):
+            if not isinstance(r.get(key, "none" if key == "filter" else None), str):
+                problems.append(f"{where}.{key} is a string")
+        tiers = r.get("risk_tiers")
+        if not isinstance(tiers, list) or not tiers or any(
+                not isinstance(t, str) or canonical(t) != t for t in tiers):
+            problems.append(f"{where}.risk_tiers is a list of canonical ids")
+        bounds = [k for k in ("min_ppm", "max_ppm") if k in r]
+        if len(bounds) != 1:
+            problems.append(f"{where} has exactly one of min_ppm and max_ppm")
+        for key in (*bounds, *(["max_age_days"] if "max_age_days" in r else [])):
+            value = r[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    (0 if key == "max_age_days" else -limit) <= value <= limit):
+                problems.append(f"{where}.{key} is a whole number in range")
+    if problems:
+        raise ConfigurationError(f"policy data evidence.json is malformed: {problems[:5]}",
+                                 code="policy_data_invalid")
 
 
 def _revision(files: list[RegoFile], data: dict[str, Any]) -> str:

@@ -57,6 +57,7 @@ from charter.registry.schemas import (
 from charter.uow import record, record_decision, unit_of_work
 
 STEWARDS = ("admin", "steward")
+PPM_LIMIT = 2**53 - 1  # a metric's value in ppm, held where every engine is exact
 MAX_EXCEPTION = timedelta(days=180)
 APPROVERS = ("admin", "approver")
 
@@ -260,7 +261,9 @@ def _transition(
 
 
 def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
-    """What the admission policy sees: the version as registered, and its lineage."""
+    """What the admission policy sees: the version as registered, its lineage, and every
+    metric of its attached evaluations (values in parts per million: integers, which every
+    engine compares alike)."""
     base_approved = False
     if version.base_model:
         base_approved = session.scalar(
@@ -295,6 +298,16 @@ def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
             "hosting_regions": identifiers.stored(list(version.hosting_regions)),
         },
         "lineage": {"base_model_approved": base_approved},
+        "now": int(utcnow().timestamp()),
+        "evaluations": [
+            {"task": m["task"], "metric": m["metric"], "filter": m["filter"],
+             "value_ppm": max(-PPM_LIMIT, min(PPM_LIMIT, round(m["value"] * 1_000_000))),
+             "format": e.format,
+             "sha256": e.sha256, "attached_at": int(e.attached_at.timestamp()),
+             "evaluated_at": int(e.evaluated_at.timestamp()) if e.evaluated_at else None}
+            for e in session.scalars(select(Evaluation).where(
+                Evaluation.version_id == version.id).order_by(Evaluation.attached_at))
+            for m in e.metrics],
     }
 
 

@@ -147,3 +147,66 @@ test_a_card_without_a_license_is_a_warning if {
 	_codes(inp) == set()
 	_warnings(inp) == {"license_card_missing"}
 }
+
+# --- evaluation evidence (data.charter.evidence: arc_easy acc >= 500000 ppm, 365 days, for
+# high-risk versions) -------------------------------------------------------------------
+
+_now := 1765000000
+
+_arc(ppm, at) := {"task": "arc_easy", "metric": "acc", "filter": "none", "value_ppm": ppm,
+	"evaluated_at": at, "attached_at": _now}
+
+_high(evals) := json.patch(_ok, [
+	{"op": "add", "path": "/version/risk_tier", "value": "high"},
+	{"op": "add", "path": "/now", "value": _now},
+	{"op": "add", "path": "/evaluations", "value": evals},
+])
+
+_messages(inp) := msgs if {
+	msgs := {v.msg | some v in admission.decision.violations} with input as inp
+}
+
+test_a_high_risk_version_needs_its_evidence if {
+	_codes(_high([])) == {"evaluation_missing"}
+	_messages(_high([])) == {concat("", [
+		"no result of arc_easy acc (filter none) is attached; high-risk versions need one ",
+		"(requirement high-risk-reasoning)",
+	])}
+	other := {"task": "arc_easy", "metric": "acc_norm", "filter": "none", "value_ppm": 900000,
+		"evaluated_at": null, "attached_at": _now}
+	_codes(_high([other])) == {"evaluation_missing"}
+}
+
+test_evidence_at_or_above_the_threshold_admits if {
+	_codes(_high([_arc(500000, _now)])) == set()
+	_codes(_high([_arc(451200, _now), _arc(756300, null)])) == set()
+}
+
+test_evidence_below_the_threshold_is_shown_with_its_numbers if {
+	inp := _high([_arc(451200, _now), _arc(499999, _now - 86400)])
+	_codes(inp) == {"evaluation_below_threshold"}
+	_messages(inp) == {concat("", [
+		"arc_easy acc (filter none) is 499999 ppm at best; requirement high-risk-reasoning ",
+		"needs at least 500000 ppm",
+	])}
+}
+
+test_stale_evidence_does_not_count if {
+	year := 365 * 86400
+	_codes(_high([_arc(900000, _now - year - 1)])) == {"evaluation_stale"}
+	_codes(_high([_arc(900000, _now - year)])) == set()
+	# a stale pass beside a fresh failure: below the threshold, as read among fresh results
+	_codes(_high([_arc(900000, _now - year - 1), _arc(100000, _now)])) == {"evaluation_below_threshold"}
+}
+
+test_evidence_is_not_asked_of_other_tiers if {
+	inp := json.patch(_high([]), [{"op": "replace", "path": "/version/risk_tier", "value": "limited"}])
+	_codes(inp) == set()
+}
+
+test_malformed_evidence_is_input_invalid if {
+	_codes(_high([{"task": "arc_easy"}])) == {"input_invalid"}
+	_codes(_high("x")) == {"input_invalid"}
+	inp := json.patch(_high([]), [{"op": "replace", "path": "/now", "value": "today"}])
+	_codes(inp) == {"input_invalid"}
+}

@@ -1,8 +1,11 @@
 # May this model version be approved?
 #
-# Input: {"version": {...registry fields...}, "lineage": {"base_model_approved": bool}},
+# Input: {"version": {...registry fields...}, "lineage": {"base_model_approved": bool},
+#         "now": epoch seconds, "evaluations": [{"task", "metric", "filter", "value_ppm",
+#         "evaluated_at", "attached_at"}]},
 #        as schemas/admission.input.json states it (Charter checks that before any engine).
-# Data:  data.charter.licenses, data.charter.residency, data.charter.organisation
+# Data:  data.charter.licenses, data.charter.residency, data.charter.organisation,
+#        data.charter.evidence (evaluation results a version must have, per risk tier)
 # Output: decision := {"allow", "violations": [{"code", "msg"}], "warnings": [{"code", "msg"}]}
 #
 # Written to decide alike on every engine (docs/policy.md, "Rego style"): input is read
@@ -46,6 +49,10 @@ _hosting_regions := _array(object.get(_v, "hosting_regions", null))
 
 _derivation := object.get(_v, "derivation", null)
 
+_evaluations := _array(object.get(_input, "evaluations", null))
+
+_now := object.get(_input, "now", null)
+
 # --- input shape: anything malformed denies -------------------------------------------
 
 _string_or_null(o, key) if object.get(o, key, null) == null
@@ -73,6 +80,29 @@ _lineage_ok if {
 	is_boolean(object.get(_lineage, "base_model_approved", false))
 }
 
+_number_or_null(o, key) if object.get(o, key, null) == null
+
+_number_or_null(o, key) if is_number(object.get(o, key, null))
+
+_evaluation_ok(e) if {
+	is_object(e)
+	is_string(object.get(e, "task", null))
+	is_string(object.get(e, "metric", null))
+	is_string(object.get(e, "filter", null))
+	is_number(object.get(e, "value_ppm", null))
+	is_number(object.get(e, "attached_at", null))
+	_number_or_null(e, "evaluated_at")
+}
+
+_evaluations_ok if object.get(_input, "evaluations", null) == null
+
+_evaluations_ok if {
+	is_array(object.get(_input, "evaluations", null))
+	every e in _evaluations {
+		_evaluation_ok(e)
+	}
+}
+
 _valid_input if {
 	is_object(object.get(_input, "version", null))
 	is_string(_publisher)
@@ -90,6 +120,8 @@ _valid_input if {
 	_string_or_null(_v, "derivation")
 	_string_or_null(_v, "storage_region")
 	_lineage_ok
+	_evaluations_ok
+	_number_or_null(_input, "now")
 }
 
 violations contains {"code": "input_invalid", "msg": "the admission input is malformed"} if {
@@ -282,6 +314,128 @@ violations contains {
 	_valid_input
 	_has_storage_region
 	not _sovereign(_storage_region)
+}
+
+# --- evaluation evidence ------------------------------------------------------------------
+# data.charter.evidence.requirements: each {"id", "risk_tiers", "task", "metric", "filter",
+# "min_ppm" or "max_ppm", "max_age_days"}, checked by Charter when the bundle loads. A
+# result is fresh when it was made (else attached) within max_age_days of `now`.
+
+_evidence := data.charter.evidence if is_object(data.charter.evidence)
+else := {}
+
+_requirements := [r |
+	some r in _array(object.get(_evidence, "requirements", null))
+	is_object(r)
+]
+
+_has_number(o, key) if is_number(object.get(o, key, null))
+
+_applies(r) if object.get(_v, "risk_tier", null) in _array(object.get(r, "risk_tiers", null))
+
+_result_for(r, e) if {
+	object.get(e, "task", null) == object.get(r, "task", null)
+	object.get(e, "metric", null) == object.get(r, "metric", null)
+	object.get(e, "filter", null) == object.get(r, "filter", "none")
+}
+
+_results(r) := [e | some e in _evaluations; _result_for(r, e)]
+
+_made_at(e) := object.get(e, "evaluated_at", null) if _has_number(e, "evaluated_at")
+else := object.get(e, "attached_at", 0)
+
+_fresh(r, e) if not _has_number(r, "max_age_days")
+
+_fresh(r, e) if {
+	_has_number(r, "max_age_days")
+	is_number(_now)
+	_made_at(e) >= _now - object.get(r, "max_age_days", 0) * 86400
+}
+
+_fresh_values(r) := [object.get(e, "value_ppm", 0) | some e in _array(_results(r)); _fresh(r, e)]
+
+_passes(r, value) if {
+	_has_number(r, "min_ppm")
+	value >= object.get(r, "min_ppm", 0)
+}
+
+_passes(r, value) if {
+	not _has_number(r, "min_ppm")
+	_has_number(r, "max_ppm")
+	value <= object.get(r, "max_ppm", 0)
+}
+
+_met(r) if {
+	some value in _array(_fresh_values(r))
+	_passes(r, value)
+}
+
+# The best fresh value: the highest under a minimum, the lowest under a maximum.
+_best(r) := v if {
+	_has_number(r, "min_ppm")
+	some v in _array(_fresh_values(r))
+	every w in _array(_fresh_values(r)) {
+		w <= v
+	}
+}
+
+_best(r) := v if {
+	not _has_number(r, "min_ppm")
+	some v in _array(_fresh_values(r))
+	every w in _array(_fresh_values(r)) {
+		w >= v
+	}
+}
+
+_bound(r) := sprintf("at least %v", [object.get(r, "min_ppm", 0)]) if _has_number(r, "min_ppm")
+else := sprintf("at most %v", [object.get(r, "max_ppm", 0)])
+
+_what(r) := sprintf("%v %v (filter %v)", [
+	object.get(r, "task", ""), object.get(r, "metric", ""),
+	object.get(r, "filter", "none"),
+])
+
+violations contains {
+	"code": "evaluation_missing",
+	"msg": sprintf("no result of %v is attached; %v-risk versions need one (requirement %v)", [
+		_what(r), object.get(_v, "risk_tier", ""), object.get(r, "id", ""),
+	]),
+} if {
+	_valid_input
+	some r in _requirements
+	_applies(r)
+	count(_results(r)) == 0
+}
+
+violations contains {
+	"code": "evaluation_stale",
+	"msg": sprintf("every result of %v is older than %v days (requirement %v)", [
+		_what(r), object.get(r, "max_age_days", 0), object.get(r, "id", ""),
+	]),
+} if {
+	_valid_input
+	some r in _requirements
+	_applies(r)
+	count(_results(r)) > 0
+	count(_fresh_values(r)) == 0
+}
+
+_bounded(r) if _has_number(r, "min_ppm")
+
+_bounded(r) if _has_number(r, "max_ppm")
+
+violations contains {
+	"code": "evaluation_below_threshold",
+	"msg": sprintf("%v is %v ppm at best; requirement %v needs %v ppm", [
+		_what(r), _best(r), object.get(r, "id", ""), _bound(r),
+	]),
+} if {
+	_valid_input
+	some r in _requirements
+	_applies(r)
+	_bounded(r)
+	count(_fresh_values(r)) > 0
+	not _met(r)
 }
 
 # --- warnings: gaps that do not block -----------------------------------------------------
