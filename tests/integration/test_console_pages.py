@@ -165,3 +165,24 @@ def test_the_audit_page_names_versions_teams_and_nodes(signed_app, make_person) 
     assert f'title="{version.id}">model_version tiny-audited 2.0</a>' in page
     assert f'title="{team.id}">team named-team</a>' in page
     assert f">model_version {version.id}</a>" not in page
+
+
+def test_the_version_page_shows_its_evaluation_evidence(signed_app, make_person) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from charter.registry.schemas import EvaluationIn
+
+    steward = make_person("steward")
+    version = _draft(steward)
+    tab = Console(signed_app, steward.actor.user_id)
+    assert "No evaluation results are attached" in tab.get(
+        f"/console/versions/{version.id}").text
+    results = {"results": {"arc_easy": {"acc,none": 0.7563, "acc_stderr,none": 0.0088},
+                           "<b>x</b>": {"acc,none": 0.5}},
+               "n-shot": {"arc_easy": 5}, "model_name": "TinyLlama/tiny"}
+    registry.attach_evaluation(steward.actor, version.id, EvaluationIn(
+        content=json.dumps(results), file_name="results.json"))
+    page = tab.get(f"/console/versions/{version.id}").text
+    assert ("<td>arc_easy</td><td>acc</td><td>none</td><td>0.7563</td><td>0.0088</td>"
+            "<td>5</td>") in page
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page

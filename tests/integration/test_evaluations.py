@@ -260,3 +260,23 @@ def test_a_high_risk_version_is_admitted_on_its_evidence(client, make_person) ->
     assert r.get_json()["state"] == "approved"
     decided = list_events(EventFilter(action="policy.decide", target_id=vid))
     assert decided[-1].outcome == "success"
+
+    # The evidence reaches the exports: the ML-BOM's model card (validated strictly
+    # against CycloneDX 1.6 as it is made) and the evidence pack.
+    auditor = make_person("auditor")
+    bom = client.get("/api/v1/exports/ml-bom", headers=auditor.headers)
+    assert bom.status_code == 200, bom.get_data(as_text=True)[:500]
+    [component] = [c for c in bom.get_json()["components"]
+                   if c.get("bom-ref") == f"model-version/{vid}"]
+    metrics = component["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]
+    arc = [m for m in metrics if m["type"] == "acc" and m["slice"].startswith("arc_easy")]
+    assert sorted(m["value"] for m in arc) == ["0.4512", "0.7563", "0.7563"]
+    assert arc[0]["confidenceInterval"] == {"lowerBound": f"{0.4512 - 1.96 * 0.0088:.6g}",
+                                            "upperBound": f"{0.4512 + 1.96 * 0.0088:.6g}"}
+    pack = client.get(f"/api/v1/exports/versions/{vid}/evidence", headers=auditor.headers)
+    assert pack.status_code == 200
+    evaluations = pack.get_json()["evaluations"]
+    assert len(evaluations) == 3 and evaluations[0]["metrics"][0]["task"] == "arc_easy"
+    page = client.get(f"/api/v1/exports/versions/{vid}/evidence?format=html",
+                      headers=auditor.headers).get_data(as_text=True)
+    assert "Evaluation evidence" in page and evaluations[2]["sha256"] in page

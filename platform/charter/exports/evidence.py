@@ -95,6 +95,12 @@ def build_pack(v: ModelVersion, *, head_seq: int, head_hash: str, generated_by: 
                     "datasets": list(v.datasets),
                     "purl": str(p) if (p := purl_of(v.model.source_repo,
                                                      v.source_revision)) else None},
+        "evaluations": [{
+            "id": e.id, "format": e.format, "file_name": e.file_name, "sha256": e.sha256,
+            "size": e.size, "model_named": list(e.model_named), "revision": e.revision,
+            "evaluated_at": _iso(e.evaluated_at), "attached_by": e.attached_by,
+            "attached_at": _iso(e.attached_at), "metrics": list(e.metrics),
+            "task_hashes": dict(e.task_hashes)} for e in v.evaluations],
         "admission": {
             "latest": v.admission,
             "history": [{"seq": e.seq, "ts": _iso(e.ts), "actor": e.actor,

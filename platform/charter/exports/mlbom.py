@@ -190,6 +190,9 @@ def _model_card(v: ModelVersion) -> dict[str, Any]:
     card: dict[str, Any] = {"bom-ref": f"model-card/{v.id}"}
     if params:
         card["modelParameters"] = params
+    metrics = [_performance_metric(e, m) for e in v.evaluations for m in e.metrics]
+    if metrics:
+        card["quantitativeAnalysis"] = {"performanceMetrics": metrics}
     if v.intended_use:
         card["considerations"] = {"useCases": [v.intended_use]}
     props = _props([("base_model", v.base_model), ("derivation", v.derivation),
@@ -198,6 +201,20 @@ def _model_card(v: ModelVersion) -> dict[str, Any]:
     if props:
         card["properties"] = [{"name": p.name, "value": p.value} for p in props]
     return card
+
+
+def _performance_metric(e: Any, m: dict[str, Any]) -> dict[str, Any]:
+    """One attached evaluation's metric as CycloneDX states it (text values): the task
+    and filter as the slice, and where a standard error was given, the 95% normal
+    interval (value -+ 1.96 stderr)."""
+    out: dict[str, Any] = {"type": m["metric"], "value": repr(m["value"]),
+                           "slice": f"{m['task']} ({m['filter']}, {e.format}, "
+                                    f"sha256:{e.sha256[:16]})"}
+    if m.get("stderr") is not None:
+        half = 1.96 * m["stderr"]
+        out["confidenceInterval"] = {"lowerBound": f"{m['value'] - half:.6g}",
+                                     "upperBound": f"{m['value'] + half:.6g}"}
+    return out
 
 
 def build_ml_bom(versions: Sequence[ModelVersion], *, include_retired: bool,

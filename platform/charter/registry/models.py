@@ -94,6 +94,10 @@ class ModelVersion(Base):
     exceptions: Mapped[list[PolicyException]] = relationship(
         lazy="selectin", order_by="PolicyException.granted_at"
     )
+    # Their metrics, not their files (Evaluation.content is deferred: read when asked).
+    evaluations: Mapped[list[Evaluation]] = relationship(
+        lazy="selectin", order_by="Evaluation.attached_at"
+    )
 
     __table_args__ = (UniqueConstraint("model_id", "label", name="uq_model_versions_label"),)
     __mapper_args__ = {"version_id_col": row_version, **_VERSIONED}
@@ -169,7 +173,7 @@ class Evaluation(Base):
     file_name: Mapped[str] = mapped_column(String(300), nullable=False, default="")
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     size: Mapped[int] = mapped_column(Integer, nullable=False)
-    content: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False, deferred=True)
     model_named: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     revision: Mapped[str | None] = mapped_column(String(100))
     evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
