@@ -23,6 +23,7 @@ from charter.registry.importer import (
     inspect_directory,
     sha256_file,
 )
+from charter.registry.schemas import FileSpec, ModelCreate, Transition, VersionSpec
 
 MiB = 1 << 20
 EXPECTED_FILES = {
@@ -196,6 +197,41 @@ def test_clean_import_is_safe_and_complete(tiny: Path, make_person) -> None:  # 
     # A second version of the now-known model needs no publisher.
     second, _ = import_directory(steward.actor, tiny, ImportOptions(model_name="tiny", label="2"))
     assert second.model_id == version.model_id
+
+
+def test_a_model_that_ships_code_is_flagged_and_its_code_never_run(copy_of, make_person) -> None:  # type: ignore[no-untyped-def]
+    """Python files and `auto_map` in config.json are code a loader runs with
+    trust_remote_code: flagged at import (with a warning naming them), and the admission
+    policy denies the version (organisation.json `allow_custom_code: false`). The model
+    type only its code defines is read from the file, never by running it."""
+    import json as jsonlib
+
+    root = copy_of()
+    marker = root / "ran.txt"
+    (root / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n", encoding="utf-8")
+    config = jsonlib.loads((root / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig"})
+    (root / "config.json").write_text(jsonlib.dumps(config))
+    steward = make_person("steward")
+    version, info = import_directory(steward.actor, root, ImportOptions(
+        model_name="evil", label="1", publisher="charter", source_repo="charter/evil",
+        source_revision="a" * 40, license_declared="apache-2.0",
+        storage_region="eu-west", hosting_regions=("eu-west",)))
+    assert not marker.exists()
+    assert version.custom_code is True and version.architecture == "LlamaForCausalLM"
+    assert info.code == ["Python files: modeling_evil.py",
+                         'auto_map in config.json: {"AutoConfig": "modeling_evil.EvilConfig"}']
+    assert any("trust_remote_code" in w for w in info.warnings)
+    submitted = service.submit_version(steward.actor, version.id, Transition())
+    codes = [v["code"] for v in submitted.admission["violations"]]
+    assert "custom_code" in codes, codes
+    # A version registered by its listing alone is flagged by a .py path too.
+    model = service.create_model(steward.actor, ModelCreate(
+        name="listed", publisher="charter", source_repo="charter/listed"))
+    listed = service.create_version(steward.actor, model.id, VersionSpec(
+        label="1", files=[FileSpec(path="sub/Tokenization_X.PY", size=1, sha256="b" * 64)]))
+    assert listed.custom_code is True
 
 
 # --- refusals -------------------------------------------------------------------------

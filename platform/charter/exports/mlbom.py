@@ -149,6 +149,7 @@ def _component(v: ModelVersion) -> Component:
         ("state_changed_at", _iso(v.state_changed_at)),
         ("source_repo", v.model.source_repo), ("source_revision", v.source_revision),
         ("weight_format", v.weight_format), ("unsafe_weights", v.unsafe_weights),
+        ("custom_code", v.custom_code),
         ("total_bytes", v.total_bytes), ("risk_tier", v.risk_tier),
         ("license_declared", v.license_declared), ("license_card", v.license_card),
         ("storage_region", v.storage_region), ("hosting_region", sorted(v.hosting_regions)),

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,6 +36,7 @@ class Inspection:
     files: list[FileSpec]
     weight_format: str
     pickle_files: list[str]
+    code: list[str] = field(default_factory=list)  # why it would run code when loaded
     architecture: str | None = None
     model_type: str | None = None
     context_length: int | None = None
@@ -188,16 +190,32 @@ def inspect_directory(root: Path, progress: ProgressFn | None = None) -> Inspect
 
 
 def _read_config(root: Path, info: Inspection) -> None:
+    py = [f.path for f in info.files if f.path.lower().endswith(".py")]
+    if py:
+        info.code.append(f"Python files: {', '.join(py[:5])}")
     if not (root / "config.json").is_file():
         info.warnings.append("no config.json: architecture and context length unknown")
+        _say_code(info)
         return
+    try:  # read as JSON first: auto_map is what makes a loader fetch and run code
+        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ImportFailedError(f"config.json is not JSON: {exc}",
+                                code="invalid_config") from exc
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        info.code.append(f"auto_map in config.json: {json.dumps(raw['auto_map'])[:200]}")
+    _say_code(info)
     from transformers import AutoConfig
 
+    config: Any
     try:
         config = AutoConfig.from_pretrained(str(root), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - report, do not guess
-        raise ImportFailedError(f"config.json could not be read: {exc}",
-                                code="invalid_config") from exc
+        if not (isinstance(raw, dict) and raw.get("auto_map")):
+            raise ImportFailedError(f"config.json could not be read: {exc}",
+                                    code="invalid_config") from exc
+        # A model type only its own code defines: read the file, never run its code.
+        config = SimpleNamespace(**{k: v for k, v in raw.items() if isinstance(k, str)})
     archs = getattr(config, "architectures", None) or []
     info.architecture = archs[0] if archs else None
     info.model_type = getattr(config, "model_type", None)
@@ -206,6 +224,12 @@ def _read_config(root: Path, info: Inspection) -> None:
         if isinstance(value, int) and value > 0:
             info.context_length = value
             break
+
+
+def _say_code(info: Inspection) -> None:
+    if info.code:
+        info.warnings.append("the model ships code its loaders would run (trust_remote_code): "
+                             + "; ".join(info.code))
 
 
 def _read_card(root: Path, info: Inspection) -> None:
@@ -263,7 +287,8 @@ def import_directory(
                 )
             model = service.create_model(actor, ModelCreate(
                 name=opts.model_name, publisher=opts.publisher, source_repo=opts.source_repo))
-        version = service.create_version(actor, model.id, spec, pickle_files=info.pickle_files)
+        version = service.create_version(actor, model.id, spec, pickle_files=info.pickle_files,
+                                         code_reasons=info.code)
     return version, info
 
 

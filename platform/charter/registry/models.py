@@ -53,6 +53,8 @@ class ModelVersion(Base):
     source_revision: Mapped[str | None] = mapped_column(String(100))
     weight_format: Mapped[str] = mapped_column(String(30), nullable=False, default="none")
     unsafe_weights: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # Code a loader would run with trust_remote_code: *.py files, auto_map in config.json.
+    custom_code: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     architecture: Mapped[str | None] = mapped_column(String(200))
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     context_length: Mapped[int | None] = mapped_column(Integer)

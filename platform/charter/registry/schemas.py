@@ -183,6 +183,7 @@ class VersionOut(Out):
     source_revision: str | None
     weight_format: str
     unsafe_weights: bool
+    custom_code: bool
     architecture: str | None
     parameter_count: int | None
     context_length: int | None

@@ -118,10 +118,17 @@ def unsafe_weights(weight_format: str, paths: list[str]) -> bool:
     )
 
 
+def custom_code(paths: Sequence[str]) -> bool:
+    """Python files beside the weights are code a loader runs with trust_remote_code."""
+    return any(p.lower().endswith(".py") for p in paths)
+
+
 def create_version(
-    actor: Actor, model_id: str, spec: VersionSpec, *, pickle_files: Sequence[str] = ()
+    actor: Actor, model_id: str, spec: VersionSpec, *, pickle_files: Sequence[str] = (),
+    code_reasons: Sequence[str] = (),
 ) -> ModelVersion:
-    """`pickle_files`: paths an inspection found to be pickles by content, whatever their name."""
+    """`pickle_files`: paths an inspection found to be pickles by content, whatever their
+    name; `code_reasons`: what else an inspection found asks to run code (`auto_map`)."""
     actor.require(*STEWARDS, action="version.create", target_type="model", target_id=model_id)
     paths = [f.path for f in spec.files]
     if len(set(paths)) != len(paths):
@@ -147,6 +154,7 @@ def create_version(
             model=model,
             state="draft",
             unsafe_weights=unsafe_weights(spec.weight_format, paths) or bool(pickle_files),
+            custom_code=custom_code(paths) or bool(code_reasons),
             total_bytes=sum(f.size for f in spec.files),
             files=[
                 ModelFile(path=f.path, size=f.size, sha256=f.sha256, kind=_file_kind(f.path))
@@ -166,7 +174,8 @@ def create_version(
             details={
                 "model": model.name, "label": spec.label,
                 "source_revision": spec.source_revision, "weight_format": spec.weight_format,
-                "unsafe_weights": version.unsafe_weights, "files": len(paths),
+                "unsafe_weights": version.unsafe_weights, "custom_code": version.custom_code,
+                "files": len(paths),
                 "total_bytes": version.total_bytes,
                 "license_declared": spec.license_declared, "license_card": spec.license_card,
             },
@@ -285,6 +294,7 @@ def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
             "source_revision": version.source_revision,
             "weight_format": version.weight_format,
             "unsafe_weights": version.unsafe_weights,
+            "custom_code": version.custom_code,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "kind": f.kind}
                       for f in version.files],
             "license_declared": identifiers.stored(version.license_declared),

@@ -210,3 +210,12 @@ test_malformed_evidence_is_input_invalid if {
 	inp := json.patch(_high([]), [{"op": "replace", "path": "/now", "value": "today"}])
 	_codes(inp) == {"input_invalid"}
 }
+
+test_custom_code_is_denied_unless_the_organisation_allows_it if {
+	inp := json.patch(_ok, [{"op": "add", "path": "/version/custom_code", "value": true}])
+	_codes(inp) == {"custom_code"}
+	allowed := {v.code | some v in admission.decision.violations} with input as inp
+		with data.charter.organisation.allow_custom_code as true
+	allowed == set()
+	_codes(json.patch(_ok, [{"op": "add", "path": "/version/custom_code", "value": "yes"}])) == {"input_invalid"}
+}

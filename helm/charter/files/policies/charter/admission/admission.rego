@@ -107,6 +107,7 @@ _valid_input if {
 	is_object(object.get(_input, "version", null))
 	is_string(_publisher)
 	is_boolean(object.get(_v, "unsafe_weights", null))
+	is_boolean(object.get(_v, "custom_code", false))
 	is_array(object.get(_v, "files", null))
 	every f in _files {
 		_file_ok(f)
@@ -176,6 +177,15 @@ violations contains {
 } if {
 	_valid_input
 	object.get(_v, "unsafe_weights", false) == true
+}
+
+violations contains {
+	"code": "custom_code",
+	"msg": "the model ships code its loaders would run (Python files or auto_map in config.json); this organisation does not allow it",
+} if {
+	_valid_input
+	object.get(_v, "custom_code", false) == true
+	object.get(_org, "allow_custom_code", false) != true
 }
 
 # --- license ------------------------------------------------------------------------------
