@@ -140,7 +140,39 @@ def models_import(directory: Path, as_user: str, **options: object) -> None:
         f"draft {version.model_name} {version.label}: {len(version.files)} files, "
         f"{version.total_bytes} bytes, format {version.weight_format}"
         + (" [bold red](UNSAFE: pickle)[/]" if version.unsafe_weights else "")
+        + (" [bold red](ships code its loaders would run)[/]" if version.custom_code else "")
     )
+
+
+@models.command("attach-evaluation")
+@click.argument("version_id")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--as", "as_user", required=True, help="Username of the steward attaching it.")
+@click.option("--format", "fmt", type=click.Choice(["lm-eval", "opencompass"]),
+              help="The file's format (default: told by its content).")
+@click.option("--column", help="An OpenCompass summary of several models: this version's.")
+def models_attach_evaluation(version_id: str, results: Path, as_user: str, fmt: str | None,
+                             column: str | None) -> None:
+    """Attach RESULTS (lm-eval-harness's results JSON, an OpenCompass summary CSV) to a
+    version as evaluation evidence; prints its id and the metrics read."""
+    from rich.table import Table
+
+    from charter.registry.schemas import EvaluationIn
+    from charter.registry.service import attach_evaluation
+
+    command_runtime()
+    evaluation = attach_evaluation(actor_named(as_user), version_id, EvaluationIn(
+        content=results.read_text(encoding="utf-8"), file_name=results.name, format=fmt,
+        column=column))
+    click.echo(evaluation.id)
+    table = Table(title=f"{evaluation.format} results of {', '.join(evaluation.model_named)}, "
+                        f"sha256 {evaluation.sha256[:16]}...")
+    for col in ("task", "metric", "filter", "value", "stderr"):
+        table.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for m in evaluation.metrics:
+        table.add_row(m["task"], m["metric"], m["filter"], f"{m['value']:.4f}",
+                      "" if m["stderr"] is None else f"{m['stderr']:.4f}")
+    console.print(table)
 
 
 # --- audit ----------------------------------------------------------------------------

@@ -137,6 +137,30 @@ def test_models_import_creates_a_draft(cli: Invoke, tiny: Path, make_person) -> 
     assert f"draft m 1: 6 files, {version.total_bytes} bytes" in result.stderr
 
 
+def test_models_attach_evaluation(cli: Invoke, tiny: Path, make_person, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A results file attached from the command line: its id on stdout, the metrics shown;
+    one about another model refused with its code and exit status 2."""
+    import json
+
+    steward = make_person("steward")
+    version_id = _import(cli, tiny, steward.actor.username, *NEW_MODEL).stdout.strip()
+    results = tmp_path / "results_2026-12-06T10-00-00.json"
+    results.write_text(json.dumps({
+        "results": {"arc_easy": {"acc,none": 0.61, "acc_stderr,none": 0.01}},
+        "config": {"model": "hf", "model_args": f"pretrained=p/m,revision={REVISION}"}}))
+    result = cli("models", "attach-evaluation", version_id, str(results),
+                 "--as", steward.actor.username)
+    assert result.exit_code == 0, result.output
+    [evaluation] = service.list_evaluations(version_id)
+    assert result.stdout.strip() == evaluation.id
+    assert evaluation.file_name == results.name and "0.6100" in result.stderr
+    results.write_text(json.dumps({"results": {"arc_easy": {"acc,none": 0.61}},
+                                   "model_name": "other/model"}))
+    result = cli("models", "attach-evaluation", version_id, str(results),
+                 "--as", steward.actor.username)
+    assert result.exit_code == 2 and "evaluation_model_mismatch" in result.output
+
+
 def test_models_import_as_unknown_user(cli: Invoke, tiny: Path, configured) -> None:  # type: ignore[no-untyped-def]
     before = head()
     result = _import(cli, tiny, "nobody", *NEW_MODEL)
