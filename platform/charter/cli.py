@@ -30,7 +30,7 @@ from charter.clikit import (
 )
 from charter.db import Database
 from charter.devnode.server import create_node_app, serve_node
-from charter.errors import ConfigurationError
+from charter.errors import CharterError, ConfigurationError
 from charter.identity.service import bootstrap_admin
 from charter.migrate import schema_status
 from charter.policy.bundle import PolicyBundle, default_policy_dir
@@ -155,15 +155,24 @@ def models_attach_evaluation(version_id: str, results: Path, as_user: str, fmt: 
                              column: str | None) -> None:
     """Attach RESULTS (lm-eval-harness's results JSON, an OpenCompass summary CSV) to a
     version as evaluation evidence; prints its id and the metrics read."""
+    from pydantic import ValidationError
     from rich.table import Table
 
+    from charter.errors import validation_failed
     from charter.registry.schemas import EvaluationIn
     from charter.registry.service import attach_evaluation
 
     command_runtime()
-    evaluation = attach_evaluation(actor_named(as_user), version_id, EvaluationIn(
-        content=results.read_text(encoding="utf-8"), file_name=results.name, format=fmt,
-        column=column))
+    try:
+        given = EvaluationIn.model_validate(
+            {"content": results.read_text(encoding="utf-8"), "file_name": results.name,
+             "format": fmt, "column": column})
+    except (ValidationError, UnicodeDecodeError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise CharterError(f"{results} is not UTF-8 text", code="evaluation_malformed",
+                               status=422) from None
+        raise validation_failed(exc, "results file") from None
+    evaluation = attach_evaluation(actor_named(as_user), version_id, given)
     click.echo(evaluation.id)
     table = Table(title=f"{evaluation.format} results of {', '.join(evaluation.model_named)}, "
                         f"sha256 {evaluation.sha256[:16]}...")
