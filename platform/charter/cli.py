@@ -144,6 +144,36 @@ def models_import(directory: Path, as_user: str, **options: object) -> None:
     )
 
 
+@models.command("evaluate")
+@click.argument("version_id")
+@click.option("--tasks", required=True,
+              help="lm-eval-harness tasks, comma-separated (its registry or --include-path).")
+@click.option("--as", "as_user", required=True, help="Username of the steward attaching it.")
+@click.option("--gateway", default="http://127.0.0.1:8000", show_default=True,
+              help="Charter's base URL: every prompt goes through its gateway.")
+@click.option("--key", "api_key", envvar="OPENAI_API_KEY", required=True,
+              help="The API key the evaluation runs as (env OPENAI_API_KEY, as OpenAI "
+                   "clients read it); its team's entitlements, limits and audit apply.")
+@click.option("--serving-name", help="Default: the version's active deployment.")
+@click.option("--tokenizer", help="Default: CHARTER_TOKENIZERS_DIR/<model>/<label>.")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False),
+              help="A folder of task YAML files (local datasets).")
+@click.option("--limit", type=float, help="Documents per task (a count, or a fraction < 1).")
+@click.option("--num-fewshot", type=int)
+def models_evaluate(version_id: str, tasks: str, as_user: str, **options: object) -> None:
+    """Run lm-eval-harness on VERSION through Charter's own gateway (a governed, audited
+    workload) and attach its results as evaluation evidence."""
+    from charter.evaluate import EvaluateOptions, evaluate
+
+    command_runtime()
+    opts = EvaluateOptions(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                           **options)  # type: ignore[arg-type]
+    evaluation = evaluate(actor_named(as_user), version_id, opts)
+    click.echo(evaluation.id)
+    for m in evaluation.metrics:
+        console.print(f"{m['task']} {m['metric']} ({m['filter']}): {m['value']:.4f}")
+
+
 @models.command("attach-evaluation")
 @click.argument("version_id")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))

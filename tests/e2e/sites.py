@@ -1,0 +1,106 @@
+"""One governed site for end-to-end tests: the tiny model registered and approved, a team
+and its key, one dev node, and Charter under `charter serve` with the version's tokenizer
+in CHARTER_TOKENIZERS_DIR."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from charter.db import utcnow
+from tests.conftest import SECRET
+from tests.e2e.test_gateway import BIN, free_port, wait_http
+
+
+@dataclass
+class Site:
+    charter: str
+    node: str
+    key: str
+    admin: str
+    version_id: str
+    tokenizers: Path
+    env: dict[str, str]  # what a `charter` command needs to reach this site's database
+
+
+@contextmanager
+def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # type: ignore[no-untyped-def]
+                  *, counts: bool = True) -> Iterator[Site]:
+    """`counts=False`: the node reports no token counts (`charter node serve --no-counts`)."""
+    import dataclasses
+
+    from charter.actor import SYSTEM
+    from charter.identity.service import create_api_key
+    from charter.identity.teams import create_service_account, create_team
+    from charter.nodes import service as nodes
+    from charter.registry import service as registry
+    from charter.registry.importer import ImportOptions, content_revision, import_directory
+    from charter.registry.schemas import ApprovalConditions, Transition
+
+    settings = dataclasses.replace(configured, node_allowed_networks="127.0.0.0/8")
+    steward, approver, operator = (make_person("steward"), make_person("approver"),
+                                   make_person("operator"))
+    revision = content_revision(model_dir)
+    version, _ = import_directory(steward.actor, model_dir, ImportOptions(
+        model_name="charter-tiny-llama", label="0.1", publisher="charter",
+        source_repo="charter/tiny-llama", source_revision=revision,
+        license_declared="apache-2.0", derivation="original",
+        storage_region="eu-central", hosting_regions=("eu-central",)))
+    registry.submit_version(steward.actor, version.id, Transition())
+    registry.approve_version(approver.actor, version.id, ApprovalConditions.model_validate_json(
+        json.dumps({"allowed_regions": ["eu-central"], "allowed_data_classes": ["internal"],
+                    "allowed_purposes": ["assistant"],
+                    "expires_at": (utcnow() + timedelta(days=30)).isoformat()})))
+    team = create_team(SYSTEM, name="apps", description="", requests_per_day=500,
+                       entitlements={"models": ["*"], "data_classes": ["*"], "regions": ["*"]},
+                       default_data_class="internal")
+    bot = create_service_account(SYSTEM, team.id, username="apps-bot")
+    key = create_api_key(SYSTEM, bot.id, name="e2e").token
+
+    # The tokenizer files, where an operator puts them: <model name>/<version label>/.
+    tokenizers = tmp_path / "tokenizers"
+    folder = tokenizers / "charter-tiny-llama" / "0.1"
+    folder.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+
+    port = free_port()
+    node_proc = subprocess.Popen(
+        [str(BIN / "charter"), "node", "serve", "--model", str(model_dir), "--region",
+         "eu-central", "--port", str(port), "--model-id", "charter/tiny-llama", "--revision",
+         revision, *([] if counts else ["--no-counts"])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node_url = f"http://127.0.0.1:{port}"
+    server = None
+    try:
+        wait_http(node_url + "/health", node_proc, timeout=120)
+        node = nodes.register_node(operator.actor, settings, name="quiet", base_url=node_url,
+                                   region="eu-central", engine="tgi", labels={}, capacity=4)
+        nodes.probe_node(settings, node.id)
+        nodes.create_deployment(operator.actor, serving_name="tiny", version_id=version.id,
+                                node_ids=[node.id])
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+        env.update(CHARTER_DATABASE_URL=settings.database_url, CHARTER_SECRET_KEY=SECRET,
+                   CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING",
+                   CHARTER_TOKENIZERS_DIR=str(tokenizers))
+        server = subprocess.Popen(
+            [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+             "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        charter = f"http://127.0.0.1:{port}"
+        wait_http(charter + "/healthz", server)
+        yield Site(charter, node_url, key, make_person("admin").token, version.id,
+                   tokenizers, env)
+    finally:
+        for proc in (node_proc, server):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=10)
