@@ -131,6 +131,9 @@ def test_an_opencompass_summary_gives_this_versions_column(client, version) -> N
     ("{\"results\": {\"arc\": {\"acc,none\": 0.5}}", "not JSON"),
     ("dataset,version,metric\nmmlu,-,acc", "starts `dataset,version,metric,mode`"),
     ("dataset,version,metric,mode\nmmlu,-,acc,gen", "no model column"),
+    ("{\"results\": " + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ("dataset,version,metric,mode,m\nmmlu,-,acc,gen,\"" + "x" * 200_000 + "\"",
+     "not CSV this parser can read"),
 
 ])
 def test_a_malformed_file_is_refused_and_audited(client, version, content, needle) -> None:  # type: ignore[no-untyped-def]

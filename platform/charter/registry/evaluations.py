@@ -95,6 +95,8 @@ def _lm_eval(content: str) -> Results:
         doc = json.loads(content)
     except ValueError as exc:
         raise MalformedResults(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedResults("not JSON this parser can read: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
         raise MalformedResults("lm-eval-harness's results JSON has an object `results`")
     per_task: dict[str, dict[str, Any]] = {
@@ -161,7 +163,10 @@ def _model_args(raw: Any) -> dict[str, str]:
 
 
 def _opencompass(content: str, column: str | None) -> Results:
-    rows = list(csv.reader(io.StringIO(content)))
+    try:
+        rows = list(csv.reader(io.StringIO(content)))
+    except csv.Error as exc:
+        raise MalformedResults(f"not CSV this parser can read: {exc}") from None
     if not rows or [c.strip().lower() for c in rows[0][:4]] != [
             "dataset", "version", "metric", "mode"]:
         raise MalformedResults("an OpenCompass summary starts `dataset,version,metric,mode`")
