@@ -246,3 +246,24 @@ def test_the_exports_commands(database_url, people, inventory, monkeypatch, tmp_
                            ("export.records", "success"), ("export.mlbom", "denied")]
     finally:
         structlog.reset_defaults()
+
+
+@pytest.mark.parametrize("source,purl,page", [
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+     f"pkg:huggingface/TinyLlama/TinyLlama-1.1B-Chat-v1.0@{REV}",
+     "https://huggingface.co/TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
+    ("modelscope:qwen/Qwen2-7B-Instruct", f"pkg:modelscope/qwen/Qwen2-7B-Instruct@{REV}",
+     "https://modelscope.cn/models/qwen/Qwen2-7B-Instruct"),
+    ("https://www.modelscope.cn/models/qwen/Qwen2-7B-Instruct/",
+     f"pkg:modelscope/qwen/Qwen2-7B-Instruct@{REV}",
+     "https://modelscope.cn/models/qwen/Qwen2-7B-Instruct"),
+    ("https://git.example.org/models/in-house.git", None, None),
+])
+def test_each_hub_has_its_own_package_url(source: str, purl: str | None,
+                                          page: str | None) -> None:
+    """ModelScope's models are not Hugging Face packages: their own purl type and page."""
+    from charter.exports.mlbom import hub_of, purl_of
+
+    found = purl_of(source, REV)
+    assert (str(found) if found else None) == purl
+    assert (hub_of(source) or (None, None, None))[2] == page

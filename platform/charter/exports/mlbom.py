@@ -43,6 +43,10 @@ RETIRED_STATES = ("expired", "revoked")
 # "owner/name" as the Hugging Face Hub names repositories.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB = "https://huggingface.co"
+_MODELSCOPE = re.compile(
+    r"^(?:modelscope:|https://(?:www\.)?modelscope\.cn/models/)"
+    r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)/?$")
+_MODELSCOPE_HUB = "https://modelscope.cn"
 
 
 class BomInvalidError(CharterError):
@@ -89,20 +93,35 @@ def _licenses(v: ModelVersion) -> list[DisjunctiveLicense]:
     return out
 
 
+def hub_of(source_repo: str) -> tuple[str, str, str] | None:
+    """(purl type, repository id, its page) of a model hub source: a Hugging Face id
+    (`org/name`), or ModelScope's (`modelscope:org/name` or its model page URL)."""
+    if _HUB_ID.match(source_repo):
+        return "huggingface", source_repo, f"{_HUB}/{source_repo}"
+    found = _MODELSCOPE.match(source_repo)
+    if found:
+        repo = found.group("repo")
+        return "modelscope", repo, f"{_MODELSCOPE_HUB}/models/{repo}"
+    return None
+
+
 def purl_of(source_repo: str, revision: str | None) -> PackageURL | None:
-    if not _HUB_ID.match(source_repo):
+    """`pkg:huggingface/org/name@rev`, or `pkg:modelscope/...` for ModelScope's models
+    (another hub, with its own namespaces: never called a Hugging Face package)."""
+    hub = hub_of(source_repo)
+    if hub is None:
         return None
-    namespace, name = source_repo.split("/")
-    return PackageURL(type="huggingface", namespace=namespace, name=name,
+    namespace, name = hub[1].split("/")
+    return PackageURL(type=hub[0], namespace=namespace, name=name,
                       version=revision.lower() if revision else None)
 
 
 def _references(v: ModelVersion) -> list[ExternalReference]:
     repo = v.model.source_repo
-    if _HUB_ID.match(repo):
-        refs = [ExternalReference(type=ExternalReferenceType.WEBSITE,
-                                  url=XsUri(f"{_HUB}/{repo}"))]
-        if v.card or any(f.kind == "card" for f in v.files):
+    hub = hub_of(repo)
+    if hub is not None:
+        refs = [ExternalReference(type=ExternalReferenceType.WEBSITE, url=XsUri(hub[2]))]
+        if hub[0] == "huggingface" and (v.card or any(f.kind == "card" for f in v.files)):
             rev = v.source_revision or "main"
             refs.append(ExternalReference(type=ExternalReferenceType.MODEL_CARD,
                                           url=XsUri(f"{_HUB}/{repo}/blob/{rev}/README.md")))
