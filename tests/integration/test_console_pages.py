@@ -186,3 +186,32 @@ def test_the_version_page_shows_its_evaluation_evidence(signed_app, make_person)
     assert ("<td>arc_easy</td><td>acc</td><td>none</td><td>0.7563</td><td>0.0088</td>"
             "<td>5</td>") in page
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+
+
+def test_the_model_card_is_kept_and_shown_without_its_html(signed_app, make_person,  # type: ignore[no-untyped-def]
+                                                           tmp_path) -> None:
+    """The card's Markdown from the import, rendered: headings, lists and tables read as
+    such; raw HTML, script links and images do not become live."""
+    import shutil
+
+    from charter.devnode.tinymodel import build_tiny_model
+    from charter.registry.importer import ImportOptions, import_directory
+
+    root = build_tiny_model(tmp_path / "carded")
+    card = (root / "README.md").read_text()
+    (root / "README.md").write_text(card + (
+        "\n## Evaluation\n\n| task | acc |\n|---|---|\n| arc_easy | 0.61 |\n\n"
+        "<script>alert('card')</script>\n\n[click](javascript:alert(1)) "
+        "[docs](https://example.org/docs) ![logo](https://example.org/logo.png)\n"))
+    steward = make_person("steward")
+    version, _ = import_directory(steward.actor, root, ImportOptions(
+        model_name="carded", label="1", publisher="charter", source_repo="charter/carded"))
+    assert "<script>alert('card')</script>" in registry.card_text(version.id)
+    page = Console(signed_app, steward.actor.user_id).get(f"/console/versions/{version.id}").text
+    shown = page.split('id="model-card">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Evaluation</h2>" in shown and "<td>arc_easy</td>" in shown
+    assert "<script>" not in shown and "&lt;script&gt;" in shown
+    assert "javascript:" not in shown.replace("[click](javascript:alert(1))", "")
+    assert 'href="https://example.org/docs"' in shown
+    assert "<img" not in page
+    shutil.rmtree(root)

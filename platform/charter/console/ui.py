@@ -13,6 +13,7 @@ from functools import wraps
 from typing import Any
 
 from flask import current_app, flash, g, redirect, render_template, request
+from markupsafe import Markup
 from pydantic import ValidationError
 from werkzeug.wrappers import Response
 
@@ -91,3 +92,16 @@ def form_list(name: str) -> list[str]:
     """A comma- or line-separated form field as a list of trimmed, non-empty values."""
     raw = request.form.get(name, "")
     return [v.strip() for v in raw.replace("\n", ",").split(",") if v.strip()]
+
+
+def markdown(text: str) -> Markup:
+    """A model card's Markdown as HTML a page may include: CommonMark with raw HTML off
+    (a `<script>` in a card is text), tables on, links only to http(s) and mailto, and
+    images shown as their text (a card must not make the console fetch anything)."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+    md.validateLink = lambda url: url.strip().lower().startswith(  # type: ignore[method-assign]
+        ("http://", "https://", "mailto:", "#"))
+    md.disable("image")
+    return Markup(md.render(text))  # noqa: S704 - rendered with raw HTML disabled

@@ -23,7 +23,7 @@ from charter.errors import ImportFailedError, validation_failed
 from charter.identifiers import canonical
 from charter.registry import service
 from charter.registry.models import ModelVersion
-from charter.registry.schemas import FileSpec, ModelCreate, VersionSpec
+from charter.registry.schemas import CARD_TEXT_MAX, FileSpec, ModelCreate, VersionSpec
 from charter.uow import unit_of_work
 
 CHUNK = 1 << 20
@@ -42,6 +42,7 @@ class Inspection:
     context_length: int | None = None
     parameter_count: int | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    card_text: str = ""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -247,6 +248,11 @@ def _read_card(root: Path, info: Inspection) -> None:
     # YAML may hold dates and other non-JSON values; keep the card as plain JSON.
     data = {k: v for k, v in card.data.to_dict().items() if v is not None}
     info.card = json.loads(json.dumps(data, default=str))
+    info.card_text = card.text.strip()
+    if len(info.card_text) > CARD_TEXT_MAX:
+        info.warnings.append(f"the model card's text is kept to its first {CARD_TEXT_MAX:,} "
+                             "characters")
+        info.card_text = info.card_text[:CARD_TEXT_MAX]
     stated = info.card.get("license")
     if stated is not None and info.license_card is None:
         info.warnings.append(f"the model card's license {stated!r} is not a license id; "
@@ -317,5 +323,5 @@ def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
         risk_tier=opts.risk_tier,
         storage_region=opts.storage_region,
         hosting_regions=list(opts.hosting_regions),
-        card=info.card,
+        card=info.card, card_text=info.card_text,
     )

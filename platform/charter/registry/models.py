@@ -68,6 +68,8 @@ class ModelVersion(Base):
     storage_region: Mapped[str | None] = mapped_column(String(50))
     hosting_regions: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     card: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    # The card's Markdown (its README without the front matter); read when asked for.
+    card_text: Mapped[str] = mapped_column(Text, nullable=False, default="", deferred=True)
     total_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)

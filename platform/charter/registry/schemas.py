@@ -37,6 +37,7 @@ RelPath = Annotated[
     str, StringConstraints(min_length=1, max_length=500), AfterValidator(_relative_path)
 ]
 Text = Annotated[str, StringConstraints(max_length=10_000)]
+CARD_TEXT_MAX = 200_000
 WeightFormat = Literal[WEIGHT_FORMATS]  # type: ignore[valid-type]
 RiskTier = Literal[RISK_TIERS]  # type: ignore[valid-type]
 State = Literal[STATES]  # type: ignore[valid-type]
@@ -89,6 +90,8 @@ class VersionSpec(Strict):
     storage_region: Region | None = None
     hosting_regions: Annotated[list[Region], Field(max_length=50)] = []
     card: dict[str, Any] = {}
+    # The card's Markdown, as its README has it after the front matter (shown without HTML).
+    card_text: Annotated[str, StringConstraints(max_length=CARD_TEXT_MAX)] = ""
 
 
 class VersionUpdate(Strict):

@@ -757,6 +757,14 @@ def list_evaluations(version_id: str) -> list[Evaluation]:
             Evaluation.version_id == version_id).order_by(Evaluation.attached_at.desc())))
 
 
+def card_text(version_id: str) -> str:
+    """The version's model card text (Markdown), as registered."""
+    with unit_of_work() as session:
+        found = session.scalar(select(ModelVersion.card_text).where(
+            ModelVersion.id == version_id))
+    return found or ""
+
+
 def tokenizer_pin(version_id: str) -> tuple[str, str, str | None] | None:
     """Where the version's tokenizer is looked for (its model's name and its label) and the
     digest its `tokenizer.json` must have, where the registry pinned one."""

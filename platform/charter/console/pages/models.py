@@ -10,7 +10,7 @@ from werkzeug.wrappers import Response
 
 from charter.audit.service import EventFilter, list_events
 from charter.console.blueprint import bp
-from charter.console.ui import action, form_list, render
+from charter.console.ui import action, form_list, markdown, render
 from charter.errors import ValidationFailedError
 from charter.policy import service as policy
 from charter.registry import service as registry
@@ -48,7 +48,8 @@ def version(version_id: str) -> Response:
                   license=data.get("licenses", {}).get(v.license_card or ""), zones=zones,
                   data_classes=data_classes,
                   purposes=purposes,
-                  decisions=sorted(v.decisions, key=lambda d: d.decided_at))
+                  decisions=sorted(v.decisions, key=lambda d: d.decided_at),
+                  card_html=markdown(registry.card_text(v.id)))
 
 
 def _back(version_id: str) -> str:
