@@ -283,3 +283,18 @@ def test_a_high_risk_version_is_admitted_on_its_evidence(client, make_person) ->
     page = client.get(f"/api/v1/exports/versions/{vid}/evidence?format=html",
                       headers=auditor.headers).get_data(as_text=True)
     assert "Evaluation evidence" in page and evaluations[2]["sha256"] in page
+
+
+def test_an_approval_tells_admission_the_data_classes_it_would_allow(version) -> None:  # type: ignore[no-untyped-def]
+    """So evidence requirements can name data classes (docs/policy.md); submit and re-run
+    decide without them."""
+    from charter.registry.models import ModelVersion
+    from charter.registry.service import admission_input
+    from charter.uow import unit_of_work
+
+    _, vid = version
+    with unit_of_work() as session:
+        v = session.get(ModelVersion, vid)
+        assert "data_classes" not in admission_input(session, v)
+        assert admission_input(session, v, ["internal", "restricted"])["data_classes"] == [
+            "internal", "restricted"]

@@ -55,6 +55,11 @@ def test_the_shared_cases_meet_the_contract_unless_they_are_malformed(
      "/request/data_class"),
     ("dispatch", {"now": "2026-06-01T00:00:00Z"}, "/now"),
     ("dispatch", {"now": 253402300800}, "/now"),
+    ("admission", {"data_classes": ["Internal"]}, "/data_classes/0"),
+    ("admission", {"evaluations": [{"task": "t", "metric": "m", "filter": "none",
+                                    "value_ppm": 0.5, "attached_at": 1}]},
+     "/evaluations/0/value_ppm"),
+    ("admission", {"now": -1}, "/now"),
 ])
 def test_a_breach_names_the_json_path(contracts: Contracts, policy: str,
                                       patch: dict[str, object], path: str) -> None:
@@ -79,6 +84,15 @@ def test_a_bundle_without_contracts_checks_nothing(tmp_path: Path) -> None:
      "residency.zones.EU-West"),
     ("residency", lambda d: {**d, "data_classes": {"internal": ["eu-central", "\u0130"]}},
      "residency.data_classes.internal"),
+    ("evidence", lambda d: {"requirements": [{**d["requirements"][0], "min_ppm": 0.5}]},
+     "evidence.requirements[0].min_ppm"),
+    ("evidence", lambda d: {"requirements": [{**d["requirements"][0], "max_ppm": 1}]},
+     "exactly one of min_ppm and max_ppm"),
+    ("evidence", lambda d: {"requirements": [{**d["requirements"][0], "risk_tiers": []}]},
+     "names the risk_tiers or data_classes"),
+    ("evidence", lambda d: {"requirements": [{**d["requirements"][0],
+                                              "data_classes": ["Restricted"]}]},
+     "lists of canonical ids"),
 ])
 def test_policy_data_holds_only_canonical_ids(tmp_path: Path, file: str, edit: Any,
                                               where: str) -> None:

@@ -114,8 +114,9 @@ def _check_identifiers(data: dict[str, Any]) -> None:
 
 def _check_evidence(evidence: Any) -> None:
     """data.charter.evidence (the evaluation results versions must have): each requirement
-    an `id`, canonical `risk_tiers`, a `task` and `metric` (and `filter`), exactly one of
-    `min_ppm` and `max_ppm`, and an optional `max_age_days`, all integers in range."""
+    an `id`, the canonical `risk_tiers` and/or `data_classes` it applies to, a `task` and
+    `metric` (and `filter`), exactly one of `min_ppm` and `max_ppm`, and an optional
+    `max_age_days`, all integers in range."""
     if evidence is None:
         return
     problems: list[str] = []
@@ -132,10 +133,12 @@ def _check_evidence(evidence: Any) -> None:
         for key in ("id", "task", "metric", "filter"):
             if not isinstance(r.get(key, "none" if key == "filter" else None), str):
                 problems.append(f"{where}.{key} is a string")
-        tiers = r.get("risk_tiers")
-        if not isinstance(tiers, list) or not tiers or any(
-                not isinstance(t, str) or canonical(t) != t for t in tiers):
-            problems.append(f"{where}.risk_tiers is a list of canonical ids")
+        scopes = [r.get(k, []) for k in ("risk_tiers", "data_classes")]
+        if any(not isinstance(ids, list) or any(
+                not isinstance(t, str) or canonical(t) != t for t in ids) for ids in scopes):
+            problems.append(f"{where}: risk_tiers and data_classes are lists of canonical ids")
+        elif not any(scopes):
+            problems.append(f"{where} names the risk_tiers or data_classes it applies to")
         bounds = [k for k in ("min_ppm", "max_ppm") if k in r]
         if len(bounds) != 1:
             problems.append(f"{where} has exactly one of min_ppm and max_ppm")

@@ -269,7 +269,8 @@ def _transition(
     )
 
 
-def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
+def admission_input(session: Session, version: ModelVersion,
+                    data_classes: Sequence[str] | None = None) -> dict[str, Any]:
     """What the admission policy sees: the version as registered, its lineage, and every
     metric of its attached evaluations (values in parts per million: integers, which every
     engine compares alike)."""
@@ -318,20 +319,25 @@ def admission_input(session: Session, version: ModelVersion) -> dict[str, Any]:
             for e in session.scalars(select(Evaluation).where(
                 Evaluation.version_id == version.id).order_by(Evaluation.attached_at))
             for m in e.metrics],
+        **({"data_classes": identifiers.stored(list(data_classes))}
+           if data_classes is not None else {}),
     }
 
 
 def _admit(session: Session, actor: Actor, version: ModelVersion, *,
-           allowed_states: tuple[str, ...], action: str) -> Decision:
+           allowed_states: tuple[str, ...], action: str,
+           data_classes: Sequence[str] | None = None) -> Decision:
     """Run the admission policy on the version as it is now and record the decision in the
-    caller's unit of work (kept even if the action then fails: charter.uow)."""
+    caller's unit of work (kept even if the action then fails: charter.uow).
+    `data_classes`: what the approval being decided would allow."""
     if version.state not in allowed_states:
         allowed = allowed_actions(version.state)
         raise IllegalTransitionError(
             f"cannot {action} a version that is {version.state}",
             details={"state": version.state, "action": action, "allowed_actions": allowed},
         ).audited(actor.ref, f"version.{action}", "model_version", version.id)
-    decision, event = policy.evaluate("admission", admission_input(session, version),
+    decision, event = policy.evaluate("admission",
+                                      admission_input(session, version, data_classes),
                                       actor=actor.ref, target_type="model_version",
                                       target_id=version.id)
     record_decision(session, event)
@@ -447,7 +453,7 @@ def approve_version(actor: Actor, version_id: str, cond: ApprovalConditions) -> 
             raise ValidationFailedError("the approval conditions are invalid",
                                         details={"errors": problems})
         admission = _admit(session, actor, version, allowed_states=("submitted",),
-                           action="approve")
+                           action="approve", data_classes=cond.allowed_data_classes)
         version.admission = _findings(admission)
         waived = {c for e in version.exceptions if e.active(now) for c in e.codes}
         blocking = sorted(set(admission.violation_codes) - waived)

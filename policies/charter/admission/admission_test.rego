@@ -169,8 +169,8 @@ _messages(inp) := msgs if {
 test_a_high_risk_version_needs_its_evidence if {
 	_codes(_high([])) == {"evaluation_missing"}
 	_messages(_high([])) == {concat("", [
-		"no result of arc_easy acc (filter none) is attached; high-risk versions need one ",
-		"(requirement high-risk-reasoning)",
+		"no result of arc_easy acc (filter none) is attached; requirement ",
+		"high-risk-reasoning asks for one",
 	])}
 	other := {"task": "arc_easy", "metric": "acc_norm", "filter": "none", "value_ppm": 900000,
 		"evaluated_at": null, "attached_at": _now}
@@ -218,4 +218,26 @@ test_custom_code_is_denied_unless_the_organisation_allows_it if {
 		with data.charter.organisation.allow_custom_code as true
 	allowed == set()
 	_codes(json.patch(_ok, [{"op": "add", "path": "/version/custom_code", "value": "yes"}])) == {"input_invalid"}
+}
+
+_restricted_only := [{"id": "restricted-data", "data_classes": ["restricted"], "task": "arc_easy",
+	"metric": "acc", "filter": "none", "min_ppm": 600000}]
+
+test_evidence_can_be_asked_of_an_approval_by_its_data_classes if {
+	base := json.patch(_ok, [
+		{"op": "add", "path": "/now", "value": _now},
+		{"op": "add", "path": "/evaluations", "value": [_arc(550000, _now)]},
+	])
+	restricted := json.patch(base, [{"op": "add", "path": "/data_classes", "value": ["internal", "restricted"]}])
+	internal := json.patch(base, [{"op": "add", "path": "/data_classes", "value": ["internal"]}])
+	codes_restricted := {v.code | some v in admission.decision.violations} with input as restricted
+		with data.charter.evidence.requirements as _restricted_only
+	codes_restricted == {"evaluation_below_threshold"}
+	codes_internal := {v.code | some v in admission.decision.violations} with input as internal
+		with data.charter.evidence.requirements as _restricted_only
+	codes_internal == set()
+	codes_submit := {v.code | some v in admission.decision.violations} with input as base
+		with data.charter.evidence.requirements as _restricted_only
+	codes_submit == set()
+	_codes(json.patch(base, [{"op": "add", "path": "/data_classes", "value": [3]}])) == {"input_invalid"}
 }

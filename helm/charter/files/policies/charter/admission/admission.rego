@@ -123,6 +123,7 @@ _valid_input if {
 	_lineage_ok
 	_evaluations_ok
 	_number_or_null(_input, "now")
+	_strings(object.get(_input, "data_classes", []))
 }
 
 violations contains {"code": "input_invalid", "msg": "the admission input is malformed"} if {
@@ -327,9 +328,11 @@ violations contains {
 }
 
 # --- evaluation evidence ------------------------------------------------------------------
-# data.charter.evidence.requirements: each {"id", "risk_tiers", "task", "metric", "filter",
-# "min_ppm" or "max_ppm", "max_age_days"}, checked by Charter when the bundle loads. A
-# result is fresh when it was made (else attached) within max_age_days of `now`.
+# data.charter.evidence.requirements: each {"id", "risk_tiers", "data_classes", "task",
+# "metric", "filter", "min_ppm" or "max_ppm", "max_age_days"}, checked by Charter when the
+# bundle loads. One applies to a version of a listed risk tier, or (at approval, when the
+# input has `data_classes`) to an approval that would allow a listed data class. A result
+# is fresh when it was made (else attached) within max_age_days of `now`.
 
 _evidence := data.charter.evidence if is_object(data.charter.evidence)
 else := {}
@@ -342,6 +345,11 @@ _requirements := [r |
 _has_number(o, key) if is_number(object.get(o, key, null))
 
 _applies(r) if object.get(_v, "risk_tier", null) in _array(object.get(r, "risk_tiers", null))
+
+_applies(r) if {
+	some c in _array(object.get(_input, "data_classes", null))
+	c in _array(object.get(r, "data_classes", null))
+}
 
 _result_for(r, e) if {
 	object.get(e, "task", null) == object.get(r, "task", null)
@@ -407,8 +415,8 @@ _what(r) := sprintf("%v %v (filter %v)", [
 
 violations contains {
 	"code": "evaluation_missing",
-	"msg": sprintf("no result of %v is attached; %v-risk versions need one (requirement %v)", [
-		_what(r), object.get(_v, "risk_tier", ""), object.get(r, "id", ""),
+	"msg": sprintf("no result of %v is attached; requirement %v asks for one", [
+		_what(r), object.get(r, "id", ""),
 	]),
 } if {
 	_valid_input
