@@ -298,3 +298,37 @@ def test_an_approval_tells_admission_the_data_classes_it_would_allow(version) ->
         assert "data_classes" not in admission_input(session, v)
         assert admission_input(session, v, ["internal", "restricted"])["data_classes"] == [
             "internal", "restricted"]
+
+
+def test_a_derived_version_links_its_base_and_is_approved_only_while_it_is(client, version,  # type: ignore[no-untyped-def]
+                                                                          make_person) -> None:
+    """An adapter names its base as a registered version: base_model filled from it, the
+    link checked; admission denies the adapter while its base is not approved."""
+    steward, base_id = version
+    r = client.get(f"/api/v1/versions/{base_id}", headers=steward.headers)
+    model_id = r.get_json()["model_id"]
+    url = f"/api/v1/models/{model_id}/versions"
+    adapter = {"label": "1.0-lora", "source_revision": REVISION, "derivation": "adapter",
+               "base_version_id": base_id, "weight_format": "safetensors",
+               "license_declared": "apache-2.0", "license_card": "apache-2.0",
+               "storage_region": "eu-west", "hosting_regions": ["eu-west"],
+               "files": [{"path": "adapter_model.safetensors", "size": 1, "sha256": "c" * 64}]}
+    r = client.post(url, headers=steward.headers, json={**adapter, "derivation": "original"})
+    _error(r, 422, "base_version_not_derived")
+    r = client.post(url, headers=steward.headers,
+                    json={**adapter, "base_model": "Qwen/Qwen2-0.5B"})
+    _error(r, 422, "base_version_mismatch")
+    r = client.post(url, headers=steward.headers, json={**adapter, "base_version_id": "nope"})
+    _error(r, 404, "base_version_not_found")
+    r = client.post(url, headers=steward.headers, json=adapter)
+    assert r.status_code == 201, r.get_json()
+    created = r.get_json()
+    assert created["base_version_id"] == base_id
+    assert created["base_model"] == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    r = client.post(f"/api/v1/versions/{created['id']}/submit", headers=steward.headers,
+                    json={})
+    codes = [v["code"] for v in r.get_json()["admission"]["violations"]]
+    assert "base_version_not_approved" in codes and "base_model_unknown" not in codes
+    msg = next(v["msg"] for v in r.get_json()["admission"]["violations"]
+               if v["code"] == "base_version_not_approved")
+    assert msg.startswith("the version this derives from is draft")

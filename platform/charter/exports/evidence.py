@@ -92,7 +92,8 @@ def build_pack(v: ModelVersion, *, head_seq: int, head_hash: str, generated_by: 
         "license": {"declared": v.license_declared, "card": v.license_card,
                     "agree": (v.license_declared or "").lower() == (v.license_card or "").lower()
                     if v.license_declared and v.license_card else None},
-        "lineage": {"base_model": v.base_model, "derivation": v.derivation,
+        "lineage": {"base_model": v.base_model, "base_version_id": v.base_version_id,
+                    "derivation": v.derivation,
                     "datasets": list(v.datasets),
                     "purl": str(p) if (p := purl_of(v.model.source_repo,
                                                      v.source_revision)) else None},

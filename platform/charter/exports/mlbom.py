@@ -215,7 +215,8 @@ def _model_card(v: ModelVersion) -> dict[str, Any]:
         card["quantitativeAnalysis"] = {"performanceMetrics": metrics}
     if v.intended_use:
         card["considerations"] = {"useCases": [v.intended_use]}
-    props = _props([("base_model", v.base_model), ("derivation", v.derivation),
+    props = _props([("base_model", v.base_model), ("base_version_id", v.base_version_id),
+                    ("derivation", v.derivation),
                     ("parameter_count", v.parameter_count),
                     ("context_length", v.context_length)])
     if props:

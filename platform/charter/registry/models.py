@@ -61,6 +61,9 @@ class ModelVersion(Base):
     license_declared: Mapped[str | None] = mapped_column(String(100))
     license_card: Mapped[str | None] = mapped_column(String(100))
     base_model: Mapped[str | None] = mapped_column(String(300))
+    # The registered version it derives from (an adapter's, a quantization's base), if any.
+    base_version_id: Mapped[str | None] = mapped_column(
+        ForeignKey("model_versions.id", name="fk_model_versions_base"), index=True)
     derivation: Mapped[str] = mapped_column(String(20), nullable=False, default="unknown")
     datasets: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     intended_use: Mapped[str] = mapped_column(Text, nullable=False, default="")

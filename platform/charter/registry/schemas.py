@@ -82,6 +82,8 @@ class VersionSpec(Strict):
     # As the model card states it, in canonical form (the card itself, verbatim, is `card`).
     license_card: LicenseId | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
+    # The registered version it derives from: its base_model is then that version's model.
+    base_version_id: Annotated[str, StringConstraints(min_length=1, max_length=36)] | None = None
     derivation: Derivation = "unknown"
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] = []
@@ -193,6 +195,7 @@ class VersionOut(Out):
     license_declared: str | None
     license_card: str | None
     base_model: str | None
+    base_version_id: str | None
     derivation: str
     datasets: list[str]
     intended_use: str

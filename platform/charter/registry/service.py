@@ -118,6 +118,30 @@ def unsafe_weights(weight_format: str, paths: list[str]) -> bool:
     )
 
 
+DERIVED = ("fine_tune", "adapter", "quantized", "merge")
+
+
+def _linked_base(session: Session, spec: VersionSpec) -> str:
+    """The base a derived version links to: registered, and named as its base_model (the
+    base's repository, or its model's name). Returns the base_model to store."""
+    base = session.get(ModelVersion, spec.base_version_id)
+    if base is None:
+        raise NotFoundError(f"no model version {spec.base_version_id} to derive from",
+                            code="base_version_not_found")
+    if spec.derivation not in DERIVED:
+        raise ValidationFailedError(
+            f"only a derived version ({', '.join(DERIVED)}) links to a base version; this "
+            f"one is {spec.derivation}", code="base_version_not_derived",
+            details={"derivation": spec.derivation})
+    names = (base.model.source_repo, base.model.name)
+    if spec.base_model is not None and spec.base_model not in names:
+        raise ValidationFailedError(
+            f"base_model {spec.base_model!r} is not the linked version's model "
+            f"({' or '.join(names)})", code="base_version_mismatch",
+            details={"base_model": spec.base_model, "base_version_id": base.id})
+    return spec.base_model or base.model.source_repo
+
+
 def custom_code(paths: Sequence[str]) -> bool:
     """Python files beside the weights are code a loader runs with trust_remote_code."""
     return any(p.lower().endswith(".py") for p in paths)
@@ -148,6 +172,8 @@ def create_version(
                 f"{model.name} already has a version {spec.label!r}", code="version_exists"
             )
         fields = spec.model_dump(exclude={"files"})
+        if spec.base_version_id is not None:
+            fields["base_model"] = _linked_base(session, spec)
         version = ModelVersion(
             id=str(uuid.uuid4()),
             model_id=model.id,
@@ -275,7 +301,12 @@ def admission_input(session: Session, version: ModelVersion,
     metric of its attached evaluations (values in parts per million: integers, which every
     engine compares alike)."""
     base_approved = False
-    if version.base_model:
+    base_state = None
+    if version.base_version_id:
+        base_state = session.scalar(select(ModelVersion.state).where(
+            ModelVersion.id == version.base_version_id))
+        base_approved = base_state == "approved"
+    elif version.base_model:
         base_approved = session.scalar(
             select(ModelVersion.id)
             .join(Model, Model.id == ModelVersion.model_id)
@@ -308,7 +339,8 @@ def admission_input(session: Session, version: ModelVersion,
             "storage_region": identifiers.stored(version.storage_region),
             "hosting_regions": identifiers.stored(list(version.hosting_regions)),
         },
-        "lineage": {"base_model_approved": base_approved},
+        "lineage": {"base_model_approved": base_approved,
+                    **({"base_version_state": base_state} if base_state else {})},
         "now": int(utcnow().timestamp()),
         "evaluations": [
             {"task": m["task"], "metric": m["metric"], "filter": m["filter"],

@@ -241,3 +241,15 @@ test_evidence_can_be_asked_of_an_approval_by_its_data_classes if {
 	codes_submit == set()
 	_codes(json.patch(base, [{"op": "add", "path": "/data_classes", "value": [3]}])) == {"input_invalid"}
 }
+
+test_a_derived_version_needs_its_linked_base_approved if {
+	linked := json.patch(_ok, [{"op": "replace", "path": "/lineage",
+		"value": {"base_model_approved": false, "base_version_state": "revoked"}}])
+	_codes(linked) == {"base_version_not_approved"}
+	approved := json.patch(_ok, [{"op": "replace", "path": "/lineage",
+		"value": {"base_model_approved": true, "base_version_state": "approved"}}])
+	_codes(approved) == set()
+	bad := json.patch(_ok, [{"op": "replace", "path": "/lineage",
+		"value": {"base_version_state": 7}}])
+	_codes(bad) == {"input_invalid"}
+}

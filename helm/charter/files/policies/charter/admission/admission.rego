@@ -1,6 +1,7 @@
 # May this model version be approved?
 #
-# Input: {"version": {...registry fields...}, "lineage": {"base_model_approved": bool},
+# Input: {"version": {...registry fields...},
+#         "lineage": {"base_model_approved": bool, "base_version_state": state or absent},
 #         "now": epoch seconds, "evaluations": [{"task", "metric", "filter", "value_ppm",
 #         "evaluated_at", "attached_at"}]},
 #        as schemas/admission.input.json states it (Charter checks that before any engine).
@@ -78,6 +79,7 @@ _lineage_ok if object.get(_input, "lineage", null) == null
 _lineage_ok if {
 	is_object(object.get(_input, "lineage", null))
 	is_boolean(object.get(_lineage, "base_model_approved", false))
+	_string_or_null(_lineage, "base_version_state")
 }
 
 _number_or_null(o, key) if object.get(o, key, null) == null
@@ -293,6 +295,22 @@ violations contains {
 
 _base_known if object.get(_lineage, "base_model_approved", false) == true
 
+_base_state := object.get(_lineage, "base_version_state", null)
+
+_linked_base if is_string(_base_state)
+
+# A linked base is registered: whether it is approved is the next rule's to say.
+_base_known if _linked_base
+
+violations contains {
+	"code": "base_version_not_approved",
+	"msg": sprintf("the version this derives from is %v; a derived version is approved only while its base is", [_base_state]),
+} if {
+	_valid_input
+	_linked_base
+	_base_state != "approved"
+}
+
 _base_known if _base in _array(object.get(_org, "known_base_models", null))
 
 violations contains {
@@ -445,7 +463,7 @@ _bounded(r) if _has_number(r, "max_ppm")
 violations contains {
 	"code": "evaluation_below_threshold",
 	"msg": sprintf("%v is %v ppm at best; requirement %v needs %v ppm", [
-		_what(r), _best(r), object.get(r, "id", ""), _bound(r),
+		_what(r), _best(r) + 0, object.get(r, "id", ""), _bound(r), # + 0: no "-0"
 	]),
 } if {
 	_valid_input

@@ -174,7 +174,10 @@ violations contains {
 _expiry_text := text if {
 	text := object.get(_conditions, "expires_at_utc", null)
 	is_string(text)
-} else := sprintf("%v seconds after the epoch", [_expiry])
+} else := sprintf("%v seconds after the epoch", [_expiry + 0]) if {
+	# + 0: a -0.0 prints as 0 on every engine (regorus would print "-0")
+	is_number(_expiry)
+}
 
 warnings contains {
 	"code": "version_deprecated",
