@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from charter.actor import Actor
 from charter.errors import CharterError, ValidationFailedError
+from charter.metering.tokens import tokenizer_folder
 from charter.nodes import service as nodes
 from charter.registry import service as registry
 from charter.registry.models import Evaluation
@@ -105,10 +105,10 @@ def _tokenizer_dir(model_name: str, label: str) -> str:
     from charter import scope
 
     root = scope.current().settings.tokenizers_dir
-    folder = Path(root).joinpath(*model_name.split("/"), label) if root else None
-    if folder is None or not (folder / "tokenizer.json").is_file():
+    folder = tokenizer_folder(root, model_name, label)
+    if folder is None:
         raise ValidationFailedError(
             "lm-eval-harness needs the version's tokenizer: place it under "
             "CHARTER_TOKENIZERS_DIR/<model name>/<version label>/ or pass --tokenizer",
-            code="tokenizer_missing", details={"looked_in": str(folder) if folder else None})
+            code="tokenizer_missing", details={"tokenizers_dir": root or None})
     return str(folder)

@@ -165,18 +165,25 @@ class Limited:
                 f"{refused.retry_after_s} s", code="limit_exceeded", status=429,
                 details={"limit": rule.name, "limit_value": rule.limit,
                          "retry_after_s": refused.retry_after_s}))
-        self.admitted = Ticket(tuple(r for r in self.rules if r.kind in CHARGED or (
-            self.lease and r.kind == STREAMS)), self.lease)
+        self.admitted = self._charged()
         return self.admitted
 
+    def _charged(self) -> Ticket:
+        return Ticket(tuple(r for r in self.rules if r.kind in CHARGED or (
+            self.lease and r.kind == STREAMS)), self.lease)
+
     def release(self) -> None:
-        """A request that ended before its outcome (an error, a refusal): its answer is
-        read (the connection kept) and a stream's lease given back."""
-        try:
-            ticket = self.ticket()
-        except CharterError:
-            return
-        settle(ticket)
+        """A request that ended before its outcome (an error, another refusal): the
+        answer is read (the connection kept), never recorded as a refusal of its own,
+        and a lease it took is given back."""
+        if not self.answered:
+            self.answered = True
+            try:
+                refused = self.pending.result()
+            except LimitsUnavailableError:
+                return
+            self.admitted = self._charged() if refused is None else None
+        settle(self.admitted)
 
 
 def _unavailable(actor: Actor, serving_name: str, exc: LimitsUnavailableError) -> None:

@@ -163,12 +163,8 @@ class Tokenizers:
         pin = self._pin_of(version_id)
         if pin is None:
             return None
-        parts = [*pin.model_name.split("/"), pin.label]
-        if any(p in ("", ".", "..") or "\\" in p for p in parts):
-            log.warning("a version's name cannot be a tokenizer folder", version=version_id)
-            return None
-        folder = self.root.joinpath(*parts)  # links are followed (a Hub cache's are)
-        if not (folder / "tokenizer.json").is_file():
+        folder = tokenizer_folder(str(self.root), pin.model_name, pin.label)
+        if folder is None:
             return None
         if pin.sha256 is not None:
             digest = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
@@ -185,6 +181,17 @@ class Tokenizers:
             log.error("could not load a tokenizer", version=version_id, folder=str(folder),
                       error=str(exc))
             return None
+
+
+def tokenizer_folder(root: str, model_name: str, label: str) -> Path | None:
+    """Where a version's tokenizer is placed, `<root>/<model name>/<version label>/`, when
+    it holds a `tokenizer.json`; None when it does not, or when the names could not be
+    folder names under root (`..`, empty parts)."""
+    parts = [*model_name.split("/"), label]
+    if not root or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        return None
+    folder = Path(root).joinpath(*parts)  # links are followed (a Hub cache's are)
+    return folder if (folder / "tokenizer.json").is_file() else None
 
 
 def _ids(prompt: Any) -> bool:
