@@ -17,6 +17,7 @@ from charter.audit.models import AuditEvent
 from charter.audit.service import EventFilter, iter_events
 from charter.exports.mlbom import latest_approval, purl_of
 from charter.registry.models import ModelVersion
+from charter.registry.service import Lineage, Relative
 
 FORMAT = "charter.evidence-pack/1"
 PAGE = 500
@@ -44,9 +45,16 @@ def _event(e: AuditEvent) -> dict[str, Any]:
             "hash": e.hash}
 
 
+def _relative(r: Relative) -> dict[str, Any]:
+    return {"version_id": r.id, "model": r.model, "label": r.label, "state": r.state,
+            "derivation": r.derivation, "source_repo": r.source_repo,
+            "source_revision": r.source_revision, "weights_sha256": list(r.weights)}
+
+
 def build_pack(v: ModelVersion, *, head_seq: int, head_hash: str, generated_by: str,
-               generated_at: datetime) -> dict[str, Any]:
-    """The pack as plain JSON data. `head_seq`/`head_hash`: the log's head it was read at."""
+               generated_at: datetime, lineage: Lineage | None = None) -> dict[str, Any]:
+    """The pack as plain JSON data. `head_seq`/`head_hash`: the log's head it was read at;
+    `lineage`: the registered versions it derives from and that derive from it."""
     trail = list(heapq.merge(events_about("model_version", v.id, head_seq),
                              events_about("model", v.model_id, head_seq),
                              key=lambda e: e.seq))
@@ -95,6 +103,9 @@ def build_pack(v: ModelVersion, *, head_seq: int, head_hash: str, generated_by: 
         "lineage": {"base_model": v.base_model, "base_version_id": v.base_version_id,
                     "derivation": v.derivation,
                     "datasets": list(v.datasets),
+                    "ancestors": [_relative(r) for r in lineage.ancestors] if lineage else [],
+                    "derivatives": [_relative(r) for r in lineage.derivatives]
+                    if lineage else [],
                     "purl": str(p) if (p := purl_of(v.model.source_repo,
                                                      v.source_revision)) else None},
         "evaluations": [{

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from cyclonedx.model import (
     XsUri,
 )
 from cyclonedx.model.bom import Bom, BomMetaData
-from cyclonedx.model.component import Component, ComponentType
+from cyclonedx.model.component import Component, ComponentType, Pedigree
 from cyclonedx.model.license import DisjunctiveLicense, LicenseAcknowledgement
 from cyclonedx.model.tool import ToolRepository
 from cyclonedx.output.json import JsonV1Dot6
@@ -34,6 +34,7 @@ from packageurl import PackageURL
 from charter import __version__
 from charter.errors import CharterError
 from charter.registry.models import ModelVersion
+from charter.registry.service import Lineage
 
 MEDIA_TYPE = "application/vnd.cyclonedx+json; version=1.6"
 NS = "charter"
@@ -159,7 +160,25 @@ def _files(v: ModelVersion) -> list[Component]:
     ]
 
 
-def _component(v: ModelVersion) -> Component:
+def _pedigree(v: ModelVersion, lineage: Lineage | None) -> Pedigree | None:
+    """The registered versions it derives from (CycloneDX pedigree ancestors, nearest
+    first), each pinned by its weights' digests, with its state."""
+    if lineage is None or not lineage.ancestors:
+        return None
+    ancestors = [Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL, name=a.model, version=a.label,
+        bom_ref=f"{version_ref(v)}/ancestor/{a.id}",
+        hashes=[HashType(alg=HashAlgorithm.SHA_256, content=h) for h in a.weights],
+        purl=purl_of(a.source_repo, a.source_revision),
+        properties=_props([("version_id", a.id), ("state", a.state),
+                           ("derivation", a.derivation)]))
+        for a in lineage.ancestors]
+    base = lineage.ancestors[0]
+    return Pedigree(ancestors=ancestors, notes=(
+        f"{v.derivation} of {base.model} {base.label} (registered version {base.id})"))
+
+
+def _component(v: ModelVersion, lineage: Lineage | None = None) -> Component:
     approval = latest_approval(v)
     admission = v.admission or {}
     weights = sorted({f.sha256 for f in v.files if f.kind == "weights" and f.sha256})
@@ -195,6 +214,7 @@ def _component(v: ModelVersion) -> Component:
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=h) for h in weights],
         licenses=_licenses(v), purl=purl_of(v.model.source_repo, v.source_revision),
         external_references=_references(v), properties=_props(props), components=_files(v),
+        pedigree=_pedigree(v, lineage),
     )
 
 
@@ -239,18 +259,23 @@ def _performance_metric(e: Any, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_ml_bom(versions: Sequence[ModelVersion], *, include_retired: bool,
-                 timestamp: datetime | None = None) -> str:
-    """The BOM as JSON text, validated; raises BomInvalidError rather than return a bad one."""
+                 timestamp: datetime | None = None,
+                 lineages: Mapping[str, Lineage] | None = None) -> str:
+    """The BOM as JSON text, validated; raises BomInvalidError rather than return a bad one.
+    `lineages`: by version id, the registered versions a derived one comes from (its
+    pedigree; it depends on its base's component where the base is listed too)."""
+    lineages = lineages or {}
     versions = sorted(versions, key=lambda v: (v.model.name, v.label, v.id))
     known = {name for v in versions for name in (v.model.name, v.model.source_repo)
              if v.state == "approved"}
-    components = [_component(v) for v in versions]
+    components = [_component(v, lineages.get(v.id)) for v in versions]
     by_ref = {c.bom_ref.value: c for c in components}
     datasets = {d: Component(type=ComponentType.DATA, name=d, bom_ref=dataset_ref(d))
                 for v in versions for d in v.datasets}
     bases: dict[str, Component] = {}
     for v in versions:
-        if v.base_model and v.base_model not in bases:
+        if v.base_model and v.base_model not in bases and (
+                f"model-version/{v.base_version_id}" not in by_ref):
             bases[v.base_model] = Component(
                 type=ComponentType.MACHINE_LEARNING_MODEL, name=v.base_model,
                 bom_ref=base_ref(v.base_model), purl=purl_of(v.base_model, None),
@@ -268,7 +293,10 @@ def build_ml_bom(versions: Sequence[ModelVersion], *, include_retired: bool,
         ),
     )
     for v in versions:
-        if v.base_model:
+        listed = by_ref.get(f"model-version/{v.base_version_id}") if v.base_version_id else None
+        if listed is not None:
+            bom.register_dependency(by_ref[version_ref(v)], [listed])
+        elif v.base_model in bases:
             bom.register_dependency(by_ref[version_ref(v)], [bases[v.base_model]])
     document = json.loads(JsonV1Dot6(bom).output_as_string())
     cards = {v.id: _model_card(v) for v in versions}

@@ -41,7 +41,9 @@ def export_ml_bom(actor: Actor, *, include_retired: bool = False) -> str:
     states = mlbom.CURRENT_STATES + (mlbom.RETIRED_STATES if include_retired else ())
     versions = [v for state in states for v in registry.list_versions(None, state)]
     try:
-        text = mlbom.build_ml_bom(versions, include_retired=include_retired)
+        lineages = {v.id: registry.lineage(v.id) for v in versions if v.base_version_id}
+        text = mlbom.build_ml_bom(versions, include_retired=include_retired,
+                                  lineages=lineages)
     except CharterError as exc:
         _record(actor, "export.mlbom", "ml-bom",
                 {"include_retired": include_retired, "code": exc.code,
@@ -62,7 +64,8 @@ def export_evidence(actor: Actor, version_id: str, *, fmt: str = "json") -> dict
     version = registry.get_version(version_id)
     head_seq, head_hash = audit.head()
     pack = evidence.build_pack(version, head_seq=head_seq, head_hash=head_hash,
-                               generated_by=actor.ref, generated_at=utcnow())
+                               generated_by=actor.ref, generated_at=utcnow(),
+                               lineage=registry.lineage(version.id))
     _record(actor, "export.evidence", "evidence", {
         "version_id": version.id, "format": fmt, "audit_head_seq": head_seq,
         "events": len(pack["audit_trail"])})

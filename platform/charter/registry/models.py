@@ -25,6 +25,15 @@ WEIGHT_FORMATS = ("safetensors", "gguf", "pytorch_pickle", "none")
 UNSAFE_FORMATS = frozenset({"pytorch_pickle"})
 RISK_TIERS = ("minimal", "limited", "high")
 DERIVATIONS = ("unknown", "original", "fine_tune", "adapter", "quantized", "merge")
+# What a version does, which decides the endpoints that may serve it (charter.dispatch).
+TASKS = ("generation", "embedding")
+# Hugging Face pipeline tags of embedding models; any other tag (or none) is generation.
+EMBEDDING_PIPELINE_TAGS = frozenset({"feature-extraction", "sentence-similarity"})
+
+
+def task_of(card: dict[str, Any]) -> str:
+    """A version's task as its model card's `pipeline_tag` states it."""
+    return "embedding" if card.get("pipeline_tag") in EMBEDDING_PIPELINE_TAGS else "generation"
 _VERSIONED = {"version_id_generator": False}
 
 
@@ -65,6 +74,7 @@ class ModelVersion(Base):
     base_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("model_versions.id", name="fk_model_versions_base"), index=True)
     derivation: Mapped[str] = mapped_column(String(20), nullable=False, default="unknown")
+    task: Mapped[str] = mapped_column(String(20), nullable=False, default="generation")
     datasets: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     intended_use: Mapped[str] = mapped_column(Text, nullable=False, default="")
     risk_tier: Mapped[str] = mapped_column(String(20), nullable=False, default="limited")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from charter.identifiers import identifier
-from charter.registry.models import DERIVATIONS, RISK_TIERS, STATES, WEIGHT_FORMATS
+from charter.registry.models import DERIVATIONS, RISK_TIERS, STATES, TASKS, WEIGHT_FORMATS
 
 
 class Strict(BaseModel):
@@ -42,6 +42,7 @@ WeightFormat = Literal[WEIGHT_FORMATS]  # type: ignore[valid-type]
 RiskTier = Literal[RISK_TIERS]  # type: ignore[valid-type]
 State = Literal[STATES]  # type: ignore[valid-type]
 Derivation = Literal[DERIVATIONS]  # type: ignore[valid-type]
+Task = Literal[TASKS]  # type: ignore[valid-type]
 
 
 class ModelCreate(Strict):
@@ -85,6 +86,8 @@ class VersionSpec(Strict):
     # The registered version it derives from: its base_model is then that version's model.
     base_version_id: Annotated[str, StringConstraints(min_length=1, max_length=36)] | None = None
     derivation: Derivation = "unknown"
+    # generation or embedding: the steward's choice, else what the card's pipeline_tag says
+    task: Task | None = None
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] = []
     intended_use: Text = ""
@@ -104,6 +107,7 @@ class VersionUpdate(Strict):
     license_declared: LicenseId | None = None
     base_model: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
     derivation: Derivation | None = None
+    task: Task | None = None
     datasets: Annotated[list[Annotated[str, StringConstraints(max_length=300)]],
                         Field(max_length=200)] | None = None
     intended_use: Text | None = None
@@ -197,6 +201,7 @@ class VersionOut(Out):
     base_model: str | None
     base_version_id: str | None
     derivation: str
+    task: str
     datasets: list[str]
     intended_use: str
     risk_tier: str

@@ -37,6 +37,7 @@ from charter.registry.models import (
     ModelFile,
     ModelVersion,
     PolicyException,
+    task_of,
 )
 from charter.registry.rules import (
     EXPIRABLE,
@@ -172,6 +173,7 @@ def create_version(
                 f"{model.name} already has a version {spec.label!r}", code="version_exists"
             )
         fields = spec.model_dump(exclude={"files"})
+        fields["task"] = spec.task or task_of(spec.card)
         if spec.base_version_id is not None:
             fields["base_model"] = _linked_base(session, spec)
         version = ModelVersion(
@@ -578,7 +580,9 @@ def _retire(actor: Actor, version_id: str, req: RequiredReason, action: str) -> 
     with unit_of_work() as session:
         version = _version(session, version_id)
         _check_row_version(version, req.row_version)
-        _transition(session, actor, version, action, req.reason)
+        suspended = derivatives_of(session, version.id) if action == "revoke" else []
+        _transition(session, actor, version, action, req.reason,
+                    {"derivatives_suspended": suspended} if suspended else None)
         return version
 
 
@@ -681,10 +685,91 @@ def dispatch_view(version_id: str) -> DispatchView | None:
             return None
         return DispatchView(version.id, version.model.name, {
             "id": version.id, "model": version.model.name, "state": version.state,
-            "license": identifiers.stored(version.license_declared),
-            "approval": _approval_doc(version)},
+            "task": version.task, "license": identifiers.stored(version.license_declared),
+            "approval": _approval_doc(version), "lineage": _ancestors(session, version)},
             identifiers.epoch(version.state_changed_at) if version.state == "deprecated"
             else None)
+
+
+MAX_LINEAGE = 16  # a derivation chain longer than this is cut (and the cut one refused)
+
+
+def _ancestors(session: Session, version: ModelVersion) -> list[dict[str, str]]:
+    """The versions a version derives from, nearest first, each with its state: a derived
+    version serves only while every one of them does (the dispatch policy's
+    base_version_revoked, base_version_not_approved)."""
+    out: list[dict[str, str]] = []
+    base_id = version.base_version_id
+    while base_id is not None:
+        if len(out) == MAX_LINEAGE:
+            out.append({"id": base_id, "state": "draft"})  # too deep to trust: not servable
+            break
+        row = session.execute(select(ModelVersion.state, ModelVersion.base_version_id).where(
+            ModelVersion.id == base_id)).one()
+        out.append({"id": base_id, "state": row.state})
+        base_id = row.base_version_id
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Relative:
+    """A version in another's lineage, as the console and the exports show it."""
+
+    id: str
+    model: str
+    label: str
+    state: str
+    derivation: str
+    source_repo: str
+    source_revision: str | None
+    weights: tuple[str, ...]  # the SHA-256 of its weight files
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    ancestors: tuple[Relative, ...]  # what it derives from, nearest first
+    derivatives: tuple[Relative, ...]  # what derives from it, directly or not, any state
+
+
+def lineage(version_id: str) -> Lineage:
+    """A version's registered ancestors and derivatives (an adapter's base, a base's
+    adapters and builds)."""
+    with unit_of_work() as session:
+        version = _version(session, version_id)
+        up = [a["id"] for a in _ancestors(session, version)]
+        down = _descendants(session, version.id)
+        rows = {v.id: v for v in session.scalars(select(ModelVersion).where(
+            ModelVersion.id.in_(up + down)).options(lazyload(ModelVersion.exceptions)))}
+
+        def relative(vid: str) -> Relative:
+            v = rows[vid]
+            return Relative(v.id, v.model.name, v.label, v.state, v.derivation,
+                            v.model.source_repo, v.source_revision,
+                            tuple(sorted({f.sha256 for f in v.files
+                                          if f.kind == "weights" and f.sha256})))
+
+        return Lineage(tuple(relative(i) for i in up if i in rows),
+                       tuple(relative(i) for i in down))
+
+
+def _descendants(session: Session, version_id: str, limit: int = 1000) -> list[str]:
+    """The versions derived from this one, directly or through others, nearest first."""
+    found: list[str] = []
+    frontier = [version_id]
+    while frontier and len(found) < limit:
+        frontier = list(session.scalars(select(ModelVersion.id).where(
+            ModelVersion.base_version_id.in_(frontier)).order_by(ModelVersion.id)))
+        found.extend(frontier)
+    return found
+
+
+def derivatives_of(session: Session, version_id: str) -> list[str]:
+    """The servable versions derived from this one, directly or through others: what its
+    revocation suspends at dispatch."""
+    found = _descendants(session, version_id)
+    states = dict(session.execute(select(ModelVersion.id, ModelVersion.state).where(
+        ModelVersion.id.in_(found))).all()) if found else {}
+    return [v for v in found if states.get(v) in SERVABLE]
 
 
 def _approval_doc(version: ModelVersion) -> dict[str, Any] | None:

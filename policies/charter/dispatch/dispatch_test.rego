@@ -182,3 +182,25 @@ test_denies_a_team_outside_its_regions if {
 	inp := json.patch(_ok, [{"op": "replace", "path": "/caller/entitlements/regions", "value": ["eu-west"]}])
 	_codes(inp) == {"team_region_not_entitled"}
 }
+
+_derived(lineage) := json.patch(_ok, [{"op": "add", "path": "/version/lineage", "value": lineage}])
+
+test_a_derived_version_serves_while_its_bases_do if {
+	dispatch.allow with input as _derived([{"id": "b1", "state": "approved"}, {"id": "b0", "state": "deprecated"}])
+}
+
+test_a_revoked_base_suspends_its_derivatives if {
+	inp := _derived([{"id": "b1", "state": "revoked"}])
+	_codes(inp) == {"base_version_revoked"}
+	msgs := {v.msg | some v in dispatch.decision.violations} with input as inp
+	msgs == {"this version derives from version b1, which has been revoked"}
+}
+
+test_any_ancestor_not_approved_suspends if {
+	_codes(_derived([{"id": "b1", "state": "approved"}, {"id": "b0", "state": "submitted"}])) == {"base_version_not_approved"}
+}
+
+test_a_malformed_lineage_denies if {
+	_codes(_derived("b1")) == {"input_invalid"}
+	_codes(_derived([{"id": "b1"}])) == {"input_invalid"}
+}

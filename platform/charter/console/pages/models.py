@@ -49,7 +49,8 @@ def version(version_id: str) -> Response:
                   data_classes=data_classes,
                   purposes=purposes,
                   decisions=sorted(v.decisions, key=lambda d: d.decided_at),
-                  card_html=markdown(registry.card_text(v.id)))
+                  card_html=markdown(registry.card_text(v.id)),
+                  lineage=registry.lineage(v.id))
 
 
 def _back(version_id: str) -> str:

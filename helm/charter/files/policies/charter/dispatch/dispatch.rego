@@ -3,7 +3,8 @@
 # Input (schemas/dispatch.input.json; Charter checks it before any engine): {
 #   "now": seconds since the epoch,
 #   "version": {"id", "model", "state", "license", "approval": {"allowed_regions",
-#               "allowed_data_classes", "allowed_purposes", "expires_at" (seconds)}},
+#               "allowed_data_classes", "allowed_purposes", "expires_at" (seconds)},
+#               "lineage": [{"id", "state"}: the versions it derives from, nearest first]},
 #   "request": {"purpose", "data_class"},
 #   "caller": {"team", "entitlements": {"models", "data_classes", "regions"}},
 #   "node": {"id", "region", "attested_version_id"}
@@ -80,6 +81,22 @@ _strings(xs) if {
 	}
 }
 
+# The versions this one derives from (an adapter's base, a quantized build's source).
+_lineage := object.get(_v, "lineage", [])
+
+_ancestor_ok(a) if {
+	is_object(a)
+	is_string(object.get(a, "id", null))
+	is_string(object.get(a, "state", null))
+}
+
+_lineage_ok if {
+	is_array(_lineage)
+	every a in _array(_lineage) {
+		_ancestor_ok(a)
+	}
+}
+
 _approval_ok if _approval == null
 
 _approval_ok if {
@@ -102,6 +119,7 @@ _valid_input if {
 	is_string(_state)
 	_string_or_null(_v, "license")
 	_approval_ok
+	_lineage_ok
 	is_object(object.get(_input, "request", null))
 	is_string(_purpose)
 	is_string(_data_class)
@@ -140,6 +158,30 @@ violations contains {
 }
 
 _has_approval if is_object(_approval)
+
+# A derived version serves only while every version it derives from does: revoking a
+# base suspends its adapters and builds here, without touching their own state.
+_serving_state(s) if s in {"approved", "deprecated"}
+
+violations contains {
+	"code": "base_version_revoked",
+	"msg": sprintf("this version derives from version %v, which has been revoked", [object.get(a, "id", "")]),
+} if {
+	_valid_input
+	some a in _array(_lineage)
+	object.get(a, "state", "") == "revoked"
+}
+
+violations contains {
+	"code": "base_version_not_approved",
+	"msg": sprintf("this version derives from version %v, which is %v, not approved", [object.get(a, "id", ""), object.get(a, "state", "")]),
+} if {
+	_valid_input
+	some a in _array(_lineage)
+	state := object.get(a, "state", "")
+	state != "revoked"
+	not _serving_state(state)
+}
 
 violations contains {
 	"code": "approval_missing",
