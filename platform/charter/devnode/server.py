@@ -1,11 +1,14 @@
-"""The local dev inference node: TGI's HTTP protocol over a transformers model on the CPU."""
+"""The local dev inference node: TGI's HTTP protocol over a transformers model on the CPU,
+and TEI's and OpenAI's embedding routes over the same model."""
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import queue
 import random
+import struct
 import threading
 import time
 import uuid
@@ -27,6 +30,10 @@ MAX_TOTAL_TOKENS = 4096
 MAX_STOP_SEQUENCES = 4
 MAX_QUEUED = 32
 OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+MAX_CLIENT_BATCH = 32  # TEI's default max_client_batch_size
+EMBEDDING_TAGS = ("feature-extraction", "sentence-similarity")
+# TEI's statuses per error_type since v1.9.0; before it, Validation answered 413.
+TEI_STATUS = {"Validation": 422, "Empty": 400, "Overloaded": 429}
 
 
 class NodeError(Exception):
@@ -35,6 +42,15 @@ class NodeError(Exception):
     def __init__(self, message: str, status: int = 422, error_type: str = "validation") -> None:
         super().__init__(message)
         self.message, self.status, self.error_type = message, status, error_type
+
+
+class EmbedError(Exception):
+    """A refused embedding request. `kind` is TEI's error_type (Validation, Empty or
+    Overloaded); the TEI routes answer `{"error", "error_type"}`, OpenAI's route its own shape."""
+
+    def __init__(self, message: str, kind: str = "Validation", param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.kind, self.param = message, kind, param
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,8 @@ def _refuse(errors: list[str]) -> None:
 
 
 class Engine:
-    """One model, one generation at a time: requests queue for a single worker thread."""
+    """One model, one job (a generation or a batch of embeddings) at a time: requests queue
+    for a single worker thread."""
 
     def __init__(self, model_dir: Path, on_finish: Callable[[Finished], None]) -> None:
         import torch
@@ -138,6 +155,8 @@ class Engine:
         window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_total_tokens = min(int(window), MAX_TOTAL_TOKENS)
         self.max_input_tokens = self.max_total_tokens - 1
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.vocab_size = int(self.model.config.vocab_size)
         self.eos_ids: set[int] = set()
         for source in (self.model.generation_config, self.model.config, self.tokenizer):
             eos = getattr(source, "eos_token_id", None)
@@ -182,12 +201,17 @@ class Engine:
                             f"{wanted} `max_new_tokens`")
         return sampling
 
-    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[Step]:
-        """Queue a generation; the iterator yields its steps as the worker makes them."""
+    def _admit(self) -> bool:
         with self._pending_lock:
             if self.pending >= MAX_QUEUED:
-                raise NodeError("Model is overloaded", 429, "overloaded")
+                return False
             self.pending += 1
+            return True
+
+    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[Step]:
+        """Queue a generation; the iterator yields its steps as the worker makes them."""
+        if not self._admit():
+            raise NodeError("Model is overloaded", 429, "overloaded")
         out: queue.Queue[Step | BaseException] = queue.Queue()
         cancel = threading.Event()
         self._pool.submit(self._run, ids, sampling, out, cancel)
@@ -219,6 +243,34 @@ class Engine:
         finally:
             with self._pending_lock:
                 self.pending -= 1
+
+    def embed(self, batch: list[list[int]], *, normalize: bool = True,
+              dimensions: int | None = None) -> list[list[float]]:
+        """Mean-pooled last hidden states as float32, queued behind the generations on the
+        same worker, so an embedding never runs beside one on the model."""
+        if not self._admit():
+            raise EmbedError("Model is overloaded", "Overloaded")
+        try:
+            return self._pool.submit(self._pooled, batch, normalize, dimensions).result()
+        finally:
+            with self._pending_lock:
+                self.pending -= 1
+
+    def _pooled(self, batch: list[list[int]], normalize: bool, dimensions: int | None
+                ) -> list[list[float]]:
+        torch, vectors = self._torch, []
+        with self._lock, torch.no_grad():
+            for ids in batch:  # one at a time: no padding, so no vector depends on its batch
+                input_ids = torch.tensor([ids])
+                mask = torch.ones_like(input_ids)
+                hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask
+                                               ).last_hidden_state.float()
+                weights = mask.unsqueeze(-1).float()
+                vector = ((hidden * weights).sum(1) / weights.sum(1))[0, :dimensions]
+                if normalize:
+                    vector = torch.nn.functional.normalize(vector, dim=0)
+                vectors.append(vector.tolist())
+        return vectors
 
     def _generate(self, prompt: list[int], s: Sampling, cancel: threading.Event) -> Iterator[Step]:
         torch, budget = self._torch, s.max_new_tokens or 1
@@ -298,6 +350,72 @@ def _body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise NodeError("Input validation error: the body must be a JSON object")
     return body
+
+
+def _pipeline_tag(model_dir: Path) -> str:
+    """The card's pipeline_tag (its README's YAML front matter); text-generation without one."""
+    from huggingface_hub import metadata_load
+
+    readme = model_dir / "README.md"
+    tag = (metadata_load(readme) or {}).get("pipeline_tag") if readme.is_file() else None
+    return tag if isinstance(tag, str) and tag else "text-generation"
+
+
+def _embed_body() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise EmbedError("Input validation error: the body must be a JSON object")
+    return body
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _embed_inputs(value: Any, field: str) -> list[str | list[int]]:
+    """TEI's `inputs`, OpenAI's `input`: a text or token ids, or a list of them."""
+    if isinstance(value, str) or _is_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) or _is_ids(v) for v in value):
+        raise EmbedError(f"Input validation error: `{field}` must be a string, a list of "
+                         "strings, a list of token ids or a list of such lists", param=field)
+    if not value or not all(value):
+        raise EmbedError(f"Input validation error: `{field}` cannot be empty", "Empty", field)
+    if len(value) > MAX_CLIENT_BATCH:
+        raise EmbedError(f"batch size {len(value)} > maximum allowed batch size "
+                         f"{MAX_CLIENT_BATCH}", param=field)
+    return value
+
+
+def _tei_options(body: dict[str, Any], hidden_size: int) -> tuple[bool, str | None, int | None]:
+    """TEI's EmbedRequest fields but `inputs` -> (normalize, truncation side, dimensions)."""
+    errors: list[str] = []
+    f = _Fields(body, errors)
+    normalize = body.get("normalize") is None or f.flag("normalize")
+    truncate = f.flag("truncate")
+    side = str(body.get("truncation_direction") or "Right").capitalize()
+    if side not in ("Left", "Right"):
+        errors.append("`truncation_direction` must be Left or Right")
+    dimensions = f.number("dimensions", integer=True, gt=0, le=hidden_size)
+    if (name := body.get("prompt_name")) is not None:  # TEI's words: this model has no prompts
+        errors.append(f"`default-prompt-name` is set to `{name}` but no prompts were found in "
+                      "the Sentence Transformers configuration")
+    if errors:
+        raise EmbedError("Input validation error: " + "; ".join(errors))
+    return normalize, side if truncate else None, dimensions
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 embedding: the vector's little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: list[list[float]]
+    tokens: int  # after truncation: what the model read
+    characters: int  # TEI's x-compute-characters: characters, or token ids given as such
 
 
 def _tgi_request(body: dict[str, Any]) -> tuple[str, Sampling, bool, bool]:
@@ -428,13 +546,16 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
 
         revision = content_revision(model_dir)
     model_id = model_id or model_dir.name
+    pipeline_tag = _pipeline_tag(model_dir)
+    embedding_model = pipeline_tag in EMBEDDING_TAGS
     started = int(time.time())
     fingerprint = f"charter-devnode-{charter.__version__}-{revision[:12]}"
 
     registry = prom.CollectorRegistry()
     requests = prom.Counter("charter_devnode_requests", "HTTP requests answered",
                        ["route", "status"], registry=registry)
-    prompt_tokens = prom.Counter("charter_devnode_prompt_tokens", "Prompt tokens read",
+    prompt_tokens = prom.Counter("charter_devnode_prompt_tokens",
+                                 "Prompt tokens read, embedding inputs included",
                             registry=registry)
     generated = prom.Counter("charter_devnode_generated_tokens", "Tokens generated",
                         registry=registry)
@@ -444,7 +565,7 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
         generated.inc(final.generated_tokens)
 
     engine = Engine(model_dir, on_finish)
-    prom.Gauge("charter_devnode_queue_depth", "Generations queued or running",
+    prom.Gauge("charter_devnode_queue_depth", "Generations and embeddings queued or running",
           registry=registry).set_function(lambda: engine.pending)
     app = Flask(__name__)
     app.extensions["charter_devnode"] = engine
@@ -453,6 +574,16 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
     @app.errorhandler(NodeError)
     def node_error(exc: NodeError) -> tuple[Response, int]:
         return jsonify({"error": exc.message, "error_type": exc.error_type}), exc.status
+
+    @app.errorhandler(EmbedError)
+    def embed_error(exc: EmbedError) -> tuple[Response, int]:
+        if request.endpoint == "embeddings":  # OpenAI's route: the shape its clients parse
+            status = 429 if exc.kind == "Overloaded" else 400
+            error = {"message": exc.message, "param": exc.param,
+                     "type": "requests" if status == 429 else "invalid_request_error",
+                     "code": "rate_limit_exceeded" if status == 429 else None}
+            return jsonify({"error": error}), status
+        return jsonify({"error": exc.message, "error_type": exc.kind}), TEI_STATUS[exc.kind]
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -476,15 +607,19 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
 
     @app.get("/info")
     def info() -> Response:
-        return jsonify({
-            "model_id": model_id, "model_sha": revision, "model_pipeline_tag": "text-generation",
+        answer = {
+            "model_id": model_id, "model_sha": revision, "model_pipeline_tag": pipeline_tag,
             "model_dtype": engine.dtype, "model_device_type": "cpu",
             "max_concurrent_requests": MAX_QUEUED, "max_best_of": 1,
             "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": engine.max_input_tokens,
             "max_total_tokens": engine.max_total_tokens, "validation_workers": 1,
-            "max_client_batch_size": 1, "router": "charter-devnode",
-            "version": charter.__version__, "sha": None, "docker_label": None, "region": region,
-        })
+            "max_client_batch_size": MAX_CLIENT_BATCH if embedding_model else 1,
+            "router": "charter-devnode", "version": charter.__version__, "sha": None,
+            "docker_label": None, "region": region,
+        }
+        if embedding_model:  # TEI's field for what the model is served as
+            answer["model_type"] = {"embedding": {"pooling": "mean"}}
+        return jsonify(answer)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -530,8 +665,65 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
     def generate_stream() -> Response:
         return tgi(_body(), stream=True)
 
+    def embed(inputs: list[str | list[int]], field: str, *, normalize: bool = True,
+              side: str | None = None, dimensions: int | None = None) -> Embedded:
+        """Tokenise, bound to the window (truncating on `side` when given), embed, count."""
+        limit, batch = engine.max_input_tokens, []
+        for item in inputs:
+            ids = engine.encode(item) if isinstance(item, str) else item
+            if not all(0 <= i < engine.vocab_size for i in ids):
+                raise EmbedError(f"Input validation error: `{field}` token ids must be in "
+                                 f"[0, {engine.vocab_size})", param=field)
+            if len(ids) > limit and side is None:
+                raise EmbedError(f"Input validation error: `{field}` must have less than "
+                                 f"{limit} tokens. Given: {len(ids)}", param=field)
+            batch.append(ids[:limit] if side != "Left" else ids[-limit:])
+        vectors = engine.embed(batch, normalize=normalize, dimensions=dimensions)
+        tokens = sum(map(len, batch))
+        prompt_tokens.inc(tokens)
+        return Embedded(vectors, tokens, sum(map(len, inputs)))
+
+    def tei_headers(response: Response, done: Embedded, since: float) -> Response:
+        took = str(int((time.perf_counter() - since) * 1000))
+        response.headers.update({"x-compute-type": "cpu", "x-compute-time": took,
+                                 "x-total-time": took,
+                                 "x-compute-characters": str(done.characters)})
+        if counts:
+            response.headers["x-compute-tokens"] = str(done.tokens)
+        return response
+
+    @app.post("/embed")
+    def tei_embed() -> Response:
+        since, body = time.perf_counter(), _embed_body()
+        normalize, side, dimensions = _tei_options(body, engine.hidden_size)
+        done = embed(_embed_inputs(body.get("inputs"), "inputs"), "inputs", normalize=normalize,
+                     side=side, dimensions=dimensions)
+        return tei_headers(jsonify(done.vectors), done, since)
+
+    @app.post("/v1/embeddings")
+    def embeddings() -> Response:
+        since, body = time.perf_counter(), _embed_body()
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise EmbedError('`encoding_format` must be "float" or "base64"',
+                             param="encoding_format")
+        if body.get("dimensions") is not None:  # vLLM's answer for a model without MRL
+            raise EmbedError(f'Model "{model_id}" does not support matryoshka representation, '
+                             "changing output dimensions will lead to poor results.",
+                             param="dimensions")
+        done = embed(_embed_inputs(body.get("input"), "input"), "input")
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64(v) if encoding == "base64" else v}
+                for i, v in enumerate(done.vectors)]
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model_id}
+        if counts:
+            answer["usage"] = {"prompt_tokens": done.tokens, "total_tokens": done.tokens}
+        return tei_headers(jsonify(answer), done, since)
+
     @app.post("/")
     def compat() -> Response:
+        if embedding_model:  # like TEI, whose `/` embeds: InferenceClient.feature_extraction
+            return tei_embed()
         body = _body()
         if not isinstance(stream := body.get("stream", False), bool):
             raise NodeError("Input validation error: `stream` must be a boolean")

@@ -3,6 +3,8 @@
 A byte-level BPE tokenizer is trained on a small built-in corpus, wrapped as a
 PreTrainedTokenizerFast, and saved beside a randomly initialised LlamaForCausalLM with a
 few layers, in safetensors, with a model card whose YAML front matter names its license.
+`task="embedding"` writes the same kind of model with other weights and a card that says
+`pipeline_tag: feature-extraction`, so the dev node serves it as an embedding model.
 """
 
 from __future__ import annotations
@@ -39,9 +41,35 @@ a few sentences) built locally by `charter demo` and the tests, so every part of
 can run end to end without downloading anything. Its output is gibberish by design.
 """
 
+EMBED_CARD = """---
+license: apache-2.0
+language:
+- en
+library_name: transformers
+pipeline_tag: feature-extraction
+datasets:
+- charter/tiny-corpus
+tags:
+- charter
+- tiny
+---
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> Path:
-    """Write the model into out_dir (created) and return it. Deterministic for a seed."""
+# charter-tiny-embed
+
+The tiny Llama model of `charter-tiny-llama` with other random weights, served by the dev
+node as an embedding model: the mean of its last hidden states. Its vectors are
+deterministic, not meaningful.
+"""
+TASKS = {"generation": (0, CARD), "embedding": (1, EMBED_CARD)}  # default seed, card
+
+
+def build_tiny_model(out_dir: Path, *, seed: int | None = None, vocab_size: int = 384,
+                     task: str = "generation") -> Path:
+    """Write the model into out_dir (created) and return it. Deterministic for a seed; each
+    task has its own default seed, so the two models' weight digests differ."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, not {task!r}")
+    default_seed, card = TASKS[task]
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -66,7 +94,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> 
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"  # noqa: S106
     )
 
-    torch.manual_seed(seed)
+    torch.manual_seed(default_seed if seed is None else seed)
     config = LlamaConfig(
         vocab_size=fast.vocab_size if len(fast) <= fast.vocab_size else len(fast),
         hidden_size=64,
@@ -84,5 +112,5 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 384) -> 
     model.eval()  # type: ignore[no-untyped-call]
     model.save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(CARD, encoding="utf-8")
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
     return out_dir
