@@ -32,8 +32,12 @@ class Site:
 
 @contextmanager
 def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # type: ignore[no-untyped-def]
-                  *, counts: bool = True) -> Iterator[Site]:
-    """`counts=False`: the node reports no token counts (`charter node serve --no-counts`)."""
+                  *, counts: bool = True, name: str = "charter-tiny-llama",
+                  serving: str = "tiny", engine: str = "tgi") -> Iterator[Site]:
+    """`counts=False`: the node reports no token counts (`charter node serve --no-counts`);
+    `name`: the model's (its source `charter/<name without charter->`); `serving`: the
+    deployment's name; `engine`: what the node is registered as (tgi, or tei for an
+    embedding model)."""
     import dataclasses
 
     from charter.actor import SYSTEM
@@ -49,8 +53,8 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
                                    make_person("operator"))
     revision = content_revision(model_dir)
     version, _ = import_directory(steward.actor, model_dir, ImportOptions(
-        model_name="charter-tiny-llama", label="0.1", publisher="charter",
-        source_repo="charter/tiny-llama", source_revision=revision,
+        model_name=name, label="0.1", publisher="charter",
+        source_repo=f"charter/{name.removeprefix('charter-')}", source_revision=revision,
         license_declared="apache-2.0", derivation="original",
         storage_region="eu-central", hosting_regions=("eu-central",)))
     registry.submit_version(steward.actor, version.id, Transition())
@@ -66,7 +70,7 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
 
     # The tokenizer files, where an operator puts them: <model name>/<version label>/.
     tokenizers = tmp_path / "tokenizers"
-    folder = tokenizers / "charter-tiny-llama" / "0.1"
+    folder = tokenizers / name / "0.1"
     folder.mkdir(parents=True)
     for f in model_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
@@ -75,7 +79,8 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
     port = free_port()
     node_proc = subprocess.Popen(
         [str(BIN / "charter"), "node", "serve", "--model", str(model_dir), "--region",
-         "eu-central", "--port", str(port), "--model-id", "charter/tiny-llama", "--revision",
+         "eu-central", "--port", str(port), "--model-id",
+         f"charter/{name.removeprefix('charter-')}", "--revision",
          revision, *([] if counts else ["--no-counts"])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     node_url = f"http://127.0.0.1:{port}"
@@ -83,9 +88,9 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
     try:
         wait_http(node_url + "/health", node_proc, timeout=120)
         node = nodes.register_node(operator.actor, settings, name="quiet", base_url=node_url,
-                                   region="eu-central", engine="tgi", labels={}, capacity=4)
+                                   region="eu-central", engine=engine, labels={}, capacity=4)
         nodes.probe_node(settings, node.id)
-        nodes.create_deployment(operator.actor, serving_name="tiny", version_id=version.id,
+        nodes.create_deployment(operator.actor, serving_name=serving, version_id=version.id,
                                 node_ids=[node.id])
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}

@@ -150,6 +150,11 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/tgi/<name>/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("POST", "/tgi/<name>"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("GET", "/tgi/<name>/info"): R(**ANY),
+    ("POST", "/v1/embeddings"): R(**ANY, body=lambda c: {"model": "nope", "input": "hi"}),
+    ("POST", "/embed"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tei/<name>/embed"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tei/<name>/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("POST", "/tei/<name>"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     # Files and batches: any authenticated caller; each sees its own (404 for others').
     ("POST", "/v1/files"): R(**ANY),
     ("GET", "/v1/files"): R(**ANY),

@@ -141,7 +141,7 @@ def test_a_file_that_is_wrong_whole_is_refused_and_audited(client, world, conten
 def test_bad_batch_requests_get_openai_errors(client, world, make_person) -> None:  # type: ignore[no-untyped-def]
     f = upload(client, world, to_jsonl(jsonl_lines(1))).get_json()
     r = client.post("/v1/batches", headers=world.headers,
-                    json={"input_file_id": f["id"], "endpoint": "/v1/embeddings",
+                    json={"input_file_id": f["id"], "endpoint": "/v1/moderations",
                           "completion_window": "24h"})
     assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_endpoint"
     r = create(client, world, f["id"], completion_window="1h")

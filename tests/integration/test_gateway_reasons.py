@@ -60,12 +60,12 @@ def test_errors_keep_the_callers_protocol_off_the_known_routes(configured, make_
     world = make_world(configured, make_person)
     try:
         client = app_for(world.settings).test_client()
-        r = client.post("/v1/embeddings", headers=world.headers, json={"input": "x"})
+        r = client.post("/v1/moderations", headers=world.headers, json={"input": "x"})
         assert r.status_code == 404
         error = r.get_json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert (error["type"], error["code"]) == ("not_found_error", "not_found")
-        assert "POST /v1/embeddings" in error["message"]
+        assert "POST /v1/moderations" in error["message"]
         r = client.get("/generate", headers=world.headers)
         assert r.status_code == 405 and set(r.get_json()) == {"error", "error_type"}
         r = client.post("/v1/chat/completions", json=CHAT,

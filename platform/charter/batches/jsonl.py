@@ -14,7 +14,9 @@ from typing import Any
 
 from charter.errors import ValidationFailedError
 
-ENDPOINTS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+ENDPOINTS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt",
+             "/v1/embeddings": "input"}
+TASKS = {"/v1/embeddings": "embedding"}  # what the endpoint asks of a model; else generation
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from charter import scope
 from charter.actor import SYSTEM, Actor
 from charter.audit.journal import Event
 from charter.audit.writer import Entry
-from charter.batches import slots
+from charter.batches import jsonl, slots
 from charter.batches.models import (
     Batch,
     BatchLine,
@@ -52,6 +52,7 @@ from charter.dispatch.service import (
     Counted,
     Plan,
     admit,
+    counted_embedding,
     counted_whole,
     outcome_event,
     usage_of,
@@ -229,7 +230,8 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) 
             try:
                 rc = RequestContext(request_id, generation=generation, actor=actor)
                 plan = admit(rc, serving_name=c.body["model"], data_class=c.data_class,
-                             purpose=c.purpose, protocol="openai", origin=origin)
+                             purpose=c.purpose, protocol="openai", origin=origin,
+                             task=jsonl.TASKS.get(c.endpoint, "generation"))
                 break
             except StaleReadError as exc:
                 generation = exc.generation
@@ -313,7 +315,9 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
             parsed = None
         ok = resp.status == 200
         tokens = Counted(0, 0)  # a refusal by the node generated nothing
-        if ok:
+        if ok and plan.task == "embedding":
+            tokens = counted_embedding(plan, "openai", c.body, parsed, resp.headers)
+        elif ok:
             tokens = counted_whole(plan, "openai", c.body, parsed)
         if ok:  # the serving name the line asked for, not what the node calls its model
             content = upstream.named_as_asked(content, plan.serving_name)

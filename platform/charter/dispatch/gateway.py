@@ -1,9 +1,12 @@
 """OpenAI- and TGI-compatible endpoints: parse, plan, proxy with streaming, record.
 
-Real clients call these unchanged: the `openai` client (`/v1/...`) and TGI's clients
-(`huggingface_hub.InferenceClient`, which posts to `/` of its base URL). TGI routes need a
-serving name: `/tgi/<name>/...` (give `base_url=<charter>/tgi/<name>` to the client), or the
-`X-Charter-Model` header on the bare routes. Errors use each protocol's own error shape.
+Real clients call these unchanged: the `openai` client (`/v1/...`) and TGI's and TEI's
+clients (`huggingface_hub.InferenceClient`, which posts to its base URL). TGI and TEI
+routes need a serving name: `/tgi/<name>/...` or `/tei/<name>/...` (give
+`base_url=<charter>/tgi/<name>` to the client), or the `X-Charter-Model` header on the bare
+routes. `POST /` of either answers as the model's task says: TGI's generation for a
+generation model, TEI's embeddings for an embedding one. Errors use each protocol's own
+error shape.
 """
 
 from __future__ import annotations
@@ -152,6 +155,68 @@ def list_models() -> Response:
     return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
 
 
+# --- embeddings -----------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on a request's inputs (a node may allow fewer)
+
+
+def _embedding_inputs(value: object, field: str, *, ids: bool) -> None:
+    """A text, or a list of texts (or, for OpenAI, token ids or lists of them), none empty."""
+    def one(item: object) -> bool:
+        if isinstance(item, str):
+            return bool(item)
+        return ids and isinstance(item, list) and bool(item) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+
+    if isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value):
+        value = [value]  # one input given as token ids
+    if not (one(value) or (isinstance(value, list) and value and all(one(v) for v in value))):
+        what = "texts or token ids" if ids else "texts"
+        raise malformed(f"`{field}` must be a non-empty text or a non-empty list of {what}, "
+                        "none of them empty")
+    if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+        raise malformed(f"`{field}` may hold at most {MAX_EMBEDDING_INPUTS} inputs",
+                        "too_many_inputs")
+
+
+@bp.post("/v1/embeddings")
+@records_malformed
+def embeddings() -> Response:
+    caller()  # authenticated before the body is read
+    body, raw = _body()
+    name = _checked_name(body.get("model"))
+    _embedding_inputs(body.get("input"), "input", ids=True)
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise malformed("`encoding_format` must be float or base64")
+    _int_field(body, "dimensions", 65_536)
+    data_class, purpose = request_labels()
+    asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
+             "protocol": "openai", "task": "embedding"}
+    return _limited(asked, "/v1/embeddings", body, raw, stream=False)
+
+
+def _tei(name: str | None) -> Response:
+    """TEI's `/embed`: `inputs` a text or texts; `normalize`, `truncate` passed on."""
+    caller()  # authenticated before the body is read
+    body, raw = _body()
+    _embedding_inputs(body.get("inputs"), "inputs", ids=False)
+    for flag in ("normalize", "truncate"):
+        if not isinstance(body.get(flag, False), bool):
+            raise malformed(f"`{flag}` must be a boolean")
+    data_class, purpose = request_labels()
+    asked = {"serving_name": _serving_name(name), "data_class": data_class,
+             "purpose": purpose, "protocol": "tei", "task": "embedding"}
+    return _limited(asked, "/embed", body, raw, stream=False)
+
+
+@bp.post("/embed")
+@bp.post("/tei/<name>/embed")
+@records_malformed
+def embed(name: str | None = None) -> Response:
+    return _tei(name)
+
+
 # --- TGI ------------------------------------------------------------------------------------
 
 def _checked_name(name: object) -> str:
@@ -211,8 +276,15 @@ def generate_stream(name: str | None = None) -> Response:
 @bp.post("/")
 @bp.post("/tgi/<name>/")
 @bp.post("/tgi/<name>")
+@bp.post("/tei/<name>/")
+@bp.post("/tei/<name>")
 @records_malformed
 def compat(name: str | None = None) -> Response:
+    """What TGI's and TEI's clients post to their base URL: generation or embeddings, as
+    the model's task says (an unknown name goes on to be refused, model_not_found)."""
+    caller()
+    if service.task_of(g.ctx, _serving_name(name)) == "embedding":
+        return _tei(name)
     return _tgi("/", name)
 
 
@@ -310,7 +382,9 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
     headed = upstream.header_usage(resp.headers) if protocol == "tgi" else None
     ok = resp.status == 200
     tokens = service.Counted(0, 0)  # a refusal by the node generated nothing
-    if ok:
+    if ok and plan.task == "embedding":
+        tokens = service.counted_embedding(plan, protocol, body, parsed, resp.headers)
+    elif ok:
         tokens = service.counted_whole(plan, protocol, body, parsed, headed)
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
                            status=resp.status, tokens_in=tokens.tokens_in,

@@ -24,7 +24,7 @@ MODEL_HEADER = "X-Charter-Model"
 
 # --- error shapes ---------------------------------------------------------------------------
 
-TGI_PATHS = ("/generate", "/generate_stream", "/info", "/tgi/")
+TGI_PATHS = ("/generate", "/generate_stream", "/info", "/tgi/", "/embed", "/tei/")
 
 
 def caller_protocol() -> str:

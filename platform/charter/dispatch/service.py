@@ -28,7 +28,7 @@ from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.metering import quota as quotas
 from charter.metering.limits import Limits, LimitsUnavailableError, Pending, Rule, rules_for
 from charter.metering.service import UsageDelta
-from charter.metering.tokens import TokenizerPin, Tokenizers, answer_of, prompt_of
+from charter.metering.tokens import TokenizerPin, Tokenizers, answer_of, inputs_of, prompt_of
 from charter.nodes import service as nodes
 from charter.nodes.service import NodeTarget
 from charter.policy import service as policy
@@ -77,6 +77,7 @@ class Plan:
     deprecated_at: int | None = None
     sunset: int | None = None
     ticket: Ticket | None = None  # what the request's limits admitted (limit())
+    task: str = "generation"  # the version's: generation or embedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +262,7 @@ class Route:
     candidates: tuple[NodeTarget, ...]  # routable and attested for the version
     nodes_total: int
     deprecated_at: int | None = None
+    task: str = "generation"  # generation or embedding: the endpoints that may serve it
 
 
 def _load_route(serving_name: str, protocol: str) -> Route | None:
@@ -271,14 +273,33 @@ def _load_route(serving_name: str, protocol: str) -> Route | None:
         version = registry.dispatch_view(found.version_id)
         assert version is not None  # a deployment's version is never deleted
         return Route(found.deployment_id, version.id, version.model_name, version.doc,
-                     found.candidates, found.nodes_total, version.deprecated_at)
+                     found.candidates, found.nodes_total, version.deprecated_at,
+                     version.doc.get("task", "generation"))
+
+
+def task_of(rc: RequestContext, serving_name: str) -> str | None:
+    """The task of the version a serving name leads to (None: no such deployment), from
+    the read cache: what a route shared by TGI's generation and TEI's embeddings (`POST
+    /`) answers with."""
+    route = _route(rc, serving_name, "tei")
+    return route.task if route is not None else None
+
+
+def _route(rc: RequestContext, serving_name: str, protocol: str) -> Route | None:
+    return scope.current().readcache.cached(
+        rc.generation, ("route", serving_name, protocol),
+        lambda: _load_route(serving_name, protocol))
+
+
+TASK_ENDPOINTS = {"generation": "text generation (chat, completions, TGI's generate)",
+                  "embedding": "embeddings (POST /v1/embeddings, TEI's /embed)"}
 
 
 def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           purpose: str | None, protocol: str = "openai",
           origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
           retry_of: str | None = None, ticket: Ticket | None = None,
-          limits: Limited | None = None) -> Plan:
+          limits: Limited | None = None, task: str = "generation") -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -295,6 +316,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
 
     `limits` (limit()): their answer is read just before the commit; a refusal by them
     is raised instead, and nothing this call decided is committed.
+
+    `task`: what the endpoint does (generation or embedding); a version of the other task
+    is refused (`model_task_mismatch`, 400 in OpenAI's protocol, 422 in TGI's and TEI's).
     """
     if retry_of is not None:
         origin = {**(origin or {}), "retry_of": retry_of}
@@ -304,14 +328,20 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     cache = rt.readcache
     ctx = cache.cached(rc.generation, ("caller", actor.user_id),
                        lambda: caller_context(actor.user_id))
-    route = cache.cached(rc.generation, ("route", serving_name, protocol),
-                         lambda: _load_route(serving_name, protocol))
+    route = _route(rc, serving_name, protocol)
     events: list[Event] = []
     plan: Plan | None = None
     refusal: CharterError | None = None
     if route is None:
         refusal = DispatchError(f"the model {serving_name!r} does not exist",
                                 code="model_not_found", status=404)
+    elif route.task != task:
+        article = "an" if route.task == "embedding" else "a"
+        refusal = DispatchError(
+            f"the model {serving_name!r} is {article} {route.task} model: it serves "
+            f"{TASK_ENDPOINTS[route.task]}, not {TASK_ENDPOINTS[task]}",
+            code="model_task_mismatch", status=400 if protocol == "openai" else 422,
+            details={"model_task": route.task, "endpoint_task": task})
     elif exclude and not [n for n in route.candidates if n.id not in exclude]:
         refusal = DispatchError("no node could take the request", code="nodes_unavailable",
                                 details={"nodes_tried": len(exclude)})
@@ -421,7 +451,7 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
                         model_name=route.model_name, team_id=ctx.team_id,
                         team=ctx.team, data_class=data_class, purpose=purpose,
                         decision=decision, nodes=targets,
-                        deprecated_at=route.deprecated_at,
+                        deprecated_at=route.deprecated_at, task=route.task,
                         sunset=(route.version_doc.get("approval") or {}).get("expires_at")
                         if route.deprecated_at is not None else None), None
         last = decision
@@ -526,6 +556,27 @@ def counted_whole(p: Plan, protocol: str, body: dict[str, Any], answer: Any,
     (`reported`: TGI's count headers, which come first), the rest counted by Charter."""
     return counted(p, protocol, body, *(reported or upstream.usage(protocol, answer)),
                    lambda: answer_of(protocol, answer))
+
+
+def counted_embedding(p: Plan, protocol: str, body: dict[str, Any], answer: Any,
+                      headers: Any) -> Counted:
+    """An embedding request's tokens, all of them input: what the node reported (OpenAI's
+    `usage.prompt_tokens`, TEI's `x-compute-tokens` header), else Charter's count of each
+    input with the version's tokenizer (or roughly), said so."""
+    reported = upstream.embedding_usage(protocol, answer, headers)
+    if reported is not None:
+        return Counted(reported, 0)
+    rt = scope.current()
+    counter = rt.part("tokenizers", lambda rt: Tokenizers(rt.settings.tokenizers_dir,
+                                                          _tokenizer_pin))
+    tokens, method = 0, "bytes"
+    for item in inputs_of(protocol, body):
+        ours = counter.count(p.version_id, item, "")
+        tokens, method = tokens + ours.tokens_in, ours.method
+    rt.counter("charter_tokens_estimated_total", "Tokens a node did not report, counted by "
+               "Charter, by how (tokenizer, events, bytes)", ("estimator",)).labels(
+        method).inc(tokens)
+    return Counted(tokens, 0, tokens, method)
 
 
 def counted(p: Plan, protocol: str, body: dict[str, Any], tokens_in: int | None,

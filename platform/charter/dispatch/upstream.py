@@ -88,7 +88,7 @@ def error_for_caller(protocol: str, node: NodeTarget, content: bytes) -> bytes:
         body = json.loads(content)
     except ValueError:
         body = None
-    if protocol == "tgi" and node.engine == "tgi":
+    if protocol in ("tgi", "tei") and node.engine == protocol:
         return content
     message = adapters.error_message(content)
     if protocol == "openai":
@@ -119,6 +119,18 @@ def usage(protocol: str, body: Any) -> tuple[int | None, int | None]:
     prefill = details.get("prefill")
     return (len(prefill) if isinstance(prefill, list) and prefill else None,
             _reported(details.get("generated_tokens")))
+
+
+def embedding_usage(protocol: str, body: Any, headers: Any) -> int | None:
+    """The input tokens an embedding answer reports: OpenAI's `usage.prompt_tokens`, TEI's
+    `x-compute-tokens` header; None where it reports none."""
+    if protocol == "openai":
+        found = body.get("usage") if isinstance(body, dict) else None
+        return _reported(found.get("prompt_tokens")) if isinstance(found, dict) else None
+    try:
+        return _reported(int(headers.get("x-compute-tokens")))
+    except (TypeError, ValueError):
+        return None
 
 
 def named_as_asked(content: bytes, serving_name: str) -> bytes:

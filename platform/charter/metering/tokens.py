@@ -74,6 +74,18 @@ def prompt_of(protocol: str, body: dict[str, Any]) -> list[dict[str, str]] | str
     return _text(body.get("inputs"))
 
 
+def inputs_of(protocol: str, body: dict[str, Any]) -> list[str | list[int]]:
+    """The inputs of an embedding request, each embedded (and counted) on its own:
+    OpenAI's `input` (a text, token ids, or a list of either), TEI's `inputs`."""
+    given = body.get("input" if protocol == "openai" else "inputs")
+    if isinstance(given, str) or (isinstance(given, list) and given and all(
+            isinstance(t, int) for t in given)):
+        return [given]
+    if not isinstance(given, list):
+        return []
+    return [item if isinstance(item, list) else _text(item) for item in given]
+
+
 def answer_of(protocol: str, body: Any) -> str:
     """The generated text of a whole answer: every choice's message or text (OpenAI), the
     `generated_text` of TGI's answer (or of each in a list)."""

@@ -4,13 +4,16 @@ its error answers read, so that a refusal reaches the caller in the caller's pro
 
 - `tgi` (Text Generation Inference): up if `GET /health`; identity from `GET /info`
   (`model_id`, `model_sha`); speaks TGI's protocol and OpenAI's.
+- `tei` (Text Embeddings Inference): up if `GET /health`; identity from `GET /info`
+  (`model_id`, `model_sha`); speaks TEI's protocol (`/embed`) and OpenAI's
+  (`/v1/embeddings`).
 - `vllm`, `sglang`: up if `GET /health`; identity from `GET /v1/models`; OpenAI.
 - `llamacpp` (llama.cpp's server, llama-cpp-python's): up if `GET /v1/models`; OpenAI.
 - `ollama`: up if `GET /api/version`; identity from `GET /v1/models`; OpenAI (`/v1`).
 - `openai` (any other OpenAI-compatible server): up if `GET /health` or `GET /v1/models`;
   identity from `/info` if it answers, else `GET /v1/models`; OpenAI.
 
-Only TGI states a revision, and only when it could ask the Hub: every engine is attested
+Only TGI and TEI state a revision, and only when it could ask the Hub: every engine is attested
 by its node agent's signed digests (charter.nodes.statement), TGI also by `/info`.
 """
 
@@ -73,6 +76,7 @@ class Engine:
 OPENAI = frozenset({"openai"})
 ENGINES: dict[str, Engine] = {e.kind: e for e in (
     Engine("tgi", ("/health",), frozenset({"tgi", "openai"}), info="required"),
+    Engine("tei", ("/health",), frozenset({"tei", "openai"}), info="required"),
     Engine("vllm", ("/health",), OPENAI),
     Engine("sglang", ("/health",), OPENAI),
     Engine("llamacpp", ("/v1/models",), OPENAI),

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from charter.db import Base, UTCDateTime, utcnow
 
-ENGINES = ("tgi", "vllm", "sglang", "llamacpp", "ollama", "openai")  # nodes.adapters
+ENGINES = ("tgi", "tei", "vllm", "sglang", "llamacpp", "ollama", "openai")  # nodes.adapters
 ADMIN_STATES = ("active", "drained")
 ATTESTATIONS = ("unverified", "attested", "quarantined")
 

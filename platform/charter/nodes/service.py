@@ -382,7 +382,7 @@ def deployment_route(serving_name: str, protocol: str) -> DeploymentRoute | None
         if dep is None:
             return None
         nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
-        # Every engine speaks OpenAI's protocol; TGI's native routes only TGI nodes do.
+        # Every engine speaks OpenAI's protocol; TGI's and TEI's native routes only theirs.
         candidates = tuple(
             NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
             for n in nodes
