@@ -3,12 +3,10 @@ and TEI's and OpenAI's embedding routes over the same model."""
 
 from __future__ import annotations
 
-import base64
 import inspect
 import json
 import queue
 import random
-import struct
 import threading
 import time
 import uuid
@@ -23,6 +21,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import charter
+from charter.devnode.embeddings import (
+    EMBEDDING_TAGS,
+    MAX_CLIENT_BATCH,
+    EmbedError,
+    add_embedding_routes,
+    mean_pooled,
+)
 
 MAX_NEW_TOKENS = 512
 DEFAULT_NEW_TOKENS = 100
@@ -30,10 +35,6 @@ MAX_TOTAL_TOKENS = 4096
 MAX_STOP_SEQUENCES = 4
 MAX_QUEUED = 32
 OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
-MAX_CLIENT_BATCH = 32  # TEI's default max_client_batch_size
-EMBEDDING_TAGS = ("feature-extraction", "sentence-similarity")
-# TEI's statuses per error_type since v1.9.0; before it, Validation answered 413.
-TEI_STATUS = {"Validation": 422, "Empty": 400, "Overloaded": 429}
 
 
 class NodeError(Exception):
@@ -42,15 +43,6 @@ class NodeError(Exception):
     def __init__(self, message: str, status: int = 422, error_type: str = "validation") -> None:
         super().__init__(message)
         self.message, self.status, self.error_type = message, status, error_type
-
-
-class EmbedError(Exception):
-    """A refused embedding request. `kind` is TEI's error_type (Validation, Empty or
-    Overloaded); the TEI routes answer `{"error", "error_type"}`, OpenAI's route its own shape."""
-
-    def __init__(self, message: str, kind: str = "Validation", param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.kind, self.param = message, kind, param
 
 
 @dataclass(frozen=True)
@@ -258,19 +250,8 @@ class Engine:
 
     def _pooled(self, batch: list[list[int]], normalize: bool, dimensions: int | None
                 ) -> list[list[float]]:
-        torch, vectors = self._torch, []
-        with self._lock, torch.no_grad():
-            for ids in batch:  # one at a time: no padding, so no vector depends on its batch
-                input_ids = torch.tensor([ids])
-                mask = torch.ones_like(input_ids)
-                hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask
-                                               ).last_hidden_state.float()
-                weights = mask.unsqueeze(-1).float()
-                vector = ((hidden * weights).sum(1) / weights.sum(1))[0, :dimensions]
-                if normalize:
-                    vector = torch.nn.functional.normalize(vector, dim=0)
-                vectors.append(vector.tolist())
-        return vectors
+        with self._lock:
+            return mean_pooled(self.model, batch, normalize=normalize, dimensions=dimensions)
 
     def _generate(self, prompt: list[int], s: Sampling, cancel: threading.Event) -> Iterator[Step]:
         torch, budget = self._torch, s.max_new_tokens or 1
@@ -359,63 +340,6 @@ def _pipeline_tag(model_dir: Path) -> str:
     readme = model_dir / "README.md"
     tag = (metadata_load(readme) or {}).get("pipeline_tag") if readme.is_file() else None
     return tag if isinstance(tag, str) and tag else "text-generation"
-
-
-def _embed_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise EmbedError("Input validation error: the body must be a JSON object")
-    return body
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in value)
-
-
-def _embed_inputs(value: Any, field: str) -> list[str | list[int]]:
-    """TEI's `inputs`, OpenAI's `input`: a text or token ids, or a list of them."""
-    if isinstance(value, str) or _is_ids(value):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) or _is_ids(v) for v in value):
-        raise EmbedError(f"Input validation error: `{field}` must be a string, a list of "
-                         "strings, a list of token ids or a list of such lists", param=field)
-    if not value or not all(value):
-        raise EmbedError(f"Input validation error: `{field}` cannot be empty", "Empty", field)
-    if len(value) > MAX_CLIENT_BATCH:
-        raise EmbedError(f"batch size {len(value)} > maximum allowed batch size "
-                         f"{MAX_CLIENT_BATCH}", param=field)
-    return value
-
-
-def _tei_options(body: dict[str, Any], hidden_size: int) -> tuple[bool, str | None, int | None]:
-    """TEI's EmbedRequest fields but `inputs` -> (normalize, truncation side, dimensions)."""
-    errors: list[str] = []
-    f = _Fields(body, errors)
-    normalize = body.get("normalize") is None or f.flag("normalize")
-    truncate = f.flag("truncate")
-    side = str(body.get("truncation_direction") or "Right").capitalize()
-    if side not in ("Left", "Right"):
-        errors.append("`truncation_direction` must be Left or Right")
-    dimensions = f.number("dimensions", integer=True, gt=0, le=hidden_size)
-    if (name := body.get("prompt_name")) is not None:  # TEI's words: this model has no prompts
-        errors.append(f"`default-prompt-name` is set to `{name}` but no prompts were found in "
-                      "the Sentence Transformers configuration")
-    if errors:
-        raise EmbedError("Input validation error: " + "; ".join(errors))
-    return normalize, side if truncate else None, dimensions
-
-
-def _base64(vector: list[float]) -> str:
-    """OpenAI's base64 embedding: the vector's little-endian float32 bytes."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-@dataclass(frozen=True)
-class Embedded:
-    vectors: list[list[float]]
-    tokens: int  # after truncation: what the model read
-    characters: int  # TEI's x-compute-characters: characters, or token ids given as such
 
 
 def _tgi_request(body: dict[str, Any]) -> tuple[str, Sampling, bool, bool]:
@@ -575,15 +499,8 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
     def node_error(exc: NodeError) -> tuple[Response, int]:
         return jsonify({"error": exc.message, "error_type": exc.error_type}), exc.status
 
-    @app.errorhandler(EmbedError)
-    def embed_error(exc: EmbedError) -> tuple[Response, int]:
-        if request.endpoint == "embeddings":  # OpenAI's route: the shape its clients parse
-            status = 429 if exc.kind == "Overloaded" else 400
-            error = {"message": exc.message, "param": exc.param,
-                     "type": "requests" if status == 429 else "invalid_request_error",
-                     "code": "rate_limit_exceeded" if status == 429 else None}
-            return jsonify({"error": error}), status
-        return jsonify({"error": exc.message, "error_type": exc.kind}), TEI_STATUS[exc.kind]
+    tei_embed = add_embedding_routes(app, engine, model_id=model_id, counts=counts,
+                                     prompt_tokens=prompt_tokens)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -664,61 +581,6 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
     @app.post("/generate_stream")
     def generate_stream() -> Response:
         return tgi(_body(), stream=True)
-
-    def embed(inputs: list[str | list[int]], field: str, *, normalize: bool = True,
-              side: str | None = None, dimensions: int | None = None) -> Embedded:
-        """Tokenise, bound to the window (truncating on `side` when given), embed, count."""
-        limit, batch = engine.max_input_tokens, []
-        for item in inputs:
-            ids = engine.encode(item) if isinstance(item, str) else item
-            if not all(0 <= i < engine.vocab_size for i in ids):
-                raise EmbedError(f"Input validation error: `{field}` token ids must be in "
-                                 f"[0, {engine.vocab_size})", param=field)
-            if len(ids) > limit and side is None:
-                raise EmbedError(f"Input validation error: `{field}` must have less than "
-                                 f"{limit} tokens. Given: {len(ids)}", param=field)
-            batch.append(ids[:limit] if side != "Left" else ids[-limit:])
-        vectors = engine.embed(batch, normalize=normalize, dimensions=dimensions)
-        tokens = sum(map(len, batch))
-        prompt_tokens.inc(tokens)
-        return Embedded(vectors, tokens, sum(map(len, inputs)))
-
-    def tei_headers(response: Response, done: Embedded, since: float) -> Response:
-        took = str(int((time.perf_counter() - since) * 1000))
-        response.headers.update({"x-compute-type": "cpu", "x-compute-time": took,
-                                 "x-total-time": took,
-                                 "x-compute-characters": str(done.characters)})
-        if counts:
-            response.headers["x-compute-tokens"] = str(done.tokens)
-        return response
-
-    @app.post("/embed")
-    def tei_embed() -> Response:
-        since, body = time.perf_counter(), _embed_body()
-        normalize, side, dimensions = _tei_options(body, engine.hidden_size)
-        done = embed(_embed_inputs(body.get("inputs"), "inputs"), "inputs", normalize=normalize,
-                     side=side, dimensions=dimensions)
-        return tei_headers(jsonify(done.vectors), done, since)
-
-    @app.post("/v1/embeddings")
-    def embeddings() -> Response:
-        since, body = time.perf_counter(), _embed_body()
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise EmbedError('`encoding_format` must be "float" or "base64"',
-                             param="encoding_format")
-        if body.get("dimensions") is not None:  # vLLM's answer for a model without MRL
-            raise EmbedError(f'Model "{model_id}" does not support matryoshka representation, '
-                             "changing output dimensions will lead to poor results.",
-                             param="dimensions")
-        done = embed(_embed_inputs(body.get("input"), "input"), "input")
-        data = [{"object": "embedding", "index": i,
-                 "embedding": _base64(v) if encoding == "base64" else v}
-                for i, v in enumerate(done.vectors)]
-        answer: dict[str, Any] = {"object": "list", "data": data, "model": model_id}
-        if counts:
-            answer["usage"] = {"prompt_tokens": done.tokens, "total_tokens": done.tokens}
-        return tei_headers(jsonify(answer), done, since)
 
     @app.post("/")
     def compat() -> Response:
