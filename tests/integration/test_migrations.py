@@ -103,6 +103,38 @@ def test_sqlite_upgrade_and_triggers(tmp_path) -> None:  # type: ignore[no-untyp
     migrate.downgrade(url, "base")
 
 
+# Every table whose rows feed the read cache (migration 0005): each change must advance it.
+CACHED = ("users", "user_roles", "api_keys", "teams", "team_members", "models",
+          "model_versions", "approval_decisions", "policy_exceptions", "nodes",
+          "deployments", "deployment_nodes")
+
+
+def test_the_embedded_database_keeps_its_generation_triggers_at_every_revision(  # type: ignore[no-untyped-def]
+        tmp_path) -> None:
+    """SQLite's batch copies drop a table's triggers; a migration that uses one must make
+    them again (0022 did not, until 0024), or the cache misses changes to that table."""
+    import sqlite3
+
+    from alembic.script import ScriptDirectory
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    revisions = [r.revision for r in reversed(list(
+        ScriptDirectory.from_config(migrate.alembic_config(url)).walk_revisions()))]
+    for revision in revisions[revisions.index("0005"):]:
+        migrate.upgrade(url, revision)
+        with sqlite3.connect(tmp_path / "t.db") as conn:
+            have = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        missing = [f"{t}_bump_{e}" for t in CACHED for e in ("insert", "update", "delete")
+                   if f"{t}_bump_{e}" not in have]
+        assert not missing, (revision, missing)
+    migrate.downgrade(url, "0021")
+    with sqlite3.connect(tmp_path / "t.db") as conn:
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'trigger'")}
+    assert {f"model_versions_bump_{e}" for e in ("insert", "update", "delete")} <= have
+
+
 # Columns whose updates feed no cached read (migration 0006): they do not clear the cache.
 BOOKKEEPING = {"api_keys": {"last_used_at"}, "nodes": {"last_probe_at", "last_error"}}
 
