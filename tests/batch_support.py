@@ -29,6 +29,7 @@ class FakeNode:
     max_in_flight: int = 0
     fail_status: int | None = None
     traceparents: list[str | None] = field(default_factory=list)  # what each call carried
+    bodies: list[tuple[str, Any]] = field(default_factory=list)  # (path, body) of each call
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -67,6 +68,7 @@ class FakeNode:
                 with node._lock:
                     node.hits[str(content)] += 1
                     node.traceparents.append(self.headers.get("traceparent"))
+                    node.bodies.append((self.path, body))
                     node.in_flight += 1
                     node.max_in_flight = max(node.max_in_flight, node.in_flight)
                 try:

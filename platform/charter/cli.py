@@ -572,24 +572,38 @@ def node_agent_keygen(key_path: Path) -> None:
 @click.option("--node", "node_name", required=True, help="The node's name in Charter.")
 @click.option("--engine", required=True, help="The engine beside it: tgi, vllm, llama.cpp...")
 @click.option("--engine-version", default="", help="The engine's version, as stated.")
+@click.option("--adapter", "adapter_dirs", multiple=True, metavar="NAME=DIR",
+              help="A LoRA adapter the engine loads, by the name it knows it by (TGI's "
+                   "adapter_id, vLLM's LoRA module name) and its directory; repeatable.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8090, show_default=True, type=int)
 def node_agent_serve(model_dir: Path, key_path: Path, node_name: str, engine: str,
-                     engine_version: str, host: str, port: int) -> None:
+                     engine_version: str, adapter_dirs: tuple[str, ...], host: str,
+                     port: int) -> None:
     """Answer Charter's challenges on HOST:PORT (`POST /attest`)."""
     from charter.nodes.agent import Agent, ModelFiles, load_key, make_server
-    from charter.nodes.statement import public_key_text
+    from charter.nodes.statement import ADAPTER_NAME, public_key_text
 
     key = load_key(key_path)
     files = ModelFiles(model_dir)
+    adapters: dict[str, ModelFiles] = {}
+    for given in adapter_dirs:
+        name, _, folder = given.partition("=")
+        if not ADAPTER_NAME.fullmatch(name) or not Path(folder).is_dir():
+            raise click.BadParameter(f"{given!r}: give NAME=DIR, DIR an adapter's directory",
+                                     param_hint="--adapter")
+        adapters[name] = ModelFiles(Path(folder))
     started = time.perf_counter()
     listing = files.listing()  # hash everything once, before the first challenge
+    for adapter in adapters.values():
+        listing += adapter.listing()
     console.print(f"agent for {node_name}: {len(listing)} files, "
-                  f"{files.hashed_bytes / 2**20:.1f} MiB hashed in "
+                  f"{sum(f.hashed_bytes for f in (files, *adapters.values())) / 2**20:.1f} "
+                  f"MiB hashed in "
                   f"{time.perf_counter() - started:.1f} s; key {public_key_text(key)}; "
                   f"http://{host}:{port}/attest")
     server = make_server(Agent(key, files, node=node_name, engine=engine,
-                               engine_version=engine_version), host, port)
+                               engine_version=engine_version, adapters=adapters), host, port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -250,6 +250,10 @@ def _tgi(route: str, name: str | None) -> Response:
     if not isinstance(params, dict):
         raise malformed("`parameters` must be an object")
     _int_field(params, "max_new_tokens", settings.dispatch_max_new_tokens)
+    if params.get("adapter_id") is not None:  # it would pick weights no one approved
+        raise malformed("`parameters.adapter_id` is not accepted: an adapter is a model "
+                        "version of its own; send to its serving name instead",
+                        "adapter_id_not_allowed")
     stream = route == "/generate_stream" or (route == "/" and body.get("stream") is True)
     if route == "/" and not isinstance(body.get("stream", False), bool):
         raise malformed("`stream` must be a boolean")

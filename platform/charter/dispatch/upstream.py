@@ -32,9 +32,14 @@ class NodeRefused(Exception):
 
 
 def payload_for(node: NodeTarget, protocol: str, body: dict[str, Any], raw: bytes) -> bytes:
-    """The bytes to send: the caller's, but OpenAI's `model` names what the node serves."""
-    if protocol == "openai" and node.reported_model_id:
-        return json.dumps({**body, "model": node.reported_model_id}).encode()
+    """The bytes to send: the caller's, but OpenAI's `model` names what the node serves,
+    and a request to an adapter names it as the engine knows it: OpenAI's `model` (vLLM's
+    LoRA module, TGI's adapter), TGI's `parameters.adapter_id`."""
+    if protocol == "openai" and (node.adapter or node.reported_model_id):
+        return json.dumps({**body, "model": node.adapter or node.reported_model_id}).encode()
+    if protocol == "tgi" and node.adapter:
+        params = body.get("parameters") or {}
+        return json.dumps({**body, "parameters": {**params, "adapter_id": node.adapter}}).encode()
     return raw
 
 

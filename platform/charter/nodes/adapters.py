@@ -42,6 +42,9 @@ class Engine:
     # GET /info (`model_id`, `model_sha`): TGI's, which must answer; a generic OpenAI
     # server's, if a small sidecar answers it; the others have none.
     info: Literal["required", "optional", "none"] = "none"
+    # Serves LoRA adapters a request names (TGI's `adapter_id`, vLLM's LoRA modules by
+    # `model`): an agent may attest the adapters beside the base.
+    lora: bool = False
 
     def probe(self, client: httpx.Client, base_url: str,
               request_kwargs: dict[str, Any]) -> ProbeResult:
@@ -75,9 +78,9 @@ class Engine:
 
 OPENAI = frozenset({"openai"})
 ENGINES: dict[str, Engine] = {e.kind: e for e in (
-    Engine("tgi", ("/health",), frozenset({"tgi", "openai"}), info="required"),
+    Engine("tgi", ("/health",), frozenset({"tgi", "openai"}), info="required", lora=True),
     Engine("tei", ("/health",), frozenset({"tei", "openai"}), info="required"),
-    Engine("vllm", ("/health",), OPENAI),
+    Engine("vllm", ("/health",), OPENAI, lora=True),
     Engine("sglang", ("/health",), OPENAI),
     Engine("llamacpp", ("/v1/models",), OPENAI),
     Engine("ollama", ("/api/version",), OPENAI),

@@ -1,5 +1,6 @@
 """`charter node agent`: beside an inference engine (same pod or host), it hashes the
-model directory the engine serves and answers Charter's challenges with signed statements
+model directory the engine serves (and each LoRA adapter directory it loads, by the name
+the engine knows it by) and answers Charter's challenges with signed statements
 (charter.nodes.statement). Standalone: no database, no Charter settings, no network
 beyond answering; the model directory is best mounted read-only into both containers.
 
@@ -101,14 +102,19 @@ class ModelFiles:
 
 class Agent:
     def __init__(self, key: Ed25519PrivateKey, files: ModelFiles, *, node: str,
-                 engine: str, engine_version: str) -> None:
-        self.key, self.files = key, files
+                 engine: str, engine_version: str,
+                 adapters: dict[str, ModelFiles] | None = None) -> None:
+        self.key, self.files, self.adapters = key, files, adapters or {}
         self.node, self.engine, self.engine_version = node, engine, engine_version
 
     def answer(self, nonce: str) -> dict[str, Any]:
-        statement = {"type": STATEMENT_TYPE, "nonce": nonce, "node": self.node,
-                     "engine": {"kind": self.engine, "version": self.engine_version},
-                     "issued_at": int(time.time()), "files": self.files.listing()}
+        statement: dict[str, Any] = {
+            "type": STATEMENT_TYPE, "nonce": nonce, "node": self.node,
+            "engine": {"kind": self.engine, "version": self.engine_version},
+            "issued_at": int(time.time()), "files": self.files.listing()}
+        if self.adapters:
+            statement["adapters"] = {name: files.listing()
+                                     for name, files in sorted(self.adapters.items())}
         return sign(self.key, statement)
 
 

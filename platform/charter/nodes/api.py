@@ -56,6 +56,7 @@ class NodeOut(BaseModel):
     admin_state: str
     attestation: str
     attested_version_id: str | None
+    attested_adapters: dict[str, str]
     reported_model_id: str | None
     reported_revision: str | None
     quarantine_reason: str

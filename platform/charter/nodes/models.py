@@ -28,6 +28,10 @@ class Node(Base):
     admin_state: Mapped[str] = mapped_column(String(20), nullable=False, default="active")
     attestation: Mapped[str] = mapped_column(String(20), nullable=False, default="unverified")
     attested_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    # Adapters of that version its agent attested too: version id -> the adapter's name on
+    # the engine (TGI's adapter_id, vLLM's LoRA module name).
+    attested_adapters: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False,
+                                                              default=dict)
     reported_model_id: Mapped[str | None] = mapped_column(String(300))
     reported_revision: Mapped[str | None] = mapped_column(String(100))
     quarantine_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")

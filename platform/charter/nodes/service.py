@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -130,11 +130,44 @@ def restore_node(actor: Actor, node_id: str, reason: str) -> Node:
     return _set_admin_state(actor, node_id, "active", reason)
 
 
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """What a node's agent attested: the version (None: quarantined, `reason` says why)
+    and the adapters of it the engine loads (version id -> its name on the engine)."""
+
+    version_id: str | None
+    reason: str = ""
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
 def _attest_by_agent(settings: Settings, node_id: str, agent_url: str, agent_key: str,
-                     info: adapters.ProbeResult) -> tuple[str | None, str]:
+                     info: adapters.ProbeResult, *, lora: bool) -> Attested:
     """Challenge the node's agent with a fresh nonce and check its signed statement
-    against the pinned digests of the approved versions: (version id, "") when one
-    matches, else (None, "<code>: <why>"), which quarantines the node."""
+    against the pinned digests of the approved versions: the version whose files match,
+    and (`lora`: an engine that serves adapters) each approved adapter of it whose files
+    match an adapter the agent states; else None and "<code>: <why>", which quarantines
+    the node."""
+    found = _statement(settings, agent_url, agent_key)
+    if isinstance(found, str):
+        return Attested(None, found)
+    pinned = registry.pinned_files_of_servable()
+    base = _matching_version(node_id, found, info, pinned)
+    if base.version_id is None or not lora:
+        return base
+    stated = found.get("adapters", {})
+    served = {}
+    for version_id, pins in sorted(pinned.items()):
+        if pins.adapter_of != base.version_id:
+            continue
+        for name, files in sorted(stated.items()):
+            if not statement.mismatches(files, [statement.Pinned(*f) for f in pins.files]):
+                served[version_id] = name
+                break
+    return replace(base, adapters=served)
+
+
+def _statement(settings: Settings, agent_url: str, agent_key: str) -> dict[str, Any] | str:
+    """The agent's statement for a fresh nonce, checked; or why there is none."""
     nonce = secrets.token_hex(16)
     try:
         target = url_policy(settings).resolve(agent_url)
@@ -142,18 +175,22 @@ def _attest_by_agent(settings: Settings, node_id: str, agent_url: str, agent_key
             r = client.post(target.url + "/attest", json={"nonce": nonce},
                             **pinned_request_kwargs(target))
         if r.status_code != 200:
-            return None, f"agent_failed: the agent answered HTTP {r.status_code}"
-        found = statement.verify(r.json(), statement.parse_public_key(agent_key), nonce)
+            return f"agent_failed: the agent answered HTTP {r.status_code}"
+        return statement.verify(r.json(), statement.parse_public_key(agent_key), nonce)
     except httpx.TimeoutException:
-        return None, (f"agent_timeout: the agent did not answer within "
-                      f"{settings.node_agent_timeout_s:g} s")
+        return (f"agent_timeout: the agent did not answer within "
+                f"{settings.node_agent_timeout_s:g} s")
     except (httpx.HTTPError, ValidationFailedError) as exc:
-        return None, f"agent_unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        return f"agent_unreachable: {type(exc).__name__}: {str(exc)[:200]}"
     except ValueError:
-        return None, "agent_statement_malformed: the agent's answer is not JSON"
+        return "agent_statement_malformed: the agent's answer is not JSON"
     except statement.AttestationError as exc:
-        return None, f"{exc.code}: {exc.message}"
-    pinned = registry.pinned_files_of_servable()
+        return f"{exc.code}: {exc.message}"
+
+
+def _matching_version(node_id: str, found: dict[str, Any], info: adapters.ProbeResult,
+                      pinned: dict[str, registry.PinnedVersion]) -> Attested:
+    """The approved version whose pinned files the statement's files are."""
     wanted = _deployed_versions(node_id)
     problems: dict[str, list[str]] = {}
     for version_id in sorted(pinned, key=lambda v: (v not in wanted, v)):
@@ -163,13 +200,14 @@ def _attest_by_agent(settings: Settings, node_id: str, agent_url: str, agent_key
         if not wrong and info.revision and revision and info.revision != revision:
             wrong = [f"the engine reports revision {info.revision}, the version pins {revision}"]
         if not wrong:
-            return version_id, ""
+            return Attested(version_id)
         problems[version_id] = wrong
     if not problems:
-        return None, "agent_digest_mismatch: no approved version pins digests to compare"
+        return Attested(None, "agent_digest_mismatch: no approved version pins digests to "
+                              "compare")
     first = next((v for v in sorted(problems) if v in wanted), sorted(problems)[0])
-    return None, (f"agent_digest_mismatch: the files are no approved version's; against "
-                  f"{first}: " + "; ".join(problems[first][:5]))
+    return Attested(None, f"agent_digest_mismatch: the files are no approved version's; "
+                          f"against {first}: " + "; ".join(problems[first][:5]))
 
 
 def _deployed_versions(node_id: str) -> set[str]:
@@ -211,23 +249,27 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
             result = adapters.probe(client, target.url, engine, pinned_request_kwargs(target))
     except ValidationFailedError as exc:
         result = adapters.ProbeResult(False, error=f"{exc.code}: {exc.details.get('reason')}")
-    agent: tuple[str | None, str] | None = None  # (version id, or None and the reason)
+    agent: Attested | None = None
     if result.healthy and agent_url and agent_key:
-        agent = _attest_by_agent(settings, node_id, agent_url, agent_key, result)
+        agent = _attest_by_agent(settings, node_id, agent_url, agent_key, result,
+                                 lora=adapters.engine(engine).lora)
     with unit_of_work() as session:
         node = _node(session, node_id)
-        before = (node.healthy, node.attestation, node.attested_version_id)
+        before = (node.healthy, node.attestation, node.attested_version_id,
+                  node.attested_adapters)
         node.healthy = result.healthy
         node.last_probe_at = utcnow()
         node.last_error = result.error
         if result.healthy and agent is not None:
             node.reported_model_id, node.reported_revision = result.model_id, result.revision
-            node.attested_version_id = agent[0]
-            node.attestation = "attested" if agent[0] else "quarantined"
-            node.quarantine_reason = agent[1]
+            node.attested_version_id = agent.version_id
+            node.attested_adapters = agent.adapters
+            node.attestation = "attested" if agent.version_id else "quarantined"
+            node.quarantine_reason = agent.reason
         elif result.healthy:
             node.reported_model_id, node.reported_revision = result.model_id, result.revision
             version_id = registry.servable_version_for(result.model_id, result.revision)
+            node.attested_adapters = {}  # only an agent can attest an adapter's files
             if version_id is not None:
                 node.attestation, node.attested_version_id = "attested", version_id
                 node.quarantine_reason = ""
@@ -237,7 +279,8 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
                     f"the node serves {result.model_id or '(unknown model)'} at revision "
                     f"{result.revision or '(not reported)'}, which is no approved version"
                     + (f"; {result.error}" if result.error else ""))
-        after = (node.healthy, node.attestation, node.attested_version_id)
+        after = (node.healthy, node.attestation, node.attested_version_id,
+                 node.attested_adapters)
         if after != before:
             node.row_version += 1
             session.flush()
@@ -250,6 +293,7 @@ def probe_node(settings: Settings, node_id: str, actor: Actor = SYSTEM) -> Node:
                 details={"name": node.name, "healthy": node.healthy,
                          "attestation": node.attestation,
                          "attested_version_id": node.attested_version_id,
+                         "attested_adapters": node.attested_adapters,
                          "reported_model_id": node.reported_model_id,
                          "reported_revision": node.reported_revision,
                          "reason": node.quarantine_reason or node.last_error},
@@ -355,6 +399,9 @@ class NodeTarget:
     region: str
     engine: str
     reported_model_id: str | None
+    # The deployment's version is a LoRA adapter this node serves beside its base: the
+    # adapter's name on the engine, which each request names (charter.dispatch.upstream).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,10 +430,14 @@ def deployment_route(serving_name: str, protocol: str) -> DeploymentRoute | None
             return None
         nodes = list(session.scalars(select(Node).where(Node.id.in_(dep.node_ids))))
         # Every engine speaks OpenAI's protocol; TGI's and TEI's native routes only theirs.
+        # An adapter goes to the nodes whose agent attested it beside its base.
         candidates = tuple(
-            NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id)
+            NodeTarget(n.id, n.name, n.base_url, n.region, n.engine, n.reported_model_id,
+                       None if n.attested_version_id == dep.version_id
+                       else n.attested_adapters[dep.version_id])
             for n in nodes
-            if n.routable and n.attested_version_id == dep.version_id
+            if n.routable and (n.attested_version_id == dep.version_id
+                               or dep.version_id in (n.attested_adapters or {}))
             and protocol in adapters.engine(n.engine).protocols)
         return DeploymentRoute(dep.id, dep.version_id, candidates, len(nodes))
 

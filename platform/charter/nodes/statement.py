@@ -5,7 +5,8 @@ The agent (charter.nodes.agent) hashes the model directory the engine loads and 
 Charter's challenge (a fresh nonce) with a statement signed by the node's Ed25519 key:
 
     {"type": "charter.node-attestation/1", "nonce", "node", "engine": {"kind", "version"},
-     "issued_at": seconds since the epoch, "files": [{"path", "size", "sha256"}, ...]}
+     "issued_at": seconds since the epoch, "files": [{"path", "size", "sha256"}, ...],
+     "adapters": {name: [{"path", "size", "sha256"}, ...]}}  (only where it loads any)
 
 sent as {"statement": ..., "key_id": ..., "signature": base64 of Ed25519 over the
 statement's canonical JSON}. Charter holds the public key enrolled for the node; it
@@ -20,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,13 +103,26 @@ def verify(envelope: Any, public_raw: bytes, nonce: str) -> dict[str, Any]:
     if statement.get("nonce") != nonce:
         raise AttestationError("agent_nonce_mismatch",
                                "the statement answers another challenge (replayed or stale)")
-    files = statement.get("files")
-    if not isinstance(files, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("path"), str)
-            and isinstance(f.get("sha256"), str) and isinstance(f.get("size"), int)
-            for f in files):
+    if not _listing(statement.get("files")):
         raise AttestationError("agent_statement_malformed", "the statement's files are malformed")
+    adapters = statement.get("adapters", {})
+    if not isinstance(adapters, dict) or not all(
+            isinstance(name, str) and ADAPTER_NAME.fullmatch(name) and _listing(files)
+            for name, files in adapters.items()):
+        raise AttestationError("agent_statement_malformed",
+                               "the statement's adapters are malformed")
     return statement
+
+
+# An adapter's name as engines take it (TGI's adapter_id, vLLM's LoRA module name).
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+def _listing(files: Any) -> bool:
+    return isinstance(files, list) and all(
+        isinstance(f, dict) and isinstance(f.get("path"), str)
+        and isinstance(f.get("sha256"), str) and isinstance(f.get("size"), int)
+        for f in files)
 
 
 @dataclass(frozen=True)

@@ -792,21 +792,25 @@ class PinnedVersion:
 
     revision: str | None
     files: tuple[tuple[str, int, str], ...]  # (path, size, sha256)
+    adapter_of: str | None = None  # the version it is a LoRA adapter of, if it is one
 
 
 def pinned_files_of_servable() -> dict[str, PinnedVersion]:
     """The servable versions that pin at least one file digest, by id (what a node
     agent's statement is compared with)."""
     with unit_of_work() as session:
-        versions = {v.id: v.source_revision for v in session.scalars(
+        found = list(session.scalars(
             select(ModelVersion).where(ModelVersion.state.in_(SERVABLE)).options(
-                lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)))}
+                lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions))))
+        versions = {v.id: v.source_revision for v in found}
+        adapter_of = {v.id: v.base_version_id for v in found if v.derivation == "adapter"}
         files: dict[str, list[tuple[str, int, str]]] = {}
         for f in session.scalars(select(ModelFile).where(
                 ModelFile.version_id.in_(list(versions)), ModelFile.sha256.is_not(None))):
             assert f.sha256 is not None
             files.setdefault(f.version_id, []).append((f.path, f.size, f.sha256))
-    return {vid: PinnedVersion(versions[vid], tuple(sorted(fs))) for vid, fs in files.items()}
+    return {vid: PinnedVersion(versions[vid], tuple(sorted(fs)), adapter_of.get(vid))
+            for vid, fs in files.items()}
 
 
 def attach_evaluation(actor: Actor, version_id: str, given: EvaluationIn, *,
