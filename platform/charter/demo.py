@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,10 +28,12 @@ from charter.identity import service as identity
 from charter.identity.service import actor_of, create_api_key, create_user
 from charter.identity.teams import create_service_account, create_team
 from charter.nodes import service as nodes
+from charter.policy.bundle import default_policy_dir
 from charter.registry import service as registry
 from charter.registry.importer import ImportOptions, content_revision, import_directory
 from charter.registry.schemas import (
     ApprovalConditions,
+    EvaluationIn,
     ExceptionCreate,
     ModelCreate,
     Transition,
@@ -95,7 +98,9 @@ SEED_MODELS: list[dict[str, Any]] = [
                     "parameter_count": 7_248_023_552, "context_length": 32768,
                     "license_declared": "apache-2.0", "license_card": "apache-2.0",
                     "base_model": "mistralai/Mistral-7B-v0.3", "derivation": "fine_tune",
-                    "weight_format": "safetensors"},
+                    "weight_format": "safetensors",
+                    # High risk in the demo's register: it needs an evaluation, has none.
+                    "risk_tier": "high"},
         "state": "submitted",
     },
     {
@@ -111,6 +116,28 @@ SEED_MODELS: list[dict[str, Any]] = [
 ]
 REGIONS: dict[str, Any] = {"storage_region": "eu-central",
                            "hosting_regions": ["eu-central", "eu-west"]}
+
+# The demo organisation's evidence rule, in place of the bundled one (arc_easy, which no
+# tiny model passes): a high-risk version needs a recorded evaluation on its help-desk QA
+# set. Any score passes: the tiny model answers gibberish (0.0); what is shown is that the
+# evidence must be there, attached, current and about this model.
+DEMO_EVIDENCE = {"requirements": [{
+    "id": "demo-helpdesk-qa", "risk_tiers": ["high"], "task": "charter_qa",
+    "metric": "exact_match", "filter": "none", "min_ppm": 0, "max_age_days": 3650}]}
+# A real lm-eval-harness run (0.4, `charter models evaluate --tasks charter_qa`) of the
+# tiny model, built byte for byte as the demo builds it, through a Charter gateway.
+TINY_EVALUATION = Path(__file__).parent / "demo_data" / "charter_qa.lm-eval.json"
+
+
+def demo_policies(data_dir: Path) -> Path:
+    """The bundled policies with the demo organisation's evidence rule, in the data dir
+    (made again on each run, so they follow the installed Charter)."""
+    target = data_dir / "policies"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(default_policy_dir(), target)
+    (target / "data" / "evidence.json").write_text(json.dumps(DEMO_EVIDENCE, indent=2) + "\n")
+    return target
 
 
 def _conditions() -> ApprovalConditions:
@@ -178,6 +205,9 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
             codes = [v["code"] for v in version.admission["violations"]]
             verdict = ", admission: " + ("allowed" if not codes else "denied " + ", ".join(codes))
         console.print(f"  seeded {model.name} {version.label} ({entry['state']}{verdict})")
+        for finding in (version.admission or {}).get("violations", []):
+            if finding["code"].startswith("evaluation_"):
+                console.print(f"    refused for its evidence: {finding['msg']}")
 
     tiny_dir = data_dir / "models" / "charter-tiny-llama"
     if not (tiny_dir / "model.safetensors").exists():
@@ -187,10 +217,16 @@ def seed(data_dir: Path, console: Console) -> dict[str, str]:
     version, _ = import_directory(steward, tiny_dir, ImportOptions(
         model_name="charter-tiny-llama", label="0.1", publisher="charter",
         source_repo="charter/tiny-llama", source_revision=content_revision(tiny_dir),
-        license_declared="apache-2.0", intended_use="end-to-end demos and tests",
-        risk_tier="minimal", derivation="original", **REGIONS))
-    _advance(version.id, "approved", steward, approver)
+        license_declared="apache-2.0",
+        intended_use="the help desk's answers (high risk in the demo's register)",
+        risk_tier="high", derivation="original", **REGIONS))
     console.print(f"  built and imported charter-tiny-llama 0.1 ({len(version.files)} files)")
+    evaluation = registry.attach_evaluation(steward, version.id, EvaluationIn(
+        content=TINY_EVALUATION.read_text(encoding="utf-8"), file_name=TINY_EVALUATION.name))
+    _advance(version.id, "approved", steward, approver)
+    shown = ", ".join(f"{m['task']} {m['metric']} {m['value']:g}" for m in evaluation.metrics)
+    console.print(f"  charter-tiny-llama 0.1 approved on evidence: lm-eval {shown} "
+                  f"(sha256:{evaluation.sha256[:12]}), as the high-risk rule requires")
 
     # Private from the first byte: write_text-then-chmod left the keys world-readable between.
     fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -270,6 +306,7 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
             write_new(seal_verify, keys.verification)
     settings = Settings.from_env(demo=True, database_url=url, log_format="console",
                                  node_allowed_networks="127.0.0.0/8",
+                                 policy_dir=str(demo_policies(data_dir)),
                                  audit_signing_keys=str(key),
                                  audit_seal_key=str(seal_key),
                                  audit_checkpoint_dir=str(data_dir / "checkpoints"))

@@ -176,3 +176,26 @@ def test_second_run_is_idempotent(demo: Demo) -> None:
         assert len(service.list_versions()) == len(STATES)
     assert demo.keys_file.read_bytes() == keys_before
     assert {p.name: p.read_bytes() for p in demo.tiny_dir.iterdir()} == tiny_before
+
+
+def test_one_version_is_approved_on_evidence_and_one_refused_without(demo_db: Demo) -> None:
+    """The demo organisation's rule (its own evidence.json beside the bundled policies):
+    a high-risk version needs a recorded charter_qa evaluation. The tiny model has one, a
+    real lm-eval run, and is approved; Mistral has none, and admission says so."""
+    out = demo_db.result.output
+    assert "charter-tiny-llama 0.1 approved on evidence: lm-eval charter_qa exact_match 0" in out
+    assert "refused for its evidence: no result of charter_qa exact_match" in out
+    rule = json.loads((demo_db.data_dir / "policies" / "data" / "evidence.json").read_text())
+    assert rule["requirements"][0]["risk_tiers"] == ["high"]
+    model = service.find_model("charter-tiny-llama")
+    assert model is not None
+    (tiny,) = service.list_versions(model.id)
+    assert (tiny.risk_tier, tiny.state) == ("high", "approved")
+    assert tiny.admission is not None and tiny.admission["allow"] is True
+    [evaluation] = service.list_evaluations(tiny.id)
+    assert evaluation.format == "lm-eval" and evaluation.model_named == ["charter-tiny-llama"]
+    mistral = service.find_model("Mistral-7B-Instruct-v0.3")
+    assert mistral is not None
+    (refused,) = service.list_versions(mistral.id)
+    assert refused.admission is not None
+    assert "evaluation_missing" in [v["code"] for v in refused.admission["violations"]]
