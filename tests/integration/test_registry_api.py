@@ -310,3 +310,30 @@ def test_pickle_weights_are_flagged_whatever_the_submitter_says(client, people) 
     body = {**VERSION, "files": [{"path": "pytorch_model.bin", "size": 1, "sha256": "b" * 64}]}
     v = client.post(f"/api/v1/models/{model['id']}/versions", headers=h, json=body).get_json()
     assert v["unsafe_weights"] is True
+
+
+def test_a_versions_task_is_its_cards_unless_the_steward_says(client, people) -> None:  # type: ignore[no-untyped-def]
+    """generation or embedding: from the card's pipeline_tag, or chosen; it decides which
+    gateway endpoints may serve the version (docs/dispatch.md)."""
+    h = people["steward"].headers
+    model = client.post("/api/v1/models", headers=h, json={
+        "name": "bge", "publisher": "BAAI", "source_repo": "BAAI/bge-small-en-v1.5"}).get_json()
+    url = f"/api/v1/models/{model['id']}/versions"
+    card = {"pipeline_tag": "feature-extraction"}
+    made = client.post(url, headers=h, json={**VERSION, "label": "1", "card": card}).get_json()
+    assert made["task"] == "embedding"
+    similar = {"pipeline_tag": "sentence-similarity"}
+    made = client.post(url, headers=h, json={**VERSION, "label": "2", "card": similar}).get_json()
+    assert made["task"] == "embedding"
+    plain = client.post(url, headers=h, json={**VERSION, "label": "3"}).get_json()
+    assert plain["task"] == "generation"
+    chosen = client.post(url, headers=h, json={**VERSION, "label": "4", "card": card,
+                                                "task": "generation"}).get_json()
+    assert chosen["task"] == "generation"
+    r = client.patch(f"/api/v1/versions/{plain['id']}", headers=h,
+                     json={"row_version": plain["row_version"], "task": "embedding"})
+    assert r.status_code == 200 and r.get_json()["task"] == "embedding"
+    error = _error(client.post(url, headers=h, json={**VERSION, "label": "5",
+                                                      "task": "rerank"}), 422,
+                   "validation_failed")
+    assert "task" in str(error["details"])
