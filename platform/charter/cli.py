@@ -532,13 +532,29 @@ def node() -> None:
 @click.option("--no-counts", is_flag=True,
               help="Report no token counts (no usage, details or count headers), like some "
                    "engines: to see Charter count them itself.")
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=DIR",
+              help="A PEFT LoRA adapter to serve beside the model, selected by NAME (TGI's "
+                   "parameters.adapter_id, OpenAI's model); repeatable.")
 def node_serve(model_dir: Path, region: str, host: str, port: int, model_id: str | None,
-               revision: str | None, no_counts: bool) -> None:
+               revision: str | None, no_counts: bool, adapter_specs: tuple[str, ...]) -> None:
     """Serve the model in MODEL on HOST:PORT with TGI's and OpenAI's HTTP protocols."""
-    app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision,
-                          counts=not no_counts)
+    from charter.devnode.lora import AdapterError
+
+    adapters: dict[str, Path] = {}
+    for spec in adapter_specs:
+        name, _, folder = spec.partition("=")
+        if not (name and folder and Path(folder).is_dir()) or name in adapters:
+            raise click.BadParameter(f"{spec!r}: give NAME=DIR, DIR an adapter's directory, "
+                                     "each NAME once", param_hint="--adapter")
+        adapters[name] = Path(folder)
+    try:
+        app = create_node_app(model_dir, region=region, model_id=model_id, revision=revision,
+                              counts=not no_counts, adapters=adapters)
+    except AdapterError as exc:
+        raise click.ClickException(f"adapter refused: {exc}") from None
+    loras = f", adapters {', '.join(adapters)}" if adapters else ""
     console.print(f"dev node {app.config['NODE_MODEL_ID']} @ {app.config['NODE_MODEL_SHA'][:12]} "
-                  f"({region}) on http://{host}:{port}")
+                  f"({region}){loras} on http://{host}:{port}")
     serve_node(app, host, port)
 
 

@@ -1,5 +1,6 @@
 """The local dev inference node: TGI's HTTP protocol over a transformers model on the CPU,
-and TEI's and OpenAI's embedding routes over the same model."""
+LoRA adapters merged into copies of it that requests name (TGI's `adapter_id`, OpenAI's
+`model`), and TEI's and OpenAI's embedding routes over the base model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from charter.devnode.embeddings import (
     add_embedding_routes,
     mean_pooled,
 )
+from charter.devnode.lora import check_name, merged
 
 MAX_NEW_TOKENS = 512
 DEFAULT_NEW_TOKENS = 100
@@ -55,6 +57,7 @@ class Sampling:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    adapter: str | None = None  # a loaded adapter's name; None: the base model
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,11 @@ def _refuse(errors: list[str]) -> None:
 
 
 class Engine:
-    """One model, one job (a generation or a batch of embeddings) at a time: requests queue
-    for a single worker thread."""
+    """One model and its adapters' merged copies, one job (a generation or a batch of
+    embeddings) at a time on any of them: requests queue for a single worker thread."""
 
-    def __init__(self, model_dir: Path, on_finish: Callable[[Finished], None]) -> None:
+    def __init__(self, model_dir: Path, on_finish: Callable[[Finished], None],
+                 adapters: Mapping[str, Path] = {}) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -140,6 +144,8 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
         self.model.eval()  # type: ignore[no-untyped-call]
+        self.models = {None: self.model} | {name: merged(self.model, path)
+                                            for name, path in adapters.items()}
         if sum(p.numel() for p in self.model.parameters()) < 10_000_000:
             # Tiny matrices: thread hand-offs cost more than the maths (10x slower on 2 cores).
             torch.set_num_threads(1)
@@ -178,7 +184,11 @@ class Engine:
         return self.encode("\n".join([*lines, "assistant:"]))
 
     def bound(self, ids: list[int], sampling: Sampling) -> Sampling:
-        """Check the lengths against the model's window and fill in the default budget."""
+        """Check the adapter, the lengths against the model's window; fill in the budget."""
+        if sampling.adapter not in self.models:
+            loaded = ", ".join(sorted(n for n in self.models if n)) or "none"
+            raise NodeError(f"Input validation error: adapter_id `{sampling.adapter}` is not "
+                            f"loaded on this node (loaded: {loaded})")
         if not ids:
             raise NodeError("Input validation error: `inputs` cannot be empty")
         if len(ids) > self.max_input_tokens:
@@ -254,7 +264,7 @@ class Engine:
             return mean_pooled(self.model, batch, normalize=normalize, dimensions=dimensions)
 
     def _generate(self, prompt: list[int], s: Sampling, cancel: threading.Event) -> Iterator[Step]:
-        torch, budget = self._torch, s.max_new_tokens or 1
+        torch, budget, model = self._torch, s.max_new_tokens or 1, self.models[s.adapter]
         seed = s.seed
         if s.do_sample and seed is None:
             seed = random.randint(1, 2**62)  # noqa: S311 - a sampling seed, not a secret
@@ -264,7 +274,7 @@ class Engine:
         with torch.no_grad():
             if cancel.is_set():
                 return
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
             for n in range(1, budget + 1):
                 if cancel.is_set():
                     return
@@ -286,8 +296,8 @@ class Engine:
                     return
                 yield Step(token)
                 cache = out["cache"] if "cache" in out else out["past_key_values"]
-                out = self.model(input_ids=torch.tensor([[token_id]]), use_cache=True,
-                                 **{self._cache_kw: cache})
+                out = model(input_ids=torch.tensor([[token_id]]), use_cache=True,
+                            **{self._cache_kw: cache})
 
     def _process(self, logits: Any, seen: list[int], s: Sampling) -> Any:
         torch = self._torch
@@ -352,6 +362,8 @@ def _tgi_request(body: dict[str, Any]) -> tuple[str, Sampling, bool, bool]:
     if not isinstance(params, dict):
         errors.append("`parameters` must be an object")
         params = {}
+    if (adapter := params.get("adapter_id")) is not None and not isinstance(adapter, str):
+        errors.append("`adapter_id` must be a string")
     f = _Fields(params, errors)
     temperature, top_k = f.number("temperature", gt=0), f.number("top_k", integer=True, gt=0)
     top_p, typical_p = f.number("top_p", gt=0, le=1), f.number("typical_p", gt=0, le=1)
@@ -363,13 +375,14 @@ def _tgi_request(body: dict[str, Any]) -> tuple[str, Sampling, bool, bool]:
         temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
         repetition_penalty=f.number("repetition_penalty", gt=0),
         seed=f.number("seed", integer=True, ge=0), stop=f.stop(),
+        adapter=adapter if isinstance(adapter, str) else None,
     )
     # Accepted and checked, not applied: typical_p, frequency_penalty, watermark.
     f.number("frequency_penalty", ge=-2, le=2)
     f.number("best_of", integer=True, gt=0, le=1)
     f.number("truncate", integer=True, ge=0)
     f.flag("watermark")
-    for unsupported in ("grammar", "adapter_id", "top_n_tokens", "decoder_input_details"):
+    for unsupported in ("grammar", "top_n_tokens", "decoder_input_details"):
         if params.get(unsupported):
             errors.append(f"`{unsupported}` is not supported by this node")
     details, full_text = f.flag("details"), f.flag("return_full_text")
@@ -460,8 +473,11 @@ def _tgi_events(steps: Iterator[Step], prefix: str, *, counts: bool = True
 
 
 def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None = None,
-                    revision: str | None = None, counts: bool = True) -> Flask:
+                    revision: str | None = None, counts: bool = True,
+                    adapters: Mapping[str, Path] = {}) -> Flask:
     """Load the model from model_dir (never the network) and return the node's WSGI app.
+    `adapters`: PEFT LoRA adapters by the name requests select them with; one that does not
+    fit the model is refused here (AdapterError), before the node serves anything.
     `counts=False`: answer like an engine that reports no token counts (no TGI count
     headers or details, no OpenAI usage even when asked), to try what a gateway does then."""
     model_dir = Path(model_dir)
@@ -470,6 +486,9 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
 
         revision = content_revision(model_dir)
     model_id = model_id or model_dir.name
+    adapters = {name: Path(path) for name, path in adapters.items()}
+    for name in adapters:
+        check_name(name, model_id)
     pipeline_tag = _pipeline_tag(model_dir)
     embedding_model = pipeline_tag in EMBEDDING_TAGS
     started = int(time.time())
@@ -488,7 +507,7 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
         prompt_tokens.inc(final.input_length)
         generated.inc(final.generated_tokens)
 
-    engine = Engine(model_dir, on_finish)
+    engine = Engine(model_dir, on_finish, adapters)
     prom.Gauge("charter_devnode_queue_depth", "Generations and embeddings queued or running",
           registry=registry).set_function(lambda: engine.pending)
     app = Flask(__name__)
@@ -597,11 +616,14 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
         sampling, stream, include_usage = _openai_sampling(body, errors)
         include_usage = include_usage and counts
         _refuse(errors)
+        # An adapter's name selects it, as in TGI and vLLM; any other `model` is the base.
+        adapter = name if isinstance(name := body.get("model"), str) and name in adapters else None
         ids = ids_of()
-        steps = engine.stream(ids, engine.bound(ids, sampling))
+        steps = engine.stream(ids, engine.bound(ids, replace(sampling, adapter=adapter)))
         chat = kind == "chat.completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-                "created": int(time.time()), "model": model_id, "system_fingerprint": fingerprint}
+                "created": int(time.time()), "model": adapter or model_id,
+                "system_fingerprint": fingerprint}
 
         def choice(text: str, final: Finished | None, key: str) -> dict[str, Any]:
             content = {key: {"role": "assistant", "content": text}} if chat else {"text": text}
@@ -648,7 +670,10 @@ def create_node_app(model_dir: Path | str, *, region: str, model_id: str | None 
     @app.get("/v1/models")
     def models() -> Response:
         entry = {"id": model_id, "object": "model", "created": started, "owned_by": "charter"}
-        return jsonify({"object": "list", "data": [entry]})
+        loras = [{"id": name, "object": "model", "created": started,
+                  "owned_by": "charter-devnode", "parent": model_id, "root": path.name}
+                 for name, path in adapters.items()]  # vLLM's entries for its LoRA modules
+        return jsonify({"object": "list", "data": [entry, *loras]})
 
     return app
 
