@@ -121,6 +121,11 @@ def models() -> None:
 @click.option("--storage-region", help="Region where the weights are stored.")
 @click.option("--hosting-region", "hosting_regions", multiple=True,
               help="Region allowed to host the model (repeatable).")
+@click.option("--base-version", "base_version_id",
+              help="The registered version it derives from (an adapter's base, a "
+                   "quantization's source): its id.")
+@click.option("--task", type=click.Choice(["generation", "embedding"]),
+              help="What it serves (default: its card's pipeline_tag says).")
 def models_import(directory: Path, as_user: str, **options: object) -> None:
     """Describe DIRECTORY offline (config, card, digests) and create a draft version."""
     command_runtime()

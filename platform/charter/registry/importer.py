@@ -60,12 +60,16 @@ class Inspection:
 
     @property
     def derivation(self) -> str:
-        """From the card: Hugging Face's base_model_relation, else a declared base model."""
+        """From the card: Hugging Face's base_model_relation; else a PEFT folder
+        (`adapter_config.json`) is an adapter, as the Hub infers it; else a declared base
+        model means a fine-tune."""
         relation = self.card.get("base_model_relation")
         mapping = {"finetune": "fine_tune", "adapter": "adapter", "quantized": "quantized",
                    "merge": "merge"}
         if isinstance(relation, str) and relation in mapping:
             return mapping[relation]
+        if any(f.path == "adapter_config.json" for f in self.files):
+            return "adapter"
         return "fine_tune" if self.base_model else "unknown"
 
     @property
@@ -274,6 +278,8 @@ class ImportOptions:
     derivation: str | None = None  # None: from the card's base_model(_relation)
     storage_region: str | None = None
     hosting_regions: tuple[str, ...] = ()
+    base_version_id: str | None = None  # the registered version it derives from
+    task: str | None = None  # generation or embedding; None: from the card's pipeline_tag
 
 
 def import_directory(
@@ -324,4 +330,5 @@ def _build_spec(opts: ImportOptions, info: Inspection) -> VersionSpec:
         storage_region=opts.storage_region,
         hosting_regions=list(opts.hosting_regions),
         card=info.card, card_text=info.card_text,
+        base_version_id=opts.base_version_id, task=opts.task,
     )
