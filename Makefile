@@ -1,23 +1,41 @@
 # The two commands a newcomer needs: `make demo` and `make test` (see README.md).
-PYTHON ?= python3.11
+# Any Python 3.11 or newer: the first of these names that is one (or PYTHON=...).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  2>/dev/null && { echo $$p; break; }; done)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+PORT   ?= 8080
 
 .PHONY: demo test setup-dev setup-demo bench lint docs
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "Charter needs Python 3.11 or newer, and found none" \
+	  "(python3 is $$(python3 --version 2>&1 || echo missing)); give one with PYTHON=..."; \
+	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install --upgrade pip
 
-setup-demo: $(BIN)/python
-	$(BIN)/pip install -q -e '.[node]'
+# Installed again only when pyproject.toml changes (a stamp in the venv).
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	@echo "Installing Charter with the dev node's PyTorch (CPU) into $(VENV):" \
+	  "a few minutes and about 1.3 GB the first time."
+	$(BIN)/pip install --progress-bar on -e '.[node]'
+	@touch $@
 
-setup-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	@echo "Installing Charter with the test extras into $(VENV): several minutes and" \
+	  "about 2.7 GB the first time (llama.cpp's server is compiled from source)."
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	bash scripts/install-opa-oracle $(BIN)/python
+	@touch $@ $(VENV)/.demo-installed
+
+setup-demo: $(VENV)/.demo-installed
+
+setup-dev: $(VENV)/.dev-installed
 
 demo: setup-demo
-	$(BIN)/charter demo
+	$(BIN)/charter demo --port $(PORT)
 
 test: setup-dev
 	bash scripts/services-up

@@ -5,25 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
-from werkzeug.serving import run_simple
 
 from charter import migrate, scope
 from charter.actor import SYSTEM, Actor
-from charter.app import create_app
 from charter.audit.checkpoints import generate_key
 from charter.audit.seal import make_seal_keys, write_new
 from charter.boot import build_runtime
 from charter.db import utcnow
-from charter.errors import NotFoundError
+from charter.errors import ConfigurationError, NotFoundError
 from charter.identity import service as identity
 from charter.identity.service import actor_of, create_api_key, create_user
 from charter.identity.teams import create_service_account, create_team
@@ -39,7 +38,7 @@ from charter.registry.schemas import (
     Transition,
     VersionSpec,
 )
-from charter.runtime import Runtime
+from charter.serving import check_address_free
 from charter.settings import Settings
 
 DEMO_USERS = [
@@ -240,25 +239,27 @@ TINY = "charter-tiny-llama"
 DEMO_NODES = (("node-central", "eu-central", 1), ("node-west", "eu-west", 2))
 
 
-def start_nodes(data_dir: Path, settings: Settings, port: int,
-                console: Console) -> list[subprocess.Popen[bytes]]:
-    """Two dev nodes in two regions serving the tiny model, registered, attested, deployed."""
+def start_nodes(data_dir: Path, settings: Settings, port: int, console: Console,
+                procs: list[subprocess.Popen[bytes]]) -> None:
+    """Two dev nodes in two regions serving the tiny model, registered, attested, deployed
+    (each process goes into `procs` as it starts: the caller stops them, whatever fails)."""
     tiny_dir = data_dir / "models" / TINY
     revision = content_revision(tiny_dir)
-    procs = []
+    started = len(procs)
     for name, region, offset in DEMO_NODES:
         node_port = port + offset
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "charter.cli", "node", "serve", "--model", str(tiny_dir),
              "--region", region, "--port", str(node_port), "--model-id", "charter/tiny-llama",
              "--revision", revision],
-            stdout=subprocess.DEVNULL, stderr=(data_dir / f"{name}.log").open("ab")))
+            stdout=subprocess.DEVNULL, stderr=(data_dir / f"{name}.log").open("ab"),
+            preexec_fn=_die_with_parent))
     operator = _demo_actor("oli.operator")
     known = {n.name: n for n in nodes.list_nodes()}
     ids = []
-    for (name, region, offset), proc in zip(DEMO_NODES, procs, strict=True):
+    for (name, region, offset), proc in zip(DEMO_NODES, procs[started:], strict=True):
         url = f"http://127.0.0.1:{port + offset}"
-        _wait_health(url, proc)
+        _wait_health(url, proc, revision, region)
         node = known.get(name) or nodes.register_node(
             operator, settings, name=name, base_url=url, region=region, engine="tgi",
             labels={"demo": "true"}, capacity=4)
@@ -268,30 +269,69 @@ def start_nodes(data_dir: Path, settings: Settings, port: int,
         version = registry.list_versions(registry.find_model(TINY).id)[0]  # type: ignore[union-attr]
         nodes.create_deployment(operator, serving_name=TINY, version_id=version.id,
                                 node_ids=ids)
-    return procs
 
 
 def _demo_actor(username: str) -> Actor:
     return identity.active_user_named(username)
 
 
-def _wait_health(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def _wait_health(url: str, proc: subprocess.Popen[bytes], revision: str, region: str,
+                 timeout: float = 120) -> None:
+    """Until the dev node this demo started answers as itself: healthy, and its /info the
+    tiny model at this revision in this region (another process on the port is never
+    taken for it)."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the dev node at {url} exited; see its log in the data dir")
+            raise ConfigurationError(f"the dev node for {url} exited with {proc.returncode}; "
+                                     "see its log in the data dir", code="demo_failed")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
+                info = httpx.get(url + "/info", timeout=5).json()
+                said = (info.get("model_id"), info.get("model_sha"), info.get("region"))
+                if said != ("charter/tiny-llama", revision, region):
+                    raise ConfigurationError(
+                        f"{url} answers as another node ({said[0]} at {said[1]}, "
+                        f"{said[2]}), not the demo's", code="address_in_use")
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"the dev node at {url} did not become healthy")
+    raise ConfigurationError(f"the dev node at {url} did not become healthy within "
+                             f"{timeout:g} s", code="demo_failed")
+
+
+# What each demo key is for (people belong to no team: the gateway refuses their chats).
+KEY_USES = {
+    "admin": "users, keys, teams and policies (API and console)",
+    "sam.steward": "registers, imports and submits model versions",
+    "ava.approver": "approves or rejects them (four eyes: never what they edited)",
+    "oli.operator": "nodes and deployments",
+    "aud.auditor": "reads the audit log, verifies and exports evidence",
+    "svc-helpdesk": "the help-desk team's service account: the key that chats; the "
+                    "people above belong to no team, so the gateway refuses their chats "
+                    "(caller_without_team)",
+}
+
+
+def _ports(host: str, port: int) -> list[str]:
+    """The addresses the demo serves on: the API, and one dev node a region."""
+    return [f"{host}:{port}", *(f"127.0.0.1:{port + offset}" for _, _, offset in DEMO_NODES)]
 
 
 def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Console) -> None:
+    """Seed the embedded database; with `serve`, start the dev nodes and `charter serve`
+    (the production server) and supervise them until a stop signal, which stops them all."""
+    if serve:
+        busy = [found for bind in _ports(host, port) if (found := check_address_free(bind))]
+        if busy:
+            raise ConfigurationError(
+                f"the demo needs ports {port} to {port + len(DEMO_NODES)} free (the API and "
+                f"its dev nodes), but cannot listen on {'; '.join(busy)}: stop what uses "
+                f"them, or choose another with --port (make demo PORT=...)",
+                code="address_in_use", details={"busy": busy})
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{data_dir / 'charter.db'}"
@@ -300,38 +340,52 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
         generate_key(key)  # the demo's own; production keys come from a Secret
     seal_key, seal_verify = data_dir / "seal-key.json", data_dir / "seal-verify.json"
     if not seal_key.exists():  # the demo keeps both; production gives auditors the second
-        keys = make_seal_keys()
-        write_new(seal_key, keys.sealing)
+        seal = make_seal_keys()
+        write_new(seal_key, seal.sealing)
         if not seal_verify.exists():
-            write_new(seal_verify, keys.verification)
-    settings = Settings.from_env(demo=True, database_url=url, log_format="console",
-                                 node_allowed_networks="127.0.0.0/8",
-                                 policy_dir=str(demo_policies(data_dir)),
-                                 audit_signing_keys=str(key),
-                                 audit_seal_key=str(seal_key),
-                                 audit_checkpoint_dir=str(data_dir / "checkpoints"))
+            write_new(seal_verify, seal.verification)
+    demo_settings: dict[str, Any] = {
+        "demo": True, "database_url": url, "log_format": "console",
+        "node_allowed_networks": "127.0.0.0/8", "policy_dir": str(demo_policies(data_dir)),
+        "audit_signing_keys": str(key), "audit_seal_key": str(seal_key),
+        "audit_checkpoint_dir": str(data_dir / "checkpoints")}
+    settings = Settings.from_env(**demo_settings)
     console.print(f"[bold]Charter demo[/] - data in {data_dir}")
     migrate.upgrade(url)
-    runtime = build_runtime(settings)
-    with scope.bound(runtime):
-        try:
-            _run(runtime, host=host, port=port, data_dir=data_dir, serve=serve,
-                 console=console)
-        finally:
-            runtime.close()
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = _Stop()
+    try:
+        runtime = build_runtime(settings)
+        with scope.bound(runtime):
+            try:
+                keys = seed(data_dir, console)
+                _show_keys(keys, host, port, console)
+                if serve:
+                    start_nodes(data_dir, settings, port, console, procs)
+            finally:
+                runtime.close()
+        if not serve:
+            return
+        procs.append(_serve(host, port, data_dir, demo_settings))
+        _wait_ready(f"http://{host}:{port}", procs[-1], data_dir)
+        _show_serving(keys, host, port, console)
+        _supervise(procs, stopping, console)
+    finally:
+        _stop(procs)
 
 
-def _run(runtime: Runtime, *, host: str, port: int, data_dir: Path, serve: bool,
-         console: Console) -> None:
-    settings = runtime.settings
-    keys = seed(data_dir, console)
-
-    table = Table(title="Demo users (API keys also in demo-keys.json)")
-    table.add_column("user")
-    table.add_column("API key", overflow="fold")
-    for username, token in keys.items():
-        table.add_row(username, token)
-    console.print(table)
+def _show_keys(keys: dict[str, str], host: str, port: int, console: Console) -> None:
+    """One key a line, never wrapped, so each copies whole; what each is for."""
+    console.print("Demo users and their API keys (also in demo-keys.json):")
+    width = max((len(u) for u in keys), default=0)
+    for username, token in keys.items():  # 78 columns: whole in an 80-column terminal
+        console.print(f"{username:<{width}}  {token}", soft_wrap=True, markup=False,
+                      highlight=False)
+    console.print("What each is for:")
+    for username, use in KEY_USES.items():
+        if username in keys:
+            console.print(f"  {username}: {use}", soft_wrap=True, markup=False,
+                          highlight=False)
     base = f"http://{host}:{port}"
     console.print(
         f"Try:  curl -H 'Authorization: Bearer {keys.get('aud.auditor', '<key>')}' "
@@ -339,32 +393,114 @@ def _run(runtime: Runtime, *, host: str, port: int, data_dir: Path, serve: bool,
         f"      curl -H 'Authorization: Bearer {keys.get('admin', '<key>')}' "
         f"{base}/api/v1/versions\n"
         f"API reference: {base}/api/v1/openapi.json",
-        soft_wrap=True,
+        soft_wrap=True, markup=False, highlight=False,
     )
-    if not serve:
-        return
-    procs = start_nodes(data_dir, settings, port, console)
-    app = create_app(runtime)
-    stop = runtime.tasks.start_scheduler()
-    assert stop is not None
-    key = keys.get("svc-helpdesk", "<key>")
+
+
+def _show_serving(keys: dict[str, str], host: str, port: int, console: Console) -> None:
+    base = f"http://{host}:{port}"
+    key = keys.get("svc-helpdesk", "<the svc-helpdesk key in demo-keys.json>")
     console.print(
-        f"Stream a chat completion through the governed path:\n"
+        f"Stream a chat completion through the governed path (svc-helpdesk's key):\n"
         f"  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' -d '{{\"model\": \"{TINY}\", "
         f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
         f"\"stream\": true, \"max_tokens\": 20}}'\n"
         f"  (or the openai client with base_url={base}/v1; TGI clients: {base}/tgi/{TINY})",
-        soft_wrap=True,
+        soft_wrap=True, markup=False, highlight=False,
     )
     console.print(f"Console: {base}/console/ (the demo signs you in as any seeded person; "
-                  f"audit bundles verify offline with `charter-verify`)", soft_wrap=True)
-    console.print(f"serving on {base} (Ctrl-C stops)")
-    try:
-        run_simple(host, port, app, threaded=True, use_reloader=False)
-    finally:
-        stop.set()
-        for proc in procs:
+                  f"audit bundles verify offline with `charter-verify`)", soft_wrap=True,
+                  markup=False, highlight=False)
+    console.print(f"serving on {base} with `charter serve` (Ctrl-C or any stop signal "
+                  f"stops it and the dev nodes)", soft_wrap=True, markup=False,
+                  highlight=False)
+
+
+def _serve(host: str, port: int, data_dir: Path,
+           demo_settings: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """`charter serve`, as production runs it (gunicorn), on the demo's settings."""
+    env = dict(os.environ)
+    for name, value in demo_settings.items():
+        env[f"CHARTER_{name.upper()}"] = ("true" if value else "false") if isinstance(
+            value, bool) else str(value)
+    log = (data_dir / "charter-serve.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "charter.cli", "serve", "--bind", f"{host}:{port}",
+         "--workers", "1", "--threads", "32"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: the kernel stops it when the demo dies, even killed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path,
+                timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigurationError(
+                f"`charter serve` exited with {proc.returncode}; see "
+                f"{data_dir / 'charter-serve.log'}", code="demo_failed")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise ConfigurationError(f"`charter serve` was not ready at {url} within {timeout:g} s",
+                             code="demo_failed")
+
+
+class _Stop:
+    """SIGTERM, SIGINT and SIGHUP end the demo, whatever it is doing: while it sets up,
+    the signal unwinds it (KeyboardInterrupt); while it supervises, the loop ends. Either
+    way run_demo stops every child it started."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.supervising = False
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self)
+
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        self.event.set()
+        if not self.supervising:
+            raise KeyboardInterrupt
+
+
+def _supervise(procs: list[subprocess.Popen[bytes]], stopping: _Stop,
+               console: Console) -> None:
+    """Until a stop signal, or until a child ends by itself (said)."""
+    stopping.supervising = True
+    while not stopping.event.wait(0.5):
+        ended = [p for p in procs if p.poll() is not None]
+        if ended:
+            args = ended[0].args
+            shown = " ".join(map(str, args[:5])) if isinstance(args, list) else str(args)
+            console.print(f"a demo process exited ({shown} ...: {ended[0].returncode}); "
+                          f"stopping the rest",
+                          markup=False, highlight=False)
+            return
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float = 20) -> None:
+    """Stop every child: SIGTERM (gunicorn drains), then SIGKILL what is left."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
             proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
+    deadline = time.monotonic() + grace_s
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
