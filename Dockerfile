@@ -3,18 +3,16 @@
 # on a read-only root filesystem. The Helm chart's default image is built from this file:
 #
 #   docker build -t charter:0.1.0 .
+#   scripts/build-image        # podman, on a Debian base made here (no registry needed)
 #
-# The base image is pinned by tag, and by digest once you set PYTHON_DIGEST to the digest of
-# the image you mirrored (`crane digest` / `skopeo inspect`, see docs/operations/helm.md).
-# No digest is committed here because none could be checked from where this file was
-# written; a build with the default empty digest uses the tag alone.
-ARG PYTHON_IMAGE=docker.io/library/python
-ARG PYTHON_TAG=3.11.13-slim-bookworm
-ARG PYTHON_DIGEST=
+# BASE_IMAGE is any Debian-based image with Python 3.11 or newer as `python3`: the
+# official Python image by default; pin it by digest (`...@sha256:<digest>`) once you have
+# mirrored it (`crane digest` / `skopeo inspect`, see docs/operations/helm.md).
+ARG BASE_IMAGE=docker.io/library/python:3.11.13-slim-bookworm
 
-FROM ${PYTHON_IMAGE}:${PYTHON_TAG}${PYTHON_DIGEST:+@}${PYTHON_DIGEST} AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/charter/venv
+RUN python3 -m venv /opt/charter/venv
 # Charter finds its migrations/ and policies/ beside its package (charter/migrate.py and
 # charter/policy/bundle.py look two and three folders above their own file), so it is
 # installed in place from the source tree in /opt/charter/app rather than into
@@ -31,7 +29,7 @@ RUN ! /opt/charter/venv/bin/python -c "import torch" 2>/dev/null
 # The root filesystem is read-only at run time: compile the bytecode now.
 RUN /opt/charter/venv/bin/python -m compileall -q /opt/charter/app/platform
 
-FROM ${PYTHON_IMAGE}:${PYTHON_TAG}${PYTHON_DIGEST:+@}${PYTHON_DIGEST}
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="Charter" \
       org.opencontainers.image.description="Sovereign-AI governance: approved-model registry, policy-enforced dispatch, tamper-evident audit." \
       org.opencontainers.image.licenses="Apache-2.0"
