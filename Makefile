@@ -6,6 +6,9 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
+# Test processes: three on two cores (the tests spend much of their time waiting on the
+# processes they start); TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test setup-dev setup-demo bench lint docs
 
@@ -42,7 +45,7 @@ test: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup-dev
 	bash scripts/services-up

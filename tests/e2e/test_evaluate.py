@@ -102,7 +102,7 @@ def test_an_evaluation_runs_through_the_gateway_and_is_attached(site, make_perso
         stored = session.get(Evaluation, evaluation.id)
         assert stored is not None
         content = stored.content
-    assert site.key not in content and site.key.split("_")[2] not in content
+    assert site.key not in content and site.key.split("_", 2)[2] not in content
     assert json.loads(content)["config"]["model_args"]["model"] == "tiny"
     [attached] = list_events(EventFilter(action="version.evaluation_attach"))
     assert attached.details["tasks"] == ["charter_qa"]
