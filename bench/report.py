@@ -43,6 +43,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "limits": ("gateway.py", ["--limits", "--rounds", "6", "--duration", "5"],
                ["--limits", "--rounds", "2", "--duration", "2", "--requests", "100"]),
     "usage": ("usage.py", ["--requests", "1000"], ["--requests", "200"]),
+    "container": ("container.py", ["--duration", "8"], ["--duration", "4"]),
 }
 
 
