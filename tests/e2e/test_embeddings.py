@@ -75,6 +75,9 @@ def test_embeddings_through_the_official_clients_are_governed(site, embed_dir) -
     via_tgi = InferenceClient(base_url=f"{site.charter}/tgi/embed", api_key=site.key)
     assert list(via_tgi.feature_extraction(TEXTS[0])[0]) == pytest.approx(truth[0], abs=1e-6)
     h = {"Authorization": f"Bearer {site.key}", "X-Charter-Model": "embed"}
+    for route in ("tei", "tgi"):
+        info = httpx.get(f"{site.charter}/{route}/embed/info", headers=h, timeout=30).json()
+        assert info["model_pipeline_tag"] == "feature-extraction"
     r = httpx.post(f"{site.charter}/embed", headers=h, json={"inputs": TEXTS,
                                                             "normalize": False}, timeout=30)
     assert r.status_code == 200 and len(r.json()) == 2

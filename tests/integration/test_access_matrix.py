@@ -155,6 +155,7 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/tei/<name>/embed"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("POST", "/tei/<name>/"): R(**ANY, body=lambda c: {"inputs": "hi"}),
     ("POST", "/tei/<name>"): R(**ANY, body=lambda c: {"inputs": "hi"}),
+    ("GET", "/tei/<name>/info"): R(**ANY),
     # Files and batches: any authenticated caller; each sees its own (404 for others').
     ("POST", "/v1/files"): R(**ANY),
     ("GET", "/v1/files"): R(**ANY),

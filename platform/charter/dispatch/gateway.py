@@ -294,6 +294,7 @@ def compat(name: str | None = None) -> Response:
 
 @bp.get("/info")
 @bp.get("/tgi/<name>/info")
+@bp.get("/tei/<name>/info")
 @records_malformed
 def info(name: str | None = None) -> Response:
     """TGI's Info for the named model, as the deployment knows it (no node is called)."""
@@ -301,7 +302,10 @@ def info(name: str | None = None) -> Response:
     if serving not in {d.serving_name for d in service.visible_models(caller())}:
         raise DispatchError(f"the model {serving!r} does not exist", code="model_not_found",
                             status=404)
-    body = {"model_id": serving, "model_sha": None, "model_pipeline_tag": "text-generation",
+    task = service.task_of(g.ctx, serving)
+    body = {"model_id": serving, "model_sha": None,
+            "model_pipeline_tag": "feature-extraction" if task == "embedding"
+            else "text-generation",
             "max_concurrent_requests": 128, "max_best_of": 1, "max_stop_sequences": 4,
             "max_input_tokens": 4096, "max_total_tokens": 8192, "validation_workers": 1,
             "max_client_batch_size": 1, "router": "charter", "version": __version__,
