@@ -52,6 +52,7 @@ from charter.dispatch.service import (
     Counted,
     Plan,
     admit,
+    content_of,
     counted_embedding,
     counted_whole,
     outcome_event,
@@ -231,7 +232,9 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) 
                 rc = RequestContext(request_id, generation=generation, actor=actor)
                 plan = admit(rc, serving_name=c.body["model"], data_class=c.data_class,
                              purpose=c.purpose, protocol="openai", origin=origin,
-                             task=jsonl.TASKS.get(c.endpoint, "generation"))
+                             task=jsonl.TASKS.get(c.endpoint, "generation"),
+                             content=lambda: content_of(
+                                 "openai", c.body, jsonl.TASKS.get(c.endpoint, "generation")))
                 break
             except StaleReadError as exc:
                 generation = exc.generation

@@ -100,6 +100,8 @@ def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
     """The request's limits first (charter.dispatch.service.limit), then the decision and
     the call; a request that fails or is refused after its limits admitted it gives its
     stream's lease back (its outcome charges its tokens)."""
+    task = asked.get("task", "generation")
+    asked = {**asked, "content": lambda: service.content_of(asked["protocol"], body, task)}
     limits = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
     try:
         plan = _admit(**asked, limits=limits)

@@ -25,6 +25,7 @@ from charter.dispatch import upstream
 from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
+from charter.inspection.detect import Detector
 from charter.metering import quota as quotas
 from charter.metering.limits import Limits, LimitsUnavailableError, Pending, Rule, rules_for
 from charter.metering.service import UsageDelta
@@ -299,7 +300,8 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           purpose: str | None, protocol: str = "openai",
           origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
           retry_of: str | None = None, ticket: Ticket | None = None,
-          limits: Limited | None = None, task: str = "generation") -> Plan:
+          limits: Limited | None = None, task: str = "generation",
+          content: Callable[[], Content] | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -319,6 +321,12 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
 
     `task`: what the endpoint does (generation or embedding); a version of the other task
     is refused (`model_task_mismatch`, 400 in OpenAI's protocol, 422 in TGI's and TEI's).
+
+    `content`: the request's text, asked for only when policy data says this team's,
+    model's or data class's requests are inspected (data.charter.inspection); what is found
+    (types and counts, never the text) goes into the dispatch input and the decision's
+    event. Inspection that cannot run refuses the request (503 `inspection_unavailable`),
+    and so does content it cannot read (400 `content_not_inspectable`: token ids).
     """
     if retry_of is not None:
         origin = {**(origin or {}), "retry_of": retry_of}
@@ -352,19 +360,23 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
         events.append(_refused_event(actor, serving_name, refusal, origin))
     else:
         assert route is not None
+        data_class = data_class or ctx.default_data_class
         try:
             if exclude:
                 route = replace(route, candidates=tuple(
                     n for n in route.candidates if n.id not in exclude))
-            plan, refusal = _decide(actor, ctx, route, serving_name,
-                                    data_class or ctx.default_data_class,
-                                    purpose or "assistant", events, origin)
+            findings = _inspect(ctx, route, serving_name, data_class, content, protocol)
+            plan, refusal = _decide(actor, ctx, route, serving_name, data_class,
+                                    purpose or "assistant", events, origin, findings)
             if refusal is not None:  # beside its denied decisions: one refusal a request
                 events.append(_refused_event(actor, serving_name, refusal, origin))
         except PolicyUnavailableError as exc:
             events.extend(exc.events)
             exc.events = ()
             refusal = exc
+        except DispatchError as exc:  # inspection refused it: no policy was asked
+            refusal = exc
+            events.append(_refused_event(actor, serving_name, exc, origin))
     entry = Entry(events=events, generation=rc.generation)
     quota = ctx.requests_per_day
     if plan is not None and retry_of is None:
@@ -421,10 +433,69 @@ def _over_quota(ctx: CallerContext, quota: int) -> DispatchError:
                  "team": ctx.team, "requests_per_day": quota})
 
 
+# A request's text for inspection: its texts, and whether some of it could not be read
+# (token ids: no text to inspect).
+Content = tuple[list[str], bool]
+
+
+def content_of(protocol: str, body: dict[str, Any], task: str) -> Content:
+    """What a request asks in text: chat messages' text parts, a completion's prompt,
+    TGI's inputs, each embedding input; token ids are content Charter cannot read."""
+    if task == "embedding":
+        items = inputs_of(protocol, body)
+        return [i for i in items if isinstance(i, str)], any(
+            not isinstance(i, str) for i in items)
+    prompt = prompt_of(protocol, body)
+    if isinstance(prompt, str):
+        return [prompt], False
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [], True
+    return [m["content"] for m in prompt if isinstance(m, dict)], False
+
+
+def _inspect(ctx: CallerContext, route: Route, serving_name: str, data_class: str,
+             content: Callable[[], Content] | None, protocol: str) -> dict[str, int] | None:
+    """The findings of the request's content where policy data asks for inspection, else
+    None (charter.inspection; data.charter.inspection.inspect)."""
+    rt = scope.current()
+    scope_ = rt.policies.inspection
+    if content is None or not scope_.applies(ctx.team, (serving_name, route.model_name),
+                                             data_class):
+        return None
+    texts, opaque = content()
+    if opaque:
+        raise DispatchError(
+            "this request's content must be inspected, and part of it is token ids, which "
+            "cannot be: send text", code="content_not_inspectable",
+            status=400 if protocol == "openai" else 422)
+    detector = rt.part("inspection", lambda rt: Detector())
+    started = time.perf_counter()
+    try:
+        found = detector.findings(texts)
+    except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
+        rt.counter("charter_inspection_failures_total", "Requests refused because content "
+                   "inspection could not run").inc()
+        raise DispatchError(
+            f"this request's content must be inspected, and inspection cannot run: "
+            f"{type(exc).__name__}: {str(exc)[:200]}", code="inspection_unavailable",
+            status=503, details={"retry_after_s": 5}) from None
+    rt.histogram("charter_inspection_seconds", "Time to inspect a request's content",
+                 ()).observe(time.perf_counter() - started)
+    findings = rt.counter("charter_inspection_findings_total", "Findings in inspected "
+                          "requests, by type (counts only)", ("type",))
+    for kind, n in found.items():
+        findings.labels(kind).inc(n)
+    return found
+
+
 def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
             data_class: str, purpose: str, events: list[Event],
-            origin: dict[str, Any] | None) -> tuple[Plan | None, DispatchError | None]:
-    """Ask the dispatch policy region by region, least busy first; one event per decision."""
+            origin: dict[str, Any] | None,
+            findings: dict[str, int] | None = None) -> tuple[Plan | None, DispatchError | None]:
+    """Ask the dispatch policy region by region, least busy first; one event per decision.
+    `findings`: what inspection found (None: not inspected), in the input and the event."""
+    inspected: dict[str, Any] = {} if findings is None else {"findings": [
+        {"type": kind, "count": n} for kind, n in sorted(findings.items())]}
     rt = scope.current()
     busy, regional = rt.outstanding.get, rt.policies.regional_violations
     ordered = regions_in_order(route.candidates, busy)
@@ -434,7 +505,7 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
         doc = {
             "now": identifiers.epoch(utcnow()),
             "version": route.version_doc,
-            "request": {"purpose": purpose, "data_class": data_class},
+            "request": {"purpose": purpose, "data_class": data_class, **inspected},
             "caller": {"team": ctx.team, "teams": list(ctx.teams),
                        "entitlements": ctx.entitlements.as_dict()},
             "node": {"id": node.id, "region": node.region,
@@ -443,7 +514,8 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
         decision, event = policy.evaluate(
             "dispatch", doc, actor=actor.ref, target_type="deployment",
             target_id=serving_name,
-            context={"serving_name": serving_name, "node": node.name, **(origin or {})})
+            context={"serving_name": serving_name, "node": node.name, **(origin or {}),
+                     **({"findings": findings} if findings is not None else {})})
         events.append(event)
         if decision.allow:
             return Plan(actor=actor, serving_name=serving_name,

@@ -76,6 +76,7 @@ class PolicyBundle:
                                          code="policy_data_invalid") from exc
         _check_identifiers(data)
         _check_evidence(data.get("evidence"))
+        _check_inspection(data.get("inspection"))
         missing = set(POLICIES.values()) - {f.package for f in files}
         if missing:
             raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
@@ -110,6 +111,34 @@ def _check_identifiers(data: dict[str, Any]) -> None:
         raise ConfigurationError(
             f"policy data holds ids that are not canonical (ASCII, lower case): {bad[:5]}",
             code="policy_data_invalid")
+
+
+def _check_inspection(inspection: Any) -> None:
+    """data.charter.inspection (charter.inspection): `inspect` names the data classes,
+    teams and models whose requests are inspected (lists of strings, "*" for all); `deny`
+    maps a data class to the finding types it may not carry."""
+    if inspection is None:
+        return
+    problems: list[str] = []
+    if not isinstance(inspection, dict):
+        problems.append("inspection is an object")
+        inspection = {}
+    scope = inspection.get("inspect", {})
+    if not isinstance(scope, dict):
+        problems.append("inspection.inspect is an object")
+        scope = {}
+    for key in ("data_classes", "teams", "models"):
+        names = scope.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append(f"inspection.inspect.{key} is a list of names")
+    deny = inspection.get("deny", {})
+    if not isinstance(deny, dict) or not all(
+            isinstance(k, str) and canonical(k) == k and isinstance(v, list)
+            and all(isinstance(t, str) for t in v) for k, v in deny.items()):
+        problems.append("inspection.deny maps canonical data classes to lists of types")
+    if problems:
+        raise ConfigurationError(f"policy data inspection.json is malformed: {problems[:5]}",
+                                 code="policy_data_invalid")
 
 
 def _check_evidence(evidence: Any) -> None:

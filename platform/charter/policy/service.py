@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,29 @@ class Policies:
         found = engine.bundle.data["charter"].get("dispatch", {}).get("regional_violations")
         self.regional_violations = frozenset(
             c for c in (found if isinstance(found, list) else []) if isinstance(c, str))
+        self.inspection = InspectionScope.of(engine.bundle.data["charter"].get("inspection"))
+
+
+@dataclass(frozen=True, slots=True)
+class InspectionScope:
+    """Whose requests have their content inspected (data.charter.inspection.inspect): any
+    request of a listed team, to a listed model or serving name, or labelled with a listed
+    data class; "*" lists everything. Empty: nothing is inspected."""
+
+    data_classes: frozenset[str] = frozenset()
+    teams: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, data: Any) -> InspectionScope:
+        scope = data.get("inspect", {}) if isinstance(data, dict) else {}
+        return cls(*(frozenset(scope.get(k, [])) for k in ("data_classes", "teams", "models")))
+
+    def applies(self, team: str | None, models: tuple[str, ...], data_class: str) -> bool:
+        return bool(
+            {"*", data_class} & self.data_classes
+            or (team is not None and {"*", team} & self.teams)
+            or {"*", *models} & self.models)
 
 
 def build_engine(settings: Settings) -> PolicyEngine:

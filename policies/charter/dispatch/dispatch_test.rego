@@ -204,3 +204,22 @@ test_a_malformed_lineage_denies if {
 	_codes(_derived("b1")) == {"input_invalid"}
 	_codes(_derived([{"id": "b1"}])) == {"input_invalid"}
 }
+
+_carrying(findings) := json.patch(_ok, [{"op": "add", "path": "/request/findings", "value": findings}])
+
+test_a_card_number_under_internal_is_refused if {
+	inp := _carrying([{"type": "CREDIT_CARD", "count": 2}])
+	_codes(inp) == {"content_not_permitted"}
+	msgs := {v.msg | some v in dispatch.decision.violations} with input as inp
+	msgs == {"the request carries 2 of CREDIT_CARD, which internal data may not"}
+}
+
+test_what_a_class_permits_passes if {
+	dispatch.allow with input as _carrying([{"type": "EMAIL_ADDRESS", "count": 1}])
+	dispatch.allow with input as _carrying([])
+}
+
+test_malformed_findings_deny if {
+	_codes(_carrying([{"type": "CREDIT_CARD", "count": 0}])) == {"input_invalid"}
+	_codes(_carrying({"CREDIT_CARD": 2})) == {"input_invalid"}
+}

@@ -5,7 +5,8 @@
 #   "version": {"id", "model", "state", "license", "approval": {"allowed_regions",
 #               "allowed_data_classes", "allowed_purposes", "expires_at" (seconds)},
 #               "lineage": [{"id", "state"}: the versions it derives from, nearest first]},
-#   "request": {"purpose", "data_class"},
+#   "request": {"purpose", "data_class", "findings": [{"type", "count"}] (only when the
+#               request's content was inspected: types and counts, never the text)},
 #   "caller": {"team", "entitlements": {"models", "data_classes", "regions"}},
 #   "node": {"id", "region", "attested_version_id"}
 # }
@@ -97,6 +98,31 @@ _lineage_ok if {
 	}
 }
 
+# What inspection found in the request (charter.inspection): absent when not inspected.
+_findings := _array(object.get(_req, "findings", null))
+
+_finding_ok(f) if {
+	is_object(f)
+	is_string(object.get(f, "type", null))
+	_whole(object.get(f, "count", null))
+}
+
+_whole(n) if {
+	is_number(n)
+	n >= 1
+	n <= 9007199254740991
+	floor(n) == n
+}
+
+_findings_ok if object.get(_req, "findings", null) == null
+
+_findings_ok if {
+	is_array(object.get(_req, "findings", null))
+	every f in _findings {
+		_finding_ok(f)
+	}
+}
+
 _approval_ok if _approval == null
 
 _approval_ok if {
@@ -123,6 +149,7 @@ _valid_input if {
 	is_object(object.get(_input, "request", null))
 	is_string(_purpose)
 	is_string(_data_class)
+	_findings_ok
 	is_object(object.get(_input, "caller", null))
 	_string_or_null(_caller, "team")
 	is_object(object.get(_caller, "entitlements", null))
@@ -308,6 +335,23 @@ violations contains {
 	_valid_input
 	_has_approval
 	not _allows("allowed_regions", _region)
+}
+
+# --- what the request carries --------------------------------------------------------------
+
+# The finding types each data class may not carry (data.charter.inspection.deny).
+_inspection := data.charter.inspection if is_object(data.charter.inspection)
+else := {}
+
+_forbidden := _array(object.get(_object(object.get(_inspection, "deny", null)), _data_class, null))
+
+violations contains {
+	"code": "content_not_permitted",
+	"msg": sprintf("the request carries %v of %v, which %v data may not", [object.get(f, "count", 0) + 0, object.get(f, "type", ""), _data_class]),
+} if {
+	_valid_input
+	some f in _findings
+	object.get(f, "type", "") in _forbidden
 }
 
 # --- the caller's team --------------------------------------------------------------------

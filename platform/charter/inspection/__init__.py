@@ -1,0 +1,1 @@
+"""Content inspection: personal data and secrets found in what a request carries."""

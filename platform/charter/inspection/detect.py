@@ -1,0 +1,150 @@
+"""What a request carries: personal data and secrets found in its text, by type and count.
+
+Microsoft Presidio's analyzer, fully offline: its pattern and checksum recognizers
+(e-mail, credit cards with the Luhn check, IBAN with its check digits, IP addresses, the
+national ids of the countries listed below) and Charter's own for secrets (cloud and API
+keys, private keys), on a blank spaCy pipeline (no NER model is loaded or downloaded:
+names and addresses in free text are not found). The text is normalised first: Unicode
+NFKC (full-width digits and compatibility forms become plain ones) and zero-width and
+soft-hyphen characters removed, so `4111​1111…` with a zero-width space between digits is
+still a card. What pattern detection cannot see (paraphrase, homoglyphs outside NFKC,
+base64, a number split across messages) is written down in docs/inspection.md.
+
+Only types and counts leave this module: never the text or the spans.
+"""
+
+from __future__ import annotations
+
+import threading
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+# The characters removed before detection: zero-width space, non-joiner and joiner, the
+# word joiner, the byte order mark (zero-width no-break space) and the soft hyphen.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+MIN_SCORE = 0.5  # Presidio's confidence below which a match is not a finding
+MAX_CHARS = 1_000_000  # a request's text beyond this is refused by the caller's bounds
+
+
+class InspectionUnavailableError(RuntimeError):
+    """Presidio is not installed or could not be loaded: inspection cannot run."""
+
+
+def normalise(text: str) -> str:
+    """NFKC, then without invisible characters (see INVISIBLE)."""
+    return unicodedata.normalize("NFKC", text).translate(INVISIBLE)
+
+
+def _secret_recognizers() -> list[Any]:
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    def one(entity: str, regex: str, score: float = 0.9) -> Any:
+        return PatternRecognizer(supported_entity=entity, supported_language="en",
+                                 patterns=[Pattern(entity.lower(), regex, score)])
+
+    return [
+        one("AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+        one("PRIVATE_KEY", r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"),
+        one("GITHUB_TOKEN", r"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
+        one("GOOGLE_API_KEY", r"\bAIza[0-9A-Za-z_-]{35}\b"),
+        one("SLACK_TOKEN", r"\bxox[abprs]-[0-9A-Za-z-]{10,}\b"),
+        one("OPENAI_API_KEY", r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}\b", 0.8),
+        one("CHARTER_API_KEY", r"\bchk_[0-9a-f]{16}_[A-Za-z0-9_-]{20,}\b"),
+    ]
+
+
+class _FrNirRecognizer:
+    """France's social security number (NIR): 13 digits and a two-digit key, 97 minus the
+    number modulo 97 (Corsica's 2A and 2B counted as 19 and 18)."""
+
+    @staticmethod
+    def build() -> Any:
+        from presidio_analyzer import Pattern, PatternRecognizer
+
+        class Recognizer(PatternRecognizer):
+            def validate_result(self, pattern_text: str) -> bool:
+                digits = "".join(ch for ch in pattern_text if ch.isalnum()).upper()
+                body, key = digits[:13], digits[13:]
+                body = body.replace("2A", "19").replace("2B", "18")
+                if not (body.isdigit() and key.isdigit()):
+                    return False
+                return 97 - int(body) % 97 == int(key)
+
+        regex = (r"\b[12]\s?\d{2}\s?(?:0[1-9]|1[0-2]|[2-9]\d)\s?(?:\d{2}|2[AB])\s?\d{3}"
+                 r"\s?\d{3}\s?\d{2}\b")
+        return Recognizer(supported_entity="FR_NIR", supported_language="en",
+                          patterns=[Pattern("fr_nir", regex, 0.5)])
+
+
+def _recognizers() -> list[Any]:
+    from presidio_analyzer import predefined_recognizers as p
+
+    plain = [p.EmailRecognizer, p.CreditCardRecognizer, p.IbanRecognizer, p.IpRecognizer,
+             p.NhsRecognizer, p.UkNinoRecognizer, p.ItFiscalCodeRecognizer,
+             p.EsNifRecognizer, p.PlPeselRecognizer, p.DeTaxIdRecognizer,
+             p.FiPersonalIdentityCodeRecognizer, p.SePersonnummerRecognizer]
+    # One language for all: pattern recognizers do not depend on it.
+    return [r(supported_language="en") for r in plain] + [_FrNirRecognizer.build(),
+                                                          *_secret_recognizers()]
+
+
+class Detector:
+    """Presidio's analyzer with Charter's recognizer set, built on first use (about 0.2 s)
+    and shared by a process's threads (Presidio's analyze is read-only)."""
+
+    def __init__(self) -> None:
+        self._analyzer: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._analyzer is None:
+                self._analyzer = _build()
+            return self._analyzer
+
+    @property
+    def entities(self) -> list[str]:
+        return sorted({e for r in self._load().registry.recognizers
+                       for e in r.supported_entities})
+
+    def findings(self, texts: Iterable[str]) -> dict[str, int]:
+        """The types found in `texts` and how many of each (each text on its own)."""
+        analyzer = self._load()
+        found: Counter[str] = Counter()
+        for text in texts:
+            if not text:
+                continue
+            for result in analyzer.analyze(text=normalise(text)[:MAX_CHARS], language="en",
+                                           score_threshold=MIN_SCORE):
+                found[result.entity_type] += 1
+        return dict(sorted(found.items()))
+
+
+def _build() -> Any:
+    try:
+        import spacy
+        import tldextract
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import SpacyNlpEngine
+    except ImportError as exc:
+        raise InspectionUnavailableError(
+            f"content inspection needs the `inspect` extra (presidio-analyzer): {exc}") from exc
+
+    # The e-mail recognizer checks top-level domains with tldextract, whose default asks
+    # the internet for the public suffix list: use the snapshot it ships, never the network.
+    tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
+
+    class BlankEngine(SpacyNlpEngine):
+        """spaCy's tokenizer only: no model to load, nothing to download."""
+
+        def load(self) -> None:
+            self.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]
+
+    engine = BlankEngine(models=[{"lang_code": "en", "model_name": "blank"}])
+    engine.load()
+    registry = RecognizerRegistry(supported_languages=["en"])
+    for recognizer in _recognizers():
+        registry.add_recognizer(recognizer)
+    return AnalyzerEngine(nlp_engine=engine, registry=registry, supported_languages=["en"])
