@@ -154,6 +154,23 @@ def test_an_adapter_is_attested_and_named_to_the_engine(world: World, make_perso
     assert len(world.node.bodies) == sent
     refused = list_events(EventFilter(action="dispatch.refused", target_id="tiny"))[-1]
     assert refused.details["code"] == "adapter_id_not_allowed"
+    # nor through the fields other engines read (llama.cpp's lora, SGLang's lora_path...)
+    for field, value in (("lora", [{"id": 0, "scale": 1}]), ("lora_path", "support"),
+                         ("adapter_id", "support"), ("lora_request", {"lora_name": "x"})):
+        r = c.post("/v1/chat/completions", headers=h,
+                   json={**CHAT, "model": "tiny", field: value})
+        assert r.status_code == 400, (field, r.get_data(as_text=True))
+        assert r.get_json()["error"]["code"] == "adapter_id_not_allowed"
+    r = c.post("/v1/embeddings", headers=h, json={"model": "tiny", "input": "x", "lora": []})
+    assert r.get_json()["error"]["code"] == "adapter_id_not_allowed"
+    assert len(world.node.bodies) == sent
+    from charter.batches.jsonl import check_line
+
+    line = check_line(1, json.dumps({"custom_id": "a", "method": "POST",
+                                     "url": "/v1/chat/completions",
+                                     "body": {**CHAT, "model": "tiny", "lora_path": "x"}}),
+                      set(), 100)
+    assert line.error_code == "adapter_id_not_allowed"
 
     page = Console(world.app, make_person("operator").actor.user_id).get("/console/nodes").text
     assert (f'<code>support</code> (<a href="/console/versions/{world.adapter_id}">tiny '

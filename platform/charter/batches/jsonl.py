@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from charter.dispatch.service import adapter_field
 from charter.errors import ValidationFailedError
 
 ENDPOINTS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt",
@@ -71,6 +72,10 @@ def check_line(line_no: int, text: str, seen: set[str], max_tokens: int) -> Line
     if value is None or (required == "messages" and (not isinstance(value, list) or not value)):
         return _invalid(line_no, custom_id, "invalid_body", f"`body.{required}` is required",
                         url)
+    if (field := adapter_field(body)) is not None:
+        return _invalid(line_no, custom_id, "adapter_id_not_allowed",
+                        f"`body.{field}` is not accepted: an adapter is a model version of "
+                        "its own; name its serving name in `body.model`", url)
     if body.get("stream", False) is not False:
         return _invalid(line_no, custom_id, "invalid_body",
                         "`body.stream` is not allowed in a batch", url)

@@ -67,6 +67,14 @@ def _body() -> tuple[dict[str, Any], bytes]:
     return body, raw
 
 
+def _no_adapter_field(body: dict[str, Any]) -> None:
+    """A field that would pick adapter weights no one approved (service.ADAPTER_FIELDS)."""
+    found = service.adapter_field(body)
+    if found is not None:
+        raise malformed(f"`{found}` is not accepted: an adapter is a model version of its "
+                        "own; send to its serving name instead", "adapter_id_not_allowed")
+
+
 def _int_field(obj: dict[str, Any], name: str, limit: int) -> None:
     value = obj.get(name)
     if value is None:
@@ -138,6 +146,7 @@ def _openai(path: str, *, required: str, list_field: bool) -> Response:
     value = body.get(required)
     if value is None or (list_field and (not isinstance(value, list) or not value)):
         raise malformed(f"`{required}` is required")
+    _no_adapter_field(body)
     for field in ("max_tokens", "max_completion_tokens"):
         _int_field(body, field, settings.dispatch_max_new_tokens)
     stream = body.get("stream", False)
@@ -189,6 +198,7 @@ def embeddings() -> Response:
     body, raw = _body()
     name = _checked_name(body.get("model"))
     _embedding_inputs(body.get("input"), "input", ids=True)
+    _no_adapter_field(body)
     if body.get("encoding_format") not in (None, "float", "base64"):
         raise malformed("`encoding_format` must be float or base64")
     _int_field(body, "dimensions", 65_536)
@@ -252,10 +262,7 @@ def _tgi(route: str, name: str | None) -> Response:
     if not isinstance(params, dict):
         raise malformed("`parameters` must be an object")
     _int_field(params, "max_new_tokens", settings.dispatch_max_new_tokens)
-    if params.get("adapter_id") is not None:  # it would pick weights no one approved
-        raise malformed("`parameters.adapter_id` is not accepted: an adapter is a model "
-                        "version of its own; send to its serving name instead",
-                        "adapter_id_not_allowed")
+    _no_adapter_field(body)
     stream = route == "/generate_stream" or (route == "/" and body.get("stream") is True)
     if route == "/" and not isinstance(body.get("stream", False), bool):
         raise malformed("`stream` must be a boolean")

@@ -292,6 +292,22 @@ def _route(rc: RequestContext, serving_name: str, protocol: str) -> Route | None
         lambda: _load_route(serving_name, protocol))
 
 
+# Request fields with which engines let a caller pick adapter weights per request (TGI's
+# adapter_id, llama.cpp's lora, SGLang's lora_path, vLLM's lora_request): a caller never
+# may; an approved adapter is a version of its own, named by Charter (upstream.payload_for).
+ADAPTER_FIELDS = ("adapter_id", "adapters", "lora", "lora_path", "lora_request", "lora_name")
+
+
+def adapter_field(body: dict[str, Any]) -> str | None:
+    """The first adapter-selecting field a request names, TGI's in its `parameters`."""
+    params = body.get("parameters")
+    for holder in (body, params if isinstance(params, dict) else {}):
+        for name in ADAPTER_FIELDS:
+            if holder.get(name) is not None:
+                return name
+    return None
+
+
 TASK_ENDPOINTS = {"generation": "text generation (chat, completions, TGI's generate)",
                   "embedding": "embeddings (POST /v1/embeddings, TEI's /embed)"}
 
