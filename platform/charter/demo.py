@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -358,7 +360,8 @@ def run_demo(*, host: str, port: int, data_dir: Path, serve: bool, console: Cons
         runtime = build_runtime(settings)
         with scope.bound(runtime):
             try:
-                keys = seed(data_dir, console)
+                with stopping.held():
+                    keys = seed(data_dir, console)
                 _show_keys(keys, host, port, console)
                 if serve:
                     start_nodes(data_dir, settings, port, console, procs)
@@ -431,13 +434,26 @@ def _serve(host: str, port: int, data_dir: Path,
         env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
 
-def _die_with_parent() -> None:
-    """In a child, before it runs: the kernel stops it when the demo dies, even killed."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _parent_death_signal() -> Callable[[], None]:
+    """What a child runs before it execs (resolved here, in the parent: nothing is loaded
+    or imported between fork and exec): the kernel sends it SIGTERM when the demo dies,
+    even killed; a demo already gone by then (the fork raced its death) ends it at once."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+_die_with_parent = _parent_death_signal()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], data_dir: Path,
@@ -468,12 +484,25 @@ class _Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.supervising = False
+        self.holding = False
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self)
 
     def __call__(self, _signum: int, _frame: Any) -> None:
         self.event.set()
-        if not self.supervising:
+        if not self.supervising and not self.holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A signal waits for the block's end: seeding is never left half done (its
+        API keys are shown once and kept only as digests)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.event.is_set():
             raise KeyboardInterrupt
 
 

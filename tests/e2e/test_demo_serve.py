@@ -143,3 +143,24 @@ def test_killing_the_demo_takes_its_processes_with_it(
     proc.kill()  # no chance to clean up: the kernel stops its children (PDEATHSIG)
     proc.wait(timeout=30)
     assert _wait_free(port), "the dev nodes or the server outlived the demo"
+
+
+def test_a_stop_while_seeding_never_leaves_the_demo_half_made(tmp_path: Path) -> None:
+    """SIGTERM while the demo seeds: it stops once the seed is whole (keys written), and
+    the next run goes on from there."""
+    data_dir = tmp_path / "d"
+    proc = subprocess.Popen(
+        [str(BIN / "charter"), "demo", "--no-serve", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the first seeded model: seeding has begun
+        if "seeded" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert (data_dir / "demo-keys.json").is_file()  # the seed finished before it stopped
+    again = subprocess.run(
+        [str(BIN / "charter"), "demo", "--no-serve", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "svc-helpdesk" in again.stdout + again.stderr

@@ -74,3 +74,28 @@ def test_malformed_embedding_requests_are_refused_in_the_callers_shape(  # type:
     assert list_events(EventFilter(action="dispatch.refused"))[-1].details["message"].startswith(
         message)
     assert sum(world.node.hits.values()) == 0
+
+
+def test_embedding_edges(world) -> None:  # type: ignore[no-untyped-def]
+    """dimensions over the bound has its own code; TEI's null flags are its defaults; a
+    batch line's inputs are held to the gateway's rules."""
+    import json
+
+    from charter.batches.jsonl import check_line
+    from tests.runtimes import app_for
+
+    client = app_for(world.settings).test_client()
+    r = client.post("/v1/embeddings", headers=world.headers,
+                    json={"model": "m", "input": "a", "dimensions": 70_000})
+    assert r.get_json()["error"]["code"] == "dimensions_too_large"
+    r = client.post("/tei/m/embed", headers=world.headers,
+                    json={"inputs": "a", "normalize": None, "truncate": None})
+    assert r.get_json()["error_type"] == "model_task_mismatch"  # past parsing: m generates
+    for bad in ("", [], ["a", ""], [True], ["a"] * 2049):
+        line = check_line(1, json.dumps({"custom_id": "x", "method": "POST",
+                                         "url": "/v1/embeddings",
+                                         "body": {"model": "m", "input": bad}}), set(), 100)
+        assert line.error_code == "invalid_body", bad
+    ok = check_line(1, json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/embeddings",
+                                   "body": {"model": "m", "input": ["a", [1, 2]]}}), set(), 100)
+    assert ok.valid

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from charter.dispatch.service import adapter_field
+from charter.dispatch.service import adapter_field, embedding_inputs_problem
 from charter.errors import ValidationFailedError
 
 ENDPOINTS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt",
@@ -69,6 +69,9 @@ def check_line(line_no: int, text: str, seen: set[str], max_tokens: int) -> Line
                         "`body.model` must be a serving name", url)
     required = ENDPOINTS[url]
     value = body.get(required)
+    if url == "/v1/embeddings" and (
+            problem := embedding_inputs_problem(value, "body.input", ids=True)) is not None:
+        return _invalid(line_no, custom_id, "invalid_body", problem[0], url)
     if value is None or (required == "messages" and (not isinstance(value, list) or not value)):
         return _invalid(line_no, custom_id, "invalid_body", f"`body.{required}` is required",
                         url)

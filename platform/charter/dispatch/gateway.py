@@ -75,14 +75,15 @@ def _no_adapter_field(body: dict[str, Any]) -> None:
                         "own; send to its serving name instead", "adapter_id_not_allowed")
 
 
-def _int_field(obj: dict[str, Any], name: str, limit: int) -> None:
+def _int_field(obj: dict[str, Any], name: str, limit: int,
+               code: str = "max_tokens_too_large") -> None:
     value = obj.get(name)
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise malformed(f"`{name}` must be a positive integer")
     if value > limit:
-        raise malformed(f"`{name}` may be at most {limit}", "max_tokens_too_large")
+        raise malformed(f"`{name}` may be at most {limit}", code)
 
 
 def _admit(**asked: Any) -> Plan:
@@ -168,27 +169,10 @@ def list_models() -> Response:
 
 # --- embeddings -----------------------------------------------------------------------------
 
-MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on a request's inputs (a node may allow fewer)
-
-
 def _embedding_inputs(value: object, field: str, *, ids: bool) -> None:
-    """A text, or a list of texts (or, for OpenAI, token ids or lists of them), none empty."""
-    def one(item: object) -> bool:
-        if isinstance(item, str):
-            return bool(item)
-        return ids and isinstance(item, list) and bool(item) and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
-
-    if isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value):
-        value = [value]  # one input given as token ids
-    if not (one(value) or (isinstance(value, list) and value and all(one(v) for v in value))):
-        what = "texts or token ids" if ids else "texts"
-        raise malformed(f"`{field}` must be a non-empty text or a non-empty list of {what}, "
-                        "none of them empty")
-    if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
-        raise malformed(f"`{field}` may hold at most {MAX_EMBEDDING_INPUTS} inputs",
-                        "too_many_inputs")
+    problem = service.embedding_inputs_problem(value, field, ids=ids)
+    if problem is not None:
+        raise malformed(*problem)
 
 
 @bp.post("/v1/embeddings")
@@ -201,7 +185,7 @@ def embeddings() -> Response:
     _no_adapter_field(body)
     if body.get("encoding_format") not in (None, "float", "base64"):
         raise malformed("`encoding_format` must be float or base64")
-    _int_field(body, "dimensions", 65_536)
+    _int_field(body, "dimensions", 65_536, "dimensions_too_large")
     data_class, purpose = request_labels()
     asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
              "protocol": "openai", "task": "embedding"}
@@ -213,8 +197,8 @@ def _tei(name: str | None) -> Response:
     caller()  # authenticated before the body is read
     body, raw = _body()
     _embedding_inputs(body.get("inputs"), "inputs", ids=False)
-    for flag in ("normalize", "truncate"):
-        if not isinstance(body.get(flag, False), bool):
+    for flag in ("normalize", "truncate"):  # TEI's Option<bool>: null is its default
+        if body.get(flag) is not None and not isinstance(body[flag], bool):
             raise malformed(f"`{flag}` must be a boolean")
     data_class, purpose = request_labels()
     asked = {"serving_name": _serving_name(name), "data_class": data_class,

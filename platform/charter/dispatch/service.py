@@ -292,6 +292,32 @@ def _route(rc: RequestContext, serving_name: str, protocol: str) -> Route | None
         lambda: _load_route(serving_name, protocol))
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on a request's inputs (a node may allow fewer)
+
+
+def embedding_inputs_problem(value: object, field: str, *,
+                             ids: bool) -> tuple[str, str] | None:
+    """Why `value` is no embedding request's inputs ((message, code)), or None: a text, or
+    a list of texts (or, for OpenAI, token ids or lists of them), none empty, at most
+    MAX_EMBEDDING_INPUTS. The gateway's and the batch lines' check."""
+    def one(item: object) -> bool:
+        if isinstance(item, str):
+            return bool(item)
+        return ids and isinstance(item, list) and bool(item) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+
+    if isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value):
+        value = [value]  # one input given as token ids
+    if not (one(value) or (isinstance(value, list) and value and all(one(v) for v in value))):
+        what = "texts or token ids" if ids else "texts"
+        return (f"`{field}` must be a non-empty text or a non-empty list of {what}, none of "
+                "them empty", "invalid_request")
+    if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+        return f"`{field}` may hold at most {MAX_EMBEDDING_INPUTS} inputs", "too_many_inputs"
+    return None
+
+
 # Request fields with which engines let a caller pick adapter weights per request (TGI's
 # adapter_id, llama.cpp's lora, SGLang's lora_path, vLLM's lora_request): a caller never
 # may; an approved adapter is a version of its own, named by Charter (upstream.payload_for).

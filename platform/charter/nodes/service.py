@@ -110,6 +110,7 @@ def enroll_agent(actor: Actor, settings: Settings, node_id: str, *, agent_url: s
         previous = node.agent_key
         node.agent_url, node.agent_key = url, statement.key_text(raw)
         node.attestation, node.attested_version_id = "unverified", None
+        node.attested_adapters = {}
         node.quarantine_reason = ""
         node.row_version += 1
         session.flush()
