@@ -126,3 +126,55 @@ def test_revoking_a_base_suspends_its_adapter_at_dispatch(configured, make_perso
         assert f'href="/console/versions/{adapter_id}">base-1 1-lora</a>' in page
     finally:
         node.stop()
+
+
+def test_a_base_whose_approval_ran_out_suspends_its_adapter_before_the_sweep(  # type: ignore[no-untyped-def]
+        configured, make_person) -> None:
+    """The base's approval ends (its state still approved until the expiry sweep runs):
+    the adapter is refused from that second, base_approval_expired."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from charter.db import utcnow
+    from charter.identity.service import create_api_key
+    from charter.identity.teams import create_service_account, create_team
+    from charter.nodes import service as nodes
+    from charter.registry import service as registry
+    from charter.registry.models import ApprovalDecision
+    from charter.uow import unit_of_work
+    from tests.runtimes import app_for
+
+    steward = make_person("steward")
+    base_id = _approved_version(steward, 1, name="base-1")
+    adapter_id = _adapter(steward, base_id)
+    adapter = registry.get_version(adapter_id)
+    node = FakeNode(adapter.model.source_repo, adapter.source_revision).start()
+    try:
+        settings = dataclasses.replace(configured, node_allowed_networks="127.0.0.0/8")
+        registered = nodes.register_node(SYSTEM, settings, name="n1", region="eu-central",
+                                         base_url=node.url, engine="tgi", labels={},
+                                         capacity=4)
+        nodes.probe_node(settings, registered.id)
+        nodes.create_deployment(SYSTEM, serving_name="lora", version_id=adapter_id,
+                                node_ids=[registered.id])
+        team = create_team(SYSTEM, name="t", description="", requests_per_day=None,
+                           entitlements={"models": ["*"], "data_classes": ["*"],
+                                         "regions": ["*"]}, default_data_class="internal")
+        bot = create_service_account(SYSTEM, team.id, username="bot")
+        headers = {"Authorization": f"Bearer {create_api_key(SYSTEM, bot.id, name='k').token}"}
+        client = app_for(settings).test_client()
+        assert client.post("/v1/chat/completions", headers=headers, json=CHAT).status_code == 200
+        with unit_of_work() as session:  # the base's approval ran out a minute ago
+            session.execute(update(ApprovalDecision).where(
+                ApprovalDecision.version_id == base_id).values(
+                expires_at=utcnow() - timedelta(minutes=1)))
+        assert registry.get_version(base_id).state == "approved"  # the sweep has not run
+        r = client.post("/v1/chat/completions", headers=headers, json=CHAT)
+        assert r.status_code == 403, r.get_data(as_text=True)
+        assert f"derives from version {base_id}, whose approval expired at" in (
+            r.get_json()["error"]["message"])
+        refused = list_events(EventFilter(action="dispatch.refused", target_id="lora"))[-1]
+        assert refused.details["violations"] == ["base_approval_expired"]
+    finally:
+        node.stop()

@@ -266,8 +266,10 @@ def test_verdict_cache_agrees_with_the_engine_at_every_time(bundle) -> None:  # 
     from charter.policy.cache import VerdictCache
 
     engine = InProcessEngine(bundle)
-    # 2020-01-01, a second before the expiry (2027-01-01), at it, a second after, 2031.
-    times = [1577836800, 1798761599, 1798761600, 1798761601, 1935717905]
+    # 2020-01-01, around a base's expiry in the shared cases (2026-05-28), a second before
+    # the approval's (2027-01-01), at it, a second after, 2031.
+    times = [1577836800, 1779999999, 1780000000, 1798761599, 1798761600, 1798761601,
+             1935717905]
     checked = 0
     for policy, name, doc, _allow, _codes in CASES:
         if policy != "dispatch":

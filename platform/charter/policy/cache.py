@@ -2,10 +2,10 @@
 
 A verdict is a pure function of (policy revision, input). Requests repeat: the same
 caller, deployment, node, purpose and data class, differing only in `now`. The dispatch
-policy reads `now` in exactly one place, `approval_expired` (`now >= expires_at`), so a
-verdict computed with `now < expires_at` holds for every `now' < expires_at`, one computed
-with `now >= expires_at` holds for every `now' >= expires_at`, and without a valid expiry
-the verdict does not depend on `now` at all.
+policy reads `now` only against expiries (`approval_expired`: the version's own,
+`base_approval_expired`: each ancestor's in `version.lineage`), so a verdict holds for
+every `now'` with no expiry between `now` and `now'`: the interval between the nearest
+expiries around `now`; without a valid expiry the verdict does not depend on `now` at all.
 
 So the key is (revision, SHA-256 of the canonical input without `now`) and an entry stores
 the interval of `now` on which it holds; a lookup checks the request's own `now` against
@@ -35,6 +35,27 @@ def _parse(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= EPOCH_MAX:
         return None
     return value
+
+
+def _expiries(input_doc: dict[str, Any]) -> list[int] | None:
+    """Every time the dispatch policy compares `now` with: the approval's expiry and each
+    ancestor's; None when one of them is not a time the policy reads as this does."""
+    version = input_doc.get("version")
+    version = version if isinstance(version, dict) else {}
+    approval = version.get("approval")
+    holders = [approval] if isinstance(approval, dict) else []
+    lineage = version.get("lineage")
+    holders += [a for a in lineage if isinstance(a, dict)] if isinstance(lineage, list) else []
+    out = []
+    for holder in holders:
+        raw = holder.get("expires_at")
+        if raw is None:
+            continue
+        parsed = _parse(raw)
+        if parsed is None:
+            return None
+        out.append(parsed)
+    return out
 
 
 class VerdictCache:
@@ -69,14 +90,11 @@ class VerdictCache:
 
     def put(self, key: str, input_doc: dict[str, Any], verdict: Verdict) -> None:
         now = _parse(input_doc.get("now"))
-        approval = (input_doc.get("version") or {}).get("approval")
-        expires = _parse(approval.get("expires_at")) if isinstance(approval, dict) else None
-        raw = approval.get("expires_at") if isinstance(approval, dict) else None
-        if now is None or (raw is not None and expires is None):
+        expiries = _expiries(input_doc)
+        if now is None or expiries is None:
             return  # a time we cannot read the way the policy does: do not cache
-        lo = hi = None
-        if expires is not None:
-            lo, hi = (None, expires) if now < expires else (expires, None)
+        lo = max((e for e in expiries if e <= now), default=None)
+        hi = min((e for e in expiries if e > now), default=None)
         with self._lock:
             self._entries[key] = (verdict, lo, hi)
             self._entries.move_to_end(key)

@@ -694,20 +694,26 @@ def dispatch_view(version_id: str) -> DispatchView | None:
 MAX_LINEAGE = 16  # a derivation chain longer than this is cut (and the cut one refused)
 
 
-def _ancestors(session: Session, version: ModelVersion) -> list[dict[str, str]]:
-    """The versions a version derives from, nearest first, each with its state: a derived
-    version serves only while every one of them does (the dispatch policy's
-    base_version_revoked, base_version_not_approved)."""
-    out: list[dict[str, str]] = []
+def _ancestors(session: Session, version: ModelVersion) -> list[dict[str, Any]]:
+    """The versions a version derives from, nearest first, each with its state and its
+    latest approval's end: a derived version serves only while every one of them does
+    (the dispatch policy's base_version_revoked, base_version_not_approved,
+    base_approval_expired, which holds from the moment it ends, before the sweep moves the
+    base to expired)."""
+    out: list[dict[str, Any]] = []
     base_id = version.base_version_id
     while base_id is not None:
         if len(out) == MAX_LINEAGE:
             out.append({"id": base_id, "state": "draft"})  # too deep to trust: not servable
             break
-        row = session.execute(select(ModelVersion.state, ModelVersion.base_version_id).where(
-            ModelVersion.id == base_id)).one()
-        out.append({"id": base_id, "state": row.state})
-        base_id = row.base_version_id
+        base = session.get(ModelVersion, base_id, options=[
+            lazyload(ModelVersion.files), lazyload(ModelVersion.exceptions)])
+        assert base is not None  # a foreign key: never deleted
+        approval = _approval_doc(base) or {}
+        out.append({"id": base_id, "state": base.state,
+                    "expires_at": approval.get("expires_at"),
+                    "expires_at_utc": approval.get("expires_at_utc")})
+        base_id = base.base_version_id
     return out
 
 

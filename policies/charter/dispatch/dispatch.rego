@@ -4,7 +4,8 @@
 #   "now": seconds since the epoch,
 #   "version": {"id", "model", "state", "license", "approval": {"allowed_regions",
 #               "allowed_data_classes", "allowed_purposes", "expires_at" (seconds)},
-#               "lineage": [{"id", "state"}: the versions it derives from, nearest first]},
+#               "lineage": [{"id", "state", "expires_at" (seconds or null)}: the versions
+#                           it derives from, nearest first]},
 #   "request": {"purpose", "data_class", "findings": [{"type", "count"}] (only when the
 #               request's content was inspected: types and counts, never the text)},
 #   "caller": {"team", "entitlements": {"models", "data_classes", "regions"}},
@@ -89,7 +90,12 @@ _ancestor_ok(a) if {
 	is_object(a)
 	is_string(object.get(a, "id", null))
 	is_string(object.get(a, "state", null))
+	_ancestor_expiry_ok(object.get(a, "expires_at", null))
 }
+
+_ancestor_expiry_ok(e) if e == null
+
+_ancestor_expiry_ok(e) if _epoch(e)
 
 _lineage_ok if {
 	is_array(_lineage)
@@ -200,6 +206,21 @@ violations contains {
 }
 
 violations contains {
+	"code": "base_approval_expired",
+	"msg": sprintf("this version derives from version %v, whose approval expired at %v", [object.get(a, "id", ""), _ended(a)]),
+} if {
+	_valid_input
+	some a in _array(_lineage)
+	_epoch(object.get(a, "expires_at", null))
+	_now >= object.get(a, "expires_at", 0)
+}
+
+_ended(a) := text if {
+	text := object.get(a, "expires_at_utc", null)
+	is_string(text)
+} else := sprintf("%v seconds after the epoch", [object.get(a, "expires_at", 0) + 0])
+
+violations contains {
 	"code": "base_version_not_approved",
 	"msg": sprintf("this version derives from version %v, which is %v, not approved", [object.get(a, "id", ""), object.get(a, "state", "")]),
 } if {
@@ -228,7 +249,8 @@ violations contains {
 	_expiry == null
 }
 
-# The only clock read (charter.policy.cache relies on it): both are whole seconds.
+# The clock reads (charter.policy.cache relies on them being only these two, against
+# expiries): all are whole seconds.
 violations contains {
 	"code": "approval_expired",
 	"msg": sprintf("the approval expired at %v", [_expiry_text]),

@@ -223,3 +223,11 @@ test_malformed_findings_deny if {
 	_codes(_carrying([{"type": "CREDIT_CARD", "count": 0}])) == {"input_invalid"}
 	_codes(_carrying({"CREDIT_CARD": 2})) == {"input_invalid"}
 }
+
+test_a_base_whose_approval_ended_suspends_before_the_sweep if {
+	inp := _derived([{"id": "b1", "state": "approved", "expires_at": 1780000000, "expires_at_utc": "2026-05-28T20:26:40Z"}])
+	_codes(inp) == {"base_approval_expired"}
+	msgs := {v.msg | some v in dispatch.decision.violations} with input as inp
+	msgs == {"this version derives from version b1, whose approval expired at 2026-05-28T20:26:40Z"}
+	dispatch.allow with input as _derived([{"id": "b1", "state": "approved", "expires_at": 1798761600}])
+}
