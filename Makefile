@@ -45,7 +45,7 @@ test: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist load
 
 bench: setup-dev
 	bash scripts/services-up
