@@ -33,11 +33,12 @@ class Site:
 @contextmanager
 def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # type: ignore[no-untyped-def]
                   *, counts: bool = True, name: str = "charter-tiny-llama",
-                  serving: str = "tiny", engine: str = "tgi") -> Iterator[Site]:
+                  serving: str = "tiny", engine: str = "tgi",
+                  policy_dir: str | None = None) -> Iterator[Site]:
     """`counts=False`: the node reports no token counts (`charter node serve --no-counts`);
     `name`: the model's (its source `charter/<name without charter->`); `serving`: the
     deployment's name; `engine`: what the node is registered as (tgi, or tei for an
-    embedding model)."""
+    embedding model); `policy_dir`: the policies `charter serve` decides with."""
     import dataclasses
 
     from charter.actor import SYSTEM
@@ -97,6 +98,8 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
         env.update(CHARTER_DATABASE_URL=settings.database_url, CHARTER_SECRET_KEY=SECRET,
                    CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING",
                    CHARTER_TOKENIZERS_DIR=str(tokenizers))
+        if policy_dir is not None:
+            env["CHARTER_POLICY_DIR"] = policy_dir
         server = subprocess.Popen(
             [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
              "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
