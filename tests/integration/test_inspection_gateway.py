@@ -63,6 +63,10 @@ def test_a_card_number_under_internal_is_refused_in_each_protocol(inspected) -> 
     assert r.status_code == 403 and r.get_json()["error_type"] == "policy_denied"
     assert "AWS_ACCESS_KEY" in r.get_json()["error"]
     assert sum(inspected.node.hits.values()) == 0
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'charter_inspection_findings_total{type="CREDIT_CARD"} 1.0' in metrics
+    assert 'charter_inspection_findings_total{type="AWS_ACCESS_KEY"} 1.0' in metrics
+    assert "charter_inspection_seconds_count 2.0" in metrics
     first, second = _decisions()[-2:]
     assert first.details["findings"] == {"CREDIT_CARD": 1}
     assert first.details["violations"] == ["content_not_permitted"]
@@ -129,3 +133,29 @@ def test_no_prompt_is_kept_anywhere(inspected, pg_conn) -> None:  # type: ignore
             f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE %s',  # noqa: S608
             (f"%{MARKER}%",)).fetchone()[0]
         assert hits == 0, table
+
+
+def test_an_inspection_that_cannot_run_refuses(inspected) -> None:  # type: ignore[no-untyped-def]
+    """Fail closed: Presidio missing or broken refuses the request (503), audited, and
+    nothing reaches the node."""
+    from charter.inspection.detect import Detector, InspectionUnavailableError
+    from tests.runtimes import app_for
+
+    class Broken(Detector):
+        def findings(self, texts):  # type: ignore[no-untyped-def]
+            raise InspectionUnavailableError("presidio-analyzer is not installed")
+
+    app = app_for(inspected.settings)
+    app.extensions["charter.runtime"].part("inspection", lambda rt: Broken())
+    r = app.test_client().post("/v1/chat/completions", headers=inspected.headers,
+                               json=_chat("hello"))
+    assert r.status_code == 503, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == "inspection_unavailable"
+    assert "presidio-analyzer is not installed" in error["message"]
+    assert r.headers["Retry-After"] == "5"
+    refused = list_events(EventFilter(action="dispatch.refused"))[-1]
+    assert refused.details["code"] == "inspection_unavailable"
+    assert sum(inspected.node.hits.values()) == 0
+    assert "charter_inspection_failures_total 1.0" in app.test_client().get(
+        "/metrics").get_data(as_text=True)
