@@ -1,8 +1,10 @@
 """A real HTTP node for batch tests, and a governed world around it.
 
-The node speaks what Charter asks of a TGI node (`/health`, `/info`) and OpenAI's chat and
-completions routes. It answers `echo: <last message>` and records every request it gets
-(by that content) and the most requests it ever had in flight at once.
+The node speaks what Charter asks of a TGI node (`/health`, `/info`), OpenAI's chat and
+completions routes (whole or streamed) and TGI's `/generate` and `/generate_stream`. It
+answers `echo: <last message>` (streamed in pieces of `piece` characters) and records
+every request it gets (by that content) and the most requests it ever had in flight at
+once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class FakeNode:
     fail_status: int | None = None
     traceparents: list[str | None] = field(default_factory=list)  # what each call carried
     bodies: list[tuple[str, Any]] = field(default_factory=list)  # (path, body) of each call
+    piece: int = 4  # characters a streamed event carries
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -64,7 +67,7 @@ class FakeNode:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 content = (body["messages"][-1]["content"] if "messages" in body
-                           else body.get("prompt"))
+                           else body.get("prompt", body.get("inputs")))
                 with node._lock:
                     node.hits[str(content)] += 1
                     node.traceparents.append(self.headers.get("traceparent"))
@@ -76,16 +79,60 @@ class FakeNode:
                     if node.fail_status:
                         self._send({"error": "broken"}, node.fail_status)
                         return
+                    answer = f"echo: {content}"
+                    if self.path == "/generate":
+                        self._send({"generated_text": answer})
+                        return
+                    if self.path == "/generate_stream" or body.get("stream"):
+                        self._stream(body, answer)
+                        return
                     self._send({
                         "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
                         "model": body.get("model"),
                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                            "role": "assistant", "content": f"echo: {content}"}}],
+                            "role": "assistant", "content": answer}}],
                         "usage": {"prompt_tokens": 3, "completion_tokens": 2,
                                   "total_tokens": 5}})
                 finally:
                     with node._lock:
                         node.in_flight -= 1
+
+            def _stream(self, body: dict[str, Any], answer: str) -> None:
+                pieces = [answer[i:i + node.piece] for i in range(0, len(answer), node.piece)]
+                if self.path == "/generate_stream":
+                    events = [{"index": i, "token": {"id": i, "text": p, "logprob": -0.5,
+                                                      "special": False},
+                               "generated_text": None, "details": None, "top_tokens": None}
+                              for i, p in enumerate(pieces)]
+                    events.append({"index": len(pieces), "token": {
+                        "id": 2, "text": "</s>", "logprob": -0.1, "special": True},
+                        "generated_text": answer, "top_tokens": None, "details": {
+                            "finish_reason": "eos_token", "generated_tokens": len(pieces) + 1,
+                            "seed": None, "input_length": 3}})
+                else:
+                    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+                        return {"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                                "model": body.get("model"), "choices": [
+                                    {"index": 0, "delta": delta, "finish_reason": finish}]}
+                    events = [chunk({"role": "assistant", "content": ""}, None),
+                              *(chunk({"content": p}, None) for p in pieces),
+                              chunk({}, "stop")]
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        events.append({"id": "c1", "object": "chat.completion.chunk",
+                                       "created": 1, "model": body.get("model"),
+                                       "choices": [], "usage": {
+                                           "prompt_tokens": 3, "completion_tokens": len(pieces),
+                                           "total_tokens": 3 + len(pieces)}})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for event in events:
+                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    self.wfile.flush()
+                if self.path != "/generate_stream":
+                    self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

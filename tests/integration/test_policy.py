@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from charter.policy.bundle import PolicyBundle, default_policy_dir
-from charter.policy.engine import InProcessEngine, PolicyUnavailableError, RemoteEngine
+from charter.policy.engine import (
+    InProcessEngine,
+    Obligations,
+    PolicyUnavailableError,
+    RemoteEngine,
+)
 from tests.opa_server import OpaTestServer
 from tests.policy_cases import apply_patch
 
@@ -26,6 +31,19 @@ def load_cases() -> list[tuple[str, str, dict[str, Any], bool, list[str]]]:
             out.append((spec["policy"], case["name"], apply_patch(spec["base"], case["patch"]),
                         case["allow"], sorted(case["violations"])))
     return out
+
+
+def load_obligations() -> dict[str, dict[str, list[str]]]:
+    """The obligations a case expects (where it states them), by case name."""
+    out = {}
+    for path in sorted(CASES_DIR.glob("*.json")):
+        for case in json.loads(path.read_text())["cases"]:
+            if "obligations" in case:
+                out[case["name"]] = case["obligations"]
+    return out
+
+
+OBLIGATIONS = load_obligations()
 
 
 CASES = load_cases()
@@ -58,6 +76,11 @@ def test_both_backends_decide_each_case_alike(engines, policy, name, input_doc, 
         assert (v.allow, got) == (allow, codes), f"{engine_name} on {name!r}"
     assert verdicts["regorus"].violations == verdicts["opa"].violations
     assert verdicts["regorus"].warnings == verdicts["opa"].warnings
+    assert verdicts["regorus"].obligations == verdicts["opa"].obligations
+    if name in OBLIGATIONS:
+        want = OBLIGATIONS[name]
+        assert verdicts["opa"].obligations == Obligations(
+            tuple(want["redact"]), tuple(want["redact_response"])), name
 
 
 def test_case_files_cover_every_violation_code(bundle) -> None:  # type: ignore[no-untyped-def]
@@ -234,10 +257,23 @@ def test_malformed_results_are_refusals() -> None:
         ({"allow": True, "violations": [{"code": "x", "msg": "y"}]}, "policy_result_malformed"),
         ({"allow": False, "violations": "x"}, "policy_result_malformed"),
         ({"allow": False, "violations": [{"code": 1}]}, "policy_result_malformed"),
+        # an obligation Charter does not know, or cannot read, is not one it can carry out
+        ({"allow": True, "violations": [], "obligations": {"encrypt": []}},
+         "policy_result_malformed"),
+        ({"allow": True, "violations": [], "obligations": {"redact": "EMAIL_ADDRESS"}},
+         "policy_result_malformed"),
+        ({"allow": True, "violations": [], "obligations": {"redact": [1]}},
+         "policy_result_malformed"),
+        ({"allow": True, "violations": [], "obligations": []}, "policy_result_malformed"),
     ]:
         with pytest.raises(PolicyUnavailableError) as info:
             parse_result(value, time.perf_counter())
         assert info.value.code == code, value
+    verdict = parse_result({"allow": True, "violations": [], "obligations": {
+        "redact": ["IP_ADDRESS", "EMAIL_ADDRESS", "IP_ADDRESS"]}}, time.perf_counter())
+    assert verdict.obligations == Obligations(("EMAIL_ADDRESS", "IP_ADDRESS"), ())
+    assert parse_result({"allow": False, "violations": []},
+                        time.perf_counter()).obligations == Obligations()
 
 
 def test_in_process_engine_is_stable_under_threads(bundle) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ smallest form): documents generated from the input contracts themselves, and the
 cases mutated (types, missing and extra keys, unicode, numbers, times, sizes, duplicates).
 Every input goes to both engines, inside its contract or not, so the Rego's own guards are
 held too. The whole decision is compared: allow, every violation and warning with its
-message. And on every input:
+message, and the obligations. And on every input:
 
 - no engine fails: a built-in that errors is an error on regorus and on a strict OPA, but
   undefined on an OPA server left at its default, so an input that made one fail would be
@@ -169,7 +169,7 @@ def _decide(engine: PolicyEngine, policy: str, doc: Any) -> tuple[Any, ...]:
     except PolicyUnavailableError as exc:
         return ("error", exc.code, str(exc.details.get("error", ""))[:300])
     return (v.allow, sorted((f.code, f.msg) for f in v.violations),
-            sorted((f.code, f.msg) for f in v.warnings))
+            sorted((f.code, f.msg) for f in v.warnings), v.obligations)
 
 
 @pytest.fixture(scope="module")

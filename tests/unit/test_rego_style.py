@@ -70,8 +70,11 @@ def lint(source: str) -> list[str]:
     """What in `source` breaks the style, one line each ("line N: why")."""
     problems: list[str] = []
     rules = _rules(source)
+    # Collections whatever the input: arrays by construction, and partial sets (`contains`).
     arrays = {r.head.split(" :=")[0] for r in rules
-              if re.match(r"^_\w+ := (_array\(|\{|\[)", r.head)} | {"violations", "warnings"}
+              if re.match(r"^_\w+ := (_array\(|\{|\[)", r.head)} | {
+        r.head.split(" contains")[0] for r in rules
+        if re.match(r"^_\w+ contains ", r.head)} | {"violations", "warnings"}
     for number, raw in enumerate(source.splitlines(), 1):
         code = _strip(raw)
         where = f"line {number}"

@@ -120,7 +120,8 @@ def test_the_bundled_policy_data_names_the_regional_violations() -> None:
 
     policies = Policies(InProcessEngine(PolicyBundle.load(default_policy_dir())))
     assert policies.regional_violations == {"residency_violation", "region_not_approved",
-                                            "team_region_not_entitled", "node_not_attested"}
+                                            "team_region_not_entitled", "node_not_attested",
+                                            "content_residency_violation"}
 
 
 # --- quota -------------------------------------------------------------------------------

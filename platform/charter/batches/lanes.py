@@ -49,13 +49,14 @@ from charter.context import RequestContext
 from charter.db import ChangeGeneration, table_of, utcnow
 from charter.dispatch import upstream
 from charter.dispatch.service import (
+    Asked,
     Counted,
     Plan,
     admit,
-    content_of,
     counted_embedding,
     counted_whole,
     outcome_event,
+    redacted_answer,
     usage_of,
 )
 from charter.errors import (
@@ -233,8 +234,8 @@ def _run_claimed(c: _Claim, settings: Settings, request_id: str, lane: int = 0) 
                 plan = admit(rc, serving_name=c.body["model"], data_class=c.data_class,
                              purpose=c.purpose, protocol="openai", origin=origin,
                              task=jsonl.TASKS.get(c.endpoint, "generation"),
-                             content=lambda: content_of(
-                                 "openai", c.body, jsonl.TASKS.get(c.endpoint, "generation")))
+                             content=Asked("openai", c.body,
+                                           jsonl.TASKS.get(c.endpoint, "generation")))
                 break
             except StaleReadError as exc:
                 generation = exc.generation
@@ -279,8 +280,9 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
               origin: dict[str, Any], generation: int, lane: int = 0) -> str:
     rt = scope.current()
     pool, url_policy = rt.node_pool, rt.node_urls
-    raw = json.dumps(c.body).encode()
-    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    digest = "sha256:" + hashlib.sha256(json.dumps(c.body).encode()).hexdigest()
+    sent = c.body if plan.body is None else plan.body  # with its findings replaced
+    raw = json.dumps(sent).encode()
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     remaining = list(plan.nodes)
     capacities = _capacities(remaining, generation)
@@ -292,7 +294,7 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
             if node is None:
                 last_error = "no batch slot freed up on the model's nodes"
                 break
-            payload = upstream.payload_for(node, "openai", c.body, raw)
+            payload = upstream.payload_for(node, "openai", sent, raw)
             try:
                 resp = upstream.send(pool, url_policy, node, c.endpoint, payload, headers)
             except (NodeCallError, CharterError, upstream.NodeRefused) as exc:
@@ -319,19 +321,33 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
         ok = resp.status == 200
         tokens = Counted(0, 0)  # a refusal by the node generated nothing
         if ok and plan.task == "embedding":
-            tokens = counted_embedding(plan, "openai", c.body, parsed, resp.headers)
+            tokens = counted_embedding(plan, "openai", sent, parsed, resp.headers)
         elif ok:
-            tokens = counted_whole(plan, "openai", c.body, parsed)
+            tokens = counted_whole(plan, "openai", sent, parsed)
+        ttft_ms = round((time.perf_counter() - started) * 1000, 2)
+        answer_redacted: dict[str, int] = {}
+        if ok and plan.redact_response and plan.task == "generation":
+            try:
+                content, answer_redacted = redacted_answer(plan, "openai", content)
+            except CharterError as exc:  # inspection cannot run: the answer is not kept
+                event = outcome_event(plan, node=node, outcome="failed", status=exc.status,
+                                      tokens_in=tokens.tokens_in,
+                                      tokens_out=tokens.tokens_out, ttft_ms=ttft_ms,
+                                      request_digest=digest, stream=False, error=exc.message,
+                                      request_id=request_id, origin=origin,
+                                      estimated_by=tokens.estimated_by)
+                return _retry_or_fail(c, settings, exc.message, event)
         if ok:  # the serving name the line asked for, not what the node calls its model
             content = upstream.named_as_asked(content, plan.serving_name)
+            content = _told(content, plan.redacted, answer_redacted)
         text_body = content.decode("utf-8", "replace")
         event = outcome_event(plan, node=node, outcome="completed" if ok else "failed",
                               status=resp.status, tokens_in=tokens.tokens_in,
-                              tokens_out=tokens.tokens_out,
-                              ttft_ms=round((time.perf_counter() - started) * 1000, 2),
+                              tokens_out=tokens.tokens_out, ttft_ms=ttft_ms,
                               request_digest=digest, stream=False,
                               error="" if ok else text_body[:300], request_id=request_id,
-                              origin=origin, estimated_by=tokens.estimated_by)
+                              origin=origin, estimated_by=tokens.estimated_by,
+                              response_redacted=answer_redacted)
         written = _finish(c, status="succeeded" if ok else "failed",
                           response_status=resp.status, response_body=text_body,
                           error_code=None if ok else "node_error",
@@ -344,6 +360,22 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
                           tokens_out=0, ttft_ms=None, request_digest=digest, stream=False,
                           error=last_error, request_id=request_id, origin=origin)
     return _retry_or_fail(c, settings, last_error, event)
+
+
+def _told(content: bytes, redacted: dict[str, int], answer_redacted: dict[str, int]) -> bytes:
+    """A line's answer that says what was replaced (by type, counts only): `charter.redacted`
+    in the request before it was sent, `charter.response_redacted` in the answer."""
+    if not (redacted or answer_redacted):
+        return content
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(body, dict):
+        return content
+    body["charter"] = {**({"redacted": redacted} if redacted else {}),
+                       **({"response_redacted": answer_redacted} if answer_redacted else {})}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _retry_or_fail(c: _Claim, settings: Settings, error: str, event: Event) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,7 +111,7 @@ def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
     the call; a request that fails or is refused after its limits admitted it gives its
     stream's lease back (its outcome charges its tokens)."""
     task = asked.get("task", "generation")
-    asked = {**asked, "content": lambda: service.content_of(asked["protocol"], body, task)}
+    asked = {**asked, "content": service.Asked(asked["protocol"], body, task)}
     limits = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
     try:
         plan = _admit(**asked, limits=limits)
@@ -324,8 +325,12 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
     pool, policy, outstanding = rt.node_pool, rt.node_urls, rt.outstanding
     headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
     tried: set[str] = set()
-    sent, sent_raw, strip_usage = upstream.outgoing(protocol, body, raw, stream=stream)
     while True:
+        # The body as the decision has it sent: the caller's, or with its findings replaced.
+        asked_body = body if plan.body is None else plan.body
+        sent, sent_raw, strip_usage = upstream.outgoing(
+            protocol, asked_body, raw if plan.body is None else json.dumps(plan.body).encode(),
+            stream=stream)
         last_error = "no node answered"
         for node in plan.nodes:
             tried.add(node.id)
@@ -349,9 +354,10 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                     upstream.suspect(node, last_error)
                 continue
             if not stream or resp.status != 200:
-                return _finish_whole(plan, node, resp, protocol, body, digest, stream,
+                return _finish_whole(plan, node, resp, protocol, asked_body, digest, stream,
                                      started)
-            return _stream(plan, node, resp, protocol, body, digest, started, strip_usage)
+            return _stream(plan, node, resp, protocol, asked_body, digest, started,
+                           strip_usage)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
                                stream=stream, error=last_error, final=False)
@@ -387,13 +393,25 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
         tokens = service.counted_embedding(plan, protocol, body, parsed, resp.headers)
     elif ok:
         tokens = service.counted_whole(plan, protocol, body, parsed, headed)
+    ttft_ms = round((time.perf_counter() - started) * 1000, 2)
+    answer_redacted: dict[str, int] = {}
+    if ok and plan.redact_response and plan.task == "generation":
+        try:
+            content, answer_redacted = service.redacted_answer(plan, protocol, content)
+        except DispatchError as exc:  # inspection cannot run: the answer is not passed on
+            service.record_outcome(plan, node=node, outcome="failed", status=exc.status,
+                                   tokens_in=tokens.tokens_in, tokens_out=tokens.tokens_out,
+                                   estimated=tokens.estimated,
+                                   estimated_by=tokens.estimated_by, ttft_ms=ttft_ms,
+                                   request_digest=digest, stream=stream, error=exc.message)
+            raise
     service.record_outcome(plan, node=node, outcome="completed" if ok else "failed",
                            status=resp.status, tokens_in=tokens.tokens_in,
                            tokens_out=tokens.tokens_out, estimated=tokens.estimated,
-                           estimated_by=tokens.estimated_by,
-                           ttft_ms=round((time.perf_counter() - started) * 1000, 2),
+                           estimated_by=tokens.estimated_by, ttft_ms=ttft_ms,
                            request_digest=digest, stream=stream,
-                           error="" if ok else content[:300].decode("utf-8", "replace"))
+                           error="" if ok else content[:300].decode("utf-8", "replace"),
+                           response_redacted=answer_redacted)
     mimetype = resp.headers.get("content-type", "application/json")
     if protocol == "openai" and ok:
         content = upstream.named_as_asked(content, plan.serving_name)
@@ -403,8 +421,23 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
     if headed is not None:  # TGI's own count headers, as a TGI client reads them
         out.headers["x-prompt-tokens"], out.headers["x-generated-tokens"] = map(str, headed)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
+    _redactions(out, plan)
+    if answer_redacted:
+        out.headers["X-Charter-Response-Redacted"] = _counts(answer_redacted)
     _deprecation(out, plan)
     return out
+
+
+def _counts(found: dict[str, int]) -> str:
+    return ", ".join(f"{kind}={n}" for kind, n in sorted(found.items()))
+
+
+def _redactions(out: Response, plan: Plan) -> None:
+    """The caller is told what was replaced in its request before it was sent
+    (`X-Charter-Redacted: EMAIL_ADDRESS=2, IP_ADDRESS=1`): the answer it reads is to a
+    request that differs from the one it wrote."""
+    if plan.redacted:
+        out.headers["X-Charter-Redacted"] = _counts(plan.redacted)
 
 
 def _deprecation(out: Response, plan: Plan) -> None:
@@ -421,7 +454,8 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
             body: dict[str, Any], digest: str, started: float, strip_usage: bool) -> Response:
     rt = scope.current()  # the outcome is recorded after the request: bound again then
     request_id = g.get("request_id")
-    passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage)
+    passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage,
+                                    redactor=service.answer_redactor(plan))
 
     def events() -> Iterator[bytes]:
         ttft: float | None = None
@@ -438,6 +472,10 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
         except NodeCallError as exc:
             outcome, error = "aborted", str(exc)
             yield _stream_error(protocol, "the model node failed mid-stream")
+        except service.InspectionUnavailableError as exc:  # the answer's redaction
+            outcome, error = "aborted", f"inspection failed: {type(exc).__name__}: {exc}"
+            yield _stream_error(protocol, "the answer must be inspected, and inspection "
+                                          "failed mid-stream")
         except GeneratorExit:
             outcome, error = "cancelled", "the client went away"
             raise
@@ -453,11 +491,13 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
                     tokens_in=tokens.tokens_in, tokens_out=tokens.tokens_out,
                     estimated=tokens.estimated, estimated_by=tokens.estimated_by,
                     ttft_ms=ttft, request_digest=digest, stream=True, error=error,
-                    request_id=request_id)
+                    request_id=request_id, response_redacted=dict(sorted(sum(
+                        (r.counts for r in passing.redactors.values()), Counter()).items())))
 
     out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"
     out.headers["X-Accel-Buffering"] = "no"
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
+    _redactions(out, plan)
     _deprecation(out, plan)
     return out

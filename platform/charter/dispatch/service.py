@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -26,6 +27,10 @@ from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.inspection.detect import Detector
+from charter.inspection.detect import (  # what a redacted stream raises: for the gateway
+    InspectionUnavailableError as InspectionUnavailableError,
+)
+from charter.inspection.stream import StreamRedactor
 from charter.metering import quota as quotas
 from charter.metering.limits import Limits, LimitsUnavailableError, Pending, Rule, rules_for
 from charter.metering.service import UsageDelta
@@ -79,6 +84,15 @@ class Plan:
     sunset: int | None = None
     ticket: Ticket | None = None  # what the request's limits admitted (limit())
     task: str = "generation"  # the version's: generation or embedding
+    # The body to send when the decision obliged redaction (None: the caller's, as sent),
+    # and how many findings of each type it replaced.
+    body: dict[str, Any] | None = None
+    redacted: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def redact_response(self) -> tuple[str, ...]:
+        """The finding types to replace in the answer (the decision's obligation)."""
+        return self.decision.obligations.redact_response
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +357,7 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
           origin: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset(),
           retry_of: str | None = None, ticket: Ticket | None = None,
           limits: Limited | None = None, task: str = "generation",
-          content: Callable[[], Content] | None = None) -> Plan:
+          content: Asked | None = None) -> Plan:
     """Decide a request and commit the decision before anything is sent; or refuse it.
 
     The caller's context and the route come from the read cache (charter.readcache) of
@@ -364,11 +378,13 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
     `task`: what the endpoint does (generation or embedding); a version of the other task
     is refused (`model_task_mismatch`, 400 in OpenAI's protocol, 422 in TGI's and TEI's).
 
-    `content`: the request's text, asked for only when policy data says this team's,
-    model's or data class's requests are inspected (data.charter.inspection); what is found
-    (types and counts, never the text) goes into the dispatch input and the decision's
-    event. Inspection that cannot run refuses the request (503 `inspection_unavailable`),
-    and so does content it cannot read (400 `content_not_inspectable`: token ids).
+    `content`: the request's body, read only when policy data says this team's, model's
+    or data class's requests are inspected (data.charter.inspection); what is found (types
+    and counts, never the text) goes into the dispatch input and the decision's event.
+    Inspection that cannot run refuses the request (503 `inspection_unavailable`), and so
+    does content it cannot read (400 `content_not_inspectable`: token ids). A decision that
+    obliges redaction gives a plan with the body to send (Plan.body, Plan.redacted);
+    findings it cannot replace refuse the request (`redaction_incomplete`).
     """
     if retry_of is not None:
         origin = {**(origin or {}), "retry_of": retry_of}
@@ -410,6 +426,9 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             findings = _inspect(ctx, route, serving_name, data_class, content, protocol)
             plan, refusal = _decide(actor, ctx, route, serving_name, data_class,
                                     purpose or "assistant", events, origin, findings)
+            if plan is not None and plan.decision.obligations.redact:
+                assert content is not None  # findings to redact: the content was inspected
+                plan, refusal = _redacting(plan, content)
             if refusal is not None:  # beside its denied decisions: one refusal a request
                 events.append(_refused_event(actor, serving_name, refusal, origin))
         except PolicyUnavailableError as exc:
@@ -480,6 +499,58 @@ def _over_quota(ctx: CallerContext, quota: int) -> DispatchError:
 Content = tuple[list[str], bool]
 
 
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """A request's body as its caller sent it, in its protocol, for inspection: its text,
+    and the body with each text replaced (redaction)."""
+
+    protocol: str
+    body: dict[str, Any]
+    task: str = "generation"
+
+    def content(self) -> Content:
+        return content_of(self.protocol, self.body, self.task)
+
+    def replaced(self, replace: Callable[[str], str]) -> dict[str, Any]:
+        return with_texts(self.protocol, self.body, self.task, replace)
+
+
+def with_texts(protocol: str, body: dict[str, Any], task: str,
+               replace: Callable[[str], str]) -> dict[str, Any]:
+    """`body` with each text content_of() reads put through `replace`: chat messages'
+    content (a string or its text parts), a completion's prompt (a string or strings),
+    TGI's inputs, each embedding input. Token ids are left as they are; `body` is not
+    changed (the containers on the way are copied)."""
+
+    def texts(value: Any) -> Any:
+        if isinstance(value, str):
+            return replace(value)
+        if isinstance(value, list):
+            return [texts(v) if isinstance(v, str | list) else part(v) for v in value]
+        return value
+
+    def part(value: Any) -> Any:  # OpenAI's content part: {"type": "text", "text": ...}
+        if isinstance(value, dict) and isinstance(value.get("text"), str):
+            return {**value, "text": replace(value["text"])}
+        return value
+
+    out = dict(body)
+    if task == "embedding":
+        key = "input" if protocol == "openai" else "inputs"
+        if key in out:
+            out[key] = texts(out[key])
+    elif protocol == "openai" and isinstance(body.get("messages"), list):
+        out["messages"] = [{**m, "content": texts(m["content"])}
+                           if isinstance(m, dict) and "content" in m else m
+                           for m in body["messages"]]
+    elif protocol == "openai":
+        if "prompt" in out:
+            out["prompt"] = texts(out["prompt"])
+    elif "inputs" in out:
+        out["inputs"] = texts(out["inputs"])
+    return out
+
+
 def content_of(protocol: str, body: dict[str, Any], task: str) -> Content:
     """What a request asks in text: chat messages' text parts, a completion's prompt,
     TGI's inputs, each embedding input; token ids are content Charter cannot read."""
@@ -487,6 +558,9 @@ def content_of(protocol: str, body: dict[str, Any], task: str) -> Content:
         items = inputs_of(protocol, body)
         return [i for i in items if isinstance(i, str)], any(
             not isinstance(i, str) for i in items)
+    given = body.get("prompt") if protocol == "openai" else None
+    if isinstance(given, list) and given and all(isinstance(p, str) for p in given):
+        return list(given), False  # several prompts, each a request of its own
     prompt = prompt_of(protocol, body)
     if isinstance(prompt, str):
         return [prompt], False
@@ -495,8 +569,22 @@ def content_of(protocol: str, body: dict[str, Any], task: str) -> Content:
     return [m["content"] for m in prompt if isinstance(m, dict)], False
 
 
+def detector() -> Detector:
+    """The runtime's detector (charter.inspection), built on first use."""
+    return scope.current().part("inspection", lambda rt: Detector())
+
+
+def _inspection_failed(exc: Exception) -> DispatchError:
+    scope.current().counter("charter_inspection_failures_total", "Requests refused because "
+                            "content inspection could not run").inc()
+    return DispatchError(
+        f"this request's content must be inspected, and inspection cannot run: "
+        f"{type(exc).__name__}: {str(exc)[:200]}", code="inspection_unavailable",
+        status=503, details={"retry_after_s": 5})
+
+
 def _inspect(ctx: CallerContext, route: Route, serving_name: str, data_class: str,
-             content: Callable[[], Content] | None, protocol: str) -> dict[str, int] | None:
+             content: Asked | None, protocol: str) -> dict[str, int] | None:
     """The findings of the request's content where policy data asks for inspection, else
     None (charter.inspection; data.charter.inspection.inspect)."""
     rt = scope.current()
@@ -504,23 +592,17 @@ def _inspect(ctx: CallerContext, route: Route, serving_name: str, data_class: st
     if content is None or not scope_.applies(ctx.team, (serving_name, route.model_name),
                                              data_class):
         return None
-    texts, opaque = content()
+    texts, opaque = content.content()
     if opaque:
         raise DispatchError(
             "this request's content must be inspected, and part of it is token ids, which "
             "cannot be: send text", code="content_not_inspectable",
             status=400 if protocol == "openai" else 422)
-    detector = rt.part("inspection", lambda rt: Detector())
     started = time.perf_counter()
     try:
-        found = detector.findings(texts)
+        found = detector().findings(texts)
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
-        rt.counter("charter_inspection_failures_total", "Requests refused because content "
-                   "inspection could not run").inc()
-        raise DispatchError(
-            f"this request's content must be inspected, and inspection cannot run: "
-            f"{type(exc).__name__}: {str(exc)[:200]}", code="inspection_unavailable",
-            status=503, details={"retry_after_s": 5}) from None
+        raise _inspection_failed(exc) from None
     rt.histogram("charter_inspection_seconds", "Time to inspect a request's content",
                  ()).observe(time.perf_counter() - started)
     findings = rt.counter("charter_inspection_findings_total", "Findings in inspected "
@@ -528,6 +610,69 @@ def _inspect(ctx: CallerContext, route: Route, serving_name: str, data_class: st
     for kind, n in found.items():
         findings.labels(kind).inc(n)
     return found
+
+
+def _redacting(plan: Plan, asked: Asked) -> tuple[Plan | None, DispatchError | None]:
+    """The plan with the body to send: what the request carries of the types its decision
+    obliges replaced by `<TYPE>` (charter.inspection.detect.Detector.redact), each text on
+    its own. The body is inspected again: a finding still there (one split across a
+    message's text parts, which are inspected joined) refuses the request."""
+    types = plan.decision.obligations.redact
+    counts: Counter[str] = Counter()
+    found = detector()
+
+    def replace_one(text: str) -> str:
+        out, done = found.redact(text, types)
+        counts.update(done)
+        return out
+
+    try:
+        sent = asked.replaced(replace_one)
+        left = sorted(set(found.findings(content_of(asked.protocol, sent, asked.task)[0]))
+                      & set(types))
+    except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
+        return None, _inspection_failed(exc)
+    if left:
+        return None, DispatchError(
+            f"this request must have its {', '.join(left)} replaced before it is sent, and "
+            "some could not be (split across a message's text parts?): send each in one "
+            "part", code="redaction_incomplete",
+            status=400 if asked.protocol == "openai" else 422, details={"types": left})
+    redactions = scope.current().counter(
+        "charter_inspection_redactions_total", "Findings replaced before a request was "
+        "sent, by type (counts only)", ("type",))
+    for kind, n in counts.items():
+        redactions.labels(kind).inc(n)
+    return replace(plan, body=sent, redacted=dict(sorted(counts.items()))), None
+
+
+def answer_redactor(plan: Plan) -> Callable[[], StreamRedactor] | None:
+    """What redacts a streamed answer's text, one per choice, when the decision obliges it
+    (Plan.redact_response), else None."""
+    types = plan.redact_response
+    if not types:
+        return None
+    found = detector()
+    return lambda: StreamRedactor(found, types)
+
+
+def redacted_answer(plan: Plan, protocol: str, content: bytes) -> tuple[bytes, dict[str, int]]:
+    """A whole answer with what it carries of the types the decision obliges replaced, and
+    how many of each were (upstream.redacted_answer). Raises DispatchError
+    (`inspection_unavailable`) when inspection cannot run: the answer is not passed on."""
+    types, counts = plan.redact_response, Counter[str]()
+    found = detector()
+
+    def one(text: str) -> str:
+        out, done = found.redact(text, types)
+        counts.update(done)
+        return out
+
+    try:
+        out = upstream.redacted_answer(protocol, content, one)
+    except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
+        raise _inspection_failed(exc) from None
+    return out, dict(sorted(counts.items()))
 
 
 def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
@@ -589,8 +734,8 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                   tokens_in: int, tokens_out: int, ttft_ms: float | None,
                   request_digest: str, stream: bool, error: str = "",
                   request_id: str | None = None,
-                  origin: dict[str, Any] | None = None, estimated_by: str | None = None
-                  ) -> Event:
+                  origin: dict[str, Any] | None = None, estimated_by: str | None = None,
+                  response_redacted: dict[str, int] | None = None) -> Event:
     """The `dispatch.outcome` event of an admitted request. `estimated_by`: how Charter
     counted the tokens the node did not report (counted(): tokenizer, events or bytes)."""
     latency_ms = round((utcnow() - p.started).total_seconds() * 1000, 2)
@@ -609,6 +754,8 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  "stream": stream, "error": error[:300],
                  "tokens_estimated": estimated_by is not None,
                  **({"estimated_by": estimated_by} if estimated_by else {}),
+                 **({"redacted": p.redacted} if p.redacted else {}),
+                 **({"response_redacted": response_redacted} if response_redacted else {}),
                  **({"key_id": p.actor.key_id} if p.actor.key_id else {}),
                  **(origin or {})},
         request_id=request_id,
@@ -721,14 +868,17 @@ def record_outcome(p: Plan, *, node: NodeTarget | None, outcome: str, status: in
                    tokens_in: int, tokens_out: int, ttft_ms: float | None,
                    request_digest: str, stream: bool, error: str = "",
                    request_id: str | None = None, estimated: int = 0,
-                   estimated_by: str | None = None, final: bool = True) -> None:
+                   estimated_by: str | None = None, final: bool = True,
+                   response_redacted: dict[str, int] | None = None) -> None:
     """Queue the outcome event and the token counters (the request was counted when it
     was admitted); written with the next commit, within `audit_outcome_linger_s`. A
-    `final` outcome (not a failed try before a failover) settles the request's limits."""
+    `final` outcome (not a failed try before a failover) settles the request's limits.
+    `response_redacted`: the findings replaced in the answer, by type (counts only)."""
     event = outcome_event(p, node=node, outcome=outcome, status=status, tokens_in=tokens_in,
                           tokens_out=tokens_out, ttft_ms=ttft_ms,
                           request_digest=request_digest, stream=stream, error=error,
-                          request_id=request_id, estimated_by=estimated_by)
+                          request_id=request_id, estimated_by=estimated_by,
+                          response_redacted=response_redacted)
     scope.current().writer.defer(Entry(events=(event,), usage=usage_of(
         p, tokens_in, tokens_out, estimated)))
     if final:

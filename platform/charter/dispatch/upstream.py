@@ -9,7 +9,9 @@ the first byte of an answer has been passed on).
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 
@@ -138,6 +140,47 @@ def embedding_usage(protocol: str, body: Any, headers: Any) -> int | None:
         return None
 
 
+def redacted_answer(protocol: str, content: bytes, replace: Callable[[str], str]) -> bytes:
+    """A whole answer with each generated text put through `replace`: OpenAI's choices'
+    message content or text (their `logprobs` removed), TGI's `generated_text` and its
+    best-of sequences' (their token lists emptied: tokens carry the text). Anything that
+    is not such an answer comes back as it was."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content
+    if protocol == "openai" and isinstance(body, dict):
+        for choice in body.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            message = choice.get("message")
+            holder, key = (message, "content") if isinstance(message, dict) else (choice,
+                                                                                   "text")
+            if isinstance(holder.get(key), str):
+                holder[key] = replace(holder[key])
+            if choice.get("logprobs") is not None:
+                choice["logprobs"] = None
+    elif protocol == "tgi":
+        for answer in body if isinstance(body, list) else [body]:
+            if not isinstance(answer, dict):
+                continue
+            details = answer.get("details")
+            for one in [answer, *((details or {}).get("best_of_sequences") or ()
+                                  if isinstance(details, dict) else ())]:
+                if not isinstance(one, dict):
+                    continue
+                if isinstance(one.get("generated_text"), str):
+                    one["generated_text"] = replace(one["generated_text"])
+                for held in (one, one.get("details")):
+                    if isinstance(held, dict):
+                        for key in ("tokens", "prefill", "top_tokens"):
+                            if isinstance(held.get(key), list):
+                                held[key] = []
+    else:
+        return content
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def named_as_asked(content: bytes, serving_name: str) -> bytes:
     """A whole OpenAI answer whose `model` is the serving name the caller used (the node
     names what it loaded: a path, a Hub id); anything else is passed on unchanged."""
@@ -151,21 +194,52 @@ def named_as_asked(content: bytes, serving_name: str) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+class Redactor(Protocol):
+    """One stream of an answer's text, redacted as it passes (charter.inspection.stream):
+    feed() each piece and pass on what it returns, finish() at its end; whole() redacts a
+    text the stream already passed on in pieces (TGI's closing `generated_text`)."""
+
+    def feed(self, text: str) -> str: ...
+
+    def finish(self) -> str: ...
+
+    def whole(self, text: str) -> str: ...
+
+    @property
+    def counts(self) -> Counter[str]:
+        """What it replaced, by type."""
+
+
 class StreamFilter:
     """What passes from a node's stream of server-sent events to the caller, event by
     event (a partial event waits for the next chunk): OpenAI events get the serving name
     as `model`; the node's token counts are taken as they pass (OpenAI's usage chunk,
     which Charter asks for; TGI's last event's `details`); and when the caller did not
     ask for usage, the usage chunk and the `usage: null` of the others are removed, so the
-    caller receives what it would have without Charter's asking."""
+    caller receives what it would have without Charter's asking.
 
-    def __init__(self, protocol: str, serving_name: str, *, strip_usage: bool) -> None:
+    `redactor` (the decision obliged redacting the answer): each choice's text goes
+    through its own Redactor, and what would carry the text around it is removed (OpenAI's
+    `logprobs`; TGI's token ids, which become 0, and `top_tokens`). An answer the node
+    cuts off before its end keeps what the redactor held back."""
+
+    def __init__(self, protocol: str, serving_name: str, *, strip_usage: bool,
+                 redactor: Callable[[], Redactor] | None = None) -> None:
         self.protocol, self.serving_name, self.strip_usage = protocol, serving_name, strip_usage
         self._pending = b""
         self.tokens_in: int | None = None  # as the node reported them, None if it did not
         self.tokens_out: int | None = None
         self.events = 0  # token events seen (a TGI stream's are its generated tokens)
         self._text: list[str] = []  # OpenAI's generated text, for Charter's count if need be
+        self._redactor = redactor
+        self.redactors: dict[Any, Redactor] = {}  # a choice's index -> its redactor
+
+    def _redacting(self, index: Any) -> Redactor:
+        assert self._redactor is not None
+        key = index if isinstance(index, int) else 0
+        if key not in self.redactors:
+            self.redactors[key] = self._redactor()
+        return self.redactors[key]
 
     def text(self) -> str:
         """The text generated so far, as the caller received it."""
@@ -182,8 +256,11 @@ class StreamFilter:
         return b"".join(self._event(e) for e in _events(data[:cut]))
 
     def rest(self) -> bytes:
-        """What is left when the node ends: passed on as it came."""
+        """What is left when the node ends: passed on as it came (read as a last event
+        when the answer is redacted)."""
         rest, self._pending = self._pending, b""
+        if self._redactor is not None and rest.strip():
+            return self._event(rest)
         return rest
 
     def _event(self, event: bytes) -> bytes:
@@ -205,7 +282,7 @@ class StreamFilter:
             if self.protocol == "openai":
                 line = self._openai(body, line)
             else:
-                self._tgi(body)
+                line = self._tgi(body, line)
             if line:
                 keep.append(line)
         if not any(k.rstrip(b"\r").startswith(b"data:") for k in keep):
@@ -228,6 +305,11 @@ class StreamFilter:
         elif self.strip_usage and isinstance(usage, dict):
             return b""
         changed = "model" in body
+        if self._redactor is not None and isinstance(choices, list):
+            changed = True
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._redact_choice(choice)
         if changed:
             body["model"] = self.serving_name
         if self.strip_usage and "usage" in body:
@@ -238,13 +320,51 @@ class StreamFilter:
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + (
             b"\r" if line.endswith(b"\r") else b"")
 
-    def _tgi(self, body: dict[str, Any]) -> None:
+    def _redact_choice(self, choice: dict[str, Any]) -> None:
+        redactor = self._redacting(choice.get("index"))
+        delta = choice.get("delta")
+        holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+        text = holder.get(key)
+        out = redactor.feed(text) if isinstance(text, str) else ""
+        if choice.get("finish_reason") is not None:
+            out += redactor.finish()
+        if isinstance(text, str) or out:
+            holder[key] = out
+        if choice.get("logprobs") is not None:
+            choice["logprobs"] = None
+
+    def _tgi(self, body: dict[str, Any], line: bytes) -> bytes:
         if isinstance(body.get("token"), dict):
             self.events += 1
         details = body.get("details")
         if isinstance(details, dict):
             self.tokens_out = _reported(details.get("generated_tokens"))
             self.tokens_in = _reported(details.get("input_length"))
+        if self._redactor is None:
+            return line
+        redactor, before = self._redacting(0), b""
+        token = body.get("token")
+        token = token if isinstance(token, dict) else {}
+        special = token.get("special") is True
+        if isinstance(token.get("text"), str) and not special:
+            token["text"] = redactor.feed(token["text"])
+        if "id" in token:
+            token["id"] = 0
+        if body.get("top_tokens") is not None:
+            body["top_tokens"] = None
+        if isinstance(body.get("generated_text"), str):  # the last event
+            rest = redactor.finish()
+            if rest and not special:
+                token["text"] = token.get("text", "") + rest
+            elif rest:  # before the closing special token, as a token of its own
+                before = b"data: " + json.dumps({
+                    "index": body.get("index"), "token": {
+                        "id": 0, "text": rest, "logprob": 0.0, "special": False},
+                    "generated_text": None, "details": None, "top_tokens": None},
+                    separators=(",", ":")).encode() + b"\n\n"
+            body["generated_text"] = redactor.whole(body["generated_text"])
+        return before + b"data: " + json.dumps(body, separators=(",", ":")).encode() + (
+            b"\r" if line.endswith(b"\r") else b"")
 
 
 def _events(data: bytes) -> list[bytes]:

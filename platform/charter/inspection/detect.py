@@ -18,14 +18,13 @@ from __future__ import annotations
 import threading
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 # The characters removed before detection: zero-width space, non-joiner and joiner, the
 # word joiner, the byte order mark (zero-width no-break space) and the soft hyphen.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 MIN_SCORE = 0.5  # Presidio's confidence below which a match is not a finding
-MAX_CHARS = 1_000_000  # a request's text beyond this is refused by the caller's bounds
 
 
 class InspectionUnavailableError(RuntimeError):
@@ -96,9 +95,12 @@ class Detector:
 
     def __init__(self) -> None:
         self._analyzer: Any = None
+        self._engine: Any = None  # the anonymizer, built on first redaction
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
+        if self._analyzer is not None:  # built: no lock to take on the request path
+            return self._analyzer
         with self._lock:
             if self._analyzer is None:
                 self._analyzer = _build()
@@ -116,10 +118,38 @@ class Detector:
         for text in texts:
             if not text:
                 continue
-            for result in analyzer.analyze(text=normalise(text)[:MAX_CHARS], language="en",
+            for result in analyzer.analyze(text=normalise(text), language="en",
                                            score_threshold=MIN_SCORE):
                 found[result.entity_type] += 1
         return dict(sorted(found.items()))
+
+
+    def redact(self, text: str, types: Collection[str]) -> tuple[str, dict[str, int]]:
+        """`text` with what is found of `types` replaced by `<TYPE>` (Presidio's anonymizer)
+        and how many of each were; `text` itself when nothing was. A text with a
+        replacement comes back normalised (NFKC, without invisible characters): the spans
+        are the normalised text's."""
+        if not text or not types:
+            return text, {}
+        analyzer = self._load()
+        plain = normalise(text)
+        results = analyzer.analyze(text=plain, language="en", entities=sorted(types),
+                                   score_threshold=MIN_SCORE)
+        if not results:
+            return text, {}
+        done = self._anonymizer().anonymize(text=plain, analyzer_results=results)
+        return done.text, dict(
+            Counter(item.entity_type for item in done.items))
+
+    def _anonymizer(self) -> Any:
+        if self._engine is not None:
+            return self._engine
+        with self._lock:
+            if self._engine is None:
+                from presidio_anonymizer import AnonymizerEngine
+
+                self._engine = AnonymizerEngine()  # type: ignore[no-untyped-call]
+            return self._engine
 
 
 def _build() -> Any:

@@ -76,7 +76,8 @@ class PolicyBundle:
                                          code="policy_data_invalid") from exc
         _check_identifiers(data)
         _check_evidence(data.get("evidence"))
-        _check_inspection(data.get("inspection"))
+        _check_inspection(data.get("inspection"),
+                          (data.get("residency") or {}).get("data_classes"))
         missing = set(POLICIES.values()) - {f.package for f in files}
         if missing:
             raise ConfigurationError(f"policy packages missing: {sorted(missing)}",
@@ -113,10 +114,12 @@ def _check_identifiers(data: dict[str, Any]) -> None:
             code="policy_data_invalid")
 
 
-def _check_inspection(inspection: Any) -> None:
+def _check_inspection(inspection: Any, classes: Any = None) -> None:
     """data.charter.inspection (charter.inspection): `inspect` names the data classes,
-    teams and models whose requests are inspected (lists of strings, "*" for all); `deny`
-    maps a data class to the finding types it may not carry."""
+    teams and models whose requests are inspected (lists of strings, "*" for all); `deny`,
+    `redact` and `responses` map a data class to finding types (refused; replaced before
+    sending; replaced in answers); `residency` maps a finding type to the data class whose
+    residency a request carrying it must meet (one of residency.data_classes)."""
     if inspection is None:
         return
     problems: list[str] = []
@@ -131,11 +134,19 @@ def _check_inspection(inspection: Any) -> None:
         names = scope.get(key, [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             problems.append(f"inspection.inspect.{key} is a list of names")
-    deny = inspection.get("deny", {})
-    if not isinstance(deny, dict) or not all(
-            isinstance(k, str) and canonical(k) == k and isinstance(v, list)
-            and all(isinstance(t, str) for t in v) for k, v in deny.items()):
-        problems.append("inspection.deny maps canonical data classes to lists of types")
+    for key in ("deny", "redact", "responses"):
+        table = inspection.get(key, {})
+        if not isinstance(table, dict) or not all(
+                isinstance(k, str) and canonical(k) == k and isinstance(v, list)
+                and all(isinstance(t, str) for t in v) for k, v in table.items()):
+            problems.append(f"inspection.{key} maps canonical data classes to lists of types")
+    residency = inspection.get("residency", {})
+    known = classes if isinstance(classes, dict) else {}
+    if not isinstance(residency, dict) or not all(
+            isinstance(t, str) and isinstance(c, str) and c in known
+            for t, c in residency.items()):
+        problems.append("inspection.residency maps finding types to data classes defined in "
+                        "residency.json")
     if problems:
         raise ConfigurationError(f"policy data inspection.json is malformed: {problems[:5]}",
                                  code="policy_data_invalid")

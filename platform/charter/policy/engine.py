@@ -31,6 +31,23 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Obligations:
+    """What the gateway must do to serve an allowed request (the dispatch policy's
+    `obligations`): replace the request's findings of `redact`'s types before sending it,
+    and those of `redact_response`'s types in the answer (charter.inspection). Types are
+    sorted and unique."""
+
+    redact: tuple[str, ...] = ()
+    redact_response: tuple[str, ...] = ()
+
+    KEYS = ("redact", "redact_response")
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """The non-empty ones (an event carries them only when there are some)."""
+        return {k: list(getattr(self, k)) for k in self.KEYS if getattr(self, k)}
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What the policy said, before Charter gives it an id and records it."""
 
@@ -38,6 +55,7 @@ class Verdict:
     violations: tuple[Finding, ...]
     warnings: tuple[Finding, ...]
     duration_ms: float
+    obligations: Obligations = Obligations()
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,7 @@ class Decision:
     duration_ms: float
     input_digest: str
     extra: dict[str, Any] = field(default_factory=dict)
+    obligations: Obligations = Obligations()
 
     @property
     def violation_codes(self) -> list[str]:
@@ -68,6 +87,8 @@ class Decision:
             "engine": self.engine,
             "duration_ms": self.duration_ms,
             "input_digest": self.input_digest,
+            **({"obligations": self.obligations.as_dict()}
+               if self.obligations.as_dict() else {}),
         }
 
 
@@ -109,7 +130,27 @@ def parse_result(value: Any, started: float) -> Verdict:
         raise PolicyUnavailableError("the policy allowed with violations",
                                      code="policy_result_malformed")
     return Verdict(value["allow"], violations, warnings,
-                   round((time.perf_counter() - started) * 1000, 3))
+                   round((time.perf_counter() - started) * 1000, 3),
+                   _obligations(value.get("obligations")))
+
+
+def _obligations(value: Any) -> Obligations:
+    """The decision's obligations, checked: one Charter does not know, or cannot read, is
+    not a decision it can carry out (fail closed)."""
+    if value is None:
+        return Obligations()
+    if not isinstance(value, dict) or set(value) - set(Obligations.KEYS):
+        raise PolicyUnavailableError(
+            "the policy's obligations are not ones Charter can carry out",
+            code="policy_result_malformed", details={"obligations": repr(value)[:200]})
+    found: dict[str, tuple[str, ...]] = {}
+    for key in Obligations.KEYS:
+        types = value.get(key, [])
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise PolicyUnavailableError(f"the policy's obligation {key} is not a list of "
+                                         "finding types", code="policy_result_malformed")
+        found[key] = tuple(sorted(set(types)))
+    return Obligations(**found)
 
 
 def is_timeout(exc: BaseException) -> bool:

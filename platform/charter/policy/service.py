@@ -164,6 +164,7 @@ def _evaluate(
         policy=policy, allow=verdict.allow, violations=verdict.violations,
         warnings=verdict.warnings, decision_id=decision_id, policy_revision=engine.revision,
         engine=engine.name, duration_ms=verdict.duration_ms, input_digest=digest,
+        obligations=verdict.obligations,
     )
     _decisions().labels(policy, "allow" if decision.allow else "deny",
                         (decision.violation_codes or [""])[0][:64]).inc()
@@ -172,7 +173,9 @@ def _evaluate(
         outcome="success" if decision.allow else "denied",
         details={**base, "allow": decision.allow, "violations": decision.violation_codes,
                  "warnings": sorted({w.code for w in decision.warnings}),
-                 "duration_ms": decision.duration_ms},
+                 "duration_ms": decision.duration_ms,
+                 **({"obligations": decision.obligations.as_dict()}
+                    if decision.allow and decision.obligations.as_dict() else {})},
     )
     return decision, event
 

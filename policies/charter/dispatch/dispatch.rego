@@ -11,7 +11,11 @@
 #   "caller": {"team", "entitlements": {"models", "data_classes", "regions"}},
 #   "node": {"id", "region", "attested_version_id"}
 # }
-# Output: decision := {"allow", "violations": [{"code", "msg"}], "warnings": [...]}
+# Output: decision := {"allow", "violations": [{"code", "msg"}], "warnings": [...],
+#   "obligations": {"redact": [types], "redact_response": [types]}}: what the gateway must
+#   do to serve an allowed request (charter.inspection): replace the request's findings of
+#   these types before it is sent, and those of these types in the answer. The gateway
+#   refuses a decision whose obligations it does not understand.
 #
 # Written to decide alike on every engine (docs/policy.md, "Rego style"): input is read
 # only through `object.get` on values known to be objects; `_valid_input` checks every type
@@ -376,6 +380,50 @@ violations contains {
 	object.get(f, "type", "") in _forbidden
 }
 
+# The finding types replaced before the request is sent (data.charter.inspection.redact):
+# what is replaced is not sent, so no rule below asks where it may go.
+_redactable := _array(object.get(_object(object.get(_inspection, "redact", null)), _data_class, null))
+
+_redacts(t) if t in _redactable
+
+_redacted contains t if {
+	_valid_input
+	some f in _findings
+	t := object.get(f, "type", "")
+	_redacts(t)
+}
+
+# A finding sent as it is may be processed only where the data class it is treated as may
+# be (data.charter.inspection.residency: type -> data class): a stricter residency than
+# the request's label, which the gateway meets by trying the regions that meet it.
+_content_classes := _object(object.get(_inspection, "residency", null))
+
+violations contains {
+	"code": "content_residency_violation",
+	"msg": sprintf("the request carries %v, which is handled as %v data: not in region %v", [t, cls, _region]),
+} if {
+	_valid_input
+	some f in _findings
+	t := object.get(f, "type", "")
+	not _redacts(t)
+	cls := object.get(_content_classes, t, null)
+	is_string(cls)
+	not _region_holds(cls)
+}
+
+_region_holds(cls) if _region in _array(object.get(_classes, cls, null))
+
+# The finding types replaced in the answer (data.charter.inspection.responses), for a
+# request whose content was inspected.
+_inspected if is_array(object.get(_req, "findings", null))
+
+_response_types contains t if {
+	_valid_input
+	_inspected
+	some t in _array(object.get(_object(object.get(_inspection, "responses", null)), _data_class, null))
+	is_string(t)
+}
+
 # --- the caller's team --------------------------------------------------------------------
 
 # The caller's team, always defined: a string, or null when the key belongs to no team.
@@ -447,4 +495,8 @@ decision := {
 	"allow": allow,
 	"violations": [v | some v in violations],
 	"warnings": [w | some w in warnings],
+	"obligations": {
+		"redact": [t | some t in _redacted],
+		"redact_response": [t | some t in _response_types],
+	},
 }

@@ -219,6 +219,45 @@ test_what_a_class_permits_passes if {
 	dispatch.allow with input as _carrying([])
 }
 
+_obligations(inp) := o if {
+	o := dispatch.decision.obligations with input as inp
+}
+
+test_what_a_class_redacts_is_an_obligation if {
+	inp := _carrying([{"type": "EMAIL_ADDRESS", "count": 2}, {"type": "IBAN_CODE", "count": 1}])
+	dispatch.allow with input as inp
+	_obligations(inp).redact == ["EMAIL_ADDRESS"]
+}
+
+test_nothing_redacted_without_findings if {
+	_obligations(_ok) == {"redact": [], "redact_response": []}
+	_obligations(_carrying([])).redact == []
+}
+
+test_answers_are_redacted_only_for_inspected_requests if {
+	_obligations(_carrying([])).redact_response == ["AWS_ACCESS_KEY", "CHARTER_API_KEY", "CREDIT_CARD", "GITHUB_TOKEN", "GOOGLE_API_KEY", "OPENAI_API_KEY", "PRIVATE_KEY", "SLACK_TOKEN"]
+	_obligations(_ok).redact_response == []
+}
+
+_in_north(inp) := json.patch(inp, [
+	{"op": "replace", "path": "/node/region", "value": "eu-north"},
+	{"op": "replace", "path": "/version/approval/allowed_regions", "value": ["eu-central", "eu-north"]},
+])
+
+test_a_finding_may_require_a_stricter_residency if {
+	dispatch.allow with input as _in_north(_carrying([{"type": "EMAIL_ADDRESS", "count": 1}]))
+	inp := _in_north(_carrying([{"type": "IBAN_CODE", "count": 1}]))
+	_codes(inp) == {"content_residency_violation"}
+	msgs := {v.msg | some v in dispatch.decision.violations} with input as inp
+	msgs == {"the request carries IBAN_CODE, which is handled as confidential data: not in region eu-north"}
+	dispatch.allow with input as _carrying([{"type": "IBAN_CODE", "count": 1}])
+}
+
+test_what_is_redacted_needs_no_stricter_residency if {
+	inp := _in_north(_carrying([{"type": "IBAN_CODE", "count": 1}]))
+	dispatch.allow with input as inp with data.charter.inspection.redact as {"internal": ["IBAN_CODE"]}
+}
+
 test_malformed_findings_deny if {
 	_codes(_carrying([{"type": "CREDIT_CARD", "count": 0}])) == {"input_invalid"}
 	_codes(_carrying({"CREDIT_CARD": 2})) == {"input_invalid"}
