@@ -1,10 +1,10 @@
 """A real HTTP node for batch tests, and a governed world around it.
 
 The node speaks what Charter asks of a TGI node (`/health`, `/info`), OpenAI's chat and
-completions routes (whole or streamed) and TGI's `/generate` and `/generate_stream`. It
-answers `echo: <last message>` (streamed in pieces of `piece` characters) and records
-every request it gets (by that content) and the most requests it ever had in flight at
-once.
+completions routes (whole or streamed) and TGI's `/generate`, `/generate_stream` and
+`POST /`. It answers `echo: <last message>` (streamed in pieces of `piece` characters)
+and records every request it gets (by that content) and the most requests it ever had in
+flight at once.
 """
 
 from __future__ import annotations
@@ -80,11 +80,14 @@ class FakeNode:
                         self._send({"error": "broken"}, node.fail_status)
                         return
                     answer = f"echo: {content}"
-                    if self.path == "/generate":
-                        self._send({"generated_text": answer})
-                        return
+                    # TGI's routes; its POST / streams when the body asks
+                    tgi = self.path in ("/generate", "/generate_stream") or (
+                        self.path == "/" and "inputs" in body)
                     if self.path == "/generate_stream" or body.get("stream"):
-                        self._stream(body, answer)
+                        self._stream(body, answer, tgi=tgi)
+                        return
+                    if tgi:
+                        self._send({"generated_text": answer})
                         return
                     self._send({
                         "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
@@ -97,9 +100,9 @@ class FakeNode:
                     with node._lock:
                         node.in_flight -= 1
 
-            def _stream(self, body: dict[str, Any], answer: str) -> None:
+            def _stream(self, body: dict[str, Any], answer: str, *, tgi: bool) -> None:
                 pieces = [answer[i:i + node.piece] for i in range(0, len(answer), node.piece)]
-                if self.path == "/generate_stream":
+                if tgi:
                     events = [{"index": i, "token": {"id": i, "text": p, "logprob": -0.5,
                                                       "special": False},
                                "generated_text": None, "details": None, "top_tokens": None}
@@ -130,7 +133,7 @@ class FakeNode:
                 for event in events:
                     self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                     self.wfile.flush()
-                if self.path != "/generate_stream":
+                if not tgi:
                     self.wfile.write(b"data: [DONE]\n\n")
                 self.close_connection = True
 

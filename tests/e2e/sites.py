@@ -85,7 +85,6 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
          revision, *([] if counts else ["--no-counts"])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     node_url = f"http://127.0.0.1:{port}"
-    server = None
     try:
         wait_http(node_url + "/health", node_proc, timeout=120)
         node = nodes.register_node(operator.actor, settings, name="quiet", base_url=node_url,
@@ -93,22 +92,34 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
         nodes.probe_node(settings, node.id)
         nodes.create_deployment(operator.actor, serving_name=serving, version_id=version.id,
                                 node_ids=[node.id])
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
-        env.update(CHARTER_DATABASE_URL=settings.database_url, CHARTER_SECRET_KEY=SECRET,
-                   CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING",
-                   CHARTER_TOKENIZERS_DIR=str(tokenizers))
-        if policy_dir is not None:
-            env["CHARTER_POLICY_DIR"] = policy_dir
-        server = subprocess.Popen(
-            [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with charter_serve(settings.database_url, policy_dir=policy_dir,
+                           tokenizers=tokenizers) as (charter, env):
+            yield Site(charter, node_url, key, make_person("admin").token, version.id,
+                       tokenizers, env)
+    finally:
+        node_proc.kill()
+        node_proc.wait(timeout=10)
+
+
+@contextmanager
+def charter_serve(database_url: str, *, policy_dir: str | None = None,
+                  tokenizers: Path | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """`charter serve` on a free port over `database_url`: its URL, and its environment."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+    env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8", CHARTER_LOG_LEVEL="WARNING")
+    if tokenizers is not None:
+        env["CHARTER_TOKENIZERS_DIR"] = str(tokenizers)
+    if policy_dir is not None:
+        env["CHARTER_POLICY_DIR"] = policy_dir
+    server = subprocess.Popen(
+        [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+         "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
         charter = f"http://127.0.0.1:{port}"
         wait_http(charter + "/healthz", server)
-        yield Site(charter, node_url, key, make_person("admin").token, version.id,
-                   tokenizers, env)
+        yield charter, env
     finally:
-        for proc in (node_proc, server):
-            if proc is not None:
-                proc.kill()
-                proc.wait(timeout=10)
+        server.kill()
+        server.wait(timeout=10)
