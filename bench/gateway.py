@@ -277,11 +277,12 @@ def _load_client(spec: dict[str, Any]) -> dict[str, Any]:
     counts = [0] * spec["conc"]
     bad = [0] * spec["conc"]
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {spec['key']}"}
+    body = spec["body"].encode() if spec.get("body") else BODY  # the lua's, without wrk
 
     def run(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", spec["port"], timeout=30)
         while time.monotonic() < stop:
-            conn.request("POST", spec["path"], BODY, headers)
+            conn.request("POST", spec["path"], body, headers)
             resp = conn.getresponse()
             resp.read()
             counts[i] += 1
@@ -515,7 +516,8 @@ def _throughput(tool: dict[str, Any], port: int, path: str, conc: int,
         if lua is not None:
             raise RuntimeError("the LiteLLM comparison needs wrk (apt-get install wrk)")
         return _child("load", {"port": port, "path": path, "key": tool["key"], "conc": conc,
-                               "duration": duration}, timeout=duration + 60)
+                               "duration": duration, "body": tool.get("body")},
+                      timeout=duration + 60)
     out = subprocess.run(
         [tool["wrk"], "-t", "1", "-c", str(conc), "-d", f"{duration:g}s", "--timeout", "10s",
          "-s", lua or tool["lua"], f"http://127.0.0.1:{port}{path}"],
@@ -1332,6 +1334,10 @@ def main() -> None:
     ap.add_argument("--limits", action="store_true",
                     help="instead: what limits cost, one key under every limit kind against "
                     "one under none, on the same workers (bench/limits.py)")
+    ap.add_argument("--inspection", action="store_true",
+                    help="instead: what content inspection costs, one key whose requests "
+                    "are inspected against one whose are not, 1 KB and 16 KB prompts, on "
+                    "the same workers (bench/inspection.py)")
     ap.add_argument("--redis", default=os.environ.get("CHARTER_BENCH_REDIS",
                                                       "redis://127.0.0.1:6379/14"),
                     help="with --limits: the limits' Redis")
@@ -1361,6 +1367,11 @@ def main() -> None:
         from limits import run_limits
 
         run_limits(args)
+        return
+    if args.inspection:
+        from inspection import run_inspection
+
+        run_inspection(args)
         return
     if args.failover:
         from failover import run_failover

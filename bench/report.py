@@ -42,6 +42,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "serving": ("serving.py", [], ["--rounds", "1", "--requests", "100"]),
     "limits": ("gateway.py", ["--limits", "--rounds", "6", "--duration", "5"],
                ["--limits", "--rounds", "2", "--duration", "2", "--requests", "100"]),
+    "inspection": ("gateway.py", ["--inspection", "--rounds", "4", "--duration", "4"],
+                   ["--inspection", "--rounds", "2", "--duration", "2", "--requests", "60"]),
     "usage": ("usage.py", ["--requests", "1000"], ["--requests", "200"]),
     "container": ("container.py", ["--duration", "8"], ["--duration", "4"]),
 }

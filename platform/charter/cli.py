@@ -418,6 +418,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
 
     from charter.app import create_app
     from charter.boot import build_runtime
+    from charter.dispatch.service import warm_inspection
     from charter.serving import (
         HEADER_FIELD_LIMIT,
         check_address_free,
@@ -457,6 +458,7 @@ def serve(bind: str, workers: int, threads: int) -> None:
             runtime = build_runtime(settings)
             app = create_app(runtime)
             runtime.tasks.start_scheduler()
+            warm_inspection(runtime)
             return app
 
     share_metrics_between_workers()
@@ -478,8 +480,11 @@ def _celery_runtime() -> Runtime:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int, loglevel: str) -> None:
     """Run a Celery worker for Charter's tasks (batch lines, probes, sweeps, maintenance)."""
+    from charter.dispatch.service import warm_inspection
+
     runtime = _celery_runtime()
     settings = runtime.settings
+    warm_inspection(runtime)  # batch lines are inspected like the gateway's requests
     runtime.tasks.celery.worker_main(["worker", "--pool", "threads", "--concurrency",
                                   str(concurrency), "--queues", settings.task_queue,
                                   "--loglevel", loglevel, "--without-gossip",

@@ -159,3 +159,17 @@ def test_an_inspection_that_cannot_run_refuses(inspected) -> None:  # type: igno
     assert sum(inspected.node.hits.values()) == 0
     assert "charter_inspection_failures_total 1.0" in app.test_client().get(
         "/metrics").get_data(as_text=True)
+
+
+def test_a_serving_process_loads_inspection_before_its_first_request(inspected) -> None:  # type: ignore[no-untyped-def]
+    """`charter serve`'s workers and `charter worker` call warm_inspection at start: where
+    policy data inspects anything, Presidio is loaded then, not on a request."""
+    from charter.dispatch.service import warm_inspection
+    from charter.policy.service import InspectionScope
+    from tests.runtimes import app_for
+
+    runtime = app_for(inspected.settings).extensions["charter.runtime"]
+    warm_inspection(runtime)
+    detector = runtime.part("inspection", lambda rt: pytest.fail("not loaded at start"))
+    assert detector._analyzer is not None
+    assert not InspectionScope() and InspectionScope(teams=frozenset({"t"}))

@@ -63,6 +63,10 @@ class InspectionScope:
         scope = data.get("inspect", {}) if isinstance(data, dict) else {}
         return cls(*(frozenset(scope.get(k, [])) for k in ("data_classes", "teams", "models")))
 
+    def __bool__(self) -> bool:
+        """Whether anything at all is inspected."""
+        return bool(self.data_classes or self.teams or self.models)
+
     def applies(self, team: str | None, models: tuple[str, ...], data_class: str) -> bool:
         return bool(
             {"*", data_class} & self.data_classes
