@@ -9,6 +9,7 @@ import charter.audit.models  # noqa: F401 - registers tables on the metadata
 import charter.batches.models  # noqa: F401
 import charter.metering.models  # noqa: F401
 import charter.identity.models  # noqa: F401
+import charter.inspection.models  # noqa: F401
 import charter.nodes.models  # noqa: F401
 import charter.registry.models  # noqa: F401
 from charter.db import Base

@@ -35,6 +35,8 @@ from charter.errors import CharterError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
 from charter.identity import authn
 from charter.identity.api import bp as identity_bp
+from charter.inspection.api import bp as inspection_bp
+from charter.inspection.captures_api import bp as captures_bp
 from charter.logs import configure_logging
 from charter.metrics import StateCollector
 from charter.migrate import schema_status
@@ -107,7 +109,7 @@ def create_app(runtime: Runtime) -> Flask:
     _install_probes(app, runtime)
 
     for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp,
-               batches_bp, exports_bp):
+               batches_bp, exports_bp, captures_bp, inspection_bp):
         app.register_blueprint(bp)
     register_console(app, settings)
     api = [bp for bp in app.blueprints.values() if isinstance(bp, ApiBlueprint)]

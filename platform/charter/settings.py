@@ -164,6 +164,20 @@ class Settings:
         "or a version without one: a rough count (UTF-8 bytes / 4). Either is marked "
         "estimated.",
     )
+    capture_key_file: str = _setting(
+        "",
+        "Investigation captures (charter.inspection.captures): the file holding the "
+        "key-encryption key that wraps each capture's data key (32 random bytes, as "
+        "base64 or hex text, or raw; e.g. a mounted Kubernetes secret). The database never "
+        "sees it. Empty: no capture can be approved or read.",
+    )
+    capture_max_hours: int = _setting(
+        72, "Longest window an investigation capture may record for, in hours."
+    )
+    capture_max_retain_days: int = _setting(
+        30, "Longest an investigation capture's records may be kept after its window ends, "
+        "in days; then they are deleted and the capture's data key destroyed."
+    )
     otel_endpoint: str = _setting(
         "",
         "OpenTelemetry tracing: the OTLP/HTTP traces endpoint spans are exported to "
@@ -355,7 +369,9 @@ class Settings:
         "purged (audited; the file's digest stays).",
     )
     maintenance_interval_s: float = _setting(
-        300.0, "Seconds between maintenance rounds: approval expiry and file retention."
+        300.0, "Seconds between maintenance rounds: approval expiry, file and audit "
+        "retention, the inspection findings' count, and the purge of captures past their "
+        "retention."
     )
 
     @classmethod
@@ -387,6 +403,10 @@ class Settings:
         problems: list[str] = []
         if self.max_body_bytes < 1024:
             problems.append("CHARTER_MAX_BODY_BYTES: must be at least 1024")
+        if not 1 <= self.capture_max_hours <= 24 * 31:
+            problems.append("CHARTER_CAPTURE_MAX_HOURS: must be between 1 and 744")
+        if not 1 <= self.capture_max_retain_days <= 3650:
+            problems.append("CHARTER_CAPTURE_MAX_RETAIN_DAYS: must be between 1 and 3650")
         if self.log_format not in ("json", "console"):
             problems.append("CHARTER_LOG_FORMAT: must be json or console")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

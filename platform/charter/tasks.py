@@ -25,6 +25,7 @@ from charter.audit import checkpoints, retention, ship
 from charter.audit.service import scheduled_walk
 from charter.batches import files, lanes
 from charter.batches import service as batches
+from charter.inspection import captures, counts
 from charter.nodes.service import probe_round
 from charter.registry.service import expire_approvals
 from charter.settings import Settings
@@ -91,6 +92,8 @@ def _maintenance(rt: Runtime) -> None:
     expire_approvals()
     files.purge_expired_files(rt.settings)
     retention.purge(rt.settings)
+    counts.rollup()
+    captures.purge_due()
 
 
 def _checkpoint(rt: Runtime) -> None:

@@ -386,3 +386,27 @@ def test_tokenizers_are_mounted_read_only_where_requests_are_counted(
         minimal = rendered["minimal"].one("Deployment", part)["spec"]["template"]["spec"]
         assert "CHARTER_TOKENIZERS_DIR" not in env_of(minimal["containers"][0])
         assert "tokenizers" not in {v["name"] for v in minimal["volumes"]}
+
+
+def test_the_capture_key_is_mounted_read_only_where_captures_are_sealed_and_read(
+        rendered: dict[str, Rendered]) -> None:
+    """The Secret holding the captures' key-encryption key reaches the API and the workers
+    (a batch line is captured there), read-only, as CHARTER_CAPTURE_KEY_FILE, with the
+    bounds; without one, no mount and no key setting (nothing can be approved)."""
+    for part in ("-api", "-worker"):
+        spec = rendered["production"].one("Deployment", part)["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        env = env_of(container)
+        assert env["CHARTER_CAPTURE_KEY_FILE"]["value"] == "/etc/charter/capture-key/capture.key"
+        assert (env["CHARTER_CAPTURE_MAX_HOURS"]["value"],
+                env["CHARTER_CAPTURE_MAX_RETAIN_DAYS"]["value"]) == ("48", "14")
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["capture-key"] == {"name": "capture-key", "readOnly": True,
+                                         "mountPath": "/etc/charter/capture-key"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["capture-key"]["secret"] == {
+            "secretName": "charter-capture-key", "defaultMode": 0o440,
+            "items": [{"key": "capture.key", "path": "capture.key"}]}
+        minimal = rendered["minimal"].one("Deployment", part)["spec"]["template"]["spec"]
+        assert "CHARTER_CAPTURE_KEY_FILE" not in env_of(minimal["containers"][0])
+        assert "capture-key" not in {v["name"] for v in minimal["volumes"]}

@@ -45,6 +45,28 @@ def _conditions(ctx: dict[str, Any]) -> dict[str, Any]:
             "expires_at": (utcnow() + timedelta(days=30)).isoformat()}
 
 
+def _fresh_team(name: str) -> str:
+    from charter.actor import SYSTEM
+    from charter.identity.teams import create_team
+
+    return create_team(SYSTEM, name=name, description="", entitlements={},
+                       requests_per_day=None, default_data_class="internal").id
+
+
+def _capture_body(ctx: dict[str, Any]) -> dict[str, Any]:
+    """A capture of a team of its own (a team has one asked-for capture at a time)."""
+    return {"team_id": _fresh_team(f"cap-body-{ctx['n']}"), "hours": 1, "retain_days": 1,
+            "reason": "an investigation into the matrix's callers"}
+
+
+def _capture(n: int, asker: Any) -> str:
+    """A capture asked for by `asker` (an admin no caller is), for the routes on one."""
+    from charter.inspection.captures import request_capture
+
+    return request_capture(asker.actor, team_id=_fresh_team(f"cap-{n}"), hours=1,
+                           retain_days=1, reason="an investigation into the matrix").id
+
+
 ANY = dict(other_team_allowed=True)
 NODE_URL = "http://127.0.0.1:9"  # loopback, and nothing listens on the discard port
 MATRIX: dict[tuple[str, str], Rule] = {
@@ -128,6 +150,17 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/deployments"): R(**ANY),
     ("GET", "/api/v1/usage"): R(**ANY),
     ("GET", "/api/v1/chargeback"): R(**ANY),
+    ("GET", "/api/v1/inspection/counts"): R("admin", "auditor"),
+    ("GET", "/api/v1/captures"): R("admin", "auditor"),
+    ("POST", "/api/v1/captures"): R("admin", body=_capture_body),
+    ("GET", "/api/v1/captures/<capture_id>"): R("admin", "auditor"),
+    ("POST", "/api/v1/captures/<capture_id>/approve"): R("auditor", body=lambda c: {
+        "row_version": 1}),
+    ("POST", "/api/v1/captures/<capture_id>/reject"): R("auditor", body=lambda c: {
+        "row_version": 1}),
+    ("POST", "/api/v1/captures/<capture_id>/revoke"): R("admin", "auditor", body=lambda c: {
+        "row_version": 1}),
+    ("GET", "/api/v1/captures/<capture_id>/records"): R("auditor"),
     ("GET", "/api/v1/prices"): R("admin", "auditor"),
     ("PUT", "/api/v1/prices/<version_id>"): R("admin", body=lambda c: {
         "currency": "EUR", "input_per_million": "1", "output_per_million": "2"}),
@@ -267,6 +300,7 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
     set_member(SYSTEM, away.id, other.actor.user_id, "member")
     bot = create_service_account(SYSTEM, team.id, username="home-bot")
     target = make_person("user")  # whose membership the member routes change
+    asker = make_person("admin")  # who asks for the captures the capture routes act on
     expired = make_person("admin")
     pg_conn.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' "
                     "WHERE id = %s", (expired.token.split("_")[1],))
@@ -293,7 +327,9 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                 dep = create_deployment(SYSTEM, serving_name=f"d-{n}", version_id=approved,
                                         node_ids=[node.id])
             set_member(SYSTEM, team.id, target.actor.user_id, "member")
+            capture = _capture(n, asker) if "<capture_id>" in rule else "x"
             path = (rule.replace("<model_id>", model.id).replace("<version_id>", version.id)
+                    .replace("<capture_id>", capture)
                     .replace("<node_id>", node.id).replace("<name>", "nope")
                     .replace("<path:filename>", "console.css")
                     .replace("<deployment_id>", dep.id if dep else "x")

@@ -19,7 +19,8 @@ TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_d
           "console_sessions", "nodes", "deployments", "deployment_nodes", "usage_counters",
           "change_generation", "files", "batches", "batch_lines", "audit_checkpoints",
           "audit_tree_nodes", "audit_keys", "audit_purged", "audit_cosignatures",
-          "audit_shipments", "prices", "evaluations",
+          "audit_shipments", "prices", "evaluations", "captures", "capture_records",
+          "inspection_counts", "inspection_rollup",
           "alembic_version"}
 
 

@@ -142,6 +142,14 @@ wins over the tag, so what runs is exactly what was mirrored.
 - name: CHARTER_TOKENIZERS_DIR
   value: {{ .Values.tokenizers.mountPath | quote }}
 {{- end }}
+{{- if .Values.captures.keySecret }}
+- name: CHARTER_CAPTURE_KEY_FILE
+  value: {{ printf "%s/%s" .Values.captures.mountPath .Values.captures.keyName | quote }}
+{{- end }}
+- name: CHARTER_CAPTURE_MAX_HOURS
+  value: {{ .Values.captures.maxHours | quote }}
+- name: CHARTER_CAPTURE_MAX_RETAIN_DAYS
+  value: {{ .Values.captures.maxRetainDays | quote }}
 - name: CHARTER_POLICY_BACKEND
   value: remote
 - name: CHARTER_OPA_URL
@@ -392,6 +400,11 @@ data.charter.revision and Charter refuses to decide when it differs from its own
   mountPath: {{ .Values.tokenizers.mountPath }}
   readOnly: true
 {{- end }}
+{{- if .Values.captures.keySecret }}
+- name: capture-key
+  mountPath: {{ .Values.captures.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "charter.appVolumes" -}}
@@ -426,6 +439,15 @@ data.charter.revision and Charter refuses to decide when it differs from its own
 - name: seal-key
   persistentVolumeClaim:
     claimName: {{ . }}
+{{- end }}
+{{- with .Values.captures.keySecret }}
+- name: capture-key
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: {{ $.Values.captures.keyName }}
+        path: {{ $.Values.captures.keyName }}
 {{- end }}
 {{- with .Values.tokenizers.existingClaim }}
 - name: tokenizers

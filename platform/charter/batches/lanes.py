@@ -55,6 +55,7 @@ from charter.dispatch.service import (
     admit,
     counted_embedding,
     counted_whole,
+    keep,
     outcome_event,
     redacted_answer,
     usage_of,
@@ -348,6 +349,9 @@ def _dispatch(c: _Claim, plan: Plan, settings: Settings, request_id: str,
                               error="" if ok else text_body[:300], request_id=request_id,
                               origin=origin, estimated_by=tokens.estimated_by,
                               response_redacted=answer_redacted)
+        if ok:
+            keep(plan, protocol="openai", body=c.body, parsed=parsed, request_id=request_id,
+                 response_redacted=answer_redacted)
         written = _finish(c, status="succeeded" if ok else "failed",
                           response_status=resp.status, response_body=text_body,
                           error_code=None if ok else "node_error",

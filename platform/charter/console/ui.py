@@ -39,6 +39,7 @@ NAV = (
     NavItem("access", "Access", "console.access", ALL),
     NavItem("batches", "Batches", "console.batches", ALL),
     NavItem("usage", "Usage", "console.usage_page", ALL),
+    NavItem("inspection", "Inspection", "console.inspection", ("admin", "auditor")),
 )
 
 

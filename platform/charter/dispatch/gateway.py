@@ -355,9 +355,9 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                 continue
             if not stream or resp.status != 200:
                 return _finish_whole(plan, node, resp, protocol, asked_body, digest, stream,
-                                     started)
+                                     started, original=body)
             return _stream(plan, node, resp, protocol, asked_body, digest, started,
-                           strip_usage)
+                           strip_usage, original=body)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
                                stream=stream, error=last_error, final=False)
@@ -371,7 +371,10 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
 
 
 def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
-                  body: dict[str, Any], digest: str, stream: bool, started: float) -> Response:
+                  body: dict[str, Any], digest: str, stream: bool, started: float, *,
+                  original: dict[str, Any]) -> Response:
+    """A whole answer (or a node's refusal) passed on; `body`: what was sent, `original`:
+    what the caller sent (a capture records it)."""
     try:
         content = resp.read()
     except NodeCallError as exc:
@@ -412,6 +415,9 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
                            request_digest=digest, stream=stream,
                            error="" if ok else content[:300].decode("utf-8", "replace"),
                            response_redacted=answer_redacted)
+    if ok:
+        service.keep(plan, protocol=protocol, body=original, parsed=parsed,
+                     request_id=g.get("request_id"), response_redacted=answer_redacted)
     mimetype = resp.headers.get("content-type", "application/json")
     if protocol == "openai" and ok:
         content = upstream.named_as_asked(content, plan.serving_name)
@@ -451,7 +457,8 @@ def _deprecation(out: Response, plan: Plan) -> None:
 
 
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
-            body: dict[str, Any], digest: str, started: float, strip_usage: bool) -> Response:
+            body: dict[str, Any], digest: str, started: float, strip_usage: bool, *,
+            original: dict[str, Any]) -> Response:
     rt = scope.current()  # the outcome is recorded after the request: bound again then
     request_id = g.get("request_id")
     passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage,
@@ -493,6 +500,10 @@ def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
                     ttft_ms=ttft, request_digest=digest, stream=True, error=error,
                     request_id=request_id, response_redacted=dict(sorted(sum(
                         (r.counts for r in passing.redactors.values()), Counter()).items())))
+                service.keep(plan, protocol=protocol, body=original, answer=passing.text(),
+                             request_id=request_id, response_redacted=dict(sorted(sum(
+                                 (r.counts for r in passing.redactors.values()),
+                                 Counter()).items())))
 
     out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"

@@ -26,6 +26,8 @@ from charter.dispatch import upstream
 from charter.dispatch.balance import only_regional, regions_in_order
 from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
+from charter.inspection import captures
+from charter.inspection.captures import RunningCapture
 from charter.inspection.detect import Detector
 from charter.inspection.detect import (  # what a redacted stream raises: for the gateway
     InspectionUnavailableError as InspectionUnavailableError,
@@ -88,6 +90,9 @@ class Plan:
     # and how many findings of each type it replaced.
     body: dict[str, Any] | None = None
     redacted: dict[str, int] = field(default_factory=dict)
+    # The team's investigation capture running when the request was admitted: the request
+    # and its answer are recorded under it, encrypted (charter.inspection.captures).
+    capture: RunningCapture | None = None
 
     @property
     def redact_response(self) -> tuple[str, ...]:
@@ -429,6 +434,11 @@ def admit(rc: RequestContext, *, serving_name: str, data_class: str | None,
             if plan is not None and plan.decision.obligations.redact:
                 assert content is not None  # findings to redact: the content was inspected
                 plan, refusal = _redacting(plan, content)
+            if plan is not None and ctx.team_id:
+                running = cache.cached(rc.generation, ("capture", ctx.team_id),
+                                       lambda: captures.running(ctx.team_id))
+                if running is not None and running.running(utcnow()):
+                    plan = replace(plan, capture=running)
             if refusal is not None:  # beside its denied decisions: one refusal a request
                 events.append(_refused_event(actor, serving_name, refusal, origin))
         except PolicyUnavailableError as exc:
@@ -663,6 +673,38 @@ def _redacting(plan: Plan, asked: Asked) -> tuple[Plan | None, DispatchError | N
     return replace(plan, body=sent, redacted=dict(sorted(counts.items()))), None
 
 
+def keep(plan: Plan, *, protocol: str, body: dict[str, Any], request_id: str | None,
+         answer: str | None = None, parsed: Any = None,
+         response_redacted: dict[str, int] | None = None) -> None:
+    """Record the request and its answer under the capture it was admitted under, if any:
+    the body as its caller sent it, the body sent when findings were replaced, the answer
+    as the node generated it (`answer`, or the text of the whole answer `parsed`; an
+    embedding's vectors are not kept). A record that cannot be written is logged and
+    counted (charter_capture_failures_total): the caller was answered already."""
+    if plan.capture is None:
+        return
+    rt = scope.current()
+    if answer is None:
+        answer = answer_of(protocol, parsed) if plan.task == "generation" else ""
+    content = {"protocol": protocol, "task": plan.task, "request": body, "answer": answer,
+               "team": plan.team, "data_class": plan.data_class, "purpose": plan.purpose,
+               **({"sent": plan.body, "redacted": plan.redacted} if plan.redacted else {}),
+               **({"response_redacted": response_redacted} if response_redacted else {})}
+    try:
+        captures.seal(plan.capture, serving_name=plan.serving_name,
+                      decision_id=plan.decision.decision_id, request_id=request_id,
+                      content=content)
+    except Exception as exc:  # noqa: BLE001 - counted and said; the answer went out
+        rt.counter("charter_capture_failures_total", "Captured requests whose record could "
+                   "not be written").inc()
+        log.error("a captured request could not be recorded", capture_id=plan.capture.id,
+                  decision_id=plan.decision.decision_id,
+                  error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        return
+    rt.counter("charter_capture_records_total", "Requests recorded under an investigation "
+               "capture").inc()
+
+
 def answer_redactor(plan: Plan) -> Callable[[], StreamRedactor] | None:
     """What redacts a streamed answer's text, one per choice, when the decision obliges it
     (Plan.redact_response), else None."""
@@ -719,7 +761,8 @@ def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,
             "dispatch", doc, actor=actor.ref, target_type="deployment",
             target_id=serving_name,
             context={"serving_name": serving_name, "node": node.name, **(origin or {}),
-                     **({"findings": findings} if findings is not None else {})})
+                     **({"findings": findings, "team": ctx.team}
+                        if findings is not None else {})})
         events.append(event)
         if decision.allow:
             return Plan(actor=actor, serving_name=serving_name,
@@ -772,6 +815,7 @@ def outcome_event(p: Plan, *, node: NodeTarget | None, outcome: str, status: int
                  "tokens_estimated": estimated_by is not None,
                  **({"estimated_by": estimated_by} if estimated_by else {}),
                  **({"redacted": p.redacted} if p.redacted else {}),
+                 **({"capture_id": p.capture.id} if p.capture is not None else {}),
                  **({"response_redacted": response_redacted} if response_redacted else {}),
                  **({"key_id": p.actor.key_id} if p.actor.key_id else {}),
                  **(origin or {})},

@@ -230,7 +230,7 @@ class StreamFilter:
         self.tokens_in: int | None = None  # as the node reported them, None if it did not
         self.tokens_out: int | None = None
         self.events = 0  # token events seen (a TGI stream's are its generated tokens)
-        self._text: list[str] = []  # OpenAI's generated text, for Charter's count if need be
+        self._text: list[str] = []  # the generated text (a capture's; OpenAI's count)
         self._redactor = redactor
         self.redactors: dict[Any, Redactor] = {}  # a choice's index -> its redactor
 
@@ -336,6 +336,9 @@ class StreamFilter:
     def _tgi(self, body: dict[str, Any], line: bytes) -> bytes:
         if isinstance(body.get("token"), dict):
             self.events += 1
+            text = body["token"].get("text")
+            if isinstance(text, str) and body["token"].get("special") is not True:
+                self._text.append(text)
         details = body.get("details")
         if isinstance(details, dict):
             self.tokens_out = _reported(details.get("generated_tokens"))

@@ -5,6 +5,7 @@ from charter.console.pages import (  # noqa: F401
     access,
     audit,
     batches,
+    inspection,
     models,
     nodes,
     overview,
