@@ -274,3 +274,43 @@ def test_a_capture_keeps_what_the_caller_sent_and_what_was_sent(configured, make
         assert record["answer"] == "echo: write to <EMAIL_ADDRESS>"
     finally:
         world.node.stop()
+
+
+def test_the_console_asks_decides_and_ends_captures(world, make_person) -> None:  # type: ignore[no-untyped-def]
+    """The Inspection page lists captures with their approval, window and retention; an
+    admin asks (CSRF-checked), an auditor who did not ask approves, and a running capture
+    is ended; the asker is not offered the decision."""
+    from tests.console_support import Console, notices
+    from tests.runtimes import app_for
+
+    app = app_for(world.settings)
+    admin = Console(app, make_person("admin").actor.user_id)
+    both = make_person("admin", "auditor")
+    asker = Console(app, both.actor.user_id)
+    auditor = Console(app, make_person("auditor").actor.user_id)
+    form = {"team_id": world.team_id, "reason": "records leaving through the assistant",
+            "hours": "3", "retain_days": "2"}
+    assert asker.post("/console/inspection/captures", form, csrf=False,
+                      follow=False).status_code in (400, 403)
+    page = asker.post("/console/inspection/captures", form).text
+    assert notices(page, "ok") and "an auditor other than you decides" in notices(page, "ok")[0]
+    assert "four-eyes: another auditor decides" in page  # the asker is an auditor too
+    assert "/approve" not in page
+    page = admin.post("/console/inspection/captures", form).text
+    assert "(capture_exists)" in notices(page, "error")[0]
+
+    page = auditor.get("/console/inspection").text
+    capture_id = page.split('data-capture="')[1].split('"')[0]
+    assert "records leaving through the assistant" in page and "3 h once approved" in page
+    page = auditor.post(f"/console/inspection/captures/{capture_id}/approve",
+                        {"row_version": "1", "note": "go ahead"}).text
+    assert "Capture approved: recording until" in notices(page, "ok")[0]
+    assert "<strong>recording</strong>" in page and "go ahead" in page
+    r = auditor.post(f"/console/inspection/captures/{capture_id}/destroy", {})
+    assert r.status_code == 404
+    page = admin.post(f"/console/inspection/captures/{capture_id}/revoke",
+                      {"row_version": "2", "note": "done"}).text
+    assert "Capture ended" in notices(page, "ok")[0]
+    assert "<strong>recording</strong>" not in page
+    events = [e.action for e in list_events(EventFilter(target_id=capture_id))]
+    assert events == ["capture.requested", "capture.approved", "capture.revoked"]
