@@ -314,3 +314,25 @@ def test_the_console_asks_decides_and_ends_captures(world, make_person) -> None:
     assert "<strong>recording</strong>" not in page
     events = [e.action for e in list_events(EventFilter(target_id=capture_id))]
     assert events == ["capture.requested", "capture.approved", "capture.revoked"]
+
+
+def test_a_capture_stops_recording_when_its_window_ends(world, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    """The window is the capture's own: once `ends_at` passes nothing more is recorded,
+    whether or not anything else changed (the cached capture is checked at each request)."""
+    import time
+
+    client = _client(world)
+    admin, auditor = make_person("admin"), make_person("auditor")
+    capture = _ask(client, admin, world).get_json()
+    client.post(f"/api/v1/captures/{capture['id']}/approve", headers=_as(auditor),
+                json={"row_version": 1})
+    client.post("/v1/chat/completions", headers=world.headers, json=_chat("inside"))
+    # the end moved to one second ahead, as if the window were ending now
+    pg_conn.execute("UPDATE captures SET ends_at = now() + interval '1 second'")
+    client.post("/v1/chat/completions", headers=world.headers, json=_chat("still inside"))
+    time.sleep(1.2)  # no change to any table: the cached capture must see its own end
+    client.post("/v1/chat/completions", headers=world.headers, json=_chat("after"))
+    got = client.get(f"/api/v1/captures/{capture['id']}", headers=_as(auditor)).get_json()
+    assert (got["records"], got["running"], got["state"]) == (2, False, "approved")
+    outcomes = [e for e in _events("dispatch.outcome")]
+    assert [bool(e.details.get("capture_id")) for e in outcomes[-3:]] == [True, True, False]
