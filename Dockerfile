@@ -23,9 +23,20 @@ COPY platform ./platform
 COPY migrations ./migrations
 COPY policies ./policies
 RUN /opt/charter/venv/bin/pip install --upgrade pip \
- && /opt/charter/venv/bin/pip install -e .
-# The control plane installs light: torch belongs to the `node` extra only.
+ && /opt/charter/venv/bin/pip install -e ".[inspect]"
+# The control plane installs light: torch belongs to the `node` extra only. Content
+# inspection (Presidio's pattern recognizers, no language model) is in: policy data turns
+# it on without a new image.
 RUN ! /opt/charter/venv/bin/python -c "import torch" 2>/dev/null
+# Python extension modules ship with their symbol tables (spaCy's alone: 126 MB, 29 MB
+# stripped); nothing at run time reads them. The libraries auditwheel vendored (`*.libs`
+# folders) are left alone: they were patched in place, and stripping them breaks them.
+RUN apt-get update && apt-get install -y --no-install-recommends binutils \
+ && find /opt/charter/venv -path "*.libs" -prune -o -name "*.cpython-*.so" -type f \
+      -exec strip --strip-unneeded {} + \
+ && apt-get purge -y binutils && rm -rf /var/lib/apt/lists/* \
+ && /opt/charter/venv/bin/python -c "import numpy, spacy, tokenizers, pydantic_core, \
+      psycopg, regex, cryptography.hazmat.bindings._rust, presidio_analyzer, transformers"
 # The root filesystem is read-only at run time: compile the bytecode now.
 RUN /opt/charter/venv/bin/python -m compileall -q /opt/charter/app/platform
 

@@ -191,6 +191,19 @@ def _run_args(pod: dict[str, Any], name: str, objects: list[dict[str, Any]],
 
 
 @pytest.mark.timeout(1800)  # a cold build makes the Debian base first (about 2 minutes)
+def test_the_image_inspects_content_offline(built: Built) -> None:
+    """Content inspection works in the image as the chart runs it: no network, a read-only
+    root, the non-root user; Presidio finds, and replaces, without fetching anything."""
+    script = ("from charter.inspection.detect import Detector; d = Detector(); "
+              "print(d.findings(['mail jane@example.com, card 4111 1111 1111 1111'])); "
+              "print(d.redact('key AKIAIOSFODNN7EXAMPLE', ['AWS_ACCESS_KEY'])[0])")
+    out = podman("run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+                 "--user", "10001:10001", "--entrypoint", "python", built.tag, "-c", script,
+                 timeout=120)
+    assert out.splitlines() == ["{'CREDIT_CARD': 1, 'EMAIL_ADDRESS': 1}",
+                                "key <AWS_ACCESS_KEY>"]
+
+
 def test_the_image_runs_as_the_chart_runs_it(pulled, built, empty_pg, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from charter import migrate, scope
     from charter.actor import SYSTEM
