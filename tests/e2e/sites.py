@@ -103,7 +103,8 @@ def governed_site(model_dir: Path, configured, make_person, tmp_path: Path,  # t
 
 @contextmanager
 def charter_serve(database_url: str, *, policy_dir: str | None = None,
-                  tokenizers: Path | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+                  tokenizers: Path | None = None,
+                  workers: int = 1) -> Iterator[tuple[str, dict[str, str]]]:
     """`charter serve` on a free port over `database_url`: its URL, and its environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
@@ -114,8 +115,9 @@ def charter_serve(database_url: str, *, policy_dir: str | None = None,
     if policy_dir is not None:
         env["CHARTER_POLICY_DIR"] = policy_dir
     server = subprocess.Popen(
-        [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-         "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [str(BIN / "charter"), "serve", "--bind", f"127.0.0.1:{port}", "--workers",
+         str(workers), "--threads", "8"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     try:
         charter = f"http://127.0.0.1:{port}"
         wait_http(charter + "/healthz", server)

@@ -103,6 +103,8 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/users"): R("admin", "auditor"),
     ("POST", "/api/v1/users"): R("admin", body=lambda c: {"username": f"new-{c['n']}"}),
     ("GET", "/api/v1/users/<user_id>"): R(team_scoped=True),
+    ("POST", "/api/v1/users/<user_id>/deprovision"): R("admin", body=lambda c: {
+        "reason": "left the company"}),
     ("PUT", "/api/v1/users/<user_id>/roles"): R("admin", body=lambda c: {
         "row_version": 1, "roles": ["user"]}),
     ("GET", "/api/v1/users/<user_id>/api-keys"): R(team_scoped=True),

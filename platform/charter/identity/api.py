@@ -11,7 +11,7 @@ from charter import scope
 from charter.actor import Actor
 from charter.apikit import ApiBlueprint
 from charter.identifiers import identifier
-from charter.identity import service, teams
+from charter.identity import lifecycle, service, teams
 from charter.identity.models import ROLES, TEAM_ROLES
 
 bp = ApiBlueprint("identity", __name__, url_prefix="/api/v1")
@@ -43,9 +43,27 @@ class UserOut(BaseModel):
     email: str | None
     owner_team_id: str | None
     external_issuer: str | None
+    source: str
     last_login_at: datetime | None
+    deprovisioned_at: datetime | None
     created_at: datetime
     row_version: int
+
+
+class DeprovisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=500)]
+
+
+class DeprovisionOut(BaseModel):
+    user_id: str
+    username: str
+    at: datetime
+    keys_revoked: list[str]
+    sessions_ended: int
+    roles_removed: list[str]
+    teams_left: list[str]
+    unmanaged_teams: list[str]
 
 
 Limit = Annotated[int, Field(ge=1, le=10**15)] | None
@@ -122,6 +140,14 @@ def get_user(actor: Actor, user_id: str) -> object:
               body=RolesUpdate, response=UserOut, errors=(403, 409))
 def set_roles(actor: Actor, user_id: str, body: RolesUpdate) -> object:
     return service.set_roles(actor, user_id, list(body.roles), row_version=body.row_version)
+
+
+@bp.operation("POST", "/users/<user_id>/deprovision",
+              summary="End a person's access now: keys, sessions, roles, teams (admins)",
+              body=DeprovisionIn, response=DeprovisionOut, errors=(403, 404, 409))
+def deprovision(actor: Actor, user_id: str, body: DeprovisionIn) -> object:
+    done = lifecycle.deprovision(actor, user_id, via="admin", reason=body.reason)
+    return DeprovisionOut(**{k: v for k, v in vars(done).items() if k != "seconds"})
 
 
 @bp.operation("GET", "/users/<user_id>/api-keys", summary="List a user's API keys",

@@ -29,6 +29,13 @@ class User(Base):
     # A service account belongs to one team; people may be members of several.
     owner_team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), index=True)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Where the user came from: local (an admin, the CLI), sso (a first sign-in) or scim
+    # (the identity provider provisioned it); the provider's own id (SCIM externalId); when
+    # its access ended (charter.identity.lifecycle).
+    source: Mapped[str] = mapped_column(String(10), nullable=False, default="local",
+                                        server_default="local")
+    external_id: Mapped[str | None] = mapped_column(String(300))
+    deprovisioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
 

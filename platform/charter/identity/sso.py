@@ -72,7 +72,8 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
             user = User(id=str(uuid.uuid4()), username=_username(session, claims),
                         display_name=str(claims.get("name") or "")[:200],
                         email=str(claims["email"])[:320] if claims.get("email") else None,
-                        kind="user", external_issuer=issuer, external_subject=subject,
+                        kind="user", source="sso", external_issuer=issuer,
+                        external_subject=subject,
                         role_rows=[])
             session.add(user)
             session.flush()
