@@ -31,9 +31,9 @@ from charter.console import register_console
 from charter.context import RequestContext
 from charter.dispatch.gateway import bp as gateway_bp
 from charter.dispatch.protocol import error_response, gateway_protocol, render_error
-from charter.errors import CharterError, SchemaOutdatedError
+from charter.errors import CharterError, ForbiddenError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
-from charter.identity import authn
+from charter.identity import authn, scim
 from charter.identity.api import bp as identity_bp
 from charter.inspection.api import bp as inspection_bp
 from charter.inspection.captures_api import bp as captures_bp
@@ -54,6 +54,7 @@ _HTTP_CODES = {
     429: "rate_limited",
 }
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SCIM_PREFIX = "/scim/v2"  # the identity provider's (charter.identity.scim)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json",
                           "/api/v1/audit/keys"})
 
@@ -109,7 +110,7 @@ def create_app(runtime: Runtime) -> Flask:
     _install_probes(app, runtime)
 
     for bp in (registry_bp, identity_bp, audit_bp, policy_bp, nodes_bp, gateway_bp,
-               batches_bp, exports_bp, captures_bp, inspection_bp):
+               batches_bp, exports_bp, captures_bp, inspection_bp, scim.bp):
         app.register_blueprint(bp)
     register_console(app, settings)
     api = [bp for bp in app.blueprints.values() if isinstance(bp, ApiBlueprint)]
@@ -156,6 +157,10 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
                 actor, generation = authn.authenticate_request(
                     g.ctx, request.headers.get("Authorization", ""),
                     optimistic=request.endpoint in OPTIMISTIC_ENDPOINTS)
+            if (actor is not None and actor.kind == "provisioner"
+                    and not request.path.startswith(SCIM_PREFIX)):
+                raise ForbiddenError("this credential is the identity provider's, for SCIM "
+                                     "(/scim/v2) only", code="scim_credential_only")
             g.actor = actor
             g.ctx = g.ctx.with_actor(actor, generation)
 
@@ -209,6 +214,8 @@ def _install_error_handlers(app: Flask) -> None:
             log.warning("request failed", code=exc.code, error=exc.message)
         if gateway_protocol(request.path, request.method) is not None:
             return render_error(exc), exc.status  # an OpenAI or TGI client: its own shape
+        if request.path.startswith(SCIM_PREFIX):
+            return scim.error_response(exc), exc.status  # a SCIM client: SCIM's shape
         response = jsonify(_error_body(exc.code, exc.message, exc.details))
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="charter"'
@@ -231,6 +238,8 @@ def _install_error_handlers(app: Flask) -> None:
             if status == 404:
                 message = f"no such route: {request.method} {request.path}"
             return error_response(status, code, message), status
+        if request.path.startswith(SCIM_PREFIX):
+            return scim.error_response(CharterError(message, code=code, status=status)), status
         return jsonify(_error_body(code, message, details)), status
 
     @app.errorhandler(Exception)

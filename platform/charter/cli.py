@@ -100,6 +100,25 @@ def users_bootstrap(username: str) -> None:
     console.print(f"admin {username!r} created; the key above is shown once")
 
 
+@main.group()
+def scim() -> None:
+    """The identity provider's SCIM provisioning (/scim/v2)."""
+
+
+@scim.command("credential")
+@click.option("--name", required=True, help="The identity provider (e.g. okta, entra).")
+def scim_credential(name: str) -> None:
+    """Issue the provider's SCIM bearer credential (shown once); run again to rotate it."""
+    from charter.identity.service import scim_credential as issue
+
+    command_runtime()
+    issued = issue(name)
+    click.echo(issued.token)
+    console.print(f"SCIM credential for {name!r} (user scim-{name}): the key above is shown "
+                  "once and opens /scim/v2 only; revoke the previous one once the provider "
+                  "uses this")
+
+
 # --- models ---------------------------------------------------------------------------
 @main.group()
 def models() -> None:

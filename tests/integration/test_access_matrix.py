@@ -210,6 +210,7 @@ MATRIX: dict[tuple[str, str], Rule] = {
 # The console is a browser surface with its own sessions (tests/e2e drive it): a bearer
 # credential must change nothing there, so every caller gets what an anonymous one gets.
 CONSOLE = "console"
+SCIM = "scim"  # /scim/v2: only an identity provider's credential (none of the callers here)
 MATRIX.update({
     ("GET", "/static/<path:filename>"): Rule(PUBLIC),
     ("GET", "/console/static/<path:filename>"): Rule(PUBLIC),
@@ -271,7 +272,8 @@ def _matrix(app) -> dict[tuple[str, str], Rule]:  # type: ignore[no-untyped-def]
     """MATRIX, with every other console page as a console route: a bearer credential must
     change nothing there (the pages' own role checks: tests/integration/test_console_*)."""
     console = {r: Rule(CONSOLE) for r in _routes(app) if r[1].startswith("/console/")}
-    return {**console, **MATRIX}
+    scim = {r: Rule(SCIM) for r in _routes(app) if r[1].startswith("/scim/v2/")}
+    return {**console, **scim, **MATRIX}
 
 
 def test_every_route_is_in_the_matrix(matrix_app) -> None:  # type: ignore[no-untyped-def]
@@ -360,6 +362,13 @@ def test_access_matrix(matrix_app, make_person, pg_conn) -> None:  # type: ignor
                                     f"anonymous caller gets ({anonymous.status_code})")
                 continue
             payload = r.get_json(silent=True)
+            if spec.allow == SCIM:  # the identity provider's credential only, SCIM's errors
+                want = 401 if caller in ("anonymous", "expired") else 403
+                if got != want or not isinstance(payload, dict) or payload.get(
+                        "schemas") != ["urn:ietf:params:scim:api:messages:2.0:Error"]:
+                    failures.append(f"{method} {rule} as {caller}: {got}, expected {want} "
+                                    "in SCIM's error shape")
+                continue
             error = payload.get("error") if isinstance(payload, dict) else None
             code = (error.get("code") if isinstance(error, dict)  # ours and OpenAI's shape
                     else payload.get("error_type") if error else None)  # TGI's shape

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from charter.db import Base, UTCDateTime, utcnow
 
 ROLES = ("admin", "steward", "approver", "operator", "auditor", "user")
-USER_KINDS = ("user", "service")
+# `provisioner`: an identity provider's SCIM client; its keys open /scim/v2 and nothing else.
+USER_KINDS = ("user", "service", "provisioner")
 
 
 class User(Base):
@@ -36,6 +37,8 @@ class User(Base):
                                         server_default="local")
     external_id: Mapped[str | None] = mapped_column(String(300))
     deprovisioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), onupdate=utcnow)
+    scim_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
 

@@ -325,6 +325,25 @@ def bootstrap_admin(username: str, *, key_name: str = "bootstrap") -> IssuedKey:
         return create_api_key(SYSTEM, user.id, name=key_name)
 
 
+def scim_credential(name: str) -> IssuedKey:
+    """The identity provider's SCIM credential: a user of kind `provisioner` named
+    `scim-<name>` (made the first time) and a new API key for it, which opens /scim/v2
+    and nothing else (CLI only; rotate by running it again and revoking the old key)."""
+    username = f"scim-{name}"
+    if not _USERNAME.match(username):
+        raise _field_error("name", "invalid", "a provider's name: letters, digits, . _ @ -")
+    with unit_of_work() as session:
+        user_id = session.scalar(select(User.id).where(User.username == username))
+        kind = session.scalar(select(User.kind).where(User.username == username))
+    if user_id is not None and kind != "provisioner":
+        raise ConflictError(f"{username!r} is a user that is not a SCIM credential",
+                            code="user_exists")
+    if user_id is None:
+        user_id = create_user(SYSTEM, username=username, kind="provisioner",
+                              display_name=f"SCIM provisioning by {name}").id
+    return create_api_key(SYSTEM, user_id, name=f"scim {utcnow():%Y-%m-%d}")
+
+
 # --- reads for the console (it never queries identity's tables itself) ---------------------
 
 def user_id_by_name(username: str) -> str:

@@ -1,0 +1,504 @@
+"""SCIM 2.0 (RFC 7643, 7644): the identity provider provisions and deprovisions users.
+
+Under /scim/v2, for an identity provider's own credential only: an API key of a user of
+kind `provisioner` (`charter scim credential`), whose keys open nothing else. Resources are
+read and written with `scim2-models`; errors are SCIM's (`urn:...:Error`, `scimType`),
+as `application/scim+json`.
+
+What Charter keeps of a User is what it uses: `userName` (Charter's username: lower case;
+SCIM compares user names without case), `displayName` (from `name` when a request has no
+`displayName`), `active` and `externalId`. The User schema it publishes lists exactly
+these, so a client knows the rest (names' parts, e-mails, phone numbers, addresses) is not
+kept: data minimisation. `active` is required (Charter has no account that is neither).
+`active: false` and DELETE end the person's access at once
+(charter.identity.lifecycle.deprovision); `active: true` gives an account back, with no
+key, role or team (those are granted again). A user deleted over
+SCIM keeps its row and audit trail; SCIM answers 404 for it from then on.
+
+The quirks providers are known to send are accepted: Entra ID's `"active": "False"` (a
+string) and PATCH paths in any case, Okta's PATCH `replace` without a path.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from pydantic import ValidationError
+from scim2_models import (
+    Context,
+    EnterpriseUser,
+    ListResponse,
+    Meta,
+    PatchOp,
+    Required,
+    ResourceType,
+    ResponseParameters,
+    Schema,
+    ServiceProviderConfig,
+    User,
+)
+from sqlalchemy import func, select
+
+from charter import scope
+from charter.actor import Actor
+from charter.db import utcnow
+from charter.errors import CharterError
+from charter.identity import lifecycle
+from charter.identity.models import User as UserRow
+from charter.identity.service import _USERNAME
+from charter.uow import record, unit_of_work
+
+bp = Blueprint("scim", __name__, url_prefix="/scim/v2")
+
+# What a request is read as: the core User, with the enterprise extension Entra ID sends
+# known (and not kept).
+ScimUser = User[EnterpriseUser]
+
+SCIM_JSON = "application/scim+json"
+MAX_COUNT = 200  # resources a page holds at most
+MAX_FILTER = 500  # characters a filter may have
+KEPT = ("userName", "displayName", "active", "externalId")
+_FILTER = re.compile(r'^\s*(userName|externalId|id|emails\.value|emails)\s+eq\s+'
+                     r'"((?:[^"\\]|\\.){0,400})"\s*$', re.IGNORECASE)
+
+
+class ScimError(CharterError):
+    """An error in SCIM's shape: `scim_type` is RFC 7644's scimType, where one applies."""
+
+    def __init__(self, message: str, *, status: int, scim_type: str | None = None,
+                 code: str = "scim_error") -> None:
+        super().__init__(message, code=code, status=status)
+        self.scim_type = scim_type
+
+
+def error_response(exc: CharterError) -> Response:
+    """Any refusal on /scim/v2, in SCIM's error shape."""
+    body: dict[str, Any] = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                            "status": str(exc.status), "detail": exc.message}
+    scim_type = exc.scim_type if isinstance(exc, ScimError) else {
+        409: "uniqueness", 412: None}.get(exc.status)
+    if scim_type:
+        body["scimType"] = scim_type
+    import json
+
+    out = Response(json.dumps(body), status=exc.status, mimetype=SCIM_JSON)
+    if exc.status == 401:
+        out.headers["WWW-Authenticate"] = 'Bearer realm="charter-scim"'
+    return out
+
+
+def _provisioner() -> Actor:
+    actor: Actor | None = g.get("actor")
+    if actor is None:
+        raise ScimError("authentication required: the identity provider's SCIM credential",
+                        status=401, code="unauthenticated")
+    if actor.kind != "provisioner":
+        raise ScimError("SCIM is for the identity provider's credential only "
+                        "(`charter scim credential`)", status=403, code="forbidden")
+    return actor
+
+
+def _json(payload: dict[str, Any], status: int = 200, *, etag: str | None = None,
+          location: str | None = None) -> Response:
+    import json
+
+    out = Response(json.dumps(payload, default=str), status=status, mimetype=SCIM_JSON)
+    if etag:
+        out.headers["ETag"] = etag
+    if location:
+        out.headers["Location"] = location
+    return out
+
+
+def _body() -> dict[str, Any]:
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise ScimError("the body must be a JSON object", status=400, scim_type="invalidSyntax")
+    return payload
+
+
+def _base() -> str:
+    public = scope.current().settings.public_url
+    return (public.rstrip("/") if public else request.host_url.rstrip("/")) + "/scim/v2"
+
+
+def _etag(row: UserRow) -> str:
+    return f'W/"{row.row_version}"'
+
+
+# --- discovery ------------------------------------------------------------------------------
+
+def _user_schema() -> Schema:
+    """The core User schema, with only the attributes Charter keeps."""
+    schema = User.to_schema()
+    schema.attributes = [a for a in schema.attributes or [] if a.name in KEPT]
+    for attribute in schema.attributes:
+        if attribute.name == "active":
+            attribute.required = Required.true
+    return schema
+
+
+@bp.get("/ServiceProviderConfig")
+def service_provider_config() -> Response:
+    _provisioner()
+    config = ServiceProviderConfig.model_validate({
+        "documentationUri": "https://github.com/charter/charter/blob/main/docs/identity.md",
+        "patch": {"supported": True}, "bulk": {"supported": False, "maxOperations": 0,
+                                             "maxPayloadSize": 0},
+        "filter": {"supported": True, "maxResults": MAX_COUNT},
+        "changePassword": {"supported": False}, "sort": {"supported": False},
+        "etag": {"supported": True},
+        "authenticationSchemes": [{"type": "oauthbearertoken", "name": "Bearer token",
+                                   "description": "An API key of the provider's own "
+                                                  "credential (charter scim credential)",
+                                   "primary": True}],
+        "meta": {"resourceType": "ServiceProviderConfig",
+                 "location": f"{_base()}/ServiceProviderConfig"}})
+    return _json(config.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+
+
+def _resource_type() -> ResourceType:
+    rt = ResourceType.from_resource(User)
+    rt.schema_extensions = None
+    rt.meta = Meta(resource_type="ResourceType", location=f"{_base()}/ResourceTypes/User")
+    return rt
+
+
+@bp.get("/ResourceTypes")
+def resource_types() -> Response:
+    _provisioner()
+    found = [_resource_type()]
+    return _json(ListResponse[ResourceType](total_results=1, start_index=1,
+                                            items_per_page=1, resources=found)
+                 .model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+
+
+@bp.get("/ResourceTypes/<name>")
+def resource_type(name: str) -> Response:
+    _provisioner()
+    if name != "User":
+        raise ScimError(f"no resource type {name}", status=404, code="not_found")
+    return _json(_resource_type().model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+
+
+def _schema_out() -> Schema:
+    schema = _user_schema()
+    schema.meta = Meta(resource_type="Schema", location=f"{_base()}/Schemas/{schema.id}")
+    return schema
+
+
+@bp.get("/Schemas")
+def schemas() -> Response:
+    _provisioner()
+    return _json(ListResponse[Schema](total_results=1, start_index=1, items_per_page=1,
+                                      resources=[_schema_out()])
+                 .model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+
+
+@bp.get("/Schemas/<path:schema_id>")
+def schema(schema_id: str) -> Response:
+    _provisioner()
+    if schema_id != str(User.__schema__):
+        raise ScimError(f"no schema {schema_id}", status=404, code="not_found")
+    return _json(_schema_out().model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+
+
+# --- users ----------------------------------------------------------------------------------
+
+def _resource(row: UserRow) -> User[Any]:
+    created = row.created_at
+    return ScimUser(
+        id=row.id, external_id=row.external_id, user_name=row.username,
+        display_name=row.display_name or None, active=row.active,
+        meta=Meta(resource_type="User", created=created,
+                  last_modified=row.updated_at or created,
+                  location=f"{_base()}/Users/{row.id}", version=_etag(row)))
+
+
+def _out(row: UserRow, params: ResponseParameters[Any] | None = None) -> dict[str, Any]:
+    dumped: dict[str, Any] = _resource(row).model_dump(
+        scim_ctx=Context.RESOURCE_QUERY_RESPONSE, response_parameters=params)
+    return dumped
+
+
+def _params(source: Any) -> ResponseParameters[Any] | None:
+    """The `attributes` and `excludedAttributes` a request asked for (RFC 7644 §3.9)."""
+    found = {k: source[k] for k in ("attributes", "excludedAttributes")
+             if source.get(k) not in (None, "", [])}
+    if not found:
+        return None
+    try:
+        return ResponseParameters[User[Any]].model_validate(found)
+    except ValidationError as exc:
+        raise ScimError(f"attributes: {_first(exc)}", status=400,
+                        scim_type="invalidValue") from None
+
+
+def _live(session: Any, user_id: str) -> UserRow:
+    row: UserRow | None = session.get(UserRow, user_id, with_for_update=True)
+    if row is None or row.kind != "user" or row.scim_deleted_at is not None:
+        raise ScimError(f"no user {user_id}", status=404, code="not_found")
+    return row
+
+
+def _if_match(row: UserRow) -> None:
+    wanted = request.headers.get("If-Match")
+    if wanted and wanted.strip() not in ("*", _etag(row), _etag(row).removeprefix("W/")):
+        raise ScimError("the user changed since that version was read", status=412,
+                        code="precondition_failed")
+
+
+def _parsed(payload: dict[str, Any], ctx: Context) -> User[Any]:
+    payload = _quirks(payload)
+    try:
+        parsed: User[Any] = ScimUser.model_validate(payload, scim_ctx=ctx)
+        return parsed
+    except ValidationError as exc:
+        raise ScimError(f"the user is invalid: {_first(exc)}", status=400,
+                        scim_type="invalidValue") from None
+
+
+def _first(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"[:300]
+
+
+def _bool(value: Any) -> Any:
+    """Entra ID sends booleans as strings ("True", "False")."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _quirks(payload: dict[str, Any]) -> dict[str, Any]:
+    if "active" in payload:
+        payload = {**payload, "active": _bool(payload["active"])}
+    return payload
+
+
+def _username(resource: User[Any]) -> str:
+    name = (resource.user_name or "").strip().lower()
+    if not _USERNAME.match(name):
+        raise ScimError("userName must be 2-100 characters: letters, digits, . _ @ -",
+                        status=400, scim_type="invalidValue", code="invalid_value")
+    return name
+
+
+def _display(resource: User[Any]) -> str:
+    name = resource.display_name or (resource.name.formatted if resource.name else None)
+    if not name and resource.name and (resource.name.given_name or resource.name.family_name):
+        name = " ".join(p for p in (resource.name.given_name, resource.name.family_name) if p)
+    return (name or "")[:200]
+
+
+@bp.post("/Users")
+def create_user() -> Response:
+    actor = _provisioner()
+    resource = _parsed(_body(), Context.RESOURCE_CREATION_REQUEST)
+    username = _username(resource)
+    with unit_of_work() as session:
+        if session.scalar(select(UserRow.id).where(UserRow.username == username)):
+            raise ScimError(f"a user named {username!r} exists", status=409,
+                            scim_type="uniqueness", code="user_exists")
+        row = UserRow(id=str(uuid.uuid4()), username=username, display_name=_display(resource),
+                      kind="user", source="scim", external_id=resource.external_id,
+                      active=resource.active is not False,
+                      role_rows=[])
+        session.add(row)
+        session.flush()
+        record(session, actor=actor.ref, action="user.create", target_type="user",
+               target_id=row.id, details={"username": username, "kind": "user",
+                                          "via": "scim", "roles": []})
+        out = _out(row)
+        if not row.active:
+            row.deprovisioned_at = utcnow()
+        return _json(out, 201, etag=_etag(row), location=out["meta"]["location"])
+
+
+@bp.get("/Users/<user_id>")
+def get_user(user_id: str) -> Response:
+    _provisioner()
+    with unit_of_work() as session:
+        row = _live(session, user_id)
+        return _json(_out(row, _params(request.args)), etag=_etag(row))
+
+
+@bp.get("/Users")
+def list_users() -> Response:
+    _provisioner()
+    try:
+        start = int(request.args.get("startIndex", "1"))
+        count = int(request.args.get("count", str(MAX_COUNT)))
+    except ValueError:
+        raise ScimError("startIndex and count are integers", status=400,
+                        scim_type="invalidValue") from None
+    return _search(request.args.get("filter"), start, count, _params(request.args))
+
+
+@bp.post("/Users/.search")
+@bp.post("/.search")
+def search_users() -> Response:
+    _provisioner()
+    body = _body()
+    start, count = body.get("startIndex", 1), body.get("count", MAX_COUNT)
+    if not isinstance(start, int) or not isinstance(count, int):
+        raise ScimError("startIndex and count are integers", status=400,
+                        scim_type="invalidValue")
+    raw = body.get("filter")
+    if raw is not None and not isinstance(raw, str):
+        raise ScimError("filter is a string", status=400, scim_type="invalidFilter")
+    return _search(raw, start, count, _params(body))
+
+
+def _search(raw: str | None, start: int, count: int,
+            params: ResponseParameters[Any] | None) -> Response:
+    """One page of the users `raw` (a filter Charter answers, or None: all) selects."""
+    start, count = max(1, start), min(MAX_COUNT, max(0, count))
+    query = select(UserRow).where(UserRow.kind == "user", UserRow.scim_deleted_at.is_(None))
+    if raw is not None:
+        if len(raw) > MAX_FILTER:
+            raise ScimError(f"filters are at most {MAX_FILTER} characters", status=400,
+                            scim_type="invalidFilter")
+        found = _FILTER.match(raw)
+        if found is None:
+            raise ScimError("the filter is not one Charter answers: `userName`, "
+                            "`externalId`, `id` or `emails.value` `eq` a quoted string",
+                            status=400, scim_type="invalidFilter")
+        attribute, value = found.group(1).lower(), re.sub(r"\\(.)", r"\1", found.group(2))
+        column = {"username": func.lower(UserRow.username), "externalid": UserRow.external_id,
+                  "id": UserRow.id, "emails.value": func.lower(UserRow.email),
+                  "emails": func.lower(UserRow.email)}[attribute]
+        query = query.where(column == (value if attribute in ("externalid", "id")
+                                       else value.lower()))
+    with unit_of_work() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(UserRow.created_at, UserRow.id)
+                               .offset(start - 1).limit(count)).all()
+        resources = [_resource(r) for r in rows]
+    return _json(ListResponse[User[Any]](total_results=total, start_index=start,
+                                         items_per_page=len(resources), resources=resources)
+                 .model_dump(scim_ctx=Context.SEARCH_RESPONSE, response_parameters=params))
+
+
+def _apply(actor: Actor, row: UserRow, resource: User[Any], session: Any) -> bool | None:
+    """Set what Charter keeps of `resource` on `row`; the new `active` when it changed."""
+    username = _username(resource)
+    if username != row.username:
+        if session.scalar(select(UserRow.id).where(UserRow.username == username,
+                                                   UserRow.id != row.id)):
+            raise ScimError(f"a user named {username!r} exists", status=409,
+                            scim_type="uniqueness", code="user_exists")
+        row.username = username
+    row.display_name = _display(resource)
+    row.external_id = resource.external_id
+    active = resource.active is not False
+    changed = active if active != row.active else None
+    row.row_version += 1
+    return changed
+
+
+def _after(actor: Actor, user_id: str, active: bool | None, started: datetime) -> None:
+    """Carry out an `active` change: deprovision (access ends at once) or give back."""
+    if active is False:
+        lifecycle.deprovision(actor, user_id, via="scim", reason="the identity provider "
+                              "deactivated the user", requested_at=started)
+    elif active is True:
+        with unit_of_work() as session:
+            row = session.get(UserRow, user_id, with_for_update=True)
+            assert row is not None
+            row.active, row.deprovisioned_at = True, None
+            row.row_version += 1
+            record(session, actor=actor.ref, action="user.reactivate", target_type="user",
+                   target_id=row.id, details={"username": row.username, "via": "scim"})
+
+
+def _answer(user_id: str) -> Response:
+    with unit_of_work() as session:
+        row = session.get(UserRow, user_id)
+        assert row is not None
+        return _json(_out(row), etag=_etag(row))
+
+
+@bp.put("/Users/<user_id>")
+def replace_user(user_id: str) -> Response:
+    actor, started = _provisioner(), utcnow()
+    resource = _parsed(_body(), Context.RESOURCE_REPLACEMENT_REQUEST)
+    with unit_of_work() as session:
+        row = _live(session, user_id)
+        _if_match(row)
+        active = _apply(actor, row, resource, session)
+        session.flush()
+        record(session, actor=actor.ref, action="user.update", target_type="user",
+               target_id=row.id, details={"via": "scim", "op": "replace"})
+    _after(actor, user_id, active, started)
+    return _answer(user_id)
+
+
+@bp.patch("/Users/<user_id>")
+def patch_user(user_id: str) -> Response:
+    actor, started = _provisioner(), utcnow()
+    payload = _body()
+    operations = payload.get("Operations") if isinstance(payload, dict) else None
+    if isinstance(operations, list):  # Entra's string booleans, Okta's path-less replace
+        payload = {**payload, "Operations": [_op_quirks(op) for op in operations]}
+    try:
+        patch = PatchOp[ScimUser].model_validate(payload,
+                                                 scim_ctx=Context.RESOURCE_PATCH_REQUEST)
+    except ValidationError as exc:
+        raise ScimError(f"the patch is invalid: {_first(exc)}", status=400,
+                        scim_type="invalidValue") from None
+    with unit_of_work() as session:
+        row = _live(session, user_id)
+        _if_match(row)
+        resource = _resource(row)
+        try:
+            patch.patch(resource)
+        except Exception as exc:  # noqa: BLE001 - scim2-models' path and value errors
+            raise ScimError(f"the patch cannot be applied: {str(exc)[:300]}", status=400,
+                            scim_type=getattr(exc, "scim_type", None) or "invalidPath"
+                            ) from None
+        active = _apply(actor, row, resource, session)
+        session.flush()
+        record(session, actor=actor.ref, action="user.update", target_type="user",
+               target_id=row.id, details={"via": "scim", "op": "patch",
+                                          "paths": [str(o.path) for o in patch.operations or []
+                                                    if o.path is not None][:20]})
+    _after(actor, user_id, active, started)
+    return _answer(user_id)
+
+
+def _op_quirks(op: Any) -> Any:
+    if not isinstance(op, dict):
+        return op
+    op = {**op}
+    if isinstance(op.get("op"), str):
+        op["op"] = op["op"].lower()
+    path = op.get("path")
+    if isinstance(path, str) and path.lower() == "active":
+        op["path"], op["value"] = "active", _bool(op.get("value"))
+    if path is None and isinstance(op.get("value"), dict):
+        op["value"] = _quirks(op["value"])
+    return op
+
+
+@bp.delete("/Users/<user_id>")
+def delete_user(user_id: str) -> Response:
+    actor, started = _provisioner(), utcnow()
+    with unit_of_work() as session:
+        row = _live(session, user_id)
+        _if_match(row)
+    lifecycle.deprovision(actor, user_id, via="scim", reason="the identity provider deleted "
+                          "the user", requested_at=started)
+    with unit_of_work() as session:
+        gone = session.get(UserRow, user_id, with_for_update=True)
+        assert gone is not None
+        gone.scim_deleted_at = utcnow()
+        gone.row_version += 1
+        record(session, actor=actor.ref, action="user.scim_delete", target_type="user",
+               target_id=gone.id, details={"username": gone.username})
+    return Response(status=204)
+

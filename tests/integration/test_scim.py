@@ -1,0 +1,204 @@
+"""SCIM 2.0 as Entra ID and Okta send it: their recorded request shapes (create, update,
+deactivate, reactivate), deprovisioning that ends access at once, the provider's
+credential scoped to /scim/v2, and bad input answered with SCIM errors, nothing changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from charter.audit.service import EventFilter, list_events, verify_chain
+
+USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+
+
+@pytest.fixture
+def scim(configured) -> tuple[Any, dict[str, str]]:  # type: ignore[no-untyped-def]
+    from charter.identity.service import scim_credential
+    from tests.runtimes import app_for
+
+    token = scim_credential("entra").token
+    return app_for(configured).test_client(), {"Authorization": f"Bearer {token}"}
+
+
+def _error(r: Any, status: int, scim_type: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.get_data(as_text=True)
+    assert r.mimetype == "application/scim+json"
+    body = r.get_json()
+    assert body["schemas"] == [ERROR] and body["status"] == str(status)
+    if scim_type is not None:
+        assert body.get("scimType") == scim_type, body
+    return body  # type: ignore[no-any-return]
+
+
+def _users(pg_conn: Any) -> int:
+    return pg_conn.execute("SELECT count(*) FROM users").fetchone()[0]  # type: ignore[no-any-return]
+
+
+def test_entra_ids_sequence_provisions_updates_and_deprovisions(scim, make_person,  # type: ignore[no-untyped-def]
+                                                                pg_conn) -> None:
+    from charter.actor import SYSTEM
+    from charter.identity.service import create_api_key
+    from charter.identity.teams import create_team, set_member
+
+    client, auth = scim
+    # Entra first looks the user up by userName, then creates it.
+    r = client.get('/scim/v2/Users?filter=userName+eq+"Jane.Doe%40contoso.com"', headers=auth)
+    assert r.status_code == 200 and r.get_json()["totalResults"] == 0
+    r = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER, "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+        "externalId": "6f1d9e3a-entra", "userName": "Jane.Doe@contoso.com", "active": True,
+        "displayName": "Jane Doe",
+        "emails": [{"primary": True, "type": "work", "value": "Jane.Doe@contoso.com"}],
+        "meta": {"resourceType": "User"},
+        "name": {"formatted": "Jane Doe", "familyName": "Doe", "givenName": "Jane"},
+        "roles": []})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    jane = r.get_json()
+    assert (jane["userName"], jane["displayName"], jane["active"], jane["externalId"]) == (
+        "jane.doe@contoso.com", "Jane Doe", True, "6f1d9e3a-entra")
+    assert "emails" not in jane and "name" not in jane  # not kept: not answered
+    assert r.headers["ETag"] == jane["meta"]["version"] == 'W/"1"'
+    assert r.headers["Location"].endswith(f"/scim/v2/Users/{jane['id']}")
+    r = client.get('/scim/v2/Users?filter=userName+eq+"JANE.DOE%40contoso.com"', headers=auth)
+    assert [u["id"] for u in r.get_json()["Resources"]] == [jane["id"]]  # no case
+
+    # The person works: a team, a key of their own.
+    team = create_team(SYSTEM, name="ops", description="", entitlements={},
+                       requests_per_day=None, default_data_class="internal")
+    set_member(SYSTEM, team.id, jane["id"], "member")
+    key = create_api_key(SYSTEM, jane["id"], name="laptop").token
+    api = {"Authorization": f"Bearer {key}"}
+    assert client.get("/api/v1/me", headers=api).status_code == 200
+
+    # Entra's PATCH: capitalised op, string booleans.
+    r = client.patch(f"/scim/v2/Users/{jane['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [
+            {"op": "Replace", "path": "displayName", "value": "Jane Q. Doe"}]})
+    assert r.status_code == 200 and r.get_json()["displayName"] == "Jane Q. Doe"
+    r = client.patch(f"/scim/v2/Users/{jane['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "Replace", "path": "active",
+                                            "value": "False"}]})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert r.get_json()["active"] is False
+    # Access ended with the call: the key is refused on the very next request.
+    r = client.get("/api/v1/me", headers=api)
+    assert r.status_code == 401 and r.get_json()["error"]["code"] == "invalid_credentials"
+    event = list_events(EventFilter(action="user.deprovision"))[-1]
+    assert event.details["via"] == "scim" and event.details["teams_left"] == ["ops"]
+    assert len(event.details["keys_revoked"]) == 1
+    assert 0 <= event.details["seconds_since_request"] < 1  # the provider's call to commit
+    assert event.actor == "provisioner:scim-entra"
+
+    # Entra's reactivation: the account comes back with nothing it had.
+    r = client.patch(f"/scim/v2/Users/{jane['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "Replace", "path": "active",
+                                            "value": "True"}]})
+    assert r.get_json()["active"] is True
+    assert client.get("/api/v1/me", headers=api).status_code == 401  # the key stays revoked
+    assert pg_conn.execute("SELECT count(*) FROM team_members WHERE user_id = %s",
+                           (jane["id"],)).fetchone()[0] == 0
+
+    # Entra's DELETE: gone for SCIM, the row and trail stay.
+    r = client.delete(f"/scim/v2/Users/{jane['id']}", headers=auth)
+    assert r.status_code == 204
+    _error(client.get(f"/scim/v2/Users/{jane['id']}", headers=auth), 404)
+    assert pg_conn.execute("SELECT active FROM users WHERE id = %s",
+                           (jane["id"],)).fetchone()[0] is False
+    actions = [e.action for e in list_events(EventFilter(target_id=jane["id"]))]
+    assert actions == ["user.create", "user.update", "user.update", "user.deprovision",
+                       "user.update", "user.reactivate", "user.deprovision",
+                       "user.scim_delete"]
+    assert verify_chain().ok
+
+
+def test_oktas_sequence_with_its_own_shapes(scim, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    client, auth = scim
+    r = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "bob@example.com",
+        "name": {"givenName": "Bob", "familyName": "Smith"},
+        "emails": [{"primary": True, "value": "bob@example.com", "type": "work"}],
+        "locale": "en-US", "externalId": "00u1abcdEFGH", "groups": [],
+        "password": "t3mp-Passw0rd!", "active": True})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    bob = r.get_json()
+    assert bob["displayName"] == "Bob Smith" and "password" not in bob
+    # Okta deactivates with a path-less replace.
+    r = client.patch(f"/scim/v2/Users/{bob['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "replace", "value": {"active": False}}]})
+    assert r.status_code == 200 and r.get_json()["active"] is False
+    assert pg_conn.execute("SELECT deprovisioned_at IS NOT NULL FROM users WHERE id = %s",
+                           (bob["id"],)).fetchone()[0] is True
+    # ... and reactivates with a PUT of the whole user, If-Match on its version.
+    put = {"schemas": [USER], "id": bob["id"], "userName": "bob@example.com",
+           "displayName": "Bob Smith", "externalId": "00u1abcdEFGH", "active": True}
+    stale = client.put(f"/scim/v2/Users/{bob['id']}", headers={**auth, "If-Match": 'W/"1"'},
+                       json=put)
+    _error(stale, 412)
+    version = client.get(f"/scim/v2/Users/{bob['id']}", headers=auth).headers["ETag"]
+    r = client.put(f"/scim/v2/Users/{bob['id']}", headers={**auth, "If-Match": version},
+                   json=put)
+    assert r.status_code == 200 and r.get_json()["active"] is True
+    r = client.get('/scim/v2/Users?filter=externalId+eq+"00u1abcdEFGH"&attributes=userName',
+                   headers=auth)
+    found = r.get_json()["Resources"]
+    assert [u.get("userName") for u in found] == ["bob@example.com"]
+    assert "displayName" not in found[0]  # only what was asked for (and id, schemas)
+
+
+def test_the_credential_opens_scim_only_and_scim_only_that_credential(scim, make_person) -> None:  # type: ignore[no-untyped-def]
+    client, auth = scim
+    r = client.get("/api/v1/me", headers=auth)
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "scim_credential_only"
+    r = client.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": []})
+    assert r.status_code == 403
+    admin = make_person("admin")
+    body = _error(client.get("/scim/v2/Users", headers=admin.headers), 403)
+    assert "identity provider's credential" in body["detail"]
+    r = client.get("/scim/v2/Users")
+    _error(r, 401)
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    _error(client.get("/scim/v2/Users", headers={"Authorization": "Bearer chk_x_y"}), 401)
+    _error(client.get("/scim/v2/Groups", headers=auth), 404)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "scim_type"), [
+    ("post", "/scim/v2/Users", {"schemas": [USER], "userName": "x y z"}, 400, "invalidValue"),
+    ("post", "/scim/v2/Users", {"schemas": [USER], "userName": "ok", "active": 5}, 400,
+     "invalidValue"),
+    ("post", "/scim/v2/Users", {"schemas": [USER]}, 400, "invalidValue"),
+    ("post", "/scim/v2/Users", ["not", "an", "object"], 400, "invalidSyntax"),
+    ("get", '/scim/v2/Users?filter=userName+eq+"a"+or+userName+pr', None, 400,
+     "invalidFilter"),
+    ("get", '/scim/v2/Users?filter=userName+eq+"a"+or+1+eq+1', None, 400, "invalidFilter"),
+    ("get", "/scim/v2/Users?filter=" + "x" * 5000, None, 400, "invalidFilter"),
+    ("get", '/scim/v2/Users?filter=password+eq+"x"', None, 400, "invalidFilter"),
+    ("get", "/scim/v2/Users?count=many", None, 400, "invalidValue"),
+    ("post", "/scim/v2/Users/.search", {"filter": 5}, 400, "invalidFilter"),
+])
+def test_bad_input_gets_a_scim_error_and_changes_nothing(scim, pg_conn, method, path, body,  # type: ignore[no-untyped-def]
+                                                        status, scim_type) -> None:
+    client, auth = scim
+    before = _users(pg_conn)
+    r = getattr(client, method)(path, headers=auth, json=body)
+    _error(r, status, scim_type)
+    assert _users(pg_conn) == before
+
+
+def test_a_patch_that_cannot_apply_changes_nothing(scim, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    client, auth = scim
+    user = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "carol", "displayName": "Carol"}).get_json()
+    for operations in ([{"op": "replace", "path": "nosuch.attr", "value": "x"}],
+                       [{"op": "explode", "path": "displayName", "value": "x"}],
+                       [{"op": "replace", "path": "displayName", "value": "Caro"},
+                        {"op": "replace", "path": "userName", "value": "not valid!"}]):
+        r = client.patch(f"/scim/v2/Users/{user['id']}", headers=auth,
+                         json={"schemas": [PATCH], "Operations": operations})
+        _error(r, 400)
+    got = client.get(f"/scim/v2/Users/{user['id']}", headers=auth).get_json()
+    assert (got["displayName"], got["userName"], got["meta"]["version"]) == (
+        "Carol", "carol", 'W/"1"')
