@@ -106,6 +106,20 @@ def test_bootstrap_prints_a_working_admin_key(cli: Invoke) -> None:
     assert "already_bootstrapped" in again.output and "chk_" not in again.stdout
 
 
+def test_scim_credential_issues_and_rotates_the_providers_key(cli: Invoke) -> None:
+    first = cli("scim", "credential", "--name", "okta")
+    assert first.exit_code == 0, first.output
+    actor = authenticate_api_key(first.stdout.strip())
+    assert (actor.username, actor.kind, actor.roles) == ("scim-okta", "provisioner",
+                                                         frozenset())
+    assert "opens /scim/v2 only" in first.stderr
+    second = cli("scim", "credential", "--name", "okta")  # rotation: a second key
+    assert second.exit_code == 0 and second.stdout.strip() != first.stdout.strip()
+    assert authenticate_api_key(second.stdout.strip()).user_id == actor.user_id
+    bad = cli("scim", "credential", "--name", "Not Valid")
+    assert bad.exit_code != 0 and "chk_" not in bad.stdout
+
+
 # --- models ---------------------------------------------------------------------------
 def _import(cli: Invoke, directory: Path, as_user: str, *extra: str) -> Result:
     return cli("models", "import", str(directory), "--as", as_user, "--model", "m",
