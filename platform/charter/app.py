@@ -245,6 +245,9 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("unhandled error", error=repr(exc))
+        if request.path.startswith(SCIM_PREFIX):
+            return scim.error_response(CharterError(
+                "an unexpected error occurred", code="internal_error", status=500)), 500
         body = _error_body("internal_error", "an unexpected error occurred", {})
         return jsonify(body), 500
 

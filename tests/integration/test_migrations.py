@@ -20,7 +20,7 @@ TABLES = {"audit_events", "models", "model_versions", "model_files", "approval_d
           "change_generation", "files", "batches", "batch_lines", "audit_checkpoints",
           "audit_tree_nodes", "audit_keys", "audit_purged", "audit_cosignatures",
           "audit_shipments", "prices", "evaluations", "captures", "capture_records",
-          "inspection_counts", "inspection_rollup",
+          "inspection_counts", "inspection_rollup", "scim_groups", "scim_group_members",
           "alembic_version"}
 
 

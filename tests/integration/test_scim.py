@@ -162,7 +162,7 @@ def test_the_credential_opens_scim_only_and_scim_only_that_credential(scim, make
     _error(r, 401)
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     _error(client.get("/scim/v2/Users", headers={"Authorization": "Bearer chk_x_y"}), 401)
-    _error(client.get("/scim/v2/Groups", headers=auth), 404)
+    _error(client.get("/scim/v2/Bulk", headers=auth), 404)
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "scim_type"), [
@@ -202,3 +202,99 @@ def test_a_patch_that_cannot_apply_changes_nothing(scim, pg_conn) -> None:  # ty
     got = client.get(f"/scim/v2/Users/{user['id']}", headers=auth).get_json()
     assert (got["displayName"], got["userName"], got["meta"]["version"]) == (
         "Carol", "carol", 'W/"1"')
+
+
+GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+
+
+@pytest.fixture
+def mapped(configured) -> tuple[Any, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """SCIM with the groups mapped: charter-approvers -> role approver, charter-ops -> ops."""
+    import dataclasses
+
+    from charter.actor import SYSTEM
+    from charter.identity.service import scim_credential
+    from charter.identity.teams import create_team
+    from tests.runtimes import app_for
+
+    create_team(SYSTEM, name="ops", description="", entitlements={}, requests_per_day=None,
+                default_data_class="internal")
+    settings = dataclasses.replace(
+        configured, oidc_role_map='{"charter-approvers": ["approver"]}',
+        oidc_team_map='{"charter-ops": "ops"}')
+    token = scim_credential("okta").token
+    return app_for(settings).test_client(), {"Authorization": f"Bearer {token}"}
+
+
+def _roles_and_teams(pg_conn: Any, user_id: str) -> tuple[list[str], list[tuple[str, str]]]:
+    roles = [r[0] for r in pg_conn.execute(
+        "SELECT role FROM user_roles WHERE user_id = %s ORDER BY role", (user_id,))]
+    teams = [(r[0], r[1]) for r in pg_conn.execute(
+        "SELECT t.name, m.source FROM team_members m JOIN teams t ON t.id = m.team_id "
+        "WHERE m.user_id = %s ORDER BY t.name", (user_id,))]
+    return roles, teams
+
+
+def test_group_pushes_map_to_roles_and_teams_in_each_providers_shape(mapped, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    client, auth = mapped
+    dan = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "dan@example.com", "displayName": "Dan"}).get_json()
+    ops = client.post("/scim/v2/Groups", headers=auth, json={
+        "schemas": [GROUP], "displayName": "charter-ops", "members": []}).get_json()
+    approvers = client.post("/scim/v2/Groups", headers=auth, json={
+        "schemas": [GROUP], "displayName": "charter-approvers"}).get_json()
+    assert _roles_and_teams(pg_conn, dan["id"]) == ([], [])
+
+    # Okta adds a member with its display name; Entra with a capitalised op and no display.
+    r = client.patch(f"/scim/v2/Groups/{ops['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "add", "path": "members", "value": [
+            {"value": dan["id"], "display": "dan@example.com"}]}]})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert [m["value"] for m in r.get_json()["members"]] == [dan["id"]]
+    r = client.patch(f"/scim/v2/Groups/{approvers['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "Add", "path": "members", "value": [
+            {"value": dan["id"]}]}]})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert _roles_and_teams(pg_conn, dan["id"]) == (["approver"], [("ops", "idp")])
+    synced = list_events(EventFilter(action="user.roles_synced"))[-1]
+    assert synced.details["after"] == ["approver"] and synced.details["via"] == "scim"
+
+    # Entra removes with the member as the value; Okta by a filter on the path.
+    r = client.patch(f"/scim/v2/Groups/{approvers['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "Remove", "path": "members", "value": [
+            {"value": dan["id"]}]}]})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert "members" not in r.get_json()
+    r = client.patch(f"/scim/v2/Groups/{ops['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [
+            {"op": "remove", "path": f'members[value eq "{dan["id"]}"]'}]})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert _roles_and_teams(pg_conn, dan["id"]) == (["user"], [])
+
+    # A member that is no user here refuses the whole change.
+    before = client.get(f"/scim/v2/Groups/{ops['id']}", headers=auth).get_json()
+    r = client.patch(f"/scim/v2/Groups/{ops['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "add", "path": "members", "value": [
+            {"value": dan["id"]}, {"value": "no-such-user"}]}]})
+    _error(r, 400, "invalidValue")
+    assert client.get(f"/scim/v2/Groups/{ops['id']}", headers=auth).get_json() == before
+
+    # A deactivated member gets nothing from its groups; deleting a group takes back what
+    # it gave.
+    client.patch(f"/scim/v2/Groups/{ops['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "add", "path": "members",
+                                            "value": [{"value": dan["id"]}]}]})
+    assert _roles_and_teams(pg_conn, dan["id"])[1] == [("ops", "idp")]
+    r = client.delete(f"/scim/v2/Groups/{ops['id']}", headers=auth)
+    assert r.status_code == 204
+    assert _roles_and_teams(pg_conn, dan["id"])[1] == []
+    client.patch(f"/scim/v2/Users/{dan['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "replace", "path": "active",
+                                            "value": False}]})
+    client.patch(f"/scim/v2/Groups/{approvers['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "add", "path": "members",
+                                            "value": [{"value": dan["id"]}]}]})
+    assert _roles_and_teams(pg_conn, dan["id"]) == ([], [])
+    r = client.get('/scim/v2/Groups?filter=displayName+eq+"charter-approvers"', headers=auth)
+    assert [g["id"] for g in r.get_json()["Resources"]] == [approvers["id"]]
+    assert verify_chain().ok

@@ -127,3 +127,25 @@ class ConsoleSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     csrf_token: Mapped[str] = mapped_column(String(64), nullable=False)
     id_token_hint: Mapped[str | None] = mapped_column(String(4096))
+
+
+class ScimGroup(Base):
+    """A group as the identity provider provisions it over SCIM (charter.identity.scim); it
+    maps to roles and a team by its display name (CHARTER_OIDC_ROLE_MAP, _TEAM_MAP)."""
+
+    __tablename__ = "scim_groups"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), onupdate=utcnow)
+    row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+
+class ScimGroupMember(Base):
+    __tablename__ = "scim_group_members"
+
+    group_id: Mapped[str] = mapped_column(ForeignKey("scim_groups.id"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    display: Mapped[str | None] = mapped_column(String(200))  # as the provider names it

@@ -92,13 +92,13 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
                          target_type="user", target_id=user.id,
                          details={"before": before, "after": roles, "groups": groups,
                                   "via": via})
-        _sync_teams(session, settings, user, groups, via)
+        sync_teams(session, settings, user, groups, via)
         if via == "console":
             user.last_login_at = utcnow()
         return actor_of(user)
 
 
-def _sync_teams(session: Session, settings: Settings, user: User, groups: list[str],
+def sync_teams(session: Session, settings: Settings, user: User, groups: list[str],
                 via: str) -> None:
     mapping = settings.team_map
     if not mapping:
