@@ -103,6 +103,7 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/users"): R("admin", "auditor"),
     ("POST", "/api/v1/users"): R("admin", body=lambda c: {"username": f"new-{c['n']}"}),
     ("GET", "/api/v1/users/<user_id>"): R(team_scoped=True),
+    ("GET", "/api/v1/exports/users/<user_id>/offboarding"): R("admin", "auditor"),
     ("POST", "/api/v1/users/<user_id>/deprovision"): R("admin", body=lambda c: {
         "reason": "left the company"}),
     ("PUT", "/api/v1/users/<user_id>/roles"): R("admin", body=lambda c: {

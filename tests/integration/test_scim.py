@@ -114,6 +114,32 @@ def test_entra_ids_sequence_provisions_updates_and_deprovisions(scim, make_perso
                        "user.scim_delete"]
     assert verify_chain().ok
 
+    # The offboarding evidence: the account, its keys, how and how fast access ended.
+    auditor = make_person("auditor")
+    r = client.get(f"/api/v1/exports/users/{jane['id']}/offboarding",
+                   headers=auditor.headers)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    pack = r.get_json()
+    assert pack["format"] == "charter.offboarding-pack/1"
+    assert (pack["person"]["username"], pack["person"]["source"]) == (
+        "jane.doe@contoso.com", "scim")
+    first = pack["access_ended"][0]
+    assert first["via"] == "scim" and first["by"] == "provisioner:scim-entra"
+    assert 0 <= first["seconds_from_call_to_last_credential_revoked"] < 1
+    assert first["provider_call_at"] is not None and first["teams_left"] == ["ops"]
+    assert pack["open_credentials"] == [] and pack["keys"][0]["revoked_by_deprovisioning"]
+    trail = {e["seq"]: e["hash"] for e in pack["audit_trail"]}
+    for seq, hash_ in trail.items():  # each as the log holds it
+        assert pg_conn.execute("SELECT hash FROM audit_events WHERE seq = %s",
+                               (seq,)).fetchone()[0] == hash_
+    assert [e["action"] for e in pack["audit_trail"]][:2] == ["user.create",
+                                                             "api_key.create"]
+    assert client.get(f"/api/v1/exports/users/{jane['id']}/offboarding",
+                      headers=make_person("user").headers).status_code == 403
+    exported = list_events(EventFilter(action="export.offboarding", outcome="success"))[-1]
+    assert exported.details["user_id"] == jane["id"]
+    assert list_events(EventFilter(action="export.offboarding"))[-1].outcome == "denied"
+
 
 def test_oktas_sequence_with_its_own_shapes(scim, pg_conn) -> None:  # type: ignore[no-untyped-def]
     client, auth = scim

@@ -63,6 +63,13 @@ def ml_bom(actor: Actor, query: MlBomQuery) -> Response:
         "Content-Disposition": 'attachment; filename="charter-ml-bom.cdx.json"'})
 
 
+@bp.operation("GET", "/exports/users/<user_id>/offboarding",
+              summary="A person's offboarding evidence: account, keys, how access ended",
+              response=dict, errors=(403, 404))
+def offboarding(actor: Actor, user_id: str) -> object:
+    return service.export_offboarding(actor, user_id)
+
+
 @bp.operation("GET", "/exports/versions/<version_id>/evidence",
               summary="A version's approval evidence pack (JSON, or ?format=html)",
               query=EvidenceQuery, errors=(403,))

@@ -16,8 +16,9 @@ from typing import Any
 from charter.actor import Actor
 from charter.audit import service as audit
 from charter.db import utcnow
-from charter.errors import CharterError, ValidationFailedError
-from charter.exports import evidence, mlbom, records
+from charter.errors import CharterError, NotFoundError, ValidationFailedError
+from charter.exports import evidence, mlbom, offboarding, records
+from charter.identity import service as identity
 from charter.nodes import service as nodes
 from charter.registry import service as registry
 from charter.uow import record, unit_of_work
@@ -69,6 +70,21 @@ def export_evidence(actor: Actor, version_id: str, *, fmt: str = "json") -> dict
     _record(actor, "export.evidence", "evidence", {
         "version_id": version.id, "format": fmt, "audit_head_seq": head_seq,
         "events": len(pack["audit_trail"])})
+    return pack
+
+
+def export_offboarding(actor: Actor, user_id: str) -> dict[str, Any]:
+    """One person's offboarding evidence (charter.exports.offboarding), audited."""
+    actor.require(*READERS, action="export.offboarding", target_type="export",
+                  target_id="offboarding")
+    person = identity.person_record(user_id)
+    if person is None:
+        raise NotFoundError(f"no user {user_id}", code="user_not_found")
+    head_seq, head_hash = audit.head()
+    pack = offboarding.build(person, head_seq=head_seq, head_hash=head_hash,
+                             generated_by=actor.ref, generated_at=utcnow())
+    _record(actor, "export.offboarding", "offboarding", {
+        "user_id": user_id, "audit_head_seq": head_seq, "events": len(pack["audit_trail"])})
     return pack
 
 

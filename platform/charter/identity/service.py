@@ -344,6 +344,27 @@ def scim_credential(name: str) -> IssuedKey:
     return create_api_key(SYSTEM, user_id, name=f"scim {utcnow():%Y-%m-%d}")
 
 
+def person_record(user_id: str) -> dict[str, Any] | None:
+    """A person's account and keys as the offboarding evidence shows them (no secret, no
+    digest): None when there is no such user."""
+    with unit_of_work() as session:
+        user = session.get(User, user_id)
+        if user is None:
+            return None
+        keys = session.scalars(select(ApiKey).where(ApiKey.user_id == user_id)
+                               .order_by(ApiKey.created_at)).all()
+        return {
+            "id": user.id, "username": user.username, "display_name": user.display_name,
+            "kind": user.kind, "source": user.source, "external_id": user.external_id,
+            "external_issuer": user.external_issuer, "active": user.active,
+            "roles": user.roles, "created_at": user.created_at,
+            "last_login_at": user.last_login_at, "deprovisioned_at": user.deprovisioned_at,
+            "keys": [{"id": k.id, "name": k.name, "created_at": k.created_at,
+                      "created_by": k.created_by, "expires_at": k.expires_at,
+                      "revoked_at": k.revoked_at, "last_used_at": k.last_used_at}
+                     for k in keys]}
+
+
 # --- reads for the console (it never queries identity's tables itself) ---------------------
 
 def user_id_by_name(username: str) -> str:
