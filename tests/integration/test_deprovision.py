@@ -89,3 +89,38 @@ def test_deprovisioning_ends_every_access_in_one_transaction(configured, make_pe
         assert verify_chain().ok
     finally:
         world.node.stop()
+
+
+def test_the_console_shows_where_users_came_from_and_ends_access(configured, make_person) -> None:  # type: ignore[no-untyped-def]
+    from charter.actor import SYSTEM
+    from charter.identity.service import create_api_key
+    from tests.console_support import notices
+    from tests.runtimes import app_for
+
+    app = app_for(configured)
+    leaver = make_person("steward")
+    key = create_api_key(SYSTEM, leaver.actor.user_id, name="laptop").token
+    assert app.test_client().get("/api/v1/me", headers={
+        "Authorization": f"Bearer {key}"}).status_code == 200  # its last activity
+    admin = Console(app, make_person("admin").actor.user_id)
+    page = admin.get("/console/access/users").text
+    row = page.split(f'id="user-{leaver.actor.username}"')[1].split("</tr>")[0]
+    assert 'data-source="local"' in row and "<time" in row
+
+    page = admin.post(f"/console/access/users/{leaver.actor.user_id}/deprovision",
+                      {"reason": "left the company"}).text
+    assert "Access of" in notices(page, "ok")[0] and "2 keys revoked" in notices(page, "ok")[0]
+    assert 'id="deprovision"' not in page  # nothing left to end
+    history = page.split('id="user-history"')[1]
+    assert "user.deprovision" in history and "via admin: 2 keys revoked" in history
+    r = admin.get(f"/console/access/users/{leaver.actor.user_id}/offboarding")
+    assert r.status_code == 200 and r.get_json()["access_ended"][0]["via"] == "admin"
+    row = admin.get("/console/access/users").text.split(
+        f'id="user-{leaver.actor.username}"')[1].split("</tr>")[0]
+    assert "deprovisioned" in row
+    plain = Console(app, make_person("user").actor.user_id)
+    assert plain.get(f"/console/access/users/{leaver.actor.user_id}/offboarding"
+                     ).status_code == 403
+    r = plain.post(f"/console/access/users/{leaver.actor.user_id}/deprovision",
+                   {"reason": "try"})
+    assert "(forbidden)" in notices(r.text, "error")[0]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from charter import scope
@@ -399,6 +399,19 @@ def may_manage_team(actor: Actor, team_id: str) -> bool:
 def may_manage_keys(actor: Actor, user: User) -> bool:
     with unit_of_work() as session:
         return can_manage_keys(session, actor, user)
+
+
+def last_activity() -> dict[str, datetime]:
+    """user id -> its latest sign-in or use of one of its keys (the console's users list)."""
+    with unit_of_work() as session:
+        out: dict[str, datetime] = {}
+        rows = [*session.execute(select(User.id, User.last_login_at)),
+                *session.execute(select(ApiKey.user_id, func.max(ApiKey.last_used_at))
+                                 .group_by(ApiKey.user_id))]
+        for user_id, when in rows:
+            if when is not None and (user_id not in out or when > out[user_id]):
+                out[user_id] = when
+        return out
 
 
 def team_names() -> dict[str, str]:

@@ -19,12 +19,13 @@ from pydantic import ValidationError
 from werkzeug.wrappers import Response
 
 from charter import scope
+from charter.audit.service import EventFilter, list_events
 from charter.console.blueprint import bp
 from charter.console.ui import action, form_list, problems, render
 from charter.db import utcnow
 from charter.errors import CharterError, ValidationFailedError
+from charter.identity import lifecycle, teams
 from charter.identity import service as identity
-from charter.identity import teams
 from charter.identity.api import TeamCreate, TeamUpdate
 from charter.identity.models import ROLES, TEAM_ROLES
 from charter.metering import service as metering
@@ -193,9 +194,11 @@ def user_keys(user_id: str) -> Response:
     user = identity.get_user(g.actor, user_id)
     keys = identity.list_api_keys(g.actor, user_id)
     owner = teams.get_team(g.actor, user.owner_team_id) if user.owner_team_id else None
+    history = (list_events(EventFilter(target_type="user", target_id=user.id, limit=200))
+               if g.actor.has("admin", "auditor") else [])
     return render("console/pages/access_user.html", section="access", title=user.username,
                   user=user, keys=keys, owner_team=owner, manage=identity.may_manage_keys(
-                      g.actor, user),
+                      g.actor, user), history=history,
                   now=utcnow(), default_ttl=scope.current().settings
                   .api_key_default_ttl_days)
 
@@ -248,7 +251,8 @@ def users() -> Response:
     # here would be undone at their next sign-in, so it is not offered.
     idp_roles = bool(scope.current().settings.oidc_role_map)
     return render("console/pages/access_users.html", section="access", title="Users",
-                  users=everyone, roles=ROLES, team_names=names, idp_roles=idp_roles)
+                  users=everyone, roles=ROLES, team_names=names, idp_roles=idp_roles,
+                  activity=identity.last_activity())
 
 
 @bp.post("/access/users")
@@ -261,6 +265,16 @@ def user_create() -> str:
                                 display_name=request.form.get("display_name", "").strip(),
                                 kind="user", roles=roles)
     return f"Created {user.username} ({', '.join(user.roles) or 'no roles'})."
+
+
+@bp.post("/access/users/<user_id>/deprovision")
+@action(lambda user_id: url_for("console.user_keys", user_id=user_id))
+def user_deprovision(user_id: str) -> str:
+    done = lifecycle.deprovision(g.actor, user_id, via="admin",
+                                 reason=request.form.get("reason", "").strip()[:500]
+                                 or "ended in the console")
+    return (f"Access of {done.username} ended: {len(done.keys_revoked)} keys revoked, "
+            f"{done.sessions_ended} sessions ended, roles and teams removed.")
 
 
 @bp.post("/access/users/<user_id>/roles")

@@ -150,3 +150,11 @@ def version_evidence(version_id: str) -> Response:
         return Response(exports.evidence_html(pack), content_type="text/html; charset=utf-8")
     return Response(json.dumps(pack, indent=2), mimetype="application/json", headers={
         "Content-Disposition": f'attachment; filename="evidence-{version_id}.json"'})
+
+
+@bp.get("/access/users/<user_id>/offboarding")
+def user_offboarding(user_id: str) -> Response:
+    """A person's offboarding evidence, for an auditor's or admin's download."""
+    pack = exports.export_offboarding(g.actor, user_id)
+    return Response(json.dumps(pack, indent=2), mimetype="application/json", headers={
+        "Content-Disposition": f'attachment; filename="offboarding-{user_id}.json"'})
