@@ -119,6 +119,27 @@ def scim_credential(name: str) -> None:
                   "uses this")
 
 
+@users.command("reconcile")
+@click.option("--file", "path", default=None,
+              help="The directory export (default: CHARTER_DIRECTORY_FILE).")
+@click.option("--dry-run", is_flag=True, help="Say who would be deprovisioned; change nothing.")
+def users_reconcile(path: str | None, dry_run: bool) -> None:
+    """Deprovision the identity provider's people its directory export no longer lists."""
+    from charter.identity.reconcile import reconcile
+
+    settings = command_runtime().settings
+    done = reconcile(path or settings.directory_file,
+                     max_removals=settings.directory_max_removals, dry_run=dry_run)
+    for name in done.ended:
+        click.echo(name)
+    verb = "would end" if dry_run else "ended"
+    console.print(f"{done.listed} listed, {done.checked} of the provider's people checked; "
+                  f"{verb} {len(done.ended)}" + (f"; REFUSED: {done.refused}"
+                                                  if done.refused else ""))
+    if done.refused:
+        raise SystemExit(3)
+
+
 # --- models ---------------------------------------------------------------------------
 @main.group()
 def models() -> None:

@@ -164,6 +164,20 @@ class Settings:
         "or a version without one: a rough count (UTF-8 bytes / 4). Either is marked "
         "estimated.",
     )
+    directory_file: str = _setting(
+        "",
+        "Reconciliation for a provider without SCIM (charter.identity.reconcile): a "
+        "directory export of who is still here (CSV or JSON); the provider's people it no "
+        "longer lists are deprovisioned every CHARTER_DIRECTORY_INTERVAL_S. Empty: off.",
+    )
+    directory_interval_s: float = _setting(
+        3600.0, "Seconds between reconciliations with the directory export."
+    )
+    directory_max_removals: float = _setting(
+        0.1, "The most of the provider's people one reconciliation may deprovision, as a "
+        "fraction; an export that would end more (or lists nobody) changes nothing and is "
+        "raised (a truncated export must not end everyone's access)."
+    )
     capture_key_file: str = _setting(
         "",
         "Investigation captures (charter.inspection.captures): the file holding the "
@@ -403,6 +417,10 @@ class Settings:
         problems: list[str] = []
         if self.max_body_bytes < 1024:
             problems.append("CHARTER_MAX_BODY_BYTES: must be at least 1024")
+        if not 0 < self.directory_max_removals <= 1:
+            problems.append("CHARTER_DIRECTORY_MAX_REMOVALS: a fraction above 0, at most 1")
+        if self.directory_interval_s < 60:
+            problems.append("CHARTER_DIRECTORY_INTERVAL_S: at least 60 seconds")
         if not 1 <= self.capture_max_hours <= 24 * 31:
             problems.append("CHARTER_CAPTURE_MAX_HOURS: must be between 1 and 744")
         if not 1 <= self.capture_max_retain_days <= 3650:

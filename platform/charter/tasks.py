@@ -25,6 +25,7 @@ from charter.audit import checkpoints, retention, ship
 from charter.audit.service import scheduled_walk
 from charter.batches import files, lanes
 from charter.batches import service as batches
+from charter.identity.reconcile import reconcile
 from charter.inspection import captures, counts
 from charter.nodes.service import probe_round
 from charter.registry.service import expire_approvals
@@ -67,6 +68,8 @@ def schedule(s: Settings) -> dict[str, float]:
         periodic["charter.audit.walk"] = s.audit_walk_interval_s
     if s.audit_siem_syslog or s.audit_siem_otlp:
         periodic["charter.audit.ship"] = s.audit_siem_interval_s
+    if s.directory_file:
+        periodic["charter.identity.reconcile"] = s.directory_interval_s
     return periodic
 
 
@@ -96,6 +99,10 @@ def _maintenance(rt: Runtime) -> None:
     captures.purge_due()
 
 
+def _reconcile(rt: Runtime) -> None:
+    reconcile(rt.settings.directory_file, max_removals=rt.settings.directory_max_removals)
+
+
 def _checkpoint(rt: Runtime) -> None:
     checkpoints.issue(rt.settings)
 
@@ -117,6 +124,7 @@ TASKS: dict[str, Callable[..., None]] = {
     "charter.batches.sweep": _sweep,
     "charter.nodes.probe": _probe,
     "charter.maintenance": _maintenance,
+    "charter.identity.reconcile": _reconcile,
 }
 
 
