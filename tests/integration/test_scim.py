@@ -196,6 +196,10 @@ def test_the_credential_opens_scim_only_and_scim_only_that_credential(scim, make
     ("post", "/scim/v2/Users", {"schemas": [USER], "userName": "ok", "active": 5}, 400,
      "invalidValue"),
     ("post", "/scim/v2/Users", {"schemas": [USER]}, 400, "invalidValue"),
+    ("post", "/scim/v2/Users", {"schemas": [USER], "userName": "ok", "isAdmin": True}, 400,
+     "invalidValue"),  # an attribute no schema declares
+    ("post", "/scim/v2/Users", {"schemas": ["urn:example:custom"], "userName": "ok"}, 400,
+     "invalidValue"),
     ("post", "/scim/v2/Users", ["not", "an", "object"], 400, "invalidSyntax"),
     ("get", '/scim/v2/Users?filter=userName+eq+"a"+or+userName+pr', None, 400,
      "invalidFilter"),

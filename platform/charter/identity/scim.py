@@ -290,8 +290,13 @@ def _bool(value: Any) -> Any:
 
 
 def _quirks(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entra's string booleans; and `emails` dropped before validation: Charter keeps
+    none, and the validator refuses addresses providers do send (Okta's examples use
+    `@okta.local`, a special-use domain)."""
     if "active" in payload:
         payload = {**payload, "active": _bool(payload["active"])}
+    if "emails" in payload:
+        payload = {k: v for k, v in payload.items() if k != "emails"}
     return payload
 
 
