@@ -30,6 +30,7 @@ PY = sys.executable
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "audit_append": ("audit_append.py", [], ["--events", "2000", "--rounds", "2"]),
     "audit_head": ("audit_head.py", ["--seconds", "5"], ["--seconds", "1.5"]),
+    "scaleout": ("scaleout.py", ["--duration", "5"], ["--duration", "2"]),
     "policy": ("policy.py", [], ["--inprocess", "500", "--remote", "200"]),
     "verify": ("verify.py", [], ["--events", "5000", "--rounds", "2"]),
     "gateway_200": ("gateway.py", ["--streams", "200"],
