@@ -328,3 +328,32 @@ def test_group_pushes_map_to_roles_and_teams_in_each_providers_shape(mapped, pg_
     r = client.get('/scim/v2/Groups?filter=displayName+eq+"charter-approvers"', headers=auth)
     assert [g["id"] for g in r.get_json()["Resources"]] == [approvers["id"]]
     assert verify_chain().ok
+
+
+def test_a_provisioned_person_signing_in_uses_the_same_account(scim) -> None:  # type: ignore[no-untyped-def]
+    """The provider provisions over SCIM, then the person signs in with SSO for the first
+    time: the SCIM account is linked to the subject, not duplicated; a deactivated one
+    stays closed."""
+    from charter.errors import UnauthenticatedError
+    from charter.identity.sso import provision
+    from charter.settings import Settings
+
+    client, auth = scim
+    erin = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "Erin@Contoso.com", "displayName": "Erin"}).get_json()
+    settings = Settings.from_env({}, secret_key="x" * 40)
+    claims = {"iss": "https://login.example/v2.0", "sub": "erin-sub",
+              "preferred_username": "erin@contoso.com", "name": "Erin"}
+    actor = provision(settings, claims, via="console")
+    assert actor.user_id == erin["id"]
+    assert provision(settings, claims, via="api").user_id == erin["id"]  # by subject now
+    linked = list_events(EventFilter(action="user.linked"))[-1]
+    assert linked.target_id == erin["id"] and linked.details["issuer"] == claims["iss"]
+
+    frank = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "frank@contoso.com", "active": False}).get_json()
+    with pytest.raises(UnauthenticatedError) as closed:
+        provision(settings, {**claims, "sub": "frank-sub",
+                             "preferred_username": "frank@contoso.com"}, via="console")
+    assert closed.value.code == "account_disabled"
+    assert frank["active"] is False

@@ -59,6 +59,30 @@ def _username(session: Session, claims: dict[str, Any]) -> str:
     return name
 
 
+def _provisioned(session: Session, claims: dict[str, Any], issuer: str, subject: str,
+                 via: str) -> User | None:
+    """The account the identity provider made over SCIM for the person now signing in for
+    the first time (same user name, or e-mail, without case; not yet linked to a subject),
+    linked to this subject (`user.linked`); None when there is none. A person provisioned
+    over SCIM therefore has one account, whichever way they arrive first."""
+    names = {str(claims[k]).strip().lower() for k in ("preferred_username", "email", "upn")
+             if claims.get(k)}
+    if not names:
+        return None
+    user = session.scalar(select(User).where(
+        User.source == "scim", User.kind == "user", User.external_subject.is_(None),
+        User.scim_deleted_at.is_(None), User.username.in_(names)).limit(1))
+    if user is None:
+        return None
+    user.external_issuer, user.external_subject = issuer, subject
+    user.row_version += 1
+    session.flush()
+    record(session, actor=f"user:{user.username}", action="user.linked", target_type="user",
+           target_id=user.id, details={"issuer": issuer, "via": via,
+                                       "matched": "username"})
+    return user
+
+
 def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
     """Find or create the user behind verified claims and bring roles and teams in line."""
     issuer, subject = claims.get("iss"), claims.get("sub")
@@ -68,6 +92,8 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
     with unit_of_work() as session:
         user = session.scalar(select(User).where(User.external_issuer == issuer,
                                                  User.external_subject == subject))
+        if user is None:
+            user = _provisioned(session, claims, issuer, subject, via)
         if user is None:
             user = User(id=str(uuid.uuid4()), username=_username(session, claims),
                         display_name=str(claims.get("name") or "")[:200],
