@@ -65,9 +65,10 @@ def ml_bom(actor: Actor, query: MlBomQuery) -> Response:
 
 @bp.operation("GET", "/exports/users/<user_id>/offboarding",
               summary="A person's offboarding evidence: account, keys, how access ended",
-              response=dict, errors=(403, 404))
-def offboarding(actor: Actor, user_id: str) -> object:
-    return service.export_offboarding(actor, user_id)
+              errors=(403, 404))
+def offboarding(actor: Actor, user_id: str) -> Response:
+    pack = service.export_offboarding(actor, user_id)
+    return Response(json.dumps(pack, indent=2), mimetype="application/json")
 
 
 @bp.operation("GET", "/exports/versions/<version_id>/evidence",
