@@ -34,8 +34,11 @@ ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve()
 BODY = b'{"inputs":"Hello, world","parameters":{"max_new_tokens":8}}'
-GOAL_P50_MS, GOAL_P99_MS, GOAL_CPU_MS, GOAL_STREAMS = 3.0, 10.0, 3.0, 200
-GOAL_PEER_RATIO = 5.0  # Charter's throughput over LiteLLM's proxy, same upstream
+# Issue 26's goals, everything on: added latency at c=1, CPU per request, streams.
+GOAL_P50_MS, GOAL_P99_MS, GOAL_CPU_MS, GOAL_STREAMS = 1.0, 3.0, 3.0, 200
+GOAL_PEER_RATIO = 10.0  # Charter's throughput over LiteLLM's proxy, same upstream
+GOAL_PEER_CPU = 0.08  # Charter's CPU per request over LiteLLM's
+GOAL_TTFT_RATIO, GOAL_STREAM_CPU_RATIO = 3.0, 2.0  # streams: against going direct
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -1068,9 +1071,9 @@ def _descendants(pid: int) -> list[int]:
 
 
 def report_peer(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]]
-                ) -> tuple[float, float]:
+                ) -> tuple[float, float, float]:
     """The OpenAI chat route: direct, Charter and LiteLLM side by side; (Charter's throughput,
-    LiteLLM's)."""
+    LiteLLM's, Charter's CPU per request over LiteLLM's)."""
     from rich.table import Table
 
     med = statistics.median
@@ -1098,7 +1101,7 @@ def report_peer(console: Any, args: argparse.Namespace, rounds: list[dict[str, A
     console.print("  Charter's row has everything on (API key, dispatch policy, decision event "
                   "committed before dispatch, outcome event, usage); LiteLLM's proxy runs with a "
                   "master key and no database, i.e. less work.")
-    return rps["charter"], rps["litellm"]
+    return rps["charter"], rps["litellm"], cpu["charter"] / max(1e-9, cpu["litellm"])
 
 
 def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
@@ -1157,6 +1160,7 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   "the c=32 runs (interference), in cores.")
     peer_rps = report_peer(console, args, peer) if peer else None
     peer_ok = (peer_rps[0] >= GOAL_PEER_RATIO * peer_rps[1]) if peer_rps else None
+    peer_cpu_ok = (peer_rps[2] <= GOAL_PEER_CPU) if peer_rps else None
     if peer is None:
         console.print("  LiteLLM's proxy was not run (install it in a separate environment, "
                       "`python -m venv /tmp/ll && /tmp/ll/bin/pip install 'litellm[proxy]'`, and "
@@ -1195,6 +1199,11 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
         vals = [_pct(r[path]["ttft"], .5) for r in rounds if r[path]["ttft"]]
         return med(vals) if vals else float("nan")
 
+    ttft_ratio = ttft("charter_streams") / max(1e-9, ttft("direct_streams"))
+    stream_cpu_ratio = (med(r["charter_streams"]["cpu"]["charter"] for r in rounds)
+                        / max(1e-9, med(r["direct_streams"]["cpu"]["upstream"]
+                                        for r in rounds)))
+
     figures = [
         figure("added latency p50 at c=1", added50, "ms", baseline="direct",
                baseline_value=lat("direct", .5), goal=f"<= {GOAL_P50_MS:g} ms",
@@ -1216,6 +1225,14 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
         figures.append(figure("requests/s at c=32, Charter vs LiteLLM", peer_rps[0], "/s",
                               baseline="LiteLLM proxy", baseline_value=peer_rps[1],
                               goal=f">= {GOAL_PEER_RATIO:g}x", met=peer_ok))
+        figures.append(figure("CPU per request, Charter over LiteLLM", peer_rps[2], "x",
+                              goal=f"<= {GOAL_PEER_CPU:g}x", met=peer_cpu_ok))
+    figures += [
+        figure(f"{args.streams} streams: TTFT p50 over direct", ttft_ratio, "x",
+               goal=f"<= {GOAL_TTFT_RATIO:g}x", met=ttft_ratio <= GOAL_TTFT_RATIO),
+        figure(f"{args.streams} streams: server CPU over direct", stream_cpu_ratio, "x",
+               goal=f"<= {GOAL_STREAM_CPU_RATIO:g}x",
+               met=stream_cpu_ratio <= GOAL_STREAM_CPU_RATIO)]
     emit(f"gateway_{args.streams}_streams", figures, workers=args.workers,
          threads=args.threads, rounds=args.rounds)
     g = Table(title="Goals")
@@ -1230,7 +1247,15 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
          f"{stream_errors} errors in {args.rounds} x {args.streams}",
          stream_errors == 0 and args.streams >= GOAL_STREAMS),
         (f">= {GOAL_PEER_RATIO:g}x LiteLLM's throughput (c=32, same stub)",
-         "see the table above" if peer_ok is not None else "not run", peer_ok),
+         f"{peer_rps[0] / max(1e-9, peer_rps[1]):.1f}x" if peer_rps else "not run", peer_ok),
+        (f"CPU per request <= {GOAL_PEER_CPU:g}x LiteLLM's",
+         f"{peer_rps[2]:.2f}x" if peer_rps else "not run", peer_cpu_ok),
+        (f"{args.streams} streams: TTFT p50 <= {GOAL_TTFT_RATIO:g}x direct",
+         f"{ttft_ratio:.1f}x", ttft_ratio <= GOAL_TTFT_RATIO),
+        (f"{args.streams} streams: server CPU <= {GOAL_STREAM_CPU_RATIO:g}x direct",
+         f"{stream_cpu_ratio:.1f}x", stream_cpu_ratio <= GOAL_STREAM_CPU_RATIO),
+        ("RSS per API worker after the run (reported)",
+         f"{profile.get('worker_rss_mb', 0.0):.0f} MB", None),
     ):
         mark = ("[dim]-[/dim]" if ok is None else "[green]yes[/green]" if ok
                 else "[red]NO[/red]")
