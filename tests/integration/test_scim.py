@@ -330,30 +330,70 @@ def test_group_pushes_map_to_roles_and_teams_in_each_providers_shape(mapped, pg_
     assert verify_chain().ok
 
 
-def test_a_provisioned_person_signing_in_uses_the_same_account(scim) -> None:  # type: ignore[no-untyped-def]
+def test_a_provisioned_person_signing_in_uses_the_same_account(scim, make_person) -> None:  # type: ignore[no-untyped-def]
     """The provider provisions over SCIM, then the person signs in with SSO for the first
-    time: the SCIM account is linked to the subject, not duplicated; a deactivated one
-    stays closed."""
+    time: the SCIM account whose externalId is the token's `oid` (or `sub`) is linked to
+    the subject, not duplicated. A user name or e-mail claim never links (a person may set
+    those for themselves at some providers); a deactivated account stays closed."""
     from charter.errors import UnauthenticatedError
     from charter.identity.sso import provision
     from charter.settings import Settings
 
     client, auth = scim
     erin = client.post("/scim/v2/Users", headers=auth, json={
-        "schemas": [USER], "userName": "Erin@Contoso.com", "displayName": "Erin"}).get_json()
+        "schemas": [USER], "userName": "Erin@Contoso.com", "displayName": "Erin",
+        "externalId": "2c1d-oid-erin"}).get_json()
     settings = Settings.from_env({}, secret_key="x" * 40)
-    claims = {"iss": "https://login.example/v2.0", "sub": "erin-sub",
+    # Mallory claims Erin's name and address: a new account, not Erin's.
+    mallory = provision(settings, {"iss": "https://login.example/v2.0", "sub": "mallory",
+                                   "oid": "9f9f-oid-mallory",
+                                   "preferred_username": "erin@contoso.com",
+                                   "email": "erin@contoso.com"}, via="console")
+    assert mallory.user_id != erin["id"]
+    claims = {"iss": "https://login.example/v2.0", "sub": "erin-sub", "oid": "2c1d-oid-erin",
               "preferred_username": "erin@contoso.com", "name": "Erin"}
     actor = provision(settings, claims, via="console")
     assert actor.user_id == erin["id"]
     assert provision(settings, claims, via="api").user_id == erin["id"]  # by subject now
     linked = list_events(EventFilter(action="user.linked"))[-1]
-    assert linked.target_id == erin["id"] and linked.details["issuer"] == claims["iss"]
+    assert linked.target_id == erin["id"] and linked.details["matched"] == "externalId"
 
-    frank = client.post("/scim/v2/Users", headers=auth, json={
-        "schemas": [USER], "userName": "frank@contoso.com", "active": False}).get_json()
+    client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "frank@contoso.com", "externalId": "oid-frank",
+        "active": False})
     with pytest.raises(UnauthenticatedError) as closed:
-        provision(settings, {**claims, "sub": "frank-sub",
-                             "preferred_username": "frank@contoso.com"}, via="console")
+        provision(settings, {**claims, "sub": "frank-sub", "oid": "oid-frank"},
+                  via="console")
     assert closed.value.code == "account_disabled"
-    assert frank["active"] is False
+
+
+def test_scim_never_reaches_a_local_account(scim, make_person, pg_conn) -> None:  # type: ignore[no-untyped-def]
+    """A local account (an admin's, a break-glass admin) is not the provider's: SCIM does
+    not list, change, deactivate or group it."""
+    client, auth = scim
+    admin = make_person("admin")
+    uid = admin.actor.user_id
+    r = client.get(f'/scim/v2/Users?filter=userName+eq+"{admin.actor.username}"',
+                   headers=auth)
+    assert r.get_json()["totalResults"] == 0
+    _error(client.get(f"/scim/v2/Users/{uid}", headers=auth), 404)
+    _error(client.patch(f"/scim/v2/Users/{uid}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "replace", "path": "active",
+                                            "value": False}]}), 404)
+    _error(client.delete(f"/scim/v2/Users/{uid}", headers=auth), 404)
+    _error(client.post("/scim/v2/Groups", headers=auth, json={
+        "schemas": [GROUP], "displayName": "g", "members": [{"value": uid}]}), 400)
+    row = pg_conn.execute("SELECT active FROM users WHERE id = %s", (uid,)).fetchone()
+    assert row[0] is True
+
+
+def test_an_omitted_active_changes_nothing(scim) -> None:  # type: ignore[no-untyped-def]
+    client, auth = scim
+    gail = client.post("/scim/v2/Users", headers=auth, json={
+        "schemas": [USER], "userName": "gail", "active": False}).get_json()
+    r = client.put(f"/scim/v2/Users/{gail['id']}", headers=auth, json={
+        "schemas": [USER], "userName": "gail", "displayName": "Gail"})
+    assert r.status_code == 200 and r.get_json()["active"] is False
+    r = client.patch(f"/scim/v2/Users/{gail['id']}", headers=auth, json={
+        "schemas": [PATCH], "Operations": [{"op": "remove", "path": "active"}]})
+    assert r.get_json()["active"] is False  # refused or unchanged: never reopened

@@ -115,7 +115,7 @@ def test_an_openai_stream_is_redacted_as_it_passes(detector: Detector) -> None:
     assert all(e["model"] == "tiny" for e in events)
     assert CARD.encode() not in out and b"4111" not in out
     assert passing.text() == "pay with 4111 1111 1111 1111 today"  # as generated: counted
-    assert passing.redactors[0].counts == {"CREDIT_CARD": 1}
+    assert passing.redactors[(0, "content")].counts == {"CREDIT_CARD": 1}
     assert out.endswith(b"data: [DONE]\n\n")
 
 
@@ -163,3 +163,42 @@ def test_whole_answers_are_redacted_in_each_protocol(detector: Detector) -> None
     assert out[0]["details"]["best_of_sequences"][0] == {"generated_text": "<CREDIT_CARD>",
                                                          "tokens": []}
     assert redacted_answer("tgi", b"not json", replace) == b"not json"
+
+
+def test_tool_call_arguments_reasoning_and_refusals_are_redacted_too(detector: Detector) -> None:
+    """Not only the content: a model that calls a tool with a card number in its arguments,
+    or reasons about one, has it replaced as well, whole and streamed."""
+    def replace(text: str) -> str:
+        return detector.redact(text, ["CREDIT_CARD"])[0]
+
+    whole = {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": None, "reasoning_content": f"the card is {CARD}",
+        "refusal": f"I will not charge {CARD}",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "charge", "arguments": json.dumps({"card": CARD})}}]}}]}
+    out = redacted_answer("openai", json.dumps(whole).encode(), replace)
+    assert b"4111" not in out
+    message = json.loads(out)["choices"][0]["message"]
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "card": "<CREDIT_CARD>"}
+    assert message["reasoning_content"] == "the card is <CREDIT_CARD>"
+
+    passing = StreamFilter("openai", "tiny", strip_usage=False,
+                           redactor=lambda: StreamRedactor(detector, ["CREDIT_CARD"]))
+    args = json.dumps({"card": CARD})
+    chunks = [{"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": None,
+               "delta": {"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 5]}}]}}]}
+              for i in range(0, len(args), 5)]
+    chunks.append({"id": "c", "model": "m", "choices": [
+        {"index": 0, "delta": {"reasoning_content": f"card {CARD}"}, "finish_reason": None}]})
+    chunks.append({"id": "c", "model": "m", "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    out = passing.feed(_sse(*chunks))
+    assert b"4111" not in out
+    events = _data(out)
+    joined = "".join(c["function"]["arguments"] for e in events for ch in e["choices"]
+                     for c in ch["delta"].get("tool_calls") or [])
+    assert json.loads(joined) == {"card": "<CREDIT_CARD>"}
+    reasoning = "".join(ch["delta"].get("reasoning_content") or "" for e in events
+                        for ch in e["choices"])
+    assert reasoning == "card <CREDIT_CARD>"

@@ -142,7 +142,8 @@ def embedding_usage(protocol: str, body: Any, headers: Any) -> int | None:
 
 def redacted_answer(protocol: str, content: bytes, replace: Callable[[str], str]) -> bytes:
     """A whole answer with each generated text put through `replace`: OpenAI's choices'
-    message content or text (their `logprobs` removed), TGI's `generated_text` and its
+    message content, reasoning, refusal and tool calls' arguments, or a completion's text
+    (their `logprobs` removed), TGI's `generated_text` and its
     best-of sequences' (their token lists emptied: tokens carry the text). Anything that
     is not such an answer comes back as it was."""
     try:
@@ -154,10 +155,14 @@ def redacted_answer(protocol: str, content: bytes, replace: Callable[[str], str]
             if not isinstance(choice, dict):
                 continue
             message = choice.get("message")
-            holder, key = (message, "content") if isinstance(message, dict) else (choice,
-                                                                                   "text")
-            if isinstance(holder.get(key), str):
-                holder[key] = replace(holder[key])
+            holder = message if isinstance(message, dict) else choice
+            for key in TEXT_FIELDS if isinstance(message, dict) else ("text",):
+                if isinstance(holder.get(key), str):
+                    holder[key] = replace(holder[key])
+            for call in (holder.get("tool_calls") or ()) if isinstance(message, dict) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    function["arguments"] = replace(function["arguments"])
             if choice.get("logprobs") is not None:
                 choice["logprobs"] = None
     elif protocol == "tgi":
@@ -210,6 +215,11 @@ class Redactor(Protocol):
         """What it replaced, by type."""
 
 
+# The texts an OpenAI-shaped answer's message (or a stream's delta) carries besides tool
+# calls: the content, the reasoning some engines return beside it (vLLM), a refusal.
+TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
 class StreamFilter:
     """What passes from a node's stream of server-sent events to the caller, event by
     event (a partial event waits for the next chunk): OpenAI events get the serving name
@@ -234,9 +244,10 @@ class StreamFilter:
         self._redactor = redactor
         self.redactors: dict[Any, Redactor] = {}  # a choice's index -> its redactor
 
-    def _redacting(self, index: Any) -> Redactor:
+    def _redacting(self, key: Any) -> Redactor:
+        """The redactor of one text of the answer: a choice's (TGI: 0), or one field of a
+        choice (`(index, field)`, `(index, "tool", n)` for a tool call's arguments)."""
         assert self._redactor is not None
-        key = index if isinstance(index, int) else 0
         if key not in self.redactors:
             self.redactors[key] = self._redactor()
         return self.redactors[key]
@@ -321,15 +332,39 @@ class StreamFilter:
             b"\r" if line.endswith(b"\r") else b"")
 
     def _redact_choice(self, choice: dict[str, Any]) -> None:
-        redactor = self._redacting(choice.get("index"))
+        """Every text a streamed choice carries, each through its own redactor: the content
+        (or a completion's text), the reasoning and refusal texts, each tool call's
+        arguments; at the choice's end what each held back is flushed into this chunk."""
+        index = choice.get("index") if isinstance(choice.get("index"), int) else 0
         delta = choice.get("delta")
-        holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
-        text = holder.get(key)
-        out = redactor.feed(text) if isinstance(text, str) else ""
-        if choice.get("finish_reason") is not None:
-            out += redactor.finish()
-        if isinstance(text, str) or out:
-            holder[key] = out
+        holder = delta if isinstance(delta, dict) else choice
+        fields = TEXT_FIELDS if isinstance(delta, dict) else ("text",)
+        ending = choice.get("finish_reason") is not None
+        for name in fields:
+            text = holder.get(name)
+            if isinstance(text, str):
+                holder[name] = self._redacting((index, name)).feed(text)
+        calls = holder.get("tool_calls") if isinstance(delta, dict) else None
+        for n, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                at = call.get("index") if isinstance(call.get("index"), int) else n
+                function["arguments"] = self._redacting((index, "tool", at)).feed(
+                    function["arguments"])
+        if ending:
+            for key, redactor in list(self.redactors.items()):
+                if not (isinstance(key, tuple) and key[0] == index):
+                    continue
+                rest = redactor.finish()
+                if not rest:
+                    continue
+                if key[1] == "tool":
+                    if not isinstance(holder.get("tool_calls"), list):
+                        holder["tool_calls"] = []
+                    holder["tool_calls"].append({"index": key[2],
+                                                 "function": {"arguments": rest}})
+                else:
+                    holder[key[1]] = (holder.get(key[1]) or "") + rest
         if choice.get("logprobs") is not None:
             choice["logprobs"] = None
 

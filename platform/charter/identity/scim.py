@@ -253,9 +253,15 @@ def _params(source: Any) -> ResponseParameters[Any] | None:
                         scim_type="invalidValue") from None
 
 
+# Whom SCIM reads and changes: the provider's people (made over SCIM, or by a first SSO
+# sign-in before SCIM was set up); never a local account (an admin's, a break-glass admin).
+PROVIDERS_PEOPLE = ("scim", "sso")
+
+
 def _live(session: Any, user_id: str) -> UserRow:
     row: UserRow | None = session.get(UserRow, user_id, with_for_update=True)
-    if row is None or row.kind != "user" or row.scim_deleted_at is not None:
+    if (row is None or row.kind != "user" or row.scim_deleted_at is not None
+            or row.source not in PROVIDERS_PEOPLE):
         raise ScimError(f"no user {user_id}", status=404, code="not_found")
     return row
 
@@ -386,7 +392,8 @@ def search_all() -> Response:
     raw, start, count, body = _search_body()
     start, count = max(1, start), min(MAX_COUNT, max(0, count))
     users: Any = select(UserRow).where(UserRow.kind == "user",
-                                       UserRow.scim_deleted_at.is_(None))
+                                       UserRow.scim_deleted_at.is_(None),
+                                       UserRow.source.in_(PROVIDERS_PEOPLE))
     groups: Any = select(ScimGroup)
     if raw is not None:
         found = _ROOT_FILTER.match(raw) if len(raw) <= MAX_FILTER else None
@@ -422,7 +429,8 @@ def _search(raw: str | None, start: int, count: int,
             params: ResponseParameters[Any] | None) -> Response:
     """One page of the users `raw` (a filter Charter answers, or None: all) selects."""
     start, count = max(1, start), min(MAX_COUNT, max(0, count))
-    query = select(UserRow).where(UserRow.kind == "user", UserRow.scim_deleted_at.is_(None))
+    query = select(UserRow).where(UserRow.kind == "user", UserRow.scim_deleted_at.is_(None),
+                                  UserRow.source.in_(PROVIDERS_PEOPLE))
     if raw is not None:
         if len(raw) > MAX_FILTER:
             raise ScimError(f"filters are at most {MAX_FILTER} characters", status=400,
@@ -459,8 +467,10 @@ def _apply(actor: Actor, row: UserRow, resource: User[Any], session: Any) -> boo
         row.username = username
     row.display_name = _display(resource)
     row.external_id = resource.external_id
-    active = resource.active is not False
-    changed = active if active != row.active else None
+    # `active` left out (a PUT without it, a PATCH removing it) changes nothing: only an
+    # explicit true or false opens or ends an account.
+    changed = (resource.active if resource.active is not None
+               and resource.active != row.active else None)
     row.row_version += 1
     return changed
 
@@ -652,7 +662,8 @@ def _set_members(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> N
     if wanted:
         known = set(session.scalars(select(UserRow.id).where(
             UserRow.id.in_(wanted), UserRow.kind == "user",
-            UserRow.scim_deleted_at.is_(None))).all())
+            UserRow.scim_deleted_at.is_(None),
+            UserRow.source.in_(PROVIDERS_PEOPLE))).all())
         unknown = sorted(wanted - known)
         if unknown:
             raise ScimError(f"members that are no user here: {', '.join(unknown[:5])}",

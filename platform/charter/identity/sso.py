@@ -62,16 +62,18 @@ def _username(session: Session, claims: dict[str, Any]) -> str:
 def _provisioned(session: Session, claims: dict[str, Any], issuer: str, subject: str,
                  via: str) -> User | None:
     """The account the identity provider made over SCIM for the person now signing in for
-    the first time (same user name, or e-mail, without case; not yet linked to a subject),
-    linked to this subject (`user.linked`); None when there is none. A person provisioned
-    over SCIM therefore has one account, whichever way they arrive first."""
-    names = {str(claims[k]).strip().lower() for k in ("preferred_username", "email", "upn")
-             if claims.get(k)}
-    if not names:
+    the first time, linked to this subject (`user.linked`); None when there is none. The
+    match is on the provider's immutable id only: the SCIM `externalId` equal to the
+    token's `oid` (Entra ID's object id, its default SCIM externalId) or `sub` (Okta's
+    user id); never on a user name or an e-mail address, which a person may be able to
+    set for themselves at their provider and so claim someone else's account."""
+    ids = {str(claims[k]) for k in ("oid", "sub") if isinstance(claims.get(k), str)
+           and claims[k]}
+    if not ids:
         return None
     user = session.scalar(select(User).where(
         User.source == "scim", User.kind == "user", User.external_subject.is_(None),
-        User.scim_deleted_at.is_(None), User.username.in_(names)).limit(1))
+        User.scim_deleted_at.is_(None), User.external_id.in_(ids)).limit(1))
     if user is None:
         return None
     user.external_issuer, user.external_subject = issuer, subject
@@ -79,7 +81,7 @@ def _provisioned(session: Session, claims: dict[str, Any], issuer: str, subject:
     session.flush()
     record(session, actor=f"user:{user.username}", action="user.linked", target_type="user",
            target_id=user.id, details={"issuer": issuer, "via": via,
-                                       "matched": "username"})
+                                       "matched": "externalId"})
     return user
 
 

@@ -12,8 +12,10 @@ it, the answer as the node generated it, what was replaced in either, sealed wit
 AES-256-GCM under the data key, the capture's and the record's ids as associated data (a
 record moved to another capture, or another row, does not open). Reading records is for
 auditors, and every read is an audit event. After retention the records are deleted and
-the wrapped key destroyed (`capture.purged`), so a copy of the table kept elsewhere (a
-backup) opens no more; the audit trail of the capture stays.
+the wrapped key destroyed (`capture.purged`); the audit trail of the capture stays. A
+database backup taken during the retention holds the wrapped key beside the records, so
+it opens with the key-encryption key for as long as that key lives: keep backups no
+longer than captures, or rotate the key-encryption key (docs/inspection.md).
 """
 
 from __future__ import annotations
