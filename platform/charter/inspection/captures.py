@@ -175,7 +175,10 @@ def request_capture(actor: Actor, *, team_id: str, reason: str, hours: int,
         problems.append({"field": "retain_days", "code": "out_of_range", "message":
                          f"records are kept 1 to {settings.capture_max_retain_days} days"})
     with unit_of_work() as session:
-        team = session.execute(select(_teams.c.name).where(_teams.c.id == team_id)).first()
+        # The team's row, locked: two admins asking at once wait on each other, so the
+        # one-capture-a-team check below sees the other's.
+        team = session.execute(select(_teams.c.name).where(_teams.c.id == team_id)
+                               .with_for_update()).first()
         if team is None:
             raise NotFoundError(f"team {team_id} not found")
         if problems:
