@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -28,7 +27,7 @@ from charter.errors import CharterError
 from charter.identity.teams import CallerContext, caller_context, key_limits
 from charter.inspection import captures
 from charter.inspection.captures import RunningCapture
-from charter.inspection.detect import Detector
+from charter.inspection.detect import Detector, Replacer
 from charter.inspection.detect import (  # what a redacted stream raises: for the gateway
     InspectionUnavailableError as InspectionUnavailableError,
 )
@@ -645,16 +644,10 @@ def _redacting(plan: Plan, asked: Asked) -> tuple[Plan | None, DispatchError | N
     its own. The body is inspected again: a finding still there (one split across a
     message's text parts, which are inspected joined) refuses the request."""
     types = plan.decision.obligations.redact
-    counts: Counter[str] = Counter()
     found = detector()
-
-    def replace_one(text: str) -> str:
-        out, done = found.redact(text, types)
-        counts.update(done)
-        return out
-
+    replacer = Replacer(found, types)
     try:
-        sent = asked.replaced(replace_one)
+        sent = asked.replaced(replacer)
         left = sorted(set(found.findings(content_of(asked.protocol, sent, asked.task)[0]))
                       & set(types))
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
@@ -668,9 +661,9 @@ def _redacting(plan: Plan, asked: Asked) -> tuple[Plan | None, DispatchError | N
     redactions = scope.current().counter(
         "charter_inspection_redactions_total", "Findings replaced before a request was "
         "sent, by type (counts only)", ("type",))
-    for kind, n in counts.items():
+    for kind, n in replacer.counts.items():
         redactions.labels(kind).inc(n)
-    return replace(plan, body=sent, redacted=dict(sorted(counts.items()))), None
+    return replace(plan, body=sent, redacted=dict(sorted(replacer.counts.items()))), None
 
 
 def keep(plan: Plan, *, protocol: str, body: dict[str, Any], request_id: str | None,
@@ -719,19 +712,12 @@ def redacted_answer(plan: Plan, protocol: str, content: bytes) -> tuple[bytes, d
     """A whole answer with what it carries of the types the decision obliges replaced, and
     how many of each were (upstream.redacted_answer). Raises DispatchError
     (`inspection_unavailable`) when inspection cannot run: the answer is not passed on."""
-    types, counts = plan.redact_response, Counter[str]()
-    found = detector()
-
-    def one(text: str) -> str:
-        out, done = found.redact(text, types)
-        counts.update(done)
-        return out
-
+    replacer = Replacer(detector(), plan.redact_response)
     try:
-        out = upstream.redacted_answer(protocol, content, one)
+        out = upstream.redacted_answer(protocol, content, replacer)
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever broke
         raise _inspection_failed(exc) from None
-    return out, dict(sorted(counts.items()))
+    return out, dict(sorted(replacer.counts.items()))
 
 
 def _decide(actor: Actor, ctx: CallerContext, route: Route, serving_name: str,

@@ -50,10 +50,10 @@ from charter.actor import Actor
 from charter.db import utcnow
 from charter.errors import CharterError
 from charter.identity import lifecycle
-from charter.identity.models import ScimGroup, ScimGroupMember, UserRole
+from charter.identity.models import ScimGroup, ScimGroupMember
 from charter.identity.models import User as UserRow
 from charter.identity.service import _USERNAME
-from charter.identity.sso import mapped_roles, sync_teams
+from charter.identity.sso import sync_groups
 from charter.uow import record, unit_of_work
 
 bp = Blueprint("scim", __name__, url_prefix="/scim/v2")
@@ -66,10 +66,9 @@ SCIM_JSON = "application/scim+json"
 MAX_COUNT = 200  # resources a page holds at most
 MAX_FILTER = 500  # characters a filter may have
 KEPT = ("userName", "displayName", "active", "externalId")
-_ROOT_FILTER = re.compile(r'^\s*(id|externalId|userName|emails\.value|displayName)\s+eq\s+'
-                          r'"((?:[^"\\]|\\.){0,400})"\s*$', re.IGNORECASE)
-_FILTER = re.compile(r'^\s*(userName|externalId|id|emails\.value|emails)\s+eq\s+'
-                     r'"((?:[^"\\]|\\.){0,400})"\s*$', re.IGNORECASE)
+# The one filter Charter answers: `<attribute> eq "<value>"`, on the attributes providers
+# look resources up by (the tables below); anything else is 400 invalidFilter.
+_EQ = re.compile(r'^\s*([A-Za-z.]+)\s+eq\s+"((?:[^"\\]|\\.){0,400})"\s*$')
 
 
 class ScimError(CharterError):
@@ -132,8 +131,90 @@ def _base() -> str:
     return (public.rstrip("/") if public else request.host_url.rstrip("/")) + "/scim/v2"
 
 
-def _etag(row: UserRow) -> str:
+def _etag(row: UserRow | ScimGroup) -> str:
     return f'W/"{row.row_version}"'
+
+
+def _if_match(row: UserRow | ScimGroup) -> None:
+    """RFC 7644 §3.14: a change with `If-Match` applies only to the version it names."""
+    wanted = request.headers.get("If-Match")
+    if wanted and wanted.strip() not in ("*", _etag(row), _etag(row).removeprefix("W/")):
+        raise ScimError("the resource changed since that version was read", status=412,
+                        code="precondition_failed")
+
+
+def _validated(model: Any, payload: Any, ctx: Context, what: str) -> Any:
+    """`payload` read as `model` in SCIM's context `ctx`; 400 invalidValue if it is not one."""
+    try:
+        return model.model_validate(payload, scim_ctx=ctx)
+    except ValidationError as exc:
+        raise ScimError(f"the {what} is invalid: {_first(exc)}", status=400,
+                        scim_type="invalidValue") from None
+
+
+def _patch_of(model: Any, quirks: Any) -> Any:
+    """The request's PatchOp on `model`, each operation through `quirks` first."""
+    payload = _body()
+    operations = payload.get("Operations")
+    if isinstance(operations, list):
+        payload = {**payload, "Operations": [quirks(op) for op in operations]}
+    return _validated(PatchOp[model], payload, Context.RESOURCE_PATCH_REQUEST, "patch")
+
+
+def _patched(patch: Any, resource: Any) -> None:
+    """Apply `patch` to `resource` (nothing is stored yet: a failure changes nothing)."""
+    try:
+        patch.patch(resource)
+    except Exception as exc:  # noqa: BLE001 - scim2-models' path and value errors
+        raise ScimError(f"the patch cannot be applied: {str(exc)[:300]}", status=400,
+                        scim_type=getattr(exc, "scim_type", None) or "invalidPath") from None
+
+
+def _eq(raw: str, known: Any) -> tuple[str, str]:
+    """(attribute in lower case, value) of a filter on one of `known`'s attributes."""
+    found = _EQ.match(raw) if len(raw) <= MAX_FILTER else None
+    if found is None or found.group(1).lower() not in known:
+        raise ScimError(f"the filter is not one Charter answers: one of "
+                        f"{', '.join(sorted(known))} `eq` a quoted string (at most "
+                        f"{MAX_FILTER} characters)", status=400, scim_type="invalidFilter")
+    return found.group(1).lower(), re.sub(r"\\(.)", r"\1", found.group(2))
+
+
+def _where(query: Any, filters: dict[str, tuple[Any, bool]], attribute: str,
+           value: str) -> Any:
+    """`query` narrowed to `attribute` = `value` (without case where the table says so)."""
+    column, no_case = filters[attribute]
+    return query.where(func.lower(column) == value.lower() if no_case else column == value)
+
+
+def _page(source: Any) -> tuple[int, int]:
+    """(startIndex, count) of a list or search, bounded: 1-based, at most MAX_COUNT."""
+    try:
+        start = int(source.get("startIndex", 1))
+        count = int(source.get("count", MAX_COUNT))
+    except (TypeError, ValueError):
+        raise ScimError("startIndex and count are integers", status=400,
+                        scim_type="invalidValue") from None
+    return max(1, start), min(MAX_COUNT, max(0, count))
+
+
+def _listed(model: Any, query: Any, order: Any, build: Any, page: tuple[int, int],
+            params: ResponseParameters[Any] | None) -> Response:
+    """One page of what `query` selects, each row made a resource by `build`."""
+    start, count = page
+    with unit_of_work() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(*order).offset(start - 1).limit(count)).all()
+        resources = [build(session, r) for r in rows]
+    return _answer_list(model, resources, total, start, params)
+
+
+def _answer_list(model: Any, resources: list[Any], total: int, start: int,
+                 params: ResponseParameters[Any] | None = None,
+                 ctx: Context = Context.SEARCH_RESPONSE) -> Response:
+    return _json(ListResponse[model](total_results=total, start_index=start,
+                                     items_per_page=len(resources), resources=resources)
+                 .model_dump(scim_ctx=ctx, response_parameters=params))
 
 
 # --- discovery ------------------------------------------------------------------------------
@@ -182,9 +263,8 @@ def _types() -> dict[str, ResourceType]:
 def resource_types() -> Response:
     _provisioner()
     found = list(_types().values())
-    return _json(ListResponse[ResourceType](total_results=len(found), start_index=1,
-                                            items_per_page=len(found), resources=found)
-                 .model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+    return _answer_list(ResourceType, found, len(found), 1,
+                        ctx=Context.RESOURCE_QUERY_RESPONSE)
 
 
 @bp.get("/ResourceTypes/<name>")
@@ -208,9 +288,7 @@ def _schemas() -> dict[str, Schema]:
 def schemas() -> Response:
     _provisioner()
     found = list(_schemas().values())
-    return _json(ListResponse[Schema](total_results=len(found), start_index=1,
-                                      items_per_page=len(found), resources=found)
-                 .model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE))
+    return _answer_list(Schema, found, len(found), 1, ctx=Context.RESOURCE_QUERY_RESPONSE)
 
 
 @bp.get("/Schemas/<path:schema_id>")
@@ -256,6 +334,16 @@ def _params(source: Any) -> ResponseParameters[Any] | None:
 # Whom SCIM reads and changes: the provider's people (made over SCIM, or by a first SSO
 # sign-in before SCIM was set up); never a local account (an admin's, a break-glass admin).
 PROVIDERS_PEOPLE = ("scim", "sso")
+_PEOPLE = (UserRow.kind == "user", UserRow.scim_deleted_at.is_(None),
+           UserRow.source.in_(PROVIDERS_PEOPLE))
+# The filters on users and groups: attribute (lower case) -> (column, compared without case).
+USER_FILTERS: dict[str, tuple[Any, bool]] = {
+    "username": (UserRow.username, True), "externalid": (UserRow.external_id, False),
+    "id": (UserRow.id, False), "emails.value": (UserRow.email, True),
+    "emails": (UserRow.email, True)}
+GROUP_FILTERS: dict[str, tuple[Any, bool]] = {
+    "displayname": (ScimGroup.display_name, False),
+    "externalid": (ScimGroup.external_id, False), "id": (ScimGroup.id, False)}
 
 
 def _live(session: Any, user_id: str) -> UserRow:
@@ -266,21 +354,9 @@ def _live(session: Any, user_id: str) -> UserRow:
     return row
 
 
-def _if_match(row: UserRow) -> None:
-    wanted = request.headers.get("If-Match")
-    if wanted and wanted.strip() not in ("*", _etag(row), _etag(row).removeprefix("W/")):
-        raise ScimError("the user changed since that version was read", status=412,
-                        code="precondition_failed")
-
-
 def _parsed(payload: dict[str, Any], ctx: Context) -> User[Any]:
-    payload = _quirks(payload)
-    try:
-        parsed: User[Any] = ScimUser.model_validate(payload, scim_ctx=ctx)
-        return parsed
-    except ValidationError as exc:
-        raise ScimError(f"the user is invalid: {_first(exc)}", status=400,
-                        scim_type="invalidValue") from None
+    parsed: User[Any] = _validated(ScimUser, _quirks(payload), ctx, "user")
+    return parsed
 
 
 def _first(exc: ValidationError) -> str:
@@ -356,32 +432,22 @@ def get_user(user_id: str) -> Response:
 @bp.get("/Users")
 def list_users() -> Response:
     _provisioner()
-    try:
-        start = int(request.args.get("startIndex", "1"))
-        count = int(request.args.get("count", str(MAX_COUNT)))
-    except ValueError:
-        raise ScimError("startIndex and count are integers", status=400,
-                        scim_type="invalidValue") from None
-    return _search(request.args.get("filter"), start, count, _params(request.args))
+    return _search(request.args.get("filter"), _page(request.args), _params(request.args))
 
 
-def _search_body() -> tuple[str | None, int, int, dict[str, Any]]:
+def _search_body() -> tuple[str | None, tuple[int, int], dict[str, Any]]:
     body = _body()
-    start, count = body.get("startIndex", 1), body.get("count", MAX_COUNT)
-    if not isinstance(start, int) or not isinstance(count, int):
-        raise ScimError("startIndex and count are integers", status=400,
-                        scim_type="invalidValue")
     raw = body.get("filter")
     if raw is not None and not isinstance(raw, str):
         raise ScimError("filter is a string", status=400, scim_type="invalidFilter")
-    return raw, start, count, body
+    return raw, _page(body), body
 
 
 @bp.post("/Users/.search")
 def search_users() -> Response:
     _provisioner()
-    raw, start, count, body = _search_body()
-    return _search(raw, start, count, _params(body))
+    raw, page, body = _search_body()
+    return _search(raw, page, _params(body))
 
 
 @bp.post("/.search")
@@ -389,71 +455,35 @@ def search_all() -> Response:
     """Users and groups at once (RFC 7644 §3.4.3, at the root): `id` and `externalId`
     filters look in both, `userName` and `emails.value` in users, `displayName` in groups."""
     _provisioner()
-    raw, start, count, body = _search_body()
-    start, count = max(1, start), min(MAX_COUNT, max(0, count))
-    users: Any = select(UserRow).where(UserRow.kind == "user",
-                                       UserRow.scim_deleted_at.is_(None),
-                                       UserRow.source.in_(PROVIDERS_PEOPLE))
+    raw, (start, count), body = _search_body()
+    users: Any = select(UserRow).where(*_PEOPLE)
     groups: Any = select(ScimGroup)
     if raw is not None:
-        found = _ROOT_FILTER.match(raw) if len(raw) <= MAX_FILTER else None
-        if found is None:
-            raise ScimError("the filter is not one Charter answers at the root: `id`, "
-                            "`externalId`, `userName`, `emails.value` or `displayName` "
-                            "`eq` a quoted string", status=400, scim_type="invalidFilter")
-        attribute, value = found.group(1).lower(), re.sub(r"\\(.)", r"\1", found.group(2))
-        user_column = {"id": UserRow.id, "externalid": UserRow.external_id,
-                       "username": func.lower(UserRow.username),
-                       "emails.value": func.lower(UserRow.email)}.get(attribute)
-        group_column = {"id": ScimGroup.id, "externalid": ScimGroup.external_id,
-                        "displayname": ScimGroup.display_name}.get(attribute)
-        wanted = value.lower() if attribute in ("username", "emails.value") else value
-        users = users.where(user_column == wanted) if user_column is not None else None
-        groups = groups.where(group_column == value) if group_column is not None else None
+        attribute, value = _eq(raw, {*USER_FILTERS, *GROUP_FILTERS})
+        users = (_where(users, USER_FILTERS, attribute, value)
+                 if attribute in USER_FILTERS else None)
+        groups = (_where(groups, GROUP_FILTERS, attribute, value)
+                  if attribute in GROUP_FILTERS else None)
     with unit_of_work() as session:
-        found_all: list[Any] = []
+        found: list[Any] = []
         if users is not None:
-            found_all += [_resource(r) for r in session.scalars(
+            found += [_resource(r) for r in session.scalars(
                 users.order_by(UserRow.created_at, UserRow.id)).all()]
         if groups is not None:
-            found_all += [_group(session, r) for r in session.scalars(
+            found += [_group(session, r) for r in session.scalars(
                 groups.order_by(ScimGroup.created_at, ScimGroup.id)).all()]
-    page = found_all[start - 1:start - 1 + count]
-    return _json(ListResponse[ScimUser | Group](
-        total_results=len(found_all), start_index=start, items_per_page=len(page),
-        resources=page).model_dump(scim_ctx=Context.SEARCH_RESPONSE,
-                                   response_parameters=_params(body)))
+    return _answer_list(ScimUser | Group, found[start - 1:start - 1 + count], len(found),
+                        start, _params(body))
 
 
-def _search(raw: str | None, start: int, count: int,
+def _search(raw: str | None, page: tuple[int, int],
             params: ResponseParameters[Any] | None) -> Response:
     """One page of the users `raw` (a filter Charter answers, or None: all) selects."""
-    start, count = max(1, start), min(MAX_COUNT, max(0, count))
-    query = select(UserRow).where(UserRow.kind == "user", UserRow.scim_deleted_at.is_(None),
-                                  UserRow.source.in_(PROVIDERS_PEOPLE))
+    query = select(UserRow).where(*_PEOPLE)
     if raw is not None:
-        if len(raw) > MAX_FILTER:
-            raise ScimError(f"filters are at most {MAX_FILTER} characters", status=400,
-                            scim_type="invalidFilter")
-        found = _FILTER.match(raw)
-        if found is None:
-            raise ScimError("the filter is not one Charter answers: `userName`, "
-                            "`externalId`, `id` or `emails.value` `eq` a quoted string",
-                            status=400, scim_type="invalidFilter")
-        attribute, value = found.group(1).lower(), re.sub(r"\\(.)", r"\1", found.group(2))
-        column = {"username": func.lower(UserRow.username), "externalid": UserRow.external_id,
-                  "id": UserRow.id, "emails.value": func.lower(UserRow.email),
-                  "emails": func.lower(UserRow.email)}[attribute]
-        query = query.where(column == (value if attribute in ("externalid", "id")
-                                       else value.lower()))
-    with unit_of_work() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(query.order_by(UserRow.created_at, UserRow.id)
-                               .offset(start - 1).limit(count)).all()
-        resources = [_resource(r) for r in rows]
-    return _json(ListResponse[User[Any]](total_results=total, start_index=start,
-                                         items_per_page=len(resources), resources=resources)
-                 .model_dump(scim_ctx=Context.SEARCH_RESPONSE, response_parameters=params))
+        query = _where(query, USER_FILTERS, *_eq(raw, USER_FILTERS))
+    return _listed(User[Any], query, (UserRow.created_at, UserRow.id),
+                   lambda session, row: _resource(row), page, params)
 
 
 def _apply(actor: Actor, row: UserRow, resource: User[Any], session: Any) -> bool | None:
@@ -515,26 +545,12 @@ def replace_user(user_id: str) -> Response:
 @bp.patch("/Users/<user_id>")
 def patch_user(user_id: str) -> Response:
     actor, started = _provisioner(), utcnow()
-    payload = _body()
-    operations = payload.get("Operations") if isinstance(payload, dict) else None
-    if isinstance(operations, list):  # Entra's string booleans, Okta's path-less replace
-        payload = {**payload, "Operations": [_op_quirks(op) for op in operations]}
-    try:
-        patch = PatchOp[ScimUser].model_validate(payload,
-                                                 scim_ctx=Context.RESOURCE_PATCH_REQUEST)
-    except ValidationError as exc:
-        raise ScimError(f"the patch is invalid: {_first(exc)}", status=400,
-                        scim_type="invalidValue") from None
+    patch = _patch_of(ScimUser, _op_quirks)  # Entra's string booleans, Okta's path-less
     with unit_of_work() as session:
         row = _live(session, user_id)
         _if_match(row)
         resource = _resource(row)
-        try:
-            patch.patch(resource)
-        except Exception as exc:  # noqa: BLE001 - scim2-models' path and value errors
-            raise ScimError(f"the patch cannot be applied: {str(exc)[:300]}", status=400,
-                            scim_type=getattr(exc, "scim_type", None) or "invalidPath"
-                            ) from None
+        _patched(patch, resource)
         active = _apply(actor, row, resource, session)
         session.flush()
         record(session, actor=actor.ref, action="user.update", target_type="user",
@@ -580,34 +596,16 @@ def delete_user(user_id: str) -> Response:
 
 # --- groups: a provider's groups, mapped to roles and teams ---------------------------------
 
-_GROUP_FILTER = re.compile(r'^\s*(displayName|externalId|id)\s+eq\s+'
-                           r'"((?:[^"\\]|\\.){0,400})"\s*$', re.IGNORECASE)
-
-
 def sync_user(session: Any, user: UserRow, actor: Actor) -> None:
     """Bring a member's roles and provider-granted teams in line with the display names of
     the SCIM groups it is in, through the role and team maps (as an SSO sign-in's groups
     claim does). A deactivated user gets nothing."""
     if not user.active or user.kind != "user":
         return
-    settings = scope.current().settings
     groups = sorted(session.scalars(select(ScimGroup.display_name).join(
         ScimGroupMember, ScimGroupMember.group_id == ScimGroup.id).where(
         ScimGroupMember.user_id == user.id)).all())
-    roles = mapped_roles(settings, groups)
-    if roles is not None and roles != user.roles:
-        before = user.roles
-        user.role_rows = [UserRole(role=r) for r in roles]
-        user.row_version += 1
-        session.flush()
-        record(session, actor=actor.ref, action="user.roles_synced", target_type="user",
-               target_id=user.id, details={"before": before, "after": roles,
-                                           "groups": groups, "via": "scim"})
-    sync_teams(session, settings, user, groups, "scim")
-
-
-def _group_etag(row: ScimGroup) -> str:
-    return f'W/"{row.row_version}"'
+    sync_groups(session, scope.current().settings, user, groups, via="scim", actor=actor.ref)
 
 
 def _group(session: Any, row: ScimGroup) -> Any:
@@ -621,7 +619,7 @@ def _group(session: Any, row: ScimGroup) -> Any:
                           for uid, name in members] or None,
                  meta=Meta(resource_type="Group", created=row.created_at,
                            last_modified=row.updated_at or row.created_at,
-                           location=f"{_base()}/Groups/{row.id}", version=_group_etag(row)))
+                           location=f"{_base()}/Groups/{row.id}", version=_etag(row)))
 
 
 def _group_out(session: Any, row: ScimGroup,
@@ -638,12 +636,12 @@ def _group_row(session: Any, group_id: str) -> ScimGroup:
     return row
 
 
-def _parsed_group(payload: dict[str, Any], ctx: Context) -> Any:
-    try:
-        return Group.model_validate(payload, scim_ctx=ctx)
-    except ValidationError as exc:
-        raise ScimError(f"the group is invalid: {_first(exc)}", status=400,
-                        scim_type="invalidValue") from None
+def _resync(session: Any, actor: Actor, user_ids: Any) -> None:
+    """Sync the roles and teams of each user whose groups (or a group's name) changed."""
+    for user_id in user_ids:
+        user = session.get(UserRow, user_id)
+        if user is not None:
+            sync_user(session, user, actor)
 
 
 def _name(resource: Any) -> str:
@@ -661,9 +659,7 @@ def _set_members(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> N
     wanted = set(displays)
     if wanted:
         known = set(session.scalars(select(UserRow.id).where(
-            UserRow.id.in_(wanted), UserRow.kind == "user",
-            UserRow.scim_deleted_at.is_(None),
-            UserRow.source.in_(PROVIDERS_PEOPLE))).all())
+            UserRow.id.in_(wanted), *_PEOPLE)).all())
         unknown = sorted(wanted - known)
         if unknown:
             raise ScimError(f"members that are no user here: {', '.join(unknown[:5])}",
@@ -678,10 +674,7 @@ def _set_members(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> N
             ScimGroupMember.group_id == row.id, ScimGroupMember.user_id == user_id))
     session.flush()
     changed = sorted((wanted - current) | (current - wanted))
-    for user_id in changed:
-        user = session.get(UserRow, user_id)
-        if user is not None:
-            sync_user(session, user, actor)
+    _resync(session, actor, changed)
     if changed:
         record(session, actor=actor.ref, action="group.members", target_type="group",
                target_id=row.id, details={"group": row.display_name,
@@ -692,7 +685,7 @@ def _set_members(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> N
 @bp.post("/Groups")
 def create_group() -> Response:
     actor = _provisioner()
-    resource = _parsed_group(_body(), Context.RESOURCE_CREATION_REQUEST)
+    resource = _validated(Group, _body(), Context.RESOURCE_CREATION_REQUEST, "group")
     name = _name(resource)
     with unit_of_work() as session:
         if session.scalar(select(ScimGroup.id).where(ScimGroup.display_name == name)):
@@ -706,7 +699,7 @@ def create_group() -> Response:
                target_id=row.id, details={"group": name})
         _set_members(session, actor, row, resource)
         out = _group_out(session, row)
-        return _json(out, 201, etag=_group_etag(row), location=out["meta"]["location"])
+        return _json(out, 201, etag=_etag(row), location=out["meta"]["location"])
 
 
 @bp.get("/Groups/<group_id>")
@@ -714,47 +707,18 @@ def get_group(group_id: str) -> Response:
     _provisioner()
     with unit_of_work() as session:
         row = _group_row(session, group_id)
-        return _json(_group_out(session, row, _params(request.args)), etag=_group_etag(row))
+        return _json(_group_out(session, row, _params(request.args)), etag=_etag(row))
 
 
 @bp.get("/Groups")
 def list_groups() -> Response:
     _provisioner()
-    try:
-        start = max(1, int(request.args.get("startIndex", "1")))
-        count = min(MAX_COUNT, max(0, int(request.args.get("count", str(MAX_COUNT)))))
-    except ValueError:
-        raise ScimError("startIndex and count are integers", status=400,
-                        scim_type="invalidValue") from None
     query = select(ScimGroup)
     raw = request.args.get("filter")
     if raw is not None:
-        found = _GROUP_FILTER.match(raw) if len(raw) <= MAX_FILTER else None
-        if found is None:
-            raise ScimError("the filter is not one Charter answers: `displayName`, "
-                            "`externalId` or `id` `eq` a quoted string", status=400,
-                            scim_type="invalidFilter")
-        attribute, value = found.group(1).lower(), re.sub(r"\\(.)", r"\1", found.group(2))
-        column = {"displayname": ScimGroup.display_name, "externalid": ScimGroup.external_id,
-                  "id": ScimGroup.id}[attribute]
-        query = query.where(column == value)
-    with unit_of_work() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(query.order_by(ScimGroup.created_at, ScimGroup.id)
-                               .offset(start - 1).limit(count)).all()
-        resources = [_group(session, r) for r in rows]
-    return _json(ListResponse[Group](total_results=total, start_index=start,
-                                     items_per_page=len(resources), resources=resources)
-                 .model_dump(scim_ctx=Context.SEARCH_RESPONSE,
-                             response_parameters=_params(request.args)))
-
-
-def _group_if_match(row: ScimGroup) -> None:
-    wanted = request.headers.get("If-Match")
-    if wanted and wanted.strip() not in ("*", _group_etag(row),
-                                         _group_etag(row).removeprefix("W/")):
-        raise ScimError("the group changed since that version was read", status=412,
-                        code="precondition_failed")
+        query = _where(query, GROUP_FILTERS, *_eq(raw, GROUP_FILTERS))
+    return _listed(Group, query, (ScimGroup.created_at, ScimGroup.id), _group,
+                   _page(request.args), _params(request.args))
 
 
 def _rename(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> None:
@@ -768,54 +732,39 @@ def _rename(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> None:
     row.row_version += 1
     session.flush()
     if renamed:  # the maps read the name: every member is synced again
-        for user_id in session.scalars(select(ScimGroupMember.user_id).where(
-                ScimGroupMember.group_id == row.id)).all():
-            user = session.get(UserRow, user_id)
-            if user is not None:
-                sync_user(session, user, actor)
+        _resync(session, actor, session.scalars(select(ScimGroupMember.user_id).where(
+            ScimGroupMember.group_id == row.id)).all())
 
 
 @bp.put("/Groups/<group_id>")
 def replace_group(group_id: str) -> Response:
     actor = _provisioner()
-    resource = _parsed_group(_body(), Context.RESOURCE_REPLACEMENT_REQUEST)
+    resource = _validated(Group, _body(), Context.RESOURCE_REPLACEMENT_REQUEST,
+                          "group")
     with unit_of_work() as session:
         row = _group_row(session, group_id)
-        _group_if_match(row)
+        _if_match(row)
         _rename(session, actor, row, resource)
         _set_members(session, actor, row, resource)
         record(session, actor=actor.ref, action="group.update", target_type="group",
                target_id=row.id, details={"group": row.display_name, "op": "replace"})
-        return _json(_group_out(session, row), etag=_group_etag(row))
+        return _json(_group_out(session, row), etag=_etag(row))
 
 
 @bp.patch("/Groups/<group_id>")
 def patch_group(group_id: str) -> Response:
     actor = _provisioner()
-    payload = _body()
-    operations = payload.get("Operations")
-    if isinstance(operations, list):
-        payload = {**payload, "Operations": [_member_quirks(op) for op in operations]}
-    try:
-        patch = PatchOp[Group].model_validate(payload, scim_ctx=Context.RESOURCE_PATCH_REQUEST)
-    except ValidationError as exc:
-        raise ScimError(f"the patch is invalid: {_first(exc)}", status=400,
-                        scim_type="invalidValue") from None
+    patch = _patch_of(Group, _member_quirks)
     with unit_of_work() as session:
         row = _group_row(session, group_id)
-        _group_if_match(row)
+        _if_match(row)
         resource = _group(session, row)
-        try:
-            patch.patch(resource)
-        except Exception as exc:  # noqa: BLE001 - scim2-models' path and value errors
-            raise ScimError(f"the patch cannot be applied: {str(exc)[:300]}", status=400,
-                            scim_type=getattr(exc, "scim_type", None) or "invalidPath"
-                            ) from None
+        _patched(patch, resource)
         _rename(session, actor, row, resource)
         _set_members(session, actor, row, resource)
         record(session, actor=actor.ref, action="group.update", target_type="group",
                target_id=row.id, details={"group": row.display_name, "op": "patch"})
-        return _json(_group_out(session, row), etag=_group_etag(row))
+        return _json(_group_out(session, row), etag=_etag(row))
 
 
 def _member_quirks(op: Any) -> Any:
@@ -841,17 +790,14 @@ def delete_group(group_id: str) -> Response:
     actor = _provisioner()
     with unit_of_work() as session:
         row = _group_row(session, group_id)
-        _group_if_match(row)
+        _if_match(row)
         members = list(session.scalars(select(ScimGroupMember.user_id).where(
             ScimGroupMember.group_id == row.id)).all())
         session.execute(delete(ScimGroupMember).where(
             ScimGroupMember.group_id == row.id))
         session.delete(row)
         session.flush()
-        for user_id in members:
-            user = session.get(UserRow, user_id)
-            if user is not None:
-                sync_user(session, user, actor)
+        _resync(session, actor, members)
         record(session, actor=actor.ref, action="group.delete", target_type="group",
                target_id=group_id, details={"group": row.display_name,
                                             "members": len(members)})

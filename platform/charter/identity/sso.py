@@ -110,20 +110,27 @@ def provision(settings: Settings, claims: dict[str, Any], *, via: str) -> Actor:
                          details={"issuer": issuer, "via": via, "groups": groups})
         if not user.active:
             raise UnauthenticatedError("the account is disabled", code="account_disabled")
-        roles = mapped_roles(settings, groups)
-        if roles is not None and roles != user.roles:
-            before = user.roles
-            user.role_rows = [UserRole(role=r) for r in roles]
-            user.row_version += 1
-            session.flush()
-            record(session, actor=f"user:{user.username}", action="user.roles_synced",
-                         target_type="user", target_id=user.id,
-                         details={"before": before, "after": roles, "groups": groups,
-                                  "via": via})
-        sync_teams(session, settings, user, groups, via)
+        sync_groups(session, settings, user, groups, via=via, actor=f"user:{user.username}")
         if via == "console":
             user.last_login_at = utcnow()
         return actor_of(user)
+
+
+def sync_groups(session: Session, settings: Settings, user: User, groups: list[str], *,
+                via: str, actor: str) -> None:
+    """Bring a user's roles (with a role map) and provider-granted teams (with a team map)
+    in line with the provider's groups it is in: an SSO token's groups claim, or its SCIM
+    groups (`user.roles_synced` when the roles change)."""
+    roles = mapped_roles(settings, groups)
+    if roles is not None and roles != user.roles:
+        before = user.roles
+        user.role_rows = [UserRole(role=r) for r in roles]
+        user.row_version += 1
+        session.flush()
+        record(session, actor=actor, action="user.roles_synced", target_type="user",
+               target_id=user.id, details={"before": before, "after": roles,
+                                           "groups": groups, "via": via})
+    sync_teams(session, settings, user, groups, via)
 
 
 def sync_teams(session: Session, settings: Settings, user: User, groups: list[str],

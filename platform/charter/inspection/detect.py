@@ -183,6 +183,20 @@ class Detector:
             return self._engine
 
 
+class Replacer:
+    """Detector.redact as a function of a text, for a walk over a body or an answer: each
+    call replaces what is found of `types`; `counts` adds up what was, by type."""
+
+    def __init__(self, detector: Detector, types: Collection[str]) -> None:
+        self.detector, self.types = detector, tuple(types)
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, text: str) -> str:
+        out, done = self.detector.redact(text, self.types)
+        self.counts.update(done)
+        return out
+
+
 def _build() -> Any:
     try:
         import tldextract
