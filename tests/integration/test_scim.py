@@ -184,6 +184,8 @@ def test_the_credential_opens_scim_only_and_scim_only_that_credential(scim, make
     admin = make_person("admin")
     body = _error(client.get("/scim/v2/Users", headers=admin.headers), 403)
     assert "identity provider's credential" in body["detail"]
+    attempt = list_events(EventFilter(action="scim.access"))[-1]
+    assert (attempt.actor, attempt.outcome) == (admin.actor.ref, "denied")
     r = client.get("/scim/v2/Users")
     _error(r, 401)
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -216,6 +218,11 @@ def test_bad_input_gets_a_scim_error_and_changes_nothing(scim, pg_conn, method, 
     r = getattr(client, method)(path, headers=auth, json=body)
     _error(r, status, scim_type)
     assert _users(pg_conn) == before
+    if method == "post" and path == "/scim/v2/Users":  # a refused change is audited
+        refused = list_events(EventFilter(action="scim.refused"))[-1]
+        assert (refused.outcome, refused.target_id) == ("denied", "POST /scim/v2/Users")
+        assert refused.details["scim_type"] == scim_type
+        assert refused.actor == "provisioner:scim-entra"
 
 
 def test_a_patch_that_cannot_apply_changes_nothing(scim, pg_conn) -> None:  # type: ignore[no-untyped-def]
@@ -229,6 +236,8 @@ def test_a_patch_that_cannot_apply_changes_nothing(scim, pg_conn) -> None:  # ty
         r = client.patch(f"/scim/v2/Users/{user['id']}", headers=auth,
                          json={"schemas": [PATCH], "Operations": operations})
         _error(r, 400)
+        assert list_events(EventFilter(action="scim.refused"))[-1].target_id == (
+            f"PATCH /scim/v2/Users/{user['id']}")
     got = client.get(f"/scim/v2/Users/{user['id']}", headers=auth).get_json()
     assert (got["displayName"], got["userName"], got["meta"]["version"]) == (
         "Carol", "carol", 'W/"1"')

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime
+from functools import wraps
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -54,7 +56,7 @@ from charter.identity.models import ScimGroup, ScimGroupMember
 from charter.identity.models import User as UserRow
 from charter.identity.service import _USERNAME
 from charter.identity.sso import sync_groups
-from charter.uow import record, unit_of_work
+from charter.uow import record, refuse, unit_of_work
 
 bp = Blueprint("scim", __name__, url_prefix="/scim/v2")
 
@@ -102,9 +104,30 @@ def _provisioner() -> Actor:
         raise ScimError("authentication required: the identity provider's SCIM credential",
                         status=401, code="unauthenticated")
     if actor.kind != "provisioner":
-        raise ScimError("SCIM is for the identity provider's credential only "
-                        "(`charter scim credential`)", status=403, code="forbidden")
+        refuse(ScimError("SCIM is for the identity provider's credential only "
+                         "(`charter scim credential`)", status=403, code="forbidden")
+               .audited(actor.ref, "scim.access", "scim", request.path[:200]))
     return actor
+
+
+def _recorded(view: Callable[..., Response]) -> Callable[..., Response]:
+    """A change the provider asked for and Charter refused is an audit event
+    (`scim.refused`: the method and path, the code and why), written once the refusal
+    has changed nothing."""
+
+    @wraps(view)
+    def run(**kwargs: Any) -> Response:
+        try:
+            return view(**kwargs)
+        except ScimError as exc:
+            actor: Actor | None = g.get("actor")
+            if actor is None or actor.kind != "provisioner" or exc.audit is not None:
+                raise
+            exc.details = {**exc.details, "scim_type": exc.scim_type}
+            refuse(exc.audited(actor.ref, "scim.refused", "scim",
+                               f"{request.method} {request.path}"[:200]))
+
+    return run
 
 
 def _json(payload: dict[str, Any], status: int = 200, *, etag: str | None = None,
@@ -398,6 +421,7 @@ def _display(resource: User[Any]) -> str:
 
 
 @bp.post("/Users")
+@_recorded
 def create_user() -> Response:
     actor = _provisioner()
     resource = _parsed(_body(), Context.RESOURCE_CREATION_REQUEST)
@@ -528,6 +552,7 @@ def _answer(user_id: str) -> Response:
 
 
 @bp.put("/Users/<user_id>")
+@_recorded
 def replace_user(user_id: str) -> Response:
     actor, started = _provisioner(), utcnow()
     resource = _parsed(_body(), Context.RESOURCE_REPLACEMENT_REQUEST)
@@ -543,6 +568,7 @@ def replace_user(user_id: str) -> Response:
 
 
 @bp.patch("/Users/<user_id>")
+@_recorded
 def patch_user(user_id: str) -> Response:
     actor, started = _provisioner(), utcnow()
     patch = _patch_of(ScimUser, _op_quirks)  # Entra's string booleans, Okta's path-less
@@ -576,6 +602,7 @@ def _op_quirks(op: Any) -> Any:
 
 
 @bp.delete("/Users/<user_id>")
+@_recorded
 def delete_user(user_id: str) -> Response:
     actor, started = _provisioner(), utcnow()
     with unit_of_work() as session:
@@ -683,6 +710,7 @@ def _set_members(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> N
 
 
 @bp.post("/Groups")
+@_recorded
 def create_group() -> Response:
     actor = _provisioner()
     resource = _validated(Group, _body(), Context.RESOURCE_CREATION_REQUEST, "group")
@@ -737,6 +765,7 @@ def _rename(session: Any, actor: Actor, row: ScimGroup, resource: Any) -> None:
 
 
 @bp.put("/Groups/<group_id>")
+@_recorded
 def replace_group(group_id: str) -> Response:
     actor = _provisioner()
     resource = _validated(Group, _body(), Context.RESOURCE_REPLACEMENT_REQUEST,
@@ -752,6 +781,7 @@ def replace_group(group_id: str) -> Response:
 
 
 @bp.patch("/Groups/<group_id>")
+@_recorded
 def patch_group(group_id: str) -> Response:
     actor = _provisioner()
     patch = _patch_of(Group, _member_quirks)
@@ -786,6 +816,7 @@ def _member_quirks(op: Any) -> Any:
 
 
 @bp.delete("/Groups/<group_id>")
+@_recorded
 def delete_group(group_id: str) -> Response:
     actor = _provisioner()
     with unit_of_work() as session:
