@@ -64,6 +64,10 @@ def test_a_month_priced_per_team_and_model(configured, make_person) -> None:  # 
         # Another month: nothing; a person in no team: no team's figures.
         assert client.get("/api/v1/chargeback", headers=auditor.headers,
                           query_string={"month": "2020-01"}).get_json()["teams"] == []
+        for edge in ("0001-01", "9999-12"):  # the calendar's ends: answered, not a 500
+            r = client.get("/api/v1/chargeback", headers=auditor.headers,
+                           query_string={"month": edge})
+            assert r.status_code == 200 and r.get_json()["teams"] == [], edge
         assert client.get("/api/v1/chargeback", headers=user.headers).get_json()["teams"] == []
         # The console's page: the team, its model by name, the cost.
         page = Console(app, auditor.actor.user_id).get("/console/usage")

@@ -279,3 +279,8 @@ def test_usage_for_chargeback_is_the_teams_own(world, make_person, auditor) -> N
     r = client.get("/api/v1/usage", headers=auditor.headers,
                    query_string={"since": "2020-01-01", "until": "2026-01-01"})
     assert r.status_code == 422
+    # The calendar's first days: the default period is as much of it as there is.
+    for until in ("0001-01-01", "0001-01-02", "0001-01-29"):
+        r = client.get("/api/v1/usage", headers=auditor.headers,
+                       query_string={"until": until})
+        assert r.status_code == 200 and r.get_json()["rows"] == [], until

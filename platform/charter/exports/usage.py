@@ -6,6 +6,7 @@ node reported none, Charter's count, said so (`tokens_estimated`)."""
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 from datetime import date, timedelta
@@ -33,7 +34,8 @@ def usage_report(actor: Actor, *, since: date | None, until: date | None,
     """Rows per team, key (null: a token from the identity provider), model and day;
     `tokens_estimated` of a row is the part of its tokens the node did not report."""
     until = until or utcnow().date()
-    since = since or until - timedelta(days=29)
+    # The 30 days before `until`, or as many as the calendar has (`until` may be year 1).
+    since = since or until - timedelta(days=min(29, (until - date.min).days))
     if since > until or (until - since).days >= MAX_DAYS:
         raise ValidationFailedError(
             f"the period must run forwards and span at most {MAX_DAYS} days",
@@ -78,14 +80,14 @@ def chargeback_report(actor: Actor, *, month: str | None) -> dict[str, Any]:
     each line rounded half up to 0.0001 and the team's total the sum of its lines (as an
     invoice adds up); use of a version with no price is listed, and counted as
     `unpriced_tokens`, never priced at zero. Amounts are decimal strings."""
-    first, after = _month(month or utcnow().strftime("%Y-%m"))
+    first, last = _month(month or utcnow().strftime("%Y-%m"))
     visible = {t.id: t.name for t in teams.list_teams(actor)}
     version_of = {d.serving_name: d.version_id for d in nodes.list_deployments()}
     refs = registry.version_refs(sorted(set(version_of.values())))
     price_of = metering.prices()
     lines: dict[tuple[str, str], list[int]] = {}
     for r in metering.usage_since(list(visible), first):
-        if r.day < after:
+        if r.day <= last:
             acc = lines.setdefault((visible[r.team_id], r.serving_name), [0, 0, 0, 0])
             for i, v in enumerate((r.requests, r.tokens_in, r.tokens_out, r.tokens_estimated)):
                 acc[i] += v
@@ -131,15 +133,15 @@ def chargeback_report(actor: Actor, *, month: str | None) -> dict[str, Any]:
 
 
 def _month(text: str) -> tuple[date, date]:
-    """The first day of a `YYYY-MM` month and of the next."""
+    """The first and the last day of a `YYYY-MM` month (9999-12 included: no day after it
+    is computed)."""
     try:
         year, month = (int(x) for x in text.split("-"))
         first = date(year, month, 1)
     except ValueError:
         raise ValidationFailedError("month must be YYYY-MM", details={"errors": [
             {"field": "month", "code": "format", "message": text[:20]}]}) from None
-    after = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
-    return first, after
+    return first, date(year, month, calendar.monthrange(year, month)[1])
 
 
 def chargeback_csv(report: dict[str, Any]) -> str:
