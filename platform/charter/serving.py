@@ -23,10 +23,13 @@ import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from gunicorn import util as gunicorn_util
 from gunicorn.workers.gthread import ThreadWorker
+
+from charter.relay import JOB_KEY, RELAY_KEY, Job, Relay
 
 LINGER_S = 0.25  # how long a thread waits for a kept-alive connection's next request
 LINGER_SHARE = 0.75  # the most of the pool that may wait so
@@ -86,17 +89,97 @@ def forget_worker_metrics(_server: Any, worker: Any) -> None:
 gunicorn_util.write_error = write_json_error
 
 
+class _HandedOver:
+    """What gunicorn holds of a connection whose socket the relay took: closing it does
+    nothing (gunicorn's graceful close shuts down, then closes)."""
+
+    def setblocking(self, _flag: bool) -> None:
+        pass
+
+    def shutdown(self, _how: int) -> None:
+        raise OSError("handed over to the stream relay")
+
+    def close(self) -> None:
+        pass
+
+
 class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is untyped
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lingering = 0
         self._linger_lock = threading.Lock()
         self._linger_max = max(0, int(self.cfg.threads * LINGER_SHARE))
+        self.relay: Relay | None = None
+        self._local = threading.local()
+
+    # --- streams: relayed by one event loop per worker (charter.relay) ----------------------
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()  # in the worker process, after the fork
+        self.relay = Relay(max_streams=self.cfg.worker_connections)
+        app: Any = self.wsgi  # type: ignore[has-type]  # set by gunicorn's load_wsgi
+        self.wsgi = self._offering_relay(app)
+
+    def _offering_relay(self, app: Any) -> Any:
+        def offering(environ: dict[str, Any], start_response: Any) -> Any:
+            relay, sock = self.relay, environ.get("gunicorn.socket")
+            if (relay is not None and relay.has_room() and sock is not None
+                    and not isinstance(sock, ssl.SSLSocket)
+                    and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"):
+                environ[RELAY_KEY] = relay
+            body = app(environ, start_response)
+            job = environ.pop(JOB_KEY, None)
+            if job is None:
+                return body
+            return self._hand_over(job, sock, start_response, body)
+        return offering
+
+    def _hand_over(self, job: Job, sock: Any, start_response: Any, body: Any) -> list[bytes]:
+        """The application left its stream to the relay: write the response's head here
+        (gunicorn's own, with `Connection: close`), then give the relay the caller's socket
+        and the node's. `handle` then takes the socket out of gunicorn's hands."""
+        resp = start_response.__self__  # gunicorn's Response of this request
+        try:
+            resp.force_close()
+            resp.send_headers()  # chunked: HTTP/1.1 without a length
+            if not resp.chunked:
+                raise RuntimeError("a relayed stream's response must be chunked")
+            resp.chunked = False  # the relay writes the chunks and the last one
+        except BaseException:
+            job.upstream.release(reusable=False)
+            job.pump.finish("cancelled", "the client went away before the first byte")
+            raise
+        finally:
+            if hasattr(body, "close"):
+                body.close()  # the application's teardown; its body is empty
+        assert self.relay is not None
+        self._local.handed_over = True
+        self.relay.start(job, sock)
+        return []
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        self._stopping_at = time.monotonic()
+        super().handle_exit(sig, frame)
+
+    def run(self) -> None:
+        super().run()  # returns once gunicorn's own connections ended (or its grace ran out)
+        if self.relay is not None:
+            # Relayed streams get what is left of the same grace period (the arbiter kills
+            # the worker when it is over), less a second to record the ones cut off.
+            stopping_at = getattr(self, "_stopping_at", time.monotonic())
+            left = stopping_at + self.cfg.graceful_timeout - 1 - time.monotonic()
+            self.relay.drain(max(0.0, left), notify=self.notify)
 
     def handle(self, conn: Any) -> Any:
         keep = super().handle(conn)
         while keep is True and self.alive and self._next_request_arrives(conn):
             keep = super().handle(conn)
+        if getattr(self._local, "handed_over", False):
+            # The relay owns the socket now: gunicorn closes a stand-in (its graceful close
+            # would shut the caller's connection down under the stream).
+            self._local.handed_over = False
+            conn.sock = _HandedOver()
+            return False
         return keep
 
     def _next_request_arrives(self, conn: Any) -> bool:

@@ -40,6 +40,7 @@ from charter.identity import authn
 from charter.nodes.client import NodeCallError, NodeResponse
 from charter.nodes.service import NodeTarget
 from charter.readcache import StaleReadError
+from charter.relay import JOB_KEY, RELAY_KEY, Job, PumpFailed
 
 log = structlog.get_logger("charter.gateway")
 bp = Blueprint("gateway", __name__)
@@ -456,59 +457,109 @@ def _deprecation(out: Response, plan: Plan) -> None:
         out.headers["Sunset"] = http_date(plan.sunset)
 
 
+class _StreamPump:
+    """What a streamed answer goes through on its way to the caller, and how its end is
+    recorded: the same for the worker's relay (charter.relay, no thread per stream) and
+    for the generator below (the test client, the demo's server, TLS to the caller)."""
+
+    def __init__(self, plan: Plan, node: NodeTarget, protocol: str, body: dict[str, Any],
+                 digest: str, started: float, strip_usage: bool, *,
+                 original: dict[str, Any]) -> None:
+        self.plan, self.node, self.protocol, self.body = plan, node, protocol, body
+        self.digest, self.started, self.original = digest, started, original
+        self.rt = scope.current()  # the outcome is recorded after the request: bound again
+        self.request_id = g.get("request_id")
+        self.ttft: float | None = None
+        self.passing = upstream.StreamFilter(protocol, plan.serving_name,
+                                             strip_usage=strip_usage,
+                                             redactor=service.answer_redactor(plan))
+
+    def first_byte(self) -> None:
+        self.ttft = round((time.perf_counter() - self.started) * 1000, 2)
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            return self.passing.feed(data)
+        except service.InspectionUnavailableError as exc:  # the answer's redaction
+            raise self._inspection_failed(exc) from exc
+
+    def rest(self) -> bytes:
+        try:
+            return self.passing.rest()
+        except service.InspectionUnavailableError as exc:
+            raise self._inspection_failed(exc) from exc
+
+    @staticmethod
+    def _inspection_failed(exc: Exception) -> PumpFailed:
+        return PumpFailed("the answer must be inspected, and inspection failed mid-stream",
+                          f"inspection failed: {type(exc).__name__}: {exc}")
+
+    def error_event(self, message: str) -> bytes:
+        return _stream_error(self.protocol, message)
+
+    def finish(self, outcome: str, error: str) -> None:
+        """The node's connection is closed or back in the pool: count and record."""
+        plan, passing = self.plan, self.passing
+        self.rt.outstanding.release(self.node.id)
+        redacted = dict(sorted(sum((r.counts for r in passing.redactors.values()),
+                                   Counter()).items()))
+        with scope.bound(self.rt, request_id=self.request_id):
+            tokens = service.counted(
+                plan, self.protocol, self.body, passing.tokens_in, passing.tokens_out,
+                passing.text, events=passing.events if self.protocol == "tgi" else None)
+            service.record_outcome(
+                plan, node=self.node, outcome=outcome, status=200,
+                tokens_in=tokens.tokens_in, tokens_out=tokens.tokens_out,
+                estimated=tokens.estimated, estimated_by=tokens.estimated_by,
+                ttft_ms=self.ttft, request_digest=self.digest, stream=True, error=error,
+                request_id=self.request_id, response_redacted=redacted)
+            service.keep(plan, protocol=self.protocol, body=self.original,
+                         answer=passing.text(), request_id=self.request_id,
+                         response_redacted=redacted)
+
+
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
             body: dict[str, Any], digest: str, started: float, strip_usage: bool, *,
             original: dict[str, Any]) -> Response:
-    rt = scope.current()  # the outcome is recorded after the request: bound again then
-    request_id = g.get("request_id")
-    passing = upstream.StreamFilter(protocol, plan.serving_name, strip_usage=strip_usage,
-                                    redactor=service.answer_redactor(plan))
-
-    def events() -> Iterator[bytes]:
-        ttft: float | None = None
-        outcome, error = "completed", ""
-        try:
-            for chunk in resp.iter_raw():
-                if ttft is None:
-                    ttft = round((time.perf_counter() - started) * 1000, 2)
-                out = passing.feed(chunk)
-                if out:
-                    yield out
-            if rest := passing.rest():
-                yield rest
-        except NodeCallError as exc:
-            outcome, error = "aborted", str(exc)
-            yield _stream_error(protocol, "the model node failed mid-stream")
-        except service.InspectionUnavailableError as exc:  # the answer's redaction
-            outcome, error = "aborted", f"inspection failed: {type(exc).__name__}: {exc}"
-            yield _stream_error(protocol, "the answer must be inspected, and inspection "
-                                          "failed mid-stream")
-        except GeneratorExit:
-            outcome, error = "cancelled", "the client went away"
-            raise
-        finally:
-            resp.close()  # unless read to the end, closing the connection cancels generation
-            rt.outstanding.release(node.id)
-            with scope.bound(rt, request_id=request_id):
-                tokens = service.counted(
-                    plan, protocol, body, passing.tokens_in, passing.tokens_out,
-                    passing.text, events=passing.events if protocol == "tgi" else None)
-                service.record_outcome(
-                    plan, node=node, outcome=outcome, status=200,
-                    tokens_in=tokens.tokens_in, tokens_out=tokens.tokens_out,
-                    estimated=tokens.estimated, estimated_by=tokens.estimated_by,
-                    ttft_ms=ttft, request_digest=digest, stream=True, error=error,
-                    request_id=request_id, response_redacted=dict(sorted(sum(
-                        (r.counts for r in passing.redactors.values()), Counter()).items())))
-                service.keep(plan, protocol=protocol, body=original, answer=passing.text(),
-                             request_id=request_id, response_redacted=dict(sorted(sum(
-                                 (r.counts for r in passing.redactors.values()),
-                                 Counter()).items())))
-
-    out = Response(stream_with_context(events()), status=200, mimetype="text/event-stream")
+    pump = _StreamPump(plan, node, protocol, body, digest, started, strip_usage,
+                       original=original)
+    if request.environ.get(RELAY_KEY) is not None:
+        # The worker's relay takes both sockets once this response's head is written.
+        request.environ[JOB_KEY] = Job(resp.detach(), pump, scope.current().node_pool.read_timeout)
+        body_iter: Iterator[bytes] = iter(())
+    else:
+        body_iter = stream_with_context(_events(pump, resp))
+    out = Response(body_iter, status=200, mimetype="text/event-stream")
     out.headers["Cache-Control"] = "no-cache"
     out.headers["X-Accel-Buffering"] = "no"
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
     _redactions(out, plan)
     _deprecation(out, plan)
     return out
+
+
+def _events(pump: _StreamPump, resp: NodeResponse) -> Iterator[bytes]:
+    """The stream on this thread, as a generator: how a stream ends is decided as the
+    relay decides it (charter.relay)."""
+    outcome, error = "completed", ""
+    try:
+        for chunk in resp.iter_raw():
+            if pump.ttft is None:
+                pump.first_byte()
+            out = pump.feed(chunk)
+            if out:
+                yield out
+        if rest := pump.rest():
+            yield rest
+    except NodeCallError as exc:
+        outcome, error = "aborted", str(exc)
+        yield pump.error_event("the model node failed mid-stream")
+    except PumpFailed as exc:
+        outcome, error = "aborted", str(exc)
+        yield pump.error_event(exc.message)
+    except GeneratorExit:
+        outcome, error = "cancelled", "the client went away"
+        raise
+    finally:
+        resp.close()  # unless read to the end, closing the connection cancels generation
+        pump.finish(outcome, error)

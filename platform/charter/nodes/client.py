@@ -88,6 +88,24 @@ class NodeResponse:
             self.close(reuse=False)
             raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
 
+    def detach(self) -> Detached:
+        """Hand the body over to a reader of the socket itself (charter.relay): the bytes
+        http.client read ahead come along, and the socket turns non-blocking."""
+        fp = self._resp.fp
+        # An answer that closes its connection took the socket from http.client's
+        # connection (`will_close`): its file still holds it.
+        sock = self._conn.sock or fp.raw._sock  # type: ignore[attr-defined]  # noqa: SLF001
+        sock.setblocking(False)
+        # With the socket non-blocking, peek returns what is buffered (or what one read
+        # finds) without waiting; reading exactly that takes it from the buffer alone.
+        try:
+            ahead = fp.peek() if fp is not None else b""
+        except ssl.SSLWantReadError:  # TLS: nothing decrypted yet
+            ahead = b""
+        if ahead:
+            fp.read(len(ahead))
+        return Detached(self, sock, ahead, _framing(self._resp))
+
     def close(self, *, reuse: bool = True) -> None:
         """Reuse the connection only after a complete, keep-alive response; otherwise
         close it, which also tells the node to stop generating."""
@@ -189,3 +207,109 @@ def _readable(sock: socket.socket) -> bool:
     """An idle keep-alive socket that is readable was closed (or is out of step)."""
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
+
+
+class BodyError(Exception):
+    """A node's body framing that cannot be read (a malformed chunk size line)."""
+
+
+class BodyDecoder:
+    """A response body's framing, removed as bytes arrive (sans I/O, for the stream relay):
+    `Transfer-Encoding: chunked`, a `Content-Length`, or (neither) the body runs to the
+    connection's close. `feed` returns the body bytes in `data`; `done` is set at the body's
+    end (a chunked body's last chunk and trailers, the length reached); `at_eof` says
+    whether the connection's close ends the body cleanly."""
+
+    MAX_LINE = 4096  # a chunk size line, or a trailer line
+
+    def __init__(self, framing: str | int | None) -> None:
+        self._chunked = framing == "chunked"
+        self._left: int | None = framing if isinstance(framing, int) else None
+        self._close = framing is None
+        self._buf = b""
+        self._chunk_left = 0  # bytes of the current chunk's data still to come
+        self._state = "size"  # size | data | crlf | trailer (chunked only)
+        self.done = self._left == 0
+
+    def at_eof(self) -> bool:
+        return self.done or self._close
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        if self._close:
+            return data
+        if not self._chunked:
+            assert self._left is not None
+            part = data[:self._left]
+            self._left -= len(part)
+            self.done = self._left == 0
+            return part
+        out: list[bytes] = []
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        while pos < len(buf) and not self.done:
+            if self._state == "data":
+                part = buf[pos:pos + self._chunk_left]
+                out.append(part)
+                pos += len(part)
+                self._chunk_left -= len(part)
+                if self._chunk_left == 0:
+                    self._state = "crlf"
+                continue
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos > self.MAX_LINE:
+                    raise BodyError("a chunk line is too long")
+                break
+            line = buf[pos:end].rstrip(b"\r")
+            pos = end + 1
+            if self._state == "crlf":
+                if line:
+                    raise BodyError("a chunk's data is longer than its size")
+                self._state = "size"
+            elif self._state == "size":
+                size = line.split(b";", 1)[0].strip()
+                try:
+                    self._chunk_left = int(size, 16)
+                except ValueError:
+                    raise BodyError(f"a bad chunk size line: {line[:40]!r}") from None
+                if self._chunk_left < 0:
+                    raise BodyError("a negative chunk size")
+                self._state = "trailer" if self._chunk_left == 0 else "data"
+            elif not line:  # the blank line after the last chunk's trailers
+                self.done = True
+        self._buf = buf[pos:] if pos < len(buf) and not self.done else b""
+        return b"".join(out)
+
+
+class Detached:
+    """A node's streamed answer taken over from http.client by the stream relay: the socket
+    (non-blocking from here on), the body bytes already read ahead and the body's framing.
+    `release(reusable)` ends it: a body read to its end on a keep-alive connection goes back
+    to the pool, anything else is closed (which tells the node to stop generating)."""
+
+    def __init__(self, response: NodeResponse, sock: socket.socket, head: bytes,
+                 framing: str | int | None) -> None:
+        self._response = response
+        self.sock = sock
+        self.head = head
+        self.decoder = BodyDecoder(framing)
+
+    def release(self, *, reusable: bool) -> None:
+        r = self._response
+        if r._done:
+            return
+        if reusable and self.decoder.done and not r._resp.will_close:
+            r._done = True
+            self.sock.settimeout(r._pool.read_timeout)
+            r._resp.close()  # http.client's side of it: the answer was read (by the relay)
+            r._pool.put(r._key, r._conn)
+            return
+        r.close(reuse=False)
+
+
+def _framing(resp: http.client.HTTPResponse) -> str | int | None:
+    if resp.chunked:
+        return "chunked"
+    return resp.length  # None: the body runs to the close
