@@ -49,7 +49,9 @@ test: setup-dev
 
 bench: setup-dev
 	bash scripts/services-up
-	$(BIN)/python bench/report.py --out docs/performance-report.md
+	bash scripts/bench-tools
+	PATH="$(CURDIR)/.venv/bin:$$PATH" CHARTER_BENCH_LITELLM="$(CURDIR)/.bench/litellm/bin/litellm" \
+	  $(BIN)/python bench/report.py --out docs/performance-report.md
 
 lint: setup-dev
 	$(BIN)/ruff check platform tests $(wildcard bench)

@@ -1185,13 +1185,11 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   q("ttft", .5), q("ttft", .99), q("total", .5), q("total", .99),
                   f"{med(r[path]['cpu'][group] * 1000 / args.streams for r in rounds):.2f}")
     console.print(s)
-    handlers = args.workers * args.threads
     setup_cpu = med(r["charter_streams"]["cpu"]["charter"] for r in rounds)
     console.print(f"  Charter used {setup_cpu:.1f} s of CPU per round of {args.streams} streams "
-                  f"on {os.cpu_count()} shared cores: TTFT is mostly queueing for CPU."
-                  + (f" It has {args.workers} workers x {args.threads} threads = {handlers} "
-                     f"stream handlers: {args.streams - handlers} streams also wait for a thread."
-                     if handlers < args.streams else ""))
+                  f"on {os.cpu_count()} shared cores: TTFT is mostly queueing for CPU. A "
+                  f"stream holds one of the {args.workers} x {args.threads} threads only until "
+                  "its first byte; its worker's relay (charter/relay.py) carries it from there.")
 
     charter_cpu = per_req("charter", "charter")
     stream_errors = sum(r["charter_streams"]["errors"] for r in rounds)
@@ -1220,6 +1218,8 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
         figure(f"{args.streams} concurrent streams: TTFT p50", ttft("charter_streams"), "ms",
                baseline="direct", baseline_value=ttft("direct_streams")),
         figure("RSS per API worker after the run", profile.get("worker_rss_mb", 0.0), "MB"),
+        figure("load average (1 min) before the run", load_before[0], "",
+               note="c=1 goals ask for a quiet machine"),
     ]
     if peer_rps:
         figures.append(figure("requests/s at c=32, Charter vs LiteLLM", peer_rps[0], "/s",
@@ -1243,7 +1243,7 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
         (f"added p99 at c=1 <= {GOAL_P99_MS:g} ms", f"+{added99:.3f} ms", added99 <= GOAL_P99_MS),
         (f"Charter CPU per request <= {GOAL_CPU_MS:g} ms (c=32)", f"{charter_cpu:.3f} ms",
          charter_cpu <= GOAL_CPU_MS),
-        (f"{GOAL_STREAMS} concurrent streams, 0 errors",
+        (f"{args.streams} concurrent streams, 0 errors",
          f"{stream_errors} errors in {args.rounds} x {args.streams}",
          stream_errors == 0 and args.streams >= GOAL_STREAMS),
         (f">= {GOAL_PEER_RATIO:g}x LiteLLM's throughput (c=32, same stub)",
@@ -1256,6 +1256,8 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
          f"{stream_cpu_ratio:.1f}x", stream_cpu_ratio <= GOAL_STREAM_CPU_RATIO),
         ("RSS per API worker after the run (reported)",
          f"{profile.get('worker_rss_mb', 0.0):.0f} MB", None),
+        ("load average before the run (c=1 goals: a quiet machine)",
+         f"{load_before[0]:.2f}", None),
     ):
         mark = ("[dim]-[/dim]" if ok is None else "[green]yes[/green]" if ok
                 else "[red]NO[/red]")
@@ -1341,8 +1343,9 @@ def main() -> None:
                     help="worker processes of Charter and of LiteLLM (`charter serve`'s default)")
     ap.add_argument("--threads", type=int, default=256, help="as `charter serve` defaults")
     ap.add_argument("--profile-requests", type=int, default=300)
-    ap.add_argument("--litellm", default=os.environ.get("CHARTER_BENCH_LITELLM")
-                    or shutil.which("litellm"),
+    installed = os.environ.get("CHARTER_BENCH_LITELLM")  # scripts/bench-tools' (make bench)
+    ap.add_argument("--litellm", default=installed if installed and os.access(installed, os.X_OK)
+                    else shutil.which("litellm"),
                     help="LiteLLM proxy executable (its own environment) to compare with")
     ap.add_argument("--py-spy", default=shutil.which("py-spy"),
                     help="py-spy binary for the worker profile (default: on PATH)")

@@ -51,6 +51,7 @@ JOB_KEY = "charter.relay.job"  # environ: the application's Job, for the worker 
 READ_SIZE = 65536
 HIGH_WATER = 256 * 1024  # unsent bytes to a caller past which the node is not read
 FINISH_THREADS = 4
+TIMEOUT_CHECK_S = 0.25  # how often the loop looks for quiet nodes and stalled callers
 
 
 class Pump(Protocol):
@@ -99,6 +100,8 @@ class _Flow:
         self.last_up = now  # the node's last bytes
         self.stalled_since: float | None = None  # when the caller stopped taking bytes
         self.started = False
+        self.up_watched = False  # registered: the node's socket for reading
+        self.client_events = 0  # registered: the caller's socket for these events
 
 
 class Relay:
@@ -117,6 +120,7 @@ class Relay:
         self._count = 0  # flows in the loop or on their way to it
         self._stopping = False
         self._stop_all = False
+        self._next_check = 0.0
         self._finishers = ThreadPoolExecutor(FINISH_THREADS, "charter-relay-finish")
         self._thread = threading.Thread(target=self._run, name="charter-relay", daemon=True)
         self._thread.start()
@@ -182,7 +186,9 @@ class Relay:
                             self._write(flow, now)
                         if mask & selectors.EVENT_READ and flow in self._flows:
                             self._caller_spoke(flow)
-                self._check_timeouts(now)
+                if now >= self._next_check:  # timeouts are seconds: not every turn
+                    self._next_check = now + TIMEOUT_CHECK_S
+                    self._check_timeouts(now)
                 if self._stop_all:
                     for flow in list(self._flows):
                         self._end(flow, "cancelled", "the server stopped before the end")
@@ -201,8 +207,10 @@ class Relay:
             self._flows.add(flow)
             try:
                 self._sel.register(flow.up, selectors.EVENT_READ, (flow, "up"))
+                flow.up_watched = True
                 # The caller's side: readable means it went away (or sent what it may not).
                 self._sel.register(client, selectors.EVENT_READ, (flow, "client"))
+                flow.client_events = selectors.EVENT_READ
             except (OSError, ValueError) as exc:
                 self._end(flow, "aborted", f"could not watch the sockets: {exc}")
                 continue
@@ -277,14 +285,12 @@ class Relay:
         self._finish_writing(flow)
 
     def _close_node(self, flow: _Flow, *, reusable: bool) -> None:
-        if flow.reading:
-            flow.reading = False
+        flow.reading = False
+        if flow.up_watched:
+            flow.up_watched = False
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(flow.up)
-        if reusable:
-            flow.job.upstream.release(reusable=True)
-        else:
-            flow.job.upstream.release(reusable=False)
+        flow.job.upstream.release(reusable=reusable)
 
     def _finish_writing(self, flow: _Flow) -> None:
         if flow not in self._flows:
@@ -324,17 +330,19 @@ class Relay:
         """Register for what the flow waits on: the caller's socket for writing while bytes
         are queued; the node's for reading while fewer than HIGH_WATER bytes are."""
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if flow.out else 0)
-        with contextlib.suppress(KeyError, ValueError):
-            if self._sel.get_key(flow.client).events != events:
+        if flow.client_events != events:
+            with contextlib.suppress(KeyError, ValueError):
                 self._sel.modify(flow.client, events, (flow, "client"))
+                flow.client_events = events
         if not flow.reading or flow.ending:
             return
         paused = len(flow.out) > HIGH_WATER
-        registered = flow.up in self._sel.get_map()
-        if paused and registered:
+        if paused and flow.up_watched:
             self._sel.unregister(flow.up)
-        elif not paused and not registered:
+            flow.up_watched = False
+        elif not paused and not flow.up_watched:
             self._sel.register(flow.up, selectors.EVENT_READ, (flow, "up"))
+            flow.up_watched = True
 
     def _caller_spoke(self, flow: _Flow) -> None:
         try:

@@ -191,7 +191,7 @@ class Served:
 
 
 def _serve(tmp_path: Path, node: Node, *, read_timeout: float = 5.0,
-           graceful: int = 10) -> Served:
+           graceful: int = 10, extra: tuple[str, ...] = ()) -> Served:
     (tmp_path / "relayapp.py").write_text(APP)
     port = free_port()
     outcomes = tmp_path / "outcomes.jsonl"
@@ -200,7 +200,7 @@ def _serve(tmp_path: Path, node: Node, *, read_timeout: float = 5.0,
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--chdir", str(tmp_path), "-b", f"127.0.0.1:{port}",
          "-w", "1", "--threads", "4", "-k", "charter.serving.KeepAliveThreadWorker",
-         "--graceful-timeout", str(graceful), "relayapp:app"],
+         "--graceful-timeout", str(graceful), *extra, "relayapp:app"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -341,6 +341,29 @@ def test_http_1_0_callers_are_streamed_the_old_way(served: Served) -> None:
     with _ask(served.port, "sized", http="1.0") as sock:
         raw = _read_all(sock)
     assert b"X-Relayed: False" in raw and raw.endswith(b"data: sized\n\n")
+
+
+def test_tls_callers_are_streamed_the_old_way(tmp_path: Path, node: Node) -> None:
+    """gunicorn's own TLS: the relay does not take an SSL socket."""
+    import ssl
+
+    from tests.unit.test_ssrf import _tls_material
+
+    ca_pem, cert_pem, key_pem = _tls_material()
+    for name, pem in (("cert.pem", cert_pem), ("key.pem", key_pem), ("ca.pem", ca_pem)):
+        (tmp_path / name).write_bytes(pem)
+    s = _serve(tmp_path, node, extra=("--certfile", str(tmp_path / "cert.pem"),
+                                      "--keyfile", str(tmp_path / "key.pem")))
+    try:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        raw = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="node.test") as tls:
+            tls.sendall(b"POST /sized HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            data = _until(tls, b"data: sized\n\n")
+        assert b"X-Relayed: False" in data
+    finally:
+        s.proc.terminate()
+        s.proc.wait(timeout=30)
 
 
 def test_a_stopping_worker_lets_running_streams_finish(tmp_path: Path, node: Node) -> None:
