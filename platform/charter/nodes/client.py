@@ -1,17 +1,19 @@
 """Gateway calls to inference nodes: HTTP/1.1 on pooled sockets pinned to the checked address.
 
-The gateway's hot path. httpx's pool cost about 1 ms of CPU a request here (its bookkeeping
-polls every pooled socket); http.client on a reused socket costs a tenth of that. Each
-connection goes to exactly the IP that `NodeUrlPolicy.resolve` checked, with the node's own
-name kept for `Host` and, over https, for SNI and certificate verification. Redirects are
-never followed (the caller sees the 3xx status and treats the node as failed), no proxy or
-netrc from the environment is consulted, and a connection is reused only after its previous
-response was read to the end.
+The gateway's hot path, so a small client of its own: httpx's pool cost about 1 ms of CPU a
+request here (its bookkeeping polls every pooled socket), http.client about 0.35 ms (most
+of it parsing the answer's headers with the email package); this one writes the request in
+one send and parses the head itself. Each connection goes to exactly the IP that
+`NodeUrlPolicy.resolve` checked, with the node's own name kept for `Host` and, over https,
+for SNI and certificate verification. Redirects are never followed (the caller sees the 3xx
+status and treats the node as failed), no proxy or netrc from the environment is consulted,
+and a connection is reused only after its previous answer was read to the end. The body's
+framing (chunked, a length, or to the close) is removed by one BodyDecoder, for whole
+answers, streams read here, and streams the relay reads (`detach`).
 """
 
 from __future__ import annotations
 
-import http.client
 import select
 import socket
 import ssl
@@ -22,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from charter.nodes.ssrf import ResolvedTarget
 
 _Key = tuple[str, str, int, str | None]  # scheme, ip, port, TLS name
+MAX_HEAD = 65536  # an answer's status line and headers
+READ_SIZE = 65536
 
 
 class NodeCallError(Exception):
@@ -32,90 +36,166 @@ class _StaleConnection(Exception):
     """The connection broke before any answer: safe to send again on a fresh one."""
 
 
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, ip: str, port: int, *, connect_timeout: float, read_timeout: float):
-        super().__init__(ip, port, timeout=read_timeout)
-        self.connect_timeout = connect_timeout
+class Headers:
+    """An answer's headers: looked up by name in any case, kept in the node's order."""
 
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.timeout)
-        self.sock = sock
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        self._by_name: dict[str, str] = {}
+        for name, value in items:
+            key = name.lower()
+            self._by_name[key] = (f"{self._by_name[key]}, {value}" if key in self._by_name
+                                  else value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._by_name.get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._by_name[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._by_name
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
 
 
-class _TlsConnection(_Connection):
-    def __init__(self, ip: str, port: int, *, connect_timeout: float, read_timeout: float,
-                 context: ssl.SSLContext, server_hostname: str):
-        super().__init__(ip, port, connect_timeout=connect_timeout, read_timeout=read_timeout)
-        self.context = context
-        self.server_hostname = server_hostname
+class _Connection:
+    """One socket to one node address, and the bytes read past the last answer's head."""
 
-    def connect(self) -> None:
-        super().connect()
-        # The certificate must name the node's host (or its IP for IP-literal URLs).
-        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.server_hostname)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.buf = b""
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+    def recv(self) -> bytes:
+        assert self.sock is not None
+        return self.sock.recv(READ_SIZE)
+
+    def read_head(self) -> tuple[int, Headers, bool]:
+        """The status, the headers and whether the node will close after this answer;
+        raises _StaleConnection when the connection ended before any byte of it."""
+        while True:
+            data = self.buf
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                if len(data) > MAX_HEAD:
+                    raise NodeCallError("the node's answer head is too large")
+                try:
+                    more = self.recv()
+                except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                    if not data:
+                        raise _StaleConnection() from exc
+                    raise
+                if not more:
+                    if not data:
+                        raise _StaleConnection() from ConnectionResetError(
+                            "the node closed the connection before answering")
+                    raise NodeCallError("the node closed the connection in its answer's head")
+                data += more
+            head, self.buf = data[:end], data[end + 4:]
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise NodeCallError(f"not an HTTP/1.x status line: {lines[0][:60]!r}")
+            status = int(parts[1])
+            if 100 <= status < 200 and status != 101:
+                continue  # an interim answer (100 Continue, 103 Early Hints): the next
+            items = []
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name != name.strip():
+                    raise NodeCallError(f"a malformed header line: {line[:60]!r}")
+                items.append((name, value.strip()))
+            headers = Headers(items)
+            connection = (headers.get("connection") or "").lower()
+            closes = "close" in connection or (parts[0] == "HTTP/1.0"
+                                               and "keep-alive" not in connection)
+            return status, headers, closes
+
+
+def _framing(status: int, headers: Headers) -> str | int | None:
+    if status in (204, 304):
+        return 0
+    if "chunked" in (headers.get("transfer-encoding") or "").lower():
+        return "chunked"
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise NodeCallError(f"a bad Content-Length: {length[:30]!r}")
+        return int(length)
+    return None  # to the close
 
 
 class NodeResponse:
     """A node's answer; `close()` hands the connection back when it can be reused."""
 
-    def __init__(self, pool: NodePool, key: _Key, conn: _Connection,
-                 resp: http.client.HTTPResponse):
-        self._pool, self._key, self._conn, self._resp = pool, key, conn, resp
-        self.status = resp.status
-        self.headers = resp.headers
+    def __init__(self, pool: NodePool, key: _Key, conn: _Connection, status: int,
+                 headers: Headers, closes: bool) -> None:
+        self._pool, self._key, self._conn = pool, key, conn
+        self.status = status
+        self.headers = headers
+        self._closes = closes
+        framing = _framing(status, headers)
+        self._decoder = BodyDecoder(framing)
+        self._closes = closes or framing is None
         self._done = False
 
-    def read(self) -> bytes:
+    def _chunks(self) -> Iterator[bytes]:
+        """The body as it arrives, framing removed; NodeCallError if it breaks off."""
+        decoder, conn = self._decoder, self._conn
         try:
-            data = self._resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            ahead, conn.buf = conn.buf, b""
+            while True:
+                data = ahead or conn.recv()
+                ahead = b""
+                if not data:
+                    if decoder.at_eof():
+                        return
+                    raise NodeCallError("IncompleteRead: the node closed the connection "
+                                        "before the end of its answer")
+                out = decoder.feed(data)
+                if out:
+                    yield out
+                if decoder.done:
+                    return
+        except (OSError, BodyError) as exc:
             self.close(reuse=False)
             raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
+        except NodeCallError:
+            self.close(reuse=False)
+            raise
+
+    def read(self) -> bytes:
+        data = b"".join(self._chunks())
         self.close()
         return data
 
-    def iter_raw(self, size: int = 65536) -> Iterator[bytes]:
+    def iter_raw(self) -> Iterator[bytes]:
         """The body as it arrives (chunked framing removed), without buffering."""
-        try:
-            while True:
-                data = self._resp.read1(size)
-                if not data:
-                    break
-                yield data
-        except (OSError, http.client.HTTPException) as exc:
-            self.close(reuse=False)
-            raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
+        yield from self._chunks()
 
     def detach(self) -> Detached:
         """Hand the body over to a reader of the socket itself (charter.relay): the bytes
-        http.client read ahead come along, and the socket turns non-blocking."""
-        fp = self._resp.fp
-        # An answer that closes its connection took the socket from http.client's
-        # connection (`will_close`): its file still holds it.
-        sock = self._conn.sock or fp.raw._sock  # type: ignore[attr-defined]  # noqa: SLF001
+        read past the head come along, and the socket turns non-blocking."""
+        sock = self._conn.sock
+        assert sock is not None
         sock.setblocking(False)
-        # With the socket non-blocking, peek returns what is buffered (or what one read
-        # finds) without waiting; reading exactly that takes it from the buffer alone.
-        try:
-            ahead = fp.peek() if fp is not None else b""
-        except ssl.SSLWantReadError:  # TLS: nothing decrypted yet
-            ahead = b""
-        if ahead:
-            fp.read(len(ahead))
-        return Detached(self, sock, ahead, _framing(self._resp))
+        ahead, self._conn.buf = self._conn.buf, b""
+        return Detached(self, sock, ahead, self._decoder)
 
     def close(self, *, reuse: bool = True) -> None:
-        """Reuse the connection only after a complete, keep-alive response; otherwise
-        close it, which also tells the node to stop generating."""
+        """Reuse the connection only after a complete, keep-alive answer; otherwise close
+        it, which also tells the node to stop generating."""
         if self._done:
             return
         self._done = True
-        if reuse and self._resp.isclosed() and not self._resp.will_close:
+        if reuse and self._decoder.done and not self._closes and not self._conn.buf:
             self._pool.put(self._key, self._conn)
         else:
-            self._resp.close()
             self._conn.close()
 
 
@@ -137,44 +217,62 @@ class NodePool:
         scheme = target.validated.scheme
         tls_name = None if scheme == "http" else (target.sni_hostname or target.ip)
         key: _Key = (scheme, target.ip, target.validated.port, tls_name)
-        merged = {k: v for k, v in headers.items() if k.lower() != "host"}
-        merged["Host"] = target.host_header
-        url = target.validated.path.rstrip("/") + path
+        lines = [f"{method} {target.validated.path.rstrip('/')}{path} HTTP/1.1",
+                 f"Host: {target.host_header}", f"Content-Length: {len(body)}"]
+        for name, value in headers.items():
+            low = name.lower()
+            if low in ("host", "content-length", "transfer-encoding", "connection"):
+                continue
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise NodeCallError(f"a header with a line break: {name}")
+            lines.append(f"{name}: {value}")
+        message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         conn = self._take(key)
         if conn is not None:
             try:
-                return self._send(key, conn, method, url, body, merged)
+                return self._send(key, conn, message)
             except _StaleConnection:
                 pass  # the node closed an idle connection: one more try, on a fresh one
         try:
-            return self._send(key, self._new(key), method, url, body, merged)
+            return self._send(key, self._new(key), message)
         except _StaleConnection as exc:
             cause = exc.__cause__
             raise NodeCallError(f"{type(cause).__name__}: {cause}") from cause
 
-    def _send(self, key: _Key, conn: _Connection, method: str, url: str, body: bytes,
-              headers: dict[str, str]) -> NodeResponse:
+    def _send(self, key: _Key, conn: _Connection, message: bytes) -> NodeResponse:
         try:
-            conn.request(method, url, body=body, headers=headers)
-            resp = conn.getresponse()
-        except (ConnectionError, http.client.RemoteDisconnected,
-                http.client.BadStatusLine) as exc:
+            assert conn.sock is not None
+            try:
+                conn.sock.sendall(message)
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                raise _StaleConnection() from exc
+            status, headers, closes = conn.read_head()
+        except _StaleConnection:
             conn.close()  # nothing of an answer arrived
-            raise _StaleConnection() from exc
-        except (OSError, http.client.HTTPException) as exc:
+            raise
+        except (OSError, NodeCallError) as exc:
             conn.close()
+            if isinstance(exc, NodeCallError):
+                raise
             raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
-        return NodeResponse(self, key, conn, resp)
+        return NodeResponse(self, key, conn, status, headers, closes)
 
     def _new(self, key: _Key) -> _Connection:
         scheme, ip, port, tls_name = key
-        if scheme == "https":
-            assert tls_name is not None
-            return _TlsConnection(ip, port, connect_timeout=self.connect_timeout,
-                                  read_timeout=self.read_timeout, context=self.context,
-                                  server_hostname=tls_name)
-        return _Connection(ip, port, connect_timeout=self.connect_timeout,
-                           read_timeout=self.read_timeout)
+        try:
+            sock = socket.create_connection((ip, port), self.connect_timeout)
+        except OSError as exc:
+            raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.read_timeout)
+            if scheme == "https":
+                # The certificate must name the node's host (or its IP for IP-literal URLs).
+                sock = self.context.wrap_socket(sock, server_hostname=tls_name)
+        except OSError as exc:
+            sock.close()
+            raise NodeCallError(f"{type(exc).__name__}: {exc}") from exc
+        return _Connection(sock)
 
     def _take(self, key: _Key) -> _Connection | None:
         while True:
@@ -205,6 +303,8 @@ class NodePool:
 
 def _readable(sock: socket.socket) -> bool:
     """An idle keep-alive socket that is readable was closed (or is out of step)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
 
@@ -284,32 +384,21 @@ class BodyDecoder:
 
 
 class Detached:
-    """A node's streamed answer taken over from http.client by the stream relay: the socket
-    (non-blocking from here on), the body bytes already read ahead and the body's framing.
-    `release(reusable)` ends it: a body read to its end on a keep-alive connection goes back
-    to the pool, anything else is closed (which tells the node to stop generating)."""
+    """A node's streamed answer taken over by the stream relay: the socket (non-blocking
+    from here on), the body bytes already read past the head, and the body's decoder.
+    `release(reusable)` ends it: a body read to its end on a keep-alive connection goes
+    back to the pool, anything else is closed (which tells the node to stop generating)."""
 
     def __init__(self, response: NodeResponse, sock: socket.socket, head: bytes,
-                 framing: str | int | None) -> None:
+                 decoder: BodyDecoder) -> None:
         self._response = response
         self.sock = sock
         self.head = head
-        self.decoder = BodyDecoder(framing)
+        self.decoder = decoder
 
     def release(self, *, reusable: bool) -> None:
-        r = self._response
-        if r._done:
+        if self._response._done:
             return
-        if reusable and self.decoder.done and not r._resp.will_close:
-            r._done = True
-            self.sock.settimeout(r._pool.read_timeout)
-            r._resp.close()  # http.client's side of it: the answer was read (by the relay)
-            r._pool.put(r._key, r._conn)
-            return
-        r.close(reuse=False)
-
-
-def _framing(resp: http.client.HTTPResponse) -> str | int | None:
-    if resp.chunked:
-        return "chunked"
-    return resp.length  # None: the body runs to the close
+        if reusable and self.decoder.done:
+            self.sock.settimeout(self._response._pool.read_timeout)
+        self._response.close(reuse=reusable)
