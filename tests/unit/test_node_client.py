@@ -204,3 +204,63 @@ def test_tls_refuses_a_certificate_for_another_name(dns, tls_node) -> None:  # t
                      b"", {})
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
     assert server.requests == []
+
+
+# --- the client's own HTTP/1.1 parsing ------------------------------------------------------
+
+def _scripted(answer: bytes, *, keep: bool = True) -> Handler:
+    def handler(conn: socket.socket, _body: bytes) -> bool:
+        conn.sendall(answer)
+        return keep
+    return handler
+
+
+def test_interim_answers_are_skipped_and_headers_read_in_any_case(node_factory, pool) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory(_scripted(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nX-Prompt-Tokens: 4\r\nX-Multi: a\r\nx-multi: b\r\n"
+        b"Content-Length: 2\r\n\r\nok"))
+    target = POLICY.resolve(f"http://127.0.0.1:{node.port}")
+    for _ in range(2):  # and the connection is reused after it
+        resp = pool.request(target, "POST", "/generate", b"{}", JSON)
+        assert resp.status == 200
+        assert resp.headers.get("x-prompt-tokens") == resp.headers["X-PROMPT-TOKENS"] == "4"
+        assert resp.headers.get("x-multi") == "a, b" and "link" not in resp.headers
+        assert resp.read() == b"ok"
+    assert node.connections == 1
+
+
+def test_bodies_to_the_close_and_http_1_0_answers_are_not_reused(node_factory, pool) -> None:  # type: ignore[no-untyped-def]
+    for answer in (b"HTTP/1.1 200 OK\r\n\r\nall of it", b"HTTP/1.0 200 OK\r\n\r\nall of it",
+                   b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 9\r\n\r\n"
+                   b"all of it"):
+        node = node_factory(_scripted(answer, keep=False))
+        target = POLICY.resolve(f"http://127.0.0.1:{node.port}")
+        for _ in range(2):
+            assert pool.request(target, "POST", "/g", b"{}", JSON).read() == b"all of it"
+        assert node.connections == 2, answer
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "a malformed header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "a bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000, "too large"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "IncompleteRead"),
+])
+def test_what_is_not_http_is_a_node_call_error(node_factory, pool, answer: bytes,  # type: ignore[no-untyped-def]
+                                               message: str) -> None:
+    node = node_factory(_scripted(answer, keep=False))
+    target = POLICY.resolve(f"http://127.0.0.1:{node.port}")
+    with pytest.raises(NodeCallError, match=message):
+        pool.request(target, "POST", "/g", b"{}", JSON).read()
+    assert pool._take(("http", "127.0.0.1", node.port, None)) is None  # never reused
+
+
+def test_a_header_value_cannot_add_lines_to_the_request(node_factory, pool) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory(_answer)
+    target = POLICY.resolve(f"http://127.0.0.1:{node.port}")
+    with pytest.raises(NodeCallError, match="line break"):
+        pool.request(target, "POST", "/g", b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"})
+    assert node.requests == []
