@@ -544,7 +544,7 @@ def beat(schedule_file: str, loglevel: str) -> None:
 
 def _flush_on_exit(_server: object, worker: object) -> None:
     """A stopping worker writes the outcome events it still holds (gunicorn's worker_exit)."""
-    app = getattr(worker, "wsgi", None)
+    app = getattr(worker, "application", None) or getattr(worker, "wsgi", None)
     runtime = getattr(app, "extensions", {}).get("charter.runtime")
     if runtime is not None:
         runtime.close()

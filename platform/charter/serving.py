@@ -118,6 +118,7 @@ class KeepAliveThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn is 
         super().load_wsgi()  # in the worker process, after the fork
         self.relay = Relay(max_streams=self.cfg.worker_connections)
         app: Any = self.wsgi  # type: ignore[has-type]  # set by gunicorn's load_wsgi
+        self.application = app  # the application itself (its runtime: cli._flush_on_exit)
         self.wsgi = self._offering_relay(app)
 
     def _offering_relay(self, app: Any) -> Any:

@@ -90,3 +90,26 @@ def test_a_node_that_reports_nothing_leaves_its_counts_unknown_and_its_text_kept
     assert (f.tokens_in, f.tokens_out, f.events) == (None, None, len(EVENTS))
     assert f.text() and f.text() == "".join(
         e["choices"][0]["delta"].get("content", "") for e in EVENTS)
+
+
+@given(st.lists(st.tuples(st.text(max_size=12), st.booleans()), min_size=1, max_size=8),
+       st.booleans(), st.lists(st.integers(1, 400), max_size=6))
+def test_tgi_token_events_read_lazily_give_the_same_text_and_counts(
+        tokens: list[tuple[str, bool]], details: bool, cuts: list[int]) -> None:
+    """TGI's own compact events (`"details":null`) pass without being parsed; their text,
+    read when asked for, is what parsing each would have given, whatever the text holds
+    (quotes, `"details":null`, `"token":{` and line breaks included)."""
+    tokens = [(t + '"details":null,"token":{' if i == 0 else t, special)
+              for i, (t, special) in enumerate(tokens)]
+    last = len(tokens) - 1
+    stream = b"".join(b"data:" + json.dumps({
+        "index": i, "token": {"id": i, "text": text, "logprob": -0.1, "special": special},
+        "generated_text": "".join(t for t, _ in tokens) if i == last else None,
+        "details": {"finish_reason": "length", "generated_tokens": len(tokens),
+                    "input_length": 4, "seed": None} if i == last and details else None},
+        separators=(",", ":")).encode() + b"\n\n" for i, (text, special) in enumerate(tokens))
+    f = StreamFilter("tgi", "tiny", strip_usage=False)
+    assert _through(stream, cuts, f) == stream
+    assert f.events == len(tokens)
+    assert f.text() == "".join(t for t, special in tokens if not special)
+    assert (f.tokens_in, f.tokens_out) == ((4, len(tokens)) if details else (None, None))

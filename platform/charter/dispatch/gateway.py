@@ -513,9 +513,10 @@ class _StreamPump:
                 estimated=tokens.estimated, estimated_by=tokens.estimated_by,
                 ttft_ms=self.ttft, request_digest=self.digest, stream=True, error=error,
                 request_id=self.request_id, response_redacted=redacted)
-            service.keep(plan, protocol=self.protocol, body=self.original,
-                         answer=passing.text(), request_id=self.request_id,
-                         response_redacted=redacted)
+            if plan.capture is not None:  # the text is read only for a capture
+                service.keep(plan, protocol=self.protocol, body=self.original,
+                             answer=passing.text(), request_id=self.request_id,
+                             response_redacted=redacted)
 
 
 def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
