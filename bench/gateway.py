@@ -384,6 +384,34 @@ class CpuMeter:
         self.used["others"] = max(0.0, busy - sum(self.used.values()))
 
 
+class RssPeak:
+    """Each worker's resident memory before the streams and at their peak (sampled every
+    50 ms): (before, peak) MB summed over the workers."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RssPeak:
+        self.before = sum(_rss_mb(p) for p in self.pids)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, sum(_rss_mb(p) for p in self.pids))
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, float]:
+        return {"before": self.before, "peak": max(self.peak, self.before),
+                "workers": len(self.pids)}
+
+
 # --- setup: database, governed registry entries, processes ------------------------------------
 
 def _create_database(name: str) -> str:
@@ -878,8 +906,10 @@ def run(args: argparse.Namespace) -> None:
                     "generate", "generate_stream"), "key": key, "streams": args.streams,
                     "tokens": args.tokens, "timeout": 60}
                 with CpuMeter(groups) as meter:
-                    one[f"{target['name']}_streams"] = _child("streams", spec, timeout=120)
+                    with RssPeak(_children(master) if target is gated else []) as peak:
+                        one[f"{target['name']}_streams"] = _child("streams", spec, timeout=120)
                 one[f"{target['name']}_streams"]["cpu"] = dict(meter.used)
+                one[f"{target['name']}_streams"]["rss"] = peak.result()
             rounds.append(one)
             d_ms, c_ms = lat["ms"]["direct"], lat["ms"]["charter"]
             console.print(
@@ -1185,6 +1215,14 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
                   q("ttft", .5), q("ttft", .99), q("total", .5), q("total", .99),
                   f"{med(r[path]['cpu'][group] * 1000 / args.streams for r in rounds):.2f}")
     console.print(s)
+    rss = [r["charter_streams"].get("rss") for r in rounds if r["charter_streams"].get("rss")]
+    stream_kb = med(max(0.0, x["peak"] - x["before"]) * 1024 / args.streams for x in rss) \
+        if rss else float("nan")
+    if rss:
+        console.print(f"  Memory: the {rss[0]['workers']} workers held "
+                      f"{med(x['before'] for x in rss):.0f} MB before the streams and "
+                      f"{med(x['peak'] for x in rss):.0f} MB at their peak: about "
+                      f"{stream_kb:.0f} KB a stream while it is open.")
     setup_cpu = med(r["charter_streams"]["cpu"]["charter"] for r in rounds)
     console.print(f"  Charter used {setup_cpu:.1f} s of CPU per round of {args.streams} streams "
                   f"on {os.cpu_count()} shared cores: TTFT is mostly queueing for CPU. A "
@@ -1220,6 +1258,7 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
         figure("RSS per API worker after the run", profile.get("worker_rss_mb", 0.0), "MB"),
         figure("load average (1 min) before the run", load_before[0], "",
                note="c=1 goals ask for a quiet machine"),
+        figure(f"memory a stream while open ({args.streams} at once)", stream_kb, "KB"),
     ]
     if peer_rps:
         figures.append(figure("requests/s at c=32, Charter vs LiteLLM", peer_rps[0], "/s",
@@ -1258,6 +1297,8 @@ def report(console: Any, args: argparse.Namespace, rounds: list[dict[str, Any]],
          f"{profile.get('worker_rss_mb', 0.0):.0f} MB", None),
         ("load average before the run (c=1 goals: a quiet machine)",
          f"{load_before[0]:.2f}", None),
+        (f"memory a stream while open, {args.streams} at once (reported)",
+         f"{stream_kb:.0f} KB", None),
     ):
         mark = ("[dim]-[/dim]" if ok is None else "[green]yes[/green]" if ok
                 else "[red]NO[/red]")

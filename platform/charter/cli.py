@@ -449,9 +449,10 @@ def config_docs() -> None:
               type=int, help="Worker processes. One more than the cores: a worker waiting on "
               "the database or a node leaves its core to another.")
 @click.option("--threads", default=256, show_default=True, type=int,
-              help="Threads per worker: each open stream holds one.")
+              help="Threads per worker serving requests (a stream only until its first "
+              "byte: each worker's relay carries open streams).")
 def serve(bind: str, workers: int, threads: int) -> None:
-    """Run the API and gateway under gunicorn (gthread workers: long streams stay open)."""
+    """Run the API and gateway under gunicorn (threaded workers, one stream relay each)."""
     # A program of its own: the app and the server are imported here, not by every
     # `charter ...` command (importing the app costs ~2 s of start-up).
     from gunicorn.app.base import BaseApplication
