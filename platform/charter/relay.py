@@ -179,13 +179,18 @@ class Relay:
                     flow, side = key.data
                     if flow not in self._flows:
                         continue
-                    if side == "up":
-                        self._read_node(flow, now)
-                    else:
-                        if mask & selectors.EVENT_WRITE:
-                            self._write(flow, now)
-                        if mask & selectors.EVENT_READ and flow in self._flows:
-                            self._caller_spoke(flow)
+                    try:
+                        if side == "up":
+                            self._read_node(flow, now)
+                        else:
+                            if mask & selectors.EVENT_WRITE:
+                                self._write(flow, now)
+                            if mask & selectors.EVENT_READ and flow in self._flows:
+                                self._caller_spoke(flow)
+                    except Exception as exc:  # noqa: BLE001 - a bug ends its stream only
+                        log.exception("a relayed stream failed")
+                        self._fail(flow, f"relay error: {type(exc).__name__}: {exc}",
+                                   message="the stream failed in the gateway")
                 if now >= self._next_check:  # timeouts are seconds: not every turn
                     self._next_check = now + TIMEOUT_CHECK_S
                     self._check_timeouts(now)
@@ -278,10 +283,19 @@ class Relay:
 
     def _fail(self, flow: _Flow, error: str, *, message: str = "") -> None:
         """The node failed (or the pump could not go on): an error event, then the end."""
+        if flow not in self._flows or flow.ending:
+            if flow in self._flows:  # failing while its end was being written: close it
+                self._end(flow, "aborted", error)
+            return
         flow.outcome, flow.error = "aborted", error
         self._close_node(flow, reusable=False)
-        self._send(flow, flow.job.pump.error_event(message or "the model node failed "
-                                                    "mid-stream"), time.monotonic())
+        try:
+            event = flow.job.pump.error_event(message or "the model node failed mid-stream")
+        except Exception:  # noqa: BLE001 - the caller gets the end without the event
+            log.exception("a relayed stream's error event could not be made")
+            event = b""
+        if event:
+            self._send(flow, event, time.monotonic())
         self._finish_writing(flow)
 
     def _close_node(self, flow: _Flow, *, reusable: bool) -> None:

@@ -43,6 +43,8 @@ class Pump:
         self.fed += len(data)
         if b"poison" in data:
             raise PumpFailed("cannot go on", "inspection failed: poison")
+        if b"boom" in data:
+            raise KeyError("boom")  # a bug in the pump
         return data.upper()
     def rest(self):
         return b""
@@ -141,10 +143,10 @@ class Node:
             conn.sendall(chunked + chunk(b"data: 0\n\n"))
             time.sleep(30)
             return False
-        if name == "poison":
+        if name in ("poison", "boom"):
             conn.sendall(chunked + chunk(b"data: ok\n\n"))
             time.sleep(0.02)
-            conn.sendall(chunk(b"data: poison\n\n") + b"0\r\n\r\n")
+            conn.sendall(chunk(b"data: %s\n\n" % name.encode()) + b"0\r\n\r\n")
             return True
         if name in ("slow", "flood"):  # until the caller goes away (the relay closes us)
             piece = b"data: " + b"x" * (60_000 if name == "flood" else 10) + b"\n\n"
@@ -298,6 +300,17 @@ def test_a_pump_that_cannot_go_on_aborts_with_its_message(served: Served) -> Non
     assert body == b'DATA: OK\n\ndata: {"error": "cannot go on"}\n\n' and ended
     row = served.ended("poison")
     assert (row["outcome"], row["error"]) == ("aborted", "inspection failed: poison")
+
+
+def test_a_bug_in_a_stream_ends_that_stream_only(served: Served) -> None:
+    with _ask(served.port, "boom") as sock:
+        _, body, ended = _dechunk(_read_all(sock))
+    assert body == b'DATA: OK\n\ndata: {"error": "the stream failed in the gateway"}\n\n'
+    assert ended
+    row = served.ended("boom")
+    assert row["outcome"] == "aborted" and row["error"].startswith("relay error: KeyError")
+    with _ask(served.port, "ten") as sock:  # the loop goes on
+        assert _dechunk(_read_all(sock))[2]
 
 
 def test_a_caller_going_away_cancels_and_closes_the_node(served: Served, node: Node) -> None:
