@@ -448,6 +448,29 @@ def test_lengths_and_closes_and_bad_framing() -> None:
 
 # --- through the gateway, under `charter serve` ---------------------------------------------
 
+def _charter_serve(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    from tests.conftest import SECRET
+    from tests.processes import wait_until_up
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHARTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_LOG_LEVEL="WARNING", CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "charter"), "serve",
+                                 "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                                 "--threads", "4"], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(proc, url + "/healthz", log, "charter serve")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 def test_the_gateway_relays_streams_under_charter_serve(configured, make_person,  # type: ignore[no-untyped-def]
                                                         tmp_path: Path) -> None:
     """Official clients stream through `charter serve`: each stream is relayed (its answer
@@ -458,23 +481,10 @@ def test_the_gateway_relays_streams_under_charter_serve(configured, make_person,
 
     from charter.audit.service import EventFilter, list_events
     from tests.batch_support import make_world
-    from tests.conftest import SECRET
-    from tests.processes import wait_until_up
 
     world = make_world(configured, make_person)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHARTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(CHARTER_DATABASE_URL=configured.database_url, CHARTER_SECRET_KEY=SECRET,
-               CHARTER_LOG_LEVEL="WARNING", CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8")
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "charter"), "serve",
-                                 "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                                 "--threads", "4"], env=env, stdout=out, stderr=out)
+    proc, url = _charter_serve(configured.database_url, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_up(proc, url + "/healthz", log, "charter serve")
         client = OpenAI(base_url=url + "/v1", api_key=world.key, max_retries=0)
         chunks = list(client.chat.completions.create(
             model="m", max_tokens=8, stream=True, stream_options={"include_usage": True},
@@ -511,3 +521,45 @@ def test_the_gateway_relays_streams_under_charter_serve(configured, make_person,
         proc.terminate()
         proc.wait(timeout=30)
         world.node.stop()
+
+
+def test_a_stream_whose_decision_cannot_be_recorded_is_not_sent(configured, make_person,  # type: ignore[no-untyped-def]
+                                                                pg_conn, tmp_path: Path) -> None:
+    """Fail closed under the relay too: the audit log refuses the decision, so the stream
+    is answered 503 `audit_unavailable` and nothing reaches the node."""
+    import uuid
+
+    import httpx
+    from sqlalchemy.engine import make_url
+
+    from tests.batch_support import make_world
+
+    world = make_world(configured, make_person)
+    role = f"charter_app_{uuid.uuid4().hex[:8]}"
+    pg_conn.execute(f"CREATE ROLE {role} LOGIN")
+    pg_conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    pg_conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+                    f"TO {role}")
+    pg_conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    pg_conn.execute(f"REVOKE INSERT ON audit_events FROM {role}")
+    url = make_url(configured.database_url).set(username=role)
+    proc, base = _charter_serve(url.render_as_string(hide_password=False), tmp_path)
+    try:
+        for path, body in (
+                ("/v1/chat/completions", {"model": "m", "stream": True, "max_tokens": 4,
+                                          "messages": [{"role": "user", "content": "x"}]}),
+                ("/tgi/m/generate_stream", {"inputs": "x",
+                                            "parameters": {"max_new_tokens": 4}})):
+            r = httpx.post(base + path, headers=world.headers, json=body, timeout=10)
+            assert r.status_code == 503, r.text
+            error = r.json()  # OpenAI's shape, or TGI's
+            code = (error["error"]["code"] if isinstance(error["error"], dict)
+                    else error["error_type"])
+            assert code == "audit_unavailable", error
+        assert world.node.hits == {}  # nothing reached the node
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        world.node.stop()
+        pg_conn.execute(f"DROP OWNED BY {role}")
+        pg_conn.execute(f"DROP ROLE {role}")
