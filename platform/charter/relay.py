@@ -22,7 +22,7 @@ the loop. A node connection whose body was read to its end goes back to the pool
 
 The gunicorn worker (charter.serving) offers the relay to the application in the WSGI
 environ (RELAY_KEY) and takes over the caller's socket when the application leaves a job
-there (JOB_KEY); anywhere else (the test client, the demo's server, TLS or HTTP/2 to the
+there (JOB_KEY); anywhere else (the test client, HTTP/1.0 callers, TLS or HTTP/2 to the
 caller) the application streams the old way, from a generator.
 """
 
@@ -135,7 +135,7 @@ class Relay:
         return self._count
 
     def start(self, job: Job, client: socket.socket) -> None:
-        """Relay `job` to `client` (a socket of its own: the caller's, duplicated), whose
+        """Relay `job` to `client` (the caller's socket, taken from gunicorn), whose
         response head was already written."""
         client.setblocking(False)
         with self._lock:

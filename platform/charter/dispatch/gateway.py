@@ -460,7 +460,7 @@ def _deprecation(out: Response, plan: Plan) -> None:
 class _StreamPump:
     """What a streamed answer goes through on its way to the caller, and how its end is
     recorded: the same for the worker's relay (charter.relay, no thread per stream) and
-    for the generator below (the test client, the demo's server, TLS to the caller)."""
+    for the generator below (the test client, HTTP/1.0 or TLS callers)."""
 
     def __init__(self, plan: Plan, node: NodeTarget, protocol: str, body: dict[str, Any],
                  digest: str, started: float, strip_usage: bool, *,
