@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -134,54 +135,63 @@ class _Metrics:
 
 
 def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> None:
+    # The request log line is INFO: below that level it is not even built.
+    log_requests = getattr(logging, runtime.settings.log_level.upper()) <= logging.INFO
+    # Each hook takes the request and `g` out of their context proxies once: a gateway
+    # request went through werkzeug's LocalProxy about 35 times in these hooks alone.
     @app.before_request
     def _start() -> None:
-        incoming = request.headers.get("X-Request-Id", "")
+        req, gg = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        headers, path = req.headers, req.path
+        incoming = headers.get("X-Request-Id", "")
         rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
-        g.request_id = rid
-        g.scope_token = scope.bind(runtime, request_id=rid)
-        g.started = time.perf_counter()
-        g.actor = None
-        g.ctx = RequestContext(request_id=rid, client=request.remote_addr or "unknown")
-        if runtime.tracing.enabled and request.path not in ("/metrics", "/healthz"):
-            route = request.url_rule.rule if request.url_rule else "unmatched"  # bounded
+        gg.request_id = rid
+        gg.scope_token = scope.bind(runtime, request_id=rid)
+        gg.started = time.perf_counter()
+        gg.actor = None
+        ctx = gg.ctx = RequestContext(request_id=rid, client=req.remote_addr or "unknown")
+        if runtime.tracing.enabled and path not in ("/metrics", "/healthz"):
+            route = req.url_rule.rule if req.url_rule else "unmatched"  # bounded
             span = runtime.tracing.server_span(
-                f"{request.method} {route}", request.headers, **{
-                    "http.request.method": request.method, "http.route": route,
+                f"{req.method} {route}", headers, **{
+                    "http.request.method": req.method, "http.route": route,
                     "charter.request_id": rid})
-            g.span, g.span_cm = span.__enter__(), span
-        if request.path not in PUBLIC_PATHS and not request.path.startswith(
-                ("/console", "/static")):
+            gg.span, gg.span_cm = span.__enter__(), span
+        if path not in PUBLIC_PATHS and not path.startswith(("/console", "/static")):
             # The API and the gateway; the console has its own sessions.
             with runtime.tracing.span("charter.authenticate"):
                 actor, generation = authn.authenticate_request(
-                    g.ctx, request.headers.get("Authorization", ""),
-                    optimistic=request.endpoint in OPTIMISTIC_ENDPOINTS)
+                    ctx, headers.get("Authorization", ""),
+                    optimistic=req.endpoint in OPTIMISTIC_ENDPOINTS)
             if (actor is not None and actor.kind == "provisioner"
-                    and not request.path.startswith(SCIM_PREFIX)):
+                    and not path.startswith(SCIM_PREFIX)):
                 raise ForbiddenError("this credential is the identity provider's, for SCIM "
                                      "(/scim/v2) only", code="scim_credential_only")
-            g.actor = actor
-            g.ctx = g.ctx.with_actor(actor, generation)
+            gg.actor = actor
+            gg.ctx = ctx.with_actor(actor, generation)
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        response.headers["X-Request-Id"] = g.get("request_id", "")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Cache-Control", "no-store")
-        endpoint = request.endpoint or "unmatched"
-        method = request.method if request.method in _METHODS else "other"  # bounded
-        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.requests.labels(method, endpoint, response.status_code).inc()
+        req, gg = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        headers = response.headers
+        rid = gg.get("request_id", "")
+        headers["X-Request-Id"] = rid
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Cache-Control", "no-store")
+        endpoint = req.endpoint or "unmatched"
+        method = req.method if req.method in _METHODS else "other"  # bounded
+        elapsed = time.perf_counter() - gg.get("started", time.perf_counter())
+        status = response.status_code
+        metrics.requests.labels(method, endpoint, status).inc()
         metrics.latency.labels(method, endpoint).observe(elapsed)
-        set_attributes(g.get("span"), **{"http.response.status_code": response.status_code})
-        if request.path not in ("/metrics", "/healthz"):
-            actor = g.get("actor")
-            log.info(
-                "request", method=request.method, path=request.path,
-                status=response.status_code, ms=round(elapsed * 1000, 2),
-                actor=actor.ref if actor else None, request_id=g.get("request_id"),
-            )
+        span = gg.get("span")
+        if span is not None:
+            set_attributes(span, **{"http.response.status_code": status})
+        if req.path not in ("/metrics", "/healthz") and log_requests:
+            actor = gg.get("actor")
+            log.info("request", method=req.method, path=req.path, status=status,
+                     ms=round(elapsed * 1000, 2), actor=actor.ref if actor else None,
+                     request_id=rid)
         return response
 
     @app.teardown_request
