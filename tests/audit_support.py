@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,25 @@ def append_forged(pg_conn: Any, *, seal: Any = _SAME, details: dict[str, Any] | 
                        event_hash(event_body(**forged)), head["event_id"][:12] + id_tail * 20,
                        head["seal"] if seal is _SAME else seal))
     return last + 1  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def role_without_audit_insert(pg_conn: Any, database_url: str) -> Iterator[tuple[str, str]]:
+    """A login role with the app's rights but INSERT on audit_events (as an administrator
+    might leave it by mistake, or an attacker to act unrecorded): (role, its database URL).
+    Dropped on exit, with what it owns."""
+    from sqlalchemy.engine import make_url
+
+    role = f"charter_app_{uuid.uuid4().hex[:8]}"
+    pg_conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        pg_conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        pg_conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+                        f"TO {role}")
+        pg_conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        pg_conn.execute(f"REVOKE INSERT ON audit_events FROM {role}")
+        url = make_url(database_url).set(username=role)
+        yield role, url.render_as_string(hide_password=False)
+    finally:
+        pg_conn.execute(f"DROP OWNED BY {role}")
+        pg_conn.execute(f"DROP ROLE {role}")

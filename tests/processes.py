@@ -37,6 +37,18 @@ def wait_until_up(proc: subprocess.Popen[Any], url: str, log: Path, what: str,
         time.sleep(0.1)
 
 
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    """Until something accepts connections on 127.0.0.1:`port` (a server whose routes a
+    test makes up itself, with no health path to ask)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 class RedisServer:
     """A Redis of this test's own (nothing on disk), so it can be stopped and started."""
 

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charter.nodes.client import BodyDecoder, BodyError
-from tests.processes import free_port
+from tests.processes import free_port, wait_for_port
 
 APP = '''
 import json, os, time
@@ -204,13 +204,7 @@ def _serve(tmp_path: Path, node: Node, *, read_timeout: float = 5.0,
          "-w", "1", "--threads", "4", "-k", "charter.serving.KeepAliveThreadWorker",
          "--graceful-timeout", str(graceful), *extra, "relayapp:app"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(port)
     return Served(proc, port, outcomes)
 
 
@@ -527,39 +521,28 @@ def test_a_stream_whose_decision_cannot_be_recorded_is_not_sent(configured, make
                                                                 pg_conn, tmp_path: Path) -> None:
     """Fail closed under the relay too: the audit log refuses the decision, so the stream
     is answered 503 `audit_unavailable` and nothing reaches the node."""
-    import uuid
-
     import httpx
-    from sqlalchemy.engine import make_url
 
+    from tests.audit_support import role_without_audit_insert
     from tests.batch_support import make_world
 
     world = make_world(configured, make_person)
-    role = f"charter_app_{uuid.uuid4().hex[:8]}"
-    pg_conn.execute(f"CREATE ROLE {role} LOGIN")
-    pg_conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-    pg_conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
-                    f"TO {role}")
-    pg_conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}")
-    pg_conn.execute(f"REVOKE INSERT ON audit_events FROM {role}")
-    url = make_url(configured.database_url).set(username=role)
-    proc, base = _charter_serve(url.render_as_string(hide_password=False), tmp_path)
-    try:
-        for path, body in (
-                ("/v1/chat/completions", {"model": "m", "stream": True, "max_tokens": 4,
-                                          "messages": [{"role": "user", "content": "x"}]}),
-                ("/tgi/m/generate_stream", {"inputs": "x",
-                                            "parameters": {"max_new_tokens": 4}})):
-            r = httpx.post(base + path, headers=world.headers, json=body, timeout=10)
-            assert r.status_code == 503, r.text
-            error = r.json()  # OpenAI's shape, or TGI's
-            code = (error["error"]["code"] if isinstance(error["error"], dict)
-                    else error["error_type"])
-            assert code == "audit_unavailable", error
-        assert world.node.hits == {}  # nothing reached the node
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        world.node.stop()
-        pg_conn.execute(f"DROP OWNED BY {role}")
-        pg_conn.execute(f"DROP ROLE {role}")
+    with role_without_audit_insert(pg_conn, configured.database_url) as (_, url):
+        proc, base = _charter_serve(url, tmp_path)
+        try:
+            for path, body in (
+                    ("/v1/chat/completions", {"model": "m", "stream": True, "max_tokens": 4,
+                                              "messages": [{"role": "user", "content": "x"}]}),
+                    ("/tgi/m/generate_stream", {"inputs": "x",
+                                                "parameters": {"max_new_tokens": 4}})):
+                r = httpx.post(base + path, headers=world.headers, json=body, timeout=10)
+                assert r.status_code == 503, r.text
+                error = r.json()  # OpenAI's shape, or TGI's
+                code = (error["error"]["code"] if isinstance(error["error"], dict)
+                        else error["error_type"])
+                assert code == "audit_unavailable", error
+            assert world.node.hits == {}  # nothing reached the node
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            world.node.stop()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from charter.serving import LINGER_S
+from tests.processes import wait_for_port
 
 APP = '''
 import os, threading, time
@@ -48,13 +49,7 @@ def _gunicorn(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int
          "-w", "1", "--threads", "4", "-k", "charter.serving.KeepAliveThreadWorker",
          "--keep-alive", "5", *extra, "wsgiapp:app"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(port)
     return proc, port
 
 
