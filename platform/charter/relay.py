@@ -130,10 +130,6 @@ class Relay:
     def has_room(self) -> bool:
         return not self._stopping and self._count < self.max_streams
 
-    @property
-    def streams(self) -> int:
-        return self._count
-
     def start(self, job: Job, client: socket.socket) -> None:
         """Relay `job` to `client` (the caller's socket, taken from gunicorn), whose
         response head was already written."""

@@ -138,7 +138,6 @@ class NodeResponse:
         self._pool, self._key, self._conn = pool, key, conn
         self.status = status
         self.headers = headers
-        self._closes = closes
         framing = _framing(status, headers)
         self._decoder = BodyDecoder(framing)
         self._closes = closes or framing is None
