@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import secrets
 import time
 from typing import Any
 
@@ -15,8 +12,6 @@ from flask.sessions import SecureCookieSessionInterface
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Histogram,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -24,7 +19,7 @@ from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from charter import __version__, scope
+from charter import __version__, scope, web
 from charter.apikit import ApiBlueprint, openapi_document
 from charter.audit.api import bp as audit_bp
 from charter.batches.api import bp as batches_bp
@@ -32,9 +27,9 @@ from charter.console import register_console
 from charter.context import RequestContext
 from charter.dispatch.gateway import bp as gateway_bp
 from charter.dispatch.protocol import error_response, gateway_protocol, render_error
-from charter.errors import CharterError, ForbiddenError, SchemaOutdatedError
+from charter.errors import CharterError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
-from charter.identity import authn, scim
+from charter.identity import scim
 from charter.identity.api import bp as identity_bp
 from charter.inspection.api import bp as inspection_bp
 from charter.inspection.captures_api import bp as captures_bp
@@ -45,17 +40,13 @@ from charter.nodes.api import bp as nodes_bp
 from charter.policy.api import bp as policy_bp
 from charter.registry.api import bp as registry_bp
 from charter.runtime import Runtime
-from charter.tracing import set_attributes
 
 log = structlog.get_logger("charter.http")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _HTTP_CODES = {
     400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
     429: "rate_limited",
 }
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-SCIM_PREFIX = "/scim/v2"  # the identity provider's (charter.identity.scim)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json",
                           "/api/v1/audit/keys"})
 
@@ -100,13 +91,13 @@ def create_app(runtime: Runtime) -> Flask:
     app.extensions["charter.runtime"] = runtime
     app.extensions["charter.settings"] = settings
     app.extensions["charter.auth_limiter"] = runtime.authenticator.limiter
-    metrics = _Metrics(runtime)
+    traffic = web.Traffic(runtime)
     try:
         runtime.metrics.register(StateCollector(runtime))
     except ValueError:
         pass  # this runtime's registry has it already (another app on the same runtime)
 
-    _install_request_hooks(app, runtime, metrics)
+    _install_request_hooks(app, runtime, traffic)
     _install_error_handlers(app)
     _install_probes(app, runtime)
 
@@ -123,52 +114,26 @@ def create_app(runtime: Runtime) -> Flask:
     return app
 
 
-class _Metrics:
-    """The HTTP metrics, in the Runtime's own registry."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.registry = runtime.metrics
-        self.requests = Counter("charter_http_requests_total", "HTTP requests answered",
-                                ["method", "endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("charter_http_request_seconds", "HTTP request latency",
-                                 ["method", "endpoint"], registry=self.registry)
-
-
-def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> None:
-    # The request log line is INFO: below that level it is not even built.
-    log_requests = getattr(logging, runtime.settings.log_level.upper()) <= logging.INFO
+def _install_request_hooks(app: Flask, runtime: Runtime, traffic: web.Traffic) -> None:
     # Each hook takes the request and `g` out of their context proxies once: a gateway
     # request went through werkzeug's LocalProxy about 35 times in these hooks alone.
     @app.before_request
     def _start() -> None:
         req, gg = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
         headers, path = req.headers, req.path
-        incoming = headers.get("X-Request-Id", "")
-        rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
-        gg.request_id = rid
+        rid = gg.request_id = web.request_id(headers.get("X-Request-Id", ""))
         gg.scope_token = scope.bind(runtime, request_id=rid)
         gg.started = time.perf_counter()
         gg.actor = None
         ctx = gg.ctx = RequestContext(request_id=rid, client=req.remote_addr or "unknown")
-        if runtime.tracing.enabled and path not in ("/metrics", "/healthz"):
+        if path not in web.UNTRACED:
             route = req.url_rule.rule if req.url_rule else "unmatched"  # bounded
-            span = runtime.tracing.server_span(
-                f"{req.method} {route}", headers, **{
-                    "http.request.method": req.method, "http.route": route,
-                    "charter.request_id": rid})
-            gg.span, gg.span_cm = span.__enter__(), span
+            gg.span = web.server_span(runtime, req.method, route, headers, rid)
         if path not in PUBLIC_PATHS and not path.startswith(("/console", "/static")):
             # The API and the gateway; the console has its own sessions.
-            with runtime.tracing.span("charter.authenticate"):
-                actor, generation = authn.authenticate_request(
-                    ctx, headers.get("Authorization", ""),
-                    optimistic=req.endpoint in OPTIMISTIC_ENDPOINTS)
-            if (actor is not None and actor.kind == "provisioner"
-                    and not path.startswith(SCIM_PREFIX)):
-                raise ForbiddenError("this credential is the identity provider's, for SCIM "
-                                     "(/scim/v2) only", code="scim_credential_only")
-            gg.actor = actor
-            gg.ctx = ctx.with_actor(actor, generation)
+            gg.actor, gg.ctx = web.authenticate(
+                runtime, ctx, headers.get("Authorization", ""), path,
+                optimistic=req.endpoint in OPTIMISTIC_ENDPOINTS)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -176,29 +141,22 @@ def _install_request_hooks(app: Flask, runtime: Runtime, metrics: _Metrics) -> N
         headers = response.headers
         rid = gg.get("request_id", "")
         headers["X-Request-Id"] = rid
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Cache-Control", "no-store")
-        endpoint = req.endpoint or "unmatched"
-        method = req.method if req.method in _METHODS else "other"  # bounded
-        elapsed = time.perf_counter() - gg.get("started", time.perf_counter())
+        for name, value in web.DEFAULT_HEADERS:
+            headers.setdefault(name, value)
         status = response.status_code
-        metrics.requests.labels(method, endpoint, status).inc()
-        metrics.latency.labels(method, endpoint).observe(elapsed)
+        elapsed = time.perf_counter() - gg.get("started", time.perf_counter())
+        traffic.answered(req.method, req.path, req.endpoint or "unmatched", status, elapsed,
+                         gg.get("actor"), rid)
         span = gg.get("span")
         if span is not None:
-            set_attributes(span, **{"http.response.status_code": status})
-        if req.path not in ("/metrics", "/healthz") and log_requests:
-            actor = gg.get("actor")
-            log.info("request", method=req.method, path=req.path, status=status,
-                     ms=round(elapsed * 1000, 2), actor=actor.ref if actor else None,
-                     request_id=rid)
+            span.answered(status)
         return response
 
     @app.teardown_request
     def _reset(_exc: BaseException | None) -> None:
-        span = g.pop("span_cm", None)  # a stream's ends when its last byte is sent
+        span = g.pop("span", None)  # a stream's ends when its last byte is sent
         if span is not None:
-            span.__exit__(None, None, None)
+            span.end()
         token = g.pop("scope_token", None)
         if token is not None:
             scope.unbind(token)
@@ -224,7 +182,7 @@ def _install_error_handlers(app: Flask) -> None:
             log.warning("request failed", code=exc.code, error=exc.message)
         if gateway_protocol(request.path, request.method) is not None:
             return render_error(exc), exc.status  # an OpenAI or TGI client: its own shape
-        if request.path.startswith(SCIM_PREFIX):
+        if request.path.startswith(web.SCIM_PREFIX):
             return scim.error_response(exc), exc.status  # a SCIM client: SCIM's shape
         response = jsonify(_error_body(exc.code, exc.message, exc.details))
         if exc.status == 401:
@@ -248,14 +206,14 @@ def _install_error_handlers(app: Flask) -> None:
             if status == 404:
                 message = f"no such route: {request.method} {request.path}"
             return error_response(status, code, message), status
-        if request.path.startswith(SCIM_PREFIX):
+        if request.path.startswith(web.SCIM_PREFIX):
             return scim.error_response(CharterError(message, code=code, status=status)), status
         return jsonify(_error_body(code, message, details)), status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("unhandled error", error=repr(exc))
-        if request.path.startswith(SCIM_PREFIX):
+        if request.path.startswith(web.SCIM_PREFIX):
             return scim.error_response(CharterError(
                 "an unexpected error occurred", code="internal_error", status=500)), 500
         body = _error_body("internal_error", "an unexpected error occurred", {})
