@@ -13,7 +13,9 @@ so start-up and warm-up cancel out.
 
     python bench/request_cost.py --baseline /path/to/another/worktree
 
-The baseline checkout needs its own virtual environment in `.venv` (`pip install -e .`).
+The baseline checkout runs on its own virtual environment in `.venv` where it has one, else
+on this checkout's with its own code first on the path (enough for a worktree of another
+commit with the same dependencies).
 """
 
 from __future__ import annotations
@@ -76,7 +78,18 @@ print(json.dumps({"cpu_ms": (time.thread_time() - t0) * 1000 / max(1, spec["n"])
 
 
 def _python(checkout: Path) -> str:
-    return str(checkout / ".venv" / "bin" / "python")
+    own = checkout / ".venv" / "bin" / "python"
+    return str(own if own.exists() else ROOT / ".venv" / "bin" / "python")
+
+
+def _env(checkout: Path) -> dict[str, str]:
+    """The child's environment: a checkout without a virtual environment of its own runs
+    on this one's, its own code first on the path (a worktree of another commit with the
+    same dependencies needs no second install)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")}
+    if not (checkout / ".venv").exists():
+        env["PYTHONPATH"] = str(checkout / "platform")
+    return env
 
 
 def _instructions(checkout: Path, spec: dict[str, object], out: Path) -> int:
@@ -84,7 +97,7 @@ def _instructions(checkout: Path, spec: dict[str, object], out: Path) -> int:
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
          _python(checkout), "-c", CHILD, json.dumps(spec)],
         check=True, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("CHARTER_")},
+        env={**_env(checkout),
              "PYTHONMALLOC": "malloc"})
     total = 0
     for path in out.parent.glob(out.name + "*"):  # one file a thread with --separate-threads
@@ -96,7 +109,7 @@ def _instructions(checkout: Path, spec: dict[str, object], out: Path) -> int:
 
 def _cpu_ms(checkout: Path, spec: dict[str, object]) -> float:
     done = subprocess.run([_python(checkout), "-c", CHILD, json.dumps(spec)], check=True,
-                          cwd=checkout, capture_output=True, text=True)
+                          cwd=checkout, capture_output=True, text=True, env=_env(checkout))
     return float(json.loads(done.stdout.strip().splitlines()[-1])["cpu_ms"])
 
 

@@ -27,6 +27,7 @@ from charter.console import register_console
 from charter.context import RequestContext
 from charter.dispatch.gateway import bp as gateway_bp
 from charter.dispatch.protocol import error_response, gateway_protocol, render_error
+from charter.dispatch.wsgi import DispatchRoutes
 from charter.errors import CharterError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
 from charter.identity import scim
@@ -83,6 +84,11 @@ def create_app(runtime: Runtime) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
+    traffic = web.Traffic(runtime)
+    # The dispatch routes answer by their own path, past Flask's per-request machinery
+    # (charter.dispatch.wsgi); behind the proxy fix, so they see the client as it does.
+    app.wsgi_app = DispatchRoutes(  # type: ignore[method-assign]
+        app.wsgi_app, runtime, traffic, settings.max_body_bytes)
     if settings.trusted_proxy_hops > 0:
         # The client address (limits, audit) and scheme (secure cookies, URLs) as the
         # trusted proxies saw them; any hop further left is the client's to forge.
@@ -91,7 +97,6 @@ def create_app(runtime: Runtime) -> Flask:
     app.extensions["charter.runtime"] = runtime
     app.extensions["charter.settings"] = settings
     app.extensions["charter.auth_limiter"] = runtime.authenticator.limiter
-    traffic = web.Traffic(runtime)
     try:
         runtime.metrics.register(StateCollector(runtime))
     except ValueError:
@@ -132,8 +137,7 @@ def _install_request_hooks(app: Flask, runtime: Runtime, traffic: web.Traffic) -
         if path not in PUBLIC_PATHS and not path.startswith(("/console", "/static")):
             # The API and the gateway; the console has its own sessions.
             gg.actor, gg.ctx = web.authenticate(
-                runtime, ctx, headers.get("Authorization", ""), path,
-                optimistic=req.endpoint in OPTIMISTIC_ENDPOINTS)
+                runtime, ctx, headers.get("Authorization", ""), path, optimistic=False)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -160,14 +164,6 @@ def _install_request_hooks(app: Flask, runtime: Runtime, traffic: web.Traffic) -
         token = g.pop("scope_token", None)
         if token is not None:
             scope.unbind(token)
-
-
-# Gateway routes that decide through dispatch.admit(): they may authenticate on the newest
-# generation this process knows, because admit() commits only if it is still current
-# (charter.readcache).
-OPTIMISTIC_ENDPOINTS = frozenset({"gateway.chat_completions", "gateway.completions",
-                                  "gateway.generate", "gateway.generate_stream",
-                                  "gateway.compat"})
 
 
 def _error_body(code: str, message: str, details: dict[str, Any] | None) -> dict[str, Any]:

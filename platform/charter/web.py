@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -52,7 +51,7 @@ class ServerSpan:
         self._cm.__exit__(None, None, None)
 
 
-def server_span(runtime: Runtime, method: str, route: str, headers: Mapping[str, str],
+def server_span(runtime: Runtime, method: str, route: str, headers: Any,
                 rid: str) -> ServerSpan | None:
     """The request's server span (None when tracing is off); `route` is the route's rule,
     not the path (bounded)."""

@@ -262,7 +262,10 @@ def _approved_version(owner, n: int, *, name: str | None = None,  # type: ignore
 
 
 def _routes(app) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    out = set()
+    """Flask's routes, and the dispatch routes answered in front of Flask."""
+    from charter.dispatch.wsgi import PATHS
+
+    out = {("POST", path) for path in PATHS}
     for rule in app.url_map.iter_rules():
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             out.add((method, rule.rule))

@@ -7,6 +7,10 @@ routes need a serving name: `/tgi/<name>/...` or `/tei/<name>/...` (give
 routes. `POST /` of either answers as the model's task says: TGI's generation for a
 generation model, TEI's embeddings for an embedding one. Errors use each protocol's own
 error shape.
+
+The dispatch routes (every POST here) are handlers of an `Exchange`, answered by their own
+WSGI path in front of Flask (charter.dispatch.wsgi, which routes them); the two reads,
+`GET /v1/models` and TGI's `/info`, are Flask views.
 """
 
 from __future__ import annotations
@@ -19,20 +23,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from flask import Blueprint, Response, current_app, g, request, stream_with_context
+from flask import Blueprint, Response, g, request
 from werkzeug.http import http_date
+from werkzeug.utils import get_content_type
 
 from charter import __version__, scope
-from charter.context import RequestContext
+from charter.actor import Actor
 from charter.dispatch import service, upstream
 from charter.dispatch.protocol import (
     MODEL_HEADER,
+    Answer,
+    Exchange,
     caller,
-    error_response,
     malformed,
     records_malformed,
     render_error,
-    request_labels,
 )
 from charter.dispatch.service import DispatchError, Plan
 from charter.errors import CharterError
@@ -48,80 +53,72 @@ bp.register_error_handler(CharterError, render_error)
 _MAX_STALE_RETRIES = 5
 
 
-@bp.errorhandler(413)
-def _too_large(_exc: Exception) -> Response:
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    return error_response(413, "payload_too_large", f"the body is larger than {limit} bytes")
-
-
 # --- parsing --------------------------------------------------------------------------------
 
-def _body() -> tuple[dict[str, Any], bytes]:
-    raw = request.get_data(cache=False)  # bounded by MAX_CONTENT_LENGTH: 413 before this
+def _body(ex: Exchange) -> tuple[dict[str, Any], bytes]:
+    raw = ex.body()  # bounded: 413 past max_body_bytes
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise malformed("the body is not valid JSON", "invalid_json") from None
+        raise ex.malformed("the body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
-        raise malformed("the body must be a JSON object")
+        raise ex.malformed("the body must be a JSON object")
     if isinstance(body.get("model"), str):
-        g.asked_model = body["model"][:200]
+        ex.asked_model = body["model"][:200]
     return body, raw
 
 
-def _no_adapter_field(body: dict[str, Any]) -> None:
+def _no_adapter_field(ex: Exchange, body: dict[str, Any]) -> None:
     """A field that would pick adapter weights no one approved (service.ADAPTER_FIELDS)."""
     found = service.adapter_field(body)
     if found is not None:
-        raise malformed(f"`{found}` is not accepted: an adapter is a model version of its "
-                        "own; send to its serving name instead", "adapter_id_not_allowed")
+        raise ex.malformed(f"`{found}` is not accepted: an adapter is a model version of "
+                           "its own; send to its serving name instead", "adapter_id_not_allowed")
 
 
-def _int_field(obj: dict[str, Any], name: str, limit: int,
+def _int_field(ex: Exchange, obj: dict[str, Any], name: str, limit: int,
                code: str = "max_tokens_too_large") -> None:
     value = obj.get(name)
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise malformed(f"`{name}` must be a positive integer")
+        raise ex.malformed(f"`{name}` must be a positive integer")
     if value > limit:
-        raise malformed(f"`{name}` may be at most {limit}", code)
+        raise ex.malformed(f"`{name}` may be at most {limit}", code)
 
 
-def _admit(**asked: Any) -> Plan:
+def _admit(ex: Exchange, **asked: Any) -> Plan:
     """dispatch.admit(), again on fresh data while what it decided on went stale (the
     caller is authenticated again on each new generation: the key may be revoked by now)."""
-    rc: RequestContext = g.ctx
     for _ in range(_MAX_STALE_RETRIES):
         try:
-            return service.admit(rc, **asked)
+            return service.admit(ex.ctx, **asked)
         except StaleReadError as exc:
-            actor = authn.authenticate(rc, request.headers.get("Authorization", ""),
+            actor = authn.authenticate(ex.ctx, ex.headers.get("Authorization", ""),
                                        generation=exc.generation)
-            rc = g.ctx = rc.with_actor(actor, exc.generation)
-            g.actor = actor
-            caller()
-    raise service.record_refusal(caller(), asked["serving_name"], DispatchError(
+            ex.ctx, ex.actor = ex.ctx.with_actor(actor, exc.generation), actor
+            ex.caller()
+    raise service.record_refusal(ex.caller(), asked["serving_name"], DispatchError(
         "the registry is changing too fast to decide; try again", code="registry_busy",
         status=503, details={"retry_after_s": 1}))
 
 
-def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes, *,
-             stream: bool) -> Response:
+def _limited(ex: Exchange, asked: dict[str, Any], path: str, body: dict[str, Any],
+             raw: bytes, *, stream: bool) -> Answer:
     """The request's limits first (charter.dispatch.service.limit), then the decision and
     the call; a request that fails or is refused after its limits admitted it gives its
     stream's lease back (its outcome charges its tokens)."""
     task = asked.get("task", "generation")
     asked = {**asked, "content": service.Asked(asked["protocol"], body, task)}
-    limits = service.limit(g.ctx, serving_name=asked["serving_name"], stream=stream)
+    limits = service.limit(ex.ctx, serving_name=asked["serving_name"], stream=stream)
     try:
-        plan = _admit(**asked, limits=limits)
+        plan = _admit(ex, **asked, limits=limits)
     except BaseException:
         if limits is not None:
             limits.release()
         raise
     try:
-        return _forward(plan, asked, path, body, raw, stream=stream)
+        return _forward(ex, plan, asked, path, body, raw, stream=stream)
     except BaseException:
         service.settle(plan.ticket)
         raise
@@ -129,36 +126,32 @@ def _limited(asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
 
 # --- OpenAI ---------------------------------------------------------------------------------
 
-@bp.post("/v1/chat/completions")
-@records_malformed
-def chat_completions() -> Response:
-    return _openai("/v1/chat/completions", required="messages", list_field=True)
+def chat_completions(ex: Exchange, _name: str | None) -> Answer:
+    return _openai(ex, "/v1/chat/completions", required="messages", list_field=True)
 
 
-@bp.post("/v1/completions")
-@records_malformed
-def completions() -> Response:
-    return _openai("/v1/completions", required="prompt", list_field=False)
+def completions(ex: Exchange, _name: str | None) -> Answer:
+    return _openai(ex, "/v1/completions", required="prompt", list_field=False)
 
 
-def _openai(path: str, *, required: str, list_field: bool) -> Response:
-    caller()  # authenticated before the body is read
-    body, raw = _body()
+def _openai(ex: Exchange, path: str, *, required: str, list_field: bool) -> Answer:
+    ex.caller()  # authenticated before the body is read
+    body, raw = _body(ex)
     settings = scope.current().settings
-    name = _checked_name(body.get("model"))
+    name = _checked_name(ex, body.get("model"))
     value = body.get(required)
     if value is None or (list_field and (not isinstance(value, list) or not value)):
-        raise malformed(f"`{required}` is required")
-    _no_adapter_field(body)
+        raise ex.malformed(f"`{required}` is required")
+    _no_adapter_field(ex, body)
     for field in ("max_tokens", "max_completion_tokens"):
-        _int_field(body, field, settings.dispatch_max_new_tokens)
+        _int_field(ex, body, field, settings.dispatch_max_new_tokens)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise malformed("`stream` must be a boolean")
-    data_class, purpose = request_labels()
+        raise ex.malformed("`stream` must be a boolean")
+    data_class, purpose = ex.labels()
     asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
              "protocol": "openai"}
-    return _limited(asked, path, body, raw, stream=stream)
+    return _limited(ex, asked, path, body, raw, stream=stream)
 
 
 @bp.get("/v1/models")
@@ -171,120 +164,107 @@ def list_models() -> Response:
 
 # --- embeddings -----------------------------------------------------------------------------
 
-def _embedding_inputs(value: object, field: str, *, ids: bool) -> None:
+def _embedding_inputs(ex: Exchange, value: object, field: str, *, ids: bool) -> None:
     problem = service.embedding_inputs_problem(value, field, ids=ids)
     if problem is not None:
-        raise malformed(*problem)
+        raise ex.malformed(*problem)
 
 
-@bp.post("/v1/embeddings")
-@records_malformed
-def embeddings() -> Response:
-    caller()  # authenticated before the body is read
-    body, raw = _body()
-    name = _checked_name(body.get("model"))
-    _embedding_inputs(body.get("input"), "input", ids=True)
-    _no_adapter_field(body)
+def embeddings(ex: Exchange, _name: str | None) -> Answer:
+    ex.caller()  # authenticated before the body is read
+    body, raw = _body(ex)
+    name = _checked_name(ex, body.get("model"))
+    _embedding_inputs(ex, body.get("input"), "input", ids=True)
+    _no_adapter_field(ex, body)
     if body.get("encoding_format") not in (None, "float", "base64"):
-        raise malformed("`encoding_format` must be float or base64")
-    _int_field(body, "dimensions", 65_536, "dimensions_too_large")
-    data_class, purpose = request_labels()
+        raise ex.malformed("`encoding_format` must be float or base64")
+    _int_field(ex, body, "dimensions", 65_536, "dimensions_too_large")
+    data_class, purpose = ex.labels()
     asked = {"serving_name": name, "data_class": data_class, "purpose": purpose,
              "protocol": "openai", "task": "embedding"}
-    return _limited(asked, "/v1/embeddings", body, raw, stream=False)
+    return _limited(ex, asked, "/v1/embeddings", body, raw, stream=False)
 
 
-def _tei(name: str | None) -> Response:
+def embed(ex: Exchange, name: str | None) -> Answer:
     """TEI's `/embed`: `inputs` a text or texts; `normalize`, `truncate` passed on."""
-    caller()  # authenticated before the body is read
-    body, raw = _body()
-    _embedding_inputs(body.get("inputs"), "inputs", ids=False)
+    ex.caller()  # authenticated before the body is read
+    body, raw = _body(ex)
+    _embedding_inputs(ex, body.get("inputs"), "inputs", ids=False)
     for flag in ("normalize", "truncate"):  # TEI's Option<bool>: null is its default
         if body.get(flag) is not None and not isinstance(body[flag], bool):
-            raise malformed(f"`{flag}` must be a boolean")
-    data_class, purpose = request_labels()
-    asked = {"serving_name": _serving_name(name), "data_class": data_class,
+            raise ex.malformed(f"`{flag}` must be a boolean")
+    data_class, purpose = ex.labels()
+    asked = {"serving_name": _serving_name(ex, name), "data_class": data_class,
              "purpose": purpose, "protocol": "tei", "task": "embedding"}
-    return _limited(asked, "/embed", body, raw, stream=False)
-
-
-@bp.post("/embed")
-@bp.post("/tei/<name>/embed")
-@records_malformed
-def embed(name: str | None = None) -> Response:
-    return _tei(name)
+    return _limited(ex, asked, "/embed", body, raw, stream=False)
 
 
 # --- TGI ------------------------------------------------------------------------------------
 
-def _checked_name(name: object) -> str:
+def _checked_name(ex: Exchange | None, name: object) -> str:
     """A serving name as callers may give it: what a deployment could be called."""
+    bad = ex.malformed if ex is not None else malformed
     if not isinstance(name, str) or not name:
-        raise malformed("`model` is required")
+        raise bad("`model` is required")
     if len(name) > 200 or not name.isprintable():
-        raise malformed("`model` must be at most 200 printable characters", "invalid_model_name")
+        raise bad("`model` must be at most 200 printable characters", "invalid_model_name")
     return name
 
 
-def _serving_name(name: str | None) -> str:
-    name = name or request.headers.get(MODEL_HEADER)
+def _serving_name(ex: Exchange, name: str | None) -> str:
+    return _named(ex, name, ex.headers.get(MODEL_HEADER), ex.caller())
+
+
+def _named(ex: Exchange | None, name: str | None, header: str | None, actor: Actor) -> str:
+    """The serving name of a TGI or TEI route: the path's, the header's, or the one model
+    the caller can see."""
+    name = name or header
     if name:
-        return _checked_name(name)
-    visible = service.visible_models(caller())
+        return _checked_name(ex, name)
+    visible = service.visible_models(actor)
     if len(visible) == 1:
         return visible[0].serving_name
-    raise malformed(f"name the model: use /tgi/<model>/... or the {MODEL_HEADER} header",
-               "model_required")
+    bad = ex.malformed if ex is not None else malformed
+    raise bad(f"name the model: use /tgi/<model>/... or the {MODEL_HEADER} header",
+              "model_required")
 
 
-def _tgi(route: str, name: str | None) -> Response:
-    caller()  # authenticated before the body is read
-    body, raw = _body()
+def _tgi(ex: Exchange, route: str, name: str | None) -> Answer:
+    ex.caller()  # authenticated before the body is read
+    body, raw = _body(ex)
     settings = scope.current().settings
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
-        raise malformed("`inputs` must be a non-empty string")
+        raise ex.malformed("`inputs` must be a non-empty string")
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
-        raise malformed("`parameters` must be an object")
-    _int_field(params, "max_new_tokens", settings.dispatch_max_new_tokens)
-    _no_adapter_field(body)
+        raise ex.malformed("`parameters` must be an object")
+    _int_field(ex, params, "max_new_tokens", settings.dispatch_max_new_tokens)
+    _no_adapter_field(ex, body)
     stream = route == "/generate_stream" or (route == "/" and body.get("stream") is True)
     if route == "/" and not isinstance(body.get("stream", False), bool):
-        raise malformed("`stream` must be a boolean")
-    data_class, purpose = request_labels()
-    asked = {"serving_name": _serving_name(name), "data_class": data_class,
+        raise ex.malformed("`stream` must be a boolean")
+    data_class, purpose = ex.labels()
+    asked = {"serving_name": _serving_name(ex, name), "data_class": data_class,
              "purpose": purpose, "protocol": "tgi"}
-    return _limited(asked, route, body, raw, stream=stream)
+    return _limited(ex, asked, route, body, raw, stream=stream)
 
 
-@bp.post("/generate")
-@bp.post("/tgi/<name>/generate")
-@records_malformed
-def generate(name: str | None = None) -> Response:
-    return _tgi("/generate", name)
+def generate(ex: Exchange, name: str | None) -> Answer:
+    return _tgi(ex, "/generate", name)
 
 
-@bp.post("/generate_stream")
-@bp.post("/tgi/<name>/generate_stream")
-@records_malformed
-def generate_stream(name: str | None = None) -> Response:
-    return _tgi("/generate_stream", name)
+def generate_stream(ex: Exchange, name: str | None) -> Answer:
+    return _tgi(ex, "/generate_stream", name)
 
 
-@bp.post("/")
-@bp.post("/tgi/<name>/")
-@bp.post("/tgi/<name>")
-@bp.post("/tei/<name>/")
-@bp.post("/tei/<name>")
-@records_malformed
-def compat(name: str | None = None) -> Response:
+def compat(ex: Exchange, name: str | None) -> Answer:
     """What TGI's and TEI's clients post to their base URL: generation or embeddings, as
     the model's task says (an unknown name goes on to be refused, model_not_found)."""
-    caller()
-    if service.task_of(g.ctx, _serving_name(name)) == "embedding":
-        return _tei(name)
-    return _tgi("/", name)
+    ex.caller()
+    if service.task_of(ex.ctx, _serving_name(ex, name)) == "embedding":
+        return embed(ex, name)
+    return _tgi(ex, "/", name)
 
 
 @bp.get("/info")
@@ -293,8 +273,9 @@ def compat(name: str | None = None) -> Response:
 @records_malformed
 def info(name: str | None = None) -> Response:
     """TGI's Info for the named model, as the deployment knows it (no node is called)."""
-    serving = _serving_name(name)
-    if serving not in {d.serving_name for d in service.visible_models(caller())}:
+    actor = caller()
+    serving = _named(None, name, request.headers.get(MODEL_HEADER), actor)
+    if serving not in {d.serving_name for d in service.visible_models(actor)}:
         raise DispatchError(f"the model {serving!r} does not exist", code="model_not_found",
                             status=404)
     task = service.task_of(g.ctx, serving)
@@ -315,8 +296,8 @@ def _stream_error(protocol: str, message: str) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any], raw: bytes,
-             *, stream: bool) -> Response:
+def _forward(ex: Exchange, plan: Plan, asked: dict[str, Any], path: str,
+             body: dict[str, Any], raw: bytes, *, stream: bool) -> Answer:
     """Send to the plan's nodes in turn; when every one of them failed before the first
     byte, decide again without them (any region the policy allows: a new decision, audited,
     the failed one's outcome recorded) and go on. Never after the first byte."""
@@ -324,7 +305,7 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()  # of the bytes the caller sent
     rt = scope.current()
     pool, policy, outstanding = rt.node_pool, rt.node_urls, rt.outstanding
-    headers = {"Content-Type": "application/json", "X-Request-Id": g.get("request_id", "")}
+    headers = {"Content-Type": "application/json", "X-Request-Id": ex.request_id}
     tried: set[str] = set()
     while True:
         # The body as the decision has it sent: the caller's, or with its findings replaced.
@@ -355,15 +336,15 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
                     upstream.suspect(node, last_error)
                 continue
             if not stream or resp.status != 200:
-                return _finish_whole(plan, node, resp, protocol, asked_body, digest, stream,
-                                     started, original=body)
-            return _stream(plan, node, resp, protocol, asked_body, digest, started,
+                return _finish_whole(ex, plan, node, resp, protocol, asked_body, digest,
+                                     stream, started, original=body)
+            return _stream(ex, plan, node, resp, protocol, asked_body, digest, started,
                            strip_usage, original=body)
         service.record_outcome(plan, node=None, outcome="failed", status=503, tokens_in=0,
                                tokens_out=0, ttft_ms=None, request_digest=digest,
                                stream=stream, error=last_error, final=False)
         try:
-            plan = _admit(**asked, exclude=frozenset(tried),
+            plan = _admit(ex, **asked, exclude=frozenset(tried),
                           retry_of=plan.decision.decision_id, ticket=plan.ticket)
         except DispatchError as exc:
             if exc.code == "nodes_unavailable":
@@ -371,9 +352,9 @@ def _forward(plan: Plan, asked: dict[str, Any], path: str, body: dict[str, Any],
             raise
 
 
-def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
-                  body: dict[str, Any], digest: str, stream: bool, started: float, *,
-                  original: dict[str, Any]) -> Response:
+def _finish_whole(ex: Exchange, plan: Plan, node: NodeTarget, resp: NodeResponse,
+                  protocol: str, body: dict[str, Any], digest: str, stream: bool,
+                  started: float, *, original: dict[str, Any]) -> Answer:
     """A whole answer (or a node's refusal) passed on; `body`: what was sent, `original`:
     what the caller sent (a capture records it)."""
     try:
@@ -418,13 +399,13 @@ def _finish_whole(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: st
                            response_redacted=answer_redacted)
     if ok:
         service.keep(plan, protocol=protocol, body=original, parsed=parsed,
-                     request_id=g.get("request_id"), response_redacted=answer_redacted)
-    mimetype = resp.headers.get("content-type", "application/json")
+                     request_id=ex.request_id, response_redacted=answer_redacted)
+    mimetype = resp.headers.get("content-type") or "application/json"
     if protocol == "openai" and ok:
         content = upstream.named_as_asked(content, plan.serving_name)
     elif not ok:  # a 4xx: the node refused the request itself
         content, mimetype = upstream.error_for_caller(protocol, node, content), "application/json"
-    out = Response(content, status=resp.status, mimetype=mimetype)
+    out = Answer(resp.status, content, get_content_type(mimetype, "utf-8"))
     if headed is not None:  # TGI's own count headers, as a TGI client reads them
         out.headers["x-prompt-tokens"], out.headers["x-generated-tokens"] = map(str, headed)
     out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
@@ -439,7 +420,7 @@ def _counts(found: dict[str, int]) -> str:
     return ", ".join(f"{kind}={n}" for kind, n in sorted(found.items()))
 
 
-def _redactions(out: Response, plan: Plan) -> None:
+def _redactions(out: Answer, plan: Plan) -> None:
     """The caller is told what was replaced in its request before it was sent
     (`X-Charter-Redacted: EMAIL_ADDRESS=2, IP_ADDRESS=1`): the answer it reads is to a
     request that differs from the one it wrote."""
@@ -447,7 +428,7 @@ def _redactions(out: Response, plan: Plan) -> None:
         out.headers["X-Charter-Redacted"] = _counts(plan.redacted)
 
 
-def _deprecation(out: Response, plan: Plan) -> None:
+def _deprecation(out: Answer, plan: Plan) -> None:
     """A deprecated version's answer says so: `Deprecation` (RFC 9745, when it was
     deprecated) and `Sunset` (RFC 8594, when its approval ends: no answer after that)."""
     if plan.deprecated_at is None:
@@ -464,11 +445,11 @@ class _StreamPump:
 
     def __init__(self, plan: Plan, node: NodeTarget, protocol: str, body: dict[str, Any],
                  digest: str, started: float, strip_usage: bool, *,
-                 original: dict[str, Any]) -> None:
+                 original: dict[str, Any], request_id: str) -> None:
         self.plan, self.node, self.protocol, self.body = plan, node, protocol, body
         self.digest, self.started, self.original = digest, started, original
         self.rt = scope.current()  # the outcome is recorded after the request: bound again
-        self.request_id = g.get("request_id")
+        self.request_id = request_id
         self.ttft: float | None = None
         self.passing = upstream.StreamFilter(protocol, plan.serving_name,
                                              strip_usage=strip_usage,
@@ -519,21 +500,20 @@ class _StreamPump:
                              response_redacted=redacted)
 
 
-def _stream(plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
+def _stream(ex: Exchange, plan: Plan, node: NodeTarget, resp: NodeResponse, protocol: str,
             body: dict[str, Any], digest: str, started: float, strip_usage: bool, *,
-            original: dict[str, Any]) -> Response:
+            original: dict[str, Any]) -> Answer:
     pump = _StreamPump(plan, node, protocol, body, digest, started, strip_usage,
-                       original=original)
-    if request.environ.get(RELAY_KEY) is not None:
+                       original=original, request_id=ex.request_id)
+    if ex.environ.get(RELAY_KEY) is not None:
         # The worker's relay takes both sockets once this response's head is written.
-        request.environ[JOB_KEY] = Job(resp.detach(), pump, scope.current().node_pool.read_timeout)
+        ex.environ[JOB_KEY] = Job(resp.detach(), pump, scope.current().node_pool.read_timeout)
         body_iter: Iterator[bytes] = iter(())
     else:
-        body_iter = stream_with_context(_events(pump, resp))
-    out = Response(body_iter, status=200, mimetype="text/event-stream")
-    out.headers["Cache-Control"] = "no-cache"
-    out.headers["X-Accel-Buffering"] = "no"
-    out.headers["X-Charter-Decision-Id"] = plan.decision.decision_id
+        body_iter = _events(pump, resp)
+    out = Answer(200, body_iter, "text/event-stream; charset=utf-8", {
+        "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+        "X-Charter-Decision-Id": plan.decision.decision_id})
     _redactions(out, plan)
     _deprecation(out, plan)
     return out
