@@ -1,11 +1,13 @@
 """Helpers for tests that run a real server process: a free port, waiting until it
-answers (or failing with its log when it exits or takes too long), and a Redis of a
-test's own."""
+answers (or failing with its log when it exits or takes too long), a Redis of a test's
+own, and `charter serve` on a test's database."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,26 @@ class RedisServer:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def charter_serve(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`charter serve` (2 workers, 4 threads each) on `database_url`, up; and its URL."""
+    from tests.conftest import SECRET
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHARTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
+               CHARTER_LOG_LEVEL="WARNING", CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "charter"), "serve",
+                                 "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                                 "--threads", "4"], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(proc, url + "/healthz", log, "charter serve")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url

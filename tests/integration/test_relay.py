@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charter.nodes.client import BodyDecoder, BodyError
-from tests.processes import free_port, wait_for_port
+from tests.processes import charter_serve, free_port, wait_for_port
 
 APP = '''
 import json, os, time
@@ -442,30 +442,7 @@ def test_lengths_and_closes_and_bad_framing() -> None:
 
 # --- through the gateway, under `charter serve` ---------------------------------------------
 
-def _charter_serve(database_url: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from tests.conftest import SECRET
-    from tests.processes import wait_until_up
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHARTER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(CHARTER_DATABASE_URL=database_url, CHARTER_SECRET_KEY=SECRET,
-               CHARTER_LOG_LEVEL="WARNING", CHARTER_NODE_ALLOWED_NETWORKS="127.0.0.0/8")
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "charter"), "serve",
-                                 "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                                 "--threads", "4"], env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(proc, url + "/healthz", log, "charter serve")
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def test_the_gateway_relays_streams_under_charter_serve(configured, make_person,  # type: ignore[no-untyped-def]
+def test_the_gateway_relays_streams_undercharter_serve(configured, make_person,  # type: ignore[no-untyped-def]
                                                         tmp_path: Path) -> None:
     """Official clients stream through `charter serve`: each stream is relayed (its answer
     says Connection: close), arrives whole, and its outcome is audited with its tokens."""
@@ -477,7 +454,7 @@ def test_the_gateway_relays_streams_under_charter_serve(configured, make_person,
     from tests.batch_support import make_world
 
     world = make_world(configured, make_person)
-    proc, url = _charter_serve(configured.database_url, tmp_path)
+    proc, url = charter_serve(configured.database_url, tmp_path)
     try:
         client = OpenAI(base_url=url + "/v1", api_key=world.key, max_retries=0)
         chunks = list(client.chat.completions.create(
@@ -528,7 +505,7 @@ def test_a_stream_whose_decision_cannot_be_recorded_is_not_sent(configured, make
 
     world = make_world(configured, make_person)
     with role_without_audit_insert(pg_conn, configured.database_url) as (_, url):
-        proc, base = _charter_serve(url, tmp_path)
+        proc, base = charter_serve(url, tmp_path)
         try:
             for path, body in (
                     ("/v1/chat/completions", {"model": "m", "stream": True, "max_tokens": 4,
