@@ -215,8 +215,10 @@ class Relay:
             except (OSError, ValueError) as exc:
                 self._end(flow, "aborted", f"could not watch the sockets: {exc}")
                 continue
-            if job.upstream.head:  # what http.client had read ahead
+            if job.upstream.head:  # what the node client had read ahead
                 self._body(flow, job.upstream.head, now)
+            elif job.upstream.decoder.done:  # an empty body: nothing will come to read
+                self._queue_end(flow)
             if flow in self._flows and isinstance(flow.up, ssl.SSLSocket) and flow.up.pending():
                 self._read_node(flow, now)
 

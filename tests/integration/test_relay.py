@@ -51,6 +51,8 @@ class Pump:
     def error_event(self, message):
         return b"data: {\\"error\\": \\"" + message.encode() + b"\\"}\\n\\n"
     def finish(self, outcome, error):
+        if self.name.startswith("lazy"):
+            time.sleep(3)  # a slow outcome write: must not hold up the relay's loop
         with open(LOG, "a") as f:
             f.write(json.dumps({"name": self.name, "outcome": outcome, "error": error,
                                 "fed": self.fed, "first": self.first}) + "\\n")
@@ -342,6 +344,44 @@ def test_other_requests_are_answered_while_streams_run(served: Served) -> None:
     finally:
         for s in streams:
             s.close()
+
+
+def test_outcomes_are_recorded_off_the_relays_loop(served: Served) -> None:
+    """A stream whose outcome takes 3 s to record holds up no other stream. (Its answer is
+    empty, Content-Length: 0: complete when handed over, it ends at once, not at the
+    read timeout.)"""
+    with _ask(served.port, "lazy") as sock:
+        assert _read_all(sock).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    with _ask(served.port, "ten") as sock:
+        _, body, ended = _dechunk(_read_all(sock))
+    assert ended and body.endswith(b"DATA: 9\n\n")
+    assert time.monotonic() - started < 2
+    assert served.ended("ten")["outcome"] == "completed"
+    assert served.ended("lazy")["outcome"] == "completed"  # recorded all the same
+
+
+def test_a_worker_at_its_stream_limit_streams_the_next_the_old_way(tmp_path: Path,
+                                                                   node: Node) -> None:
+    """`worker_connections` streams open in the relay: the next is streamed on its
+    request's thread, whole, and the relay takes streams again once one ends."""
+    s = _serve(tmp_path, node, extra=("--worker-connections", "1"))
+    try:
+        slow = _ask(s.port, "slow")
+        try:
+            assert b"X-Relayed: True" in _until(slow, b"\r\n\r\n")
+            with _ask(s.port, "ten") as sock:
+                raw = _read_all(sock)
+            assert b"X-Relayed: False" in raw
+            assert raw.count(b"data: ") == 10
+        finally:
+            slow.close()
+        assert s.ended("slow")["outcome"] == "cancelled"
+        with _ask(s.port, "ten") as sock:
+            assert b"X-Relayed: True" in _read_all(sock)
+    finally:
+        s.proc.terminate()
+        s.proc.wait(timeout=30)
 
 
 def test_http_1_0_callers_are_streamed_the_old_way(served: Served) -> None:
