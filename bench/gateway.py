@@ -566,7 +566,7 @@ def _throughput(tool: dict[str, Any], port: int, path: str, conc: int,
 class StageTimer:
     """Exclusive wall and CPU per wrapped function; SQL, COMMIT and pre-ping per stage."""
 
-    REST = "Flask/werkzeug, hooks, parse (the rest)"
+    REST = "the request's door (id, auth, headers, metrics), parse (the rest)"
 
     def __init__(self) -> None:
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -750,10 +750,9 @@ MARKERS = [  # (function, file fragment, stage): the innermost match in a stack 
     ("_forward", "charter/dispatch/gateway.py", "proxy glue"),
     ("_finish_whole", "charter/dispatch/gateway.py", "proxy glue"),
     ("_tgi", "charter/dispatch/gateway.py", "gateway parse"),
-    ("_start", "charter/app.py", "request hooks"),
-    ("_finish", "charter/app.py", "request hooks"),
-    ("authenticate_request", "charter/identity/authn.py", "request hooks"),
-    ("wsgi_app", "flask/app.py", "Flask/werkzeug"),
+    ("authenticate", "charter/web.py", "request door (id, auth, headers, metrics)"),
+    ("__call__", "charter/dispatch/wsgi.py", "request door (id, auth, headers, metrics)"),
+    ("wsgi_app", "flask/app.py", "Flask/werkzeug (not a dispatch route)"),
     ("handle_request", "gunicorn/workers/gthread.py", "gunicorn request I/O"),
     ("handle", "gunicorn/workers/gthread.py", "gunicorn request I/O"),
 ]
