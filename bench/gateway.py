@@ -774,7 +774,8 @@ def _classify(frames: list[str]) -> tuple[str, str]:
     stage = "other (gunicorn main loop, GC, ...)"
     for raw in reversed(frames):
         func, where = _frame(raw)
-        hit = next((s for f, frag, s in MARKERS if f == func and frag in where), None)
+        name = func.rpartition(".")[2]  # py-spy names a method by its qualname (Class.fn)
+        hit = next((s for f, frag, s in MARKERS if f == name and frag in where), None)
         if hit:
             stage = hit
             break

@@ -181,6 +181,8 @@ def test_the_credential_opens_scim_only_and_scim_only_that_credential(scim, make
     assert r.status_code == 403 and r.get_json()["error"]["code"] == "scim_credential_only"
     r = client.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": []})
     assert r.status_code == 403
+    assert r.get_json()["error"]["code"] == "scim_credential_only"  # in OpenAI's shape
+    assert r.get_json()["error"]["type"] == "permission_error"
     admin = make_person("admin")
     body = _error(client.get("/scim/v2/Users", headers=admin.headers), 403)
     assert "identity provider's credential" in body["detail"]
