@@ -135,6 +135,26 @@ def test_a_body_shorter_than_its_length_is_a_recorded_refusal(configured, make_p
         world.node.stop()
 
 
+@pytest.mark.parametrize("length", ["-5", "12abc", " 1", "+3"])
+def test_a_content_length_that_is_not_a_size_reads_nothing(configured, make_person,  # type: ignore[no-untyped-def]
+                                                           length: str) -> None:
+    from tests.runtimes import app_for
+
+    world = make_world(configured, make_person)
+    try:
+        app = app_for(world.settings)
+        environ = _environ("/v1/chat/completions", json.dumps(CHAT).encode(), {
+            "Authorization": f"Bearer {world.key}"})
+        environ["CONTENT_LENGTH"] = length
+        status, _, data = _call(app, environ)
+        assert status.startswith("400"), data[:300]
+        assert json.loads(data)["error"]["code"] == "invalid_content_length"
+        assert environ["wsgi.input"].tell() == 0  # not a byte of the body read
+        assert sum(world.node.hits.values()) == 0
+    finally:
+        world.node.stop()
+
+
 def test_the_door_keeps_flasks_rules(configured, make_person) -> None:  # type: ignore[no-untyped-def]
     """Request ids, default headers, metrics by route, 405 for other methods: as Flask's
     hooks have them for every other route."""

@@ -187,10 +187,10 @@ class Exchange:
         stream = environ["wsgi.input"]
         length = environ.get("CONTENT_LENGTH")
         if length:
-            try:
-                size = int(length)
-            except ValueError:
-                raise self.malformed("the Content-Length header is not a number") from None
+            size = int(length) if length.isdigit() else -1
+            if size < 0:
+                raise self.malformed("the Content-Length header is not a number of bytes",
+                                     "invalid_content_length")
             if size > limit:
                 raise self._too_large()
             data: bytes = stream.read(size)
