@@ -135,6 +135,32 @@ def test_a_body_shorter_than_its_length_is_a_recorded_refusal(configured, make_p
         world.node.stop()
 
 
+@pytest.mark.parametrize(("path", "shape"), [("/v1/chat/completions", "openai"),
+                                              ("/tgi/m/generate", "tgi")])
+def test_a_caller_is_authenticated_before_its_body_is_read(configured, make_person,  # type: ignore[no-untyped-def]
+                                                           path: str, shape: str) -> None:
+    """No credential, or a wrong one: 401 in the caller's protocol, and not a byte of a
+    (large) body read, so a stranger cannot make the gateway read and parse megabytes."""
+    from tests.runtimes import app_for
+
+    world = make_world(configured, make_person)
+    try:
+        app = app_for(world.settings)
+        big = json.dumps({**CHAT, "inputs": "x" * 900_000}).encode()
+        for headers in ({}, {"Authorization": "Bearer chk_0123456789abcdef_nope"}):
+            environ = _environ(path, big, headers)
+            status, answered, data = _call(app, environ)
+            assert status.startswith("401"), data[:300]
+            assert answered["WWW-Authenticate"] == 'Bearer realm="charter"'
+            error = json.loads(data)
+            code = error["error"]["code"] if shape == "openai" else error["error_type"]
+            assert code == ("unauthenticated" if not headers else "invalid_credentials")
+            assert environ["wsgi.input"].tell() == 0
+        assert sum(world.node.hits.values()) == 0
+    finally:
+        world.node.stop()
+
+
 @pytest.mark.parametrize("length", ["-5", "12abc", " 1", "+3"])
 def test_a_content_length_that_is_not_a_size_reads_nothing(configured, make_person,  # type: ignore[no-untyped-def]
                                                            length: str) -> None:
