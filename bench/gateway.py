@@ -453,6 +453,39 @@ def _drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class Seeded:
+    """What `seeded()` set up: the stub's port, the database's URL and settings, the key."""
+
+    def __init__(self, up_port: int, url: str, settings: Any, key: str) -> None:
+        self.up_port, self.url, self.settings, self.key = up_port, url, settings, key
+
+
+@contextlib.contextmanager
+def seeded(name: str, *, delay_ms: float, **settings: Any) -> Iterator[Seeded]:
+    """The stub upstream (`delay_ms` a token) in a process of its own and a database
+    `name` seeded for it (`_seed`), with Settings for it (`settings` added); both gone at
+    the end. For the benchmarks that run Charter against this one's stub."""
+    from charter.settings import Settings
+
+    upstream = subprocess.Popen([sys.executable, str(HERE), "--role", "upstream", "--spec",
+                                 json.dumps({"delay_ms": delay_ms})],
+                                stdout=subprocess.PIPE, text=True)
+    created = False
+    try:
+        assert upstream.stdout is not None
+        up_port = json.loads(upstream.stdout.readline())["port"]
+        url = _create_database(name)
+        created = True
+        made = Settings.from_env({}, database_url=url, secret_key=SECRET,
+                                 node_allowed_networks="127.0.0.0/8", log_level="WARNING",
+                                 **settings)
+        yield Seeded(up_port, url, made, _seed(made, f"http://127.0.0.1:{up_port}"))
+    finally:
+        upstream.terminate()
+        if created:
+            _drop_database(name)
+
+
 def _seed(settings: Any, upstream_url: str) -> str:
     """An approved version matching the stub, a team, a service-account key, an attested
     node and the deployment `bench`, all through the real services. Returns the API key."""

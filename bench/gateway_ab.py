@@ -15,7 +15,6 @@ first on the path (a worktree of another commit with the same dependencies).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -85,8 +84,8 @@ ROWS = (("c1_p50_ms", "c=1 p50 ms (TGI route)"), ("tgi_rps", "c=32 req/s, TGI ro
         ("tgi_pg_ms", "c=32 PostgreSQL CPU ms/req, TGI route"),
         ("chat_rps", "c=32 req/s, chat route"),
         ("chat_cpu_ms", "c=32 Charter CPU ms/req, chat route"),
-        ("stream_cpu_ms", "200 streams: Charter CPU ms/stream"),
-        ("ttft_p50_ms", "200 streams: TTFT p50 ms"),
+        ("stream_cpu_ms", "streams at once: Charter CPU ms/stream"),
+        ("ttft_p50_ms", "streams at once: TTFT p50 ms"),
         ("errors", "errors (all runs)"))
 
 
@@ -100,45 +99,29 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("needs wrk (scripts/bench-tools installs it)")
-    from charter.settings import Settings
-
     console = Console(width=max(Console().width, 120))
     sides = {"this checkout": ROOT, "baseline": args.baseline.resolve()}
     load_before = os.getloadavg()
     dbname = f"charter_bench_ab_{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
-    upstream = subprocess.Popen([sys.executable, str(HERE.parent / "gateway.py"), "--role",
-                                 "upstream", "--spec", json.dumps({"delay_ms": 10})],
-                                stdout=subprocess.PIPE, text=True)
-    created = False
-    try:
-        assert upstream.stdout is not None
-        up_port = json.loads(upstream.stdout.readline())["port"]
-        url = gw._create_database(dbname)
-        created = True
-        settings = Settings.from_env({}, database_url=url, secret_key=gw.SECRET,
-                                     node_allowed_networks="127.0.0.0/8", log_level="WARNING")
-        key = gw._seed(settings, f"http://127.0.0.1:{up_port}")
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    with gw.seeded(dbname, delay_ms=10) as world, \
+            tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         lua = {}
         for name, body in (("tgi", gw.BODY.decode()), ("chat", gw._chat_body("bench"))):
-            path = tmp / f"{name}.lua"
-            path.write_text(gw.WRK_LUA.format(body=body, key=key))
+            path = Path(tmp) / f"{name}.lua"
+            path.write_text(gw.WRK_LUA.format(body=body, key=world.key))
             lua[name] = str(path)
-        runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         for rep in range(args.reps):
             order = list(sides.items()) if rep % 2 == 0 else list(sides.items())[::-1]
             for side, checkout in order:
-                got = _one(checkout, url, key, lua, args.streams, args.duration, dbname)
+                got = _one(checkout, world.url, world.key, lua, args.streams, args.duration,
+                           dbname)
                 runs[side].append(got)
                 console.print(f"[dim]rep {rep} {side}: " + ", ".join(
                     f"{k} {v:.3g}" for k, v in got.items()) + "[/dim]")
-    finally:
-        upstream.terminate()
-        if created:
-            gw._drop_database(dbname)
-        shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"charter serve, this checkout vs {args.baseline} (medians of "
-                  f"{args.reps} interleaved runs each; 3 workers x 256 threads)")
+                  f"{args.reps} interleaved runs each; 3 workers x 256 threads; {args.streams} "
+                  "streams at once)")
     for col in ("figure", "this checkout", "baseline", "this / baseline"):
         table.add_column(col, justify="right")
     for key_, label in ROWS:

@@ -152,7 +152,6 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     import gateway as gw  # the stub, the database and the seeding of bench/gateway.py
 
-    from charter.settings import Settings
 
     console = Console()
     if args.sealing or args.limits:
@@ -162,21 +161,10 @@ def main() -> None:
     else:
         sides = {"this checkout": ROOT, "baseline": args.baseline.resolve()}
     name = f"charter_bench_cost_{os.getpid()}"
-    upstream = subprocess.Popen([sys.executable, str(HERE.parent / "gateway.py"), "--role",
-                                 "upstream", "--spec", json.dumps({"delay_ms": 10})],
-                                stdout=subprocess.PIPE, text=True)
-    created = False
-    try:
-        assert upstream.stdout is not None
-        port = json.loads(upstream.stdout.readline())["port"]
-        url = gw._create_database(name)
-        created = True
-        settings = Settings.from_env({}, database_url=url, secret_key=gw.SECRET,
-                                     node_allowed_networks="127.0.0.0/8",
-                                     log_level="WARNING")
-        key = gw._seed(settings, f"http://127.0.0.1:{port}")
-        base = {"url": url, "secret": gw.SECRET, "key": key, "body": BODY.decode(),
-                "warmup": 20}
+    with gw.seeded(name, delay_ms=10) as world:
+        settings = world.settings
+        base = {"url": world.url, "secret": gw.SECRET, "key": world.key,
+                "body": BODY.decode(), "warmup": 20}
         results: dict[str, dict[str, float]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             specs = {side: dict(base) for side in sides}
@@ -201,10 +189,6 @@ def main() -> None:
             for side in sides:
                 results[side]["cpu_ms"] = statistics.median(cpu[side])
                 results[side]["cpu_spread"] = max(cpu[side]) - min(cpu[side])
-    finally:
-        upstream.terminate()
-        if created:
-            gw._drop_database(name)
     table = Table(title="one gateway request, in-process (Flask test client), Charter's own work")
     for col in ("checkout", "instructions / request", "ratio", "CPU ms / request (median)",
                 "CPU ratio"):

@@ -17,7 +17,7 @@ Every column must be equal.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import random
 import subprocess
@@ -48,24 +48,14 @@ def main() -> None:
     from charter.audit.service import EventFilter, list_events
     from charter.identity.service import set_api_key_limits
     from charter.identity.teams import list_teams, update_team
-    from charter.settings import Settings
 
     console = Console()
     name = f"charter_bench_usage_{os.getpid()}"
-    upstream = subprocess.Popen([sys.executable, str(HERE.parent / "gateway.py"), "--role",
-                                 "upstream", "--spec", json.dumps({"delay_ms": 1})],
-                                stdout=subprocess.PIPE, text=True)
     server = None
-    created = False
-    try:
-        assert upstream.stdout is not None
-        up_port = json.loads(upstream.stdout.readline())["port"]
-        url = gw._create_database(name)
-        created = True
-        settings = Settings.from_env({}, database_url=url, secret_key=gw.SECRET,
-                                     node_allowed_networks="127.0.0.0/8",
-                                     log_level="WARNING", limits_redis_url=args.redis)
-        key = gw._seed(settings, f"http://127.0.0.1:{up_port}")
+    with contextlib.ExitStack() as stack:
+        world = stack.enter_context(gw.seeded(name, delay_ms=1, limits_redis_url=args.redis))
+        stack.callback(lambda: gw._stop(server))
+        url, key, settings = world.url, world.key, world.settings
         from charter.actor import SYSTEM
 
         big = 10**12
@@ -162,11 +152,6 @@ def main() -> None:
              requests=len(plan), tokens_out=expected["tokens_out"])
         if not ok:
             raise SystemExit(1)
-    finally:
-        gw._stop(server)
-        upstream.terminate()
-        if created:
-            gw._drop_database(name)
 
 
 if __name__ == "__main__":
