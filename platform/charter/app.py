@@ -26,7 +26,12 @@ from charter.batches.api import bp as batches_bp
 from charter.console import register_console
 from charter.context import RequestContext
 from charter.dispatch.gateway import bp as gateway_bp
-from charter.dispatch.protocol import error_response, gateway_protocol, render_error
+from charter.dispatch.protocol import (
+    error_headers,
+    error_response,
+    gateway_protocol,
+    render_error,
+)
 from charter.dispatch.wsgi import DispatchRoutes
 from charter.errors import CharterError, SchemaOutdatedError
 from charter.exports.api import bp as exports_bp
@@ -181,10 +186,7 @@ def _install_error_handlers(app: Flask) -> None:
         if request.path.startswith(web.SCIM_PREFIX):
             return scim.error_response(exc), exc.status  # a SCIM client: SCIM's shape
         response = jsonify(_error_body(exc.code, exc.message, exc.details))
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="charter"'
-        if exc.status == 429 and "retry_after_s" in exc.details:
-            response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+        response.headers.update(error_headers(exc))  # the same as in the gateway's shapes
         return response, exc.status
 
     @app.errorhandler(HTTPException)

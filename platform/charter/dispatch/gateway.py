@@ -35,7 +35,7 @@ from charter.dispatch.protocol import (
     Answer,
     Exchange,
     caller,
-    malformed,
+    malformed_for,
     records_malformed,
     render_error,
 )
@@ -138,7 +138,7 @@ def _openai(ex: Exchange, path: str, *, required: str, list_field: bool) -> Answ
     ex.caller()  # authenticated before the body is read
     body, raw = _body(ex)
     settings = scope.current().settings
-    name = _checked_name(ex, body.get("model"))
+    name = _checked_name(ex.protocol, body.get("model"))
     value = body.get(required)
     if value is None or (list_field and (not isinstance(value, list) or not value)):
         raise ex.malformed(f"`{required}` is required")
@@ -173,7 +173,7 @@ def _embedding_inputs(ex: Exchange, value: object, field: str, *, ids: bool) -> 
 def embeddings(ex: Exchange, _name: str | None) -> Answer:
     ex.caller()  # authenticated before the body is read
     body, raw = _body(ex)
-    name = _checked_name(ex, body.get("model"))
+    name = _checked_name(ex.protocol, body.get("model"))
     _embedding_inputs(ex, body.get("input"), "input", ids=True)
     _no_adapter_field(ex, body)
     if body.get("encoding_format") not in (None, "float", "base64"):
@@ -201,32 +201,30 @@ def embed(ex: Exchange, name: str | None) -> Answer:
 
 # --- TGI ------------------------------------------------------------------------------------
 
-def _checked_name(ex: Exchange | None, name: object) -> str:
+def _checked_name(protocol: str, name: object) -> str:
     """A serving name as callers may give it: what a deployment could be called."""
-    bad = ex.malformed if ex is not None else malformed
     if not isinstance(name, str) or not name:
-        raise bad("`model` is required")
+        raise malformed_for(protocol, "`model` is required")
     if len(name) > 200 or not name.isprintable():
-        raise bad("`model` must be at most 200 printable characters", "invalid_model_name")
+        raise malformed_for(protocol, "`model` must be at most 200 printable characters",
+                            "invalid_model_name")
     return name
 
 
 def _serving_name(ex: Exchange, name: str | None) -> str:
-    return _named(ex, name, ex.headers.get(MODEL_HEADER), ex.caller())
+    return _named(name or ex.headers.get(MODEL_HEADER), ex.caller())
 
 
-def _named(ex: Exchange | None, name: str | None, header: str | None, actor: Actor) -> str:
-    """The serving name of a TGI or TEI route: the path's, the header's, or the one model
-    the caller can see."""
-    name = name or header
+def _named(name: str | None, actor: Actor) -> str:
+    """The serving name of a TGI or TEI route (their error shape): the path's or the
+    header's (`name`), or the one model the caller can see."""
     if name:
-        return _checked_name(ex, name)
+        return _checked_name("tgi", name)
     visible = service.visible_models(actor)
     if len(visible) == 1:
         return visible[0].serving_name
-    bad = ex.malformed if ex is not None else malformed
-    raise bad(f"name the model: use /tgi/<model>/... or the {MODEL_HEADER} header",
-              "model_required")
+    raise malformed_for("tgi", f"name the model: use /tgi/<model>/... or the {MODEL_HEADER} "
+                        "header", "model_required")
 
 
 def _tgi(ex: Exchange, route: str, name: str | None) -> Answer:
@@ -274,7 +272,7 @@ def compat(ex: Exchange, name: str | None) -> Answer:
 def info(name: str | None = None) -> Response:
     """TGI's Info for the named model, as the deployment knows it (no node is called)."""
     actor = caller()
-    serving = _named(None, name, request.headers.get(MODEL_HEADER), actor)
+    serving = _named(name or request.headers.get(MODEL_HEADER), actor)
     if serving not in {d.serving_name for d in service.visible_models(actor)}:
         raise DispatchError(f"the model {serving!r} does not exist", code="model_not_found",
                             status=404)

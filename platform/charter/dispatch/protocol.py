@@ -58,6 +58,8 @@ def error_payload(protocol: str, status: int, code: str, message: str) -> bytes:
 
 
 def error_headers(exc: CharterError) -> dict[str, str]:
+    """What an error tells a client to do, whatever its shape: when to come back
+    (`Retry-After`, where the error says) and how to authenticate (401)."""
     headers = {}
     if "retry_after_s" in exc.details:
         headers["Retry-After"] = str(exc.details["retry_after_s"])
