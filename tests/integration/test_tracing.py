@@ -67,6 +67,19 @@ def test_a_request_is_one_trace_that_reaches_the_node(configured, make_person) -
         # Nothing of the request's content or credentials is in any span.
         text = repr([dict(s.attributes or {}) for s in spans.values()])
         assert MARKER not in text and world.key.split("_", 2)[2] not in text
+        # A named route's span is named by its rule, not its path (bounded), and a stream's
+        # ends when its answer does.
+        exporter.clear()
+        r = client.post("/tgi/m/generate_stream", json={"inputs": MARKER},
+                        headers=world.headers)
+        assert r.status_code == 200 and b"data:" in r.data
+        r.close()  # what a server does after the last byte
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert "POST /tgi/<name>/generate_stream" in names, names
+        root = next(s for s in exporter.get_finished_spans()
+                    if s.name == "POST /tgi/<name>/generate_stream")
+        assert root.attributes["http.route"] == "/tgi/<name>/generate_stream"
+        assert root.attributes["http.response.status_code"] == 200
         runtime.tracing.close()
     finally:
         world.node.stop()
