@@ -111,6 +111,9 @@ def test_a_chunked_body_is_read_to_its_end_and_no_further_than_the_limit(
         assert environ["wsgi.input"].tell() == 4097  # the limit and one byte, not the rest
         assert answered["X-Request-Id"]
         assert sum(world.node.hits.values()) == hits  # nothing more reached the node
+        refused = list_events(EventFilter(action="dispatch.refused", limit=10))
+        assert [(e.target_id, e.details["code"], e.details["max_body_bytes"])
+                for e in refused] == [("-", "payload_too_large", 4096)]  # no name was read
     finally:
         world.node.stop()
 
@@ -176,6 +179,8 @@ def test_a_content_length_that_is_not_a_size_reads_nothing(configured, make_pers
         assert status.startswith("400"), data[:300]
         assert json.loads(data)["error"]["code"] == "invalid_content_length"
         assert environ["wsgi.input"].tell() == 0  # not a byte of the body read
+        refused = list_events(EventFilter(action="dispatch.refused", limit=10))
+        assert [e.details["code"] for e in refused] == ["invalid_content_length"]
         assert sum(world.node.hits.values()) == 0
     finally:
         world.node.stop()

@@ -153,10 +153,6 @@ def request_labels() -> tuple[str | None, str | None]:
 
 # --- the dispatch routes' own WSGI path (charter.dispatch.wsgi) ----------------------------
 
-class BodyTooLargeError(CharterError):
-    """The body is past `max_body_bytes` (413, in the caller's protocol's shape)."""
-
-
 class Exchange:
     """One request on a dispatch route, answered without Flask: what its handler reads
     of the request, and what the door learned of its caller."""
@@ -207,10 +203,11 @@ class Exchange:
             return data
         return b""
 
-    def _too_large(self) -> BodyTooLargeError:
-        return BodyTooLargeError(f"the body is larger than {self.max_body} bytes",
-                                 code="payload_too_large", status=413,
-                                 details={"max_body_bytes": self.max_body})
+    def _too_large(self) -> DispatchError:
+        """413, refused like any request that cannot be read (recorded for a known caller)."""
+        return DispatchError(f"the body is larger than {self.max_body} bytes",
+                             code="payload_too_large", status=413,
+                             details={"max_body_bytes": self.max_body}, malformed=True)
 
 
 class Answer:
