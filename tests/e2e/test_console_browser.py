@@ -123,7 +123,12 @@ def _draft(owner: User) -> Any:
 
 
 def _notice(page: Any, kind: str) -> str:
-    return " ".join(page.locator(f".notice.{kind}").all_inner_texts())
+    """The notices of `kind` on the page a form's post led to: waits for the first (a
+    click returns before the answer's page has loaded; on a busy machine the old page was
+    read)."""
+    notices = page.locator(f".notice.{kind}")
+    notices.first.wait_for(timeout=15_000)
+    return " ".join(notices.all_inner_texts())
 
 
 def _until(check: Any, what: str, timeout: float = 15) -> Any:
